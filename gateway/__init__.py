@@ -1,0 +1,1 @@
+"""The online side: avatar store, frame pipeline, Triton client, gRPC service, aiohttp app."""

@@ -1,0 +1,63 @@
+"""Errors a gateway caller can get, each with a stable machine-readable `code`.
+
+Both protocols map these the same way: gRPC answers in-band (`success=false`, `error` set,
+as existing clients expect), the WebSocket answers with its error frame, HTTP with a JSON body
+`{"error": code, "message": ...}` and the `http_status` below.
+"""
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class: a request failed for a reason the caller should be told precisely."""
+
+    code: str = "internal"
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # "code: message" is what callers see
+        return f"{self.code}: {self.message}"
+
+
+class BadRequest(GatewayError):
+    """Malformed or oversized message, wrong field values, wrong audio chunk count."""
+
+    code = "bad_request"
+    http_status = 400
+
+
+class UnknownAvatar(GatewayError):
+    """The named avatar (model_name) is not loaded."""
+
+    code = "unknown_avatar"
+    http_status = 404
+
+
+class FrameOutOfRange(GatewayError):
+    """frame_id is negative or >= the avatar's number of audio feature rows."""
+
+    code = "frame_out_of_range"
+    http_status = 400
+
+
+class PackageRejected(GatewayError):
+    """LoadPackage refused: path outside the packages root, corrupt or incomplete package."""
+
+    code = "package_rejected"
+    http_status = 400
+
+
+class Overloaded(GatewayError):
+    """Too many frames in flight (per connection or globally); retry later."""
+
+    code = "overloaded"
+    http_status = 503
+
+
+class TritonUnavailable(GatewayError):
+    """Triton did not answer in time, is not ready, or the avatar's model is not loaded."""
+
+    code = "triton_unavailable"
+    http_status = 503

@@ -1,0 +1,28 @@
+"""Structured logging setup shared by every command.
+
+Library code logs through `logging.getLogger(__name__)`; only the CLI calls `setup_logging`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from rich.logging import RichHandler
+
+_FORMAT = "%(name)s: %(message)s"
+
+
+def setup_logging(level: str | int | None = None) -> None:
+    """Configure the root logger once: rich console output, level from `LIPSYNC_LOG_LEVEL`.
+
+    Args:
+        level: a logging level name or number; defaults to `$LIPSYNC_LOG_LEVEL` or INFO.
+    """
+    level = level or os.environ.get("LIPSYNC_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level,
+        format=_FORMAT,
+        datefmt="%H:%M:%S",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=True, markup=False)],
+        force=True,
+    )
