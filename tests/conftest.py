@@ -1,0 +1,12 @@
+"""Shared pytest setup.
+
+Fixtures live in plugin modules owned by the area that provides them:
+- `tests/fixtures_triton.py`: the real CPU tritonserver (`triton_server`, `start_triton`)
+- `tests/fixtures_packages.py`: the demo avatar package and model repository (`demo_package`)
+- `tests/fixtures_gateway.py`: a running gateway against that Triton (`gateway_server`)
+"""
+pytest_plugins = [
+    "tests.fixtures_packages",
+    "tests.fixtures_triton",
+    "tests.fixtures_gateway",
+]

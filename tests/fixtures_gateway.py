@@ -1,0 +1,1 @@
+"""(placeholder until the owning area lands its fixtures)."""
