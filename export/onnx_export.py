@@ -1,0 +1,245 @@
+"""ONNX export of the UNet and the audio encoder, pre/post-processing inside the graph.
+
+UNet graph contract (REFERENCE.md section 2, steps 3-7; dynamic batch axis `batch`):
+- input  `crop`  UINT8 [N, 320, 320, 3]: the BGR inner crop (`crop328[4:324, 4:324]`), HWC;
+- input  `audio` FP32  [N, 16, D]: the 16-row feature window (rows i-8 .. i+7, zeros outside),
+  D = 512 (ave), 2048 (hubert: 2 x 1024 per frame), 8192 (wenet: 16 x 512 per frame); it is
+  reshaped row-major to the branch's [N, 32, 16, 16] / [N, 32, 32, 32] / [N, 256, 16, 32];
+- output `pred`  UINT8 [N, 320, 320, 3]: BGR, `uint8(y * 255)` by truncation of the sigmoid y.
+Audio encoder contract: input `mel` FP32 [N, 80, 16] -> output `feature` FP32 [N, 512].
+
+Each file carries `metadata_props`: `lipsync.kind`, `lipsync.mode`, `lipsync.trained`,
+`lipsync.checkpoint_source`, `lipsync.checkpoint_sha256`, `lipsync.opset`.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.checkpoint import WeightsInfo, load_audio_encoder, load_unet
+from export.models.audio_encoder import FEATURE_DIM, MEL_BANDS, MEL_WINDOW, AudioEncoder
+from export.models.unet import (
+    AUDIO_BRANCH_SHAPES,
+    AUDIO_WINDOW_SHAPES,
+    IMAGE_SIZE,
+    AudioMode,
+    UNet328,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+BATCH_AXIS = "batch"
+
+MASK_X = (5, 314)
+"""Inclusive x range (px) of the masked rectangle in the 320 inner crop (REFERENCE.md s.2 step 4)."""
+MASK_Y = (5, 309)
+"""Inclusive y range (px) of the masked rectangle in the 320 inner crop (REFERENCE.md s.2 step 4)."""
+
+METADATA_PREFIX = "lipsync."
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: the ONNX file, where its weights came from, the audio mode
+    (`ave`/`hubert`/`wenet`, or `audio_encoder`) and the opset."""
+
+    path: Path
+    weights: WeightsInfo
+    mode: str
+    opset: int
+
+
+def mouth_mask() -> torch.Tensor:
+    """f32[1, 320, 320, 1]: 1 outside, 0 inside the rectangle x 5..314, y 5..309 (inclusive),
+    i.e. what `cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)` blacks out."""
+    mask = torch.ones(1, IMAGE_SIZE, IMAGE_SIZE, 1, dtype=torch.float32)
+    mask[:, MASK_Y[0] : MASK_Y[1] + 1, MASK_X[0] : MASK_X[1] + 1, :] = 0.0
+    return mask
+
+
+class UnetWithPrePost(nn.Module):
+    """UNet328 with REFERENCE.md section 2 steps 3-7 around it (usable eagerly and for export).
+
+    forward(crop: u8[N, 320, 320, 3] BGR, audio: f32[N, 16, D]) -> u8[N, 320, 320, 3] BGR:
+    x = crop / 255; masked = x with the mouth rectangle set to 0; network input
+    [x, masked] on channels (6, NCHW); audio reshaped row-major to the branch shape;
+    output floor(sigmoid * 255) as uint8 (the reference's truncating `uint8(y * 255)`), NHWC.
+    """
+
+    def __init__(self, unet: UNet328) -> None:
+        super().__init__()
+        self.unet = unet
+        self.audio_shape: tuple[int, int, int] = AUDIO_BRANCH_SHAPES[unet.mode]
+        self.register_buffer("mask", mouth_mask(), persistent=False)
+
+    def forward(self, crop: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        x = crop.to(torch.float32) / 255.0
+        masked = x * self.mask
+        image = torch.cat([x, masked], dim=3).permute(0, 3, 1, 2)
+        window = audio.reshape(-1, *self.audio_shape)
+        y = self.unet(image, window)
+        pred = torch.floor(y * 255.0).to(torch.uint8)
+        return pred.permute(0, 2, 3, 1)
+
+
+class AudioEncoderWithPre(nn.Module):
+    """AudioEncoder taking f32[N, 80, 16] mel windows (adds the channel axis) -> f32[N, 512]."""
+
+    def __init__(self, encoder: AudioEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mel.unsqueeze(1))
+
+
+def example_unet_inputs(
+    mode: AudioMode = "ave", batch: int = 2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded example inputs: crop u8[batch, 320, 320, 3] and audio f32[batch, 16, D].
+
+    The crop is a smooth gradient with noise (image-like, every byte value present), the audio
+    window standard-normal; used for tracing and parity smoke checks.
+    """
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.0, 255.0, IMAGE_SIZE, dtype=np.float32)
+    base = (ramp[None, :, None, None] + ramp[None, None, :, None]) / 2.0
+    noisy = base + rng.normal(0.0, 40.0, size=(batch, IMAGE_SIZE, IMAGE_SIZE, 3))
+    crop = np.clip(noisy, 0, 255).astype(np.uint8)
+    audio = rng.standard_normal((batch, *AUDIO_WINDOW_SHAPES[mode])).astype(np.float32)
+    return crop, audio
+
+
+def _check_opset(opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: the export needs opset >= {MIN_OPSET}")
+
+
+def _torch_export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    output: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = {name: {0: BATCH_AXIS} for name in [*input_names, *output_names]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            args,
+            str(output),
+            dynamo=False,  # TorchScript exporter: no onnxscript dependency, single-file output
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+
+
+def _write_metadata(path: Path, kind: str, mode: str, weights: WeightsInfo, opset: int) -> None:
+    model = onnx.load(str(path))
+    props = {
+        "kind": kind,
+        "mode": mode,
+        "trained": "true" if weights.trained else "false",
+        "checkpoint_source": weights.source,
+        "checkpoint_sha256": weights.sha256 or "",
+        "opset": str(opset),
+    }
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, value
+    model.producer_name = "lipsync-serving"
+    model.doc_string = (
+        f"lipsync {kind} (mode {mode}); weights "
+        f"{'TRAINED' if weights.trained else 'UNTRAINED (seeded random init)'} from {weights.source}"
+    )
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """The `lipsync.*` metadata_props of an exported ONNX file, prefix removed
+    (kind, mode, trained, checkpoint_source, checkpoint_sha256, opset)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        p.key[len(METADATA_PREFIX) :]: p.value
+        for p in model.metadata_props
+        if p.key.startswith(METADATA_PREFIX)
+    }
+
+
+def export_unet_module(
+    unet: UNet328, weights: WeightsInfo, output: Path, opset: int = DEFAULT_OPSET
+) -> ExportResult:
+    """Export an already-built UNet328 (eval mode) wrapped in `UnetWithPrePost` to `output`.
+
+    Raises ValueError for opset < 17; onnx.checker.ValidationError if the graph is invalid.
+    """
+    _check_opset(opset)
+    wrapper = UnetWithPrePost(unet.eval()).eval()
+    crop, audio = example_unet_inputs(unet.mode, batch=2)  # type: ignore[arg-type]
+    _torch_export(
+        wrapper,
+        (torch.from_numpy(crop), torch.from_numpy(audio)),
+        output,
+        ["crop", "audio"],
+        ["pred"],
+        opset,
+    )
+    _write_metadata(output, "unet", unet.mode, weights, opset)
+    logger.info("exported UNet328(mode=%s) to %s (opset %d)", unet.mode, output, opset)
+    return ExportResult(path=output, weights=weights, mode=unet.mode, opset=opset)
+
+
+def export_unet(
+    checkpoint: Path | None,
+    output: Path,
+    mode: AudioMode = "ave",
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+) -> ExportResult:
+    """Load a UNet checkpoint (or the seeded untrained init when None) and export it to ONNX.
+
+    Graph: `crop` u8[N,320,320,3] + `audio` f32[N,16,D] -> `pred` u8[N,320,320,3] (module doc).
+    Raises export.checkpoint.CheckpointError for a bad or mis-fitting checkpoint, ValueError
+    for an unknown mode or opset < 17.
+    """
+    unet, weights = load_unet(checkpoint, mode=mode, seed=seed)
+    return export_unet_module(unet, weights, output, opset)
+
+
+def export_audio_encoder(
+    checkpoint: Path | None,
+    output: Path,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+) -> ExportResult:
+    """Load an audio-encoder checkpoint (or the seeded untrained init) and export it to ONNX.
+
+    Graph: `mel` f32[N, 80, 16] -> `feature` f32[N, 512]. Raises CheckpointError / ValueError
+    as `export_unet`.
+    """
+    _check_opset(opset)
+    encoder, weights = load_audio_encoder(checkpoint, seed=seed)
+    wrapper = AudioEncoderWithPre(encoder).eval()
+    mel = torch.zeros(2, MEL_BANDS, MEL_WINDOW)
+    _torch_export(wrapper, (mel,), output, ["mel"], ["feature"], opset)
+    _write_metadata(output, "audio_encoder", "ave", weights, opset)
+    logger.info("exported AudioEncoder to %s (opset %d, feature dim %d)", output, opset, FEATURE_DIM)
+    return ExportResult(path=output, weights=weights, mode="audio_encoder", opset=opset)
