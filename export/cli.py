@@ -1,0 +1,147 @@
+"""`lipsync export ...` subcommands (ONNX export), plus the hooks other areas plug into.
+
+- `lipsync export unet [--checkpoint CKPT] --output OUT.onnx [--mode ave] [--opset 17] [--seed 0]`
+- `lipsync export audio-encoder [--checkpoint CKPT] --output OUT.onnx [--opset 17] [--seed 0]`
+- `lipsync export model-repo ...` from `export.model_repo.register_cli` (if that module exists)
+- `lipsync package ...` from `export.package_cli.register` (if that module exists)
+
+Registering parsers imports neither torch nor onnx; the command functions do.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported for annotations only: registering must not import torch/onnx
+    from export.onnx_export import ExportResult
+
+logger = logging.getLogger(__name__)
+
+_AUDIO_MODES = ("ave", "hubert", "wenet")
+_OPTIONAL_HOOKS: tuple[tuple[str, str, str], ...] = (
+    # (module, function, which parser it receives)
+    ("export.model_repo", "register_cli", "export"),
+    ("export.package_cli", "register", "top"),
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `lipsync export ...` (and, when present, the plug-in command groups) to `subparsers`."""
+    export_parser = subparsers.add_parser(
+        "export", help="offline side: ONNX export, Triton model repository"
+    )
+    export_sub = export_parser.add_subparsers(
+        dest="export_command", metavar="WHAT", required=True
+    )
+    _register_unet(export_sub)
+    _register_audio_encoder(export_sub)
+    for module_name, function_name, target in _OPTIONAL_HOOKS:
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        hook = getattr(importlib.import_module(module_name), function_name)
+        hook(export_sub if target == "export" else subparsers)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="SyncTalk_2D checkpoint (.pth); omitted -> seeded UNTRAINED weights (warned)",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="ONNX file to write")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained init (default 0)")
+
+
+def _register_unet(export_sub: argparse._SubParsersAction) -> None:
+    parser = export_sub.add_parser(
+        "unet",
+        help="export the unet_328 with pre/post-processing in the graph (uint8 in, uint8 out)",
+    )
+    _add_common(parser)
+    parser.add_argument(
+        "--mode", choices=_AUDIO_MODES, default="ave", help="audio features (default ave)"
+    )
+    parser.add_argument(
+        "--no-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch smoke check"
+    )
+    parser.set_defaults(func=_cmd_unet)
+
+
+def _register_audio_encoder(export_sub: argparse._SubParsersAction) -> None:
+    parser = export_sub.add_parser(
+        "audio-encoder", help="export the AVE audio encoder (mel [N,80,16] -> feature [N,512])"
+    )
+    _add_common(parser)
+    parser.set_defaults(func=_cmd_audio_encoder)
+
+
+def _summary(rows: list[tuple[str, str]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("item", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def _weights_rows(result: ExportResult) -> list[tuple[str, str]]:
+    size_mib = result.path.stat().st_size / 2**20
+    return [
+        ("path", str(result.path)),
+        ("size", f"{size_mib:.1f} MiB"),
+        ("mode", result.mode),
+        ("opset", str(result.opset)),
+        ("weights", "trained" if result.weights.trained else "UNTRAINED (seeded random init)"),
+        ("source", result.weights.source),
+        ("checkpoint sha256", result.weights.sha256 or "-"),
+    ]
+
+
+def _cmd_unet(args: argparse.Namespace) -> int:
+    from export.checkpoint import CheckpointError, load_unet
+    from export.onnx_export import check_unet_parity, example_unet_inputs, export_unet_module
+
+    try:
+        unet, weights = load_unet(args.checkpoint, mode=args.mode, seed=args.seed)
+        result = export_unet_module(unet, weights, args.output, opset=args.opset)
+    except (CheckpointError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    rows = _weights_rows(result)
+    status = 0
+    if not args.no_parity:
+        crop, audio = example_unet_inputs(args.mode, batch=2, seed=1)
+        report = check_unet_parity(unet, result.path, crop, audio)
+        verdict = "ok" if report.ok else "FAILED"
+        rows.append(
+            (
+                "parity (ORT vs PyTorch)",
+                f"{verdict}: max {report.max_abs_lsb} LSB, "
+                f"{100 * report.fraction_within_1:.3f}% within 1 LSB of {report.values} values",
+            )
+        )
+        status = 0 if report.ok else 1
+    _summary(rows, "UNet exported")
+    return status
+
+
+def _cmd_audio_encoder(args: argparse.Namespace) -> int:
+    from export.checkpoint import CheckpointError
+    from export.onnx_export import export_audio_encoder
+
+    try:
+        result = export_audio_encoder(args.checkpoint, args.output, opset=args.opset, seed=args.seed)
+    except (CheckpointError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    _summary(_weights_rows(result), "Audio encoder exported")
+    return 0
