@@ -1,0 +1,111 @@
+"""UNet328 / AudioEncoder: state-dict keys, shapes and dtypes equal the SyncTalk_2D reference
+listings (`../shared/reference/*.tsv`), parameter counts (REFERENCE.md s.1, s.4), forward shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.models import AUDIO_BRANCH_SHAPES, AUDIO_MODES, AudioEncoder, UNet328
+from lipsync.paths import REFERENCE_DIR
+
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def reference_listing(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """Parse `REFERENCE_DIR/<name>.state_dict.tsv` into (key, shape, dtype) rows, in file order.
+
+    Skips the calling test when the reference folder is absent (it lives outside the repo).
+    """
+    path = REFERENCE_DIR / f"{name}.state_dict.tsv"
+    if not path.is_file():
+        pytest.skip(f"reference listing {path} not found (expected ../shared/reference next to the repo)")
+    rows = []
+    lines = path.read_text().splitlines()
+    assert lines[0].split("\t") == ["key", "shape", "dtype"], f"unexpected header in {path}"
+    for line in lines[1:]:
+        key, shape, dtype = line.split("\t")
+        dims = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
+        rows.append((key, dims, dtype))
+    return rows
+
+
+def model_listing(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, dtype) rows of a module's state dict, in order, dtype as in the TSVs."""
+    return [
+        (k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in module.state_dict().items()
+    ]
+
+
+def parameter_count(rows: list[tuple[str, tuple[int, ...], str]]) -> int:
+    total = 0
+    for key, shape, _ in rows:
+        if not key.endswith(BUFFER_SUFFIXES):
+            total += int(torch.Size(shape).numel())
+    return total
+
+
+@pytest.mark.parametrize("mode", AUDIO_MODES)
+def test_unet_state_dict_equals_reference(mode: str) -> None:
+    expected = reference_listing(f"unet_328_{mode}")
+    got = model_listing(UNet328(mode))  # type: ignore[arg-type]
+    missing = sorted({r[0] for r in expected} - {r[0] for r in got})
+    extra = sorted({r[0] for r in got} - {r[0] for r in expected})
+    assert not missing and not extra, f"missing {missing[:5]}, unexpected {extra[:5]}"
+    assert got == expected
+
+
+def test_audio_encoder_state_dict_equals_reference() -> None:
+    assert model_listing(AudioEncoder()) == reference_listing("audio_encoder")
+
+
+@pytest.mark.parametrize("mode", AUDIO_MODES)
+def test_unet_parameter_count_matches_reference(mode: str) -> None:
+    model = UNet328(mode)  # type: ignore[arg-type]
+    count = sum(p.numel() for p in model.parameters())
+    assert count == parameter_count(reference_listing(f"unet_328_{mode}"))
+    if mode in ("ave", "hubert"):
+        assert count == 12_186_935  # REFERENCE.md section 1
+
+
+def test_audio_encoder_parameter_count() -> None:
+    count = sum(p.numel() for p in AudioEncoder().parameters())
+    assert count == 2_812_672  # REFERENCE.md section 4
+    assert count == parameter_count(reference_listing("audio_encoder"))
+
+
+@pytest.mark.parametrize("mode", AUDIO_MODES)
+def test_audio_branch_reaches_10x10(mode: str) -> None:
+    model = UNet328(mode).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        out = model.audio_model(torch.randn(2, *AUDIO_BRANCH_SHAPES[mode]))
+    assert out.shape == (2, 512, 10, 10)
+
+
+@pytest.mark.parametrize("mode", AUDIO_MODES)
+def test_unet_forward_shape_and_range(mode: str) -> None:
+    torch.manual_seed(0)
+    model = UNet328(mode).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        y = model(torch.rand(1, 6, 320, 320), torch.randn(1, *AUDIO_BRANCH_SHAPES[mode]))
+    assert y.shape == (1, 3, 320, 320) and y.dtype == torch.float32
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0  # sigmoid output
+
+
+def test_unet_rejects_wrong_audio_shape() -> None:
+    model = UNet328("ave").eval()
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        model(torch.rand(1, 6, 320, 320), torch.randn(1, *AUDIO_BRANCH_SHAPES["wenet"]))
+
+
+def test_audio_encoder_forward_shape() -> None:
+    enc = AudioEncoder().eval()
+    with torch.no_grad():
+        out = enc(torch.rand(3, 1, 80, 16) * 8 - 4)
+    assert out.shape == (3, 512) and out.dtype == torch.float32
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown audio mode 'deepspeech'"):
+        UNet328("deepspeech")  # type: ignore[arg-type]
+
