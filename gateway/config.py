@@ -1,0 +1,73 @@
+"""`GatewaySettings`: the one configuration object of the gateway.
+
+Every field can be set by an environment variable with the prefix ``LIPSYNC_`` (for example
+``LIPSYNC_TRITON_URL=triton:8001``, ``LIPSYNC_JPEG_QUALITY=90``), from a ``.env`` file, or by
+the CLI (``gateway/cli.py`` passes keyword arguments, which win over the environment).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lipsync.paths import PACKAGES_DIR
+
+
+class GatewaySettings(BaseSettings):
+    """Gateway configuration (env prefix ``LIPSYNC_``). Units are in the field names/docs."""
+
+    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", env_file=".env", extra="ignore")
+
+    # --- where things are -------------------------------------------------------------------
+    triton_url: str = Field("localhost:8001", description="Triton gRPC endpoint host:port")
+    host: str = Field("0.0.0.0", description="interface the gRPC and HTTP servers bind")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    http_port: int = Field(8085, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)")
+    packages_root: Path = Field(PACKAGES_DIR, description="folder holding one folder per avatar")
+    device: str = Field("triton", description="label reported as `device` in gRPC answers")
+
+    # --- output ---------------------------------------------------------------------------------
+    jpeg_quality: int = Field(85, ge=1, le=100, description="JPEG quality of returned frames")
+    jpeg_encoder: Literal["simplejpeg", "opencv"] = Field(
+        "simplejpeg", description="JPEG encoder (simplejpeg falls back to OpenCV if missing)"
+    )
+    jpeg_threads: int = Field(2, ge=1, le=64, description="thread-pool size for paste-back + JPEG")
+
+    # --- admission (robustness) ---------------------------------------------------------------
+    max_in_flight_per_connection: int = Field(
+        8, ge=1, description="frames one WebSocket/gRPC stream may have in flight at once"
+    )
+    max_in_flight_total: int = Field(
+        64, ge=1, description="frames in flight in the whole gateway; more -> Overloaded at once"
+    )
+
+    # --- Triton ---------------------------------------------------------------------------------
+    triton_timeout_s: float = Field(
+        1.5, gt=0, description="deadline of one inference call to Triton (s)"
+    )
+    triton_load_timeout_s: float = Field(
+        120.0, gt=0, description="deadline of one load_model call to Triton (s)"
+    )
+    triton_poll_interval_s: float = Field(
+        0.5, gt=0, description="period of the Triton readiness monitor (s)"
+    )
+    triton_load_models: bool = Field(
+        True, description="ask Triton (explicit model control) to load each avatar's model"
+    )
+    audio_encoder_model: str = Field("audio_encoder", description="Triton model for live audio")
+
+    # --- message size limits -------------------------------------------------------------------
+    grpc_max_receive_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest gRPC request message accepted (bytes)"
+    )
+    grpc_max_send_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest gRPC response message sent (bytes)"
+    )
+    ws_max_message_bytes: int = Field(
+        1024 * 1024, ge=64, description="largest WebSocket message accepted (bytes)"
+    )
+    max_batch_frames: int = Field(
+        256, ge=1, description="most frames one GenerateBatch* request may ask for"
+    )

@@ -1,0 +1,391 @@
+"""gRPC service ``optimized_lipsyncsrv.OptimizedLipSyncService`` on ``grpc.aio``.
+
+Wire-compatible with the original system's clients (proto/lipsync.proto). Conventions:
+
+- Per-request failures come back in-band: ``success = false`` and ``error`` =
+  ``"<code>: <message>"`` with the codes of `gateway.errors` (unknown_avatar,
+  frame_out_of_range, bad_request, overloaded, triton_unavailable, package_rejected).
+  Only ``GetStats`` (whose response has no error field) answers an unknown avatar with the
+  gRPC status NOT_FOUND.
+- ``frame_id`` everywhere is an audio feature row ``0 .. M-1``; the video frame is walked
+  ping-pong (`Avatar.video_index`). ``frame_count`` in answers is M (the frame_id range).
+- ``StreamInference`` answers in request order; up to ``max_in_flight_per_connection`` frames
+  of one stream are rendered concurrently (pipelined); beyond that the stream's next request
+  is not read until the oldest answer is sent (back-pressure, bounded memory).
+- ``GenerateBatchInference`` renders its frames concurrently under the same per-call limit.
+- ``GenerateBatchWithAudio``: see `gateway.audio_features` for the chunk -> mel window ->
+  feature row mapping; frame ``k`` shows video frame ``start_frame_id + k`` (ping-pong) with
+  audio rows ``k .. k+15``.
+
+Also served: ``grpc.health.v1.Health`` (overall and ``optimized_lipsyncsrv.OptimizedLipSyncService``:
+SERVING when `GatewayContext.ready`, else NOT_SERVING) and server reflection.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from gateway.context import GatewayContext
+from gateway.errors import BadRequest, GatewayError
+from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
+from lipsync.frames import mask_inner
+from proto import lipsync_pb2 as pb
+from proto import lipsync_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizedLipSyncService"].full_name
+VIDEO_TYPES = ("full_body", "face_regions", "masked_regions")
+OPTIMIZATIONS = (
+    "triton_dynamic_batching",
+    "uint8_io_pre_post_in_graph",
+    "concurrent_async_triton_calls",
+    "precomputed_crops_in_ram",
+    "memory_mapped_audio_features",
+    "composite_jpeg_thread_pool",
+)
+PROTOCOL = "grpc"
+
+
+def _ms(value: float) -> int:
+    return int(round(value))
+
+
+def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
+    """`RenderedFrame` -> a successful ``OptimizedInferenceResponse``."""
+    return pb.OptimizedInferenceResponse(
+        success=True,
+        prediction_data=frame.jpeg,
+        bounds=list(frame.bounds),
+        processing_time_ms=_ms(frame.total_ms),
+        model_name=frame.avatar,
+        frame_id=frame.frame_id,
+        prediction_shape=f"{frame.height}x{frame.width}x3",
+        prepare_time_ms=frame.prepare_ms,
+        inference_time_ms=frame.inference_ms,
+        composite_time_ms=frame.composite_ms,
+        optimizations=list(OPTIMIZATIONS),
+    )
+
+
+def error_response(model_name: str, frame_id: int, exc: GatewayError, t0: float) -> pb.OptimizedInferenceResponse:
+    """A failed ``OptimizedInferenceResponse`` carrying ``"<code>: <message>"``."""
+    return pb.OptimizedInferenceResponse(
+        success=False,
+        error=str(exc),
+        model_name=model_name,
+        frame_id=frame_id,
+        processing_time_ms=_ms((time.perf_counter() - t0) * 1e3),
+    )
+
+
+class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
+    """The ``OptimizedLipSyncService`` implementation over a `GatewayContext`."""
+
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+        self.pipeline: FramePipeline = ctx.pipeline
+
+    # ------------------------------------------------------------------ frames
+    async def _render(
+        self, model_name: str, frame_id: int, **kwargs: object
+    ) -> pb.OptimizedInferenceResponse:
+        t0 = time.perf_counter()
+        try:
+            frame = await self.pipeline.render(model_name, frame_id, protocol=PROTOCOL, **kwargs)  # type: ignore[arg-type]
+        except GatewayError as exc:
+            return error_response(model_name, frame_id, exc, t0)
+        return frame_response(frame)
+
+    async def _render_limited(
+        self, limiter: ConnectionLimiter, model_name: str, frame_id: int, **kwargs: object
+    ) -> pb.OptimizedInferenceResponse:
+        async with limiter.slot(wait=True):
+            return await self._render(model_name, frame_id, **kwargs)
+
+    async def GenerateInference(self, request: pb.OptimizedInferenceRequest, context: grpc.aio.ServicerContext) -> pb.OptimizedInferenceResponse:  # noqa: N802
+        """One frame (in-band errors)."""
+        return await self._render(request.model_name, request.frame_id)
+
+    def _batch_response(self, responses: list[pb.OptimizedInferenceResponse], t0: float) -> pb.BatchInferenceResponse:
+        total_ms = (time.perf_counter() - t0) * 1e3
+        return pb.BatchInferenceResponse(
+            responses=responses,
+            total_processing_time_ms=_ms(total_ms),
+            avg_frame_time_ms=total_ms / len(responses) if responses else 0.0,
+        )
+
+    def _check_batch_size(self, n: int) -> None:
+        limit = self.ctx.settings.max_batch_frames
+        if n < 1 or n > limit:
+            raise BadRequest(f"a batch must ask for 1..{limit} frames, got {n}")
+
+    async def GenerateBatchInference(self, request: pb.BatchInferenceRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:  # noqa: N802
+        """Several frames rendered concurrently (per-call limit); answers in request order."""
+        t0 = time.perf_counter()
+        ids = list(request.frame_ids)
+        try:
+            self._check_batch_size(len(ids))
+        except GatewayError as exc:
+            return self._batch_response([error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0)
+        limiter = self.ctx.new_connection_limiter()
+        responses = await asyncio.gather(
+            *(self._render_limited(limiter, request.model_name, fid) for fid in ids)
+        )
+        return self._batch_response(list(responses), t0)
+
+    async def GenerateBatchWithAudio(self, request: pb.BatchInferenceWithAudioRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:  # noqa: N802
+        """Frames driven by the request's audio chunks (see module doc)."""
+        t0 = time.perf_counter()
+        name, start, count = request.model_name, request.start_frame_id, request.frame_count
+        try:
+            self._check_batch_size(count)
+            avatar = self.ctx.store.get(name)
+            if start < 0:
+                self.pipeline.validate_frame_id(avatar, start, rows=0)
+            feats = await self.ctx.audio.features_from_chunks(list(request.audio_chunks), count)
+        except GatewayError as exc:
+            n = min(max(count, 1), self.ctx.settings.max_batch_frames)
+            self.ctx.metrics.record_outcome(PROTOCOL, exc.code)
+            return self._batch_response(
+                [error_response(name, start + k, exc, t0) for k in range(n)], t0
+            )
+        limiter = self.ctx.new_connection_limiter()
+        responses = await asyncio.gather(
+            *(
+                self._render_limited(limiter, name, start + k, window=np.ascontiguousarray(feats[k : k + 16]))
+                for k in range(count)
+            )
+        )
+        return self._batch_response(list(responses), t0)
+
+    async def StreamInference(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.OptimizedInferenceResponse]:
+        """Bidirectional stream: answers in request order, frames pipelined (module doc)."""
+        limiter = self.ctx.new_connection_limiter()
+        pending: asyncio.Queue[asyncio.Task[pb.OptimizedInferenceResponse] | None] = asyncio.Queue()
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    await limiter.acquire(wait=True)  # released when the answer is sent
+                    task = asyncio.create_task(self._render(req.model_name, req.frame_id))
+                    pending.put_nowait(task)
+            finally:
+                pending.put_nowait(None)
+
+        reader_task = asyncio.create_task(reader())
+        try:
+            while True:
+                task = await pending.get()
+                if task is None:
+                    break
+                try:
+                    response = await task
+                finally:
+                    limiter.release()
+                yield response
+            await reader_task  # surfaces a read error, if any
+        finally:
+            reader_task.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    # ------------------------------------------------------------------ packages & info
+    async def LoadPackage(self, request: pb.LoadPackageRequest, context: grpc.aio.ServicerContext) -> pb.LoadPackageResponse:  # noqa: N802
+        """Load or reload a package from inside the packages root (in-band errors)."""
+        t0 = time.perf_counter()
+        try:
+            if not request.package_dir:
+                raise BadRequest("package_dir is required (a folder inside the packages root)")
+            avatar = await self.ctx.store.load(request.package_dir, name=request.package_name or None)
+        except GatewayError as exc:
+            log.warning("LoadPackage %r refused: %s", request.package_dir, exc)
+            return pb.LoadPackageResponse(
+                success=False,
+                package_name=request.package_name,
+                message="package not loaded",
+                error=str(exc),
+                initialization_time_ms=_ms((time.perf_counter() - t0) * 1e3),
+                device=self.ctx.settings.device,
+            )
+        model_ok = self.ctx.triton.model_ready(avatar.model_name)
+        message = (
+            f"avatar {avatar.name!r} loaded: {avatar.frame_count} video frames "
+            f"{avatar.width}x{avatar.height}, {avatar.feature_rows} feature rows; Triton model "
+            f"{avatar.model_name} " + ("ready" if model_ok else "NOT ready yet (Triton down or loading; retried)")
+        )
+        return pb.LoadPackageResponse(
+            success=True,
+            package_name=avatar.name,
+            message=message,
+            initialization_time_ms=_ms((time.perf_counter() - t0) * 1e3),
+            frame_count=avatar.feature_rows,
+            device=self.ctx.settings.device,
+            videos_loaded=list(VIDEO_TYPES),
+            audio_features_shape=list(avatar.features.shape),
+            memory_mapped_audio=isinstance(avatar.features, np.memmap),
+        )
+
+    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:  # noqa: N802
+        """Per-avatar rendered-frame count and inference ms (all avatars when the name is empty)."""
+        if request.model_name:
+            try:
+                avatars = [self.ctx.store.get(request.model_name)]
+            except GatewayError as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+                raise AssertionError("unreachable")  # abort raises
+        else:
+            avatars = self.ctx.store.avatars()
+        total = sum(a.stats.total_requests for a in avatars)
+        ms_sum = sum(a.stats.inference_ms_sum for a in avatars)
+        mins = [a.stats.min_inference_ms for a in avatars if a.stats.total_requests]
+        maxs = [a.stats.inference_ms_max for a in avatars if a.stats.total_requests]
+        return pb.StatsResponse(
+            model_name=request.model_name or ",".join(a.name for a in avatars),
+            total_requests=total,
+            avg_inference_time_ms=ms_sum / total if total else 0.0,
+            min_inference_time_ms=min(mins) if mins else 0.0,
+            max_inference_time_ms=max(maxs) if maxs else 0.0,
+            frame_count=sum(a.feature_rows for a in avatars),
+            device=self.ctx.settings.device,
+            optimizations_active=list(OPTIMIZATIONS),
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:  # noqa: N802
+        """Names of the loaded avatars."""
+        names = self.ctx.store.names()
+        return pb.ListModelsResponse(loaded_models=names, count=len(names))
+
+    async def HealthCheck(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:  # noqa: N802
+        """Healthy when Triton is ready with every avatar model loaded."""
+        ready = self.ctx.ready()
+        if ready:
+            status = "SERVING"
+        elif not self.ctx.store.names():
+            status = "NOT_SERVING: no avatar loaded"
+        else:
+            status = f"NOT_SERVING: {self.ctx.triton.status().last_error or 'Triton not ready'}"
+        return pb.HealthResponse(
+            healthy=ready,
+            status=status,
+            loaded_models=len(self.ctx.store),
+            uptime_seconds=int(self.ctx.uptime_s()),
+        )
+
+    async def GetVideoFrame(self, request: pb.GetVideoFrameRequest, context: grpc.aio.ServicerContext) -> pb.GetVideoFrameResponse:  # noqa: N802
+        """The source video frame of ``frame_id`` (ping-pong) as JPEG, no inference."""
+        try:
+            avatar = self.ctx.store.get(request.model_name)
+            self.pipeline.validate_frame_id(avatar, request.frame_id)
+            v = avatar.video_index(request.frame_id)
+            kind = request.video_type or "full_body"
+            if kind == "full_body":
+                image = avatar.frames[v]
+            elif kind == "face_regions":
+                image = avatar.crops[v]
+            elif kind == "masked_regions":
+                image = mask_inner(avatar.inners[v])
+            else:
+                raise BadRequest(f"unknown video_type {kind!r}; choose one of {', '.join(VIDEO_TYPES)}")
+            data = await self.pipeline.encode(image)
+        except GatewayError as exc:
+            return pb.GetVideoFrameResponse(
+                success=False, error=str(exc), frame_id=request.frame_id, video_type=request.video_type
+            )
+        return pb.GetVideoFrameResponse(success=True, frame_data=data, frame_id=request.frame_id, video_type=kind)
+
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.GetModelMetadataResponse:  # noqa: N802
+        """Frame-id range, video types, audio path and every video frame's rectangle
+        (``bounds`` = x1, y1, x2, y2 per video frame, in video-frame order)."""
+        try:
+            avatar = self.ctx.store.get(request.model_name)
+        except GatewayError as exc:
+            return pb.GetModelMetadataResponse(success=False, model_name=request.model_name, error=str(exc))
+        return pb.GetModelMetadataResponse(
+            success=True,
+            model_name=avatar.name,
+            frame_count=avatar.feature_rows,
+            available_videos=list(VIDEO_TYPES),
+            audio_path=str(avatar.audio_path),
+            bounds=avatar.rects.astype(np.float32).reshape(-1).tolist(),
+        )
+
+
+class HealthReporter:
+    """Keeps ``grpc.health.v1`` in step with `GatewayContext.ready` (polled every 0.25 s)."""
+
+    def __init__(self, ctx: GatewayContext, servicer: health_aio.HealthServicer, interval_s: float = 0.25) -> None:
+        self.ctx = ctx
+        self.servicer = servicer
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._last: bool | None = None
+
+    async def update(self) -> None:
+        """Publish the current readiness if it changed."""
+        ready = self.ctx.ready()
+        if ready == self._last:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.servicer.set(service, status)
+        self._last = ready
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.update()
+            except Exception:  # noqa: BLE001 - keep reporting
+                log.exception("updating grpc health failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def start(self) -> None:
+        """Publish once, then keep publishing in the background."""
+        await self.update()
+        self._task = asyncio.create_task(self._loop(), name="grpc-health")
+
+    async def stop(self) -> None:
+        """Stop the background task."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+
+def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthReporter]:
+    """A ``grpc.aio`` server with the lipsync service, health and reflection (not started).
+
+    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``.
+    The caller adds the port and starts it (see `gateway.server`).
+    """
+    s = ctx.settings
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
+            ("grpc.max_send_message_length", s.grpc_max_send_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pbg.add_OptimizedLipSyncServiceServicer_to_server(LipSyncService(ctx), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return server, HealthReporter(ctx, health_servicer)

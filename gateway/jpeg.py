@@ -1,0 +1,106 @@
+"""JPEG encoding of BGR frames: simplejpeg (libjpeg-turbo, fastest) or OpenCV.
+
+Both take uint8 ``[H, W, 3]`` **BGR** (OpenCV order) and produce a baseline JPEG with 4:2:0
+chroma subsampling, so a decoder gives back the same colours either way. The gateway runs the
+encoder in its thread pool (see `gateway.pipeline`); both libraries release the GIL.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal, Protocol
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+log = logging.getLogger(__name__)
+
+EncoderName = Literal["simplejpeg", "opencv"]
+
+
+class JpegEncoder(Protocol):
+    """Encodes uint8 ``[H, W, 3]`` BGR to JPEG bytes."""
+
+    name: str
+    quality: int
+
+    def encode(self, bgr: NDArray[np.uint8]) -> bytes:
+        """Encode one BGR image; raises ValueError on a wrong shape/dtype."""
+        ...
+
+
+def _check(bgr: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    if bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
+        raise ValueError(f"JPEG input must be uint8 [H, W, 3] BGR, got {bgr.dtype} {list(bgr.shape)}")
+    return np.ascontiguousarray(bgr)
+
+
+class SimpleJpegEncoder:
+    """`simplejpeg.encode_jpeg` (libjpeg-turbo), BGR input, 4:2:0."""
+
+    name = "simplejpeg"
+
+    def __init__(self, quality: int = 85) -> None:
+        import simplejpeg  # imported here so a missing wheel falls back cleanly
+
+        self._encode = simplejpeg.encode_jpeg
+        self.quality = quality
+
+    def encode(self, bgr: NDArray[np.uint8]) -> bytes:
+        """Encode uint8 ``[H, W, 3]`` BGR to JPEG bytes."""
+        return self._encode(_check(bgr), quality=self.quality, colorspace="BGR", colorsubsampling="420")
+
+
+class OpenCvJpegEncoder:
+    """`cv2.imencode` (OpenCV's libjpeg), BGR input, 4:2:0."""
+
+    name = "opencv"
+
+    def __init__(self, quality: int = 85) -> None:
+        self.quality = quality
+        self._params = [
+            cv2.IMWRITE_JPEG_QUALITY, quality,
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+        ]
+
+    def encode(self, bgr: NDArray[np.uint8]) -> bytes:
+        """Encode uint8 ``[H, W, 3]`` BGR to JPEG bytes."""
+        ok, buf = cv2.imencode(".jpg", _check(bgr), self._params)
+        if not ok:
+            raise ValueError("OpenCV failed to encode the frame as JPEG")
+        return buf.tobytes()
+
+
+def make_encoder(name: EncoderName = "simplejpeg", quality: int = 85) -> JpegEncoder:
+    """Build the named encoder; ``simplejpeg`` falls back to OpenCV when not installed.
+
+    Args:
+        name: ``"simplejpeg"`` or ``"opencv"``.
+        quality: JPEG quality 1..100.
+
+    Raises:
+        ValueError: unknown name or quality outside 1..100.
+    """
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    if name == "simplejpeg":
+        try:
+            return SimpleJpegEncoder(quality)
+        except ImportError:
+            log.warning("simplejpeg is not installed; using OpenCV's JPEG encoder")
+            return OpenCvJpegEncoder(quality)
+    if name == "opencv":
+        return OpenCvJpegEncoder(quality)
+    raise ValueError(f"unknown JPEG encoder {name!r} (choose simplejpeg or opencv)")
+
+
+def decode_bgr(jpeg: bytes) -> NDArray[np.uint8]:
+    """Decode JPEG bytes to uint8 ``[H, W, 3]`` BGR (for tests and tools).
+
+    Raises:
+        ValueError: the bytes are not a decodable image.
+    """
+    img = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"not a decodable JPEG ({len(jpeg)} bytes)")
+    return img

@@ -1,0 +1,78 @@
+"""Prometheus metrics of one gateway, in a dedicated `CollectorRegistry`.
+
+Each `GatewayMetrics` owns its registry (not the process-global one), so several gateways can
+live in one process (tests) and `/metrics` shows exactly this gateway's series. D2's
+``/metrics`` handler renders it with ``prometheus_client.generate_latest(metrics.registry)``.
+
+Series (all names prefixed ``lipsync_gateway_``):
+
+- ``requests_total{protocol, outcome}``: frames requested; protocol grpc|ws|http, outcome
+  ok|error;
+- ``errors_total{protocol, code}``: failed frames by `gateway.errors` code;
+- ``stage_latency_seconds{stage}``: histogram per stage: prepare | inference | paste | jpeg |
+  composite (= paste + jpeg) | total;
+- ``in_flight``: frames currently being rendered;
+- ``triton_ready``: 1 when Triton is ready and every avatar's model is loaded, else 0.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
+)
+"""Histogram bucket bounds (s): fine below the 40 ms frame slot, coarse for CPU inference."""
+
+STAGES = ("prepare", "inference", "paste", "jpeg", "composite", "total")
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus series, registered in ``self.registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "lipsync_gateway_requests",
+            "Frames requested, by protocol and outcome",
+            ["protocol", "outcome"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "lipsync_gateway_errors",
+            "Failed frames, by protocol and error code",
+            ["protocol", "code"],
+            registry=self.registry,
+        )
+        self.stage_latency = Histogram(
+            "lipsync_gateway_stage_latency_seconds",
+            "Per-frame latency of each pipeline stage (s)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "lipsync_gateway_in_flight",
+            "Frames currently being rendered",
+            registry=self.registry,
+        )
+        self.triton_ready = Gauge(
+            "lipsync_gateway_triton_ready",
+            "1 when Triton is ready with every avatar model loaded, else 0",
+            registry=self.registry,
+        )
+
+    def observe_stage(self, stage: str, ms: float) -> None:
+        """Record one stage duration given in milliseconds."""
+        self.stage_latency.labels(stage=stage).observe(ms / 1000.0)
+
+    def record_outcome(self, protocol: str, error_code: str | None) -> None:
+        """Count one finished frame request; ``error_code`` None means success."""
+        if error_code is None:
+            self.requests.labels(protocol=protocol, outcome="ok").inc()
+        else:
+            self.requests.labels(protocol=protocol, outcome="error").inc()
+            self.errors.labels(protocol=protocol, code=error_code).inc()
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text exposition format."""
+        return generate_latest(self.registry)

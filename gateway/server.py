@@ -1,0 +1,127 @@
+"""`GatewayServer`: one gateway process: the gRPC server and the aiohttp app on one event loop.
+
+```python
+server = GatewayServer(GatewaySettings(triton_url="localhost:8001"))
+await server.start()        # builds the GatewayContext, binds both ports
+...                         # server.grpc_address, server.http_url
+await server.stop()         # graceful: stops accepting, finishes in-flight frames (grace s)
+```
+Ports 0 pick free ports; the bound ones are in ``grpc_port`` / ``http_port`` after `start`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from aiohttp import web
+
+from gateway.config import GatewaySettings
+from gateway.context import GatewayContext
+from gateway.grpc_service import HealthReporter, build_grpc_server
+
+log = logging.getLogger(__name__)
+
+
+def _create_http_app(ctx: GatewayContext) -> web.Application:
+    """D2's `gateway.http_app.create_app`, or a minimal health-only app until it exists."""
+    try:
+        from gateway.http_app import create_app
+    except ImportError as exc:  # pragma: no cover - only before the http app lands
+        log.warning("gateway.http_app not available (%s): serving /healthz only", exc)
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ready": ctx.ready()}, status=200 if ctx.ready() else 503)
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        return app
+    return create_app(ctx)
+
+
+class GatewayServer:
+    """Runs the gRPC server and the aiohttp app for one `GatewayContext`.
+
+    Args:
+        settings: the gateway configuration.
+        grace_s: how long `stop` lets in-flight requests finish (s).
+    """
+
+    def __init__(self, settings: GatewaySettings, *, grace_s: float = 2.0) -> None:
+        self.settings = settings
+        self.grace_s = grace_s
+        self.ctx: GatewayContext | None = None
+        self.grpc_port: int = 0
+        self.http_port: int = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._health: HealthReporter | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` a local client dials for gRPC."""
+        return f"{self._client_host()}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the aiohttp app (web page, WebSocket at ``/ws``)."""
+        return f"http://{self._client_host()}:{self.http_port}"
+
+    def _client_host(self) -> str:
+        host = self.settings.host
+        return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+    async def start(self) -> None:
+        """Build the context (Triton client, avatars), then start gRPC and HTTP.
+
+        Raises:
+            OSError: a port cannot be bound.
+        """
+        s = self.settings
+        self.ctx = await GatewayContext.create(s)
+        try:
+            self._grpc, self._health = build_grpc_server(self.ctx)
+            self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            if self.grpc_port == 0:
+                raise OSError(f"cannot bind the gRPC port {s.host}:{s.grpc_port}")
+            await self._grpc.start()
+            await self._health.start()
+
+            app = _create_http_app(self.ctx)
+            self._runner = web.AppRunner(app, handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, s.host, s.http_port)
+            await site.start()
+            server = site._server  # aiohttp exposes bound sockets only here
+            sockets = getattr(server, "sockets", None) or []
+            self.http_port = sockets[0].getsockname()[1] if sockets else s.http_port
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "gateway serving: gRPC %s, HTTP %s (ready=%s)", self.grpc_address, self.http_url, self.ctx.ready()
+        )
+
+    async def stop(self) -> None:
+        """Stop both servers (in-flight requests get ``grace_s``), then the context."""
+        if self._health is not None:
+            await self._health.stop()
+            self._health = None
+        if self._grpc is not None:
+            await self._grpc.stop(self.grace_s)
+            self._grpc = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.ctx is not None:
+            await self.ctx.close()
+            self.ctx = None
+        log.info("gateway stopped")
+
+    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+        """Start, wait until ``stop`` is set (or the task is cancelled), then stop."""
+        await self.start()
+        try:
+            await (stop.wait() if stop is not None else asyncio.Event().wait())
+        finally:
+            await self.stop()

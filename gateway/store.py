@@ -1,0 +1,329 @@
+"""`AvatarStore`: the avatars a gateway serves, preloaded so per-frame work is pure memory.
+
+At start the store loads every package folder under the packages root with
+`lipsync.package.load_package` (which validates schema, shapes, checksums), and again on a
+``LoadPackage`` call. For each avatar it precomputes, per *video* frame ``v``
+(REFERENCE.md s.2 steps 2-3):
+
+- ``crops[v]``:  uint8 ``[328, 328, 3]``, the INTER_CUBIC-resized face crop to paste into;
+- ``inners[v]``: uint8 ``[320, 320, 3]`` C-contiguous copy of ``crops[v][4:324, 4:324]``, the
+  model input, ready to send to Triton without copying;
+- ``rects[v]``:  ``(x1, y1, x2, y2)`` px.
+
+The audio features (``aud_ave.npy``, float32 ``[M, 512]``) stay the package's read-only memmap.
+A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame shown is
+``pingpong_index(frame_id, N)`` (REFERENCE.md s.2 step 9).
+
+The store also asks Triton (explicit model-control mode) to load each avatar's model
+(``manifest.model_name``) and keeps it registered so the Triton monitor reloads it after a
+Triton restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gateway.errors import PackageRejected, UnknownAvatar
+from gateway.triton import TritonClient
+from lipsync.frames import crop_328, inner_320, pingpong_index
+from lipsync.package import AvatarPackage, PackageError, load_package
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class AvatarStats:
+    """Per-avatar counters for ``GetStats``: rendered frames and Triton inference time (ms)."""
+
+    total_requests: int = 0
+    errors: int = 0
+    inference_ms_sum: float = 0.0
+    inference_ms_min: float = float("inf")
+    inference_ms_max: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, inference_ms: float) -> None:
+        """Count one rendered frame and its inference time (ms)."""
+        with self._lock:
+            self.total_requests += 1
+            self.inference_ms_sum += inference_ms
+            self.inference_ms_min = min(self.inference_ms_min, inference_ms)
+            self.inference_ms_max = max(self.inference_ms_max, inference_ms)
+
+    def record_error(self) -> None:
+        """Count one failed frame."""
+        with self._lock:
+            self.errors += 1
+
+    @property
+    def avg_inference_ms(self) -> float:
+        """Mean inference time (ms); 0 before the first frame."""
+        return self.inference_ms_sum / self.total_requests if self.total_requests else 0.0
+
+    @property
+    def min_inference_ms(self) -> float:
+        """Smallest inference time (ms); 0 before the first frame."""
+        return self.inference_ms_min if self.total_requests else 0.0
+
+
+@dataclass
+class Avatar:
+    """One preloaded avatar.
+
+    Attributes:
+        name: the name clients use (``model_name`` in gRPC, the WebSocket ``name``).
+        model_name: the avatar's Triton model (``lipsync_<avatar>``).
+        package: the validated package (manifest, frames, rects, landmarks, features).
+        crops: uint8 ``[N, 328, 328, 3]`` BGR.
+        inners: uint8 ``[N, 320, 320, 3]`` BGR, C-contiguous.
+        rects: int32 ``[N, 4]`` ``(x1, y1, x2, y2)`` px.
+        features: float32 ``[M, 512]`` read-only memmap (padded ``aud_ave.npy``).
+        init_ms: time spent loading and precomputing (ms).
+    """
+
+    name: str
+    model_name: str
+    package: AvatarPackage
+    crops: NDArray[np.uint8]
+    inners: NDArray[np.uint8]
+    rects: NDArray[np.int32]
+    features: NDArray[np.float32]
+    init_ms: float
+    stats: AvatarStats = field(default_factory=AvatarStats)
+
+    @property
+    def frames(self) -> NDArray[np.uint8]:
+        """Full video frames, uint8 ``[N, H, W, 3]`` BGR."""
+        return self.package.frames
+
+    @property
+    def frame_count(self) -> int:
+        """Number of video frames N."""
+        return int(self.package.frames.shape[0])
+
+    @property
+    def feature_rows(self) -> int:
+        """Number of audio feature rows M (the valid ``frame_id`` range is ``0 .. M-1``)."""
+        return int(self.features.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Frame width (px)."""
+        return int(self.package.frames.shape[2])
+
+    @property
+    def height(self) -> int:
+        """Frame height (px)."""
+        return int(self.package.frames.shape[1])
+
+    @property
+    def fps(self) -> float:
+        """Output frame rate (fps)."""
+        return float(self.package.manifest.fps)
+
+    @property
+    def audio_path(self) -> Path:
+        """The package's 16 kHz mono WAV."""
+        return self.package.audio_path
+
+    @property
+    def trained(self) -> bool | None:
+        """Whether the package's weights are trained (None if the manifest does not say)."""
+        weights = getattr(self.package.manifest, "weights", None)
+        return getattr(weights, "trained", None)
+
+    def video_index(self, frame_id: int) -> int:
+        """Video frame shown for ``frame_id`` (ping-pong, REFERENCE.md s.2 step 9)."""
+        return pingpong_index(frame_id, self.frame_count)
+
+    def bounds(self, video_index: int) -> tuple[float, float, float, float]:
+        """Crop rectangle ``(x1, y1, x2, y2)`` of a video frame, px as floats."""
+        x1, y1, x2, y2 = (float(v) for v in self.rects[video_index])
+        return (x1, y1, x2, y2)
+
+
+def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
+    """Precompute the per-frame crops of a loaded package (CPU work, no Triton).
+
+    Args:
+        package: a package from `load_package`.
+        name: name to serve it under (default: ``manifest.name``).
+
+    Returns:
+        An `Avatar` with ``crops`` uint8 ``[N, 328, 328, 3]`` and ``inners`` uint8
+        ``[N, 320, 320, 3]``.
+
+    Raises:
+        PackageRejected: no frames, or rectangles the crop math refuses.
+    """
+    t0 = time.perf_counter()
+    frames = package.frames
+    rects = np.asarray(package.rects, dtype=np.int32)
+    n = int(frames.shape[0])
+    if n == 0 or rects.shape != (n, 4):
+        raise PackageRejected(
+            f"package {package.root} has {n} frames and rects of shape {list(rects.shape)}; "
+            f"need at least one frame and rects [N, 4]"
+        )
+    crops = np.empty((n, 328, 328, 3), dtype=np.uint8)
+    inners = np.empty((n, 320, 320, 3), dtype=np.uint8)
+    for v in range(n):
+        try:
+            crops[v] = crop_328(frames[v], rects[v])
+        except ValueError as exc:
+            raise PackageRejected(f"package {package.root}, frame {v}: {exc}") from exc
+        inners[v] = inner_320(crops[v])
+    features = package.features
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise PackageRejected(f"package {package.root} has features of shape {list(features.shape)}")
+    return Avatar(
+        name=name or package.manifest.name,
+        model_name=package.manifest.model_name,
+        package=package,
+        crops=crops,
+        inners=inners,
+        rects=rects,
+        features=features,
+        init_ms=(time.perf_counter() - t0) * 1e3,
+    )
+
+
+class AvatarStore:
+    """The loaded avatars, by name, plus the model registration in Triton.
+
+    Args:
+        packages_root: folder holding one package folder per avatar; `LoadPackage` paths must
+            resolve inside it.
+        triton: the gateway's Triton client (None: no model loading, for offline use).
+    """
+
+    def __init__(self, packages_root: Path, triton: TritonClient | None) -> None:
+        self.packages_root = Path(packages_root).resolve()
+        self._triton = triton
+        self._avatars: dict[str, Avatar] = {}
+        self._aliases: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, name: str) -> Avatar:
+        """The avatar called ``name`` (its Triton model name works too).
+
+        Raises:
+            UnknownAvatar: nothing of that name is loaded (the message lists what is).
+        """
+        avatar = self._avatars.get(name)
+        if avatar is None and name in self._aliases:
+            avatar = self._avatars.get(self._aliases[name])
+        if avatar is None:
+            loaded = ", ".join(sorted(self._avatars)) or "none"
+            raise UnknownAvatar(f"avatar {name!r} is not loaded (loaded: {loaded})")
+        return avatar
+
+    def names(self) -> list[str]:
+        """Names of the loaded avatars, sorted."""
+        return sorted(self._avatars)
+
+    def avatars(self) -> list[Avatar]:
+        """The loaded avatars, sorted by name."""
+        return [self._avatars[n] for n in self.names()]
+
+    def __len__(self) -> int:
+        return len(self._avatars)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._avatars or name in self._aliases
+
+    # ------------------------------------------------------------------ loading
+    def resolve_package_dir(self, package_dir: str | Path) -> Path:
+        """Resolve a package path (relative paths are relative to the packages root).
+
+        Raises:
+            PackageRejected: the path resolves outside the packages root, or is not a folder
+                holding a ``manifest.json``.
+        """
+        raw = Path(package_dir)
+        candidate = raw if raw.is_absolute() else self.packages_root / raw
+        resolved = candidate.resolve()
+        if resolved == self.packages_root or not resolved.is_relative_to(self.packages_root):
+            raise PackageRejected(
+                f"package_dir {str(package_dir)!r} resolves to {resolved}, which is not inside "
+                f"the packages root {self.packages_root}"
+            )
+        if not (resolved / MANIFEST_NAME).is_file():
+            raise PackageRejected(f"{resolved} is not an avatar package (no {MANIFEST_NAME})")
+        return resolved
+
+    async def load(self, package_dir: str | Path, name: str | None = None) -> Avatar:
+        """Load (or reload) one package and register its model with Triton.
+
+        Loading and precomputation run in a worker thread; the event loop keeps serving.
+
+        Args:
+            package_dir: path of the package, absolute or relative to the packages root.
+            name: name to serve it under (default: the manifest's name).
+
+        Returns:
+            The new `Avatar` (already serving when this returns; its model may still be
+            loading in Triton if Triton is down: the monitor retries).
+
+        Raises:
+            PackageRejected: path outside the root, or the loader's `PackageError`.
+        """
+        path = self.resolve_package_dir(package_dir)
+        t0 = time.perf_counter()
+
+        def _load() -> Avatar:
+            try:
+                package = load_package(path)
+            except PackageError as exc:
+                raise PackageRejected(f"package {path} rejected: {exc}") from exc
+            return prepare_avatar(package, name)
+
+        avatar = await asyncio.to_thread(_load)
+        avatar.init_ms = (time.perf_counter() - t0) * 1e3
+        old = self._avatars.get(avatar.name)
+        if old is not None:
+            avatar.stats = old.stats
+        self._avatars[avatar.name] = avatar
+        self._aliases[avatar.model_name] = avatar.name
+        log.info(
+            "avatar %r loaded from %s: %d video frames %dx%d, %d feature rows, model %s (%.0f ms)",
+            avatar.name, path, avatar.frame_count, avatar.width, avatar.height,
+            avatar.feature_rows, avatar.model_name, avatar.init_ms,
+        )
+        if avatar.trained is False:
+            log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
+        if self._triton is not None:
+            await self._triton.register_model(avatar.model_name, required=True)
+        return avatar
+
+    async def load_all(self) -> list[Avatar]:
+        """Load every package folder under the packages root.
+
+        A package that fails validation is logged and skipped (the others still serve).
+
+        Returns:
+            The avatars loaded.
+        """
+        loaded: list[Avatar] = []
+        if not self.packages_root.is_dir():
+            log.warning("packages root %s does not exist: no avatars", self.packages_root)
+            return loaded
+        for child in sorted(self.packages_root.iterdir()):
+            if not (child / MANIFEST_NAME).is_file():
+                continue
+            try:
+                loaded.append(await self.load(child))
+            except PackageRejected as exc:
+                log.error("skipping %s: %s", child, exc.message)
+        if not loaded:
+            log.warning("no avatar package found under %s", self.packages_root)
+        return loaded

@@ -1,0 +1,354 @@
+"""Async Triton client of the gateway: inference calls, readiness monitor, model (re)loading.
+
+One `TritonClient` per gateway wraps ``tritonclient.grpc.aio.InferenceServerClient``. Every
+frame is its own concurrent ``infer`` call (batch 1); with many frames in flight from all
+streams, Triton's dynamic batcher merges them into one model execution. There is no lock
+around calls: concurrency is bounded by the gateway's admission limits, not here.
+
+Failure handling (issue 4 item 6):
+- each call carries a deadline (`GatewaySettings.triton_timeout_s`), so a dead Triton gives
+  `TritonUnavailable` within about that time, never a hang;
+- while the monitor knows Triton is down, calls fail at once without touching the network;
+- a background task polls server readiness every `triton_poll_interval_s` and checks each
+  registered model; when Triton is back (a restarted server in explicit model-control mode
+  has no model loaded) it re-issues ``load_model`` for every registered model, so the gateway
+  recovers by itself;
+- the gRPC channel's reconnect back-off is capped at 1 s so a restarted server is seen quickly.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
+
+from gateway.errors import TritonUnavailable
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+UNET_INPUT_CROP = "crop"
+UNET_INPUT_AUDIO = "audio"
+UNET_OUTPUT = "pred"
+ENCODER_INPUT = "mel"
+ENCODER_OUTPUT = "feature"
+
+_MAX_MESSAGE = 256 * 1024 * 1024
+
+
+@dataclass
+class _ModelState:
+    name: str
+    required: bool
+    loaded: bool = False
+    max_batch_size: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class TritonStatus:
+    """Snapshot for health endpoints: server reachability and per-model state."""
+
+    server_ready: bool
+    ready: bool
+    url: str
+    models: dict[str, bool] = field(default_factory=dict)
+    last_error: str | None = None
+
+
+class TritonClient:
+    """Async Triton gRPC client with a readiness monitor and automatic model (re)loading.
+
+    Args:
+        url: Triton gRPC endpoint ``host:port``.
+        timeout_s: deadline of each inference call (s).
+        load_timeout_s: deadline of each ``load_model`` call (s).
+        poll_interval_s: readiness monitor period (s).
+        load_models: whether to issue ``load_model`` (explicit model-control mode). When False
+            the monitor only checks that the models are ready.
+        metrics: where the ``triton_ready`` gauge lives (optional).
+
+    Call `start()` inside the running event loop and `close()` at the end.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 1.5,
+        load_timeout_s: float = 120.0,
+        poll_interval_s: float = 0.5,
+        load_models: bool = True,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.load_models = load_models
+        self._metrics = metrics
+        self._client: grpcclient.InferenceServerClient | None = None
+        self._models: dict[str, _ModelState] = {}
+        self._server_ready = False
+        self._last_error: str | None = "not started"
+        self._monitor: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._sync_lock = asyncio.Lock()  # serialises (re)loading, never inference
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open the channel, run one readiness check (loading models), start the monitor."""
+        channel_args = [
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 2_000),
+        ]
+        self._client = grpcclient.InferenceServerClient(self.url, channel_args=channel_args)
+        self._wake = asyncio.Event()
+        await self.sync()
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="triton-monitor")
+
+    async def close(self) -> None:
+        """Stop the monitor and close the channel."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except asyncio.CancelledError:
+                pass
+            self._monitor = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ready(self) -> bool:
+        """True when the server is ready and every *required* model is loaded."""
+        return self._server_ready and all(m.loaded for m in self._models.values() if m.required)
+
+    def model_ready(self, name: str) -> bool:
+        """True when the server is ready and model ``name`` is loaded."""
+        state = self._models.get(name)
+        return self._server_ready and state is not None and state.loaded
+
+    def status(self) -> TritonStatus:
+        """A snapshot of readiness for health endpoints."""
+        return TritonStatus(
+            server_ready=self._server_ready,
+            ready=self.ready,
+            url=self.url,
+            models={n: m.loaded for n, m in self._models.items()},
+            last_error=self._last_error,
+        )
+
+    def max_batch_size(self, name: str) -> int:
+        """The model's ``max_batch_size`` from its Triton config (0 if unknown)."""
+        state = self._models.get(name)
+        return state.max_batch_size if state else 0
+
+    async def register_model(self, name: str, *, required: bool = True) -> None:
+        """Keep model ``name`` loaded from now on; load it now if Triton is up.
+
+        ``required`` models count for `ready`; optional ones (the audio encoder) do not.
+        Never raises for Triton trouble: the monitor keeps retrying.
+        """
+        if name not in self._models:
+            self._models[name] = _ModelState(name=name, required=required)
+        else:
+            self._models[name].required = self._models[name].required or required
+        if self._client is not None:
+            await self.sync()
+
+    # ------------------------------------------------------------------ monitor
+    async def _monitor_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the monitor must survive anything
+                log.exception("Triton readiness check failed unexpectedly")
+
+    async def sync(self) -> None:
+        """Check server readiness and each model; (re)load models that are not loaded."""
+        assert self._client is not None, "TritonClient.start() was not called"
+        async with self._sync_lock:
+            was_ready = self.ready
+            try:
+                server_ready = bool(await self._client.is_server_ready(client_timeout=self.timeout_s))
+            except InferenceServerException as exc:
+                server_ready = False
+                self._last_error = f"Triton at {self.url} unreachable: {_describe(exc)}"
+            self._server_ready = server_ready
+            if not server_ready:
+                for m in self._models.values():
+                    m.loaded = False
+            else:
+                for m in list(self._models.values()):
+                    await self._check_model(m)
+                if self.ready:
+                    self._last_error = None
+            now_ready = self.ready
+            if self._metrics is not None:
+                self._metrics.triton_ready.set(1.0 if now_ready else 0.0)
+            if now_ready != was_ready:
+                if now_ready:
+                    log.info("Triton at %s is ready (%d models loaded)", self.url, len(self._models))
+                else:
+                    log.warning("Triton not ready: %s", self._last_error)
+
+    async def _check_model(self, m: _ModelState) -> None:
+        assert self._client is not None
+        try:
+            ready = bool(await self._client.is_model_ready(m.name, client_timeout=self.timeout_s))
+        except InferenceServerException as exc:
+            ready = False
+            m.last_error = _describe(exc)
+        if not ready and self.load_models:
+            t0 = time.perf_counter()
+            try:
+                await self._client.load_model(m.name, client_timeout=self.load_timeout_s)
+                ready = bool(await self._client.is_model_ready(m.name, client_timeout=self.timeout_s))
+                log.info("Triton loaded model %s in %.0f ms", m.name, (time.perf_counter() - t0) * 1e3)
+            except InferenceServerException as exc:
+                m.last_error = f"load_model({m.name!r}) failed: {_describe(exc)}"
+                ready = False
+                if m.required:
+                    self._last_error = m.last_error
+                log.warning("%s", m.last_error)
+        if ready and m.max_batch_size == 0:
+            try:
+                cfg = await self._client.get_model_config(m.name, as_json=True, client_timeout=self.timeout_s)
+                m.max_batch_size = int(cfg["config"].get("max_batch_size", 0))
+            except (InferenceServerException, KeyError, ValueError) as exc:
+                log.warning("could not read the config of %s: %s", m.name, exc)
+        if not ready and m.required and self._last_error is None:
+            self._last_error = f"model {m.name!r} is not loaded in Triton ({m.last_error or 'not ready'})"
+        m.loaded = ready
+
+    def _note_failure(self) -> None:
+        """An inference call failed: re-check readiness now rather than at the next tick."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ inference
+    def _check_callable(self, model: str) -> grpcclient.InferenceServerClient:
+        if self._client is None:
+            raise TritonUnavailable("the Triton client is not started")
+        if not self._server_ready:
+            raise TritonUnavailable(
+                f"Triton at {self.url} is not ready ({self._last_error or 'unreachable'})"
+            )
+        state = self._models.get(model)
+        if state is not None and not state.loaded:
+            raise TritonUnavailable(
+                f"model {model!r} is not loaded in Triton ({state.last_error or 'loading'})"
+            )
+        return self._client
+
+    async def _infer(
+        self, model: str, inputs: list[grpcclient.InferInput], output: str
+    ) -> NDArray:
+        client = self._check_callable(model)
+        try:
+            result = await client.infer(
+                model,
+                inputs,
+                outputs=[grpcclient.InferRequestedOutput(output)],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as exc:
+            self._note_failure()
+            raise TritonUnavailable(f"Triton inference on {model!r} failed: {_describe(exc)}") from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # grpc/aio internals on a closing channel
+            self._note_failure()
+            raise TritonUnavailable(f"Triton inference on {model!r} failed: {exc!r}") from exc
+        array = result.as_numpy(output)
+        if array is None:
+            raise TritonUnavailable(f"Triton answer from {model!r} has no output {output!r}")
+        return array
+
+    async def infer_unet(
+        self, model: str, crop: NDArray[np.uint8], audio: NDArray[np.float32]
+    ) -> NDArray[np.uint8]:
+        """Run an avatar UNet (ARCHITECTURE.md "Triton model contract").
+
+        Args:
+            model: Triton model name (``lipsync_<avatar>``).
+            crop: uint8 ``[N, 320, 320, 3]`` BGR inner crops, C-contiguous.
+            audio: float32 ``[N, 16, 512]`` audio windows.
+
+        Returns:
+            uint8 ``[N, 320, 320, 3]`` BGR predictions.
+
+        Raises:
+            TritonUnavailable: Triton down, model not loaded, deadline passed, or a bad answer.
+        """
+        i_crop = grpcclient.InferInput(UNET_INPUT_CROP, list(crop.shape), "UINT8")
+        i_crop.set_data_from_numpy(np.ascontiguousarray(crop))
+        i_audio = grpcclient.InferInput(UNET_INPUT_AUDIO, list(audio.shape), "FP32")
+        i_audio.set_data_from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        pred = await self._infer(model, [i_crop, i_audio], UNET_OUTPUT)
+        if pred.dtype != np.uint8 or pred.shape != crop.shape:
+            raise TritonUnavailable(
+                f"model {model!r} answered {pred.dtype} {list(pred.shape)}, expected uint8 {list(crop.shape)}"
+            )
+        return pred
+
+    async def infer_audio_encoder(self, model: str, mel: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Run the AVE audio encoder on mel windows, split to the model's max batch size.
+
+        Args:
+            model: Triton model name (``audio_encoder``).
+            mel: float32 ``[N, 80, 16]`` mel windows (REFERENCE.md s.4).
+
+        Returns:
+            float32 ``[N, 512]`` features.
+
+        Raises:
+            TritonUnavailable: as `infer_unet`.
+        """
+        mel = np.ascontiguousarray(mel, dtype=np.float32)
+        step = self.max_batch_size(model) or len(mel)
+        parts = []
+        for lo in range(0, len(mel), max(step, 1)):
+            chunk = mel[lo : lo + step]
+            inp = grpcclient.InferInput(ENCODER_INPUT, list(chunk.shape), "FP32")
+            inp.set_data_from_numpy(chunk)
+            parts.append(self._infer(model, [inp], ENCODER_OUTPUT))
+        outs = await asyncio.gather(*parts)
+        feats = np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+        if feats.shape != (len(mel), 512):
+            raise TritonUnavailable(f"model {model!r} answered {list(feats.shape)}, expected [{len(mel)}, 512]")
+        return feats
+
+    async def inference_statistics(self, model: str) -> dict:
+        """Triton's own statistics of ``model`` (``inference_count``, ``execution_count``...)."""
+        client = self._check_callable(model)
+        try:
+            stats = await client.get_inference_statistics(model, as_json=True, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise TritonUnavailable(f"statistics of {model!r} unavailable: {_describe(exc)}") from exc
+        return stats["model_stats"][0]
+
+
+def _describe(exc: InferenceServerException) -> str:
+    status = exc.status() if hasattr(exc, "status") else None
+    msg = exc.message() if hasattr(exc, "message") else str(exc)
+    return f"{status}: {msg}" if status else str(msg)

@@ -1,0 +1,200 @@
+"""Pure frame math of one lip-sync frame (REFERENCE.md section 2), on numpy arrays.
+
+Every function here is deterministic, touches no disk, and is shared by the gateway, the
+package builder, the tests and the baseline, so all of them agree on the reference semantics:
+
+- `crop_328`:      step 2, ``F[y1:y2, x1:x2]`` resized to 328 x 328 with ``INTER_CUBIC``;
+- `inner_320`:     step 3, the view ``crop[4:324, 4:324]``;
+- `mask_inner`:    step 4, the mouth rectangle x 5..314, y 5..309 (inclusive) set to 0;
+- `audio_window`:  step 6, feature rows i-8 .. i+7, zeros outside [0, M);
+- `paste_back`:    step 8, ``crop[4:324, 4:324] = pred``, resize back with ``INTER_CUBIC``, write
+                   into a copy of F;
+- `pingpong_index`: step 9, 0, 1, ..., N-1, N-2, ..., 1, 0, 1, ...
+
+Images are BGR ``uint8`` ``[H, W, 3]``; rectangles are ``(x1, y1, x2, y2)`` in pixels with
+x2/y2 exclusive (numpy slice bounds).
+"""
+from __future__ import annotations
+
+from typing import Final
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+CROP_SIZE: Final[int] = 328
+"""Side of the resized face crop (px)."""
+INNER_OFFSET: Final[int] = 4
+"""Offset of the model's inner crop inside the 328 crop (px): ``crop[4:324, 4:324]``."""
+INNER_SIZE: Final[int] = 320
+"""Side of the model input/output (px)."""
+MASK_X0: Final[int] = 5
+MASK_X1: Final[int] = 314
+MASK_Y0: Final[int] = 5
+MASK_Y1: Final[int] = 309
+"""Inclusive bounds of the blacked-out mouth rectangle in the inner crop (px); what
+``cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)`` fills (REFERENCE.md s.2 step 4)."""
+WINDOW_ROWS: Final[int] = 16
+"""Number of audio feature rows per frame (REFERENCE.md s.2 step 6)."""
+WINDOW_BEFORE: Final[int] = 8
+"""Rows of past context in the window: rows ``i-8 .. i+7``."""
+FEATURE_DIM: Final[int] = 512
+"""Width of one AVE audio feature row."""
+
+
+def _check_frame(frame: NDArray[np.uint8]) -> None:
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(
+            f"frame must be uint8 [H, W, 3] BGR, got {frame.dtype} {list(frame.shape)}"
+        )
+
+
+def _check_rect(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = (int(v) for v in rect)
+    h, w = frame.shape[:2]
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise ValueError(f"rectangle (x1={x1}, y1={y1}, x2={x2}, y2={y2}) is not inside the {w}x{h} frame")
+    return x1, y1, x2, y2
+
+
+def crop_328(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray) -> NDArray[np.uint8]:
+    """Cut the face rectangle out of a frame and resize it to 328 x 328 (REFERENCE.md s.2 step 2).
+
+    Args:
+        frame: full frame, uint8 ``[H, W, 3]`` BGR.
+        rect: ``(x1, y1, x2, y2)`` in px, x2/y2 exclusive, inside the frame.
+
+    Returns:
+        A new uint8 ``[328, 328, 3]`` array (bicubic, ``cv2.INTER_CUBIC``).
+
+    Raises:
+        ValueError: wrong frame dtype/shape or a rectangle outside the frame.
+    """
+    _check_frame(frame)
+    x1, y1, x2, y2 = _check_rect(frame, rect)
+    region = frame[y1:y2, x1:x2]
+    return cv2.resize(region, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
+
+
+def inner_320(crop328: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Return the model's inner crop ``crop328[4:324, 4:324]`` (REFERENCE.md s.2 step 3).
+
+    Args:
+        crop328: uint8 ``[328, 328, 3]`` BGR.
+
+    Returns:
+        A **view** uint8 ``[320, 320, 3]`` (not contiguous; ``np.ascontiguousarray`` it before
+        sending it anywhere).
+
+    Raises:
+        ValueError: the input is not ``[328, 328, 3]``.
+    """
+    if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
+        raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
+    end = INNER_OFFSET + INNER_SIZE
+    return crop328[INNER_OFFSET:end, INNER_OFFSET:end]
+
+
+def mask_inner(inner: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Black out the mouth rectangle of an inner crop (REFERENCE.md s.2 step 4).
+
+    Args:
+        inner: uint8 ``[320, 320, 3]`` BGR.
+
+    Returns:
+        A new uint8 ``[320, 320, 3]`` array: a copy with x in [5, 314], y in [5, 309]
+        (inclusive) set to 0. The model graph does this itself; this function serves the
+        ``masked_regions`` video type, tests and the baseline.
+
+    Raises:
+        ValueError: the input is not ``[320, 320, 3]``.
+    """
+    if inner.shape != (INNER_SIZE, INNER_SIZE, 3):
+        raise ValueError(f"inner crop must be [320, 320, 3], got {list(inner.shape)}")
+    masked = inner.copy()
+    masked[MASK_Y0 : MASK_Y1 + 1, MASK_X0 : MASK_X1 + 1] = 0
+    return masked
+
+
+def audio_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
+    """The 16-row audio feature window of frame ``i`` (REFERENCE.md s.2 step 6).
+
+    Args:
+        features: float32 ``[M, 512]`` (the padded ``aud_ave.npy``, possibly a memmap).
+        i: frame index; any integer (rows outside [0, M) are zeros).
+
+    Returns:
+        A new float32 ``[16, 512]`` array holding rows ``i-8 .. i+7``; rows outside
+        ``[0, M)`` are zero.
+
+    Raises:
+        ValueError: ``features`` is not 2-D.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be [M, D], got {list(features.shape)}")
+    m, dim = features.shape
+    out = np.zeros((WINDOW_ROWS, dim), dtype=np.float32)
+    lo = i - WINDOW_BEFORE
+    hi = lo + WINDOW_ROWS
+    src_lo, src_hi = max(lo, 0), min(hi, m)
+    if src_lo < src_hi:
+        out[src_lo - lo : src_hi - lo] = features[src_lo:src_hi]
+    return out
+
+
+def paste_back(
+    frame: NDArray[np.uint8],
+    rect: tuple[int, int, int, int] | NDArray,
+    crop328: NDArray[np.uint8],
+    pred320: NDArray[np.uint8],
+) -> NDArray[np.uint8]:
+    """Composite the model output into the full frame (REFERENCE.md s.2 step 8).
+
+    ``crop = crop328.copy(); crop[4:324, 4:324] = pred320``; the crop is resized back to
+    ``(x2-x1, y2-y1)`` with ``cv2.INTER_CUBIC`` and written into a copy of ``frame`` at the
+    rectangle.
+
+    Args:
+        frame: full frame, uint8 ``[H, W, 3]`` BGR (not modified).
+        rect: ``(x1, y1, x2, y2)`` px, x2/y2 exclusive.
+        crop328: the frame's uint8 ``[328, 328, 3]`` crop (not modified).
+        pred320: the model output, uint8 ``[320, 320, 3]`` BGR.
+
+    Returns:
+        A new uint8 ``[H, W, 3]`` frame.
+
+    Raises:
+        ValueError: wrong shapes/dtypes or a rectangle outside the frame.
+    """
+    _check_frame(frame)
+    x1, y1, x2, y2 = _check_rect(frame, rect)
+    if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
+        raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
+    if pred320.shape != (INNER_SIZE, INNER_SIZE, 3) or pred320.dtype != np.uint8:
+        raise ValueError(f"prediction must be uint8 [320, 320, 3], got {pred320.dtype} {list(pred320.shape)}")
+    crop = crop328.copy()
+    end = INNER_OFFSET + INNER_SIZE
+    crop[INNER_OFFSET:end, INNER_OFFSET:end] = pred320
+    out = frame.copy()
+    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+    return out
+
+
+def pingpong_index(i: int, n: int) -> int:
+    """Video frame shown at output frame ``i`` when walking ``n`` frames ping-pong (s.2 step 9).
+
+    The sequence is 0, 1, ..., n-1, n-2, ..., 1, 0, 1, ... (period ``2n-2``); with ``n == 1``
+    it is always 0.
+
+    Raises:
+        ValueError: ``i < 0`` or ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one video frame, got n={n}")
+    if i < 0:
+        raise ValueError(f"frame index must be >= 0, got {i}")
+    if n == 1:
+        return 0
+    period = 2 * n - 2
+    k = i % period
+    return k if k < n else period - k
