@@ -1,0 +1,553 @@
+"""The local CPU `tritonserver`: the real binary shipped in the nvidia-pytriton wheel.
+
+`TritonServer` starts it on a model repository of the CPU profile (Python-backend models running
+ONNX Runtime, written by `export/model_repo.py`), waits until it is ready, streams its log, and
+stops it. `lipsync triton` runs it in the foreground until Ctrl-C / SIGTERM.
+
+How the wheel's server is made to run (ARCHITECTURE.md "Two serving profiles"):
+- binary `pytriton/tritonserver/bin/tritonserver`, its shared libraries in the wheel's
+  `nvidia_pytriton.libs/` (put on `LD_LIBRARY_PATH`);
+- a backend folder (`CACHE_DIR/triton_backends/python/`) holding the wheel's
+  `libtriton_python.so`, `triton_python_backend_utils.py` and the stub built for this
+  interpreter's Python version (`python_backend_stubs/<major.minor>/triton_python_backend_stub`),
+  passed as `--backend-directory`;
+- the stub embeds CPython in *isolated* mode, so it ignores `PYTHONPATH`; it derives its prefix
+  from the first `python3` on `PATH`. Putting this environment's `bin/` first on `PATH` makes it
+  read the venv's `pyvenv.cfg` and import numpy/onnxruntime from the venv's site-packages (the
+  same mechanism pytriton itself uses). The stub links the system `libpython3.<minor>.so.1.0`.
+- Without a GPU the server logs CUDA/NVML/DCGM warnings and serves normally; those lines are
+  logged at DEBUG here.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from lipsync import paths
+
+logger = logging.getLogger(__name__)
+server_log = logger.getChild("server")
+
+ModelControlMode = Literal["none", "explicit"]
+
+_LOG_TAIL_LINES = 60
+_NO_GPU_NOISE = (
+    "CUDA driver",
+    "CudaDriverHelper",
+    "NVML",
+    "DCGM",
+    "pinned memory",
+    "CUDA memory pool",
+    "cuda_memory_manager",
+    "Unable to find CUDA",
+)
+_MODEL_FILES = ("model.py", "model.onnx", "model.plan")
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver could not be started: missing binary or models, busy port, early exit or
+    not ready in time. The message says which, and includes the tail of Triton's log."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Files of the tritonserver shipped in the nvidia-pytriton wheel.
+
+    Attributes:
+        binary: the `tritonserver` executable.
+        libs_dir: the wheel's `nvidia_pytriton.libs/` (for `LD_LIBRARY_PATH`).
+        python_backend: `libtriton_python.so`.
+        backend_utils: `triton_python_backend_utils.py`.
+        stub: `triton_python_backend_stub` built for this interpreter's Python version.
+    """
+
+    binary: Path
+    libs_dir: Path
+    python_backend: Path
+    backend_utils: Path
+    stub: Path
+
+
+def find_triton_install() -> TritonInstall:
+    """Locate the tritonserver of the nvidia-pytriton wheel through `importlib`.
+
+    Raises:
+        TritonStartError: the wheel is not installed, or a file it should hold is missing.
+    """
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonStartError(
+            "the tritonserver binary comes from the nvidia-pytriton wheel, which is not "
+            "installed in this environment: pip install -e '.[triton]'"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    server = package / "tritonserver"
+    install = TritonInstall(
+        binary=server / "bin" / "tritonserver",
+        libs_dir=package.parent / "nvidia_pytriton.libs",
+        python_backend=server / "backends" / "python" / "libtriton_python.so",
+        backend_utils=server / "backends" / "python" / "triton_python_backend_utils.py",
+        stub=server / "python_backend_stubs" / version / "triton_python_backend_stub",
+    )
+    for what, path in (
+        ("tritonserver binary", install.binary),
+        ("tritonserver libraries", install.libs_dir),
+        ("Python backend", install.python_backend),
+        ("Python backend utilities", install.backend_utils),
+        (f"Python backend stub for Python {version}", install.stub),
+    ):
+        if not path.exists():
+            raise TritonStartError(
+                f"{what} not found at {path}: the nvidia-pytriton wheel in {package.parent} "
+                "is incomplete or does not support this Python; reinstall it "
+                "(pip install --force-reinstall nvidia-pytriton)"
+            )
+    return install
+
+
+def prepare_backend_dir(install: TritonInstall, root: Path | None = None) -> Path:
+    """Assemble the `--backend-directory` folder: `<root>/python/` with the Python backend
+    library, its utilities and the stub for this Python. Idempotent; files are replaced
+    atomically, so concurrent callers are safe.
+
+    Args:
+        root: the backend directory (default `CACHE_DIR / "triton_backends"`).
+
+    Returns:
+        The backend directory to pass to tritonserver.
+    """
+    root = Path(root) if root is not None else paths.CACHE_DIR / "triton_backends"
+    target_dir = root / "python"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for source, name in (
+        (install.python_backend, "libtriton_python.so"),
+        (install.backend_utils, "triton_python_backend_utils.py"),
+        (install.stub, "triton_python_backend_stub"),
+    ):
+        target = target_dir / name
+        if target.exists() and target.stat().st_size == source.stat().st_size:
+            continue
+        staging = target_dir / f".{name}.{os.getpid()}.tmp"
+        shutil.copy2(source, staging)
+        os.replace(staging, target)
+    return root
+
+
+def server_environment(install: TritonInstall) -> dict[str, str]:
+    """Environment for tritonserver: its libraries on `LD_LIBRARY_PATH`, and this Python
+    environment's `bin/` first on `PATH` so the backend stub finds the venv (module docstring)."""
+    env = os.environ.copy()
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(install.libs_dir), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    bin_dir = Path(sys.prefix) / "bin"
+    if not (bin_dir / "python3").exists():
+        bin_dir = Path(sys.executable).parent
+    env["PATH"] = os.pathsep.join(p for p in (str(bin_dir), env.get("PATH", "")) if p)
+    return env
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on `host:port` (TCP); a TIME_WAIT leftover does not count."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now (bound to port 0 and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def check_model_repository(repo: Path, load_models: Sequence[str]) -> list[str]:
+    """Check that a model repository holds the models to load; return their names.
+
+    Args:
+        repo: the model repository folder.
+        load_models: model names, or ("*",) for every model folder in `repo`.
+
+    Raises:
+        TritonStartError: the folder is missing, holds no model, or a named model has no
+            config.pbtxt or no version folder with a model file.
+    """
+    hint = "build it with `lipsync package demo` or `lipsync export model-repo`"
+    if not repo.is_dir():
+        raise TritonStartError(f"model repository {repo} does not exist; {hint}")
+    available = sorted(
+        p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    names = available if tuple(load_models) == ("*",) else list(load_models)
+    if not names:
+        raise TritonStartError(f"model repository {repo} holds no model folders; {hint}")
+    for name in names:
+        folder = repo / name
+        if not folder.is_dir():
+            raise TritonStartError(
+                f"model '{name}' is not in {repo} (it holds: {', '.join(available) or 'nothing'})"
+            )
+        if not (folder / "config.pbtxt").is_file():
+            raise TritonStartError(f"model '{name}': {folder / 'config.pbtxt'} is missing; {hint}")
+        versions = [v for v in folder.iterdir() if v.is_dir() and v.name.isdigit()]
+        if not any((v / f).is_file() for v in versions for f in _MODEL_FILES):
+            raise TritonStartError(
+                f"model '{name}': no version folder in {folder} holds a model file "
+                f"({', '.join(_MODEL_FILES)}); {hint}"
+            )
+    return names
+
+
+class TritonServer:
+    """A tritonserver process on the CPU profile (context manager: starts and stops it).
+
+    Args:
+        model_repository: the model repository (e.g. `paths.MODEL_REPOSITORY_CPU`).
+        http_port, grpc_port, metrics_port: TCP ports (must differ and be free).
+        model_control_mode: "explicit" (load `load_models` at start, more via the API) or
+            "none" (load every model in the repository).
+        load_models: models to load at start in explicit mode; ("*",) = every model folder.
+        log_file: when given, Triton's log is appended to it as well as to the logger.
+        host: the address Triton binds (HTTP, gRPC and metrics); default loopback only.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path,
+        *,
+        http_port: int,
+        grpc_port: int,
+        metrics_port: int,
+        model_control_mode: ModelControlMode = "explicit",
+        load_models: Sequence[str] = ("*",),
+        log_file: Path | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        if model_control_mode not in ("none", "explicit"):
+            raise ValueError(f"model_control_mode must be 'none' or 'explicit', not {model_control_mode!r}")
+        self.model_repository = Path(model_repository).resolve()
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self.model_control_mode = model_control_mode
+        self.load_models = tuple(load_models)
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.host = host
+        self._process: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
+        self._reaped = False
+
+    # ------------------------------------------------------------------ addresses and state
+    @property
+    def grpc_url(self) -> str:
+        """gRPC endpoint for tritonclient.grpc, "localhost:PORT"."""
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """HTTP endpoint, "http://localhost:PORT"."""
+        return f"http://localhost:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus metrics, "http://localhost:PORT/metrics"."""
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    @property
+    def is_running(self) -> bool:
+        """True while the tritonserver process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of tritonserver, or None when not started."""
+        return self._process.pid if self._process is not None else None
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last `lines` lines Triton printed."""
+        return "\n".join(list(self._tail)[-lines:])
+
+    # ------------------------------------------------------------------------- lifecycle
+    def _command(self, install: TritonInstall, backend_dir: Path) -> list[str]:
+        command = [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--model-control-mode={self.model_control_mode}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=5",
+            "--log-verbose=0",
+            # Python-backend shared memory: a UNet batch of 8 moves ~5 MiB each way.
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+        ]
+        if self.model_control_mode == "explicit":
+            command += [f"--load-model={name}" for name in self.load_models]
+        return command
+
+    def _check_ports(self) -> None:
+        ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+        if len(set(ports.values())) != len(ports):
+            raise TritonStartError(f"Triton's ports must differ, got {ports}")
+        for what, port in ports.items():
+            if not 0 < port < 65536:
+                raise TritonStartError(f"Triton {what} port {port} is not a valid TCP port")
+            if port_in_use(port, self.host):
+                raise TritonStartError(
+                    f"Triton {what} port {port} on {self.host} is already in use (another "
+                    "tritonserver?); stop that process or choose another port"
+                )
+
+    def _pump_log(self, stream: object) -> None:
+        """Reader thread: Triton's stdout+stderr -> tail buffer, log file, logger."""
+        log_handle = self.log_file.open("a", encoding="utf-8") if self.log_file else None
+        try:
+            for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
+                line = raw.decode("utf-8", errors="replace").rstrip()
+                if not line:
+                    continue
+                self._tail.append(line)
+                if log_handle is not None:
+                    log_handle.write(line + "\n")
+                    log_handle.flush()
+                server_log.log(_level_of(line), "%s", line)
+        finally:
+            if log_handle is not None:
+                log_handle.close()
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start tritonserver and wait until `/v2/health/ready` answers 200.
+
+        Raises:
+            TritonStartError: missing binary, missing model repository or model files, busy
+                port, the process exiting early, or not ready within `timeout_s` seconds (the
+                process is then stopped). The message includes the tail of Triton's log.
+        """
+        if self.is_running:
+            raise TritonStartError(f"tritonserver (pid {self.pid}) is already running")
+        install = find_triton_install()
+        load = self.load_models if self.model_control_mode == "explicit" else ("*",)
+        names = check_model_repository(self.model_repository, load)
+        self._check_ports()
+        backend_dir = prepare_backend_dir(install)
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        command = self._command(install, backend_dir)
+        logger.info(
+            "starting tritonserver (models %s from %s; HTTP %d, gRPC %d, metrics %d)",
+            ", ".join(names), self.model_repository, self.http_port, self.grpc_port,
+            self.metrics_port,
+        )
+        logger.debug("command: %s", " ".join(command))
+        self._tail.clear()
+        self._reaped = False
+        self._process = subprocess.Popen(
+            command,
+            env=server_environment(install),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: Ctrl-C reaches us, not Triton's stubs
+        )
+        self._reader = threading.Thread(
+            target=self._pump_log, args=(self._process.stdout,), name="tritonserver-log", daemon=True
+        )
+        self._reader.start()
+        self._wait_ready(timeout_s)
+        logger.info("tritonserver ready (pid %d): gRPC %s, HTTP %s", self.pid, self.grpc_url, self.http_url)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.host}:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            code = self._process.poll()
+            if code is not None:
+                self._reap()
+                raise TritonStartError(
+                    f"tritonserver exited with status {code} before it was ready. Its log ends "
+                    f"with:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TritonStartError(
+            f"tritonserver was not ready after {timeout_s:.0f} s (stopped it). Its log ends "
+            f"with:\n{self.log_tail()}"
+        )
+
+    def _join_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=5.0)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        """Send `sig` to Triton's process group (tritonserver and its backend stubs)."""
+        assert self._process is not None
+        try:
+            os.killpg(self._process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        """After tritonserver exited: SIGKILL what is left of its process group (stubs), once."""
+        if self._process is None or self._reaped:
+            return
+        self._signal_group(signal.SIGKILL)
+        self._process.wait()
+        self._reaped = True
+        self._join_reader()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop tritonserver: SIGTERM, then SIGKILL to its process group (the Python-backend
+        stubs included) after `timeout_s` seconds. Safe to call when not running."""
+        if self._process is None or self._reaped:
+            return
+        if self._process.poll() is None:
+            logger.info("stopping tritonserver (pid %d)", self._process.pid)
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not exit in %.0f s; killing it", timeout_s)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver and its stubs at once (simulates a crash)."""
+        if self._process is None or self._reaped:
+            return
+        logger.warning("killing tritonserver (pid %d)", self._process.pid)
+        self._reap()
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _level_of(line: str) -> int:
+    """Logging level for one Triton log line (`I...`, `W...`, `E...`; tables are DEBUG)."""
+    if any(noise in line for noise in _NO_GPU_NOISE):
+        return logging.DEBUG
+    head = line[:1]
+    if head == "E" and line[1:2].isdigit():
+        return logging.ERROR
+    if head == "W" and line[1:2].isdigit():
+        return logging.WARNING
+    if head == "I" and ("successfully loaded" in line or "Started " in line):
+        return logging.INFO
+    if line.startswith("error:"):
+        return logging.ERROR
+    return logging.DEBUG
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def _run(args: argparse.Namespace) -> int:
+    server = TritonServer(
+        args.model_repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode,
+        load_models=args.load_model or ("*",),
+        log_file=args.log_file,
+        host=args.host,
+    )
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start(timeout_s=args.timeout)
+        logger.info(
+            "Triton is serving: gRPC %s, HTTP %s, metrics %s. Ctrl-C stops it.",
+            server.grpc_url, server.http_url, server.metrics_url,
+        )
+        while not stop_requested.wait(0.5):
+            if not server.is_running:
+                logger.error(
+                    "tritonserver exited unexpectedly. Its log ends with:\n%s", server.log_tail()
+                )
+                return 1
+        return 0
+    except TritonStartError as exc:
+        logger.error("%s", exc)
+        return 2
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `lipsync triton` (run the local CPU tritonserver in the foreground)."""
+    parser = subparsers.add_parser(
+        "triton",
+        help="run the local CPU tritonserver (nvidia-pytriton wheel) on the CPU model repository",
+        description=(
+            "Start the tritonserver from the nvidia-pytriton wheel on a CPU-profile model "
+            "repository, wait until it is ready, stream its log, and stop it on Ctrl-C/SIGTERM."
+        ),
+    )
+    parser.add_argument(
+        "--model-repository", type=Path, default=paths.MODEL_REPOSITORY_CPU,
+        help=f"CPU-profile model repository (default {paths.MODEL_REPOSITORY_CPU})",
+    )
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--model-control-mode", choices=("explicit", "none"), default="explicit")
+    parser.add_argument(
+        "--load-model", action="append", metavar="NAME",
+        help="model to load at start in explicit mode (repeatable; default: every model, '*')",
+    )
+    parser.add_argument("--log-file", type=Path, default=None, help="also append Triton's log here")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
+    parser.set_defaults(func=_run)
