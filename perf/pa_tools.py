@@ -1,0 +1,129 @@
+"""Helpers of `perf/perf_analyzer.sh`: real input tensors for perf_analyzer, and the markdown
+report of its CSV output.
+
+    python -m perf.pa_tools input --package packages/demo --frame 10 --out DIR
+    python -m perf.pa_tools report --csv run.csv --out perf/results/perf_analyzer_cpu.md \
+        --title "..." --command "..."
+
+`input` writes perf_analyzer's *directory* input format: one raw row-major file per model input,
+named after the input, holding one batch-1 tensor: ``crop`` uint8 [320, 320, 3] (the package's
+inner crop of a real video frame, BGR) and ``audio`` float32 [16, 512] (the frame's feature
+window, REFERENCE.md s.2 step 6), i.e. exactly the UNet's Triton contract.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from perf import report
+
+US_PER_MS = 1000.0
+
+
+def write_input_dir(package_dir: Path, frame_id: int, out: Path) -> tuple[Path, Path]:
+    """Write ``crop`` (u8 [320,320,3]) and ``audio`` (f32 [16,512]) raw files for one frame.
+
+    Args:
+        package_dir: an avatar package folder (validated by `load_package`).
+        frame_id: the output frame whose inputs to write (0 .. M-1).
+        out: folder to write into (created).
+
+    Returns:
+        The two file paths.
+
+    Raises:
+        ValueError: frame_id outside the package's feature rows.
+        lipsync.package.PackageError: invalid package.
+    """
+    from lipsync.frames import audio_window, crop_328, inner_320, pingpong_index
+    from lipsync.package import load_package
+
+    pkg = load_package(package_dir)
+    if not 0 <= frame_id < pkg.feature_rows:
+        raise ValueError(f"frame {frame_id} outside 0..{pkg.feature_rows - 1} of {package_dir}")
+    v = pingpong_index(frame_id, pkg.frame_count)
+    crop = np.ascontiguousarray(inner_320(crop_328(pkg.frames[v], pkg.rects[v])))
+    audio = np.ascontiguousarray(audio_window(pkg.features, frame_id), dtype="<f4")
+    out.mkdir(parents=True, exist_ok=True)
+    crop_path, audio_path = out / "crop", out / "audio"
+    crop_path.write_bytes(crop.astype(np.uint8).tobytes())
+    audio_path.write_bytes(audio.tobytes())
+    return crop_path, audio_path
+
+
+def read_pa_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of one or more concatenated perf_analyzer CSV files (repeated headers skipped).
+
+    Raises:
+        ValueError: no header with a ``Concurrency`` column.
+    """
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines or not lines[0].startswith("Concurrency"):
+        raise ValueError(f"{path}: not a perf_analyzer CSV (first line {lines[:1]!r})")
+    header = lines[0]
+    body = [ln for ln in lines[1:] if ln != header]
+    return list(csv.DictReader([header, *body]))
+
+
+def pa_table(rows: Sequence[dict[str, str]]) -> list[str]:
+    """Markdown table of perf_analyzer rows: concurrency, infer/s, latency percentiles (ms),
+    and the server-side split (queue, compute) Triton reports (ms)."""
+    headers = ["concurrency", "infer/s", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "avg ms",
+               "server queue ms", "server compute ms"]
+
+    def ms(row: dict[str, str], key: str) -> float:
+        value = row.get(key, "")
+        return float(value) / US_PER_MS if value not in ("", None) else float("nan")
+
+    table = []
+    for r in rows:
+        compute = sum(
+            ms(r, k) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
+        )
+        table.append([
+            int(r["Concurrency"]), float(r["Inferences/Second"]), ms(r, "p50 latency"),
+            ms(r, "p90 latency"), ms(r, "p95 latency"), ms(r, "p99 latency"),
+            ms(r, "Avg latency"), ms(r, "Server Queue"), compute,
+        ])
+    return report.markdown_table(headers, table)
+
+
+def write_report(csv_path: Path, out: Path, title: str, command: str, notes: Sequence[str]) -> Path:
+    """Write the markdown report of a perf_analyzer sweep."""
+    lines = report.header(title, command=command)
+    lines += pa_table(read_pa_csv(csv_path))
+    if notes:
+        lines += ["", *notes]
+    return report.write_text(out, lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: `input` or `report`."""
+    p = argparse.ArgumentParser(prog="python -m perf.pa_tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("input", help="write perf_analyzer input files from a package frame")
+    pi.add_argument("--package", type=Path, required=True)
+    pi.add_argument("--frame", type=int, default=10)
+    pi.add_argument("--out", type=Path, required=True)
+    pr = sub.add_parser("report", help="markdown report of perf_analyzer CSV output")
+    pr.add_argument("--csv", type=Path, required=True)
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--title", default="perf_analyzer")
+    pr.add_argument("--command", default="")
+    pr.add_argument("--note", action="append", default=[])
+    args = p.parse_args(argv)
+    if args.cmd == "input":
+        for path in write_input_dir(args.package, args.frame, args.out):
+            print(path)
+    else:
+        print(write_report(args.csv, args.out, args.title, args.command, args.note))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
