@@ -1,0 +1,337 @@
+"""Build an avatar package from a video and a speech recording (`lipsync package build`).
+
+Steps: decode the video and resample it to 25 fps (optionally rescale, `export.video`); find the
+face and 68 landmarks in every frame and derive smoothed square crop rectangles
+(`export.face`); convert the audio to 16 kHz mono, compute the mel spectrogram and the 25-fps
+mel windows (`lipsync.audio`, REFERENCE.md s.4), run the exported audio encoder with ONNX
+Runtime and pad the features (`aud_ave.npy`); export the avatar's UNet and the audio encoder to
+ONNX (`export.onnx_export`) and write them into the CPU and GPU model repositories
+(`export.model_repo`); write the package (`lipsync.package.write_package`) and check it with
+the loader.
+
+The package is assembled in a temporary folder next to the destination and renamed into place
+only when everything succeeded, so a failed build leaves no partial package behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lipsync import __version__
+from lipsync.audio import (
+    AudioError,
+    float_to_pcm16,
+    mel_spectrogram,
+    mel_windows,
+    pad_features,
+    pcm16_to_float,
+    to_mono_16k,
+)
+from lipsync.package import (
+    NAME_PATTERN,
+    PackageError,
+    PackageManifest,
+    SourceMedia,
+    WeightsManifest,
+    WeightsSource,
+    load_package,
+    sha256_file,
+    write_package,
+)
+from lipsync.paths import MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU, PACKAGES_DIR
+
+logger = logging.getLogger(__name__)
+
+ENCODER_BATCH = 64
+"""Mel windows per ONNX Runtime call of the audio encoder."""
+
+
+class BuildError(RuntimeError):
+    """The package could not be built; the message says why (nothing was left behind)."""
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What a build produced (logged at the end and returned by `build_package_with_summary`)."""
+
+    path: Path
+    frames: int
+    feature_rows: int
+    duration_s: float
+    face_size_px: tuple[int, int]
+    seconds: float
+    trained: bool
+
+
+def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, int]:
+    """Read any audio file libsndfile reads (WAV, FLAC, OGG, MP3, ...) as 16 kHz mono int16.
+
+    Returns:
+        (i16[n] samples at 16 kHz, the source sample rate in Hz).
+
+    Raises:
+        AudioError: missing or unreadable file, or no samples.
+    """
+    import soundfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as exc:
+        raise AudioError(f"{path}: cannot read audio: {exc}") from None
+    if samples.shape[0] == 0:
+        raise AudioError(f"{path}: the audio file holds no samples")
+    return float_to_pcm16(to_mono_16k(samples, rate)), int(rate)
+
+
+def encode_audio(encoder_onnx: Path, pcm16: np.ndarray, *, progress: bool = True) -> np.ndarray:
+    """Audio features for a 16 kHz recording with the exported AVE encoder (ONNX Runtime).
+
+    Args:
+        encoder_onnx: ONNX graph `mel` f32[N, 80, 16] -> `feature` f32[N, 512].
+        pcm16: i16[n] mono 16 kHz.
+
+    Returns:
+        f32[F + 2, 512] padded features (`aud_ave.npy`), F = mel-derived frame count.
+
+    Raises:
+        AudioError: audio shorter than one mel window.
+    """
+    import onnxruntime as ort
+
+    mel = mel_spectrogram(pcm16_to_float(pcm16.astype("<i2").tobytes()))
+    windows = mel_windows(mel)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(encoder_onnx), options, providers=["CPUExecutionProvider"])
+    out = np.empty((len(windows), 512), dtype=np.float32)
+    with tqdm(total=len(windows), desc="audio features", unit="frame", disable=not progress) as bar:
+        for start in range(0, len(windows), ENCODER_BATCH):
+            batch = windows[start : start + ENCODER_BATCH]
+            out[start : start + len(batch)] = session.run(["feature"], {"mel": batch})[0]
+            bar.update(len(batch))
+    return pad_features(out)
+
+
+def _weights_source(result: object) -> WeightsSource:
+    w = result.weights  # type: ignore[attr-defined]
+    return WeightsSource(
+        trained=w.trained, source=w.source, sha256=w.sha256, onnx_sha256=sha256_file(result.path)  # type: ignore[attr-defined]
+    )
+
+
+def build_package(
+    video: Path,
+    audio: Path,
+    name: str,
+    packages_root: Path = PACKAGES_DIR,
+    *,
+    checkpoint: Path | None = None,
+    audio_encoder: Path | None = None,
+    fps: float = 25.0,
+    height: int | None = None,
+    model_repo_cpu: Path | None = MODEL_REPOSITORY_CPU,
+    model_repo_gpu: Path | None = MODEL_REPOSITORY_GPU,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_notes: str = "",
+) -> Path:
+    """Build `packages_root/<name>` and write the avatar's models into the model repositories.
+
+    Args:
+        video: talking-face video (any OpenCV-readable file); every frame must show the face.
+        audio: speech (any libsndfile format); converted to 16 kHz mono.
+        name: avatar name (letters, digits, `_`, `-`); Triton model `lipsync_<name>`.
+        packages_root: where packages live.
+        checkpoint: SyncTalk_2D UNet checkpoint (`ave` mode); None -> seeded UNTRAINED weights.
+        audio_encoder: AVE audio-encoder checkpoint; None -> seeded UNTRAINED weights.
+        fps: output frame rate (fps), 25 for SyncTalk_2D.
+        height: rescale frames to this height (px), keeping the aspect ratio; None keeps it.
+        model_repo_cpu, model_repo_gpu: model repositories to write (None skips one).
+        overwrite: replace an existing package of the same name.
+        progress: show progress bars.
+        source_notes: free text stored in the manifest (e.g. the media's licence).
+
+    Returns:
+        The package folder.
+
+    Raises:
+        BuildError: any failure (bad input, no face, bad checkpoint, ...), with the cause's
+            message; no partial package is left behind.
+    """
+    return build_package_with_summary(
+        video, audio, name, packages_root, checkpoint=checkpoint, audio_encoder=audio_encoder,
+        fps=fps, height=height, model_repo_cpu=model_repo_cpu, model_repo_gpu=model_repo_gpu,
+        overwrite=overwrite, progress=progress, source_notes=source_notes,
+    ).path
+
+
+def build_package_with_summary(
+    video: Path,
+    audio: Path,
+    name: str,
+    packages_root: Path = PACKAGES_DIR,
+    *,
+    checkpoint: Path | None = None,
+    audio_encoder: Path | None = None,
+    fps: float = 25.0,
+    height: int | None = None,
+    model_repo_cpu: Path | None = MODEL_REPOSITORY_CPU,
+    model_repo_gpu: Path | None = MODEL_REPOSITORY_GPU,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_notes: str = "",
+) -> BuildSummary:
+    """`build_package`, returning a `BuildSummary` (see there for arguments and errors)."""
+    started = time.monotonic()
+    video, audio = Path(video), Path(audio)
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise BuildError(f"invalid avatar name {name!r}: use letters, digits, '_' or '-' (max 63 characters)")
+    packages_root = Path(packages_root)
+    dest = packages_root / name
+    if dest.exists() and not overwrite:
+        raise BuildError(f"{dest} already exists (pass --force / overwrite=True to replace it)")
+    packages_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.building.", dir=packages_root))
+    try:
+        summary = _build_into(
+            staging, video, audio, name, checkpoint=checkpoint, audio_encoder=audio_encoder,
+            fps=fps, height=height, model_repo_cpu=model_repo_cpu, model_repo_gpu=model_repo_gpu,
+            progress=progress, source_notes=source_notes,
+        )
+        _publish(staging / "package", dest)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, BuildError)):
+            raise
+        if isinstance(exc, Exception):
+            raise BuildError(f"cannot build package {name!r}: {exc}") from exc
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    summary = BuildSummary(
+        path=dest, frames=summary.frames, feature_rows=summary.feature_rows,
+        duration_s=summary.duration_s, face_size_px=summary.face_size_px,
+        seconds=time.monotonic() - started, trained=summary.trained,
+    )
+    logger.info(
+        "package %s: %d video frames, %d servable frames (%.2f s at %g fps), face %d-%d px, "
+        "built in %.1f s, weights %s",
+        dest, summary.frames, summary.feature_rows, summary.duration_s, fps,
+        summary.face_size_px[0], summary.face_size_px[1], summary.seconds,
+        "trained" if summary.trained else "UNTRAINED (mouth region will be noise)",
+    )
+    return summary
+
+
+def _publish(built: Path, dest: Path) -> None:
+    """Move the finished package into place (atomic rename; an old package is swapped out)."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+        os.replace(dest, old)
+        try:
+            os.replace(built, dest)
+        except BaseException:
+            os.replace(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(built, dest)
+
+
+def _build_into(
+    staging: Path,
+    video: Path,
+    audio: Path,
+    name: str,
+    *,
+    checkpoint: Path | None,
+    audio_encoder: Path | None,
+    fps: float,
+    height: int | None,
+    model_repo_cpu: Path | None,
+    model_repo_gpu: Path | None,
+    progress: bool,
+    source_notes: str,
+) -> BuildSummary:
+    from export.face import crop_rects, track_faces
+    from export.model_repo import avatar_model_name, write_audio_encoder_model, write_avatar_model
+    from export.onnx_export import export_audio_encoder, export_unet
+    from export.video import decode_video
+
+    model_name = avatar_model_name(name)
+    decoded = decode_video(video, fps=fps, height=height, progress=progress)
+    pcm16, audio_rate = read_audio_16k_mono(audio)
+
+    track = track_faces(decoded.frames, source_name=video.name, progress=progress)
+    rects = crop_rects(track.landmarks, decoded.width, decoded.height)
+
+    logger.info("exporting the audio encoder and the UNet to ONNX")
+    enc = export_audio_encoder(audio_encoder, staging / "audio_encoder.onnx")
+    unet = export_unet(checkpoint, staging / f"{model_name}.onnx", mode="ave")
+    features = encode_audio(enc.path, pcm16, progress=progress)
+
+    weights = WeightsManifest(
+        trained=unet.weights.trained and enc.weights.trained,
+        unet=_weights_source(unet),
+        audio_encoder=_weights_source(enc),
+    )
+    if not weights.trained:
+        logger.warning(
+            "building %r with UNTRAINED weights (%s): the mouth region will be noise until a "
+            "trained SyncTalk_2D checkpoint is supplied (--checkpoint UNET.pth "
+            "--audio-encoder ENC.pth)",
+            name,
+            ", ".join(k for k, w in (("UNet", unet.weights), ("audio encoder", enc.weights)) if not w.trained),
+        )
+    manifest: PackageManifest = write_package(
+        staging / "package",
+        name=name,
+        frames=decoded.frames,
+        rects=rects,
+        landmarks=track.landmarks,
+        features=features,
+        audio_pcm16=pcm16,
+        weights=weights,
+        source=SourceMedia(
+            video=video.name, audio=audio.name, video_fps=decoded.source_fps,
+            video_frames=decoded.source_frames, video_width=decoded.source_width,
+            video_height=decoded.source_height, audio_sample_rate=audio_rate, notes=source_notes,
+        ),
+        model_name=model_name,
+        fps=fps,
+        builder=f"lipsync package build {__version__}",
+    )
+    try:
+        load_package(staging / "package")  # the loader's checks, before anything is published
+    except PackageError as exc:
+        raise BuildError(f"the built package does not pass the loader's checks: {exc}") from exc
+
+    for repo, profile in ((model_repo_cpu, "cpu"), (model_repo_gpu, "gpu")):
+        if repo is None:
+            continue
+        write_avatar_model(Path(repo), model_name, unet.path, profile)  # type: ignore[arg-type]
+        write_audio_encoder_model(Path(repo), enc.path, profile)  # type: ignore[arg-type]
+
+    sides = rects[:, 2] - rects[:, 0]
+    if manifest.feature_rows > manifest.frame_count:
+        logger.info(
+            "audio (%d frames) is longer than the video (%d frames): frames are walked ping-pong",
+            manifest.feature_rows, manifest.frame_count,
+        )
+    return BuildSummary(
+        path=staging / "package", frames=manifest.frame_count, feature_rows=manifest.feature_rows,
+        duration_s=manifest.duration_s, face_size_px=(int(sides.min()), int(sides.max())),
+        seconds=0.0, trained=weights.trained,
+    )
+
