@@ -1,0 +1,355 @@
+"""`lipsync gateway` and `lipsync up` (the main job).
+
+- ``lipsync gateway``: runs the gateway (gRPC + HTTP/WebSocket + web page) against a Triton that
+  is already running (``--triton-url``), until SIGINT/SIGTERM.
+- ``lipsync up``: everything on this machine: builds the demo avatar if it is missing, starts
+  the local CPU ``tritonserver`` on the CPU model repository (explicit model control), starts
+  the gateway against it, logs the page URL and the gRPC address, and on Ctrl-C/SIGTERM stops
+  the gateway first, then Triton.
+
+Settings come from `gateway.config.GatewaySettings` (environment ``LIPSYNC_*``, ``.env``); a
+CLI option that is given wins over the environment. Registering the parsers imports nothing
+heavy; the command functions import the gateway, Triton and export code they need.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.config import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 180.0
+"""How long `lipsync up` waits for the gateway to report ready before saying it is not (s)."""
+
+
+class StartupError(RuntimeError):
+    """A component could not start (busy port, Triton failed, ...); the message says why."""
+
+
+# ---------------------------------------------------------------------------------- parsers
+
+_GATEWAY_EPILOG = """\
+Settings: every option can also be set in the environment (or a .env file) as LIPSYNC_<NAME>,
+e.g. LIPSYNC_TRITON_URL=triton:8001, LIPSYNC_JPEG_QUALITY=90, LIPSYNC_HTTP_PORT=8085; an option
+given on the command line wins. Port 0 picks a free port.
+
+Endpoints: http://HOST:HTTP_PORT/ (web page), /ws (binary WebSocket), /healthz, /readyz,
+/api/avatars, /api/stats, /metrics (Prometheus); gRPC service
+optimized_lipsyncsrv.OptimizedLipSyncService on GRPC_PORT (+ grpc.health.v1, reflection).
+"""
+
+_UP_EPILOG = """\
+What it does, in order:
+  1. builds the demo avatar (packages/demo and its Triton models) if it is missing; the first
+     build takes a few minutes and uses UNTRAINED weights unless you built it with a checkpoint;
+  2. starts the CPU tritonserver (from the nvidia-pytriton wheel) on model_repository/cpu in
+     explicit model-control mode, and waits until it is ready;
+  3. starts the gateway against it and waits until it is ready;
+  4. prints the web page URL and the gRPC address. Ctrl-C (or SIGTERM) stops the gateway, then
+     Triton.
+
+Gateway settings come from LIPSYNC_* environment variables as for `lipsync gateway`.
+"""
+
+
+def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bool) -> None:
+    g = parser.add_argument_group("gateway (default: LIPSYNC_* environment, then built-in)")
+    if with_triton_url:
+        g.add_argument("--triton-url", help="Triton gRPC endpoint host:port (default localhost:8001)")
+    g.add_argument("--host", help="interface to bind (default 0.0.0.0)")
+    g.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 = free port)")
+    g.add_argument("--http-port", type=int, help="HTTP/WebSocket/page port (default 8085; 0 = free)")
+    g.add_argument("--packages-root", type=Path, help="folder of avatar packages (default packages/)")
+    g.add_argument("--jpeg-quality", type=int, help="JPEG quality 1-100 of returned frames (default 85)")
+    g.add_argument(
+        "--max-in-flight-per-connection",
+        type=int,
+        help="frames one WebSocket/gRPC stream may have in flight (default 8)",
+    )
+    g.add_argument(
+        "--max-in-flight-total",
+        type=int,
+        help="frames in flight in the whole gateway; more are refused as overloaded (default 64)",
+    )
+    g.add_argument("--triton-timeout-s", type=float, help="deadline of one Triton call, s (default 1.5)")
+
+
+_SETTING_OPTIONS = (
+    "triton_url", "host", "grpc_port", "http_port", "packages_root", "jpeg_quality",
+    "max_in_flight_per_connection", "max_in_flight_total", "triton_timeout_s",
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse type)
+    """Add ``lipsync gateway`` and ``lipsync up`` to the top-level ``subparsers``."""
+    gw = subparsers.add_parser(
+        "gateway",
+        help="run the gateway (gRPC + WebSocket + web page) against a running Triton",
+        description=(
+            "Run the lip-sync gateway: loads every avatar package under the packages root,\n"
+            "asks Triton (explicit model control) to load their models, and serves frames\n"
+            "over gRPC and the binary WebSocket, with a web page, JSON endpoints and\n"
+            "Prometheus metrics on the HTTP port. Runs until Ctrl-C / SIGTERM."
+        ),
+        epilog=_GATEWAY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_gateway_options(gw, with_triton_url=True)
+    gw.set_defaults(func=run_gateway_command)
+
+    up = subparsers.add_parser(
+        "up",
+        help="the main job: demo avatar if missing, CPU Triton and the gateway; Ctrl-C stops",
+        description=(
+            "Set up and start the whole service on this machine: the demo avatar (built if\n"
+            "missing), the local CPU tritonserver and the gateway. Prints the web page URL\n"
+            "and the gRPC address; Ctrl-C stops the gateway, then Triton."
+        ),
+        epilog=_UP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_gateway_options(up, with_triton_url=False)
+    t = up.add_argument_group("local Triton")
+    t.add_argument("--triton-http-port", type=int, default=8000, help="Triton HTTP port (default 8000)")
+    t.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
+    t.add_argument(
+        "--triton-metrics-port", type=int, default=8002, help="Triton metrics port (default 8002)"
+    )
+    t.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="Triton model repository (default model_repository/cpu, generated)",
+    )
+    t.add_argument(
+        "--triton-log",
+        type=Path,
+        default=None,
+        help="file for Triton's log (default .cache/triton-up.log)",
+    )
+    t.add_argument(
+        "--triton-start-timeout-s",
+        type=float,
+        default=300.0,
+        help="how long to wait for Triton to load its models, s (default 300)",
+    )
+    up.add_argument(
+        "--skip-demo",
+        action="store_true",
+        help="do not build the demo avatar; serve the packages that exist",
+    )
+    up.set_defaults(func=run_up_command)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def settings_from_args(args: argparse.Namespace, **extra: Any) -> GatewaySettings:
+    """`GatewaySettings` from the environment, overridden by the options given (and ``extra``).
+
+    Raises:
+        pydantic.ValidationError: an out-of-range value (the message names the field).
+    """
+    from gateway.config import GatewaySettings
+
+    overrides = {k: getattr(args, k) for k in _SETTING_OPTIONS if getattr(args, k, None) is not None}
+    overrides.update(extra)
+    return GatewaySettings(**overrides)
+
+
+def check_port_free(host: str, port: int, what: str, hint: str) -> None:
+    """Fail early with a clear message if ``port`` is taken (0 = any port: always fine).
+
+    Raises:
+        StartupError: the port cannot be bound (in use, or not permitted).
+    """
+    if port == 0:
+        return
+    bind_host = "" if host in ("0.0.0.0", "", "::") else host
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_host, port))
+        except OSError as exc:
+            reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise StartupError(f"{what} port {port} {reason}; {hint}") from exc
+
+
+def _display_host(host: str) -> str:
+    return "localhost" if host in ("0.0.0.0", "", "::") else host
+
+
+@contextlib.contextmanager
+def sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    """While active, SIGTERM raises KeyboardInterrupt, so `finally` blocks clean up."""
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def serve_gateway(
+    settings: GatewaySettings, *, wait_ready_s: float = 0.0, banner: str = ""
+) -> None:
+    """Start `gateway.server.GatewayServer`, log its addresses, serve until SIGINT/SIGTERM.
+
+    Args:
+        settings: the gateway configuration.
+        wait_ready_s: if > 0, wait up to this long (s) for readiness and log the outcome.
+        banner: extra lines logged with the addresses (``lipsync up`` adds Triton's).
+
+    Raises:
+        StartupError: a port could not be bound.
+    """
+    from gateway.server import GatewayServer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = GatewayServer(settings)
+    try:
+        try:
+            await server.start()
+        except (OSError, RuntimeError) as exc:  # grpc raises RuntimeError on a busy port
+            raise StartupError(
+                f"the gateway could not bind its ports (HTTP {settings.http_port}, gRPC "
+                f"{settings.grpc_port}): {exc}; pass --http-port/--grpc-port or set "
+                "LIPSYNC_HTTP_PORT/LIPSYNC_GRPC_PORT"
+            ) from exc
+        host = _display_host(settings.host)
+        log.info(
+            "gateway serving: web page http://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
+            host, server.http_port, host, server.grpc_port, banner,
+        )
+        if wait_ready_s > 0:
+            await _wait_ready(server, wait_ready_s, stop)
+        await stop.wait()
+        log.info("stopping the gateway ...")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+        log.info("gateway stopped")
+
+
+async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> None:
+    ctx = server.ctx
+    deadline = time.monotonic() + timeout_s
+    while not ctx.ready() and time.monotonic() < deadline and not stop.is_set():
+        await asyncio.sleep(0.5)
+    if ctx.ready():
+        names = ", ".join(ctx.store.names())
+        log.info("ready: avatars %s; open http://%s:%d/ and press Play",
+                 names, _display_host(server.settings.host), server.http_port)
+    elif not stop.is_set():
+        status = ctx.triton.status()
+        log.warning(
+            "not ready after %.0f s (Triton ready=%s, models %s, avatars %s); see /readyz",
+            timeout_s, status.server_ready, status.models, ctx.store.names() or "none",
+        )
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def run_gateway_command(args: argparse.Namespace) -> int:
+    """``lipsync gateway``: serve until SIGINT/SIGTERM; exit status 0, or 1 on a start error."""
+    settings = settings_from_args(args)
+    try:
+        check_port_free(settings.host, settings.http_port, "HTTP", "pass --http-port or set LIPSYNC_HTTP_PORT")
+        check_port_free(settings.host, settings.grpc_port, "gRPC", "pass --grpc-port or set LIPSYNC_GRPC_PORT")
+        asyncio.run(serve_gateway(settings))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def run_up_command(args: argparse.Namespace) -> int:
+    """``lipsync up``: demo avatar, CPU Triton, gateway; stops both on Ctrl-C/SIGTERM.
+
+    Returns:
+        0 after a clean stop; 1 when something could not start (the log says what).
+    """
+    from lipsync.paths import CACHE_DIR, MODEL_REPOSITORY_CPU
+
+    repo: Path = args.model_repository or MODEL_REPOSITORY_CPU
+    triton_ports = {
+        "Triton HTTP": (args.triton_http_port, "--triton-http-port"),
+        "Triton gRPC": (args.triton_grpc_port, "--triton-grpc-port"),
+        "Triton metrics": (args.triton_metrics_port, "--triton-metrics-port"),
+    }
+    try:
+        base = settings_from_args(args)
+        # Fail before any slow step if a port is taken.
+        check_port_free(base.host, base.http_port, "HTTP", "pass --http-port or set LIPSYNC_HTTP_PORT")
+        check_port_free(base.host, base.grpc_port, "gRPC", "pass --grpc-port or set LIPSYNC_GRPC_PORT")
+        for what, (port, flag) in triton_ports.items():
+            check_port_free("127.0.0.1", port, what, f"pass {flag} (or stop the other Triton)")
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+
+    with sigterm_as_keyboard_interrupt():
+        triton = None
+        try:
+            if not args.skip_demo:
+                from export.demo import ensure_demo
+
+                log.info("checking the demo avatar (built on first run, a few minutes) ...")
+                demo = ensure_demo(packages_root=base.packages_root, model_repo_cpu=repo)
+                log.info("demo avatar ready at %s", demo)
+            from lipsync.triton_local import TritonServer, TritonStartError
+
+            log_file = args.triton_log or CACHE_DIR / "triton-up.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            triton = TritonServer(
+                repo,
+                http_port=args.triton_http_port,
+                grpc_port=args.triton_grpc_port,
+                metrics_port=args.triton_metrics_port,
+                model_control_mode="explicit",
+                log_file=log_file,
+            )
+            log.info("starting the CPU tritonserver on %s (log: %s) ...", repo, log_file)
+            try:
+                triton.start(timeout_s=args.triton_start_timeout_s)
+            except TritonStartError as exc:
+                log.error("Triton did not start: %s", exc)
+                return 1
+            settings = settings_from_args(args, triton_url=triton.grpc_url)
+            banner = f"  Triton {triton.grpc_url} (gRPC), {triton.metrics_url} (metrics)"
+            asyncio.run(serve_gateway(settings, wait_ready_s=READY_TIMEOUT_S, banner=banner))
+        except StartupError as exc:
+            log.error("%s", exc)
+            return 1
+        except KeyboardInterrupt:
+            log.info("interrupted")
+        finally:
+            # Cleanup must not be cut short by a second Ctrl-C/SIGTERM (Triton would be left).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if triton is not None:
+                log.info("stopping Triton ...")
+                triton.stop()
+                log.info("Triton stopped")
+    return 0

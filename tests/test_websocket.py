@@ -1,0 +1,255 @@
+"""The binary WebSocket protocol end to end: a real gateway (`gateway_server`) against the real
+CPU tritonserver and the demo avatar. Every bad request gets a clear error reply, and a valid
+request afterwards still succeeds (on the same connection, or on a new one when the server had
+to close it)."""
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+
+from gateway.http_app import LIVE_AUDIO_BYTES, TRANSPORT_CAP_FACTOR
+from gateway.ws_protocol import (
+    U32_MAX,
+    ErrorReply,
+    FrameReply,
+    decode_reply,
+    encode_request,
+)
+from lipsync.audio import float_to_pcm16, load_wav_16k_mono
+from lipsync.frames import pingpong_index
+from lipsync.paths import SPEECH_DIR
+
+pytestmark = pytest.mark.triton
+
+T = TypeVar("T")
+REPLY_TIMEOUT_S = 30.0
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async test body on a fresh event loop (the gateway has its own loop/thread)."""
+    return asyncio.run(fn())  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def connect(http_url: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """A WebSocket to the gateway's ``/ws`` (client side accepts big replies)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{http_url}/ws", max_msg_size=64 * 2**20, **kwargs) as ws:
+            yield ws
+
+
+async def receive_reply(ws: aiohttp.ClientWebSocketResponse) -> FrameReply | ErrorReply:
+    msg = await ws.receive(timeout=REPLY_TIMEOUT_S)
+    assert msg.type == aiohttp.WSMsgType.BINARY, f"expected a binary reply, got {msg.type} {msg.data!r}"
+    return decode_reply(msg.data)
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, payload: bytes) -> FrameReply | ErrorReply:
+    await ws.send_bytes(payload)
+    return await receive_reply(ws)
+
+
+def decode_jpeg(jpeg: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None, "reply is not a decodable JPEG"
+    return image
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def outside_mask(shape: tuple[int, ...], rect: np.ndarray, margin: int) -> np.ndarray:
+    """True outside the rectangle grown by ``margin`` px (away from JPEG blocks it touches)."""
+    x1, y1, x2, y2 = (int(v) for v in rect)
+    mask = np.ones(shape[:2], dtype=bool)
+    mask[max(0, y1 - margin) : y2 + margin, max(0, x1 - margin) : x2 + margin] = False
+    return mask
+
+
+def assert_valid_frame(reply: FrameReply | ErrorReply, frame_id: int, demo_package: Any) -> np.ndarray:
+    assert isinstance(reply, FrameReply), f"expected a frame, got error {reply}"
+    assert reply.frame_id == frame_id
+    image = decode_jpeg(reply.jpeg)
+    frames = demo_package.frames
+    assert image.shape == frames.shape[1:], "the reply is the full frame at the package's size"
+    v = pingpong_index(frame_id, frames.shape[0])
+    assert reply.bounds == tuple(float(x) for x in demo_package.rects[v])
+    return image
+
+
+@pytest.fixture(scope="module")
+def url(gateway_server: Any) -> str:
+    return gateway_server.http_url
+
+
+def test_valid_frame_returns_the_composited_full_frame(url: str, demo_package: Any) -> None:
+    rows = demo_package.features.shape[0]
+    frame_id = min(37, rows - 1)
+
+    async def body() -> FrameReply | ErrorReply:
+        async with connect(url) as ws:
+            return await ask(ws, encode_request("demo", frame_id))
+
+    reply = run(body)
+    image = assert_valid_frame(reply, frame_id, demo_package)
+    v = pingpong_index(frame_id, demo_package.frames.shape[0])
+    mask = outside_mask(image.shape, demo_package.rects[v], margin=8)
+    # Outside the crop rectangle the frame is the package's frame (only JPEG q95 loss).
+    assert psnr(image[mask], demo_package.frames[v][mask]) >= 35.0
+    assert isinstance(reply, FrameReply) and reply.processing_ms < 60_000
+
+
+def test_concurrent_requests_on_one_connection_are_all_answered(url: str, demo_package: Any) -> None:
+    ids = [0, 5, 10, 15, 20, 25]
+
+    async def body() -> list[FrameReply | ErrorReply]:
+        async with connect(url) as ws:
+            for i in ids:  # all sent before any reply is read: processed concurrently
+                await ws.send_bytes(encode_request("demo", i))
+            return [await receive_reply(ws) for _ in ids]
+
+    replies = run(body)
+    assert sorted(r.frame_id for r in replies) == ids
+    for reply in replies:
+        assert_valid_frame(reply, reply.frame_id, demo_package)
+
+
+def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
+    """(case, payload, expected code, expected text in the message)."""
+    name = b"demo"
+    return [
+        ("unknown avatar", encode_request("nobody", 0), "unknown_avatar", "'nobody' is not loaded"),
+        ("frame == rows", encode_request("demo", rows), "frame_out_of_range", f"valid: 0..{rows - 1}"),
+        ("frame 0xFFFFFFFF (-1 as u32)", encode_request("demo", U32_MAX), "frame_out_of_range", str(U32_MAX)),
+        ("empty message", b"", "bad_request", "message truncated: 0 bytes"),
+        ("truncated name", struct.pack("<I", 40) + name + b"\0" * 8, "bad_request", "name_len=40 but only 12 bytes follow"),
+        ("audio_len past the end", struct.pack("<I", 4) + name + struct.pack("<II", 1, 500) + b"x" * 10, "bad_request", "audio_len=500 but only 10 bytes follow"),
+        ("trailing bytes", encode_request("demo", 1) + b"zz", "bad_request", "2 unexpected trailing bytes"),
+        ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16, "bad_request", "exceeds the limit of 256 bytes"),
+        ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000), "bad_request", f"= {LIVE_AUDIO_BYTES} bytes"),
+    ]
+
+
+def test_bad_requests_get_clear_errors_and_the_connection_keeps_serving(
+    url: str, demo_package: Any
+) -> None:
+    rows = demo_package.features.shape[0]
+    cases = _bad_requests(rows)
+
+    async def body() -> list[tuple[str, FrameReply | ErrorReply, FrameReply | ErrorReply]]:
+        out = []
+        async with connect(url) as ws:
+            for case, payload, _, _ in cases:
+                bad = await ask(ws, payload)
+                good = await ask(ws, encode_request("demo", 3))
+                out.append((case, bad, good))
+            # text messages are not part of the protocol
+            await ws.send_str("hello")
+            out.append(("text message", await receive_reply(ws), await ask(ws, encode_request("demo", 4))))
+        return out
+
+    results = run(body)
+    expected = {case: (code, text) for case, _, code, text in cases}
+    expected["text message"] = ("bad_request", "text messages are not part of the protocol")
+    for case, bad, good in results:
+        code, text = expected[case]
+        assert isinstance(bad, ErrorReply), f"{case}: expected an error reply, got a frame"
+        assert bad.code == code, f"{case}: {bad.message}"
+        assert text in bad.message, f"{case}: {bad.message}"
+        assert isinstance(good, FrameReply), f"after {case}: {good}"
+    # the frame_id of a readable request is echoed in its error reply
+    by_case = {case: bad for case, bad, _ in results}
+    assert by_case["frame == rows"].frame_id == rows
+    assert by_case["frame 0xFFFFFFFF (-1 as u32)"].frame_id == U32_MAX
+
+
+def test_oversized_messages(url: str, gateway_server: Any) -> None:
+    limit = gateway_server.settings.ws_max_message_bytes
+
+    async def body() -> tuple[FrameReply | ErrorReply, FrameReply | ErrorReply, aiohttp.WSMessage, FrameReply | ErrorReply]:
+        async with connect(url) as ws:
+            # Over the limit but under the transport cap: error reply, connection stays.
+            over = await ask(ws, encode_request("demo", 2, b"\0" * limit))
+            after = await ask(ws, encode_request("demo", 2))
+        async with connect(url) as ws:
+            # Over the transport cap: aiohttp refuses to buffer it and closes with 1009.
+            await ws.send_bytes(b"\0" * (limit * TRANSPORT_CAP_FACTOR + 1))
+            closed = await ws.receive(timeout=REPLY_TIMEOUT_S)
+        async with connect(url) as ws:  # a new connection serves normally
+            fresh = await ask(ws, encode_request("demo", 2))
+        return over, after, closed, fresh
+
+    over, after, closed, fresh = run(body)
+    assert isinstance(over, ErrorReply) and over.code == "bad_request"
+    assert f"exceeds the limit of {limit} bytes" in over.message
+    assert isinstance(after, FrameReply)
+    assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert closed.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    assert isinstance(fresh, FrameReply)
+
+
+def test_per_connection_limit_answers_overloaded_at_once(url: str, gateway_server: Any) -> None:
+    limit = gateway_server.settings.max_in_flight_per_connection
+    n = limit + 4
+
+    async def body() -> tuple[list[FrameReply | ErrorReply], FrameReply | ErrorReply]:
+        async with connect(url) as ws:
+            for i in range(n):
+                await ws.send_bytes(encode_request("demo", i))
+            replies = [await receive_reply(ws) for _ in range(n)]
+            return replies, await ask(ws, encode_request("demo", 1))
+
+    replies, after = run(body)
+    overloaded = [r for r in replies if isinstance(r, ErrorReply)]
+    frames = [r for r in replies if isinstance(r, FrameReply)]
+    assert len(frames) >= limit, [str(r) for r in overloaded]
+    assert overloaded, "more than the limit in flight must be refused, not queued"
+    for r in overloaded:
+        assert r.code == "overloaded" and f"limit {limit}" in r.message
+    # Refusals come back before the frames they overtook (no queueing behind Triton).
+    first_frame = next(i for i, r in enumerate(replies) if isinstance(r, FrameReply))
+    assert any(i < first_frame for i, r in enumerate(replies) if isinstance(r, ErrorReply))
+    assert isinstance(after, FrameReply)
+
+
+def test_live_audio_changes_the_mouth_region(url: str, demo_package: Any) -> None:
+    wavs = sorted(SPEECH_DIR.glob("*.wav"))
+    assert wavs, f"no speech in {SPEECH_DIR}"
+    speech = load_wav_16k_mono(wavs[0])
+    samples = LIVE_AUDIO_BYTES // 2
+    window = speech[16000 : 16000 + samples]  # 0.64 s of real speech from 1 s in
+    assert window.size == samples
+    speech_pcm = float_to_pcm16(window).astype("<i2").tobytes()
+    silence_pcm = b"\0" * LIVE_AUDIO_BYTES
+    frame_id = 6
+
+    async def body() -> list[FrameReply | ErrorReply]:
+        async with connect(url) as ws:
+            return [
+                await ask(ws, encode_request("demo", frame_id, speech_pcm)),
+                await ask(ws, encode_request("demo", frame_id, silence_pcm)),
+                await ask(ws, encode_request("demo", frame_id, speech_pcm)),
+            ]
+
+    with_speech, with_silence, again = run(body)
+    a = assert_valid_frame(with_speech, frame_id, demo_package)
+    b = assert_valid_frame(with_silence, frame_id, demo_package)
+    c = assert_valid_frame(again, frame_id, demo_package)
+    v = pingpong_index(frame_id, demo_package.frames.shape[0])
+    x1, y1, x2, y2 = (int(x) for x in demo_package.rects[v])
+    inside = (slice(y1, y2), slice(x1, x2))
+    diff_inside = np.abs(a[inside].astype(int) - b[inside].astype(int)).mean()
+    assert diff_inside > 0.5, "speech and silence must give different mouth regions"
+    assert np.array_equal(a, c), "the same audio gives the same frame"
+    mask = outside_mask(a.shape, demo_package.rects[v], margin=8)
+    assert psnr(a[mask], b[mask]) >= 45.0, "outside the crop the audio changes nothing"
