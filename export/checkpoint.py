@@ -160,7 +160,8 @@ def fitting_modes(state: Mapping[str, torch.Tensor]) -> list[str]:
 def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str) -> None:
     missing, unexpected, shapes = _mismatch(_shape_table(model), state)
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{what}: {_describe(missing, unexpected, shapes)}. {hint}".strip())
+        lead = f"{what}. {hint}" if hint else f"{what}."
+        raise CheckpointError(f"{lead} Differences: {_describe(missing, unexpected, shapes)}.")
     model.load_state_dict(state, strict=True)
 
 
