@@ -45,7 +45,13 @@ class GatewaySettings(BaseSettings):
 
     # --- Triton ---------------------------------------------------------------------------------
     triton_timeout_s: float = Field(
-        1.5, gt=0, description="deadline of one inference call to Triton (s)"
+        10.0,
+        gt=0,
+        description="deadline of one inference call to Triton, queueing included (s); a dead "
+        "Triton is detected much sooner by the readiness probe, which aborts calls in flight",
+    )
+    triton_probe_timeout_s: float = Field(
+        1.0, gt=0, description="deadline of one readiness probe to Triton (s)"
     )
     triton_load_timeout_s: float = Field(
         120.0, gt=0, description="deadline of one load_model call to Triton (s)"

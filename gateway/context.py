@@ -56,6 +56,7 @@ class GatewayContext:
         triton = TritonClient(
             settings.triton_url,
             timeout_s=settings.triton_timeout_s,
+            probe_timeout_s=settings.triton_probe_timeout_s,
             load_timeout_s=settings.triton_load_timeout_s,
             poll_interval_s=settings.triton_poll_interval_s,
             load_models=settings.triton_load_models,

@@ -6,14 +6,18 @@ streams, Triton's dynamic batcher merges them into one model execution. There is
 around calls: concurrency is bounded by the gateway's admission limits, not here.
 
 Failure handling (issue 4 item 6):
-- each call carries a deadline (`GatewaySettings.triton_timeout_s`), so a dead Triton gives
-  `TritonUnavailable` within about that time, never a hang;
-- while the monitor knows Triton is down, calls fail at once without touching the network;
-- a background task polls server readiness every `triton_poll_interval_s` and checks each
-  registered model; when Triton is back (a restarted server in explicit model-control mode
-  has no model loaded) it re-issues ``load_model`` for every registered model, so the gateway
-  recovers by itself;
-- the gRPC channel's reconnect back-off is capped at 1 s so a restarted server is seen quickly.
+- a background task probes server liveness every `poll_interval_s` (deadline
+  `probe_timeout_s`) and the readiness of each registered model (`ready` = live and every
+  required model ready); a refused connection marks Triton down
+  at once, probe deadlines must fail twice in a row (a busy CPU Triton can be slow to answer);
+- when Triton goes down, every call in flight is aborted with `TritonUnavailable` (so a killed
+  or hung server gives callers an error within about one probe period + probe deadline, never
+  a hang), and new calls fail at once without touching the network;
+- each call also carries its own deadline (`timeout_s`), generous because it includes queueing
+  in Triton (on CPU, 100 ms per frame times the frames in flight);
+- when Triton is back (a restarted server in explicit model-control mode has no model loaded)
+  the monitor re-issues ``load_model`` for every registered model, so the gateway recovers by
+  itself; the gRPC channel's reconnect back-off is capped at 1 s so a restart is seen quickly.
 """
 from __future__ import annotations
 
@@ -66,7 +70,8 @@ class TritonClient:
 
     Args:
         url: Triton gRPC endpoint ``host:port``.
-        timeout_s: deadline of each inference call (s).
+        timeout_s: deadline of each inference call, queueing in Triton included (s).
+        probe_timeout_s: deadline of each readiness probe (s).
         load_timeout_s: deadline of each ``load_model`` call (s).
         poll_interval_s: readiness monitor period (s).
         load_models: whether to issue ``load_model`` (explicit model-control mode). When False
@@ -80,7 +85,8 @@ class TritonClient:
         self,
         url: str,
         *,
-        timeout_s: float = 1.5,
+        timeout_s: float = 10.0,
+        probe_timeout_s: float = 1.0,
         load_timeout_s: float = 120.0,
         poll_interval_s: float = 0.5,
         load_models: bool = True,
@@ -88,6 +94,7 @@ class TritonClient:
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.probe_timeout_s = probe_timeout_s
         self.load_timeout_s = load_timeout_s
         self.poll_interval_s = poll_interval_s
         self.load_models = load_models
@@ -99,6 +106,9 @@ class TritonClient:
         self._monitor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()  # serialises (re)loading, never inference
+        self._probe_timeouts = 0
+        self._outage: asyncio.Future[str] | None = None  # resolved when Triton goes down
+        self._loading: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -114,7 +124,9 @@ class TritonClient:
         ]
         self._client = grpcclient.InferenceServerClient(self.url, channel_args=channel_args)
         self._wake = asyncio.Event()
+        self._outage = asyncio.get_running_loop().create_future()
         await self.sync()
+        await self.wait_loading()
         self._monitor = asyncio.create_task(self._monitor_loop(), name="triton-monitor")
 
     async def close(self) -> None:
@@ -126,6 +138,10 @@ class TritonClient:
             except asyncio.CancelledError:
                 pass
             self._monitor = None
+        for task in list(self._loading.values()):
+            task.cancel()
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+        self._loading.clear()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -157,7 +173,7 @@ class TritonClient:
         return state.max_batch_size if state else 0
 
     async def register_model(self, name: str, *, required: bool = True) -> None:
-        """Keep model ``name`` loaded from now on; load it now if Triton is up.
+        """Keep model ``name`` loaded from now on; load it now (and wait) if Triton is up.
 
         ``required`` models count for `ready`; optional ones (the audio encoder) do not.
         Never raises for Triton trouble: the monitor keeps retrying.
@@ -168,6 +184,13 @@ class TritonClient:
             self._models[name].required = self._models[name].required or required
         if self._client is not None:
             await self.sync()
+            await self.wait_loading(name)
+
+    async def wait_loading(self, *names: str) -> None:
+        """Wait for the ``load_model`` calls in progress (of ``names``, or all)."""
+        tasks = [t for n, t in self._loading.items() if not names or n in names]
+        if tasks:
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
 
     # ------------------------------------------------------------------ monitor
     async def _monitor_loop(self) -> None:
@@ -185,61 +208,109 @@ class TritonClient:
                 log.exception("Triton readiness check failed unexpectedly")
 
     async def sync(self) -> None:
-        """Check server readiness and each model; (re)load models that are not loaded."""
+        """Probe server readiness and each model; start loading models that are not loaded.
+
+        Loading runs in background tasks (`wait_loading` waits for them), so a slow
+        ``load_model`` never delays outage detection.
+        """
         assert self._client is not None, "TritonClient.start() was not called"
         async with self._sync_lock:
             was_ready = self.ready
             try:
-                server_ready = bool(await self._client.is_server_ready(client_timeout=self.timeout_s))
+                # Liveness, not /ready: with strict readiness Triton reports "not ready" while
+                # any model is loading, which is not an outage for the models already served.
+                server_ready = bool(
+                    await self._client.is_server_live(client_timeout=self.probe_timeout_s)
+                )
+                self._probe_timeouts = 0
+                if not server_ready:
+                    self._last_error = f"Triton at {self.url} reports not live"
             except InferenceServerException as exc:
                 server_ready = False
                 self._last_error = f"Triton at {self.url} unreachable: {_describe(exc)}"
+                if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
+                    self._probe_timeouts += 1
+                    if self._probe_timeouts < 2 and self._server_ready:
+                        server_ready = True  # one slow probe is not an outage
+                        log.debug("slow Triton readiness probe (%s)", self._last_error)
+            if self._server_ready and not server_ready:
+                self._declare_outage(self._last_error or "Triton not ready")
+            if server_ready and self._outage is not None and self._outage.done():
+                self._outage = asyncio.get_running_loop().create_future()
             self._server_ready = server_ready
             if not server_ready:
                 for m in self._models.values():
                     m.loaded = False
             else:
                 for m in list(self._models.values()):
-                    await self._check_model(m)
-                if self.ready:
-                    self._last_error = None
-            now_ready = self.ready
-            if self._metrics is not None:
-                self._metrics.triton_ready.set(1.0 if now_ready else 0.0)
-            if now_ready != was_ready:
-                if now_ready:
-                    log.info("Triton at %s is ready (%d models loaded)", self.url, len(self._models))
-                else:
-                    log.warning("Triton not ready: %s", self._last_error)
+                    if m.name not in self._loading:
+                        await self._check_model(m)
+            self._publish(was_ready)
+
+    def _publish(self, was_ready: bool) -> None:
+        now_ready = self.ready
+        if now_ready:
+            self._last_error = None
+        elif self._server_ready:
+            missing = [m for m in self._models.values() if m.required and not m.loaded]
+            if missing:
+                m = missing[0]
+                self._last_error = f"model {m.name!r} is not loaded in Triton ({m.last_error or 'loading'})"
+        if self._metrics is not None:
+            self._metrics.triton_ready.set(1.0 if now_ready else 0.0)
+        if now_ready != was_ready:
+            if now_ready:
+                loaded = sum(m.loaded for m in self._models.values())
+                log.info("Triton at %s is ready (%d of %d models loaded)", self.url, loaded, len(self._models))
+            else:
+                log.warning("Triton not ready: %s", self._last_error)
 
     async def _check_model(self, m: _ModelState) -> None:
         assert self._client is not None
         try:
-            ready = bool(await self._client.is_model_ready(m.name, client_timeout=self.timeout_s))
+            ready = bool(await self._client.is_model_ready(m.name, client_timeout=self.probe_timeout_s))
         except InferenceServerException as exc:
             ready = False
             m.last_error = _describe(exc)
-        if not ready and self.load_models:
-            t0 = time.perf_counter()
-            try:
-                await self._client.load_model(m.name, client_timeout=self.load_timeout_s)
-                ready = bool(await self._client.is_model_ready(m.name, client_timeout=self.timeout_s))
-                log.info("Triton loaded model %s in %.0f ms", m.name, (time.perf_counter() - t0) * 1e3)
-            except InferenceServerException as exc:
-                m.last_error = f"load_model({m.name!r}) failed: {_describe(exc)}"
-                ready = False
-                if m.required:
-                    self._last_error = m.last_error
-                log.warning("%s", m.last_error)
-        if ready and m.max_batch_size == 0:
-            try:
-                cfg = await self._client.get_model_config(m.name, as_json=True, client_timeout=self.timeout_s)
-                m.max_batch_size = int(cfg["config"].get("max_batch_size", 0))
-            except (InferenceServerException, KeyError, ValueError) as exc:
-                log.warning("could not read the config of %s: %s", m.name, exc)
-        if not ready and m.required and self._last_error is None:
-            self._last_error = f"model {m.name!r} is not loaded in Triton ({m.last_error or 'not ready'})"
+        if ready:
+            await self._read_config(m)
+        elif self.load_models:
+            self._loading[m.name] = asyncio.create_task(self._load(m), name=f"triton-load-{m.name}")
         m.loaded = ready
+
+    async def _load(self, m: _ModelState) -> None:
+        assert self._client is not None
+        was_ready = self.ready
+        t0 = time.perf_counter()
+        try:
+            await self._client.load_model(m.name, client_timeout=self.load_timeout_s)
+            m.loaded = bool(await self._client.is_model_ready(m.name, client_timeout=self.probe_timeout_s))
+            if m.loaded:
+                m.last_error = None
+                await self._read_config(m)
+                log.info("Triton loaded model %s in %.0f ms", m.name, (time.perf_counter() - t0) * 1e3)
+        except InferenceServerException as exc:
+            m.loaded = False
+            m.last_error = f"load_model({m.name!r}) failed: {_describe(exc)}"
+            log.warning("%s", m.last_error)
+        finally:
+            self._loading.pop(m.name, None)
+            self._publish(was_ready)
+
+    async def _read_config(self, m: _ModelState) -> None:
+        if m.max_batch_size:
+            return
+        assert self._client is not None
+        try:
+            cfg = await self._client.get_model_config(m.name, as_json=True, client_timeout=self.probe_timeout_s)
+            m.max_batch_size = int(cfg["config"].get("max_batch_size", 0))
+        except (InferenceServerException, KeyError, ValueError) as exc:
+            log.warning("could not read the config of %s: %s", m.name, exc)
+
+    def _declare_outage(self, reason: str) -> None:
+        """Triton went down: abort every inference call in flight."""
+        if self._outage is not None and not self._outage.done():
+            self._outage.set_result(reason)
 
     def _note_failure(self) -> None:
         """An inference call failed: re-check readiness now rather than at the next tick."""
@@ -264,17 +335,32 @@ class TritonClient:
         self, model: str, inputs: list[grpcclient.InferInput], output: str
     ) -> NDArray:
         client = self._check_callable(model)
-        try:
-            result = await client.infer(
+        outage = self._outage
+        call = asyncio.ensure_future(
+            client.infer(
                 model,
                 inputs,
                 outputs=[grpcclient.InferRequestedOutput(output)],
                 client_timeout=self.timeout_s,
             )
+        )
+        try:
+            if outage is not None:
+                await asyncio.wait((call, outage), return_when=asyncio.FIRST_COMPLETED)
+                if not call.done():
+                    call.cancel()
+                    raise TritonUnavailable(
+                        f"Triton went down while {model!r} was inferring: {outage.result()}"
+                    )
+            result = await call
+        except TritonUnavailable:
+            self._note_failure()
+            raise
         except InferenceServerException as exc:
             self._note_failure()
             raise TritonUnavailable(f"Triton inference on {model!r} failed: {_describe(exc)}") from exc
         except asyncio.CancelledError:
+            call.cancel()
             raise
         except Exception as exc:  # grpc/aio internals on a closing channel
             self._note_failure()
