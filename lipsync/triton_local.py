@@ -176,11 +176,16 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now (bound to port 0 and released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports that are free now (bound to port 0 together, then released)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def check_model_repository(repo: Path, load_models: Sequence[str]) -> list[str]:
@@ -258,6 +263,7 @@ class TritonServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
+        self._errors: collections.deque[str] = collections.deque(maxlen=10)
         self._reaped = False
 
     # ------------------------------------------------------------------ addresses and state
@@ -289,6 +295,13 @@ class TritonServer:
     def log_tail(self, lines: int = 25) -> str:
         """The last `lines` lines Triton printed."""
         return "\n".join(list(self._tail)[-lines:])
+
+    def _failure_report(self) -> str:
+        """Triton's error lines (if any) and the tail of its log, for error messages."""
+        report = ""
+        if self._errors:
+            report += "Errors it logged:\n" + "\n".join(self._errors) + "\n"
+        return report + "Its log ends with:\n" + self.log_tail(15)
 
     # ------------------------------------------------------------------------- lifecycle
     def _command(self, install: TritonInstall, backend_dir: Path) -> list[str]:
@@ -337,10 +350,13 @@ class TritonServer:
                 if not line:
                     continue
                 self._tail.append(line)
+                level = _level_of(line)
+                if level >= logging.ERROR:
+                    self._errors.append(line)
                 if log_handle is not None:
                     log_handle.write(line + "\n")
                     log_handle.flush()
-                server_log.log(_level_of(line), "%s", line)
+                server_log.log(level, "%s", line)
         finally:
             if log_handle is not None:
                 log_handle.close()
@@ -370,6 +386,7 @@ class TritonServer:
         )
         logger.debug("command: %s", " ".join(command))
         self._tail.clear()
+        self._errors.clear()
         self._reaped = False
         self._process = subprocess.Popen(
             command,
@@ -395,8 +412,8 @@ class TritonServer:
             if code is not None:
                 self._reap()
                 raise TritonStartError(
-                    f"tritonserver exited with status {code} before it was ready. Its log ends "
-                    f"with:\n{self.log_tail()}"
+                    f"tritonserver exited with status {code} before it was ready. "
+                    f"{self._failure_report()}"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
@@ -407,8 +424,8 @@ class TritonServer:
             time.sleep(0.2)
         self.stop()
         raise TritonStartError(
-            f"tritonserver was not ready after {timeout_s:.0f} s (stopped it). Its log ends "
-            f"with:\n{self.log_tail()}"
+            f"tritonserver was not ready after {timeout_s:.0f} s (stopped it). "
+            f"{self._failure_report()}"
         )
 
     def _join_reader(self) -> None:
@@ -511,9 +528,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         while not stop_requested.wait(0.5):
             if not server.is_running:
-                logger.error(
-                    "tritonserver exited unexpectedly. Its log ends with:\n%s", server.log_tail()
-                )
+                logger.error("tritonserver exited unexpectedly. %s", server._failure_report())
                 return 1
         return 0
     except TritonStartError as exc:

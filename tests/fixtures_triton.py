@@ -1,1 +1,105 @@
-"""(placeholder until the owning area lands its fixtures)."""
+"""Fixtures for the real CPU tritonserver (nvidia-pytriton wheel), on free ports.
+
+- `triton_server` (session): Triton on the generated CPU model repository
+  (`lipsync.paths.MODEL_REPOSITORY_CPU`) once `demo_package` has written `lipsync_demo` and
+  `audio_encoder` there; explicit model control with every model loaded.
+- `start_triton` (function): factory `start_triton(repo, **kwargs) -> TritonServer` for tests
+  that need their own server (to kill or restart it); everything it started is stopped at
+  teardown. Keyword arguments go to `TritonServer` (ports default to free ones, the log to a
+  file in the test's tmp folder); `timeout_s` goes to `start()`.
+- `untrained_onnx` (session): the UNet (`ave`) and the audio encoder exported with seeded
+  untrained weights into a tmp folder (`export.onnx_export`), for tests that must not depend
+  on the demo avatar.
+- `untrained_model_repo` (session): a CPU-profile model repository in a tmp folder holding
+  `lipsync_test` (that UNet) and `audio_encoder`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lipsync.paths import MODEL_REPOSITORY_CPU
+from lipsync.triton_local import TritonServer, free_ports
+
+StartTriton = Callable[..., TritonServer]
+
+TEST_AVATAR = "test"
+"""Avatar name of the untrained UNet in `untrained_model_repo` (model `lipsync_test`)."""
+
+
+@dataclass(frozen=True)
+class UntrainedOnnx:
+    """ONNX files exported with seeded untrained weights (seed 0)."""
+
+    unet: Path
+    audio_encoder: Path
+
+
+def _server(repo: Path, log_file: Path, **kwargs: Any) -> TritonServer:
+    http_port, grpc_port, metrics_port = free_ports(3)
+    kwargs.setdefault("http_port", http_port)
+    kwargs.setdefault("grpc_port", grpc_port)
+    kwargs.setdefault("metrics_port", metrics_port)
+    kwargs.setdefault("log_file", log_file)
+    return TritonServer(repo, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def untrained_onnx(tmp_path_factory: pytest.TempPathFactory) -> UntrainedOnnx:
+    """The UNet (`crop` u8 [N,320,320,3], `audio` f32 [N,16,512] -> `pred` u8 [N,320,320,3])
+    and the audio encoder (`mel` f32 [N,80,16] -> `feature` f32 [N,512]), untrained, seed 0."""
+    from export.onnx_export import export_audio_encoder, export_unet
+
+    folder = tmp_path_factory.mktemp("onnx")
+    unet = export_unet(None, folder / "unet_ave.onnx", mode="ave", seed=0)
+    encoder = export_audio_encoder(None, folder / "audio_encoder.onnx", seed=0)
+    return UntrainedOnnx(unet=unet.path, audio_encoder=encoder.path)
+
+
+@pytest.fixture(scope="session")
+def untrained_model_repo(
+    untrained_onnx: UntrainedOnnx, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A CPU-profile model repository with `lipsync_test` and `audio_encoder`."""
+    from export.model_repo import avatar_model_name, write_audio_encoder_model, write_avatar_model
+
+    repo = tmp_path_factory.mktemp("model_repo_cpu")
+    write_avatar_model(repo, avatar_model_name(TEST_AVATAR), untrained_onnx.unet, "cpu")
+    write_audio_encoder_model(repo, untrained_onnx.audio_encoder, "cpu")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_server(
+    demo_package: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """Triton on the CPU model repository with the demo avatar's models, all loaded."""
+    log_file = tmp_path_factory.mktemp("triton_session") / "tritonserver.log"
+    server = _server(MODEL_REPOSITORY_CPU, log_file, model_control_mode="explicit", load_models=("*",))
+    server.start(timeout_s=180.0)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_triton(tmp_path: Path) -> Iterator[StartTriton]:
+    """Factory: `start_triton(repo, **kwargs) -> TritonServer`, started and ready; stopped at
+    teardown."""
+    started: list[TritonServer] = []
+
+    def _start(repo: Path, **kwargs: Any) -> TritonServer:
+        timeout_s = float(kwargs.pop("timeout_s", 120.0))
+        server = _server(repo, tmp_path / f"tritonserver-{len(started)}.log", **kwargs)
+        started.append(server)
+        server.start(timeout_s=timeout_s)
+        return server
+
+    yield _start
+    for server in reversed(started):
+        server.stop()

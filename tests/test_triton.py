@@ -1,0 +1,252 @@
+"""The real CPU tritonserver (nvidia-pytriton wheel) serving the CPU profile.
+
+- Concurrent gRPC requests to the UNet are answered with the same bytes (<= 1 LSB) as ONNX
+  Runtime in-process, and Triton's own statistics show they were batched.
+- The audio encoder answers like ONNX Runtime.
+- The launcher fails with clear errors (missing repository, missing model file, busy port,
+  broken model config with the log tail), survives kill + restart on the same ports, and
+  `lipsync triton` stops cleanly on SIGTERM.
+"""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+
+from lipsync.triton_local import TritonServer, TritonStartError, free_ports, port_in_use
+from tests.fixtures_triton import TEST_AVATAR, StartTriton, UntrainedOnnx
+
+pytestmark = pytest.mark.triton
+
+UNET_MODEL = f"lipsync_{TEST_AVATAR}"
+N_REQUESTS = 10
+
+
+def _unet_inputs(rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    crop = rng.integers(0, 256, size=(batch, 320, 320, 3), dtype=np.uint8)
+    audio = rng.standard_normal((batch, 16, 512)).astype(np.float32)
+    return crop, audio
+
+
+def _infer_inputs(crop: np.ndarray, audio: np.ndarray) -> list[grpcclient.InferInput]:
+    crop_in = grpcclient.InferInput("crop", list(crop.shape), "UINT8")
+    crop_in.set_data_from_numpy(crop)
+    audio_in = grpcclient.InferInput("audio", list(audio.shape), "FP32")
+    audio_in.set_data_from_numpy(audio)
+    return [crop_in, audio_in]
+
+
+def _model_stats(client: grpcclient.InferenceServerClient, model: str) -> object:
+    stats = client.get_inference_statistics(model_name=model).model_stats
+    assert len(stats) == 1
+    return stats[0]
+
+
+def test_concurrent_requests_are_batched_and_match_onnxruntime(
+    start_triton: StartTriton, untrained_model_repo: Path, untrained_onnx: UntrainedOnnx
+) -> None:
+    server = start_triton(untrained_model_repo, load_models=(UNET_MODEL,))
+    rng = np.random.default_rng(7)
+    requests = [_unet_inputs(rng, batch=1) for _ in range(N_REQUESTS)]
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    before = _model_stats(client, UNET_MODEL)
+    assert before.inference_count == 0
+
+    results: dict[int, np.ndarray] = {}
+    errors: dict[int, Exception] = {}
+    done = threading.Semaphore(0)
+
+    def callback(index: int, result: grpcclient.InferResult | None, error: Exception | None) -> None:
+        if error is not None:
+            errors[index] = error
+        else:
+            assert result is not None
+            results[index] = result.as_numpy("pred")
+        done.release()
+
+    # All requests are in flight at once (async_infer returns immediately).
+    for index, (crop, audio) in enumerate(requests):
+        client.async_infer(
+            UNET_MODEL,
+            _infer_inputs(crop, audio),
+            callback=lambda result, error, index=index: callback(index, result, error),
+            outputs=[grpcclient.InferRequestedOutput("pred")],
+            client_timeout=120.0,
+        )
+    for _ in range(N_REQUESTS):
+        assert done.acquire(timeout=150.0), "a Triton request got no answer"
+    assert not errors, errors
+
+    session = ort.InferenceSession(str(untrained_onnx.unet), providers=["CPUExecutionProvider"])
+    for index, (crop, audio) in enumerate(requests):
+        (expected,) = session.run(["pred"], {"crop": crop, "audio": audio})
+        got = results[index]
+        assert got.shape == (1, 320, 320, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+        assert diff.max() <= 1, f"request {index}: max difference {diff.max()} LSB"
+
+    stats = _model_stats(client, UNET_MODEL)
+    assert stats.inference_count == N_REQUESTS
+    assert stats.inference_stats.fail.count == 0
+    # Batched: fewer model executions than inferences, and some execution ran a batch > 1.
+    assert stats.execution_count < stats.inference_count, (
+        f"{stats.execution_count} executions for {stats.inference_count} inferences"
+    )
+    assert max(b.batch_size for b in stats.batch_stats) > 1
+    assert sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats) == N_REQUESTS
+    client.close()
+
+
+def test_audio_encoder_matches_onnxruntime(
+    start_triton: StartTriton, untrained_model_repo: Path, untrained_onnx: UntrainedOnnx
+) -> None:
+    server = start_triton(untrained_model_repo, load_models=("audio_encoder",))
+    mel = np.random.default_rng(3).standard_normal((5, 80, 16)).astype(np.float32)
+    mel_in = grpcclient.InferInput("mel", list(mel.shape), "FP32")
+    mel_in.set_data_from_numpy(mel)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        assert not client.is_model_ready(UNET_MODEL)  # explicit mode: only what was asked
+        feature = client.infer("audio_encoder", [mel_in]).as_numpy("feature")
+    session = ort.InferenceSession(str(untrained_onnx.audio_encoder), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(["feature"], {"mel": mel})
+    assert feature.shape == (5, 512) and feature.dtype == np.float32
+    np.testing.assert_allclose(feature, expected, rtol=1e-5, atol=1e-5)
+
+
+def _group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
+    """True once no live (non-zombie) process is left in process group `pgid`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        live = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append(stat.parent.name)
+        if not live:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_kill_then_restart_on_the_same_ports(
+    start_triton: StartTriton, untrained_model_repo: Path
+) -> None:
+    server = start_triton(untrained_model_repo, load_models=("audio_encoder",))
+    pid = server.pid
+    assert pid is not None
+    server.kill()
+    assert not server.is_running
+    assert _group_gone(pid), "tritonserver's process group (backend stubs) outlived kill()"
+    server.start(timeout_s=120.0)
+    assert server.is_running and server.pid != pid
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        assert client.is_server_ready() and client.is_model_ready("audio_encoder")
+
+
+def _server_on(repo: Path, **kwargs: object) -> TritonServer:
+    http_port, grpc_port, metrics_port = free_ports(3)
+    return TritonServer(
+        repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, **kwargs  # type: ignore[arg-type]
+    )
+
+
+def test_missing_model_repository_is_a_clear_error(tmp_path: Path) -> None:
+    server = _server_on(tmp_path / "no_such_repo")
+    with pytest.raises(TritonStartError, match=r"model repository .*no_such_repo does not exist"):
+        server.start()
+    assert server.pid is None
+
+
+def test_missing_model_and_model_file_are_clear_errors(
+    tmp_path: Path, untrained_model_repo: Path
+) -> None:
+    with pytest.raises(TritonStartError, match=r"model 'lipsync_nobody' is not in .*lipsync_test"):
+        _server_on(untrained_model_repo, load_models=("lipsync_nobody",)).start()
+
+    broken = tmp_path / "repo" / "lipsync_x"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text((untrained_model_repo / UNET_MODEL / "config.pbtxt").read_text())
+    with pytest.raises(TritonStartError, match=r"model 'lipsync_x': no version folder .* model file"):
+        _server_on(tmp_path / "repo").start()
+
+
+def test_busy_port_is_a_clear_error(untrained_model_repo: Path) -> None:
+    http_port, grpc_port, metrics_port = free_ports(3)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", grpc_port))
+        listener.listen()
+        server = TritonServer(
+            untrained_model_repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+        )
+        with pytest.raises(TritonStartError, match=rf"gRPC port {grpc_port} .* already in use"):
+            server.start()
+        assert server.pid is None  # nothing was started
+
+
+def test_broken_model_config_reports_the_log_tail(tmp_path: Path, untrained_model_repo: Path) -> None:
+    repo = tmp_path / "repo"
+    folder = repo / "lipsync_broken"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    (folder / "1" / "model.py").write_text(
+        (untrained_model_repo / UNET_MODEL / "1" / "model.py").read_text()
+    )
+    (folder / "config.pbtxt").write_text(
+        (untrained_model_repo / UNET_MODEL / "config.pbtxt").read_text().replace(UNET_MODEL, "lipsync_broken")
+    )
+    server = _server_on(repo, log_file=tmp_path / "triton.log")
+    with pytest.raises(TritonStartError, match=r"exited with status \d+ before it was ready") as info:
+        server.start(timeout_s=120.0)
+    # The message carries Triton's own error lines; the log file got them too.
+    assert "failed to load 'lipsync_broken'" in str(info.value)
+    assert "Protobuf parsing failed" in str(info.value)
+    assert "lipsync_broken" in (tmp_path / "triton.log").read_text()
+    assert not server.is_running
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1.0) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_cli_serves_until_sigterm(untrained_model_repo: Path, tmp_path: Path) -> None:
+    http_port, grpc_port, metrics_port = free_ports(3)
+    command = [
+        sys.executable, "-m", "lipsync", "triton",
+        "--model-repository", str(untrained_model_repo),
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port), "--load-model", "audio_encoder",
+    ]
+    with (tmp_path / "cli.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not _ready(f"http://127.0.0.1:{http_port}"):
+                assert process.poll() is None, (tmp_path / "cli.log").read_text()
+                assert time.monotonic() < deadline, "lipsync triton not ready in 120 s"
+                time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0, (tmp_path / "cli.log").read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for port in (http_port, grpc_port, metrics_port):
+        assert not port_in_use(port), f"port {port} still in use after SIGTERM"
