@@ -14,6 +14,7 @@ Each file carries `metadata_props`: `lipsync.kind`, `lipsync.mode`, `lipsync.tra
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,6 @@ def _torch_export(
     output_names: list[str],
     opset: int,
 ) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
     dynamic = {name: {0: BATCH_AXIS} for name in [*input_names, *output_names]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -173,6 +173,28 @@ def _write_metadata(path: Path, kind: str, mode: str, weights: WeightsInfo, opse
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def _write_onnx(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    output: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    meta: tuple[str, str, WeightsInfo],
+) -> None:
+    """Export, stamp metadata and check into a temporary file beside `output`, then rename it
+    over `output`: readers (Triton, the package builder) never see a half-written model."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        _torch_export(module, args, partial, input_names, output_names, opset)
+        kind, mode, weights = meta
+        _write_metadata(partial, kind, mode, weights, opset)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def read_onnx_metadata(path: Path) -> dict[str, str]:
     """The `lipsync.*` metadata_props of an exported ONNX file, prefix removed
     (kind, mode, trained, checkpoint_source, checkpoint_sha256, opset)."""
@@ -194,15 +216,15 @@ def export_unet_module(
     _check_opset(opset)
     wrapper = UnetWithPrePost(unet.eval()).eval()
     crop, audio = example_unet_inputs(unet.mode, batch=2)  # type: ignore[arg-type]
-    _torch_export(
+    _write_onnx(
         wrapper,
         (torch.from_numpy(crop), torch.from_numpy(audio)),
         output,
         ["crop", "audio"],
         ["pred"],
         opset,
+        ("unet", unet.mode, weights),
     )
-    _write_metadata(output, "unet", unet.mode, weights, opset)
     logger.info("exported UNet328(mode=%s) to %s (opset %d)", unet.mode, output, opset)
     return ExportResult(path=output, weights=weights, mode=unet.mode, opset=opset)
 
@@ -220,6 +242,7 @@ def export_unet(
     Raises export.checkpoint.CheckpointError for a bad or mis-fitting checkpoint, ValueError
     for an unknown mode or opset < 17.
     """
+    _check_opset(opset)
     unet, weights = load_unet(checkpoint, mode=mode, seed=seed)
     return export_unet_module(unet, weights, output, opset)
 
@@ -239,8 +262,9 @@ def export_audio_encoder(
     encoder, weights = load_audio_encoder(checkpoint, seed=seed)
     wrapper = AudioEncoderWithPre(encoder).eval()
     mel = torch.zeros(2, MEL_BANDS, MEL_WINDOW)
-    _torch_export(wrapper, (mel,), output, ["mel"], ["feature"], opset)
-    _write_metadata(output, "audio_encoder", "ave", weights, opset)
+    _write_onnx(
+        wrapper, (mel,), output, ["mel"], ["feature"], opset, ("audio_encoder", "ave", weights)
+    )
     logger.info("exported AudioEncoder to %s (opset %d, feature dim %d)", output, opset, FEATURE_DIM)
     return ExportResult(path=output, weights=weights, mode="audio_encoder", opset=opset)
 

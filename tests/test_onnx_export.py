@@ -267,6 +267,7 @@ def test_cli_export_unet_from_saved_state_dict(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "parity" in proc.stdout and "ok: max" in proc.stdout, proc.stdout
 
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "x.onnx"]  # no leftovers
     meta = read_onnx_metadata(output)
     assert meta["trained"] == "true" and meta["mode"] == "ave"
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
