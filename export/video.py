@@ -1,9 +1,9 @@
 """Video decoding for the package builder: any OpenCV-readable file -> BGR frames at 25 fps.
 
 Frame-rate conversion is nearest-frame time mapping: output frame j (time `j / fps`) takes
-source frame `round(j * source_fps / fps)`; output frames continue while that source frame
-exists, so a clip of `n` frames at `source_fps` gives about `floor(n * fps / source_fps)` frames
-(120 frames at 29.97 fps -> 100 frames at 25 fps). Frames are decoded in one streaming pass.
+source frame `min(round(j * source_fps / fps), n - 1)`, for the `floor(n * fps / source_fps)`
+output frames that fit in the clip's duration (`n` source frames; 120 frames at 29.97 fps ->
+100 frames at 25 fps). Frames are decoded in one streaming pass.
 """
 from __future__ import annotations
 
@@ -108,23 +108,34 @@ def decode_video(
         interp = cv2.INTER_AREA if out_h < src_h else cv2.INTER_CUBIC
         frames: list[np.ndarray] = []
         k = 0
+        last: np.ndarray | None = None
+
+        def resize(frame: np.ndarray) -> np.ndarray:
+            if (out_w, out_h) == (src_w, src_h):
+                return frame
+            return cv2.resize(frame, (out_w, out_h), interpolation=interp)
+
         with tqdm(total=total, desc="decode video", unit="frame", disable=not progress) as bar:
             while True:
                 ok, frame = cap.read()
                 if not ok:
                     break
-                if (out_w, out_h) != (frame.shape[1], frame.shape[0]):
-                    wanted = source_index(len(frames), source_fps, fps)
-                    if wanted == k:  # resize only the frames that are kept
-                        frame = cv2.resize(frame, (out_w, out_h), interpolation=interp)
-                while source_index(len(frames), source_fps, fps) == k:
-                    frames.append(frame)
+                last = frame
+                if source_index(len(frames), source_fps, fps) == k:  # resize only kept frames
+                    kept = resize(frame)
+                    while source_index(len(frames), source_fps, fps) == k:
+                        frames.append(kept)
                 k += 1
                 bar.update(1)
     finally:
         cap.release()
-    if k == 0 or not frames:
+    if k == 0 or last is None:
         raise VideoError(f"{path}: no frames could be decoded")
+    # one output frame per 1/fps inside the clip's duration (k / source_fps seconds)
+    target = max(1, int(math.floor(k * fps / source_fps + 1e-9)))
+    if len(frames) < target:
+        frames.extend([resize(last)] * (target - len(frames)))
+    del frames[target:]
     logger.info(
         "decoded %s: %d frames %dx%d at %.3f fps -> %d frames %dx%d at %g fps",
         path.name, k, src_w, src_h, source_fps, len(frames), out_w, out_h, fps,
