@@ -1,0 +1,333 @@
+"""Side by side, in one run: our stack (CPU Triton + gateway) against the seed-architecture
+baseline (`perf/baseline_server.py`), driven by the same load generator over the same gRPC
+`StreamInference`, at 1, 4 and 8 concurrent streams. Writes `perf/results/compare.md` and
+`perf/results/compare.json`.
+
+    python -m perf.compare                      # starts everything it needs, ~5-8 min on 2 cores
+    python -m perf.compare --streams 1 4 8 --frames 40 --pace 0
+
+By default it starts the local CPU `tritonserver` on the CPU model repository, our gateway
+(`lipsync gateway`, subprocess) and the baseline (subprocess), each on free ports, runs the
+streams against one server at a time (the other idles), and stops them all. Pass
+`--gateway-address`/`--baseline-address` (and `--triton-metrics-url`) to measure servers that
+are already running, e.g. on a GPU host.
+
+As fast as possible (`--pace 0`, the default here) every stream keeps one frame in flight, so
+N streams are N concurrent requests: frames/s is the capacity of each server at that
+concurrency and latency is pure service time. `--pace 25` measures real-time streams instead.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from perf import report
+from perf.loadgen import LoadConfig, run_load
+from perf.stats import RunSummary, ratio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Triton's counters for one model over a run (from its Prometheus metrics).
+
+    Attributes:
+        inferences: frames inferred (``nv_inference_count`` delta).
+        executions: model executions (``nv_inference_exec_count`` delta); fewer than
+            `inferences` means Triton batched.
+    """
+
+    inferences: float
+    executions: float
+
+    @property
+    def mean_batch(self) -> float:
+        """Frames per execution (NaN when nothing ran)."""
+        return self.inferences / self.executions if self.executions else float("nan")
+
+
+def read_triton_counters(metrics_url: str, model: str) -> tuple[float, float]:
+    """``(nv_inference_count, nv_inference_exec_count)`` of `model` from Triton's metrics.
+
+    Raises:
+        OSError: the metrics endpoint cannot be read.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    counts = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            # the parser names a counter's samples `<family>_total`
+            name = sample.name.removesuffix("_total")
+            if name in counts and sample.labels.get("model") == model:
+                counts[name] += sample.value
+    return counts["nv_inference_count"], counts["nv_inference_exec_count"]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One concurrency level: our summary, the baseline's, and Triton's batching."""
+
+    streams: int
+    ours: RunSummary
+    baseline: RunSummary
+    batch: BatchStats | None
+
+
+COMPARE_HEADERS = (
+    "streams", "ours frames/s", "baseline frames/s", "throughput ratio (ours/baseline)",
+    "ours p50 / p95 / p99 ms", "baseline p50 / p95 / p99 ms", "p95 ratio (ours/baseline)",
+    "late ours / baseline", "errors ours / baseline", "Triton mean batch",
+)
+
+
+def compare_rows(rows: Sequence[Row]) -> list[list[object]]:
+    """Table rows (columns `COMPARE_HEADERS`) with the ratios computed from the summaries."""
+    out: list[list[object]] = []
+    for r in rows:
+        o, b = r.ours, r.baseline
+        out.append([
+            r.streams, o.fps, b.fps, f"{ratio(o.fps, b.fps):.2f}x",
+            f"{report.fmt(o.p50_ms, 0)} / {report.fmt(o.p95_ms, 0)} / {report.fmt(o.p99_ms, 0)}",
+            f"{report.fmt(b.p50_ms, 0)} / {report.fmt(b.p95_ms, 0)} / {report.fmt(b.p99_ms, 0)}",
+            f"{ratio(o.p95_ms, b.p95_ms):.2f}",
+            f"{o.late} / {b.late}", f"{o.errors} / {b.errors}",
+            report.fmt(r.batch.mean_batch, 2) if r.batch else "n/a",
+        ])
+    return out
+
+
+def write_compare(rows: Sequence[Row], out_md: Path, out_json: Path, setup: Sequence[str],
+                  argv: Sequence[str] | None = None) -> None:
+    """Write the comparison table (markdown) and every summary (JSON)."""
+    lines = report.header("Our stack vs the seed-architecture baseline", argv)
+    lines += [*setup, ""]
+    lines += report.markdown_table(COMPARE_HEADERS, compare_rows(rows))
+    last = max(rows, key=lambda r: r.streams)
+    lines += [
+        "",
+        f"At {last.streams} streams: throughput ratio "
+        f"**{ratio(last.ours.fps, last.baseline.fps):.2f}x**, p95 latency ratio "
+        f"**{ratio(last.ours.p95_ms, last.baseline.p95_ms):.2f}** (ours / baseline; below 1 = ours faster).",
+    ]
+    errors = [e for r in rows for s in (r.ours, r.baseline) for e in s.error_samples]
+    if errors:
+        lines += ["", "Errors seen:", *sorted({f"- `{e}`" for e in errors})]
+    report.write_text(out_md, lines)
+    report.write_json(out_json, {
+        "machine": report.machine_line(), "command": report.command_line(argv),
+        "date": report.utc_now(),
+        "rows": [
+            {"streams": r.streams, "ours": r.ours.to_dict(), "baseline": r.baseline.to_dict(),
+             "triton_batch": None if r.batch is None else {
+                 "inferences": r.batch.inferences, "executions": r.batch.executions}}
+            for r in rows
+        ],
+    })
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _wait_http_ok(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _process(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a child in its own process group; SIGTERM (then SIGKILL) it on exit."""
+    with log_path.open("wb") as fh:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path, timeout_s: float) -> Iterator[str]:
+    """Our gateway (`lipsync gateway`) on free ports; yields its gRPC address."""
+    from lipsync.triton_local import free_ports
+
+    grpc_port, http_port = free_ports(2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
+    env.update({
+        "LIPSYNC_TRITON_URL": triton_grpc, "LIPSYNC_HOST": "127.0.0.1",
+        "LIPSYNC_GRPC_PORT": str(grpc_port), "LIPSYNC_HTTP_PORT": str(http_port),
+        "LIPSYNC_PACKAGES_ROOT": str(packages_root),
+        # a loaded 2-core machine can take > 1.5 s for a batch of 8: measure, do not time out
+        "LIPSYNC_TRITON_TIMEOUT_S": str(timeout_s),
+        "LIPSYNC_LOG_LEVEL": "WARNING",
+    })
+    log_path = workdir / "gateway.log"
+    with _process([sys.executable, "-m", "lipsync", "gateway"], env, log_path) as proc:
+        _wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", proc, 180, log_path)
+        yield f"127.0.0.1:{grpc_port}"
+
+
+@contextlib.contextmanager
+def start_baseline(package: Path, workdir: Path) -> Iterator[str]:
+    """The baseline server on a free port; yields its gRPC address."""
+    ready = workdir / "baseline.port"
+    log_path = workdir / "baseline.log"
+    cmd = [sys.executable, "-m", "perf.baseline_server", "--package", str(package), "--port", "0",
+           "--ready-file", str(ready)]
+    with _process(cmd, dict(os.environ), log_path) as proc:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"baseline exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"baseline not ready in 300 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{int(ready.read_text())}"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+async def _measure(address: str, label: str, args: argparse.Namespace, streams: int, frames: int,
+                   frame_range: int, console: Console) -> RunSummary:
+    config = LoadConfig(target="grpc", address=address, avatar=args.avatar, streams=streams,
+                        frames=frames, pace_fps=args.pace, frame_range=frame_range,
+                        timeout_s=args.timeout, label=label)
+    summary, _ = await run_load(config, progress=not args.no_progress, console=console)
+    return summary
+
+
+def run_compare(args: argparse.Namespace, ours: str, baseline: str, metrics_url: str | None,
+                model: str, frame_range: int, console: Console) -> list[Row]:
+    """Warm both servers up, then for each N: ours, then the baseline."""
+    for address, name in ((ours, "ours"), (baseline, "baseline")):
+        asyncio.run(_measure(address, f"warm-up {name}", args, 1, args.warmup, frame_range, console))
+    rows = []
+    for n in args.streams:
+        before = read_triton_counters(metrics_url, model) if metrics_url else None
+        mine = asyncio.run(_measure(ours, f"ours x{n}", args, n, args.frames, frame_range, console))
+        batch = None
+        if metrics_url and before is not None:
+            after = read_triton_counters(metrics_url, model)
+            batch = BatchStats(after[0] - before[0], after[1] - before[1])
+        base = asyncio.run(_measure(baseline, f"baseline x{n}", args, n, args.frames, frame_range, console))
+        rows.append(Row(n, mine, base, batch))
+        console.print(f"N={n}: ours {mine.fps:.1f} frames/s p95 {mine.p95_ms:.0f} ms | "
+                      f"baseline {base.fps:.1f} frames/s p95 {base.p95_ms:.0f} ms")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m perf.compare` argument parser."""
+    from lipsync.paths import PACKAGES_DIR
+
+    p = argparse.ArgumentParser(prog="python -m perf.compare",
+                                description="Our stack vs the seed-architecture baseline, side by side.")
+    p.add_argument("--package", type=Path, default=PACKAGES_DIR / "demo", help="avatar package")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
+    p.add_argument("--frames", type=int, default=40, help="frames per stream per run")
+    p.add_argument("--warmup", type=int, default=4, help="warm-up frames per server (1 stream)")
+    p.add_argument("--pace", type=float, default=0.0, help="0 = as fast as possible, 25 = real time")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-reply timeout of the load generator (s)")
+    p.add_argument("--triton-url", default=None, help="use this running Triton (gRPC host:port)")
+    p.add_argument("--triton-metrics-url", default=None, help="its metrics URL (for the batch column)")
+    p.add_argument("--gateway-address", default=None, help="use this running gateway (gRPC host:port)")
+    p.add_argument("--baseline-address", default=None, help="use this running baseline (gRPC host:port)")
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "compare.md")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start what is missing, compare, write the report; exit 1 if any frame failed."""
+    from lipsync.package import load_package
+    from lipsync.paths import MODEL_REPOSITORY_CPU
+    from lipsync.triton_local import TritonServer, free_ports
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console = Console()
+    pkg = load_package(args.package)
+    args.avatar = pkg.name
+    model = pkg.manifest.model_name
+    frame_range = pkg.feature_rows
+    load_start = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lipsync-compare-")))
+        metrics_url = args.triton_metrics_url
+        triton_url = args.triton_url
+        if args.gateway_address is None and triton_url is None:
+            http, grpc_port, metrics = free_ports(3)
+            server = TritonServer(MODEL_REPOSITORY_CPU, http_port=http, grpc_port=grpc_port,
+                                  metrics_port=metrics, load_models=(model,),
+                                  log_file=work / "triton.log")
+            server.start(timeout_s=180)
+            stack.callback(server.stop)
+            triton_url, metrics_url = server.grpc_url, server.metrics_url
+        ours = args.gateway_address
+        if ours is None:
+            root = work / "packages"
+            root.mkdir()
+            shutil.copytree(pkg.root, root / pkg.name)
+            ours = stack.enter_context(start_gateway(triton_url, root, work, args.timeout))
+        baseline = args.baseline_address or stack.enter_context(start_baseline(pkg.root, work))
+        rows = run_compare(args, ours, baseline, metrics_url, model, frame_range, console)
+    load_end = os.getloadavg()
+    setup = [
+        f"- avatar: `{pkg.name}` ({pkg.manifest.width}x{pkg.manifest.height}, {frame_range} frames, "
+        f"weights trained: {pkg.manifest.weights.trained}); JPEG quality 85 on both",
+        f"- ours: CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching) + gateway, "
+        f"gRPC `StreamInference`; baseline: `perf/baseline_server.py` (PyTorch eager, one frame "
+        f"at a time under a lock), same RPC",
+        f"- load: {args.frames} frames per stream, "
+        + ("as fast as possible, one frame in flight per stream" if args.pace == 0
+           else f"paced at {args.pace:g} fps") + f"; latency and late frames as in `perf/stats.py` "
+        f"(late = more than 40 ms)",
+        f"- load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
+        f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f}: other work on this machine "
+        f"shares its cores and affects both sides",
+    ]
+    write_compare(rows, args.out, args.out.with_suffix(".json"), setup,
+                  ["python", "-m", "perf.compare", *(sys.argv[1:] if argv is None else argv)])
+    console.print(f"wrote {args.out}")
+    return 1 if any(r.ours.errors or r.baseline.errors for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
