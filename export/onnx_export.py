@@ -4,7 +4,9 @@ UNet graph contract (REFERENCE.md section 2, steps 3-7; dynamic batch axis `batc
 - input  `crop`  UINT8 [N, 320, 320, 3]: the BGR inner crop (`crop328[4:324, 4:324]`), HWC;
 - input  `audio` FP32  [N, 16, D]: the 16-row feature window (rows i-8 .. i+7, zeros outside),
   D = 512 (ave), 2048 (hubert: 2 x 1024 per frame), 8192 (wenet: 16 x 512 per frame); it is
-  reshaped row-major to the branch's [N, 32, 16, 16] / [N, 32, 32, 32] / [N, 256, 16, 32];
+  reshaped row-major to the branch's [N, 32, 16, 16] / [N, 32, 32, 32] / [N, 256, 16, 32]
+  exactly as SyncTalk_2D's `inference_328.py` reshapes its window (only the element count and
+  row-major order matter; SyncTalk_2D runs wenet avatars at 20 fps, ave/hubert at 25 fps);
 - output `pred`  UINT8 [N, 320, 320, 3]: BGR, `uint8(y * 255)` by truncation of the sigmoid y.
 Audio encoder contract: input `mel` FP32 [N, 80, 16] -> output `feature` FP32 [N, 512].
 
