@@ -17,6 +17,7 @@ UNet `crop` UINT8 [N,320,320,3] + `audio` FP32 [N,...] (the audio branch's windo
 for `ave`) -> `pred` UINT8 [N,320,320,3]; audio encoder `mel` FP32 [N,80,16] -> `feature` FP32
 [N,512]. Every generated config is parsed as Triton's `ModelConfig` protobuf before it is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -200,8 +201,8 @@ def check_contract(spec: ModelSpec, kind: ModelKind, onnx_path: Path) -> None:
         names = {t.name for t in tensors}
         if names != set(expected):
             raise ModelRepoError(
-                f"{onnx_path.name} is not a {kind} model: its {side} are {sorted(names)}, "
-                f"expected {sorted(expected)}"
+                f"{onnx_path.name} does not match the {kind} contract: its {side} are "
+                f"{sorted(names)}, expected {sorted(expected)}"
             )
         for tensor in tensors:
             data_type, dims = expected[tensor.name]
@@ -241,7 +242,9 @@ def _warmup_block(inputs: Sequence[TensorSpec], batch_sizes: Sequence[int]) -> s
             f"dims: [ {_dims(t.dims)} ] {data} }} }}"
             for t in inputs
         )
-        entries.append(f'  {{\n    name: "batch{batch}_{kind}"\n    batch_size: {batch}\n{tensors}\n  }}')
+        entries.append(
+            f'  {{\n    name: "batch{batch}_{kind}"\n    batch_size: {batch}\n{tensors}\n  }}'
+        )
     return ",\n".join(entries)
 
 
@@ -319,7 +322,9 @@ def _copy_onnx(onnx_path: Path, version_dir: Path) -> None:
             location = ExternalDataInfo(tensor).location
             source = (onnx_path.parent / location).resolve()
             if onnx_path.parent.resolve() not in source.parents:
-                raise ModelRepoError(f"{onnx_path.name}: external data {location!r} escapes its folder")
+                raise ModelRepoError(
+                    f"{onnx_path.name}: external data {location!r} escapes its folder"
+                )
             target = version_dir / location
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -439,7 +444,9 @@ def register_cli(export_subparsers: argparse._SubParsersAction) -> None:
             "audio_encoder. Defaults: model_repository/cpu and model_repository/gpu."
         ),
     )
-    parser.add_argument("--avatar", required=True, help="avatar name; the model is lipsync_<avatar>")
+    parser.add_argument(
+        "--avatar", required=True, help="avatar name; the model is lipsync_<avatar>"
+    )
     parser.add_argument("--onnx", required=True, type=Path, help="the UNet exported to ONNX")
     parser.add_argument(
         "--audio-encoder-onnx", type=Path, default=None, help="the audio encoder exported to ONNX"

@@ -18,6 +18,7 @@ How the wheel's server is made to run (ARCHITECTURE.md "Two serving profiles"):
 - Without a GPU the server logs CUDA/NVML/DCGM warnings and serves normally; those lines are
   logged at DEBUG here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -202,9 +203,7 @@ def check_model_repository(repo: Path, load_models: Sequence[str]) -> list[str]:
     hint = "build it with `lipsync package demo` or `lipsync export model-repo`"
     if not repo.is_dir():
         raise TritonStartError(f"model repository {repo} does not exist; {hint}")
-    available = sorted(
-        p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
+    available = sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = available if tuple(load_models) == ("*",) else list(load_models)
     if not names:
         raise TritonStartError(f"model repository {repo} holds no model folders; {hint}")
@@ -251,7 +250,9 @@ class TritonServer:
         host: str = "127.0.0.1",
     ) -> None:
         if model_control_mode not in ("none", "explicit"):
-            raise ValueError(f"model_control_mode must be 'none' or 'explicit', not {model_control_mode!r}")
+            raise ValueError(
+                f"model_control_mode must be 'none' or 'explicit', not {model_control_mode!r}"
+            )
         self.model_repository = Path(model_repository).resolve()
         self.http_port = http_port
         self.grpc_port = grpc_port
@@ -381,7 +382,10 @@ class TritonServer:
         command = self._command(install, backend_dir)
         logger.info(
             "starting tritonserver (models %s from %s; HTTP %d, gRPC %d, metrics %d)",
-            ", ".join(names), self.model_repository, self.http_port, self.grpc_port,
+            ", ".join(names),
+            self.model_repository,
+            self.http_port,
+            self.grpc_port,
             self.metrics_port,
         )
         logger.debug("command: %s", " ".join(command))
@@ -397,11 +401,16 @@ class TritonServer:
             start_new_session=True,  # own process group: Ctrl-C reaches us, not Triton's stubs
         )
         self._reader = threading.Thread(
-            target=self._pump_log, args=(self._process.stdout,), name="tritonserver-log", daemon=True
+            target=self._pump_log,
+            args=(self._process.stdout,),
+            name="tritonserver-log",
+            daemon=True,
         )
         self._reader.start()
         self._wait_ready(timeout_s)
-        logger.info("tritonserver ready (pid %d): gRPC %s, HTTP %s", self.pid, self.grpc_url, self.http_url)
+        logger.info(
+            "tritonserver ready (pid %d): gRPC %s, HTTP %s", self.pid, self.grpc_url, self.http_url
+        )
 
     def _wait_ready(self, timeout_s: float) -> None:
         assert self._process is not None
@@ -524,7 +533,9 @@ def _run(args: argparse.Namespace) -> int:
         server.start(timeout_s=args.timeout)
         logger.info(
             "Triton is serving: gRPC %s, HTTP %s, metrics %s. Ctrl-C stops it.",
-            server.grpc_url, server.http_url, server.metrics_url,
+            server.grpc_url,
+            server.http_url,
+            server.metrics_url,
         )
         while not stop_requested.wait(0.5):
             if not server.is_running:
@@ -551,7 +562,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--model-repository", type=Path, default=paths.MODEL_REPOSITORY_CPU,
+        "--model-repository",
+        type=Path,
+        default=paths.MODEL_REPOSITORY_CPU,
         help=f"CPU-profile model repository (default {paths.MODEL_REPOSITORY_CPU})",
     )
     parser.add_argument("--http-port", type=int, default=8000)
@@ -560,7 +573,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--model-control-mode", choices=("explicit", "none"), default="explicit")
     parser.add_argument(
-        "--load-model", action="append", metavar="NAME",
+        "--load-model",
+        action="append",
+        metavar="NAME",
         help="model to load at start in explicit mode (repeatable; default: every model, '*')",
     )
     parser.add_argument("--log-file", type=Path, default=None, help="also append Triton's log here")

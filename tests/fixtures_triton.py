@@ -13,6 +13,7 @@
 - `untrained_model_repo` (session): a CPU-profile model repository in a tmp folder holding
   `lipsync_test` (that UNet) and `audio_encoder`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -79,7 +80,9 @@ def triton_server(
 ) -> Iterator[TritonServer]:
     """Triton on the CPU model repository with the demo avatar's models, all loaded."""
     log_file = tmp_path_factory.mktemp("triton_session") / "tritonserver.log"
-    server = _server(MODEL_REPOSITORY_CPU, log_file, model_control_mode="explicit", load_models=("*",))
+    server = _server(
+        MODEL_REPOSITORY_CPU, log_file, model_control_mode="explicit", load_models=("*",)
+    )
     server.start(timeout_s=180.0)
     try:
         yield server

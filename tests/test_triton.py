@@ -7,6 +7,7 @@
   broken model config with the log tail), survives kill + restart on the same ports, and
   `lipsync triton` stops cleanly on SIGTERM.
 """
+
 from __future__ import annotations
 
 import signal
@@ -67,7 +68,9 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
     errors: dict[int, Exception] = {}
     done = threading.Semaphore(0)
 
-    def callback(index: int, result: grpcclient.InferResult | None, error: Exception | None) -> None:
+    def callback(
+        index: int, result: grpcclient.InferResult | None, error: Exception | None
+    ) -> None:
         if error is not None:
             errors[index] = error
         else:
@@ -118,7 +121,9 @@ def test_audio_encoder_matches_onnxruntime(
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert not client.is_model_ready(UNET_MODEL)  # explicit mode: only what was asked
         feature = client.infer("audio_encoder", [mel_in]).as_numpy("feature")
-    session = ort.InferenceSession(str(untrained_onnx.audio_encoder), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(untrained_onnx.audio_encoder), providers=["CPUExecutionProvider"]
+    )
     (expected,) = session.run(["feature"], {"mel": mel})
     assert feature.shape == (5, 512) and feature.dtype == np.float32
     np.testing.assert_allclose(feature, expected, rtol=1e-5, atol=1e-5)
@@ -160,7 +165,11 @@ def test_kill_then_restart_on_the_same_ports(
 def _server_on(repo: Path, **kwargs: object) -> TritonServer:
     http_port, grpc_port, metrics_port = free_ports(3)
     return TritonServer(
-        repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, **kwargs  # type: ignore[arg-type]
+        repo,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -179,8 +188,12 @@ def test_missing_model_and_model_file_are_clear_errors(
 
     broken = tmp_path / "repo" / "lipsync_x"
     (broken / "1").mkdir(parents=True)
-    (broken / "config.pbtxt").write_text((untrained_model_repo / UNET_MODEL / "config.pbtxt").read_text())
-    with pytest.raises(TritonStartError, match=r"model 'lipsync_x': no version folder .* model file"):
+    (broken / "config.pbtxt").write_text(
+        (untrained_model_repo / UNET_MODEL / "config.pbtxt").read_text()
+    )
+    with pytest.raises(
+        TritonStartError, match=r"model 'lipsync_x': no version folder .* model file"
+    ):
         _server_on(tmp_path / "repo").start()
 
 
@@ -190,14 +203,19 @@ def test_busy_port_is_a_clear_error(untrained_model_repo: Path) -> None:
         listener.bind(("127.0.0.1", grpc_port))
         listener.listen()
         server = TritonServer(
-            untrained_model_repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+            untrained_model_repo,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
         )
         with pytest.raises(TritonStartError, match=rf"gRPC port {grpc_port} .* already in use"):
             server.start()
         assert server.pid is None  # nothing was started
 
 
-def test_broken_model_config_reports_the_log_tail(tmp_path: Path, untrained_model_repo: Path) -> None:
+def test_broken_model_config_reports_the_log_tail(
+    tmp_path: Path, untrained_model_repo: Path
+) -> None:
     repo = tmp_path / "repo"
     folder = repo / "lipsync_broken"
     (folder / "1").mkdir(parents=True)
@@ -206,10 +224,14 @@ def test_broken_model_config_reports_the_log_tail(tmp_path: Path, untrained_mode
         (untrained_model_repo / UNET_MODEL / "1" / "model.py").read_text()
     )
     (folder / "config.pbtxt").write_text(
-        (untrained_model_repo / UNET_MODEL / "config.pbtxt").read_text().replace(UNET_MODEL, "lipsync_broken")
+        (untrained_model_repo / UNET_MODEL / "config.pbtxt")
+        .read_text()
+        .replace(UNET_MODEL, "lipsync_broken")
     )
     server = _server_on(repo, log_file=tmp_path / "triton.log")
-    with pytest.raises(TritonStartError, match=r"exited with status \d+ before it was ready") as info:
+    with pytest.raises(
+        TritonStartError, match=r"exited with status \d+ before it was ready"
+    ) as info:
         server.start(timeout_s=120.0)
     # The message carries Triton's own error lines; the log file got them too.
     assert "failed to load 'lipsync_broken'" in str(info.value)
@@ -229,10 +251,20 @@ def _ready(url: str) -> bool:
 def test_cli_serves_until_sigterm(untrained_model_repo: Path, tmp_path: Path) -> None:
     http_port, grpc_port, metrics_port = free_ports(3)
     command = [
-        sys.executable, "-m", "lipsync", "triton",
-        "--model-repository", str(untrained_model_repo),
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port), "--load-model", "audio_encoder",
+        sys.executable,
+        "-m",
+        "lipsync",
+        "triton",
+        "--model-repository",
+        str(untrained_model_repo),
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+        "--load-model",
+        "audio_encoder",
     ]
     with (tmp_path / "cli.log").open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -19,6 +19,7 @@ Config `parameters` read here (all optional, string values):
   server may use (`os.sched_getaffinity`).
 - `onnx_file`: the ONNX file name in the version folder (default `model.onnx`).
 """
+
 from __future__ import annotations
 
 import json
@@ -113,7 +114,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(name, np.ascontiguousarray(value))
-                for name, value in zip(self.output_names, outputs)
+                for name, value in zip(self.output_names, outputs, strict=True)
             ]
         )
 
@@ -155,9 +156,13 @@ class TritonPythonModel:
             else:
                 for index, arrays in gathered:
                     try:
-                        responses[index] = self._respond(self.session.run(self.output_names, arrays))
+                        responses[index] = self._respond(
+                            self.session.run(self.output_names, arrays)
+                        )
                     except Exception as exc:  # noqa: BLE001 - this request's own error
-                        responses[index] = self._error(f"{self.model_name}: inference failed: {exc}")
+                        responses[index] = self._error(
+                            f"{self.model_name}: inference failed: {exc}"
+                        )
         return responses
 
     def finalize(self) -> None:
