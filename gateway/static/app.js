@@ -15,8 +15,9 @@
 const FPS = 25;
 const MAX_IN_FLIGHT = 4;      // bounded number of outstanding requests per page
 const EXTRA_WINDOW = 3;       // slots requested beyond the minimum lead
-const LATENCY_SAMPLES = 100;  // sliding window for p50/p95 (requests)
-const FIRST_FRAME_TIMEOUT_MS = 15000;
+const LATENCY_SAMPLES = 100;  // sliding window for the p50/p95 shown (requests)
+const LEAD_SAMPLES = 20;      // recent requests the lead follows
+const BUFFER_TIMEOUT_MS = 15000;  // longest wait for the first frames before playing
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -141,7 +142,7 @@ class Playback {
     this.clockStart = null;                 // performance.now() when using the fallback clock
     this.useAudioClock = true;
     this.stopped = false;
-    this.firstReply = null;
+    this.onBuffered = null;              // resolves the buffering wait
     this.ws = null;
     this.timer = null;
     this.statsTimer = null;
@@ -170,13 +171,14 @@ class Playback {
     });
     this.ws.onerror = null;
 
-    // Buffer: ask for the first frames and start the clock when frame 0 is back, so the
-    // first slots are not lost to connection set-up and Triton warm-up.
+    // Buffer: ask for the first MAX_IN_FLIGHT frames and start the clock when they are all
+    // back, so the first slots are not lost to connection set-up and Triton warm-up.
     ui.status.textContent = "buffering…";
-    const first = new Promise((resolve) => { this.firstReply = resolve; });
+    const buffered = new Promise((resolve) => { this.onBuffered = resolve; });
     this.fill(0);
-    const timeout = new Promise((resolve) => setTimeout(resolve, FIRST_FRAME_TIMEOUT_MS));
-    await Promise.race([first, timeout]);
+    const timeout = new Promise((resolve) => setTimeout(resolve, BUFFER_TIMEOUT_MS));
+    await Promise.race([buffered, timeout]);
+    this.onBuffered = null;
     if (this.stopped) return;
 
     ui.audio.src = this.avatar.audio_url;
@@ -206,7 +208,8 @@ class Playback {
   // Minimum number of slots between the clock and a newly requested frame, from the p95
   // round-trip latency: a frame requested closer than this would arrive after its slot.
   lead() {
-    const p95 = this.latencies.length ? percentile(this.latencies, 95) : 200;
+    const recent = this.latencies.slice(-LEAD_SAMPLES);
+    const p95 = recent.length ? percentile(recent, 95) : 200;
     return Math.ceil(p95 / (1000 / FPS)) + 1;
   }
 
@@ -250,17 +253,22 @@ class Playback {
       stats.errors += 1;
       stats.lastError = reply.message;
       showError(`frame ${reply.frameId}: ${reply.message}`);
-      if (this.firstReply) { this.firstReply(); this.firstReply = null; }
+      this.checkBuffered();
       return;
     }
     stats.framesReceived += 1;
     this.serverMs.push(reply.processingMs);
     if (this.serverMs.length > LATENCY_SAMPLES) this.serverMs.shift();
-    if (this.firstReply) { this.firstReply(); this.firstReply = null; }
     if (this.stopped || reply.frameId <= this.lastSlot) return;  // too late: its slot passed
     const bitmap = await createImageBitmap(new Blob([reply.jpeg], { type: "image/jpeg" }));
-    if (this.stopped || reply.frameId <= this.lastSlot) { bitmap.close(); return; }
+    if (this.stopped || reply.frameId <= this.lastSlot) { bitmap.close(); this.checkBuffered(); return; }
     this.ready.set(reply.frameId, bitmap);
+    this.checkBuffered();
+  }
+
+  // While buffering, playback starts once every buffered request has been answered.
+  checkBuffered() {
+    if (this.onBuffered && this.inFlight.size === 0) { this.onBuffered(); this.onBuffered = null; }
   }
 
   tick() {
@@ -300,6 +308,10 @@ class Playback {
     ui.errors.textContent = String(stats.errors);
     ui.inflight.textContent = `${this.inFlight.size} / ${this.lead()}`;
     stats.fps = this.drawTimes.length;
+    stats.lead = this.lead();
+    stats.inFlight = this.inFlight.size;
+    stats.nextRequest = this.nextRequest;
+    stats.slot = this.lastSlot;
     stats.latencyP50 = percentile(this.latencies, 50);
     stats.latencyP95 = percentile(this.latencies, 95);
   }
@@ -321,7 +333,7 @@ class Playback {
     ui.audio.pause();
     for (const bitmap of this.ready.values()) bitmap.close();
     this.ready.clear();
-    if (this.firstReply) { this.firstReply(); this.firstReply = null; }
+    if (this.onBuffered) { this.onBuffered(); this.onBuffered = null; }
     if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "stopped");
     ui.play.disabled = false;
     ui.stop.disabled = true;
