@@ -33,6 +33,9 @@ class GatewaySettings(BaseSettings):
     jpeg_encoder: Literal["simplejpeg", "opencv"] = Field(
         "simplejpeg", description="JPEG encoder (simplejpeg falls back to OpenCV if missing)"
     )
+    jpeg_subsampling: Literal["auto", "420", "422", "444"] = Field(
+        "auto", description="chroma subsampling; auto = 4:4:4 at quality >= 90, else 4:2:0"
+    )
     jpeg_threads: int = Field(2, ge=1, le=64, description="thread-pool size for paste-back + JPEG")
 
     # --- admission (robustness) ---------------------------------------------------------------
@@ -45,7 +48,7 @@ class GatewaySettings(BaseSettings):
 
     # --- Triton ---------------------------------------------------------------------------------
     triton_timeout_s: float = Field(
-        10.0,
+        30.0,
         gt=0,
         description="deadline of one inference call to Triton, queueing included (s); a dead "
         "Triton is detected much sooner by the readiness probe, which aborts calls in flight",

@@ -67,7 +67,7 @@ class GatewayContext:
         await store.load_all()
         await triton.register_model(settings.audio_encoder_model, required=False)
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
-        encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality)
+        encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
         admission = AdmissionControl(settings.max_in_flight_total, metrics)
         pipeline = FramePipeline(store, triton, encoder, executor, admission, metrics)
         ctx = cls(
@@ -81,9 +81,9 @@ class GatewayContext:
             started_at=time.time(),
         )
         log.info(
-            "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d",
+            "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
             ctx.ready(), len(store), ", ".join(store.names()) or "none",
-            settings.triton_url, encoder.name, settings.jpeg_quality,
+            settings.triton_url, encoder.name, settings.jpeg_quality, encoder.subsampling,
         )
         return ctx
 

