@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from lipsync import __version__
 from lipsync.audio import (
+    VIDEO_FPS,
     AudioError,
     float_to_pcm16,
     mel_spectrogram,
@@ -156,7 +157,7 @@ def build_package(
         packages_root: where packages live.
         checkpoint: SyncTalk_2D UNet checkpoint (`ave` mode); None -> seeded UNTRAINED weights.
         audio_encoder: AVE audio-encoder checkpoint; None -> seeded UNTRAINED weights.
-        fps: output frame rate (fps), 25 for SyncTalk_2D.
+        fps: output frame rate (fps); only 25 is accepted (SyncTalk_2D's rate, REFERENCE.md s.4).
         height: rescale frames to this height (px), keeping the aspect ratio; None keeps it.
         model_repo_cpu, model_repo_gpu: model repositories to write (None skips one).
         overwrite: replace an existing package of the same name.
@@ -198,6 +199,11 @@ def build_package_with_summary(
     video, audio = Path(video), Path(audio)
     if not re.fullmatch(NAME_PATTERN, name):
         raise BuildError(f"invalid avatar name {name!r}: use letters, digits, '_' or '-' (max 63 characters)")
+    if fps != VIDEO_FPS:
+        raise BuildError(
+            f"--fps must be {VIDEO_FPS}: the ave audio features and the UNet's 16-row audio window "
+            f"are defined per 25-fps frame (REFERENCE.md s.4), got {fps}"
+        )
     packages_root = Path(packages_root)
     dest = packages_root / name
     if dest.exists() and not overwrite:

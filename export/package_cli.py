@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--audio", type=Path, required=True, help="speech (WAV/FLAC/OGG/MP3, any rate; -> 16 kHz mono)")
     build.add_argument("--name", required=True, help="avatar name (letters, digits, _ and -); model lipsync_NAME")
     _add_weights(build)
-    build.add_argument("--fps", type=float, default=25.0, help="output frame rate (default 25)")
+    build.add_argument("--fps", type=float, default=25.0, help="output frame rate; must be 25, the rate the audio features are defined at (default 25)")
     build.add_argument("--height", type=int, default=None, help="rescale frames to this height in px (aspect kept)")
     build.add_argument("--force", action="store_true", help="replace an existing package of that name")
     _add_locations(build)

@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lipsync import __version__
-from lipsync.audio import FEATURE_DIM, SAMPLE_RATE, feature_rows_for_samples
+from lipsync.audio import FEATURE_DIM, SAMPLE_RATE, VIDEO_FPS, feature_rows_for_samples
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class PackageManifest(_Strict):
 
     format_version: Literal[1]
     name: str = Field(pattern=NAME_PATTERN)
-    fps: float = Field(gt=0, description="frame rate of frames and features (fps), 25")
+    fps: float = Field(description="frame rate of frames and features (fps); 25 in version 1")
     width: int = Field(ge=1, description="frame width (px)")
     height: int = Field(ge=1, description="frame height (px)")
     frame_count: int = Field(ge=1, description="N, rows of frames/rects/landmarks")
@@ -140,6 +140,16 @@ class PackageManifest(_Strict):
     source: SourceMedia
     created_at: dt.datetime
     builder: str = Field(description="tool and version that wrote the package")
+
+    @field_validator("fps")
+    @classmethod
+    def _fps_is_25(cls, value: float) -> float:
+        if value != VIDEO_FPS:
+            raise ValueError(
+                f"fps must be {VIDEO_FPS}: the ave audio features are cut per 25-fps frame "
+                f"(REFERENCE.md s.4), got {value}"
+            )
+        return value
 
     @field_validator("model_name")
     @classmethod
@@ -265,6 +275,8 @@ def _read_manifest(root: Path) -> PackageManifest:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise PackageError(f"{root}: {MANIFEST_NAME} is missing (not a package, or an unfinished build)")
+    if not manifest_path.resolve().is_relative_to(root):
+        raise PackageError(f"{manifest_path} resolves to {manifest_path.resolve()}, outside the package folder")
     try:
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -436,7 +448,7 @@ def write_package(
         weights: weights the avatar's model was exported with.
         source: source media description.
         model_name: Triton model name, default `lipsync_<name>`.
-        fps: frame rate of frames and features (fps).
+        fps: frame rate of frames and features (fps); must be 25 (REFERENCE.md s.4).
         builder: tool/version string, default `lipsync <version>`.
 
     Returns:

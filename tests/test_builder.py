@@ -180,6 +180,9 @@ def test_existing_package_is_not_replaced_without_force(tmp_path: Path) -> None:
         build_package(demo_video_path(), demo_speech_path(), "alice", tmp_path)
     with pytest.raises(BuildError, match="invalid avatar name"):
         build_package(demo_video_path(), demo_speech_path(), "../evil", tmp_path)
+    with pytest.raises(BuildError, match="--fps must be 25"):
+        build_package(demo_video_path(), demo_speech_path(), "bob", tmp_path, fps=30.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice"]
 
 
 def test_video_resampling_picks_the_nearest_frame(tmp_path: Path) -> None:

@@ -143,6 +143,15 @@ def test_symlink_escaping_the_folder(make_package: MakePackage) -> None:
         load_package(folder)
 
 
+def test_manifest_symlink_escaping_the_folder(make_package: MakePackage) -> None:
+    folder = make_package()
+    outside = folder.parent / "manifest-elsewhere.json"
+    os.replace(folder / "manifest.json", outside)
+    (folder / "manifest.json").symlink_to(outside)
+    with pytest.raises(PackageError, match=r"manifest\.json resolves to .*manifest-elsewhere\.json, outside"):
+        load_package(folder)
+
+
 def test_bad_json(make_package: MakePackage) -> None:
     folder = make_package()
     (folder / "manifest.json").write_text('{"format_version": 1, "name": ')
@@ -163,6 +172,15 @@ def test_schema_errors(make_package: MakePackage) -> None:
     assert "fps: Field required" in text
     assert "width: Input should be greater than or equal to 1 (found -3)" in text
     assert "surprise: Extra inputs are not permitted" in text
+
+
+def test_fps_must_be_25(make_package: MakePackage) -> None:
+    folder = make_package()
+    data = _manifest(folder)
+    data["fps"] = 30.0
+    _save_manifest(folder, data)
+    with pytest.raises(PackageError, match=r"fps: Value error, fps must be 25.* got 30\.0"):
+        load_package(folder)
 
 
 def test_unsupported_format_version(make_package: MakePackage) -> None:
