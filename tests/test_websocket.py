@@ -270,7 +270,7 @@ def test_live_audio_changes_the_mouth_region(url: str, demo_package: Any) -> Non
     x1, y1, x2, y2 = (int(x) for x in demo_package.rects[v])
     inside = (slice(y1, y2), slice(x1, x2))
     diff_inside = np.abs(a[inside].astype(int) - b[inside].astype(int)).mean()
-    assert diff_inside > 0.5, "speech and silence must give different mouth regions"
+    assert diff_inside > 5.0, "speech and silence must give different mouth regions"
     assert np.array_equal(a, c), "the same audio gives the same frame"
     mask = outside_mask(a.shape, demo_package.rects[v], margin=8)
     assert psnr(a[mask], b[mask]) >= 45.0, "outside the crop the audio changes nothing"
