@@ -1,0 +1,250 @@
+"""Robustness of the gateway over gRPC, against the real CPU tritonserver and the demo avatar.
+
+- bad input gets a precise in-band error and the next valid request still succeeds;
+- bounded admission answers `overloaded` at once instead of queueing without bound;
+- gRPC message size limits;
+- Triton killed mid-stream (own Triton and own gateway): callers get errors promptly, readiness
+  goes false (context, HealthCheck and grpc.health.v1), and after Triton restarts on the same
+  ports the next requests succeed without restarting the gateway;
+- Triton hung (SIGSTOP): the readiness probe notices, frames in flight fail instead of hanging,
+  and it recovers on SIGCONT.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.audio_features import CHUNK_BYTES
+from lipsync.paths import MODEL_REPOSITORY_CPU
+from proto import lipsync_pb2 as pb
+from proto import lipsync_pb2_grpc as pbg
+
+pytestmark = pytest.mark.triton
+
+AVATAR = "demo"
+
+
+def _stub(address: str) -> tuple[grpc.Channel, Any]:
+    channel = grpc.insecure_channel(address)
+    return channel, pbg.OptimizedLipSyncServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def stub(gateway_server: Any) -> Iterator[Any]:
+    channel, s = _stub(gateway_server.grpc_address)
+    with channel:
+        yield s
+
+
+def _ok(stub: Any, frame_id: int = 2) -> None:
+    r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=frame_id), timeout=60)
+    assert r.success, f"a valid request after a bad one failed: {r.error}"
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("name", "frame_id", "code", "text"),
+    [
+        ("nobody", 0, "unknown_avatar", "avatar 'nobody' is not loaded (loaded: demo"),
+        (AVATAR, 176, "frame_out_of_range", "frame_id 176 is out of range for avatar 'demo' (valid: 0..175"),
+        (AVATAR, 10**6, "frame_out_of_range", "valid: 0..175"),
+        (AVATAR, -1, "frame_out_of_range", "frame_id -1 is out of range"),
+        ("", 0, "unknown_avatar", "avatar '' is not loaded"),
+    ],
+)
+def test_bad_frame_requests_get_clear_errors(stub: Any, name: str, frame_id: int, code: str, text: str) -> None:
+    r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=name, frame_id=frame_id), timeout=30)
+    assert not r.success and r.HasField("error") and not r.prediction_data
+    assert r.error.startswith(f"{code}: ") and text in r.error, r.error
+    assert r.frame_id == frame_id
+    _ok(stub)
+
+
+def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
+    ids = [1, -5, 2, 500, 3]
+    names = [AVATAR, AVATAR, "ghost", AVATAR, AVATAR]
+    out = list(stub.StreamInference(iter(
+        [pb.OptimizedInferenceRequest(model_name=n, frame_id=i) for n, i in zip(names, ids)]), timeout=120))
+    assert [r.frame_id for r in out] == ids
+    assert [r.success for r in out] == [True, False, False, False, True]
+    assert "unknown_avatar" in out[2].error and "frame_out_of_range" in out[3].error
+
+
+@pytest.mark.parametrize("package_dir", ["/tmp", "..", "../../etc", "demo/../..", "/", ""])
+def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, package_dir: str) -> None:
+    r = stub.LoadPackage(pb.LoadPackageRequest(package_name="evil", package_dir=package_dir), timeout=30)
+    assert not r.success and r.HasField("error")
+    if package_dir:
+        assert r.error.startswith("package_rejected: ") and "not inside the packages root" in r.error, r.error
+    else:
+        assert "package_dir is required" in r.error
+    assert "evil" not in stub.ListModels(pb.ListModelsRequest()).loaded_models
+    _ok(stub)
+
+
+def test_load_package_symlink_escaping_root_is_refused(stub: Any, gateway_server: Any, demo_package: Any) -> None:
+    root = Path(gateway_server.settings.packages_root)
+    link = root / "escape"
+    link.symlink_to(Path(demo_package.root).resolve(), target_is_directory=True)  # a real package, outside
+    try:
+        r = stub.LoadPackage(pb.LoadPackageRequest(package_name="escape", package_dir="escape"), timeout=30)
+    finally:
+        link.unlink()
+    assert not r.success and "not inside the packages root" in r.error
+    _ok(stub)
+
+
+def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any) -> None:
+    root = Path(gateway_server.settings.packages_root)
+    (root / "empty").mkdir(exist_ok=True)
+    r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="empty"), timeout=30)
+    assert not r.success and "is not an avatar package (no manifest.json)" in r.error
+    r = stub.LoadPackage(pb.LoadPackageRequest(package_name=AVATAR, package_dir="demo"), timeout=120)
+    assert r.success, r.error
+    assert r.package_name == AVATAR and r.frame_count == 176 and list(r.audio_features_shape) == [176, 512]
+    assert r.memory_mapped_audio and "ready" in r.message
+    _ok(stub)
+
+
+# ----------------------------------------------------------------------------- limits
+def test_global_in_flight_limit_answers_overloaded(start_gateway: Any, triton_server: Any, gateway_packages_root: Path) -> None:
+    gw = start_gateway(triton_server.grpc_url, gateway_packages_root, max_in_flight_total=2)
+    channel, stub = _stub(gw.grpc_address)
+    with channel:
+        futures = [
+            stub.GenerateInference.future(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i), timeout=120)
+            for i in range(10)
+        ]
+        t0 = time.monotonic()
+        results = [f.result() for f in futures]
+        errors = [r.error for r in results if not r.success]
+        assert sum(r.success for r in results) >= 2
+        assert errors and all(e.startswith("overloaded: the gateway already has 2 frames in flight (limit 2)") for e in errors), errors
+        assert time.monotonic() - t0 < 60
+        _ok(stub)
+
+
+def test_grpc_message_size_limit(stub: Any, gateway_server: Any) -> None:
+    limit = gateway_server.settings.grpc_max_receive_bytes
+    n = limit // CHUNK_BYTES + 10  # just over the limit
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
+            model_name=AVATAR, frame_count=n - 15, audio_chunks=[bytes(CHUNK_BYTES)] * n), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _ok(stub)
+
+
+# ----------------------------------------------------------------------------- Triton outages
+def _health(channel: grpc.Channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def _wait(predicate: Any, timeout_s: float, step_s: float = 0.05) -> float:
+    """Wait until ``predicate()``; return the seconds it took (fails the test on timeout)."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout_s:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        time.sleep(step_s)
+    return time.monotonic() - t0
+
+
+class _Stream:
+    """A StreamInference call fed from a thread, paced; records when each answer arrives."""
+
+    def __init__(self, stub: Any, count: int, pace_s: float) -> None:
+        self.answers: list[tuple[float, pb.OptimizedInferenceResponse]] = []
+        self.sent: list[float] = []
+        self._stub, self._count, self._pace_s = stub, count, pace_s
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _requests(self) -> Iterator[pb.OptimizedInferenceRequest]:
+        for i in range(self._count):
+            self.sent.append(time.monotonic())
+            yield pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i % 176)
+            time.sleep(self._pace_s)
+
+    def _run(self) -> None:
+        try:
+            for r in self._stub.StreamInference(self._requests(), timeout=300):
+                self.answers.append((time.monotonic(), r))
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            self.error = exc
+
+
+def _own_stack(start_triton: Any, start_gateway: Any, root: Path) -> tuple[Any, Any]:
+    # Only the UNet is loaded at start: the gateway loads what else it needs (audio encoder).
+    triton = start_triton(MODEL_REPOSITORY_CPU, model_control_mode="explicit", load_models=("lipsync_demo",))
+    gateway = start_gateway(triton.grpc_url, root)
+    assert gateway.ctx.ready()
+    return triton, gateway
+
+
+def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
+    triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
+    channel, stub = _stub(gw.grpc_address)
+    with channel:
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        stream = _Stream(stub, count=60, pace_s=0.1)
+        stream.thread.start()
+        _wait(lambda: sum(r.success for _, r in stream.answers) >= 2, 120)
+
+        killed_at = time.monotonic()
+        triton.kill()
+        not_ready_after = _wait(lambda: not gw.ctx.ready(), 5)
+        stream.thread.join(timeout=60)
+        assert not stream.thread.is_alive() and stream.error is None, stream.error
+        assert len(stream.answers) == 60, "every request of the stream must be answered"
+
+        failed = [(t, r) for t, r in stream.answers if not r.success]
+        assert failed, "requests after the kill must fail"
+        assert all(r.error.startswith("triton_unavailable: ") for _, r in failed), failed[0][1].error
+        first_error_after = failed[0][0] - killed_at
+        # every failed answer came promptly after its request was sent (or after the kill)
+        worst = max(t - max(stream.sent[i], killed_at) for i, (t, r) in enumerate(stream.answers) if not r.success)
+        assert first_error_after < 3.0 and worst < 3.0, (first_error_after, worst)
+        assert not_ready_after < 3.0
+        assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        h = stub.HealthCheck(pb.HealthRequest())
+        assert not h.healthy and h.status.startswith("NOT_SERVING")
+        t0 = time.monotonic()
+        r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=1), timeout=30)
+        assert not r.success and "triton_unavailable" in r.error and time.monotonic() - t0 < 3.0
+
+        triton.start(timeout_s=180.0)  # same ports; explicit mode: the gateway reloads models
+        _wait(lambda: gw.ctx.ready(), 120)
+        for i in range(3):
+            _ok(stub, i)
+        _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 5)
+        assert stub.HealthCheck(pb.HealthRequest()).healthy
+
+
+def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
+    triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
+    channel, stub = _stub(gw.grpc_address)
+    with channel:
+        _ok(stub)
+        os.killpg(triton.pid, signal.SIGSTOP)  # tritonserver and its Python-backend stubs
+        try:
+            t0 = time.monotonic()
+            r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3), timeout=30)
+            took = time.monotonic() - t0
+            assert not r.success and r.error.startswith("triton_unavailable: "), r.error
+            # probe period 0.5 s + two probe deadlines of 1 s: about 3 s, never the 30 s deadline
+            assert took < 5.0, took
+            assert not gw.ctx.ready()
+            assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            os.killpg(triton.pid, signal.SIGCONT)
+        _wait(lambda: gw.ctx.ready(), 60)
+        _ok(stub, 4)
