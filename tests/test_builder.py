@@ -226,3 +226,40 @@ def test_audio_conversion_to_16k_mono(tmp_path: Path) -> None:
 def test_landmark_model_ships_in_the_wheel() -> None:
     assert shape_predictor_path().stat().st_size > 90_000_000
     assert format_frame_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+
+
+def test_build_with_checkpoints_records_them(tmp_path: Path, demo_package: AvatarPackage) -> None:
+    """`--checkpoint` / `--audio-encoder` files are used (features differ from the untrained
+    demo's) and recorded (trained, sha256) in the manifest; `verify` accepts the result."""
+    import torch
+
+    from export.checkpoint import load_audio_encoder, load_unet
+    from lipsync.package import load_package, sha256_file
+
+    unet, _ = load_unet(None, seed=3)
+    encoder, _ = load_audio_encoder(None, seed=3)
+    torch.save(unet.state_dict(), tmp_path / "unet.pth")
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pth")
+    path = build_package(
+        demo_video_path(), demo_speech_path(), "ckpt", tmp_path / "packages",
+        checkpoint=tmp_path / "unet.pth", audio_encoder=tmp_path / "encoder.pth",
+        model_repo_cpu=tmp_path / "cpu", model_repo_gpu=None, progress=False,
+    )
+    pkg = load_package(path)
+    w = pkg.manifest.weights
+    assert w.trained and w.unet.trained and w.audio_encoder.trained
+    assert w.unet.sha256 == sha256_file(tmp_path / "unet.pth")
+    assert w.audio_encoder.sha256 == sha256_file(tmp_path / "encoder.pth")
+    assert w.unet.onnx_sha256 == sha256_file(tmp_path / "cpu" / "lipsync_ckpt" / "1" / "model.onnx")
+    assert not (tmp_path / "gpu").exists()
+    assert pkg.features.shape == demo_package.features.shape
+    assert not np.allclose(pkg.features, demo_package.features)
+    np.testing.assert_array_equal(pkg.rects, demo_package.rects)  # same clip, same detector
+
+    verify = [sys.executable, "-m", "lipsync", "package", "verify"]
+    env = dict(os.environ, COLUMNS="400")
+    ok = subprocess.run([*verify, str(path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "OK (format 1)" in ok.stdout + ok.stderr and "weights trained" in ok.stdout + ok.stderr
+    (path / "rects.npy").unlink()
+    bad = subprocess.run([*verify, str(path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1 and "rects.npy (rects) is missing" in bad.stdout + bad.stderr
