@@ -92,7 +92,10 @@ def _get_json(url: str) -> tuple[int, Any]:
 
 
 @pytest.mark.triton
-def test_up_end_to_end_then_ctrl_c_stops_both(gateway_packages_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_up_end_to_end_then_a_signal_stops_both(
+    stop_signal: signal.Signals, gateway_packages_root: Path, tmp_path: Path
+) -> None:
     http, grpc_port, t_http, t_grpc, t_metrics = free_ports(5)
     log_path = tmp_path / "up.log"
     with log_path.open("w") as log_file:
@@ -118,7 +121,7 @@ def test_up_end_to_end_then_ctrl_c_stops_both(gateway_packages_root: Path, tmp_p
             assert resp.status == 200 and resp.read(2) == b"\xff\xd8"
         assert port_in_use(t_grpc) and port_in_use(grpc_port)
 
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=60) == 0, log_path.read_text()
     finally:
         if proc.poll() is None:
@@ -127,6 +130,7 @@ def test_up_end_to_end_then_ctrl_c_stops_both(gateway_packages_root: Path, tmp_p
     text = log_path.read_text()
     assert f"http://127.0.0.1:{http}/" in text, text  # the page URL is printed
     assert f"gRPC 127.0.0.1:{grpc_port}" in text  # and the gRPC address
+    assert "ready: avatars demo" in text
     assert text.index("gateway stopped") < text.index("Triton stopped"), "gateway first, then Triton"
     for port in (http, grpc_port, t_http, t_grpc, t_metrics):
         assert not port_in_use(port), f"port {port} still in use after Ctrl-C"
