@@ -289,8 +289,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 
 def _avatar_json(avatar: Avatar) -> dict[str, Any]:
     """JSON description of one avatar for the page and API clients."""
-    manifest = avatar.package.manifest
-    weights = getattr(manifest, "weights", None)
+    weights = avatar.package.manifest.weights
     rows = avatar.feature_rows
     return {
         "name": avatar.name,
@@ -301,8 +300,12 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
         "frame_count": avatar.frame_count,
         "output_frames": rows,
         "duration_s": rows / avatar.fps if avatar.fps else 0.0,
-        "trained": bool(avatar.trained),
-        "weights_source": getattr(weights, "source", None) if weights is not None else None,
+        "trained": weights.trained,
+        "weights": {
+            "unet": weights.unet.source,
+            "audio_encoder": weights.audio_encoder.source,
+            "unet_onnx_sha256": weights.unet.onnx_sha256,
+        },
         "audio_url": f"/api/avatars/{avatar.name}/audio.wav",
         "init_ms": round(avatar.init_ms, 1),
     }
@@ -331,12 +334,7 @@ async def index(request: web.Request) -> web.FileResponse:
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: liveness (the process answers)."""
     ctx = request.app[CONTEXT_KEY]
-    return web.json_response({"status": "alive", "uptime_s": round(_uptime_s(ctx), 1)})
-
-
-def _uptime_s(ctx: GatewayContext) -> float:
-    started = getattr(ctx, "started_at", None)
-    return time.time() - started if isinstance(started, (int, float)) else 0.0
+    return web.json_response({"status": "alive", "uptime_s": round(ctx.uptime_s(), 1)})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -350,9 +348,10 @@ async def readyz(request: web.Request) -> web.Response:
             f"Triton at {status.url} is not ready"
             + (f" ({status.last_error})" if status.last_error else "")
         )
-    not_loaded = sorted(name for name, ok in status.models.items() if not ok)
+    avatar_models = {a.model_name for a in ctx.store.avatars()}
+    not_loaded = sorted(m for m, ok in status.models.items() if not ok and m in avatar_models)
     if status.server_ready and not_loaded:
-        reasons.append(f"models not loaded in Triton: {', '.join(not_loaded)}")
+        reasons.append(f"avatar models not loaded in Triton: {', '.join(not_loaded)}")
     if not avatars:
         reasons.append(f"no avatar loaded from {ctx.store.packages_root}")
     ready = ctx.ready() and not reasons
@@ -430,7 +429,7 @@ async def stats(request: web.Request) -> web.Response:
     wsm = request.app[WS_METRICS_KEY]
     return web.json_response(
         {
-            "uptime_s": round(_uptime_s(ctx), 1),
+            "uptime_s": round(ctx.uptime_s(), 1),
             "ready": ctx.ready(),
             "in_flight": ctx.pipeline.admission.in_flight,
             "max_in_flight_total": ctx.pipeline.admission.limit,
