@@ -271,11 +271,12 @@ class AvatarStore:
             name: name to serve it under (default: the manifest's name).
 
         Returns:
-            The new `Avatar` (already serving when this returns; its model may still be
-            loading in Triton if Triton is down: the monitor retries).
+            The new `Avatar`, serving when this returns (if Triton is down, its model is
+            loaded by the monitor once Triton is back).
 
         Raises:
-            PackageRejected: path outside the root, or the loader's `PackageError`.
+            PackageRejected: path outside the root, the loader's `PackageError`, or a live
+                Triton that cannot load the avatar's model.
         """
         path = self.resolve_package_dir(package_dir)
         t0 = time.perf_counter()
@@ -288,6 +289,8 @@ class AvatarStore:
             return prepare_avatar(package, name)
 
         avatar = await asyncio.to_thread(_load)
+        if self._triton is not None:
+            await self._register_model(avatar, path)
         avatar.init_ms = (time.perf_counter() - t0) * 1e3
         old = self._avatars.get(avatar.name)
         if old is not None:
@@ -301,9 +304,27 @@ class AvatarStore:
         )
         if avatar.trained is False:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
-        if self._triton is not None:
-            await self._triton.register_model(avatar.model_name, required=True)
         return avatar
+
+    async def _register_model(self, avatar: Avatar, path: Path) -> None:
+        """Have Triton load the avatar's model; refuse the package if a live Triton cannot.
+
+        When Triton is down the avatar is accepted: the monitor loads the model once Triton is
+        back, and the gateway reports not-ready until then.
+        """
+        assert self._triton is not None
+        triton = self._triton
+        already = triton.model_ready(avatar.model_name)
+        await triton.register_model(avatar.model_name, required=True)
+        if triton.server_live and not triton.model_ready(avatar.model_name):
+            in_use = any(a.model_name == avatar.model_name for a in self._avatars.values())
+            if not already and not in_use:
+                triton.unregister_model(avatar.model_name)
+            raise PackageRejected(
+                f"package {path}: Triton at {triton.url} cannot serve its model "
+                f"{avatar.model_name!r} ({triton.model_error(avatar.model_name) or 'not ready'}); "
+                f"export it into the model repository first (`lipsync export model-repo`)"
+            )
 
     async def load_all(self) -> list[Avatar]:
         """Load every package folder under the packages root.

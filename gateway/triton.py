@@ -152,6 +152,20 @@ class TritonClient:
         """True when the server is ready and every *required* model is loaded."""
         return self._server_ready and all(m.loaded for m in self._models.values() if m.required)
 
+    @property
+    def server_live(self) -> bool:
+        """True when the last probe reached a live Triton."""
+        return self._server_ready
+
+    def model_error(self, name: str) -> str | None:
+        """Why model ``name`` is not loaded (Triton's message), if known."""
+        state = self._models.get(name)
+        return state.last_error if state else None
+
+    def unregister_model(self, name: str) -> None:
+        """Stop keeping model ``name`` loaded (it no longer counts for `ready`)."""
+        self._models.pop(name, None)
+
     def model_ready(self, name: str) -> bool:
         """True when the server is ready and model ``name`` is loaded."""
         state = self._models.get(name)

@@ -106,12 +106,31 @@ def test_load_package_symlink_escaping_root_is_refused(stub: Any, gateway_server
 def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any) -> None:
     root = Path(gateway_server.settings.packages_root)
     (root / "empty").mkdir(exist_ok=True)
-    r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="empty"), timeout=30)
+    try:
+        r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="empty"), timeout=30)
+    finally:
+        (root / "empty").rmdir()
     assert not r.success and "is not an avatar package (no manifest.json)" in r.error
     r = stub.LoadPackage(pb.LoadPackageRequest(package_name=AVATAR, package_dir="demo"), timeout=120)
     assert r.success, r.error
     assert r.package_name == AVATAR and r.frame_count == 176 and list(r.audio_features_shape) == [176, 512]
     assert r.memory_mapped_audio and "ready" in r.message
+    _ok(stub)
+
+
+def test_load_package_whose_model_triton_lacks_is_refused(stub: Any, gateway_server: Any, make_package: Any) -> None:
+    import shutil
+
+    root = Path(gateway_server.settings.packages_root)
+    folder = make_package(name="nomodel", root=root)  # valid package; no lipsync_nomodel in Triton
+    try:
+        r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="nomodel"), timeout=120)
+    finally:
+        shutil.rmtree(folder)
+    assert not r.success and r.error.startswith("package_rejected: "), r.error
+    assert "cannot serve its model 'lipsync_nomodel'" in r.error
+    assert "nomodel" not in stub.ListModels(pb.ListModelsRequest()).loaded_models
+    assert stub.HealthCheck(pb.HealthRequest()).healthy, "one bad package must not make the gateway unhealthy"
     _ok(stub)
 
 
