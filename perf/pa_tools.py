@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,11 +71,32 @@ def read_pa_csv(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader([header, *body]))
 
 
-def pa_table(rows: Sequence[dict[str, str]]) -> list[str]:
+def read_batching(text_path: Path) -> dict[int, float]:
+    """Mean batch size per concurrency from perf_analyzer's text output: the server's
+    ``Inference count`` over its ``Execution count`` in each ``Request concurrency: C`` block
+    (the last block per concurrency wins)."""
+    out: dict[int, float] = {}
+    conc: int | None = None
+    inferences: float | None = None
+    for line in text_path.read_text().splitlines():
+        line = line.strip()
+        if m := re.match(r"Request concurrency: (\d+)", line):
+            conc, inferences = int(m.group(1)), None
+        elif m := re.match(r"Inference count: (\d+)", line):
+            inferences = float(m.group(1))
+        elif (m := re.match(r"Execution count: (\d+)", line)) and conc is not None and inferences:
+            executions = float(m.group(1))
+            out[conc] = inferences / executions if executions else float("nan")
+    return out
+
+
+def pa_table(rows: Sequence[dict[str, str]], batching: dict[int, float] | None = None) -> list[str]:
     """Markdown table of perf_analyzer rows: concurrency, infer/s, latency percentiles (ms),
-    and the server-side split (queue, compute) Triton reports (ms)."""
-    headers = ["concurrency", "infer/s", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "avg ms",
-               "server queue ms", "server compute ms"]
+    the server-side split (queue, compute) Triton reports (ms) and, when known, the mean
+    batch Triton's dynamic batcher formed."""
+    headers = ["concurrency", "infer/s", "p50 ms", "p90 ms", "p95 ms", "p99 ms",
+               "server queue ms", "server compute ms", "mean batch"]
+    batching = batching or {}
 
     def ms(row: dict[str, str], key: str) -> float:
         value = row.get(key, "")
@@ -88,15 +110,19 @@ def pa_table(rows: Sequence[dict[str, str]]) -> list[str]:
         table.append([
             int(r["Concurrency"]), float(r["Inferences/Second"]), ms(r, "p50 latency"),
             ms(r, "p90 latency"), ms(r, "p95 latency"), ms(r, "p99 latency"),
-            ms(r, "Avg latency"), ms(r, "Server Queue"), compute,
+            ms(r, "Server Queue"), compute,
+            batching.get(int(r["Concurrency"]), float("nan")),
         ])
     return report.markdown_table(headers, table)
 
 
-def write_report(csv_path: Path, out: Path, title: str, command: str, notes: Sequence[str]) -> Path:
-    """Write the markdown report of a perf_analyzer sweep."""
+def write_report(csv_path: Path, out: Path, title: str, command: str, notes: Sequence[str],
+                 text_path: Path | None = None) -> Path:
+    """Write the markdown report of a perf_analyzer sweep (`text_path`: its console output,
+    for the batching column)."""
     lines = report.header(title, command=command)
-    lines += pa_table(read_pa_csv(csv_path))
+    batching = read_batching(text_path) if text_path is not None and text_path.exists() else None
+    lines += pa_table(read_pa_csv(csv_path), batching)
     if notes:
         lines += ["", *notes]
     return report.write_text(out, lines)
@@ -113,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr = sub.add_parser("report", help="markdown report of perf_analyzer CSV output")
     pr.add_argument("--csv", type=Path, required=True)
     pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--text", type=Path, default=None, help="perf_analyzer's console output")
     pr.add_argument("--title", default="perf_analyzer")
     pr.add_argument("--command", default="")
     pr.add_argument("--note", action="append", default=[])
@@ -121,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in write_input_dir(args.package, args.frame, args.out):
             print(path)
     else:
-        print(write_report(args.csv, args.out, args.title, args.command, args.note))
+        print(write_report(args.csv, args.out, args.title, args.command, args.note, args.text))
     return 0
 
 
