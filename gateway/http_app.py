@@ -274,6 +274,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(
         max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
         heartbeat=30.0,
+        compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
     )
     await ws.prepare(request)
     wsm.connections.inc()
