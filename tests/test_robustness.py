@@ -267,3 +267,24 @@ def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: A
             os.killpg(triton.pid, signal.SIGCONT)
         _wait(lambda: gw.ctx.ready(), 60)
         _ok(stub, 4)
+
+
+def test_gateway_started_before_triton_becomes_ready_by_itself(
+    start_triton: Any, start_gateway: Any, gateway_packages_root: Path
+) -> None:
+    from lipsync.triton_local import free_ports
+
+    (port,) = free_ports(1)
+    gw = start_gateway(f"127.0.0.1:{port}", gateway_packages_root)  # nothing listens there yet
+    assert not gw.ctx.ready() and AVATAR in gw.ctx.store.names()
+    channel, stub = _stub(gw.grpc_address)
+    with channel:
+        t0 = time.monotonic()
+        r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=0), timeout=30)
+        assert not r.success and r.error.startswith("triton_unavailable: ") and "not ready" in r.error
+        assert time.monotonic() - t0 < 1.0
+        assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        start_triton(MODEL_REPOSITORY_CPU, grpc_port=port, model_control_mode="explicit", load_models=("audio_encoder",))
+        _wait(lambda: gw.ctx.ready(), 120)  # the gateway loaded lipsync_demo itself
+        _ok(stub)
+        _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 5)
