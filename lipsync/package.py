@@ -18,6 +18,7 @@ either returns a complete `AvatarPackage` or raises `PackageError` naming the fi
 expected and what was found. `write_package` is the one writer (used by the builder and the
 tests), so both always agree with the loader.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -239,7 +240,9 @@ def check_rects(rects: np.ndarray, width: int, height: int, *, where: str = "rec
 
 def _check_array(where: str, arr: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     if arr.dtype != dtype:
-        raise PackageError(f"{where}: expected dtype {np.dtype(dtype).name}, found {arr.dtype.name}")
+        raise PackageError(
+            f"{where}: expected dtype {np.dtype(dtype).name}, found {arr.dtype.name}"
+        )
     if tuple(arr.shape) != shape:
         raise PackageError(f"{where}: expected shape {list(shape)}, found {list(arr.shape)}")
 
@@ -256,14 +259,23 @@ def _expected_shapes(m: PackageManifest) -> dict[str, tuple[np.dtype, tuple[int,
 def _confined(root: Path, rel: str, key: str) -> Path:
     """Resolve `rel` inside `root`, refusing absolute paths, `..` and symlinks leading out."""
     where = f"{MANIFEST_NAME}: files.{key}.path {rel!r}"
-    if "\\" in rel or rel.startswith("/") or PurePosixPath(rel).is_absolute() or re.match(r"^[A-Za-z]:", rel):
+    if (
+        "\\" in rel
+        or rel.startswith("/")
+        or PurePosixPath(rel).is_absolute()
+        or re.match(r"^[A-Za-z]:", rel)
+    ):
         raise PackageError(f"{where} is absolute; paths must be relative to the package folder")
     if ".." in PurePosixPath(rel).parts:
-        raise PackageError(f"{where} contains '..'; paths must stay inside the package folder {root}")
+        raise PackageError(
+            f"{where} contains '..'; paths must stay inside the package folder {root}"
+        )
     path = root / rel
     resolved = path.resolve()
     if not resolved.is_relative_to(root):
-        raise PackageError(f"{where} resolves to {resolved}, outside the package folder {root} (symlink?)")
+        raise PackageError(
+            f"{where} resolves to {resolved}, outside the package folder {root} (symlink?)"
+        )
     return path
 
 
@@ -274,9 +286,13 @@ def _confined(root: Path, rel: str, key: str) -> Path:
 def _read_manifest(root: Path) -> PackageManifest:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise PackageError(f"{root}: {MANIFEST_NAME} is missing (not a package, or an unfinished build)")
+        raise PackageError(
+            f"{root}: {MANIFEST_NAME} is missing (not a package, or an unfinished build)"
+        )
     if not manifest_path.resolve().is_relative_to(root):
-        raise PackageError(f"{manifest_path} resolves to {manifest_path.resolve()}, outside the package folder")
+        raise PackageError(
+            f"{manifest_path} resolves to {manifest_path.resolve()}, outside the package folder"
+        )
     try:
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -297,7 +313,11 @@ def _read_manifest(root: Path) -> PackageManifest:
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            + (f" (found {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else "")
+            + (
+                f" (found {err['input']!r})"
+                if err["type"] != "missing" and not isinstance(err["input"], dict)
+                else ""
+            )
             for err in exc.errors()
         )
         raise PackageError(f"{manifest_path}: invalid manifest: {problems}") from None
@@ -377,7 +397,9 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
     for key, (dtype, shape) in _expected_shapes(m).items():
         where = getattr(m.files, key).path
         try:
-            arr = np.load(files[key], mmap_mode="r" if key == "features" else None, allow_pickle=False)
+            arr = np.load(
+                files[key], mmap_mode="r" if key == "features" else None, allow_pickle=False
+            )
         except (ValueError, OSError) as exc:
             raise PackageError(f"{where}: not a readable .npy array: {exc}") from None
         _check_array(where, arr, dtype, shape)
@@ -392,7 +414,9 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
         raise PackageError(f"{m.files.features.path}: contains NaN or infinite values")
     _check_audio(files["audio"], m)
 
-    logger.debug("loaded package %s: %d frames, %d feature rows", m.name, m.frame_count, m.feature_rows)
+    logger.debug(
+        "loaded package %s: %d frames, %d feature rows", m.name, m.frame_count, m.feature_rows
+    )
     return AvatarPackage(
         root=root,
         manifest=m,
@@ -458,10 +482,14 @@ def write_package(
         PackageError: when the inputs would not make a valid package (same checks as the loader).
     """
     if not re.fullmatch(NAME_PATTERN, name):
-        raise PackageError(f"invalid avatar name {name!r}: use letters, digits, '_' or '-' (max 63)")
+        raise PackageError(
+            f"invalid avatar name {name!r}: use letters, digits, '_' or '-' (max 63)"
+        )
     frames = np.ascontiguousarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or frames.shape[0] == 0:
-        raise PackageError(f"frames: expected u8[N>=1, H, W, 3], found {frames.dtype.name}{list(frames.shape)}")
+        raise PackageError(
+            f"frames: expected u8[N>=1, H, W, 3], found {frames.dtype.name}{list(frames.shape)}"
+        )
     n, height, width = frames.shape[:3]
     rects = np.asarray(rects)
     if not np.issubdtype(rects.dtype, np.integer):
@@ -471,7 +499,9 @@ def write_package(
     features = np.ascontiguousarray(features, dtype=np.float32)
     audio_pcm16 = np.asarray(audio_pcm16)
     if audio_pcm16.dtype != np.int16 or audio_pcm16.ndim != 1 or audio_pcm16.size == 0:
-        raise PackageError(f"audio: expected i16[n>=1], found {audio_pcm16.dtype.name}{list(audio_pcm16.shape)}")
+        raise PackageError(
+            f"audio: expected i16[n>=1], found {audio_pcm16.dtype.name}{list(audio_pcm16.shape)}"
+        )
     _check_array("rects", rects, np.dtype(np.int32), (n, 4))
     _check_array("landmarks", landmarks, np.dtype(np.float32), (n, LANDMARK_POINTS, 2))
     rows = feature_rows_for_samples(audio_pcm16.size)
@@ -490,7 +520,9 @@ def write_package(
             _write_wav(target, audio_pcm16)
         else:
             np.save(target, arrays[key], allow_pickle=False)
-        entries[key] = FileEntry(path=filename, size_bytes=target.stat().st_size, sha256=sha256_file(target))
+        entries[key] = FileEntry(
+            path=filename, size_bytes=target.stat().st_size, sha256=sha256_file(target)
+        )
 
     manifest = PackageManifest(
         format_version=FORMAT_VERSION,
@@ -506,7 +538,7 @@ def write_package(
         weights=weights,
         files=PackageFiles(**entries),
         source=source,
-        created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        created_at=dt.datetime.now(dt.UTC).replace(microsecond=0),
         builder=builder or f"lipsync {__version__}",
     )
     tmp = folder / (MANIFEST_NAME + ".tmp")

@@ -7,6 +7,7 @@
   same writer the builder uses (`lipsync.package.write_package`), for tests that need a package
   without the demo build. Its audio is one second of real LibriVox speech.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -52,12 +53,18 @@ def synthetic_package_arrays(
     side = min(width, height) // 2
     x1, y1 = (width - side) // 2, (height - side) // 2
     rects = np.tile(np.array([x1, y1, x1 + side, y1 + side], dtype=np.int32), (n_frames, 1))
-    landmarks = (
-        rng.uniform(0, 1, size=(n_frames, 68, 2)) * side + np.array([x1, y1])
-    ).astype(np.float32)
+    landmarks = (rng.uniform(0, 1, size=(n_frames, 68, 2)) * side + np.array([x1, y1])).astype(
+        np.float32
+    )
     audio = _speech_pcm16(audio_seconds)
     features = rng.standard_normal((feature_rows_for_samples(audio.size), 512)).astype(np.float32)
-    return {"frames": frames, "rects": rects, "landmarks": landmarks, "features": features, "audio_pcm16": audio}
+    return {
+        "frames": frames,
+        "rects": rects,
+        "landmarks": landmarks,
+        "features": features,
+        "audio_pcm16": audio,
+    }
 
 
 def untrained_weights() -> WeightsManifest:
@@ -65,7 +72,9 @@ def untrained_weights() -> WeightsManifest:
     return WeightsManifest(
         trained=False,
         unet=WeightsSource(trained=False, source="untrained (seed 0)", onnx_sha256="0" * 64),
-        audio_encoder=WeightsSource(trained=False, source="untrained (seed 0)", onnx_sha256="1" * 64),
+        audio_encoder=WeightsSource(
+            trained=False, source="untrained (seed 0)", onnx_sha256="1" * 64
+        ),
     )
 
 
@@ -84,8 +93,13 @@ def make_package(tmp_path: Path) -> MakePackage:
             name=name,
             weights=untrained_weights(),
             source=SourceMedia(
-                video="synthetic gradient", audio="LibriVox speech (1 s)", video_fps=25.0,
-                video_frames=n, video_width=w, video_height=h, audio_sample_rate=16000,
+                video="synthetic gradient",
+                audio="LibriVox speech (1 s)",
+                video_fps=25.0,
+                video_frames=n,
+                video_width=w,
+                video_height=h,
+                audio_sample_rate=16000,
             ),
             **arrays,
         )

@@ -1,4 +1,5 @@
 """Audio features (lipsync/audio.py) against librosa on real speech (REFERENCE.md s.4)."""
+
 from __future__ import annotations
 
 import wave
@@ -22,13 +23,17 @@ def _librosa_mel(wav: np.ndarray) -> np.ndarray:
     """The reference computation with librosa (Wav2Lip / SyncTalk_2D `audio.py` parameters)."""
     emphasized = np.concatenate([wav[:1], wav[1:] - 0.97 * wav[:-1]])
     spec = np.abs(librosa.stft(y=emphasized, n_fft=800, hop_length=200, win_length=800))
-    basis = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600, htk=False, norm="slaney")
+    basis = librosa.filters.mel(
+        sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600, htk=False, norm="slaney"
+    )
     s_db = 20 * np.log10(np.maximum(1e-5, basis @ spec)) - 20
     return np.clip(8 * (s_db + 100) / 100 - 4, -4, 4)
 
 
 def test_filterbank_matches_librosa_slaney() -> None:
-    ref = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600, htk=False, norm="slaney")
+    ref = librosa.filters.mel(
+        sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600, htk=False, norm="slaney"
+    )
     ours = audio.mel_filterbank()
     assert ours.shape == ref.shape == (80, 401)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
@@ -103,7 +108,9 @@ def test_mel_windows_follow_reference_indexing() -> None:
         expected = mel[:, start : start + 16] if start + 16 <= n_mel else mel[:, n_mel - 16 :]
         np.testing.assert_array_equal(windows[i], expected)
     # a window that would run past the end is shifted back to end at the last mel frame
-    cut = next(t for t in range(n_mel, 16, -1) if int(80.0 * (int((t - 16) / 80 * 25) + 1) / 25) + 16 > t)
+    cut = next(
+        t for t in range(n_mel, 16, -1) if int(80.0 * (int((t - 16) / 80 * 25) + 1) / 25) + 16 > t
+    )
     short = mel[:, :cut]
     last = audio.mel_windows(short)[-1]
     assert int(80.0 * (len(audio.mel_windows(short)) - 1) / 25) + 16 > short.shape[1]

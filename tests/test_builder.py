@@ -1,4 +1,5 @@
 """The package builder and the demo avatar, on real media (carphone clip, LibriVox speech, dlib)."""
+
 from __future__ import annotations
 
 import math
@@ -95,8 +96,12 @@ def test_demo_rectangles_inside_the_frame_and_on_the_face(demo_package: AvatarPa
     assert checked >= 8
     # landmarks: mouth (points 48-67) inside the rectangle
     mouth = demo_package.landmarks[:, 48:68]
-    inside = (mouth[..., 0] >= rects[:, None, 0]) & (mouth[..., 0] <= rects[:, None, 2]) & (
-        mouth[..., 1] >= rects[:, None, 1]) & (mouth[..., 1] <= rects[:, None, 3])
+    inside = (
+        (mouth[..., 0] >= rects[:, None, 0])
+        & (mouth[..., 0] <= rects[:, None, 2])
+        & (mouth[..., 1] >= rects[:, None, 1])
+        & (mouth[..., 1] <= rects[:, None, 3])
+    )
     assert inside.mean() > 0.98
 
 
@@ -109,7 +114,8 @@ def test_demo_features_are_the_encoder_on_the_speech(demo_package: AvatarPackage
     assert feats.shape == (frames + 2, 512) == (demo_package.manifest.feature_rows, 512)
     # the rows are the audio encoder (the model written to the CPU repository) on the mel windows
     session = ort.InferenceSession(
-        str(MODEL_REPOSITORY_CPU / "audio_encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(MODEL_REPOSITORY_CPU / "audio_encoder" / "1" / "model.onnx"),
+        providers=["CPUExecutionProvider"],
     )
     windows = mel_windows(mel_spectrogram(speech))
     for rows in (slice(0, 8), slice(frames - 8, frames)):
@@ -122,12 +128,14 @@ def test_demo_features_are_the_encoder_on_the_speech(demo_package: AvatarPackage
 
 def test_demo_models_are_in_both_repositories(demo_package: AvatarPackage) -> None:
     from export.model_repo import parse_config
-
     from lipsync.package import sha256_file
 
     for repo in (MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU):
         model = repo / demo_package.manifest.model_name
-        assert sha256_file(model / "1" / "model.onnx") == demo_package.manifest.weights.unet.onnx_sha256
+        assert (
+            sha256_file(model / "1" / "model.onnx")
+            == demo_package.manifest.weights.unet.onnx_sha256
+        )
         parse_config((model / "config.pbtxt").read_text())
         assert (repo / "audio_encoder" / "1" / "model.onnx").is_file()
 
@@ -139,7 +147,9 @@ def test_no_face_video_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:144, 0:176]
     frames = [
-        ((rng.integers(0, 256, (144, 176, 3)) // 2) + ((xx + 3 * i) % 128)[..., None]).astype(np.uint8)
+        ((rng.integers(0, 256, (144, 176, 3)) // 2) + ((xx + 3 * i) % 128)[..., None]).astype(
+            np.uint8
+        )
         for i in range(25)
     ]
     video = tmp_path / "noface.mp4"
@@ -148,12 +158,28 @@ def test_no_face_video_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     (packages / "existing").mkdir(parents=True)
     before = sorted(p.relative_to(packages) for p in packages.rglob("*"))
     cmd = [
-        sys.executable, "-m", "lipsync", "package", "build", "--video", str(video),
-        "--audio", str(demo_speech_path()), "--name", "noface", "--packages-root", str(packages),
-        "--model-repo-cpu", str(tmp_path / "cpu"), "--model-repo-gpu", str(tmp_path / "gpu"),
+        sys.executable,
+        "-m",
+        "lipsync",
+        "package",
+        "build",
+        "--video",
+        str(video),
+        "--audio",
+        str(demo_speech_path()),
+        "--name",
+        "noface",
+        "--packages-root",
+        str(packages),
+        "--model-repo-cpu",
+        str(tmp_path / "cpu"),
+        "--model-repo-gpu",
+        str(tmp_path / "gpu"),
     ]
     env = dict(os.environ, COLUMNS="400")
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "no face found in frames 0-24 of noface.mp4 (25 of 25 frames" in output
@@ -167,8 +193,14 @@ def test_bad_checkpoint_fails_after_detection_and_leaves_nothing(tmp_path: Path)
     packages = tmp_path / "packages"
     with pytest.raises(BuildError, match=r"cannot build package 'carphone'.*unet\.pth"):
         build_package(
-            demo_video_path(), demo_speech_path(), "carphone", packages, checkpoint=bad,
-            model_repo_cpu=tmp_path / "cpu", model_repo_gpu=tmp_path / "gpu", progress=False,
+            demo_video_path(),
+            demo_speech_path(),
+            "carphone",
+            packages,
+            checkpoint=bad,
+            model_repo_cpu=tmp_path / "cpu",
+            model_repo_gpu=tmp_path / "gpu",
+            progress=False,
         )
     assert list(packages.iterdir()) == []
     assert not (tmp_path / "cpu").exists()
@@ -241,9 +273,15 @@ def test_build_with_checkpoints_records_them(tmp_path: Path, demo_package: Avata
     torch.save(unet.state_dict(), tmp_path / "unet.pth")
     torch.save(encoder.state_dict(), tmp_path / "encoder.pth")
     path = build_package(
-        demo_video_path(), demo_speech_path(), "ckpt", tmp_path / "packages",
-        checkpoint=tmp_path / "unet.pth", audio_encoder=tmp_path / "encoder.pth",
-        model_repo_cpu=tmp_path / "cpu", model_repo_gpu=None, progress=False,
+        demo_video_path(),
+        demo_speech_path(),
+        "ckpt",
+        tmp_path / "packages",
+        checkpoint=tmp_path / "unet.pth",
+        audio_encoder=tmp_path / "encoder.pth",
+        model_repo_cpu=tmp_path / "cpu",
+        model_repo_gpu=None,
+        progress=False,
     )
     pkg = load_package(path)
     w = pkg.manifest.weights
@@ -258,8 +296,16 @@ def test_build_with_checkpoints_records_them(tmp_path: Path, demo_package: Avata
 
     verify = [sys.executable, "-m", "lipsync", "package", "verify"]
     env = dict(os.environ, COLUMNS="400")
-    ok = subprocess.run([*verify, str(path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
-    assert ok.returncode == 0 and "OK (format 1)" in ok.stdout + ok.stderr and "weights trained" in ok.stdout + ok.stderr
+    ok = subprocess.run(
+        [*verify, str(path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (
+        ok.returncode == 0
+        and "OK (format 1)" in ok.stdout + ok.stderr
+        and "weights trained" in ok.stdout + ok.stderr
+    )
     (path / "rects.npy").unlink()
-    bad = subprocess.run([*verify, str(path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [*verify, str(path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
     assert bad.returncode == 1 and "rects.npy (rects) is missing" in bad.stdout + bad.stderr

@@ -1,4 +1,5 @@
 """The avatar-package format: writer/loader round trip and one clear error per kind of damage."""
+
 from __future__ import annotations
 
 import json
@@ -69,14 +70,18 @@ def test_missing_file(make_package: MakePackage) -> None:
 def test_wrong_shape(make_package: MakePackage) -> None:
     folder = make_package()
     _replace_array(folder, "rects", np.zeros((10, 3), dtype=np.int32))
-    with pytest.raises(PackageError, match=r"rects\.npy: expected shape \[10, 4\], found \[10, 3\]"):
+    with pytest.raises(
+        PackageError, match=r"rects\.npy: expected shape \[10, 4\], found \[10, 3\]"
+    ):
         load_package(folder)
 
 
 def test_wrong_dtype(make_package: MakePackage) -> None:
     folder = make_package()
     _replace_array(folder, "landmarks", np.zeros((10, 68, 2), dtype=np.float64))
-    with pytest.raises(PackageError, match=r"landmarks\.npy: expected dtype float32, found float64"):
+    with pytest.raises(
+        PackageError, match=r"landmarks\.npy: expected dtype float32, found float64"
+    ):
         load_package(folder)
 
 
@@ -86,7 +91,10 @@ def test_checksum_mismatch(make_package: MakePackage) -> None:
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF  # same size, one byte changed
     path.write_bytes(bytes(raw))
-    with pytest.raises(PackageError, match=r"aud_ave\.npy: checksum mismatch: manifest sha256 [0-9a-f]{64}, file has"):
+    with pytest.raises(
+        PackageError,
+        match=r"aud_ave\.npy: checksum mismatch: manifest sha256 [0-9a-f]{64}, file has",
+    ):
         load_package(folder)
 
 
@@ -94,7 +102,9 @@ def test_size_mismatch(make_package: MakePackage) -> None:
     folder = make_package()
     with open(folder / "frames.npy", "ab") as fh:
         fh.write(b"\0" * 7)
-    with pytest.raises(PackageError, match=r"frames\.npy: expected \d+ bytes \(manifest\), found \d+ bytes"):
+    with pytest.raises(
+        PackageError, match=r"frames\.npy: expected \d+ bytes \(manifest\), found \d+ bytes"
+    ):
         load_package(folder)
 
 
@@ -103,7 +113,9 @@ def test_rectangle_outside_frame(make_package: MakePackage) -> None:
     folder = make_package()
     rects[3] = [40, 10, 70, 40]  # 30 px square, x2 = 70 > width 64
     _replace_array(folder, "rects", rects)
-    with pytest.raises(PackageError, match=r"rectangle of frame 3 is \[40, 10, 70, 40\].*x2 > width 64"):
+    with pytest.raises(
+        PackageError, match=r"rectangle of frame 3 is \[40, 10, 70, 40\].*x2 > width 64"
+    ):
         load_package(folder)
 
 
@@ -139,7 +151,9 @@ def test_symlink_escaping_the_folder(make_package: MakePackage) -> None:
     outside = folder.parent / "elsewhere.npy"
     os.replace(folder / "rects.npy", outside)
     (folder / "rects.npy").symlink_to(outside)
-    with pytest.raises(PackageError, match=r"resolves to .*elsewhere\.npy, outside the package folder"):
+    with pytest.raises(
+        PackageError, match=r"resolves to .*elsewhere\.npy, outside the package folder"
+    ):
         load_package(folder)
 
 
@@ -148,7 +162,9 @@ def test_manifest_symlink_escaping_the_folder(make_package: MakePackage) -> None
     outside = folder.parent / "manifest-elsewhere.json"
     os.replace(folder / "manifest.json", outside)
     (folder / "manifest.json").symlink_to(outside)
-    with pytest.raises(PackageError, match=r"manifest\.json resolves to .*manifest-elsewhere\.json, outside"):
+    with pytest.raises(
+        PackageError, match=r"manifest\.json resolves to .*manifest-elsewhere\.json, outside"
+    ):
         load_package(folder)
 
 
@@ -198,7 +214,9 @@ def test_feature_rows_must_match_audio(make_package: MakePackage) -> None:
     data["feature_rows"] = 23
     _save_manifest(folder, data)
     _replace_array(folder, "features", np.zeros((23, 512), dtype=np.float32))
-    with pytest.raises(PackageError, match=r"feature_rows is 23 but \d+ audio samples give 24 rows"):
+    with pytest.raises(
+        PackageError, match=r"feature_rows is 23 but \d+ audio samples give 24 rows"
+    ):
         load_package(folder)
 
 
@@ -216,7 +234,9 @@ def test_writer_refuses_invalid_input(make_package: MakePackage) -> None:
     rects[0] = [-2, 0, 20, 22]
     with pytest.raises(PackageError, match=r"rectangle of frame 0 .*x1 < 0"):
         make_package(rects=rects)
-    with pytest.raises(PackageError, match=r"features: expected shape \[24, 512\], found \[20, 512\]"):
+    with pytest.raises(
+        PackageError, match=r"features: expected shape \[24, 512\], found \[20, 512\]"
+    ):
         make_package(name="short", features=np.zeros((20, 512), dtype=np.float32))
     with pytest.raises(PackageError, match="invalid avatar name"):
         make_package(name="bad name!")
