@@ -134,3 +134,36 @@ def test_up_end_to_end_then_a_signal_stops_both(
     assert text.index("gateway stopped") < text.index("Triton stopped"), "gateway first, then Triton"
     for port in (http, grpc_port, t_http, t_grpc, t_metrics):
         assert not port_in_use(port), f"port {port} still in use after Ctrl-C"
+
+
+@pytest.mark.triton
+def test_gateway_command_serves_against_a_running_triton(
+    triton_server: Any, gateway_packages_root: Path, tmp_path: Path
+) -> None:
+    http, grpc_port = free_ports(2)
+    log_path = tmp_path / "gateway.log"
+    env = {**ENV, "LIPSYNC_JPEG_QUALITY": "70", "LIPSYNC_HTTP_PORT": "1"}  # CLI wins over env
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lipsync", "gateway", "--host", "127.0.0.1",
+             "--triton-url", triton_server.grpc_url, "--http-port", str(http),
+             "--grpc-port", str(grpc_port), "--packages-root", str(gateway_packages_root)],
+            cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        status, ready = 0, None
+        while time.monotonic() < deadline and proc.poll() is None and status != 200:
+            time.sleep(0.5)
+            status, ready = _get_json(f"http://127.0.0.1:{http}/readyz")
+        assert status == 200 and ready["avatars"] == ["demo"], (ready, log_path.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "q70" in text, "LIPSYNC_JPEG_QUALITY from the environment (the context logs its JPEG quality)"
+    assert f"web page http://127.0.0.1:{http}/" in text
+    assert not port_in_use(http) and not port_in_use(grpc_port)
