@@ -290,7 +290,8 @@ class TritonServer:
 
     @property
     def pid(self) -> int | None:
-        """Process id of tritonserver, or None when not started."""
+        """Process id of tritonserver, or None when not started. tritonserver leads its own
+        process group (its Python-backend stubs are in it), so this is also the group id."""
         return self._process.pid if self._process is not None else None
 
     def log_tail(self, lines: int = 25) -> str:

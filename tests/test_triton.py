@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
+from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import TritonServer, TritonStartError, free_ports, port_in_use
 from tests.fixtures_triton import TEST_AVATAR, StartTriton, UntrainedOnnx
 
@@ -171,6 +173,31 @@ def _server_on(repo: Path, **kwargs: object) -> TritonServer:
         metrics_port=metrics_port,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def _find_install_in_subprocess(python_args: list[str], pythonpath: list[Path]) -> str:
+    code = (
+        "from lipsync.triton_local import TritonStartError, find_triton_install\n"
+        "try:\n    find_triton_install()\nexcept TritonStartError as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in pythonpath)}
+    command = [sys.executable, *python_args, "-c", code]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_missing_or_incomplete_tritonserver_wheel_is_a_clear_error(tmp_path: Path) -> None:
+    # No nvidia-pytriton at all: `-S` hides the environment's site-packages.
+    out = _find_install_in_subprocess(["-S"], [REPO_ROOT])
+    assert "nvidia-pytriton wheel, which is not installed" in out
+    # A `pytriton` package without the server files (a broken or foreign install).
+    fake = tmp_path / "site" / "pytriton"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    out = _find_install_in_subprocess([], [tmp_path / "site", REPO_ROOT])
+    binary = fake / "tritonserver" / "bin" / "tritonserver"
+    assert f"tritonserver binary not found at {binary}" in out
 
 
 def test_missing_model_repository_is_a_clear_error(tmp_path: Path) -> None:
