@@ -224,6 +224,7 @@ def build_package_with_summary(
     dest = packages_root / name
     if dest.exists() and not overwrite:
         raise BuildError(f"{dest} already exists (pass --force / overwrite=True to replace it)")
+    created_root = not packages_root.exists()
     packages_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.building.", dir=packages_root))
     try:
@@ -244,6 +245,8 @@ def build_package_with_summary(
         _publish(staging / "package", dest)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if created_root and not any(packages_root.iterdir()):
+            packages_root.rmdir()  # leave the file system as it was
         if isinstance(exc, (KeyboardInterrupt, SystemExit, BuildError)):
             raise
         if isinstance(exc, Exception):
