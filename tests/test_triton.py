@@ -309,3 +309,63 @@ def test_cli_serves_until_sigterm(untrained_model_repo: Path, tmp_path: Path) ->
                 process.wait()
     for port in (http_port, grpc_port, metrics_port):
         assert not port_in_use(port), f"port {port} still in use after SIGTERM"
+
+
+def _gather_model(repo: Path) -> None:
+    """A Python-backend model (our model.py) over a tiny ONNX graph that fails on bad data:
+    `index` INT64 [N,1] -> `value` FP32 [N,1] = table[index], table = [10, 20, 30, 40];
+    an index outside 0..3 makes ONNX Runtime raise."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.model_repo import PYTHON_BACKEND_MODEL
+
+    table = numpy_helper.from_array(np.array([10, 20, 30, 40], dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["value"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["N", 1])],
+        initializer=[table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder = repo / "gather"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    (folder / "1" / "model.py").write_text(PYTHON_BACKEND_MODEL.read_text())
+    # A long queue delay so that both requests of the test land in one batch.
+    (folder / "config.pbtxt").write_text(
+        'name: "gather"\nbackend: "python"\nmax_batch_size: 8\n'
+        'input [ { name: "index" data_type: TYPE_INT64 dims: [ 1 ] } ]\n'
+        'output [ { name: "value" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 500000 }\n"
+        "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+    )
+
+
+def test_a_failing_request_does_not_fail_its_batch(
+    start_triton: StartTriton, tmp_path: Path
+) -> None:
+    _gather_model(tmp_path / "repo")
+    server = start_triton(tmp_path / "repo")
+    answers: dict[str, tuple[object, object]] = {}
+    done = threading.Semaphore(0)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        for key, index in (("good", [[2], [0]]), ("bad", [[99]])):
+            tensor = grpcclient.InferInput("index", [len(index), 1], "INT64")
+            tensor.set_data_from_numpy(np.array(index, dtype=np.int64))
+
+            def callback(result: object, error: object, key: str = key) -> None:
+                answers[key] = (result, error)
+                done.release()
+
+            client.async_infer("gather", [tensor], callback=callback, client_timeout=60.0)
+        for _ in range(2):
+            assert done.acquire(timeout=60.0)
+        stats = _model_stats(client, "gather")
+    good, good_error = answers["good"]
+    assert good_error is None, good_error
+    np.testing.assert_array_equal(good.as_numpy("value"), [[30.0], [10.0]])  # type: ignore[attr-defined]
+    bad, bad_error = answers["bad"]
+    assert bad is None and "gather: inference failed" in str(bad_error)
+    # Both requests were handed to one execute() call (one batch of 3 frames).
+    assert stats.execution_count == 1 and stats.inference_count == 3
