@@ -259,24 +259,20 @@ def _expected_shapes(m: PackageManifest) -> dict[str, tuple[np.dtype, tuple[int,
 def _confined(root: Path, rel: str, key: str) -> Path:
     """Resolve `rel` inside `root`, refusing absolute paths, `..` and symlinks leading out."""
     where = f"{MANIFEST_NAME}: files.{key}.path {rel!r}"
-    if (
-        "\\" in rel
-        or rel.startswith("/")
-        or PurePosixPath(rel).is_absolute()
-        or re.match(r"^[A-Za-z]:", rel)
-    ):
+    if "\\" in rel:
+        raise PackageError(f"{where} contains a backslash; use '/' as the path separator")
+    if PurePosixPath(rel).is_absolute() or re.match(r"^[A-Za-z]:", rel):
         raise PackageError(f"{where} is absolute; paths must be relative to the package folder")
     if ".." in PurePosixPath(rel).parts:
         raise PackageError(
             f"{where} contains '..'; paths must stay inside the package folder {root}"
         )
-    path = root / rel
-    resolved = path.resolve()
+    resolved = (root / rel).resolve()
     if not resolved.is_relative_to(root):
         raise PackageError(
             f"{where} resolves to {resolved}, outside the package folder {root} (symlink?)"
         )
-    return path
+    return resolved
 
 
 # ----------------------------------------------------------------------------------------------

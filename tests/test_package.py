@@ -134,6 +134,8 @@ def test_rectangle_not_square(make_package: MakePackage) -> None:
         ("../outside.npy", r"files\.rects\.path '\.\./outside\.npy' contains '\.\.'"),
         ("sub/../../outside.npy", r"contains '\.\.'"),
         ("/etc/passwd", r"files\.rects\.path '/etc/passwd' is absolute"),
+        ("C:/rects.npy", r"is absolute"),
+        ("sub\\rects.npy", r"contains a backslash"),
     ],
 )
 def test_path_escaping_the_folder(make_package: MakePackage, bad_path: str, message: str) -> None:
