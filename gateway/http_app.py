@@ -43,12 +43,12 @@ import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from aiohttp import WSMsgType, web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
+from urllib.parse import quote
 
 import numpy as np
+from aiohttp import WSMsgType, web
 from numpy.typing import NDArray
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 
 from gateway.audio_features import CHUNK_BYTES, expected_chunks
 from gateway.errors import BadRequest, GatewayError, UnknownAvatar
@@ -176,13 +176,14 @@ class _WsConnection:
             request = decode_request(
                 data, max_name_bytes=MAX_NAME_BYTES, max_audio_bytes=self.max_bytes
             )
-            if request.audio:
+            if request.audio:  # fail fast, before the audio encoder runs
                 check_live_audio(request.audio)
+                self.ctx.store.get(request.avatar)
             await self.limiter.acquire(wait=False)
         except ProtocolError as exc:
             await self._reject(exc, frame_id=exc.frame_id, started=started)
             return
-        except GatewayError as exc:  # bad audio length, Overloaded
+        except GatewayError as exc:  # bad audio length, unknown avatar, Overloaded
             await self._reject(exc, frame_id=request.frame_id, started=started)
             return
         task = asyncio.create_task(self._render(request, started))
@@ -307,7 +308,7 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
             "audio_encoder": weights.audio_encoder.source,
             "unet_onnx_sha256": weights.unet.onnx_sha256,
         },
-        "audio_url": f"/api/avatars/{avatar.name}/audio.wav",
+        "audio_url": f"/api/avatars/{quote(avatar.name, safe='')}/audio.wav",
         "init_ms": round(avatar.init_ms, 1),
     }
 

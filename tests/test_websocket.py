@@ -139,6 +139,7 @@ def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
         ("trailing bytes", encode_request("demo", 1) + b"zz", "bad_request", "2 unexpected trailing bytes"),
         ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16, "bad_request", "exceeds the limit of 256 bytes"),
         ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000), "bad_request", f"= {LIVE_AUDIO_BYTES} bytes"),
+        ("live audio, unknown avatar", encode_request("nobody", 1, b"\0" * LIVE_AUDIO_BYTES), "unknown_avatar", "'nobody' is not loaded"),
     ]
 
 
