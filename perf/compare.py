@@ -82,20 +82,35 @@ def read_triton_counters(metrics_url: str, model: str) -> tuple[float, float]:
     return counts["nv_inference_count"], counts["nv_inference_exec_count"]
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far (s), from /proc.
+
+    Raises:
+        OSError: no such process (or no /proc).
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One concurrency level: our summary, the baseline's, and Triton's batching."""
+    """One concurrency level: our summary, the baseline's, Triton's batching and the CPU
+    time per frame of each server process (ms; NaN when the process is not ours to watch)."""
 
     streams: int
     ours: RunSummary
     baseline: RunSummary
     batch: BatchStats | None
+    ours_cpu_ms: float = float("nan")
+    baseline_cpu_ms: float = float("nan")
 
 
 COMPARE_HEADERS = (
     "streams", "ours frames/s", "baseline frames/s", "throughput ratio (ours/baseline)",
     "ours p50 / p95 / p99 ms", "baseline p50 / p95 / p99 ms", "p95 ratio (ours/baseline)",
     "late ours / baseline", "errors ours / baseline", "Triton mean batch",
+    "gateway CPU ms/frame", "baseline CPU ms/frame",
 )
 
 
@@ -111,6 +126,7 @@ def compare_rows(rows: Sequence[Row]) -> list[list[object]]:
             f"{ratio(o.p95_ms, b.p95_ms):.2f}",
             f"{o.late} / {b.late}", f"{o.errors} / {b.errors}",
             report.fmt(r.batch.mean_batch, 2) if r.batch else "n/a",
+            report.fmt(r.ours_cpu_ms, 2), report.fmt(r.baseline_cpu_ms, 1),
         ])
     return out
 
@@ -138,7 +154,9 @@ def write_compare(rows: Sequence[Row], out_md: Path, out_json: Path, setup: Sequ
         "rows": [
             {"streams": r.streams, "ours": r.ours.to_dict(), "baseline": r.baseline.to_dict(),
              "triton_batch": None if r.batch is None else {
-                 "inferences": r.batch.inferences, "executions": r.batch.executions}}
+                 "inferences": r.batch.inferences, "executions": r.batch.executions},
+             "gateway_cpu_ms_per_frame": r.ours_cpu_ms,
+             "baseline_cpu_ms_per_frame": r.baseline_cpu_ms}
             for r in rows
         ],
     })
@@ -182,8 +200,9 @@ def _process(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> Iterato
 
 
 @contextlib.contextmanager
-def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path, timeout_s: float) -> Iterator[str]:
-    """Our gateway (`lipsync gateway`) on free ports; yields its gRPC address."""
+def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path,
+                  timeout_s: float) -> Iterator[tuple[str, int]]:
+    """Our gateway (`lipsync gateway`) on free ports; yields its gRPC address and pid."""
     from lipsync.triton_local import free_ports
 
     grpc_port, http_port = free_ports(2)
@@ -199,12 +218,12 @@ def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path, timeout_
     log_path = workdir / "gateway.log"
     with _process([sys.executable, "-m", "lipsync", "gateway"], env, log_path) as proc:
         _wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", proc, 180, log_path)
-        yield f"127.0.0.1:{grpc_port}"
+        yield f"127.0.0.1:{grpc_port}", proc.pid
 
 
 @contextlib.contextmanager
-def start_baseline(package: Path, workdir: Path) -> Iterator[str]:
-    """The baseline server on a free port; yields its gRPC address."""
+def start_baseline(package: Path, workdir: Path) -> Iterator[tuple[str, int]]:
+    """The baseline server on a free port; yields its gRPC address and pid."""
     ready = workdir / "baseline.port"
     log_path = workdir / "baseline.log"
     cmd = [sys.executable, "-m", "perf.baseline_server", "--package", str(package), "--port", "0",
@@ -217,7 +236,7 @@ def start_baseline(package: Path, workdir: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"baseline not ready in 300 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield f"127.0.0.1:{int(ready.read_text())}"
+        yield f"127.0.0.1:{int(ready.read_text())}", proc.pid
 
 
 # ----------------------------------------------------------------------------- the run
@@ -232,21 +251,32 @@ async def _measure(address: str, label: str, args: argparse.Namespace, streams: 
     return summary
 
 
+def _cpu_ms_per_frame(pid: int | None, before: float | None, frames: int) -> float:
+    if pid is None or before is None or frames == 0:
+        return float("nan")
+    return (process_cpu_s(pid) - before) * 1000.0 / frames
+
+
 def run_compare(args: argparse.Namespace, ours: str, baseline: str, metrics_url: str | None,
-                model: str, frame_range: int, console: Console) -> list[Row]:
+                model: str, frame_range: int, console: Console,
+                ours_pid: int | None = None, baseline_pid: int | None = None) -> list[Row]:
     """Warm both servers up, then for each N: ours, then the baseline."""
     for address, name in ((ours, "ours"), (baseline, "baseline")):
         asyncio.run(_measure(address, f"warm-up {name}", args, 1, args.warmup, frame_range, console))
     rows = []
     for n in args.streams:
         before = read_triton_counters(metrics_url, model) if metrics_url else None
+        cpu0 = process_cpu_s(ours_pid) if ours_pid else None
         mine = asyncio.run(_measure(ours, f"ours x{n}", args, n, args.frames, frame_range, console))
+        ours_cpu = _cpu_ms_per_frame(ours_pid, cpu0, mine.frames_ok)
         batch = None
         if metrics_url and before is not None:
             after = read_triton_counters(metrics_url, model)
             batch = BatchStats(after[0] - before[0], after[1] - before[1])
+        cpu0 = process_cpu_s(baseline_pid) if baseline_pid else None
         base = asyncio.run(_measure(baseline, f"baseline x{n}", args, n, args.frames, frame_range, console))
-        rows.append(Row(n, mine, base, batch))
+        base_cpu = _cpu_ms_per_frame(baseline_pid, cpu0, base.frames_ok)
+        rows.append(Row(n, mine, base, batch, ours_cpu, base_cpu))
         console.print(f"N={n}: ours {mine.fps:.1f} frames/s p95 {mine.p95_ms:.0f} ms | "
                       f"baseline {base.fps:.1f} frames/s p95 {base.p95_ms:.0f} ms")
     return rows
@@ -300,14 +330,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.start(timeout_s=180)
             stack.callback(server.stop)
             triton_url, metrics_url = server.grpc_url, server.metrics_url
-        ours = args.gateway_address
+        ours, ours_pid = args.gateway_address, None
         if ours is None:
             root = work / "packages"
             root.mkdir()
             shutil.copytree(pkg.root, root / pkg.name)
-            ours = stack.enter_context(start_gateway(triton_url, root, work, args.timeout))
-        baseline = args.baseline_address or stack.enter_context(start_baseline(pkg.root, work))
-        rows = run_compare(args, ours, baseline, metrics_url, model, frame_range, console)
+            ours, ours_pid = stack.enter_context(start_gateway(triton_url, root, work, args.timeout))
+        baseline, baseline_pid = args.baseline_address, None
+        if baseline is None:
+            baseline, baseline_pid = stack.enter_context(start_baseline(pkg.root, work))
+        rows = run_compare(args, ours, baseline, metrics_url, model, frame_range, console,
+                           ours_pid, baseline_pid)
     load_end = os.getloadavg()
     setup = [
         f"- avatar: `{pkg.name}` ({pkg.manifest.width}x{pkg.manifest.height}, {frame_range} frames, "
@@ -319,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("as fast as possible, one frame in flight per stream" if args.pace == 0
            else f"paced at {args.pace:g} fps") + f"; latency and late frames as in `perf/stats.py` "
         f"(late = more than 40 ms)",
+        "- CPU ms/frame: CPU time (user + system, all threads) of the gateway process and of the "
+        "baseline process per answered frame, from /proc (Triton's own CPU time is not in the "
+        "gateway's figure)",
         f"- load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
         f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f}: other work on this machine "
         f"shares its cores and affects both sides",

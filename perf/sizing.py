@@ -1,0 +1,175 @@
+"""Sizing on paper: streams per GPU (H100, L4) and gateway cores per GPU, computed from the
+measured numbers in `perf/results/` and stated assumptions. Every output is an ESTIMATE.
+
+    python -m perf.sizing          # after perf.model_cost, perf.micro_720p and perf.compare
+
+Inputs (written by the other tools): `model_cost.json` (conv GFLOP and FP16 activation bytes
+per frame, from the ONNX graph), `micro_720p.json` (gateway pixel work per 1280x720 frame),
+`compare.json` (gateway process CPU time per frame, measured under load). GPU figures are the
+vendors' datasheet peaks (FP16 tensor, dense; DRAM bandwidth). The efficiency ranges are
+assumptions, written next to the result. Method in `perf/SIZING.md`; writes
+`perf/results/sizing.md` and `.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from perf import report
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    """Datasheet peaks of one GPU (not measured here)."""
+
+    name: str
+    fp16_tflops: float
+    dram_tb_s: float
+
+
+GPUS = (
+    Gpu("H100 SXM (80 GB)", fp16_tflops=989.0, dram_tb_s=3.35),
+    Gpu("L4 (24 GB)", fp16_tflops=121.0, dram_tb_s=0.30),
+)
+"""Dense FP16 tensor-core peak (TFLOP/s) and DRAM bandwidth (TB/s) from NVIDIA's datasheets."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assumptions:
+    """The assumed ranges (low, high) the estimate rests on.
+
+    Attributes:
+        compute_eff: fraction of the FP16 peak this depthwise-separable UNet reaches.
+        bandwidth_eff: fraction of the DRAM bandwidth reached on activation traffic.
+        traffic_factor: DRAM bytes moved per byte of (fused) activation produced: written
+            once and read once = 2 (L2 hits lower it).
+        gpu_headroom: share of the GPU's frame rate to plan for, so queueing keeps p95 inside
+            the 40 ms slot.
+        cpu_headroom: share of a core to plan for.
+        fps: frames per second per stream.
+    """
+
+    compute_eff: tuple[float, float] = (0.05, 0.15)
+    bandwidth_eff: tuple[float, float] = (0.5, 0.7)
+    traffic_factor: float = 2.0
+    gpu_headroom: float = 0.7
+    cpu_headroom: float = 0.7
+    fps: float = 25.0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuEstimate:
+    """Estimated frame rate and streams of one GPU (low, high), and gateway cores needed."""
+
+    gpu: str
+    compute_bound_fps: tuple[float, float]
+    bandwidth_bound_fps: tuple[float, float]
+    fps: tuple[float, float]
+    streams: tuple[int, int]
+    gateway_cores: tuple[float, float]
+
+
+def estimate(gpu: Gpu, gflop: float, activation_mib: float, gateway_ms: float,
+             a: Assumptions) -> GpuEstimate:
+    """Streams one GPU can serve and the gateway cores they need (both ranges, estimates).
+
+    frames/s = min(peak FLOP/s x compute_eff / FLOP per frame,
+                   DRAM B/s x bandwidth_eff / (traffic_factor x activation bytes per frame));
+    streams = frames/s x gpu_headroom / fps; cores = streams x fps x gateway_ms / 1000 / cpu_headroom.
+    """
+    traffic = a.traffic_factor * activation_mib * 2**20
+    comp = tuple(gpu.fp16_tflops * 1e12 * e / (gflop * 1e9) for e in a.compute_eff)
+    band = tuple(gpu.dram_tb_s * 1e12 * e / traffic for e in a.bandwidth_eff)
+    fps = (min(comp[0], band[0]), min(comp[1], band[1]))
+    streams = tuple(int(f * a.gpu_headroom / a.fps) for f in fps)
+    cores = tuple(s * a.fps * gateway_ms / 1000.0 / a.cpu_headroom for s in streams)
+    return GpuEstimate(gpu.name, comp, band, fps, streams, cores)  # type: ignore[arg-type]
+
+
+def gateway_ms_per_frame(micro: dict, compare: dict) -> tuple[float, float, float]:
+    """(pixel work at 1280x720, per-frame process overhead, total) in CPU ms per frame.
+
+    Pixel work: the medians of composite (full frame) and the fastest full-frame JPEG encoder
+    on the noisy 1280x720 frames of `micro_720p.json`. Overhead: the gateway process CPU time
+    per frame of `compare.json` at its highest stream count (gRPC, asyncio, Triton client,
+    protobuf; its frames are small, so its own pixel work is negligible).
+
+    Raises:
+        ValueError: the inputs lack those rows.
+    """
+    timings = micro["timings"]
+    sets = [t["frame"] for t in timings if t["frame"].startswith("1280x720")]
+    if not sets:
+        raise ValueError("micro_720p.json has no 1280x720 rows")
+    frame = sets[-1]
+    rows = [t for t in timings if t["frame"] == frame]
+    comp = next(t["median_ms"] for t in rows if t["variant"] == "paste back into full frame")
+    jpeg = min(t["median_ms"] for t in rows if t["stage"] == "jpeg" and "full frame" in t["variant"])
+    prep = next(t["median_ms"] for t in rows if t["stage"] == "prepare")
+    last = max(compare["rows"], key=lambda r: r["streams"])
+    overhead = last.get("gateway_cpu_ms_per_frame")
+    if overhead is None or (isinstance(overhead, float) and math.isnan(overhead)):
+        raise ValueError("compare.json has no gateway CPU time per frame")
+    pixels = prep + comp + jpeg
+    return pixels, float(overhead), pixels + float(overhead)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: read the results, write the estimate."""
+    p = argparse.ArgumentParser(prog="python -m perf.sizing", description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=report.RESULTS_DIR)
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "sizing.md")
+    args = p.parse_args(argv)
+    try:
+        cost = json.loads((args.results / "model_cost.json").read_text())["cost"]
+        micro = json.loads((args.results / "micro_720p.json").read_text())
+        compare = json.loads((args.results / "compare.json").read_text())
+    except FileNotFoundError as exc:
+        p.error(f"{exc.filename} is missing: run perf.model_cost, perf.micro_720p and perf.compare first")
+    a = Assumptions()
+    pixels, overhead, total = gateway_ms_per_frame(micro, compare)
+    ests = [estimate(g, cost["conv_gflop"], cost["activation_mib_fp16_fused"], total, a) for g in GPUS]
+    argv_full = ["python", "-m", "perf.sizing", *(sys.argv[1:] if argv is None else argv)]
+    lines = report.header("Sizing estimate (ESTIMATES, not measurements)", argv_full)
+    lines += [
+        "Inputs measured here: "
+        f"{cost['conv_gflop']:.2f} GFLOP and {cost['activation_mib_fp16_fused']:.0f} MiB of FP16 "
+        f"activations per frame after fusion (`model_cost.md`, estimate of fusion); gateway CPU per "
+        f"1280x720 frame = {pixels:.2f} ms pixel work (`micro_720p.md`: prepare + paste back + fastest "
+        f"JPEG, noisy frames) + {overhead:.2f} ms process overhead (`compare.md`: gateway CPU time per "
+        f"frame at its highest stream count) = **{total:.2f} ms** (measured on this machine's CPU).",
+        "",
+        f"Assumptions: compute efficiency {a.compute_eff[0]:.0%}-{a.compute_eff[1]:.0%} of the FP16 "
+        f"peak; bandwidth efficiency {a.bandwidth_eff[0]:.0%}-{a.bandwidth_eff[1]:.0%}; DRAM traffic "
+        f"{a.traffic_factor:g}x the activations; plan for {a.gpu_headroom:.0%} of the GPU and "
+        f"{a.cpu_headroom:.0%} of each core; {a.fps:g} fps per stream.",
+        "",
+    ]
+    lines += report.markdown_table(
+        ["GPU (datasheet peaks)", "compute-bound frames/s (est.)", "bandwidth-bound frames/s (est.)",
+         "frames/s (est.)", "streams at 25 fps (est.)", "gateway cores (est.)"],
+        [[e.gpu, f"{e.compute_bound_fps[0]:,.0f}-{e.compute_bound_fps[1]:,.0f}",
+          f"{e.bandwidth_bound_fps[0]:,.0f}-{e.bandwidth_bound_fps[1]:,.0f}",
+          f"{e.fps[0]:,.0f}-{e.fps[1]:,.0f}", f"{e.streams[0]}-{e.streams[1]}",
+          f"{e.gateway_cores[0]:.1f}-{e.gateway_cores[1]:.1f}"] for e in ests],
+    )
+    lines += ["", "Replace these with `perf/perf_analyzer.sh --profile gpu` and `python -m perf.loadgen "
+              "--pace 25` on the GPU host: the estimate only says where to start."]
+    report.write_text(args.out, lines)
+    report.write_json(args.out.with_suffix(".json"), {
+        "machine": report.machine_line(), "command": report.command_line(argv_full),
+        "date": report.utc_now(), "assumptions": asdict(a),
+        "gateway_ms_per_frame": {"pixels": pixels, "overhead": overhead, "total": total},
+        "estimates": [asdict(e) for e in ests],
+    })
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
