@@ -268,6 +268,27 @@ async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> Non
         )
 
 
+def _ensure_demo(packages_root: Path, model_repo_cpu: Path) -> None:
+    """Build the demo avatar and its Triton models if missing (C's `export.demo.ensure_demo`).
+
+    Raises:
+        StartupError: the build failed (missing demo media, no face found, export error).
+    """
+    from export.demo import DemoMediaError, ensure_demo
+    from export.package_builder import BuildError
+    from lipsync.package import PackageError
+
+    log.info("checking the demo avatar (built on first run, a few minutes) ...")
+    try:
+        demo = ensure_demo(packages_root=packages_root, model_repo_cpu=model_repo_cpu)
+    except (DemoMediaError, BuildError, PackageError) as exc:
+        raise StartupError(
+            f"the demo avatar could not be built: {exc} (run scripts/setup.sh, or pass "
+            "--skip-demo to serve the packages that exist)"
+        ) from exc
+    log.info("demo avatar ready at %s", demo)
+
+
 # ---------------------------------------------------------------------------------- commands
 
 
@@ -313,11 +334,7 @@ def run_up_command(args: argparse.Namespace) -> int:
         triton = None
         try:
             if not args.skip_demo:
-                from export.demo import ensure_demo
-
-                log.info("checking the demo avatar (built on first run, a few minutes) ...")
-                demo = ensure_demo(packages_root=base.packages_root, model_repo_cpu=repo)
-                log.info("demo avatar ready at %s", demo)
+                _ensure_demo(base.packages_root, repo)
             from lipsync.triton_local import TritonServer, TritonStartError
 
             log_file = args.triton_log or CACHE_DIR / "triton-up.log"
