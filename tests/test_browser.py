@@ -79,7 +79,7 @@ def test_page_plays_the_demo_avatar(browser: Any, gateway_server: Any, demo_pack
     finally:
         page.close()
 
-    print("browser stats:", json.dumps(stats))
+    print("browser stats:", json.dumps(stats))  # shown with -s / on failure
     assert not problems, problems
     assert stats["errors"] == 0, stats.get("lastError")
     assert stats["clock"] == "audio", "the audio clock drives playback (autoplay allowed)"
