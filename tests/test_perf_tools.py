@@ -233,3 +233,41 @@ def test_baseline_renders_a_full_frame(demo_package: Any) -> None:
     assert diff.mean() < 4  # JPEG noise only: the frame outside the face is untouched
     with pytest.raises(ValueError, match="out of range"):
         engine.render(demo_package.feature_rows)
+
+
+# ----------------------------------------------------------------------------- model cost and sizing
+
+
+def test_model_cost_matches_the_reference_flops(demo_package: Any) -> None:
+    from lipsync.paths import MODEL_REPOSITORY_CPU
+    from perf.model_cost import model_cost
+
+    onnx_path = MODEL_REPOSITORY_CPU / demo_package.manifest.model_name / "1" / "model.onnx"
+    cost = model_cost(onnx_path)
+    assert cost.conv_gflop == pytest.approx(9.8, rel=0.03)  # REFERENCE.md s.1: ~9.8 GFLOP/frame
+    assert cost.parameters_m == pytest.approx(12.19, rel=0.02)  # 12,186,935 (BN folded or not)
+    assert 0 < cost.depthwise_count < cost.conv_count
+    # the largest activation alone (320x320x64, FP16) is 12.5 MiB: the sum must exceed it
+    assert cost.activation_mib_fp16 > cost.activation_mib_fp16_fused > 12.5
+
+
+def test_sizing_estimate_follows_its_formula() -> None:
+    from perf.sizing import Assumptions, Gpu, estimate, gateway_ms_per_frame
+
+    a = Assumptions()
+    slow = estimate(Gpu("a", 100.0, 0.3), 10.0, 200.0, 4.0, a)
+    fast = estimate(Gpu("b", 100.0, 3.0), 10.0, 200.0, 4.0, a)
+    assert slow.fps[0] == pytest.approx(min(slow.compute_bound_fps[0], slow.bandwidth_bound_fps[0]))
+    assert slow.bandwidth_bound_fps[0] == pytest.approx(0.3e12 * 0.5 / (2 * 200 * 2**20))
+    assert fast.streams[0] > slow.streams[0]
+    assert slow.gateway_cores[0] == pytest.approx(slow.streams[0] * 25 * 4.0 / 1000 / 0.7)
+    micro = {"timings": [
+        {"frame": "1280x720 x", "stage": "prepare", "variant": "v", "median_ms": 0.01},
+        {"frame": "1280x720 x", "stage": "composite", "variant": "paste back into full frame", "median_ms": 0.3},
+        {"frame": "1280x720 x", "stage": "jpeg", "variant": "a, full frame", "median_ms": 2.0},
+        {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, full frame", "median_ms": 1.5},
+        {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, face crop only", "median_ms": 0.1},
+    ]}
+    compare = {"rows": [{"streams": 1, "gateway_cpu_ms_per_frame": 9.0},
+                        {"streams": 8, "gateway_cpu_ms_per_frame": 3.0}]}
+    assert gateway_ms_per_frame(micro, compare) == pytest.approx((1.81, 3.0, 4.81))
