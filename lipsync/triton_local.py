@@ -124,6 +124,35 @@ def find_triton_install() -> TritonInstall:
     return install
 
 
+def check_stub_libraries(install: TritonInstall) -> None:
+    """Check with `ldd` that the backend stub finds its shared libraries (notably the system's
+    `libpython3.<minor>.so.1.0`, which it embeds). Skipped where `ldd` is not available.
+
+    Raises:
+        TritonStartError: naming the libraries that are not found.
+    """
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return
+    env = {**os.environ, "LD_LIBRARY_PATH": str(install.libs_dir)}
+    done = subprocess.run(
+        [ldd, str(install.stub)], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    missing = [line.split()[0] for line in done.stdout.splitlines() if "not found" in line]
+    if missing:
+        hint = "install the missing libraries"
+        for name in missing:
+            if name.startswith("libpython"):
+                version = name[len("libpython") :].split(".so")[0]
+                hint = (
+                    f"it embeds the system's shared Python {version} library (on Debian: "
+                    f"apt-get install libpython{version})"
+                )
+        raise TritonStartError(
+            f"the Python backend stub {install.stub} cannot load {', '.join(missing)}; {hint}"
+        )
+
+
 def prepare_backend_dir(install: TritonInstall, root: Path | None = None) -> Path:
     """Assemble the `--backend-directory` folder: `<root>/python/` with the Python backend
     library, its utilities and the stub for this Python. Idempotent; files are replaced
@@ -374,6 +403,7 @@ class TritonServer:
         if self.is_running:
             raise TritonStartError(f"tritonserver (pid {self.pid}) is already running")
         install = find_triton_install()
+        check_stub_libraries(install)
         load = self.load_models if self.model_control_mode == "explicit" else ("*",)
         names = check_model_repository(self.model_repository, load)
         self._check_ports()

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -49,7 +51,7 @@ def _infer_inputs(crop: np.ndarray, audio: np.ndarray) -> list[grpcclient.InferI
     return [crop_in, audio_in]
 
 
-def _model_stats(client: grpcclient.InferenceServerClient, model: str) -> object:
+def _model_stats(client: grpcclient.InferenceServerClient, model: str) -> Any:
     stats = client.get_inference_statistics(model_name=model).model_stats
     assert len(stats) == 1
     return stats[0]
@@ -198,6 +200,22 @@ def test_missing_or_incomplete_tritonserver_wheel_is_a_clear_error(tmp_path: Pat
     out = _find_install_in_subprocess([], [tmp_path / "site", REPO_ROOT])
     binary = fake / "tritonserver" / "bin" / "tritonserver"
     assert f"tritonserver binary not found at {binary}" in out
+
+
+def test_stub_without_its_libpython_is_a_clear_error() -> None:
+    # The stub built for Python 3.8 needs libpython3.8, which Debian 12 does not have.
+    import ctypes.util
+    import dataclasses
+
+    from lipsync.triton_local import check_stub_libraries, find_triton_install
+
+    if shutil.which("ldd") is None or ctypes.util.find_library("python3.8") is not None:
+        pytest.skip("needs ldd and a machine without libpython3.8")
+    install = find_triton_install()
+    check_stub_libraries(install)  # this Python's stub loads
+    stub_38 = install.stub.parent.parent / "3.8" / "triton_python_backend_stub"
+    with pytest.raises(TritonStartError, match=r"cannot load libpython3\.8\.so.*libpython3\.8"):
+        check_stub_libraries(dataclasses.replace(install, stub=stub_38))
 
 
 def test_missing_model_repository_is_a_clear_error(tmp_path: Path) -> None:
