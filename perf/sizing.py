@@ -119,11 +119,34 @@ def gateway_ms_per_frame(micro: dict, compare: dict) -> tuple[float, float, floa
     return pixels, float(overhead), pixels + float(overhead)
 
 
+BEGIN_MARK = "<!-- sizing:begin (written by python -m perf.sizing; do not edit) -->"
+END_MARK = "<!-- sizing:end -->"
+
+
+def update_doc_block(doc: Path, block: Sequence[str]) -> bool:
+    """Replace the text between `BEGIN_MARK` and `END_MARK` in `doc` with `block`.
+
+    Returns:
+        False (and leaves the file alone) when the file or its markers are missing.
+    """
+    if not doc.exists():
+        return False
+    text = doc.read_text()
+    start, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if start < 0 or end < start:
+        return False
+    new = text[: start + len(BEGIN_MARK)] + "\n" + "\n".join(block) + "\n" + text[end:]
+    doc.write_text(new)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: read the results, write the estimate."""
+    """CLI: read the results, write the estimate (and its block in perf/SIZING.md)."""
     p = argparse.ArgumentParser(prog="python -m perf.sizing", description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "sizing.md")
+    p.add_argument("--doc", type=Path, default=Path(__file__).resolve().parent / "SIZING.md",
+                   help="document whose marked block receives the table (default perf/SIZING.md)")
     args = p.parse_args(argv)
     try:
         cost = json.loads((args.results / "model_cost.json").read_text())["cost"]
@@ -150,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{a.cpu_headroom:.0%} of each core; {a.fps:g} fps per stream.",
         "",
     ]
-    lines += report.markdown_table(
+    table = report.markdown_table(
         ["GPU (datasheet peaks)", "compute-bound frames/s (est.)", "bandwidth-bound frames/s (est.)",
          "frames/s (est.)", "streams at 25 fps (est.)", "gateway cores (est.)"],
         [[e.gpu, f"{e.compute_bound_fps[0]:,.0f}-{e.compute_bound_fps[1]:,.0f}",
@@ -158,9 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{e.fps[0]:,.0f}-{e.fps[1]:,.0f}", f"{e.streams[0]}-{e.streams[1]}",
           f"{e.gateway_cores[0]:.1f}-{e.gateway_cores[1]:.1f}"] for e in ests],
     )
+    lines += table
     lines += ["", "Replace these with `perf/perf_analyzer.sh --profile gpu` and `python -m perf.loadgen "
               "--pace 25` on the GPU host: the estimate only says where to start."]
     report.write_text(args.out, lines)
+    block = [f"_Estimates computed {report.utc_now()} by `python -m perf.sizing` from "
+             f"[results/](results/) (details: [results/sizing.md](results/sizing.md))._", "",
+             f"Gateway CPU per 1280x720 frame (measured): {pixels:.2f} ms pixel work + "
+             f"{overhead:.2f} ms process overhead = {total:.2f} ms.", "", *table]
+    update_doc_block(args.doc, block)
     report.write_json(args.out.with_suffix(".json"), {
         "machine": report.machine_line(), "command": report.command_line(argv_full),
         "date": report.utc_now(), "assumptions": asdict(a),
