@@ -92,9 +92,8 @@ class GatewayServer:
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.host, s.http_port)
             await site.start()
-            server = site._server  # aiohttp exposes bound sockets only here
-            sockets = getattr(server, "sockets", None) or []
-            self.http_port = sockets[0].getsockname()[1] if sockets else s.http_port
+            addresses = self._runner.addresses  # bound (host, port, ...) tuples
+            self.http_port = int(addresses[0][1]) if addresses else s.http_port
         except BaseException:
             await self.stop()
             raise

@@ -28,8 +28,6 @@ from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 
-pytestmark = pytest.mark.triton
-
 AVATAR = "demo"
 
 
@@ -51,17 +49,23 @@ def _ok(stub: Any, frame_id: int = 2) -> None:
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.triton
 @pytest.mark.parametrize(
-    ("name", "frame_id", "code", "text"),
+    ("name", "which", "code", "text"),
     [
-        ("nobody", 0, "unknown_avatar", "avatar 'nobody' is not loaded (loaded: demo"),
-        (AVATAR, 176, "frame_out_of_range", "frame_id 176 is out of range for avatar 'demo' (valid: 0..175"),
-        (AVATAR, 10**6, "frame_out_of_range", "valid: 0..175"),
-        (AVATAR, -1, "frame_out_of_range", "frame_id -1 is out of range"),
-        ("", 0, "unknown_avatar", "avatar '' is not loaded"),
+        ("nobody", "zero", "unknown_avatar", "avatar 'nobody' is not loaded (loaded: demo"),
+        (AVATAR, "rows", "frame_out_of_range", "frame_id {M} is out of range for avatar 'demo' (valid: 0..{M1}"),
+        (AVATAR, "huge", "frame_out_of_range", "(valid: 0..{M1};"),
+        (AVATAR, "negative", "frame_out_of_range", "frame_id -1 is out of range"),
+        ("", "zero", "unknown_avatar", "avatar '' is not loaded"),
     ],
 )
-def test_bad_frame_requests_get_clear_errors(stub: Any, name: str, frame_id: int, code: str, text: str) -> None:
+def test_bad_frame_requests_get_clear_errors(
+    stub: Any, demo_package: Any, name: str, which: str, code: str, text: str
+) -> None:
+    m = demo_package.features.shape[0]  # M feature rows: valid frame ids 0..M-1
+    frame_id = {"zero": 0, "rows": m, "huge": 10**6, "negative": -1}[which]
+    text = text.format(M=m, M1=m - 1)
     r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=name, frame_id=frame_id), timeout=30)
     assert not r.success and r.HasField("error") and not r.prediction_data
     assert r.error.startswith(f"{code}: ") and text in r.error, r.error
@@ -69,6 +73,7 @@ def test_bad_frame_requests_get_clear_errors(stub: Any, name: str, frame_id: int
     _ok(stub)
 
 
+@pytest.mark.triton
 def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
     ids = [1, -5, 2, 500, 3]
     names = [AVATAR, AVATAR, "ghost", AVATAR, AVATAR]
@@ -79,6 +84,7 @@ def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
     assert "unknown_avatar" in out[2].error and "frame_out_of_range" in out[3].error
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("package_dir", ["/tmp", "..", "../../etc", "demo/../..", "/", ""])
 def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, package_dir: str) -> None:
     r = stub.LoadPackage(pb.LoadPackageRequest(package_name="evil", package_dir=package_dir), timeout=30)
@@ -91,6 +97,7 @@ def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, pa
     _ok(stub)
 
 
+@pytest.mark.triton
 def test_load_package_symlink_escaping_root_is_refused(stub: Any, gateway_server: Any, demo_package: Any) -> None:
     root = Path(gateway_server.settings.packages_root)
     link = root / "escape"
@@ -103,7 +110,8 @@ def test_load_package_symlink_escaping_root_is_refused(stub: Any, gateway_server
     _ok(stub)
 
 
-def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any) -> None:
+@pytest.mark.triton
+def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any, demo_package: Any) -> None:
     root = Path(gateway_server.settings.packages_root)
     (root / "empty").mkdir(exist_ok=True)
     try:
@@ -113,11 +121,13 @@ def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any) -
     assert not r.success and "is not an avatar package (no manifest.json)" in r.error
     r = stub.LoadPackage(pb.LoadPackageRequest(package_name=AVATAR, package_dir="demo"), timeout=120)
     assert r.success, r.error
-    assert r.package_name == AVATAR and r.frame_count == 176 and list(r.audio_features_shape) == [176, 512]
+    m = demo_package.features.shape[0]
+    assert r.package_name == AVATAR and r.frame_count == m and list(r.audio_features_shape) == [m, 512]
     assert r.memory_mapped_audio and "ready" in r.message
     _ok(stub)
 
 
+@pytest.mark.triton
 def test_load_package_whose_model_triton_lacks_is_refused(stub: Any, gateway_server: Any, make_package: Any) -> None:
     import shutil
 
@@ -135,6 +145,37 @@ def test_load_package_whose_model_triton_lacks_is_refused(stub: Any, gateway_ser
 
 
 # ----------------------------------------------------------------------------- limits
+def test_connection_limiter_refuses_or_waits() -> None:
+    """Pure asyncio: ``wait=False`` refuses at the limit, ``wait=True`` waits for a slot."""
+    import asyncio
+
+    from gateway.errors import Overloaded
+    from gateway.pipeline import AdmissionControl, ConnectionLimiter
+
+    async def scenario() -> None:
+        limiter = ConnectionLimiter(2)
+        await limiter.acquire(wait=False)
+        await limiter.acquire(wait=False)
+        with pytest.raises(Overloaded, match="this connection already has 2 frames in flight"):
+            await limiter.acquire(wait=False)
+        waiter = asyncio.create_task(limiter.acquire(wait=True))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        limiter.release()
+        await asyncio.wait_for(waiter, 1.0)
+        assert limiter.in_flight == 2
+
+        admission = AdmissionControl(1)
+        with admission.slot():
+            with pytest.raises(Overloaded, match=r"limit 1"):
+                with admission.slot():
+                    pass
+        assert admission.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.triton
 def test_global_in_flight_limit_answers_overloaded(start_gateway: Any, triton_server: Any, gateway_packages_root: Path) -> None:
     gw = start_gateway(triton_server.grpc_url, gateway_packages_root, max_in_flight_total=2)
     channel, stub = _stub(gw.grpc_address)
@@ -152,6 +193,7 @@ def test_global_in_flight_limit_answers_overloaded(start_gateway: Any, triton_se
         _ok(stub)
 
 
+@pytest.mark.triton
 def test_grpc_message_size_limit(stub: Any, gateway_server: Any) -> None:
     limit = gateway_server.settings.grpc_max_receive_bytes
     n = limit // CHUNK_BYTES + 10  # just over the limit
@@ -190,7 +232,7 @@ class _Stream:
     def _requests(self) -> Iterator[pb.OptimizedInferenceRequest]:
         for i in range(self._count):
             self.sent.append(time.monotonic())
-            yield pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i % 176)
+            yield pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i % 50)
             time.sleep(self._pace_s)
 
     def _run(self) -> None:
@@ -209,6 +251,7 @@ def _own_stack(start_triton: Any, start_gateway: Any, root: Path) -> tuple[Any, 
     return triton, gateway
 
 
+@pytest.mark.triton
 def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
     triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
     channel, stub = _stub(gw.grpc_address)
@@ -248,6 +291,7 @@ def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway
         assert stub.HealthCheck(pb.HealthRequest()).healthy
 
 
+@pytest.mark.triton
 def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
     triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
     channel, stub = _stub(gw.grpc_address)
@@ -269,6 +313,7 @@ def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: A
         _ok(stub, 4)
 
 
+@pytest.mark.triton
 def test_gateway_started_before_triton_becomes_ready_by_itself(
     start_triton: Any, start_gateway: Any, gateway_packages_root: Path
 ) -> None:
