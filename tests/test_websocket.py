@@ -5,7 +5,10 @@ to close it)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
+import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +30,7 @@ from gateway.ws_protocol import (
 )
 from lipsync.audio import float_to_pcm16, load_wav_16k_mono
 from lipsync.frames import pingpong_index
-from lipsync.paths import SPEECH_DIR
+from lipsync.paths import MODEL_REPOSITORY_CPU, SPEECH_DIR
 
 pytestmark = pytest.mark.triton
 
@@ -275,3 +278,48 @@ def test_live_audio_changes_the_mouth_region(url: str, demo_package: Any) -> Non
     assert np.array_equal(a, c), "the same audio gives the same frame"
     mask = outside_mask(a.shape, demo_package.rects[v], margin=8)
     assert psnr(a[mask], b[mask]) >= 45.0, "outside the crop the audio changes nothing"
+
+
+def test_triton_killed_then_restarted_websocket_and_readyz(
+    start_triton: Any, start_gateway: Any, gateway_packages_root: Any
+) -> None:
+    """A dead Triton: WebSocket callers get ``triton_unavailable`` within seconds on the same
+    connection, /readyz says 503 with the reason; after a restart the same connection renders
+    again, without restarting the gateway."""
+    triton = start_triton(MODEL_REPOSITORY_CPU, model_control_mode="explicit", load_models=("lipsync_demo",))
+    gw = start_gateway(triton.grpc_url, gateway_packages_root)
+
+    def readyz() -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"{gw.http_url}/readyz", timeout=10) as resp:  # noqa: S310
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    async def body() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with connect(gw.http_url) as ws:
+            out["before"] = await ask(ws, encode_request("demo", 1))
+            triton.kill()
+            t0 = time.monotonic()
+            out["dead"] = await ask(ws, encode_request("demo", 2))
+            out["dead_s"] = time.monotonic() - t0
+            await asyncio.sleep(1.5)  # the readiness monitor polls every 0.5 s
+            out["readyz_dead"] = await asyncio.to_thread(readyz)
+            await asyncio.to_thread(triton.start, 180.0)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and (await asyncio.to_thread(readyz))[0] != 200:
+                await asyncio.sleep(0.5)
+            out["readyz_back"] = await asyncio.to_thread(readyz)
+            out["after"] = await ask(ws, encode_request("demo", 3))
+        return out
+
+    out = run(body)
+    assert isinstance(out["before"], FrameReply)
+    dead = out["dead"]
+    assert isinstance(dead, ErrorReply) and dead.code == "triton_unavailable", dead
+    assert out["dead_s"] < 3.0, f"error took {out['dead_s']:.1f} s"
+    status, body_dead = out["readyz_dead"]
+    assert status == 503 and body_dead["ready"] is False and "Triton" in body_dead["reason"]
+    assert out["readyz_back"][0] == 200
+    assert isinstance(out["after"], FrameReply), out["after"]
