@@ -30,9 +30,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lipsync import paths
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +298,7 @@ def render_config(
     return text
 
 
-def parse_config(text: str, source: str = "config.pbtxt"):  # -> model_config_pb2.ModelConfig
+def parse_config(text: str, source: str = "config.pbtxt") -> model_config_pb2.ModelConfig:
     """Parse config.pbtxt text as Triton's `inference.ModelConfig` protobuf.
 
     Raises:
