@@ -142,7 +142,7 @@ class Playback {
     this.clockStart = null;                 // performance.now() when using the fallback clock
     this.useAudioClock = true;
     this.stopped = false;
-    this.onBuffered = null;              // resolves the buffering wait
+    this.onBuffered = null;                 // resolves the buffering wait
     this.ws = null;
     this.timer = null;
     this.statsTimer = null;
@@ -155,6 +155,8 @@ class Playback {
     });
     clearError();
     ui.status.textContent = "connecting…";
+    ui.audio.src = this.avatar.audio_url;  // loads while the first frames are rendered
+    ui.audio.load();
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     this.ws = new WebSocket(`${scheme}://${location.host}/ws`);
     this.ws.binaryType = "arraybuffer";
@@ -181,7 +183,6 @@ class Playback {
     this.onBuffered = null;
     if (this.stopped) return;
 
-    ui.audio.src = this.avatar.audio_url;
     ui.audio.currentTime = 0;
     try {
       await ui.audio.play();
