@@ -43,6 +43,9 @@ ENCODER_INPUT = "mel"
 ENCODER_OUTPUT = "feature"
 
 _MAX_MESSAGE = 256 * 1024 * 1024
+_LOAD_RETRY_BASE_S = 1.0
+_LOAD_RETRY_MAX_S = 30.0
+"""Back-off between failed ``load_model`` calls of one model (s), reset when Triton restarts."""
 
 
 @dataclass
@@ -52,6 +55,8 @@ class _ModelState:
     loaded: bool = False
     max_batch_size: int = 0
     last_error: str | None = None
+    failures: int = 0  # consecutive failed load_model calls
+    retry_at: float = 0.0  # time.monotonic() before which no new load_model is issued
 
 
 @dataclass
@@ -195,7 +200,9 @@ class TritonClient:
         if name not in self._models:
             self._models[name] = _ModelState(name=name, required=required)
         else:
-            self._models[name].required = self._models[name].required or required
+            state = self._models[name]
+            state.required = state.required or required
+            state.failures, state.retry_at = 0, 0.0  # an explicit request retries at once
         if self._client is not None:
             await self.sync()
             await self.wait_loading(name)
@@ -255,6 +262,7 @@ class TritonClient:
             if not server_ready:
                 for m in self._models.values():
                     m.loaded = False
+                    m.failures, m.retry_at = 0, 0.0  # a restarted server deserves a fresh try
             else:
                 for m in list(self._models.values()):
                     if m.name not in self._loading:
@@ -288,7 +296,7 @@ class TritonClient:
             m.last_error = _describe(exc)
         if ready:
             await self._read_config(m)
-        elif self.load_models:
+        elif self.load_models and time.monotonic() >= m.retry_at:
             self._loading[m.name] = asyncio.create_task(self._load(m), name=f"triton-load-{m.name}")
         m.loaded = ready
 
@@ -301,12 +309,17 @@ class TritonClient:
             m.loaded = bool(await self._client.is_model_ready(m.name, client_timeout=self.probe_timeout_s))
             if m.loaded:
                 m.last_error = None
+                m.failures, m.retry_at = 0, 0.0
                 await self._read_config(m)
                 log.info("Triton loaded model %s in %.0f ms", m.name, (time.perf_counter() - t0) * 1e3)
         except InferenceServerException as exc:
             m.loaded = False
             m.last_error = f"load_model({m.name!r}) failed: {_describe(exc)}"
-            log.warning("%s", m.last_error)
+            m.failures += 1
+            delay = min(_LOAD_RETRY_MAX_S, _LOAD_RETRY_BASE_S * 2 ** (m.failures - 1))
+            m.retry_at = time.monotonic() + delay
+            level = logging.WARNING if m.failures == 1 else logging.DEBUG
+            log.log(level, "%s (retry in %.0f s)", m.last_error, delay)
         finally:
             self._loading.pop(m.name, None)
             self._publish(was_ready)
