@@ -9,6 +9,7 @@ from __future__ import annotations
 import filecmp
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def speech_pcm(seconds: float) -> bytes:
 # ----------------------------------------------------------------------------- no Triton
 def test_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
     subprocess.run(["bash", str(REPO_ROOT / "proto" / "generate.sh"), str(tmp_path)], check=True,
-                   env={**os.environ, "PYTHON": str(Path(os.sys.executable))})
+                   env={**os.environ, "PYTHON": sys.executable})
     for name in ("lipsync_pb2.py", "lipsync_pb2.pyi", "lipsync_pb2_grpc.py"):
         assert filecmp.cmp(tmp_path / name, REPO_ROOT / "proto" / name, shallow=False), (
             f"proto/{name} is stale: run proto/generate.sh and commit"
@@ -311,7 +312,7 @@ def test_batch_with_audio_refuses_wrong_chunk_counts(stub: Any, n_chunks: int) -
     r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
         model_name=AVATAR, start_frame_id=0, frame_count=3, audio_chunks=[bytes(CHUNK_BYTES)] * n_chunks), timeout=60)
     assert r.responses and not any(x.success for x in r.responses)
-    assert f"expected 18 audio chunks for frame_count=3" in r.responses[0].error
+    assert "expected 18 audio chunks for frame_count=3" in r.responses[0].error
     assert f"got {n_chunks}" in r.responses[0].error
 
 
