@@ -68,12 +68,14 @@ Gateway settings come from LIPSYNC_* environment variables as for `lipsync gatew
 def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bool) -> None:
     g = parser.add_argument_group("gateway (default: LIPSYNC_* environment, then built-in)")
     if with_triton_url:
-        g.add_argument("--triton-url", help="Triton gRPC endpoint host:port (default localhost:8001)")
+        g.add_argument(
+            "--triton-url", help="Triton gRPC endpoint host:port (default localhost:8001)"
+        )
     g.add_argument("--host", help="interface to bind (default 0.0.0.0)")
     g.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 = free port)")
-    g.add_argument("--http-port", type=int, help="HTTP/WebSocket/page port (default 8085; 0 = free)")
-    g.add_argument("--packages-root", type=Path, help="folder of avatar packages (default packages/)")
-    g.add_argument("--jpeg-quality", type=int, help="JPEG quality 1-100 of returned frames (default 85)")
+    g.add_argument("--http-port", type=int, help="HTTP/WebSocket port (default 8085; 0 = free)")
+    g.add_argument("--packages-root", type=Path, help="avatar packages folder (default packages/)")
+    g.add_argument("--jpeg-quality", type=int, help="JPEG quality 1-100 (default 85)")
     g.add_argument(
         "--max-in-flight-per-connection",
         type=int,
@@ -84,7 +86,7 @@ def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bo
         type=int,
         help="frames in flight in the whole gateway; more are refused as overloaded (default 64)",
     )
-    g.add_argument("--triton-timeout-s", type=float, help="deadline of one Triton call, s (default 1.5)")
+    g.add_argument("--triton-timeout-s", type=float, help="Triton call deadline, s (default 1.5)")
 
 
 _SETTING_OPTIONS = (
@@ -123,11 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (a
     )
     _add_gateway_options(up, with_triton_url=False)
     t = up.add_argument_group("local Triton")
-    t.add_argument("--triton-http-port", type=int, default=8000, help="Triton HTTP port (default 8000)")
-    t.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
-    t.add_argument(
-        "--triton-metrics-port", type=int, default=8002, help="Triton metrics port (default 8002)"
-    )
+    t.add_argument("--triton-http-port", type=int, default=8000, help="Triton HTTP port (8000)")
+    t.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (8001)")
+    t.add_argument("--triton-metrics-port", type=int, default=8002, help="Triton metrics (8002)")
     t.add_argument(
         "--model-repository",
         type=Path,
@@ -165,7 +165,9 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> GatewaySetting
     """
     from gateway.config import GatewaySettings
 
-    overrides = {k: getattr(args, k) for k in _SETTING_OPTIONS if getattr(args, k, None) is not None}
+    overrides = {
+        k: getattr(args, k) for k in _SETTING_OPTIONS if getattr(args, k, None) is not None
+    }
     overrides.update(extra)
     return GatewaySettings(**overrides)
 
@@ -184,8 +186,25 @@ def check_port_free(host: str, port: int, what: str, hint: str) -> None:
         try:
             sock.bind((bind_host, port))
         except OSError as exc:
-            reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            if exc.errno == errno.EADDRINUSE:
+                reason = "is already in use"
+            else:
+                reason = f"cannot be bound ({exc.strerror})"
             raise StartupError(f"{what} port {port} {reason}; {hint}") from exc
+
+
+def check_gateway_ports(settings: GatewaySettings) -> None:
+    """`check_port_free` for the gateway's HTTP and gRPC ports.
+
+    Raises:
+        StartupError: one of them is taken (the message says which and how to change it).
+    """
+    for what, port, option in (
+        ("HTTP", settings.http_port, "http-port"),
+        ("gRPC", settings.grpc_port, "grpc-port"),
+    ):
+        env = "LIPSYNC_" + option.replace("-", "_").upper()
+        check_port_free(settings.host, port, what, f"pass --{option} or set {env}")
 
 
 def _display_host(host: str) -> str:
@@ -296,8 +315,7 @@ def run_gateway_command(args: argparse.Namespace) -> int:
     """``lipsync gateway``: serve until SIGINT/SIGTERM; exit status 0, or 1 on a start error."""
     settings = settings_from_args(args)
     try:
-        check_port_free(settings.host, settings.http_port, "HTTP", "pass --http-port or set LIPSYNC_HTTP_PORT")
-        check_port_free(settings.host, settings.grpc_port, "gRPC", "pass --grpc-port or set LIPSYNC_GRPC_PORT")
+        check_gateway_ports(settings)
         asyncio.run(serve_gateway(settings))
     except StartupError as exc:
         log.error("%s", exc)
@@ -322,8 +340,7 @@ def run_up_command(args: argparse.Namespace) -> int:
     try:
         base = settings_from_args(args)
         # Fail before any slow step if a port is taken.
-        check_port_free(base.host, base.http_port, "HTTP", "pass --http-port or set LIPSYNC_HTTP_PORT")
-        check_port_free(base.host, base.grpc_port, "gRPC", "pass --grpc-port or set LIPSYNC_GRPC_PORT")
+        check_gateway_ports(base)
         for what, (port, flag) in triton_ports.items():
             check_port_free("127.0.0.1", port, what, f"pass {flag} (or stop the other Triton)")
     except StartupError as exc:
