@@ -131,18 +131,29 @@ def test_concurrent_requests_on_one_connection_are_all_answered(url: str, demo_p
 
 def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
     """(case, payload, expected code, expected text in the message)."""
-    name = b"demo"
+    demo = b"demo"
+    silence = b"\0" * LIVE_AUDIO_BYTES
     return [
-        ("unknown avatar", encode_request("nobody", 0), "unknown_avatar", "'nobody' is not loaded"),
-        ("frame == rows", encode_request("demo", rows), "frame_out_of_range", f"valid: 0..{rows - 1}"),
-        ("frame 0xFFFFFFFF (-1 as u32)", encode_request("demo", U32_MAX), "frame_out_of_range", str(U32_MAX)),
-        ("empty message", b"", "bad_request", "message truncated: 0 bytes"),
-        ("truncated name", struct.pack("<I", 40) + name + b"\0" * 8, "bad_request", "name_len=40 but only 12 bytes follow"),
-        ("audio_len past the end", struct.pack("<I", 4) + name + struct.pack("<II", 1, 500) + b"x" * 10, "bad_request", "audio_len=500 but only 10 bytes follow"),
-        ("trailing bytes", encode_request("demo", 1) + b"zz", "bad_request", "2 unexpected trailing bytes"),
-        ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16, "bad_request", "exceeds the limit of 256 bytes"),
-        ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000), "bad_request", f"= {LIVE_AUDIO_BYTES} bytes"),
-        ("live audio, unknown avatar", encode_request("nobody", 1, b"\0" * LIVE_AUDIO_BYTES), "unknown_avatar", "'nobody' is not loaded"),
+        ("unknown avatar", encode_request("nobody", 0),
+         "unknown_avatar", "'nobody' is not loaded"),
+        ("frame == rows", encode_request("demo", rows),
+         "frame_out_of_range", f"valid: 0..{rows - 1}"),
+        ("frame 0xFFFFFFFF (-1 as u32)", encode_request("demo", U32_MAX),
+         "frame_out_of_range", str(U32_MAX)),
+        ("empty message", b"",
+         "bad_request", "message truncated: 0 bytes"),
+        ("truncated name", struct.pack("<I", 40) + demo + b"\0" * 8,
+         "bad_request", "name_len=40 but only 12 bytes follow"),
+        ("audio_len past the end", struct.pack("<I", 4) + demo + struct.pack("<II", 1, 500) + b"x" * 10,
+         "bad_request", "audio_len=500 but only 10 bytes follow"),
+        ("trailing bytes", encode_request("demo", 1) + b"zz",
+         "bad_request", "2 unexpected trailing bytes"),
+        ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16,
+         "bad_request", "exceeds the limit of 256 bytes"),
+        ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000),
+         "bad_request", f"= {LIVE_AUDIO_BYTES} bytes"),
+        ("live audio, unknown avatar", encode_request("nobody", 1, silence),
+         "unknown_avatar", "'nobody' is not loaded"),
     ]
 
 
