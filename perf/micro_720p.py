@@ -248,7 +248,7 @@ def write_micro_report(timings: Sequence[StageTiming], setup: Sequence[str], out
 def main(argv: Sequence[str] | None = None) -> int:
     """Build (once) the 720p avatar, time the stages, write the report."""
     p = argparse.ArgumentParser(prog="python -m perf.micro_720p", description=__doc__.split("\n")[0])
-    p.add_argument("--iterations", type=int, default=100, help="timed calls per stage and variant")
+    p.add_argument("--iterations", type=int, default=300, help="timed calls per stage and variant")
     p.add_argument("--noise-sigma", type=float, default=3.0,
                    help="grey levels of the synthetic sensor noise of the third frame set")
     p.add_argument("--scratch", type=Path, default=SCRATCH, help="scratch root for the 720p avatar")

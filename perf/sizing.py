@@ -64,7 +64,8 @@ class Assumptions:
 
 @dataclass(frozen=True, slots=True)
 class GpuEstimate:
-    """Estimated frame rate and streams of one GPU (low, high), and gateway cores needed."""
+    """Estimated frame rate and streams of one GPU (low, high), the gateway cores they need,
+    and the gateway processes (one asyncio event loop each) their per-frame overhead needs."""
 
     gpu: str
     compute_bound_fps: tuple[float, float]
@@ -72,15 +73,19 @@ class GpuEstimate:
     fps: tuple[float, float]
     streams: tuple[int, int]
     gateway_cores: tuple[float, float]
+    gateway_processes: tuple[int, int]
 
 
 def estimate(gpu: Gpu, gflop: float, activation_mib: float, gateway_ms: float,
-             a: Assumptions) -> GpuEstimate:
+             a: Assumptions, overhead_ms: float | None = None) -> GpuEstimate:
     """Streams one GPU can serve and the gateway cores they need (both ranges, estimates).
 
     frames/s = min(peak FLOP/s x compute_eff / FLOP per frame,
                    DRAM B/s x bandwidth_eff / (traffic_factor x activation bytes per frame));
-    streams = frames/s x gpu_headroom / fps; cores = streams x fps x gateway_ms / 1000 / cpu_headroom.
+    streams = frames/s x gpu_headroom / fps; cores = streams x fps x gateway_ms / 1000 / cpu_headroom;
+    processes = ceil(streams x fps x overhead_ms / 1000 / cpu_headroom): the per-frame Python
+    overhead runs on each process's one event-loop thread (`overhead_ms` defaults to
+    `gateway_ms`).
     """
     traffic = a.traffic_factor * activation_mib * 2**20
     comp = tuple(gpu.fp16_tflops * 1e12 * e / (gflop * 1e9) for e in a.compute_eff)
@@ -88,7 +93,9 @@ def estimate(gpu: Gpu, gflop: float, activation_mib: float, gateway_ms: float,
     fps = (min(comp[0], band[0]), min(comp[1], band[1]))
     streams = tuple(int(f * a.gpu_headroom / a.fps) for f in fps)
     cores = tuple(s * a.fps * gateway_ms / 1000.0 / a.cpu_headroom for s in streams)
-    return GpuEstimate(gpu.name, comp, band, fps, streams, cores)  # type: ignore[arg-type]
+    loop_ms = gateway_ms if overhead_ms is None else overhead_ms
+    procs = tuple(max(1, math.ceil(s * a.fps * loop_ms / 1000.0 / a.cpu_headroom)) for s in streams)
+    return GpuEstimate(gpu.name, comp, band, fps, streams, cores, procs)  # type: ignore[arg-type]
 
 
 def gateway_ms_per_frame(micro: dict, compare: dict) -> tuple[float, float, float]:
@@ -156,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"{exc.filename} is missing: run perf.model_cost, perf.micro_720p and perf.compare first")
     a = Assumptions()
     pixels, overhead, total = gateway_ms_per_frame(micro, compare)
-    ests = [estimate(g, cost["conv_gflop"], cost["activation_mib_fp16_fused"], total, a) for g in GPUS]
+    ests = [estimate(g, cost["conv_gflop"], cost["activation_mib_fp16_fused"], total, a, overhead)
+            for g in GPUS]
     argv_full = ["python", "-m", "perf.sizing", *(sys.argv[1:] if argv is None else argv)]
     lines = report.header("Sizing estimate (ESTIMATES, not measurements)", argv_full)
     lines += [
@@ -175,11 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     table = report.markdown_table(
         ["GPU (datasheet peaks)", "compute-bound frames/s (est.)", "bandwidth-bound frames/s (est.)",
-         "frames/s (est.)", "streams at 25 fps (est.)", "gateway cores (est.)"],
+         "frames/s (est.)", "streams at 25 fps (est.)", "gateway cores (est.)",
+         "gateway processes (est.)"],
         [[e.gpu, f"{e.compute_bound_fps[0]:,.0f}-{e.compute_bound_fps[1]:,.0f}",
           f"{e.bandwidth_bound_fps[0]:,.0f}-{e.bandwidth_bound_fps[1]:,.0f}",
           f"{e.fps[0]:,.0f}-{e.fps[1]:,.0f}", f"{e.streams[0]}-{e.streams[1]}",
-          f"{e.gateway_cores[0]:.1f}-{e.gateway_cores[1]:.1f}"] for e in ests],
+          f"{e.gateway_cores[0]:.1f}-{e.gateway_cores[1]:.1f}",
+          f"{e.gateway_processes[0]}-{e.gateway_processes[1]}"] for e in ests],
     )
     lines += table
     lines += ["", "Replace these with `perf/perf_analyzer.sh --profile gpu` and `python -m perf.loadgen "

@@ -261,6 +261,9 @@ def test_sizing_estimate_follows_its_formula() -> None:
     assert slow.bandwidth_bound_fps[0] == pytest.approx(0.3e12 * 0.5 / (2 * 200 * 2**20))
     assert fast.streams[0] > slow.streams[0]
     assert slow.gateway_cores[0] == pytest.approx(slow.streams[0] * 25 * 4.0 / 1000 / 0.7)
+    assert slow.gateway_processes[0] == max(1, math.ceil(slow.streams[0] * 25 * 4.0 / 1000 / 0.7))
+    split = estimate(Gpu("b", 100.0, 3.0), 10.0, 200.0, 4.0, a, overhead_ms=1.0)
+    assert split.gateway_processes[1] <= fast.gateway_processes[1]
     micro = {"timings": [
         {"frame": "1280x720 x", "stage": "prepare", "variant": "v", "median_ms": 0.01},
         {"frame": "1280x720 x", "stage": "composite", "variant": "paste back into full frame", "median_ms": 0.3},
