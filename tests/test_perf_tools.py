@@ -274,3 +274,25 @@ def test_sizing_estimate_follows_its_formula() -> None:
     compare = {"rows": [{"streams": 1, "gateway_cpu_ms_per_frame": 9.0},
                         {"streams": 8, "gateway_cpu_ms_per_frame": 3.0}]}
     assert gateway_ms_per_frame(micro, compare) == pytest.approx((1.81, 3.0, 4.81))
+
+
+@pytest.mark.triton
+def test_perf_analyzer_script_runs_against_the_cpu_triton(triton_server: Any, tmp_path: Path) -> None:
+    """The documented perf_analyzer command works here (binary fetched once into .cache/)."""
+    import subprocess
+
+    from lipsync.paths import REPO_ROOT
+
+    out = tmp_path / "pa"
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "perf" / "perf_analyzer.sh"), "--profile", "cpu",
+         "--url", triton_server.grpc_url, "--concurrency", "2", "--out", str(out), "--",
+         "--measurement-request-count", "6", "--stability-percentage", "100", "--max-trials", "4"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_pa_csv(out.with_suffix(".csv"))
+    assert [r["Concurrency"] for r in rows] == ["2"] and float(rows[0]["Inferences/Second"]) > 0
+    text = out.with_suffix(".md").read_text()
+    assert "| 2 |" in text and "perf_analyzer 2.41.1" in text
+    assert read_batching(out.with_suffix(".txt"))[2] >= 1.0
