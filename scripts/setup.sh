@@ -2,14 +2,15 @@
 # Sets up a fresh Debian 12 / Python 3.11 machine for this project (idempotent):
 #   - Debian packages: real speech for the demo avatar (pocketsphinx-testdata), headless
 #     Chromium for the browser test, docker-compose to validate the compose file, libb64 for
-#     perf_analyzer;
+#     perf_analyzer, libpython3.11 for the Triton Python-backend stub, libturbojpeg0 for the
+#     JPEG encoder comparison in perf/;
 #   - a virtual environment at .venv/ with the project and all its extras installed.
 # Usage: scripts/setup.sh            (everything)
 #        LIPSYNC_SKIP_APT=1 scripts/setup.sh   (skip the Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(pocketsphinx-testdata chromium chromium-driver docker-compose libb64-0d)
+APT_PACKAGES=(pocketsphinx-testdata chromium chromium-driver docker-compose libb64-0d libpython3.11 libturbojpeg0)
 
 if [[ "${LIPSYNC_SKIP_APT:-0}" != "1" ]]; then
   missing=()
