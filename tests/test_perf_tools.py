@@ -102,11 +102,12 @@ def test_compare_table_ratios(tmp_path: Path) -> None:
         return summarize(recs, label=label, streams=8, frames_per_stream=20, pace_fps=0)
 
     ours, base = summary(10.0, 100.0, "ours"), summary(2.0, 400.0, "base")
-    rows = [Row(8, ours, base, BatchStats(inferences=160, executions=40))]
+    rows = [Row(8, ours, base, BatchStats(inferences=160, executions=40), 3.25, 480.0)]
     table = compare_rows(rows)[0]
     assert table[3] == f"{ours.fps / base.fps:.2f}x"
     assert table[6] == f"{ours.p95_ms / base.p95_ms:.2f}"
-    assert table[-1] == "4.00"
+    assert table[-3:] == ["4.00", "3.25", "480.0"]
+    assert compare_rows([Row(1, ours, base, None)])[0][-3:] == ["n/a", "n/a", "n/a"]
     write_compare(rows, tmp_path / "c.md", tmp_path / "c.json", ["- setup"], ["python", "-m", "perf.compare"])
     text = (tmp_path / "c.md").read_text()
     assert f"throughput ratio **{ours.fps / base.fps:.2f}x**" in text
