@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from export.checkpoint import load_unet
 from export.onnx_export import UnetWithPrePost
 from gateway.jpeg import make_encoder
-from lipsync.frames import audio_window, crop_328, inner_320, paste_back, pingpong_index
+from lipsync.frames import audio_window, crop_328, paste_back, pingpong_index
 from lipsync.package import AvatarPackage, load_package
 from proto import lipsync_pb2, lipsync_pb2_grpc
 
@@ -79,7 +79,7 @@ class BaselineEngine:
         self.frames = package.frames
         self.rects = np.asarray(package.rects, dtype=np.int32)
         self.features = package.features
-        self.crops = np.stack([crop_328(f, r) for f, r in zip(self.frames, self.rects)])
+        self.crops = np.stack([crop_328(f, r) for f, r in zip(self.frames, self.rects, strict=True)])
         self.inners = np.ascontiguousarray(self.crops[:, 4:324, 4:324])
         self.requests = 0
 

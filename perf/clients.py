@@ -298,7 +298,7 @@ async def drive_stream(
                 continue
             try:
                 reply = await asyncio.wait_for(transport.recv(), timeout=spec.timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 abort.append(f"timeout: no reply within {spec.timeout_s:.1f} s")
                 return
             except StreamAborted as exc:

@@ -345,13 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = [
         f"- avatar: `{pkg.name}` ({pkg.manifest.width}x{pkg.manifest.height}, {frame_range} frames, "
         f"weights trained: {pkg.manifest.weights.trained}); JPEG quality 85 on both",
-        f"- ours: CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching) + gateway, "
-        f"gRPC `StreamInference`; baseline: `perf/baseline_server.py` (PyTorch eager, one frame "
-        f"at a time under a lock), same RPC",
+        "- ours: CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching) + gateway, "
+        "gRPC `StreamInference`; baseline: `perf/baseline_server.py` (PyTorch eager, one frame "
+        "at a time under a lock), same RPC",
         f"- load: {args.frames} frames per stream, "
         + ("as fast as possible, one frame in flight per stream" if args.pace == 0
-           else f"paced at {args.pace:g} fps") + f"; latency and late frames as in `perf/stats.py` "
-        f"(late = more than 40 ms)",
+           else f"paced at {args.pace:g} fps") + "; latency and late frames as in `perf/stats.py` "
+        "(late = more than 40 ms)",
         "- CPU ms/frame: CPU time (user + system, all threads) of the gateway process and of the "
         "baseline process per answered frame, from /proc (Triton's own CPU time is not in the "
         "gateway's figure)",

@@ -171,7 +171,7 @@ def benchmark(frames: NDArray[np.uint8], rects: NDArray[np.int32], features: NDA
     from lipsync.frames import audio_window, crop_328, inner_320, paste_back, pingpong_index
 
     n = len(frames)
-    crops = np.stack([crop_328(f, r) for f, r in zip(frames, rects)])
+    crops = np.stack([crop_328(f, r) for f, r in zip(frames, rects, strict=True)])
     inners = np.ascontiguousarray(np.stack([inner_320(c) for c in crops]))
     results: list[StageTiming] = []
 
@@ -208,11 +208,11 @@ def benchmark(frames: NDArray[np.uint8], rects: NDArray[np.int32], features: NDA
     for name, enc in encoders.items():
         sizes_full = [len(enc.encode(f)) for f in composited[:8]]
         add("jpeg", f"{name}, full frame",
-            time_calls(lambda i: enc.encode(composited[i % len(composited)]), iterations),
+            time_calls(lambda i, e=enc: e.encode(composited[i % len(composited)]), iterations),
             float(np.mean(sizes_full)) / 1024)
         sizes_crop = [len(enc.encode(p)) for p in patches[:8]]
         add("jpeg", f"{name}, face crop only",
-            time_calls(lambda i: enc.encode(patches[i % len(patches)]), iterations),
+            time_calls(lambda i, e=enc: e.encode(patches[i % len(patches)]), iterations),
             float(np.mean(sizes_crop)) / 1024)
     return results
 
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rects = np.asarray(pkg.rects, dtype=np.int32)
     from lipsync.frames import crop_328, inner_320
 
-    inners = np.stack([inner_320(crop_328(f, r)) for f, r in zip(pkg.frames, rects)])
+    inners = np.stack([inner_320(crop_328(f, r)) for f, r in zip(pkg.frames, rects, strict=True)])
     preds = real_predictions(onnx_path, np.ascontiguousarray(inners), pkg.features, 8)
     encoders = available_encoders()
     h, w = pkg.frames.shape[1:3]

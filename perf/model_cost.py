@@ -85,7 +85,7 @@ def model_cost(onnx_path: Path) -> ModelCost:
     produced_fused = 0.0
     for node in model.graph.node:
         outs = [shapes.get(o) for o in node.output if o]
-        for o, shp in zip(node.output, outs):
+        for shp in outs:
             if shp is not None and all(d > 0 for d in shp):
                 produced += float(np.prod(shp))
                 if node.op_type not in FUSED_OPS:

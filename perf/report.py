@@ -12,7 +12,7 @@ import platform
 import shlex
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -63,7 +63,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 def utc_now() -> str:
     """The current date and time in UTC, ISO 8601 to the second."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def header(title: str, argv: Sequence[str] | None = None, command: str | None = None) -> list[str]:
