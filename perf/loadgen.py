@@ -288,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     console = Console()
     summary, records = asyncio.run(run_load(config, progress=not args.no_progress, console=console))
-    console.print("\n".join(report.markdown_table(SUMMARY_HEADERS, [summary_row(summary, config.target)])))
+    console.print("\n".join(report.markdown_table(SUMMARY_HEADERS, [summary_row(summary, config.target)])),
+                  soft_wrap=True, markup=False, highlight=False)
     for err in summary.error_samples:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
     write_reports(summary, config, json_path=args.json, markdown_path=args.markdown,
