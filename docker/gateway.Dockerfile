@@ -1,6 +1,8 @@
+# syntax=docker/dockerfile:1
 # The lip-sync gateway image: runtime dependencies only (`pip install .`, no extras: no torch,
 # no onnx/onnxruntime, no tritonserver), non-root, healthcheck on /healthz.
-# Build context: the repository root (see docker-compose.yml and .dockerignore).
+# Build context: the repository root (see docker-compose.yml and .dockerignore). Needs BuildKit
+# (the default builder since Docker 23) for the RUN --mount below.
 #
 #   docker build -f docker/gateway.Dockerfile -t lipsync-gateway:0.1.0 .
 #   docker run --rm -e LIPSYNC_TRITON_URL=triton:8001 -v "$PWD/packages:/packages:ro" \
