@@ -139,14 +139,15 @@ async def run_load(
     total = config.streams * config.frames
     records: list[FrameRecord] = []
     errors = 0
+    done = 0
     started = time.perf_counter()
     with _progress(console, progress) as bar:
         task = bar.add_task(label, total=total, fps=0.0, errors=0)
 
         def on_record(rec: FrameRecord) -> None:
-            nonlocal errors
+            nonlocal errors, done
             errors += 0 if rec.ok else 1
-            done = bar.tasks[task].completed + 1
+            done += 1
             elapsed = max(time.perf_counter() - started, 1e-6)
             bar.update(task, advance=1, fps=(done - errors) / elapsed, errors=errors)
 
