@@ -105,11 +105,11 @@ class BaselineEngine:
         t1 = time.perf_counter()
         with self.lock, torch.inference_mode():  # one frame at a time: no batching
             pred: NDArray[np.uint8] = self.model(crop, audio)[0].numpy()
+            self.requests += 1
         t2 = time.perf_counter()
         frame = paste_back(self.frames[v], self.rects[v], self.crops[v], pred)
         jpeg = self.encoder.encode(frame)
         t3 = time.perf_counter()
-        self.requests += 1
         x1, y1, x2, y2 = (float(c) for c in self.rects[v])
         return BaselineFrame(
             jpeg, (x1, y1, x2, y2), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3,

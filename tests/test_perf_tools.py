@@ -297,3 +297,20 @@ def test_perf_analyzer_script_runs_against_the_cpu_triton(triton_server: Any, tm
     text = out.with_suffix(".md").read_text()
     assert "| 2 |" in text and "perf_analyzer 2.41.1" in text
     assert read_batching(out.with_suffix(".txt"))[2] >= 1.0
+
+
+def test_baseline_server_answers_the_stream_in_order(demo_package: Any, tmp_path: Path) -> None:
+    """The baseline process (as `perf.compare` starts it) serves `StreamInference` over gRPC:
+    frames answered in request order, an unknown avatar answered in-band."""
+    from perf.compare import start_baseline
+
+    with start_baseline(Path(demo_package.root), tmp_path) as (address, pid):
+        assert pid > 0
+        cfg = LoadConfig(target="grpc", address=address, avatar="demo", streams=1, frames=3,
+                         pace_fps=0, frame_range=demo_package.feature_rows, timeout_s=120)
+        summary, records = asyncio.run(run_load(cfg, progress=False))
+        assert summary.errors == 0 and [r.frame_id for r in records] == [0, 1, 2]
+        unknown = LoadConfig(target="grpc", address=address, avatar="nobody", streams=1, frames=1,
+                             pace_fps=0, timeout_s=60)
+        summary, _ = asyncio.run(run_load(unknown, progress=False))
+        assert summary.errors == 1 and "unknown_avatar" in summary.error_samples[0]
