@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway.jpeg import JpegEncoder
 from perf import report
 
 log = logging.getLogger(__name__)
@@ -73,17 +75,19 @@ class TurboJpegEncoder:
                                pixel_format=self._pf, jpeg_subsample=self._ss)
 
 
-def available_encoders(quality: int = JPEG_QUALITY) -> dict[str, object]:
+def available_encoders(quality: int = JPEG_QUALITY) -> dict[str, JpegEncoder]:
     """Every JPEG encoder that loads here: simplejpeg and OpenCV (the gateway's, from
     `gateway.jpeg`) and PyTurboJPEG when it and libturbojpeg are installed."""
     from gateway.jpeg import OpenCvJpegEncoder, SimpleJpegEncoder
 
-    encoders: dict[str, object] = {}
-    for cls in (SimpleJpegEncoder, OpenCvJpegEncoder, TurboJpegEncoder):
+    encoders: dict[str, JpegEncoder] = {}
+    factories: tuple[Callable[[int], Any], ...] = (
+        SimpleJpegEncoder, OpenCvJpegEncoder, TurboJpegEncoder)
+    for factory in factories:
         try:
-            enc = cls(quality)
+            enc: JpegEncoder = factory(quality)
         except (ImportError, OSError, RuntimeError) as exc:
-            log.warning("JPEG encoder %s unavailable: %s", cls.__name__, exc)
+            log.warning("JPEG encoder %s unavailable: %s", getattr(factory, "__name__", factory), exc)
             continue
         encoders[enc.name] = enc
     return encoders
@@ -165,7 +169,7 @@ def add_sensor_noise(frames: NDArray[np.uint8], sigma: float, seed: int = 0) -> 
 
 
 def benchmark(frames: NDArray[np.uint8], rects: NDArray[np.int32], features: NDArray[np.float32],
-              preds: NDArray[np.uint8], encoders: dict[str, object], iterations: int,
+              preds: NDArray[np.uint8], encoders: dict[str, JpegEncoder], iterations: int,
               label: str) -> list[StageTiming]:
     """Time the gateway's per-frame stages on one set of frames (see the module docstring)."""
     from lipsync.frames import audio_window, crop_328, inner_320, paste_back, pingpong_index
@@ -189,30 +193,36 @@ def benchmark(frames: NDArray[np.uint8], rects: NDArray[np.int32], features: NDA
                              crops[pingpong_index(i, n)], preds[i % len(preds)])
                   for i in range(min(n, 32))]
 
-    def composite(i: int) -> object:
+    def composite(i: int) -> NDArray[np.uint8]:
         v = pingpong_index(i, n)
         return paste_back(frames[v], rects[v], crops[v], preds[i % len(preds)])
 
     add("composite", "paste back into full frame", time_calls(composite, iterations))
 
-    def composite_crop(i: int) -> object:  # face-crop-only output: no full-frame copy
+    def composite_crop(i: int) -> NDArray[np.uint8]:  # face-crop-only output: no full-frame copy
         v = pingpong_index(i, n)
         x1, y1, x2, y2 = (int(c) for c in rects[v])
         crop = crops[v].copy()
         crop[4:324, 4:324] = preds[i % len(preds)]
-        return cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+        patch: NDArray[np.uint8] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+        return patch
 
     add("composite", "face crop only (resize back, no frame copy)", time_calls(composite_crop, iterations))
     patches = [composite_crop(i) for i in range(len(composited))]
 
     for name, enc in encoders.items():
         sizes_full = [len(enc.encode(f)) for f in composited[:8]]
-        add("jpeg", f"{name}, full frame",
-            time_calls(lambda i, e=enc: e.encode(composited[i % len(composited)]), iterations),
+
+        def encode_full(i: int, e: JpegEncoder = enc) -> bytes:
+            return e.encode(composited[i % len(composited)])
+
+        def encode_crop(i: int, e: JpegEncoder = enc) -> bytes:
+            return e.encode(patches[i % len(patches)])
+
+        add("jpeg", f"{name}, full frame", time_calls(encode_full, iterations),
             float(np.mean(sizes_full)) / 1024)
         sizes_crop = [len(enc.encode(p)) for p in patches[:8]]
-        add("jpeg", f"{name}, face crop only",
-            time_calls(lambda i, e=enc: e.encode(patches[i % len(patches)]), iterations),
+        add("jpeg", f"{name}, face crop only", time_calls(encode_crop, iterations),
             float(np.mean(sizes_crop)) / 1024)
     return results
 
