@@ -1,12 +1,12 @@
 """UNet328 / AudioEncoder: state-dict keys, shapes and dtypes equal the SyncTalk_2D reference
-listings (`../shared/reference/*.tsv`), parameter counts (REFERENCE.md s.1, s.4), forward shapes."""
+listings (`tests/data/reference/*.tsv`, copies of `../shared/reference`), parameter counts (REFERENCE.md s.1, s.4), forward shapes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from export.models import AUDIO_BRANCH_SHAPES, AUDIO_MODES, AudioEncoder, UNet328
-from lipsync.paths import REFERENCE_DIR
+from lipsync.paths import REFERENCE_DIR, SHARED_REFERENCE_DIR
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -14,11 +14,10 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 def reference_listing(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     """Parse `REFERENCE_DIR/<name>.state_dict.tsv` into (key, shape, dtype) rows, in file order.
 
-    Skips the calling test when the reference folder is absent (it lives outside the repo).
+    The listings are committed under `tests/data/reference/` (copied from ../shared/reference).
     """
     path = REFERENCE_DIR / f"{name}.state_dict.tsv"
-    if not path.is_file():
-        pytest.skip(f"reference listing {path} not found (expected ../shared/reference next to the repo)")
+    assert path.is_file(), f"reference listing {path} is missing from the repository"
     rows = []
     lines = path.read_text().splitlines()
     assert lines[0].split("\t") == ["key", "shape", "dtype"], f"unexpected header in {path}"
@@ -109,3 +108,12 @@ def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown audio mode 'deepspeech'"):
         UNet328("deepspeech")  # type: ignore[arg-type]
 
+
+
+@pytest.mark.parametrize("name", ["unet_328_ave", "unet_328_hubert", "unet_328_wenet", "audio_encoder"])
+def test_committed_listing_equals_shared_original(name: str) -> None:
+    """The repository's copy of a listing is byte-identical to the team's shared original."""
+    original = SHARED_REFERENCE_DIR / f"{name}.state_dict.tsv"
+    if not original.is_file():
+        pytest.skip(f"no shared original at {original} on this machine")
+    assert (REFERENCE_DIR / original.name).read_bytes() == original.read_bytes()
