@@ -10,3 +10,19 @@ pytest_plugins = [
     "tests.fixtures_triton",
     "tests.fixtures_gateway",
 ]
+
+import logging
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Tests that run `lipsync.cli.main` in-process call `setup_logging`, which replaces the
+    root handlers with a console handler; put pytest's own handlers back afterwards so later
+    tests' logs stay captured."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -266,19 +266,17 @@ def test_cli_writes_both_profiles(untrained_onnx: UntrainedOnnx, tmp_path: Path)
     assert not (tmp_path / "bad").exists()
 
 
-def _generated_configs() -> list[Path]:
-    return sorted(
+def test_every_generated_config_parses(demo_package: object) -> None:
+    """Every config in the generated repositories (the demo avatar's and any other) parses as
+    Triton's ModelConfig, in both profiles."""
+    configs = sorted(
         p
         for repo in (paths.MODEL_REPOSITORY_CPU, paths.MODEL_REPOSITORY_GPU)
-        if repo.is_dir()
         for p in repo.glob("*/config.pbtxt")
     )
-
-
-@pytest.mark.parametrize(
-    "config_path", _generated_configs(), ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}"
-)
-def test_every_generated_config_parses(config_path: Path) -> None:
-    """Every config already in the generated repositories (e.g. the demo avatar's) parses."""
-    config = parse_config(config_path.read_text(), source=str(config_path))
-    assert config.name == config_path.parent.name
+    names = {(p.parent.parent.name, p.parent.name) for p in configs}
+    for profile in ("cpu", "gpu"):
+        assert {(profile, "lipsync_demo"), (profile, "audio_encoder")} <= names, names
+    for config_path in configs:
+        config = parse_config(config_path.read_text(), source=str(config_path))
+        assert config.name == config_path.parent.name

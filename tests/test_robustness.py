@@ -276,7 +276,8 @@ def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway
         worst = max(t - max(stream.sent[i], killed_at) for i, (t, r) in enumerate(stream.answers) if not r.success)
         assert first_error_after < 3.0 and worst < 3.0, (first_error_after, worst)
         assert not_ready_after < 3.0
-        assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # grpc.health follows ctx.ready() within one HealthReporter poll period (0.25 s)
+        _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 1.0)
         h = stub.HealthCheck(pb.HealthRequest())
         assert not h.healthy and h.status.startswith("NOT_SERVING")
         t0 = time.monotonic()
@@ -306,7 +307,8 @@ def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: A
             # probe period 0.5 s + two probe deadlines of 1 s: about 3 s, never the 30 s deadline
             assert took < 5.0, took
             assert not gw.ctx.ready()
-            assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            # grpc.health follows ctx.ready() within one HealthReporter poll period (0.25 s)
+            _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 1.0)
         finally:
             os.killpg(triton.pid, signal.SIGCONT)
         _wait(lambda: gw.ctx.ready(), 60)
