@@ -160,4 +160,4 @@ def ensure_demo(
         overwrite=True,
         progress=progress,
         source_notes=DEMO_NOTES,
-    )
+    ).path

@@ -63,7 +63,7 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildSummary:
-    """What a build produced (logged at the end and returned by `build_package_with_summary`)."""
+    """What a build produced (logged at the end and returned by `build_package`)."""
 
     path: Path
     frames: int
@@ -151,7 +151,7 @@ def build_package(
     overwrite: bool = False,
     progress: bool = True,
     source_notes: str = "",
-) -> Path:
+) -> BuildSummary:
     """Build `packages_root/<name>` and write the avatar's models into the model repositories.
 
     Args:
@@ -169,46 +169,12 @@ def build_package(
         source_notes: free text stored in the manifest (e.g. the media's licence).
 
     Returns:
-        The package folder.
+        A `BuildSummary` (its `path` is the package folder), also logged.
 
     Raises:
         BuildError: any failure (bad input, no face, bad checkpoint, ...), with the cause's
             message; no partial package is left behind.
     """
-    return build_package_with_summary(
-        video,
-        audio,
-        name,
-        packages_root,
-        checkpoint=checkpoint,
-        audio_encoder=audio_encoder,
-        fps=fps,
-        height=height,
-        model_repo_cpu=model_repo_cpu,
-        model_repo_gpu=model_repo_gpu,
-        overwrite=overwrite,
-        progress=progress,
-        source_notes=source_notes,
-    ).path
-
-
-def build_package_with_summary(
-    video: Path,
-    audio: Path,
-    name: str,
-    packages_root: Path = PACKAGES_DIR,
-    *,
-    checkpoint: Path | None = None,
-    audio_encoder: Path | None = None,
-    fps: float = 25.0,
-    height: int | None = None,
-    model_repo_cpu: Path | None = MODEL_REPOSITORY_CPU,
-    model_repo_gpu: Path | None = MODEL_REPOSITORY_GPU,
-    overwrite: bool = False,
-    progress: bool = True,
-    source_notes: str = "",
-) -> BuildSummary:
-    """`build_package`, returning a `BuildSummary` (see there for arguments and errors)."""
     started = time.monotonic()
     video, audio = Path(video), Path(audio)
     if not re.fullmatch(NAME_PATTERN, name):

@@ -282,7 +282,7 @@ def test_build_with_checkpoints_records_them(tmp_path: Path, demo_package: Avata
         model_repo_cpu=tmp_path / "cpu",
         model_repo_gpu=None,
         progress=False,
-    )
+    ).path
     pkg = load_package(path)
     w = pkg.manifest.weights
     assert w.trained and w.unet.trained and w.audio_encoder.trained
