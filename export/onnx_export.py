@@ -85,6 +85,8 @@ class UnetWithPrePost(nn.Module):
         self.register_buffer("mask", mouth_mask(), persistent=False)
 
     def forward(self, crop: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """crop: u8[N, 320, 320, 3] BGR; audio: f32[N, 16, D] -> pred u8[N, 320, 320, 3] BGR
+        (see the class docstring for the steps)."""
         x = crop.to(torch.float32) / 255.0
         masked = x * self.mask
         image = torch.cat([x, masked], dim=3).permute(0, 3, 1, 2)
@@ -102,6 +104,7 @@ class AudioEncoderWithPre(nn.Module):
         self.encoder = encoder
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel: f32[N, 80, 16] -> feature f32[N, 512]."""
         return self.encoder(mel.unsqueeze(1))
 
 

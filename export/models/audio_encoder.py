@@ -71,5 +71,7 @@ class AudioEncoder(nn.Module):
         )
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel: f32[N, 1, 80, 16] (one 80-band x 16-frame window, REFERENCE.md s.4)
+        -> f32[N, 512] audio feature."""
         out = self.audio_encoder(mel)
         return out.flatten(1)

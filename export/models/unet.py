@@ -223,6 +223,9 @@ class UNet328(nn.Module):
         self.outc = OutConv(16, 3)
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """x: f32[N, 6, 320, 320] ([reference, masked] BGR in [0, 1]); audio: f32 of the
+        branch shape (`AUDIO_BRANCH_SHAPES[mode]`, e.g. [N, 32, 16, 16] for ave)
+        -> f32[N, 3, 320, 320] BGR in [0, 1] (sigmoid). REFERENCE.md s.1."""
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
