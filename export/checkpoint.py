@@ -12,7 +12,6 @@ Note: `ave` and `hubert` checkpoints have identical keys and shapes (the branche
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from torch import nn
 
 from export.models.audio_encoder import MEL_BANDS, MEL_WINDOW, AudioEncoder
 from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_MODES, IMAGE_SIZE, AudioMode, UNet328
+from lipsync.package import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +49,6 @@ class WeightsInfo:
     trained: bool
     source: str
     sha256: str | None
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -253,6 +244,8 @@ def _mode_hint(state: Mapping[str, torch.Tensor]) -> str:
         "identical; they differ only in audio_model.conv3's stride, which a state dict does not "
         "record): pass --mode with the audio features the checkpoint was trained on."
     )
+
+
 def load_audio_encoder(checkpoint: Path | None, seed: int = 0) -> tuple[AudioEncoder, WeightsInfo]:
     """Build `AudioEncoder` in eval mode with the checkpoint's weights, or seeded random ones.
 
