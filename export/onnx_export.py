@@ -35,17 +35,13 @@ from export.models.unet import (
     AudioMode,
     UNet328,
 )
+from lipsync.frames import MASK_X0, MASK_X1, MASK_Y0, MASK_Y1
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
 BATCH_AXIS = "batch"
-
-MASK_X = (5, 314)
-"""Inclusive x range (px) of the masked rectangle in the 320 inner crop (REFERENCE.md s.2 step 4)."""
-MASK_Y = (5, 309)
-"""Inclusive y range (px) of the masked rectangle in the 320 inner crop (REFERENCE.md s.2 step 4)."""
 
 METADATA_PREFIX = "lipsync."
 
@@ -63,9 +59,10 @@ class ExportResult:
 
 def mouth_mask() -> torch.Tensor:
     """f32[1, 320, 320, 1]: 1 outside, 0 inside the rectangle x 5..314, y 5..309 (inclusive),
-    i.e. what `cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)` blacks out."""
+    i.e. what `cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)` blacks out; the bounds are
+    `lipsync.frames.MASK_*`, the ones `lipsync.frames.mask_inner` applies in numpy."""
     mask = torch.ones(1, IMAGE_SIZE, IMAGE_SIZE, 1, dtype=torch.float32)
-    mask[:, MASK_Y[0] : MASK_Y[1] + 1, MASK_X[0] : MASK_X[1] + 1, :] = 0.0
+    mask[:, MASK_Y0 : MASK_Y1 + 1, MASK_X0 : MASK_X1 + 1, :] = 0.0
     return mask
 
 
