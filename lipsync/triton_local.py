@@ -438,7 +438,11 @@ class TritonServer:
             daemon=True,
         )
         self._reader.start()
-        self._wait_ready(timeout_s)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:  # Ctrl-C or any error while waiting: leave no server behind
+            self.stop()
+            raise
         logger.info(
             "tritonserver ready (pid %d): gRPC %s, HTTP %s", self.pid, self.grpc_url, self.http_url
         )

@@ -258,6 +258,21 @@ def test_busy_port_is_a_clear_error(untrained_model_repo: Path) -> None:
         assert server.pid is None  # nothing was started
 
 
+def test_interrupt_while_waiting_for_ready_stops_the_server(
+    untrained_model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = _server_on(untrained_model_repo)
+
+    def interrupted(timeout_s: float) -> None:
+        raise KeyboardInterrupt  # Ctrl-C between the spawn and readiness
+
+    monkeypatch.setattr(server, "_wait_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert server.pid is not None and not server.is_running
+    assert _group_gone(server.pid), "tritonserver outlived an interrupted start()"
+
+
 def test_broken_model_config_reports_the_log_tail(
     tmp_path: Path, untrained_model_repo: Path
 ) -> None:
