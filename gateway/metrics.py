@@ -7,7 +7,7 @@ live in one process (tests) and `/metrics` shows exactly this gateway's series. 
 Series (all names prefixed ``lipsync_gateway_``):
 
 - ``requests_total{protocol, outcome}``: frames requested; protocol grpc|ws|http, outcome
-  ok|error;
+  ok|error (a frame cancelled because its client went away is not counted);
 - ``errors_total{protocol, code}``: failed frames by `gateway.errors` code;
 - ``stage_latency_seconds{stage}``: histogram per stage: prepare | inference | paste | jpeg |
   composite (= paste + jpeg) | total;

@@ -237,7 +237,6 @@ class FramePipeline:
             (all `gateway.errors.GatewayError`).
         """
         t_start = time.perf_counter()
-        code: str | None = None
         av: Avatar | None = None
         try:
             with self.admission.slot():
@@ -276,16 +275,16 @@ class FramePipeline:
                 )
                 t3 = time.perf_counter()
         except GatewayError as exc:
-            code = exc.code
+            self.metrics.record_outcome(protocol, exc.code)
             if av is not None:
                 av.stats.record_error()
             raise
         except Exception:
-            code = "internal"
+            self.metrics.record_outcome(protocol, "internal")
             log.exception("rendering frame %s of %r failed", frame_id, avatar)
             raise
-        finally:
-            self.metrics.record_outcome(protocol, code)
+        # A frame cancelled by a client disconnect is neither ok nor an error: not counted.
+        self.metrics.record_outcome(protocol, None)
 
         prepare_ms = (t1 - t0) * 1e3
         inference_ms = (t2 - t1) * 1e3
