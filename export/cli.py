@@ -2,19 +2,19 @@
 
 - `lipsync export unet [--checkpoint CKPT] --output OUT.onnx [--mode ave] [--opset 17] [--seed 0]`
 - `lipsync export audio-encoder [--checkpoint CKPT] --output OUT.onnx [--opset 17] [--seed 0]`
-- `lipsync export model-repo ...` from `export.model_repo.register_cli` (if that module exists)
-- `lipsync package ...` from `export.package_cli.register` (if that module exists)
+- `lipsync export model-repo ...` from `export.model_repo.register_cli`
+- `lipsync package ...` from `export.package_cli.register`
 
 Registering parsers imports neither torch nor onnx; the command functions do.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from export import model_repo, package_cli  # neither imports torch nor onnx at import time
 
 if TYPE_CHECKING:  # imported for annotations only: registering must not import torch/onnx
     from export.onnx_export import ExportResult
@@ -22,15 +22,10 @@ if TYPE_CHECKING:  # imported for annotations only: registering must not import 
 logger = logging.getLogger(__name__)
 
 _AUDIO_MODES = ("ave", "hubert", "wenet")
-_OPTIONAL_HOOKS: tuple[tuple[str, str, str], ...] = (
-    # (module, function, which parser it receives)
-    ("export.model_repo", "register_cli", "export"),
-    ("export.package_cli", "register", "top"),
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `lipsync export ...` (and, when present, the plug-in command groups) to `subparsers`."""
+    """Add `lipsync export ...` (with `model-repo`) and `lipsync package ...` to `subparsers`."""
     export_parser = subparsers.add_parser(
         "export", help="offline side: ONNX export, Triton model repository"
     )
@@ -39,11 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _register_unet(export_sub)
     _register_audio_encoder(export_sub)
-    for module_name, function_name, target in _OPTIONAL_HOOKS:
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        hook = getattr(importlib.import_module(module_name), function_name)
-        hook(export_sub if target == "export" else subparsers)
+    model_repo.register_cli(export_sub)
+    package_cli.register(subparsers)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
