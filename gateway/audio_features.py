@@ -28,19 +28,15 @@ from numpy.typing import NDArray
 from gateway.errors import BadRequest
 from gateway.triton import TritonClient
 from lipsync import audio as lipsync_audio
+from lipsync.audio import MEL_FRAMES_PER_SECOND, MEL_WINDOW, SAMPLE_RATE, VIDEO_FPS
 from lipsync.frames import WINDOW_BEFORE, WINDOW_ROWS
 
-SAMPLE_RATE = 16_000
-"""Hz."""
-CHUNK_MS = 40
-"""One chunk per 25-fps video frame (ms)."""
+CHUNK_MS = 1000 // VIDEO_FPS
+"""One chunk per 25-fps video frame: 40 ms."""
 CHUNK_SAMPLES = SAMPLE_RATE * CHUNK_MS // 1000
 """640 samples per chunk."""
 CHUNK_BYTES = CHUNK_SAMPLES * 2
 """1280 bytes of int16 PCM per chunk."""
-MEL_PER_SECOND = 80
-VIDEO_FPS = 25
-MEL_WINDOW = 16
 LOOKAHEAD = WINDOW_ROWS - WINDOW_BEFORE - 1
 """Chunks after a frame's own chunk in its window (7)."""
 
@@ -100,7 +96,7 @@ def chunk_mel_windows(mel: NDArray[np.float32], n_chunks: int) -> NDArray[np.flo
         raise BadRequest(f"audio too short: {n_mel} mel frames, need at least {MEL_WINDOW}")
     out = np.empty((n_chunks, mel.shape[0], MEL_WINDOW), dtype=np.float32)
     for c in range(n_chunks):
-        start = min(int(MEL_PER_SECOND * c / VIDEO_FPS), n_mel - MEL_WINDOW)
+        start = min(int(MEL_FRAMES_PER_SECOND * c / VIDEO_FPS), n_mel - MEL_WINDOW)
         out[c] = mel[:, start : start + MEL_WINDOW]
     return out
 
