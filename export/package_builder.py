@@ -21,8 +21,9 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -51,6 +52,9 @@ from lipsync.package import (
 )
 from lipsync.paths import MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU, PACKAGES_DIR
 
+if TYPE_CHECKING:  # torch is imported lazily, by the build itself
+    from export.onnx_export import ExportResult
+
 logger = logging.getLogger(__name__)
 
 ENCODER_BATCH = 64
@@ -63,7 +67,17 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildSummary:
-    """What a build produced (logged at the end and returned by `build_package`)."""
+    """What a build produced (logged at the end and returned by `build_package`).
+
+    Attributes:
+        path: the package folder.
+        frames: N video frames stored (at 25 fps).
+        feature_rows: M servable frames (rows of `aud_ave.npy`).
+        duration_s: M / 25, the servable duration (s).
+        face_size_px: smallest and largest crop-rectangle side over the frames (px).
+        seconds: wall time of the build (s).
+        trained: True only when both the UNet and the audio encoder had checkpoints.
+    """
 
     path: Path
     frames: int
@@ -126,13 +140,11 @@ def encode_audio(encoder_onnx: Path, pcm16: np.ndarray, *, progress: bool = True
     return pad_features(out)
 
 
-def _weights_source(result: object) -> WeightsSource:
-    w = result.weights  # type: ignore[attr-defined]
+def _weights_source(result: ExportResult) -> WeightsSource:
+    """The manifest's record of one export: its weights' origin and the ONNX file's sha256."""
+    w = result.weights
     return WeightsSource(
-        trained=w.trained,
-        source=w.source,
-        sha256=w.sha256,
-        onnx_sha256=sha256_file(result.path),  # type: ignore[attr-defined]
+        trained=w.trained, source=w.source, sha256=w.sha256, onnx_sha256=sha256_file(result.path)
     )
 
 
@@ -219,15 +231,7 @@ def build_package(
             raise BuildError(f"cannot build package {name!r}: {exc}") from exc
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    summary = BuildSummary(
-        path=dest,
-        frames=summary.frames,
-        feature_rows=summary.feature_rows,
-        duration_s=summary.duration_s,
-        face_size_px=summary.face_size_px,
-        seconds=time.monotonic() - started,
-        trained=summary.trained,
-    )
+    summary = replace(summary, path=dest, seconds=time.monotonic() - started)
     logger.info(
         "package %s: %d video frames, %d servable frames (%.2f s at %g fps), face %d-%d px, "
         "built in %.1f s, weights %s",
