@@ -307,16 +307,20 @@ def _read_manifest(root: Path) -> PackageManifest:
     try:
         return PackageManifest.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            + (
-                f" (found {err['input']!r})"
-                if err["type"] != "missing" and not isinstance(err["input"], dict)
-                else ""
-            )
-            for err in exc.errors()
+        raise PackageError(f"{manifest_path}: invalid manifest: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    """pydantic's errors on one line: `field.path: message (found value); ...`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+        + (
+            f" (found {err['input']!r})"
+            if err["type"] != "missing" and not isinstance(err["input"], dict)
+            else ""
         )
-        raise PackageError(f"{manifest_path}: invalid manifest: {problems}") from None
+        for err in exc.errors()
+    )
 
 
 def _check_audio(path: Path, m: PackageManifest) -> None:
@@ -520,23 +524,26 @@ def write_package(
             path=filename, size_bytes=target.stat().st_size, sha256=sha256_file(target)
         )
 
-    manifest = PackageManifest(
-        format_version=FORMAT_VERSION,
-        name=name,
-        fps=fps,
-        width=width,
-        height=height,
-        frame_count=n,
-        feature_rows=rows,
-        audio_samples=int(audio_pcm16.size),
-        duration_s=rows / fps,
-        model_name=model_name or f"lipsync_{name}",
-        weights=weights,
-        files=PackageFiles(**entries),
-        source=source,
-        created_at=dt.datetime.now(dt.UTC).replace(microsecond=0),
-        builder=builder or f"lipsync {__version__}",
-    )
+    try:
+        manifest = PackageManifest(
+            format_version=FORMAT_VERSION,
+            name=name,
+            fps=fps,
+            width=width,
+            height=height,
+            frame_count=n,
+            feature_rows=rows,
+            audio_samples=int(audio_pcm16.size),
+            duration_s=rows / fps,
+            model_name=model_name or f"lipsync_{name}",
+            weights=weights,
+            files=PackageFiles(**entries),
+            source=source,
+            created_at=dt.datetime.now(dt.UTC).replace(microsecond=0),
+            builder=builder or f"lipsync {__version__}",
+        )
+    except ValidationError as exc:
+        raise PackageError(f"{folder}: the manifest would be invalid: {_problems(exc)}") from None
     tmp = folder / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MANIFEST_NAME)

@@ -244,6 +244,13 @@ def test_writer_refuses_invalid_input(make_package: MakePackage) -> None:
         make_package(name="bad name!")
 
 
+def test_writer_reports_manifest_errors_as_package_errors(make_package: MakePackage) -> None:
+    with pytest.raises(PackageError, match=r"manifest would be invalid: fps: .*fps must be 25"):
+        make_package(name="at30", fps=30.0)
+    with pytest.raises(PackageError, match=r"model_name: .*must look like lipsync_<name>"):
+        make_package(name="renamed", model_name="other")
+
+
 def test_demo_package_is_valid(demo_package: AvatarPackage) -> None:
     """The real demo package passes every check when loaded again from disk."""
     again = load_package(demo_package.root)
