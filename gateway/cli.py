@@ -86,7 +86,9 @@ def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bo
         type=int,
         help="frames in flight in the whole gateway; more are refused as overloaded (default 64)",
     )
-    g.add_argument("--triton-timeout-s", type=float, help="Triton call deadline, s (default 1.5)")
+    g.add_argument(
+        "--triton-timeout-s", type=float, help="Triton call deadline, queueing included, s (default 30)"
+    )
 
 
 _SETTING_OPTIONS = (
