@@ -50,7 +50,8 @@ class GatewayContext:
         """Build and start everything: Triton client + monitor, then load every package.
 
         Must run inside the event loop that will serve requests. Never fails because Triton
-        is down: the gateway starts not-ready and becomes ready when Triton is.
+        is down: the gateway starts not-ready and becomes ready when Triton is. If loading
+        the packages fails otherwise (or is cancelled), the Triton client is closed again.
         """
         metrics = GatewayMetrics()
         triton = TritonClient(
@@ -64,8 +65,12 @@ class GatewayContext:
         )
         await triton.start()
         store = AvatarStore(settings.packages_root, triton)
-        await store.load_all()
-        await triton.register_model(settings.audio_encoder_model, required=False)
+        try:
+            await store.load_all()
+            await triton.register_model(settings.audio_encoder_model, required=False)
+        except BaseException:  # do not leave the monitor task and the channel behind
+            await triton.close()
+            raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
         encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
         admission = AdmissionControl(settings.max_in_flight_total, metrics)
