@@ -33,6 +33,7 @@ from string import Template
 from typing import TYPE_CHECKING, Literal
 
 from lipsync import paths
+from lipsync.package import NAME_PATTERN
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
@@ -57,7 +58,6 @@ ENGINE_CACHE_ROOT = "/engine_cache"
 TRT_WORKSPACE_BYTES = 2 << 30
 """TensorRT builder workspace for the GPU profile: 2 GiB."""
 
-_AVATAR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -128,12 +128,12 @@ def avatar_model_name(avatar: str) -> str:
     """Triton model name of an avatar's UNet: `lipsync_<avatar>`.
 
     Raises:
-        ModelRepoError: `avatar` is not 1-64 characters of letters, digits, `_` or `-`
-            (starting with a letter or digit).
+        ModelRepoError: `avatar` is not a valid avatar name (`lipsync.package.NAME_PATTERN`:
+            1-63 letters, digits, `_` or `-`, starting with a letter or digit).
     """
-    if not _AVATAR_RE.match(avatar):
+    if not re.fullmatch(NAME_PATTERN, avatar):
         raise ModelRepoError(
-            f"avatar name {avatar!r} is not usable in a Triton model name: use 1-64 letters, "
+            f"avatar name {avatar!r} is not usable in a Triton model name: use 1-63 letters, "
             "digits, '_' or '-', starting with a letter or digit"
         )
     return f"lipsync_{avatar}"
