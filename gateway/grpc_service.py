@@ -34,7 +34,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from gateway.context import GatewayContext
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
 from lipsync.frames import mask_inner
 from proto import lipsync_pb2 as pb
@@ -53,6 +53,8 @@ OPTIMIZATIONS = (
     "composite_jpeg_thread_pool",
 )
 PROTOCOL = "grpc"
+INT32_MAX = 2**31 - 1
+"""Largest ``frame_id`` the proto's int32 fields can carry."""
 
 
 def _ms(value: float) -> int:
@@ -151,9 +153,15 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             avatar = self.ctx.store.get(name)
             if start < 0:
                 self.pipeline.validate_frame_id(avatar, start, rows=0)
+            if start + count - 1 > INT32_MAX:
+                raise FrameOutOfRange(
+                    f"start_frame_id {start} + frame_count {count} runs past the largest "
+                    f"frame_id {INT32_MAX} (int32)"
+                )
             feats = await self.ctx.audio.features_from_chunks(list(request.audio_chunks), count)
         except GatewayError as exc:
-            n = min(max(count, 1), self.ctx.settings.max_batch_frames)
+            # one error answer per asked frame, as far as its frame_id fits the int32 field
+            n = min(max(count, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)
             self.ctx.metrics.record_outcome(PROTOCOL, exc.code)
             return self._batch_response(
                 [error_response(name, start + k, exc, t0) for k in range(n)], t0

@@ -325,6 +325,16 @@ def test_batch_with_audio_refuses_wrong_chunk_size(stub: Any) -> None:
     assert not r.responses[0].success and "audio chunk 5 has 1000 bytes" in r.responses[0].error
 
 
+@pytest.mark.triton
+def test_batch_with_audio_frame_ids_past_int32_are_refused_in_band(stub: Any) -> None:
+    top = 2**31 - 1
+    r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
+        model_name=AVATAR, start_frame_id=top, frame_count=3, audio_chunks=[bytes(CHUNK_BYTES)] * 18), timeout=60)
+    assert [x.frame_id for x in r.responses] == [top]
+    assert not r.responses[0].success
+    assert r.responses[0].error.startswith("frame_out_of_range: ") and str(top) in r.responses[0].error
+
+
 # ----------------------------------------------------------------------------- info RPCs
 @pytest.mark.triton
 def test_video_frames_metadata_stats_list_health(stub: Any, gateway_server: Any, demo_package: Any) -> None:
