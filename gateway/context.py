@@ -1,7 +1,8 @@
 """`GatewayContext`: the objects one gateway process shares between its protocols.
 
 Built once by `GatewayServer` (or a test) inside the running event loop with
-`GatewayContext.create(settings)`; both the gRPC service and D2's aiohttp app receive it.
+`GatewayContext.create(settings)`; both the gRPC service and the aiohttp app
+(`gateway.http_app`) receive it.
 """
 from __future__ import annotations
 

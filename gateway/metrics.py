@@ -1,8 +1,8 @@
 """Prometheus metrics of one gateway, in a dedicated `CollectorRegistry`.
 
 Each `GatewayMetrics` owns its registry (not the process-global one), so several gateways can
-live in one process (tests) and `/metrics` shows exactly this gateway's series. D2's
-``/metrics`` handler renders it with ``prometheus_client.generate_latest(metrics.registry)``.
+live in one process (tests) and `/metrics` shows exactly this gateway's series (the
+``/metrics`` handler of `gateway.http_app` serves `GatewayMetrics.render`).
 
 Series (all names prefixed ``lipsync_gateway_``):
 

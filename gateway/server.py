@@ -19,24 +19,9 @@ from aiohttp import web
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.grpc_service import HealthReporter, build_grpc_server
+from gateway.http_app import create_app
 
 log = logging.getLogger(__name__)
-
-
-def _create_http_app(ctx: GatewayContext) -> web.Application:
-    """D2's `gateway.http_app.create_app`, or a minimal health-only app until it exists."""
-    try:
-        from gateway.http_app import create_app
-    except ImportError as exc:  # pragma: no cover - only before the http app lands
-        log.warning("gateway.http_app not available (%s): serving /healthz only", exc)
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"ready": ctx.ready()}, status=200 if ctx.ready() else 503)
-
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        return app
-    return create_app(ctx)
 
 
 class GatewayServer:
@@ -87,7 +72,7 @@ class GatewayServer:
             await self._grpc.start()
             await self._health.start()
 
-            app = _create_http_app(self.ctx)
+            app = create_app(self.ctx)
             self._runner = web.AppRunner(app, handle_signals=False)
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.host, s.http_port)
