@@ -268,8 +268,7 @@ async def serve_gateway(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await server.stop()
-        log.info("gateway stopped")
+        await server.stop()  # logs "gateway stopped"
 
 
 async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> None:
