@@ -137,6 +137,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         try:
             self._check_batch_size(len(ids))
         except GatewayError as exc:
+            self.ctx.metrics.record_outcome(PROTOCOL, exc.code)
             return self._batch_response([error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0)
         limiter = self.ctx.new_connection_limiter()
         responses = await asyncio.gather(
