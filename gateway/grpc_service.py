@@ -79,7 +79,11 @@ def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
 
 
 def error_response(model_name: str, frame_id: int, exc: GatewayError, t0: float) -> pb.OptimizedInferenceResponse:
-    """A failed ``OptimizedInferenceResponse`` carrying ``"<code>: <message>"``."""
+    """A failed ``OptimizedInferenceResponse`` carrying ``"<code>: <message>"``.
+
+    ``t0`` is the request's start (``time.perf_counter()``, s); the time since goes to
+    ``processing_time_ms``.
+    """
     return pb.OptimizedInferenceResponse(
         success=False,
         error=str(exc),

@@ -29,7 +29,11 @@ _CV_SAMPLING = {
 
 
 def resolve_subsampling(subsampling: Subsampling, quality: int) -> str:
-    """``auto`` -> ``444`` at quality >= 90, else ``420``; other values unchanged."""
+    """``auto`` -> ``444`` at quality >= 90, else ``420``; other values unchanged.
+
+    Raises:
+        ValueError: not one of ``auto``, ``420``, ``422``, ``444``.
+    """
     if subsampling == "auto":
         return "444" if quality >= 90 else "420"
     if subsampling not in _CV_SAMPLING:

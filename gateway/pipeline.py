@@ -74,7 +74,12 @@ class RenderedFrame:
 
 
 class AdmissionControl:
-    """Global cap on frames in flight; refuses at once instead of queueing without bound."""
+    """Global cap on frames in flight; refuses at once instead of queueing without bound.
+
+    Args:
+        limit: most frames in flight in the whole gateway (``max_in_flight_total``).
+        metrics: where the ``in_flight`` gauge lives (optional).
+    """
 
     def __init__(self, limit: int, metrics: GatewayMetrics | None = None) -> None:
         self.limit = limit
@@ -110,6 +115,9 @@ class ConnectionLimiter:
     Use ``async with limiter.slot(wait=False)`` to refuse a frame at once with `Overloaded`
     when the connection already has ``limit`` in flight (WebSocket), or ``wait=True`` to wait
     for a free slot (gRPC streams: back-pressure by not reading the next request).
+
+    Raises:
+        ValueError: ``limit < 1``.
     """
 
     def __init__(self, limit: int) -> None:
