@@ -24,7 +24,8 @@ complete, so they may come back out of order; each carries its ``frame_id``. A m
 request, a text message, a request over ``ws_max_message_bytes`` or any failed frame gets an
 error reply and the connection keeps serving. Only a message over the transport cap
 (``4 x ws_max_message_bytes``, which aiohttp refuses to buffer) closes the connection, with
-WebSocket close code 1009 (message too big).
+WebSocket close code 1009 (message too big). When the gateway stops, open connections are
+closed with code 1001 (going away).
 
 Live audio: a request with ``audio_len > 0`` carries the frame's own audio window, 16 chunks
 of 40 ms 16 kHz mono int16 PCM (20480 bytes: 8 past, the frame's chunk, 7 lookahead); the
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from numpy.typing import NDArray
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 
@@ -76,6 +77,7 @@ the two limits gets an error reply; beyond the cap aiohttp closes with code 1009
 
 CONTEXT_KEY: web.AppKey[GatewayContext] = web.AppKey("lipsync_context")
 WS_METRICS_KEY: web.AppKey[WsMetrics] = web.AppKey("lipsync_ws_metrics")
+WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_open")
 
 LIVE_AUDIO_BYTES = expected_chunks(1) * CHUNK_BYTES
 """Audio bytes a live-audio WebSocket request carries: 16 chunks x 1280 bytes = 20480."""
@@ -278,12 +280,25 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
     )
     await ws.prepare(request)
+    open_ws = request.app[WS_OPEN_KEY]
+    open_ws.add(ws)
     wsm.connections.inc()
     try:
         await _WsConnection(ws, ctx, wsm).serve()
     finally:
+        open_ws.discard(ws)
         wsm.connections.dec()
     return ws
+
+
+async def _close_websockets(app: web.Application) -> None:
+    """``on_shutdown``: close every open WebSocket (1001, going away).
+
+    Without it the runner's cleanup would wait for each connection's handler until its
+    shutdown timeout (60 s), so stopping the gateway with a page open would hang.
+    """
+    for ws in list(app[WS_OPEN_KEY]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -460,6 +475,8 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json])
     app[CONTEXT_KEY] = ctx
     app[WS_METRICS_KEY] = WsMetrics.for_registry(ctx.metrics.registry)
+    app[WS_OPEN_KEY] = set()
+    app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
