@@ -334,3 +334,28 @@ def test_triton_killed_then_restarted_websocket_and_readyz(
     assert status == 503 and body_dead["ready"] is False and "Triton" in body_dead["reason"]
     assert out["readyz_back"][0] == 200
     assert isinstance(out["after"], FrameReply), out["after"]
+
+
+def test_stopping_the_gateway_closes_open_websockets_at_once(
+    triton_server: Any, start_gateway: Any, gateway_packages_root: Any
+) -> None:
+    """A page left open does not hold the gateway's shutdown: the connection is closed with
+    1001 (going away) and `stop` returns in well under aiohttp's 60 s handler timeout."""
+    gw = start_gateway(triton_server.grpc_url, gateway_packages_root)
+
+    async def body() -> tuple[Any, float, int | None]:
+        async with connect(gw.http_url) as ws:
+            first = await ask(ws, encode_request("demo", 1))
+            # like a browser, keep reading (answers pings and the close handshake)
+            reader = asyncio.create_task(ws.receive(timeout=REPLY_TIMEOUT_S))
+            t0 = time.monotonic()
+            await asyncio.to_thread(gw.call, gw.server.stop, 30.0)
+            elapsed = time.monotonic() - t0
+            msg = await reader
+            assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+            return first, elapsed, msg.data
+
+    first, elapsed, code = run(body)
+    assert isinstance(first, FrameReply)
+    assert elapsed < 10.0, f"stop took {elapsed:.1f} s with a WebSocket open"
+    assert code == 1001
