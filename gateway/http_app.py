@@ -443,14 +443,13 @@ async def stats(request: web.Request) -> web.Response:
             "frame_count": avatar.frame_count,
             "output_frames": avatar.feature_rows,
         }
-    wsm = request.app[WS_METRICS_KEY]
     return web.json_response(
         {
             "uptime_s": round(ctx.uptime_s(), 1),
             "ready": ctx.ready(),
             "in_flight": ctx.pipeline.admission.in_flight,
             "max_in_flight_total": ctx.pipeline.admission.limit,
-            "ws_connections": wsm.connections._value.get(),  # noqa: SLF001
+            "ws_connections": len(request.app[WS_OPEN_KEY]),
             "avatars": per_avatar,
         }
     )
