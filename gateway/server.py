@@ -73,7 +73,8 @@ class GatewayServer:
             await self._health.start()
 
             app = create_app(self.ctx)
-            self._runner = web.AppRunner(app, handle_signals=False)
+            # HTTP handlers still running at stop get grace_s too (aiohttp's default: 60 s)
+            self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self.grace_s)
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.host, s.http_port)
             await site.start()
