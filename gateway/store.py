@@ -136,10 +136,9 @@ class Avatar:
         return self.package.audio_path
 
     @property
-    def trained(self) -> bool | None:
-        """Whether the package's weights are trained (None if the manifest does not say)."""
-        weights = getattr(self.package.manifest, "weights", None)
-        return getattr(weights, "trained", None)
+    def trained(self) -> bool:
+        """Whether the package's weights are trained (the manifest's ``weights.trained``)."""
+        return self.package.manifest.weights.trained
 
     def video_index(self, frame_id: int) -> int:
         """Video frame shown for ``frame_id`` (ping-pong, REFERENCE.md s.2 step 9)."""
@@ -302,7 +301,7 @@ class AvatarStore:
             avatar.name, path, avatar.frame_count, avatar.width, avatar.height,
             avatar.feature_rows, avatar.model_name, avatar.init_ms,
         )
-        if avatar.trained is False:
+        if not avatar.trained:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
         return avatar
 
