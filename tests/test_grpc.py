@@ -18,7 +18,6 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -28,6 +27,7 @@ from lipsync import audio as lipsync_audio
 from lipsync.paths import MODEL_REPOSITORY_CPU, REPO_ROOT, SPEECH_DIR
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.triton_stats import settled_counts
 
 AVATAR = "demo"
 
@@ -203,16 +203,10 @@ def test_stream_inference_answers_50_frames_in_order(stub: Any, demo_package: An
     assert all(decode_bgr(r.prediction_data).shape == demo_package.frames.shape[1:] for r in responses[:5])
 
 
-def _triton_counts(url: str, model: str) -> tuple[int, int]:
-    client = triton_grpc.InferenceServerClient(url)
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
-
 @pytest.mark.triton
 def test_eight_concurrent_streams_are_answered_and_batched(gateway_server: Any, triton_server: Any, demo_package: Any) -> None:
     model = demo_package.manifest.model_name
-    inf0, exe0 = _triton_counts(triton_server.grpc_url, model)
+    inf0, exe0 = settled_counts(triton_server.grpc_url, model)
     per_stream = 6
     results: dict[int, list[pb.OptimizedInferenceResponse]] = {}
     errors: list[BaseException] = []
@@ -234,7 +228,7 @@ def test_eight_concurrent_streams_are_answered_and_batched(gateway_server: Any, 
     for s in range(8):
         assert [r.frame_id for r in results[s]] == [s * 10 + k for k in range(per_stream)]
         assert all(r.success for r in results[s]), [r.error for r in results[s] if not r.success][:3]
-    inf1, exe1 = _triton_counts(triton_server.grpc_url, model)
+    inf1, exe1 = settled_counts(triton_server.grpc_url, model, at_least=inf0 + 8 * per_stream)
     inferences, executions = inf1 - inf0, exe1 - exe0
     assert inferences == 8 * per_stream
     assert executions < inferences, f"no batching: {executions} executions for {inferences} inferences"

@@ -30,6 +30,7 @@ import tritonclient.grpc as grpcclient
 from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import TritonServer, TritonStartError, free_ports, port_in_use
 from tests.fixtures_triton import TEST_AVATAR, StartTriton, UntrainedOnnx
+from tests.triton_stats import settled_counts
 
 pytestmark = pytest.mark.triton
 
@@ -103,6 +104,7 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
         diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
         assert diff.max() <= 1, f"request {index}: max difference {diff.max()} LSB"
 
+    settled_counts(server.grpc_url, UNET_MODEL, at_least=N_REQUESTS)
     stats = _model_stats(client, UNET_MODEL)
     assert stats.inference_count == N_REQUESTS
     assert stats.inference_stats.fail.count == 0
@@ -394,6 +396,7 @@ def test_a_failing_request_does_not_fail_its_batch(
             client.async_infer("gather", [tensor], callback=callback, client_timeout=60.0)
         for _ in range(2):
             assert done.acquire(timeout=60.0)
+        settled_counts(server.grpc_url, "gather", at_least=3)
         stats = _model_stats(client, "gather")
     good, good_error = answers["good"]
     assert good_error is None, good_error
