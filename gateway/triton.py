@@ -292,6 +292,11 @@ class TritonClient:
         try:
             ready = bool(await self._client.is_model_ready(m.name, client_timeout=self.probe_timeout_s))
         except InferenceServerException as exc:
+            if m.loaded and exc.status() == "StatusCode.DEADLINE_EXCEEDED":
+                # A busy server answering late is not a model gone: keep serving it, and never
+                # answer a slow probe with a load_model (which would reload a loaded model).
+                log.debug("slow model-ready probe for %s: %s", m.name, _describe(exc))
+                return
             ready = False
             m.last_error = _describe(exc)
         if ready:
