@@ -28,8 +28,8 @@ from numpy.typing import NDArray
 from gateway.errors import BadRequest
 from gateway.triton import TritonClient
 from lipsync import audio as lipsync_audio
-from lipsync.audio import MEL_FRAMES_PER_SECOND, MEL_WINDOW, SAMPLE_RATE, VIDEO_FPS
-from lipsync.frames import WINDOW_BEFORE, WINDOW_ROWS
+from lipsync.audio import MEL_FRAMES_PER_SECOND
+from lipsync.contract import MEL_WINDOW, SAMPLE_RATE, VIDEO_FPS, WINDOW_AFTER, WINDOW_BEFORE
 
 CHUNK_MS = 1000 // VIDEO_FPS
 """One chunk per 25-fps video frame: 40 ms."""
@@ -37,13 +37,11 @@ CHUNK_SAMPLES = SAMPLE_RATE * CHUNK_MS // 1000
 """640 samples per chunk."""
 CHUNK_BYTES = CHUNK_SAMPLES * 2
 """1280 bytes of int16 PCM per chunk."""
-LOOKAHEAD = WINDOW_ROWS - WINDOW_BEFORE - 1
-"""Chunks after a frame's own chunk in its window (7)."""
 
 
 def expected_chunks(frame_count: int) -> int:
     """Chunks a batch of ``frame_count`` frames needs: ``8 + frame_count + 7``."""
-    return WINDOW_BEFORE + frame_count + LOOKAHEAD
+    return WINDOW_BEFORE + frame_count + WINDOW_AFTER
 
 
 def check_chunks(chunks: list[bytes], frame_count: int) -> bytes:

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lipsync.contract import AUDIO_ENCODER_MODEL, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, TRITON_GRPC_PORT
 from lipsync.paths import PACKAGES_DIR
 
 
@@ -21,10 +22,10 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIPSYNC_", env_file=".env", extra="ignore")
 
     # --- where things are -------------------------------------------------------------------
-    triton_url: str = Field("localhost:8001", description="Triton gRPC endpoint host:port")
+    triton_url: str = Field(f"localhost:{TRITON_GRPC_PORT}", description="Triton gRPC endpoint host:port")
     host: str = Field("0.0.0.0", description="interface the gRPC and HTTP servers bind")
-    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
-    http_port: int = Field(8085, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)")
+    grpc_port: int = Field(GATEWAY_GRPC_PORT, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    http_port: int = Field(GATEWAY_HTTP_PORT, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)")
     packages_root: Path = Field(PACKAGES_DIR, description="folder holding one folder per avatar")
     device: str = Field("triton", description="label reported as `device` in gRPC answers")
 
@@ -65,7 +66,7 @@ class GatewaySettings(BaseSettings):
     triton_load_models: bool = Field(
         True, description="ask Triton (explicit model control) to load each avatar's model"
     )
-    audio_encoder_model: str = Field("audio_encoder", description="Triton model for live audio")
+    audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
 
     # --- message size limits -------------------------------------------------------------------
     grpc_max_receive_bytes: int = Field(

@@ -38,7 +38,8 @@ from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
 from gateway.triton import TritonClient
-from lipsync.frames import FEATURE_DIM, WINDOW_ROWS, audio_window, paste_back
+from lipsync.contract import FEATURE_DIM, WINDOW_ROWS
+from lipsync.frames import audio_window, paste_back
 
 log = logging.getLogger(__name__)
 

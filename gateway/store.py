@@ -32,12 +32,11 @@ from numpy.typing import NDArray
 
 from gateway.errors import PackageRejected, UnknownAvatar
 from gateway.triton import TritonClient
+from lipsync.contract import MANIFEST_NAME
 from lipsync.frames import crop_328, inner_320, pingpong_index
 from lipsync.package import AvatarPackage, PackageError, load_package
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass

@@ -33,14 +33,10 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.errors import TritonUnavailable
 from gateway.metrics import GatewayMetrics
+from lipsync.contract import ENCODER_FEATURE, ENCODER_MEL, FEATURE_DIM, UNET_AUDIO, UNET_CROP, UNET_PRED
 
 log = logging.getLogger(__name__)
 
-UNET_INPUT_CROP = "crop"
-UNET_INPUT_AUDIO = "audio"
-UNET_OUTPUT = "pred"
-ENCODER_INPUT = "mel"
-ENCODER_OUTPUT = "feature"
 
 _MAX_MESSAGE = 256 * 1024 * 1024
 _LOAD_RETRY_BASE_S = 1.0
@@ -418,11 +414,11 @@ class TritonClient:
         Raises:
             TritonUnavailable: Triton down, model not loaded, deadline passed, or a bad answer.
         """
-        i_crop = grpcclient.InferInput(UNET_INPUT_CROP, list(crop.shape), "UINT8")
+        i_crop = grpcclient.InferInput(UNET_CROP.name, list(crop.shape), UNET_CROP.triton_dtype)
         i_crop.set_data_from_numpy(np.ascontiguousarray(crop))
-        i_audio = grpcclient.InferInput(UNET_INPUT_AUDIO, list(audio.shape), "FP32")
+        i_audio = grpcclient.InferInput(UNET_AUDIO.name, list(audio.shape), UNET_AUDIO.triton_dtype)
         i_audio.set_data_from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-        pred = await self._infer(model, [i_crop, i_audio], UNET_OUTPUT)
+        pred = await self._infer(model, [i_crop, i_audio], UNET_PRED.name)
         if pred.dtype != np.uint8 or pred.shape != crop.shape:
             raise TritonUnavailable(
                 f"model {model!r} answered {pred.dtype} {list(pred.shape)}, expected uint8 {list(crop.shape)}"
@@ -447,13 +443,13 @@ class TritonClient:
         parts = []
         for lo in range(0, len(mel), max(step, 1)):
             chunk = mel[lo : lo + step]
-            inp = grpcclient.InferInput(ENCODER_INPUT, list(chunk.shape), "FP32")
+            inp = grpcclient.InferInput(ENCODER_MEL.name, list(chunk.shape), ENCODER_MEL.triton_dtype)
             inp.set_data_from_numpy(chunk)
-            parts.append(self._infer(model, [inp], ENCODER_OUTPUT))
+            parts.append(self._infer(model, [inp], ENCODER_FEATURE.name))
         outs = await asyncio.gather(*parts)
         feats = np.concatenate(outs, axis=0).astype(np.float32, copy=False)
-        if feats.shape != (len(mel), 512):
-            raise TritonUnavailable(f"model {model!r} answered {list(feats.shape)}, expected [{len(mel)}, 512]")
+        if feats.shape != (len(mel), FEATURE_DIM):
+            raise TritonUnavailable(f"model {model!r} answered {list(feats.shape)}, expected [{len(mel)}, {FEATURE_DIM}]")
         return feats
 
     async def inference_statistics(self, model: str) -> dict:

@@ -26,15 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync.contract import FEATURE_DIM, MEL_BANDS, MEL_WINDOW, SAMPLE_RATE, VIDEO_FPS
+
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE: int = 16000
-"""Sample rate of every audio signal the model sees (Hz)."""
 PREEMPHASIS: float = 0.97
 N_FFT: int = 800
 HOP_LENGTH: int = 200
 WIN_LENGTH: int = 800
-N_MELS: int = 80
 FMIN_HZ: float = 55.0
 FMAX_HZ: float = 7600.0
 MIN_LEVEL_DB: float = -100.0
@@ -42,12 +41,6 @@ REF_LEVEL_DB: float = 20.0
 MAX_ABS_VALUE: float = 4.0
 MEL_FRAMES_PER_SECOND: int = SAMPLE_RATE // HOP_LENGTH
 """80 mel frames per second (hop 200 samples at 16 kHz)."""
-MEL_WINDOW: int = 16
-"""Mel frames per encoder window (16 frames = 200 ms)."""
-VIDEO_FPS: int = 25
-"""Video frame rate the features are cut for (fps)."""
-FEATURE_DIM: int = 512
-"""Width of one audio-encoder feature row."""
 
 
 class AudioError(ValueError):
@@ -169,7 +162,7 @@ def _mel_to_hz_slaney(mel: np.ndarray) -> np.ndarray:
 def mel_filterbank(
     sample_rate: int = SAMPLE_RATE,
     n_fft: int = N_FFT,
-    n_mels: int = N_MELS,
+    n_mels: int = MEL_BANDS,
     fmin: float = FMIN_HZ,
     fmax: float = FMAX_HZ,
 ) -> np.ndarray:
@@ -279,7 +272,7 @@ def mel_windows(mel: np.ndarray) -> np.ndarray:
     Raises:
         AudioError: wrong shape or T < 16.
     """
-    if mel.ndim != 2 or mel.shape[0] != N_MELS:
+    if mel.ndim != 2 or mel.shape[0] != MEL_BANDS:
         raise AudioError(f"expected a mel spectrogram of shape [80, T], got {mel.shape}")
     n_mel = mel.shape[1]
     count = video_frame_count(n_mel)

@@ -22,24 +22,14 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-CROP_SIZE: Final[int] = 328
-"""Side of the resized face crop (px)."""
-INNER_OFFSET: Final[int] = 4
-"""Offset of the model's inner crop inside the 328 crop (px): ``crop[4:324, 4:324]``."""
-INNER_SIZE: Final[int] = 320
-"""Side of the model input/output (px)."""
+from lipsync.contract import CROP_SIZE, INNER_OFFSET, INNER_SIZE, WINDOW_BEFORE, WINDOW_ROWS
+
 MASK_X0: Final[int] = 5
 MASK_X1: Final[int] = 314
 MASK_Y0: Final[int] = 5
 MASK_Y1: Final[int] = 309
 """Inclusive bounds of the blacked-out mouth rectangle in the inner crop (px); what
 ``cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)`` fills (REFERENCE.md s.2 step 4)."""
-WINDOW_ROWS: Final[int] = 16
-"""Number of audio feature rows per frame (REFERENCE.md s.2 step 6)."""
-WINDOW_BEFORE: Final[int] = 8
-"""Rows of past context in the window: rows ``i-8 .. i+7``."""
-FEATURE_DIM: Final[int] = 512
-"""Width of one AVE audio feature row."""
 
 
 def _check_frame(frame: NDArray[np.uint8]) -> None:

@@ -36,16 +36,21 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lipsync import __version__
-from lipsync.audio import FEATURE_DIM, SAMPLE_RATE, VIDEO_FPS, feature_rows_for_samples
+from lipsync.audio import feature_rows_for_samples
+from lipsync.contract import (
+    FEATURE_DIM,
+    MANIFEST_NAME,
+    NAME_PATTERN,
+    SAMPLE_RATE,
+    VIDEO_FPS,
+    avatar_model_name,
+    is_avatar_model_name,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 LANDMARK_POINTS = 68
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
-"""Avatar names: letters, digits, `_` and `-`, at most 63 characters (they become Triton model
-names `lipsync_<name>` and folder names)."""
 
 DEFAULT_FILES: dict[str, str] = {
     "frames": "frames.npy",
@@ -155,7 +160,7 @@ class PackageManifest(_Strict):
     @field_validator("model_name")
     @classmethod
     def _model_name_format(cls, value: str) -> str:
-        if not re.fullmatch(r"lipsync_[A-Za-z0-9][A-Za-z0-9_-]{0,62}", value):
+        if not is_avatar_model_name(value):
             raise ValueError(f"model_name must look like lipsync_<name>, got {value!r}")
         return value
 
@@ -535,7 +540,7 @@ def write_package(
             feature_rows=rows,
             audio_samples=int(audio_pcm16.size),
             duration_s=rows / fps,
-            model_name=model_name or f"lipsync_{name}",
+            model_name=model_name or avatar_model_name(name),
             weights=weights,
             files=PackageFiles(**entries),
             source=source,
