@@ -258,6 +258,7 @@ class JpegFrame:
         restart_mcus: Ri from DRI (MCUs per restart interval), 0 without DRI.
         scan_start: offset (bytes) of the first entropy-coded byte (just after the SOS header).
         segments: ``(marker, payload)`` of every segment from SOI up to and including SOS.
+        size_at: offset (bytes) of SOF's 16-bit height and width fields (4 bytes, big-endian).
     """
 
     width: int
@@ -266,6 +267,7 @@ class JpegFrame:
     restart_mcus: int
     scan_start: int
     segments: tuple[tuple[int, bytes], ...]
+    size_at: int
 
     def mcu_size(self) -> tuple[int, int]:
         """MCU (width, height) px: 8 px times the largest H and V sampling factors (T.81 A.2.4)."""
@@ -296,6 +298,7 @@ def read_header(data: bytes) -> JpegFrame:
         raise JpegSpliceError("not a JPEG stream (no SOI marker)")
     segments: list[tuple[int, bytes]] = []
     size: tuple[int, int] | None = None
+    size_at = 0
     sampling: tuple[tuple[int, int, int, int], ...] = ()
     restart = 0
     i, n = 2, len(data)
@@ -319,7 +322,7 @@ def read_header(data: bytes) -> JpegFrame:
                     "Huffman coding: no progressive, lossless or arithmetic coding)"
                 )
             height, width = (payload[1] << 8) | payload[2], (payload[3] << 8) | payload[4]
-            size = (width, height)
+            size, size_at = (width, height), i + 5
             sampling = tuple(
                 (payload[6 + 3 * k], payload[7 + 3 * k] >> 4, payload[7 + 3 * k] & 15, payload[8 + 3 * k])
                 for k in range(payload[5])
@@ -332,7 +335,7 @@ def read_header(data: bytes) -> JpegFrame:
             ns = payload[0]
             if ns != len(sampling) or ns != 3 or payload[1 + 2 * ns : 4 + 2 * ns] != b"\x00\x3f\x00":
                 raise JpegSpliceError("the scan is not one interleaved full-spectrum scan of 3 components")
-            return JpegFrame(size[0], size[1], sampling, restart, end, tuple(segments))
+            return JpegFrame(size[0], size[1], sampling, restart, end, tuple(segments), size_at)
         i = end
 
 
@@ -439,12 +442,14 @@ class SplicedBackground:
         starts: int64 ``[intervals]`` byte offset of each restart interval in `jpeg`.
         grid: the frame's MCU / restart grid.
         scan_start: offset (bytes) of the first entropy-coded byte (header = ``jpeg[:scan_start]``).
+        size_at: offset (bytes) of SOF's height and width fields.
     """
 
     jpeg: bytes
     starts: NDArray[np.int64]
     grid: McuGrid
     scan_start: int
+    size_at: int
 
     @classmethod
     def from_jpeg(cls, jpeg: bytes) -> SplicedBackground:
@@ -460,7 +465,7 @@ class SplicedBackground:
         mw, mh = frame.mcu_size()
         frame.subsampling()  # supported layouts only
         grid = McuGrid(frame.width, frame.height, mw, mh, frame.restart_mcus)
-        return cls(jpeg, interval_starts(jpeg, frame), grid, frame.scan_start)
+        return cls(jpeg, interval_starts(jpeg, frame), grid, frame.scan_start, frame.size_at)
 
     @classmethod
     def encode(cls, frame_bgr: NDArray[np.uint8], settings: SpliceSettings) -> SplicedBackground:
@@ -482,23 +487,125 @@ class SplicedBackground:
         return len(self.jpeg) + self.starts.nbytes
 
 
-def _end_of(starts: NDArray[np.int64], k: NDArray[np.int64], total: int) -> NDArray[np.int64]:
-    """End offsets (bytes, exclusive) of intervals `k` of a stream of `total` bytes whose
-    intervals start at `starts`: 2 bytes (RST or EOI) before the next interval or the end."""
-    nxt = k + 1
-    inside = nxt < len(starts)
-    return np.where(inside, starts[np.where(inside, nxt, 0)], total) - 2
+@dataclass(frozen=True, slots=True)
+class SplicePlan:
+    """Everything `splice` needs that depends only on the background and the rectangle, so a
+    caller that splices the same video frame's rectangle again (the face rectangle of a video
+    frame is fixed) builds it once and pays only `apply` per output frame.
+
+    Attributes:
+        background: the split background frame.
+        rect: ``(x0, y0, x1, y1)`` px, aligned to ``background.grid``.
+        rect_header: the SOI..SOS header every rectangle stream must start with: the
+            background's with SOF's size replaced by the rectangle's (bytes).
+        codes: uint8 ``[n - 1]``, the RST marker code after each rectangle interval but the last,
+            renumbered to the frame's interval count (``0xD0 + k mod 8``).
+        run_first, run_end: per run of consecutive frame intervals (one per MCU row without
+            wrapping, one band with it), the first rectangle interval and one past the last.
+        bg_pieces: views of the background bytes before, between and after the runs
+            (``len(runs) + 1``).
+    """
+
+    background: SplicedBackground
+    rect: Rect
+    rect_header: bytes
+    codes: NDArray[np.uint8]
+    run_first: NDArray[np.int64]
+    run_end: NDArray[np.int64]
+    bg_pieces: tuple[memoryview, ...]
+
+    @classmethod
+    def of(cls, background: SplicedBackground, rect: Rect) -> SplicePlan:
+        """Plan splicing `rect` into `background`.
+
+        Raises:
+            ValueError: `rect` is not aligned to the background's restart grid.
+        """
+        grid = background.grid
+        if not grid.is_aligned(rect):
+            raise ValueError(f"rectangle {rect} is not aligned to the restart grid of {grid}")
+        x0, y0, x1, y1 = (int(v) for v in rect)
+        # frame interval index of each rectangle interval: its first MCU in the frame's raster / R
+        r = grid.restart_mcus
+        rect_cols = -(-(x1 - x0) // grid.mcu_width)
+        rect_mcus = rect_cols * -(-(y1 - y0) // grid.mcu_height)
+        first_mcu = np.arange(-(-rect_mcus // r), dtype=np.int64) * r
+        full = ((y0 // grid.mcu_height + first_mcu // rect_cols) * grid.cols
+                + x0 // grid.mcu_width + first_mcu % rect_cols) // r
+        breaks = np.flatnonzero(np.diff(full) != 1) + 1
+        run_first = np.concatenate(([0], breaks)).astype(np.int64)
+        run_end = np.concatenate((breaks, [len(full)])).astype(np.int64)
+        starts, jpeg = background.starts, background.jpeg
+        bg_ends = np.append(starts[1:] - 2, len(jpeg) - 2)  # each interval's end (its RST or EOI)
+        cuts = [0]
+        for a, b in zip(full[run_first].tolist(), full[run_end - 1].tolist(), strict=True):
+            cuts += [int(starts[a]), int(bg_ends[b])]  # bg keeps its own markers around each run
+        cuts.append(len(jpeg))
+        at = background.size_at
+        header = jpeg[:at] + bytes([y1 - y0 >> 8, (y1 - y0) & 255, x1 - x0 >> 8, (x1 - x0) & 255]) \
+            + jpeg[at + 4 : background.scan_start]
+        codes = (_RST0 + full[:-1] % 8).astype(np.uint8)
+        view = memoryview(jpeg)  # zero-copy: a plan holds no second copy of the background
+        pieces = tuple(view[cuts[k] : cuts[k + 1]] for k in range(0, len(cuts), 2))
+        return cls(background, (x0, y0, x1, y1), header, codes, run_first, run_end, pieces)
+
+    def apply(self, rect_jpeg: bytes) -> bytes:
+        """Splice one rectangle stream (see `splice`).
+
+        Raises:
+            JpegSpliceError: `rect_jpeg` has another header (size, tables, restart interval)
+                than the plan's, or its scan does not hold the expected restart intervals.
+        """
+        head = len(self.rect_header)
+        if not rect_jpeg.startswith(self.rect_header):
+            raise JpegSpliceError(self._header_problem(rect_jpeg))
+        a = np.frombuffer(rect_jpeg, dtype=np.uint8)
+        ff = np.flatnonzero(a[head:-1] == 0xFF) + head
+        markers = ff[a[ff + 1] != 0]  # 0xFF 0x00 is a stuffed data byte (T.81 F.1.2.3)
+        count = len(self.codes) + 1
+        if (len(markers) != count or markers[-1] != len(a) - 2 or a[-1] != _EOI
+                or np.any(a[markers[:-1] + 1] & 0xF8 != _RST0)):
+            raise JpegSpliceError(
+                f"rectangle scan holds {len(markers)} markers, expected {count - 1} RST then EOI")
+        patched = a.copy()
+        patched[markers[:-1] + 1] = self.codes
+        bounds = np.empty(count + 1, dtype=np.int64)  # interval j is patched[bounds[j] + 2 : bounds[j + 1]]
+        bounds[0], bounds[1:] = head - 2, markers
+        rect_from = (bounds[self.run_first] + 2).tolist()
+        rect_to = bounds[self.run_end].tolist()
+        rv = patched.data
+        pieces: list[memoryview] = []
+        for bg, lo, hi in zip(self.bg_pieces, rect_from, rect_to, strict=False):
+            pieces += (bg, rv[lo:hi])
+        pieces.append(self.bg_pieces[-1])
+        return b"".join(pieces)
+
+    def _header_problem(self, rect_jpeg: bytes) -> str:
+        reason = header_mismatch(self.background.jpeg, rect_jpeg)
+        if reason is not None:
+            return reason
+        try:
+            head = read_header(rect_jpeg)
+        except JpegSpliceError as exc:
+            return str(exc)
+        x0, y0, x1, y1 = self.rect
+        return (f"rectangle JPEG is {head.width}x{head.height} px with R={head.restart_mcus}, "
+                f"expected {x1 - x0}x{y1 - y0} px with R={self.background.grid.restart_mcus}"
+                + ("" if (head.width, head.height) != (x1 - x0, y1 - y0)
+                   else " (other header segments differ)"))
 
 
 def splice(background: SplicedBackground, rect: Rect, rect_jpeg: bytes) -> bytes:
     """The background JPEG with the restart intervals under `rect` taken from `rect_jpeg`.
 
+    Same as ``SplicePlan.of(background, rect).apply(rect_jpeg)``; keep the plan to splice the
+    same rectangle again.
+
     Args:
         background: the split background frame.
         rect: ``(x0, y0, x1, y1)`` px from `aligned_rect` on ``background.grid``.
         rect_jpeg: the rectangle's pixels (uint8 ``[y1 - y0, x1 - x0, 3]``) encoded with the
-            background's settings (`encode_bgr`); its tables must match (`header_mismatch`,
-            checked once at start-up, not here).
+            background's settings (`encode_bgr`).
 
     Returns:
         The spliced JPEG: equal, byte for byte, to encoding the background frame with the
@@ -506,46 +613,10 @@ def splice(background: SplicedBackground, rect: Rect, rect_jpeg: bytes) -> bytes
 
     Raises:
         ValueError: `rect` is not aligned to the background's restart grid.
-        JpegSpliceError: `rect_jpeg` is malformed, has another size or restart interval than
-            the rectangle needs.
+        JpegSpliceError: `rect_jpeg` has another header (size, tables, restart interval) than
+            the rectangle needs, or a malformed scan.
     """
-    grid = background.grid
-    if not grid.is_aligned(rect):
-        raise ValueError(f"rectangle {rect} is not aligned to the restart grid of {grid}")
-    x0, y0, x1, y1 = rect
-    head = read_header(rect_jpeg)
-    if (head.width, head.height) != (x1 - x0, y1 - y0) or head.restart_mcus != grid.restart_mcus:
-        raise JpegSpliceError(
-            f"rectangle JPEG is {head.width}x{head.height} px with R={head.restart_mcus}, "
-            f"expected {x1 - x0}x{y1 - y0} px with R={grid.restart_mcus}"
-        )
-    r_starts = interval_starts(rect_jpeg, head)
-    # global interval index of each rectangle interval: its first MCU in the frame's raster / R
-    r = grid.restart_mcus
-    rect_cols = -(-(x1 - x0) // grid.mcu_width)
-    first_mcu = np.arange(len(r_starts), dtype=np.int64) * r
-    full = ((y0 // grid.mcu_height + first_mcu // rect_cols) * grid.cols
-            + x0 // grid.mcu_width + first_mcu % rect_cols) // r
-    # renumber the rectangle's own RST markers (the byte after each 0xFF) to the frame's
-    patched = np.frombuffer(rect_jpeg, dtype=np.uint8).copy()
-    patched[r_starts[1:] - 1] = _RST0 + full[:-1] % 8
-    # runs of consecutive frame intervals (one per MCU row without wrapping, one band with it)
-    breaks = np.flatnonzero(np.diff(full) != 1) + 1
-    run_first = np.concatenate(([0], breaks))
-    run_last = np.concatenate((breaks - 1, [len(full) - 1]))
-    bg_from = background.starts[full[run_first]].tolist()
-    bg_resume = _end_of(background.starts, full[run_last], len(background.jpeg)).tolist()
-    rect_from = r_starts[run_first].tolist()
-    rect_to = _end_of(r_starts, run_last, len(rect_jpeg)).tolist()
-    bg, rv = memoryview(background.jpeg), patched.data
-    pieces: list[memoryview] = []
-    cursor = 0
-    for bg_a, rect_a, rect_b, bg_b in zip(bg_from, rect_from, rect_to, bg_resume, strict=True):
-        pieces.append(bg[cursor:bg_a])
-        pieces.append(rv[rect_a:rect_b])
-        cursor = bg_b  # the frame's own marker after the run (RST, correctly numbered, or EOI)
-    pieces.append(bg[cursor:])
-    return b"".join(pieces)
+    return SplicePlan.of(background, rect).apply(rect_jpeg)
 
 
 def splice_region(

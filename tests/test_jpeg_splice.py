@@ -21,6 +21,7 @@ from lipsync.jpeg_splice import (
     JpegSpliceError,
     McuGrid,
     SplicedBackground,
+    SplicePlan,
     SpliceSettings,
     Subsampling,
     aligned_rect,
@@ -258,15 +259,37 @@ def test_splice_refuses_unaligned_rects_and_wrong_rectangle_streams(clip: NDArra
     rect = (384, 192, 768, 448)
     with pytest.raises(ValueError, match="not aligned to the restart grid"):
         splice(background, (384, 192, 767, 448), encode_bgr(frame[192:448, 384:767].copy(), settings))
-    with pytest.raises(JpegSpliceError, match="expected 384x256 px with R=8"):
+    with pytest.raises(JpegSpliceError, match="is 256x256 px with R=8, expected 384x256 px with R=8"):
         splice(background, rect, encode_bgr(frame[192:448, 384:640].copy(), settings))
-    with pytest.raises(JpegSpliceError, match="expected 384x256 px with R=8"):
+    with pytest.raises(JpegSpliceError, match="restart interval \\(DRI, MCUs\\) differ"):
         splice(background, rect, encode_bgr(frame[192:448, 384:768].copy(), SpliceSettings(85, "420", 4)))
+    with pytest.raises(JpegSpliceError, match="quantization tables"):
+        splice(background, rect, encode_bgr(frame[192:448, 384:768].copy(), SpliceSettings(90, "420", 8)))
     good = encode_bgr(frame[192:448, 384:768].copy(), settings)
-    with pytest.raises(JpegSpliceError, match="does not end with EOI"):
-        splice(background, rect, good[:-100])
+    with pytest.raises(JpegSpliceError, match="markers, expected 47 RST then EOI"):  # 3 x 16 intervals
+        splice(background, rect, good[: len(good) // 2] + b"\xff\xd9")
+    with pytest.raises(JpegSpliceError, match="markers, expected 47 RST then EOI"):
+        splice(background, rect, good[:-2])
     with pytest.raises(JpegSpliceError, match="no SOI"):
         splice(background, rect, b"GIF89a" + good)
+
+
+def test_one_plan_splices_every_output_frame_of_a_video_frame(clip: NDArray[np.uint8]) -> None:
+    """The gateway's use: one `SplicePlan` per video frame, applied to each new prediction."""
+    size = (1280, 720)
+    settings = SpliceSettings(85, "420", restart_mcus_for(1280, "420"))
+    frame = _frame(clip, 2, size)
+    box = _box("centre", size)
+    background = SplicedBackground.encode(frame, settings)
+    plan = SplicePlan.of(background, aligned_rect(box, background.grid))
+    crop = crop_328(frame, box)
+    outputs = set()
+    for tint in range(0, 120, 30):
+        pred = np.clip(inner_320(crop).astype(np.int16) + tint - 60, 0, 255).astype(np.uint8)
+        spliced = plan.apply(encode_bgr(paste_back_region(frame, box, crop, pred, plan.rect), settings))
+        assert spliced == encode_bgr(paste_back(frame, box, crop, pred), settings)
+        outputs.add(spliced)
+    assert len(outputs) == 4
 
 
 def test_from_jpeg_refuses_streams_without_restart_intervals_or_with_broken_scans(
