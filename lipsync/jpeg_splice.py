@@ -44,7 +44,17 @@ it is a union of whole intervals in both streams:
   costs far more to encode; `restart_mcus_for` picks an ``R`` that divides ``cols``.
 
 The encoder is OpenCV's (libjpeg-turbo): simplejpeg cannot write restart markers. Everything
-here is pure (numpy arrays and bytes in, bytes out); no I/O.
+here is pure (numpy arrays and bytes in, bytes out); no I/O. Use::
+
+    settings = SpliceSettings(85, "420", restart_mcus_for(width, "420"))
+    # load time, per video frame v (its face rectangle rects[v] is fixed):
+    background = SplicedBackground.encode(frames[v], settings)
+    plan = SplicePlan.of(background, aligned_rect(rects[v], background.grid))
+    # start-up, once: None, or the reason to fall back to full-frame encoding
+    reason = check_splice(background, frames[v], rects[v], settings)
+    # per output frame (lipsync.frames.paste_back_region composites only plan.rect):
+    region = paste_back_region(frames[v], rects[v], crop, pred, plan.rect)
+    jpeg = plan.apply(encode_bgr(region, settings))
 """
 from __future__ import annotations
 
@@ -64,12 +74,13 @@ MCU_SIZE: Final[dict[str, tuple[int, int]]] = {"420": (16, 16), "422": (16, 8), 
 """MCU (width, height) px per chroma subsampling: 8 px times the luma sampling factors."""
 
 _SAMPLING_NAME: Final[dict[tuple[int, int], Subsampling]] = {(2, 2): "420", (2, 1): "422", (1, 1): "444"}
-_CV_SAMPLING: Final[dict[str, int]] = {
+CV_SAMPLING_FACTOR: Final[dict[str, int]] = {
     "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
     "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
     "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
 }
-_SOI, _EOI, _SOS, _DQT, _DHT, _DRI = 0xD8, 0xD9, 0xDA, 0xDB, 0xC4, 0xDD
+"""OpenCV's ``IMWRITE_JPEG_SAMPLING_FACTOR`` value per chroma subsampling."""
+_EOI, _SOS, _DQT, _DHT, _DRI = 0xD9, 0xDA, 0xDB, 0xC4, 0xDD
 _RST0 = 0xD0
 _SOF_SEQUENTIAL_HUFFMAN: Final = (0xC0, 0xC1)
 """Baseline and extended sequential DCT, Huffman coded (T.81 B.1.1.3): what splicing supports."""
@@ -110,7 +121,7 @@ class SpliceSettings:
         with the standard Huffman tables (optimize and progressive explicitly off)."""
         return [
             cv2.IMWRITE_JPEG_QUALITY, self.quality,
-            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _CV_SAMPLING[self.subsampling],
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, CV_SAMPLING_FACTOR[self.subsampling],
             cv2.IMWRITE_JPEG_RST_INTERVAL, self.restart_mcus,
             cv2.IMWRITE_JPEG_OPTIMIZE, 0,
             cv2.IMWRITE_JPEG_PROGRESSIVE, 0,
@@ -542,8 +553,8 @@ class SplicePlan:
             cuts += [int(starts[a]), int(bg_ends[b])]  # bg keeps its own markers around each run
         cuts.append(len(jpeg))
         at = background.size_at
-        header = jpeg[:at] + bytes([y1 - y0 >> 8, (y1 - y0) & 255, x1 - x0 >> 8, (x1 - x0) & 255]) \
-            + jpeg[at + 4 : background.scan_start]
+        size = (y1 - y0).to_bytes(2, "big") + (x1 - x0).to_bytes(2, "big")  # SOF: Y then X
+        header = jpeg[:at] + size + jpeg[at + 4 : background.scan_start]
         codes = (_RST0 + full[:-1] % 8).astype(np.uint8)
         view = memoryview(jpeg)  # zero-copy: a plan holds no second copy of the background
         pieces = tuple(view[cuts[k] : cuts[k + 1]] for k in range(0, len(cuts), 2))
@@ -564,7 +575,7 @@ class SplicePlan:
         markers = ff[a[ff + 1] != 0]  # 0xFF 0x00 is a stuffed data byte (T.81 F.1.2.3)
         count = len(self.codes) + 1
         if (len(markers) != count or markers[-1] != len(a) - 2 or a[-1] != _EOI
-                or np.any(a[markers[:-1] + 1] & 0xF8 != _RST0)):
+                or np.any((a[markers[:-1] + 1] & 0xF8) != _RST0)):
             raise JpegSpliceError(
                 f"rectangle scan holds {len(markers)} markers, expected {count - 1} RST then EOI")
         patched = a.copy()
