@@ -9,6 +9,7 @@ package builder, the tests and the baseline, so all of them agree on the referen
 - `audio_window`:  step 6, feature rows i-8 .. i+7, zeros outside [0, M);
 - `paste_back`:    step 8, ``crop[4:324, 4:324] = pred``, resize back with ``INTER_CUBIC``, write
                    into a copy of F;
+- `paste_back_region`: step 8 into a copy of one region of F only (the spliced-JPEG path);
 - `pingpong_index`: step 9, 0, 1, ..., N-1, N-2, ..., 1, 0, 1, ...
 
 Images are BGR ``uint8`` ``[H, W, 3]``; rectangles are ``(x1, y1, x2, y2)`` in pixels with
@@ -16,7 +17,7 @@ x2/y2 exclusive (numpy slice bounds).
 """
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, cast
 
 import cv2
 import numpy as np
@@ -63,7 +64,7 @@ def crop_328(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray
     _check_frame(frame)
     x1, y1, x2, y2 = _check_rect(frame, rect)
     region = frame[y1:y2, x1:x2]
-    return cv2.resize(region, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
+    return cast(NDArray[np.uint8], cv2.resize(region, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC))
 
 
 def inner_320(crop328: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -158,6 +159,16 @@ def paste_back(
     """
     _check_frame(frame)
     x1, y1, x2, y2 = _check_rect(frame, rect)
+    out = frame.copy()
+    out[y1:y2, x1:x2] = _face_patch(crop328, pred320, x2 - x1, y2 - y1)
+    return out
+
+
+def _face_patch(
+    crop328: NDArray[np.uint8], pred320: NDArray[np.uint8], width: int, height: int
+) -> NDArray[np.uint8]:
+    """``crop328`` with ``pred320`` written at ``[4:324, 4:324]``, resized (``INTER_CUBIC``) to
+    ``width x height`` px: the pixels paste back writes into the face rectangle."""
     if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
         raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
     if pred320.shape != (INNER_SIZE, INNER_SIZE, 3) or pred320.dtype != np.uint8:
@@ -165,8 +176,47 @@ def paste_back(
     crop = crop328.copy()
     end = INNER_OFFSET + INNER_SIZE
     crop[INNER_OFFSET:end, INNER_OFFSET:end] = pred320
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+    return cast(NDArray[np.uint8], cv2.resize(crop, (width, height), interpolation=cv2.INTER_CUBIC))
+
+
+def paste_back_region(
+    frame: NDArray[np.uint8],
+    rect: tuple[int, int, int, int] | NDArray,
+    crop328: NDArray[np.uint8],
+    pred320: NDArray[np.uint8],
+    region: tuple[int, int, int, int],
+) -> NDArray[np.uint8]:
+    """Paste back (REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
+
+    The result equals ``paste_back(frame, rect, crop328, pred320)[y0:y1, x0:x1]`` exactly; it
+    copies only the region (e.g. the MCU-aligned rectangle of `lipsync.jpeg_splice.aligned_rect`
+    around the face rectangle), so its cost does not grow with the frame size.
+
+    Args:
+        frame: full frame, uint8 ``[H, W, 3]`` BGR (not modified).
+        rect: the face rectangle ``(x1, y1, x2, y2)`` px, x2/y2 exclusive.
+        crop328: the frame's uint8 ``[328, 328, 3]`` crop (not modified).
+        pred320: the model output, uint8 ``[320, 320, 3]`` BGR.
+        region: ``(x0, y0, x1, y1)`` px, x1/y1 exclusive, inside the frame and containing `rect`.
+
+    Returns:
+        A new C-contiguous uint8 ``[y1 - y0, x1 - x0, 3]`` array.
+
+    Raises:
+        ValueError: wrong shapes/dtypes, a rectangle outside the frame, or a region that does
+            not contain the face rectangle.
+    """
+    _check_frame(frame)
+    x1, y1, x2, y2 = _check_rect(frame, rect)
+    rx0, ry0, rx1, ry1 = _check_rect(frame, region)
+    if not (rx0 <= x1 and ry0 <= y1 and x2 <= rx1 and y2 <= ry1):
+        raise ValueError(
+            f"region (x0={rx0}, y0={ry0}, x1={rx1}, y1={ry1}) does not contain the face "
+            f"rectangle (x1={x1}, y1={y1}, x2={x2}, y2={y2})"
+        )
+    patch = _face_patch(crop328, pred320, x2 - x1, y2 - y1)
+    out = frame[ry0:ry1, rx0:rx1].copy()
+    out[y1 - ry0 : y2 - ry0, x1 - rx0 : x2 - rx0] = patch
     return out
 
 

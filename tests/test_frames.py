@@ -11,6 +11,7 @@ from lipsync.frames import (
     inner_320,
     mask_inner,
     paste_back,
+    paste_back_region,
     pingpong_index,
 )
 
@@ -132,6 +133,38 @@ def test_paste_back_resizes_back_to_the_rect_size() -> None:
     )
     with pytest.raises(ValueError, match="prediction must be uint8"):
         paste_back(frame, rect, crop, pred.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "region",
+    [(32, 16, 128, 112), (40, 30, 120, 110), (0, 0, 176, 144), (32, 16, 176, 144)],
+    ids=["aligned", "exactly-the-rect", "whole-frame", "to-the-corner"],
+)
+def test_paste_back_region_equals_the_full_paste_back_cut_to_the_region(
+    region: tuple[int, int, int, int],
+) -> None:
+    frame = _noise((144, 176, 3), seed=7)
+    original = frame.copy()
+    rect = (40, 30, 120, 110)
+    crop = crop_328(frame, rect)
+    pred = _noise((320, 320, 3), seed=8)
+    x0, y0, x1, y1 = region
+    out = paste_back_region(frame, rect, crop, pred, region)
+    assert out.shape == (y1 - y0, x1 - x0, 3) and out.flags.c_contiguous
+    assert not np.shares_memory(out, frame)
+    np.testing.assert_array_equal(out, paste_back(frame, rect, crop, pred)[y0:y1, x0:x1])
+    np.testing.assert_array_equal(frame, original)  # input untouched
+
+
+@pytest.mark.parametrize("region", [(48, 16, 128, 112), (32, 16, 119, 112), (0, 0, 177, 144)])
+def test_paste_back_region_refuses_a_region_that_cuts_the_face_or_leaves_the_frame(
+    region: tuple[int, int, int, int],
+) -> None:
+    frame = _noise((144, 176, 3), seed=9)
+    rect = (40, 30, 120, 110)
+    crop = crop_328(frame, rect)
+    with pytest.raises(ValueError, match="does not contain the face|not inside the 176x144 frame"):
+        paste_back_region(frame, rect, crop, _noise((320, 320, 3)), region)
 
 
 def test_pingpong_index() -> None:
