@@ -99,7 +99,7 @@ def run_compose_config(env_text: str, *extra_files: Path) -> subprocess.Complete
         env_file.flush()
         return subprocess.run(
             [_tool("docker-compose"), "--env-file", env_file.name, *files, "config"],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
         )
 
 
@@ -292,7 +292,12 @@ def test_compose_restriction_flags_on_the_real_server(demo_package: Any, start_t
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from lipsync.contract import AUDIO_ENCODER_MODEL, ENCODER_FEATURE, ENCODER_MEL, avatar_model_name
+    from lipsync.contract import (
+        AUDIO_ENCODER_MODEL,
+        ENCODER_FEATURE,
+        ENCODER_MEL,
+        avatar_model_name,
+    )
     from lipsync.paths import MODEL_REPOSITORY_CPU
 
     command = compose_config()["services"]["triton"]["command"]
