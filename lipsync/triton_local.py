@@ -264,6 +264,9 @@ class TritonServer:
         load_models: models to load at start in explicit mode; ("*",) = every model folder.
         log_file: when given, Triton's log is appended to it as well as to the logger.
         host: the address Triton binds (HTTP, gRPC and metrics); default loopback only.
+        extra_args: further `tritonserver` flags, appended to the command as given (e.g.
+            `--grpc-restricted-protocol=model-repository:<header>=<key>`, as the GPU host's
+            docker-compose.yml passes them).
     """
 
     def __init__(
@@ -277,6 +280,7 @@ class TritonServer:
         load_models: Sequence[str] = ("*",),
         log_file: Path | None = None,
         host: str = "127.0.0.1",
+        extra_args: Sequence[str] = (),
     ) -> None:
         if model_control_mode not in ("none", "explicit"):
             raise ValueError(
@@ -290,6 +294,7 @@ class TritonServer:
         self.load_models = tuple(load_models)
         self.log_file = Path(log_file) if log_file is not None else None
         self.host = host
+        self.extra_args = tuple(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
@@ -357,7 +362,7 @@ class TritonServer:
         ]
         if self.model_control_mode == "explicit":
             command += [f"--load-model={name}" for name in self.load_models]
-        return command
+        return command + list(self.extra_args)
 
     def _check_ports(self) -> None:
         ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}

@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Not kubernetes-client: Debian 12's kubectl is 1.20, whose Kustomize (v2) cannot render
+# deploy/k8s (v5 syntax); tests/test_k8s.py renders with a kubectl >= 1.27 where one is
+# installed and says so when none is.
 APT_PACKAGES=(pocketsphinx-testdata chromium chromium-driver docker-compose libb64-0d libpython3.11 libturbojpeg0)
 
 if [[ "${LIPSYNC_SKIP_APT:-0}" != "1" ]]; then
