@@ -111,9 +111,10 @@ def test_mel_of_appended_silence_differs_only_at_the_end(speech_path) -> None:
 
 
 # ----------------------------------------------------------------------------- VAD
-def run_vad(x: np.ndarray, params: VadParams = VadParams()) -> tuple[list[bool], list[bool]]:
+def run_vad(x: np.ndarray, params: VadParams | None = None) -> tuple[list[bool], list[bool]]:
     """Voiced flags and gate decisions for the whole signal (the gate's tail closed with
     unvoiced slots, as the silence padding of a flush does)."""
+    params = params or VadParams()
     flags = SlotVad(params).push(x.astype(np.float32))
     decisions = SpeechGate(params).push(flags + [False] * (params.onset_slots - 1))
     assert len(decisions) == len(flags) == len(x) // SLOT_SAMPLES

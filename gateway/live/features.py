@@ -24,7 +24,15 @@ from numpy.typing import NDArray
 
 from gateway.live.mel import IncrementalMel, samples_for_frames
 from lipsync.audio import MEL_FRAMES_PER_SECOND
-from lipsync.contract import FEATURE_DIM, MEL_BANDS, MEL_WINDOW, VIDEO_FPS, WINDOW_AFTER, WINDOW_BEFORE, WINDOW_ROWS
+from lipsync.contract import (
+    FEATURE_DIM,
+    MEL_BANDS,
+    MEL_WINDOW,
+    VIDEO_FPS,
+    WINDOW_AFTER,
+    WINDOW_BEFORE,
+    WINDOW_ROWS,
+)
 
 
 class AudioEncoder(Protocol):

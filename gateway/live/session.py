@@ -18,7 +18,6 @@ No slot is ever skipped or repeated: `seq` runs 0, 1, 2, ... until the timeline 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator

@@ -17,7 +17,7 @@ from collections import deque
 from typing import Literal
 
 import numpy as np
-import webrtcvad
+import webrtcvad  # type: ignore[import-untyped]
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,26 +32,26 @@ class VadParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     aggressiveness: int = Field(
-        2, ge=0, le=3,
+        default=2, ge=0, le=3,
         description="webrtcvad mode 0-3 (higher: noise more often called non-speech); 2 keeps "
         "96 % of the energetic slots of LibriVox speech with the gate, mode 3 95 %, and both "
         "call -45 dBFS white noise silent with onset_slots 3",
     )
     frame_ms: Literal[10, 20] = Field(
-        10, description="webrtcvad frame (ms); 10 and 20 divide the 40 ms slot (30 does not)"
+        default=10, description="webrtcvad frame (ms); 10 and 20 divide the 40 ms slot (30 does not)"
     )
     min_voiced_frames: int = Field(
-        2, ge=1, le=4,
+        default=2, ge=1, le=4,
         description="voiced frames a slot needs to be voiced (of 40 / frame_ms): 2 of 4, a "
         "word edge covering half the slot counts; 1-3 measure within 0.5 % of each other",
     )
     onset_slots: int = Field(
-        3, ge=1, le=8,
+        default=3, ge=1, le=8,
         description="consecutive voiced slots that start speech (120 ms): with 1, -45 dBFS "
         "white noise opens the mouth in 2-8 % of its slots, with 3 in none",
     )
     hangover_slots: int = Field(
-        8, ge=0, le=50,
+        default=8, ge=0, le=50,
         description="slots speech stays on after the last voiced one (320 ms): bridges the "
         "pauses inside and between words (LibriVox: 4.3-4.9 speaking runs per 10 s without "
         "it, 2.3 with 5 or 8, the utterances' own count) and stops well within the 2 s after "
