@@ -282,3 +282,26 @@ def test_back_pressure_waits_until_the_buffer_has_played(speech_3s) -> None:
         assert h.frames[-1].pts_s <= h.clock.t - 100.0 + 0.5  # never beyond the margin
 
     run(body)
+
+
+def test_a_long_session_keeps_a_bounded_state(speech_3s) -> None:
+    """20 s of a microphone (speech and pauses) in real time: what the session holds stays the
+    size of the lookahead, not of the stream."""
+    async def body() -> None:
+        h = Harness(NumpyEncoder(), RecordingRenderer())
+        h.session.start(16000, h.renderer)
+        turn = np.concatenate([speech_3s, np.zeros(16000 * 2, np.int16)]).astype("<i2").tobytes()
+        for _ in range(4):
+            for piece in chunks(turn, 640):
+                h.session.push_pcm(piece)
+                await h.run_for(0.02)
+        segment = h.session.timeline._segments[0]  # one open segment: the microphone never paused
+        assert segment.start_slot <= 1 and len(h.frames) > 450
+        features = segment.features
+        assert features._frames.shape[1] < 80 and len(features._rows) <= 17  # < 1 s of mel, one window
+        assert len(segment._speaking) < 30  # decisions of the slots not yet planned
+        with pytest.raises(IndexError):
+            segment.readiness(10)
+        check_stream(h.frames, 5)
+
+    run(body)

@@ -46,8 +46,9 @@ class AudioSegment:
         self._vad = SlotVad(vad)
         self._gate = SpeechGate(vad)
         self._onset_slots = vad.onset_slots
-        self._speaking: list[bool] = []
-        self._audio_at: list[float] = []
+        self._speaking: list[bool] = []  # decision of local slot self._first + n
+        self._audio_at: list[float] = []  # arrival of local slot self._first + n's audio
+        self._first = 0  # local slots before this were released
         self._limit: int | None = None
 
     @property
@@ -84,7 +85,7 @@ class AudioSegment:
         self._add(self._resampler.drain(), now, received=True)
         slots = -(-self.audio_samples // SLOT_SAMPLES)
         if slots:
-            if len(self._audio_at) < slots:
+            if self._first + len(self._audio_at) < slots:
                 self._audio_at.append(now)  # the last, partial slot: complete as of now
             need = max(samples_for_window(slots - 1), (slots - 1 + self._onset_slots) * SLOT_SAMPLES)
             self._add(np.zeros(max(0, need - self.features.samples), np.float32), now, received=False)
@@ -99,17 +100,37 @@ class AudioSegment:
         return self._limit is not None and local_slot >= self._limit
 
     def readiness(self, local_slot: int) -> bool | None:
-        """None while local slot `local_slot` is not ready; else whether it is speaking."""
-        if local_slot >= len(self._speaking):
+        """None while local slot `local_slot` is not ready; else whether it is speaking.
+
+        Raises:
+            IndexError: the slot was released.
+        """
+        n = self._index(local_slot)
+        if n >= len(self._speaking):
             return None
-        speaking = self._speaking[local_slot]
+        speaking = self._speaking[n]
         if speaking and not self.features.window_ready(local_slot):
             return None
         return speaking
 
     def audio_at(self, local_slot: int) -> float | None:
         """Clock time (s) when local slot `local_slot`'s own audio was complete, if known."""
-        return self._audio_at[local_slot] if local_slot < len(self._audio_at) else None
+        n = self._index(local_slot)
+        return self._audio_at[n] if n < len(self._audio_at) else None
+
+    def release_before(self, local_slot: int) -> None:
+        """Forget what only slots before `local_slot` need (their decisions, mel frames, rows),
+        so a session streaming for hours keeps a bounded state."""
+        drop = self._index(local_slot)
+        if drop > 0:
+            del self._speaking[:drop], self._audio_at[:drop]
+            self._first += drop
+        self.features.release_before(local_slot)
+
+    def _index(self, local_slot: int) -> int:
+        if local_slot < self._first:
+            raise IndexError(f"local slot {local_slot} was released (first kept: {self._first})")
+        return local_slot - self._first
 
     def _add(self, samples: NDArray[np.float32], now: float, *, received: bool) -> None:
         if samples.size == 0:
@@ -119,4 +140,4 @@ class AudioSegment:
         if received:
             self.audio_samples += samples.size
             complete = self.audio_samples // SLOT_SAMPLES
-            self._audio_at.extend([now] * (complete - len(self._audio_at)))
+            self._audio_at.extend([now] * (complete - self._first - len(self._audio_at)))

@@ -167,6 +167,12 @@ class LiveSession:
         """Encode the rows the speaking plans need (one call), then start every slot's task."""
         interrupts = self._interrupts
         windows = await self._windows([p for p in plans if p.speaking])
+        last: dict[int, tuple[AudioSegment, int]] = {}
+        for plan in plans:  # later slots never need what the batch's slots were the last to use
+            if plan.segment is not None:
+                last[id(plan.segment)] = (plan.segment, plan.local_slot)
+        for segment, local_slot in last.values():
+            segment.release_before(local_slot)
         if self._interrupts != interrupts:  # interrupted while encoding: no speaking frame
             windows = {}
             plans = [replace(p, speaking=False) for p in plans]
@@ -199,7 +205,6 @@ class LiveSession:
                     out[plan.seq] = features.window(plan.local_slot)
             except Exception as exc:  # noqa: BLE001 - any encoder failure makes the slots late
                 logger.warning("live: audio encoder failed for slots %s: %s", [p.seq for p in group], exc)
-            features.release_before(max(p.local_slot for p in group))
         return out
 
     async def _finish(self, slot: _Slot) -> SlotFrame:
