@@ -188,8 +188,8 @@ class LiveSession:
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
 
     async def _windows(self, plans: list[SlotPlan]) -> dict[int, NDArray[np.float32]]:
-        """Audio windows f32[16, 512] of speaking plans by seq; a plan whose encoding failed
-        (or that an interrupt turned idle meanwhile) has none."""
+        """Audio windows f32[16, 512] of speaking plans by seq, the missing feature rows of each
+        segment encoded in one call; the plans of a segment whose encoding failed have none."""
         out: dict[int, NDArray[np.float32]] = {}
         by_segment: dict[int, tuple[AudioSegment, list[SlotPlan]]] = {}
         for plan in plans:
