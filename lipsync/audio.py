@@ -194,18 +194,59 @@ _MEL_BASIS = mel_filterbank()
 _WINDOW = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)  # periodic Hann
 
 
-def stft_magnitude(y: np.ndarray) -> np.ndarray:
-    """|STFT| with n_fft 800, hop 200, periodic Hann 800, centred (zero padding of 400 each side).
+def preemphasis(x: np.ndarray, previous: float = 0.0) -> np.ndarray:
+    """Pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` (REFERENCE.md s.4 step 1).
 
     Args:
-        y: f32/f64[n] signal.
+        x: f32/f64[n] samples.
+        previous: the sample before `x[0]` (0 at the start of a signal, so `y[0] = x[0]` as
+            `lfilter([1, -0.97], [1], x)` computes; the last sample of the previous chunk when a
+            signal arrives in pieces).
 
     Returns:
-        f64[401, 1 + n // 200] magnitudes (same layout as `np.abs(librosa.stft(y, ...))`).
+        f64[n].
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.empty_like(x)
+    if x.size:
+        y[0] = x[0] - PREEMPHASIS * previous
+        np.subtract(x[1:], PREEMPHASIS * x[:-1], out=y[1:])
+    return y
+
+
+def centered_frames(y: np.ndarray) -> np.ndarray:
+    """The STFT frames of a whole signal: `n_fft // 2` zeros padded at both ends, hop 200.
+
+    Args:
+        y: f64[n] pre-emphasised signal.
+
+    Returns:
+        f64[1 + n // 200, 800], a read-only view: frame j is samples `200 j - 400 .. 200 j + 399`
+        of `y` (zeros outside), i.e. librosa's `stft(center=True, pad_mode="constant")` framing.
     """
     padded = np.pad(np.asarray(y, dtype=np.float64), N_FFT // 2, mode="constant")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
-    return np.abs(np.fft.rfft(frames * _WINDOW, axis=1)).T
+    return np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
+
+
+def log_mel_frames(frames: np.ndarray) -> np.ndarray:
+    """Steps 2-5 of REFERENCE.md s.4 on STFT frames already cut from the pre-emphasised signal.
+
+    Each frame is multiplied by the periodic Hann window, its |rfft| (401 bins) is mapped onto
+    the 80 Slaney mel filters, converted to dB minus the 20 dB reference, normalised and
+    clipped to [-4, 4]. Frames are independent, so a signal's spectrogram can be computed a few
+    frames at a time (`gateway.live.mel.IncrementalMel`) with the same result.
+
+    Args:
+        frames: f64[t, 800] (see `centered_frames`).
+
+    Returns:
+        f32[80, t] in [-4, 4].
+    """
+    magnitude = np.abs(np.fft.rfft(np.asarray(frames, dtype=np.float64) * _WINDOW, axis=1)).T
+    mel = _MEL_BASIS @ magnitude
+    s_db = 20.0 * np.log10(np.maximum(1e-5, mel)) - REF_LEVEL_DB
+    norm = 2 * MAX_ABS_VALUE * (s_db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB) - MAX_ABS_VALUE
+    return np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
 
 
 def mel_spectrogram(wav: np.ndarray) -> np.ndarray:
@@ -223,11 +264,7 @@ def mel_spectrogram(wav: np.ndarray) -> np.ndarray:
     x = np.asarray(wav, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise AudioError(f"expected a non-empty 1-D signal, got shape {x.shape}")
-    emphasized = np.concatenate([x[:1], x[1:] - PREEMPHASIS * x[:-1]])
-    mel = _MEL_BASIS @ stft_magnitude(emphasized)
-    s_db = 20.0 * np.log10(np.maximum(1e-5, mel)) - REF_LEVEL_DB
-    norm = 2 * MAX_ABS_VALUE * (s_db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB) - MAX_ABS_VALUE
-    return np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+    return log_mel_frames(centered_frames(preemphasis(x)))
 
 
 def mel_frame_count(n_samples: int) -> int:
