@@ -265,7 +265,7 @@ def test_interrupt_while_waiting_for_ready_stops_the_server(
 ) -> None:
     server = _server_on(untrained_model_repo)
 
-    def interrupted(timeout_s: float) -> None:
+    def interrupted(timeout_s: float, cancel: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C between the spawn and readiness
 
     monkeypatch.setattr(server, "_wait_ready", interrupted)
