@@ -469,7 +469,8 @@ class TritonSupervisor:
     def _give_up_message(self, failures: int, ended: TritonExit) -> str:
         policy = self.policy
         return (
-            f"gave up on tritonserver after {failures} quick failures in a row (at most "
+            f"gave up on tritonserver after {failures} quick failure{'s' * (failures != 1)} "
+            f"in a row (at most "
             f"{policy.max_restarts} restarts; a quick failure is a start that never became "
             f"ready or an exit within {policy.healthy_after_s:.0f} s of being ready). The last: "
             f"{ended.reason}. Triton's own errors are in its log."
