@@ -52,10 +52,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_LOG_TAIL_LINES = 15
-"""Lines of Triton's log quoted when it exits."""
-
-
 class SupervisorState(str, enum.Enum):
     """Where the supervisor is (module docstring: the transitions)."""
 
@@ -123,7 +119,9 @@ class TritonExit:
     Attributes:
         pid: its process id (None when the start failed before spawning it).
         returncode: `Popen.returncode` (< 0: killed by that signal), None when not spawned.
-        reason: one line, e.g. "was killed by SIGKILL after running 12.3 s".
+        reason: one line, e.g. "tritonserver (pid 12) was killed by SIGKILL after running
+            12.3 s", or what `TritonServer.start` said ("tritonserver exited with status 1
+            before it was ready").
         report: Triton's error lines and the last lines of its log (may be "").
         ran_s: time from ready to exit, s; None when it never became ready.
         at: when it was noticed, Unix time (s).
@@ -143,7 +141,7 @@ class SupervisorStatus:
 
     Attributes:
         state: the current state.
-        pid: tritonserver's process id while STARTING (once spawned) or RUNNING, else None.
+        pid: tritonserver's process id while RUNNING, else None.
         restarts: starts after the first one (counted when a restart begins).
         failures_in_a_row: quick failures since the last healthy run (0 once a run has
             lasted `RestartPolicy.healthy_after_s`).
@@ -231,7 +229,8 @@ class SupervisedServer(Protocol):
 
 class TritonGaveUp(TritonStartError):
     """The supervisor gave up on tritonserver after too many quick failures in a row; the
-    message says how often, the last failure and the tail of Triton's log."""
+    message says how many, the limit and the last failure (Triton's own error lines and the
+    tail of its log were logged as each failure happened)."""
 
 
 class TritonSupervisor:

@@ -15,8 +15,8 @@
 - `broken_model_repo` (function): a model repository whose one model, `lipsync_broken`, fails
   to load (its model.onnx is not ONNX), so tritonserver (`--exit-on-error`) exits at start.
 
-Helpers: `group_gone(pgid)` (no live process left in a process group), `reaped(pid)` (a child
-process of this one was waited for: no zombie left).
+Helpers: `processes()` (the process table), `group_gone(pgid)` (no live process left in a
+process group), `reaped(pid)` (an exited process was waited for: no zombie left).
 """
 
 from __future__ import annotations
@@ -46,20 +46,38 @@ class UntrainedOnnx:
     audio_encoder: Path
 
 
+@dataclass(frozen=True)
+class Process:
+    """One entry of the process table (`/proc/<pid>/stat`): state "Z" is a zombie."""
+
+    pid: int
+    name: str
+    state: str
+    ppid: int
+    pgid: int
+
+
+def processes() -> Iterator[Process]:
+    """Every process now in the process table (from `/proc`)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        head, _, rest = text.rpartition(")")
+        fields = rest.split()
+        yield Process(
+            pid=int(stat.parent.name), name=head.split("(", 1)[1], state=fields[0],
+            ppid=int(fields[1]), pgid=int(fields[2]),
+        )
+
+
 def group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
     """True once no live (non-zombie) process is left in process group `pgid` (a killed
     group's members disappear shortly after the signal, so this waits up to `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        live = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                live.append(stat.parent.name)
-        if not live:
+        if not any(p.pgid == pgid and p.state != "Z" for p in processes()):
             return True
         time.sleep(0.2)
     return False

@@ -16,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,97 +29,35 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ws_protocol import FrameReply, decode_reply, encode_request
-from lipsync.paths import REPO_ROOT
-from lipsync.triton_local import free_ports, port_in_use
+from lipsync.triton_local import port_in_use
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_triton import reaped
+from tests.up_process import Up, start_up
 
 pytestmark = pytest.mark.triton
 
-ENV = {**os.environ, "COLUMNS": "250", "LIPSYNC_LOG_LEVEL": "INFO"}
 AVATAR = "demo"
 PACE_S = 0.1
-"""Seconds between two frame requests of one stream."""
+"""Seconds between an answer and the next frame request of one stream."""
 RECOVERY_S = 20.0
 """Issue 15: frames again on the same connections within this long after the SIGKILL (s)."""
 
 
-@dataclass
-class Up:
-    """A `lipsync up` subprocess and its ports."""
-
-    proc: subprocess.Popen[str]
-    log_path: Path
-    http: int
-    grpc_port: int
-    triton_ports: tuple[int, int, int]
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def ports(self) -> tuple[int, ...]:
-        return (self.http, self.grpc_port, *self.triton_ports)
-
-
-def _start_up(tmp_path: Path, packages_root: Path, *extra: str) -> Up:
-    http, grpc_port, t_http, t_grpc, t_metrics = free_ports(5)
-    log_path = tmp_path / "up.log"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lipsync", "up", "--host", "127.0.0.1",
-             "--http-port", str(http), "--grpc-port", str(grpc_port),
-             "--packages-root", str(packages_root),
-             "--triton-http-port", str(t_http), "--triton-grpc-port", str(t_grpc),
-             "--triton-metrics-port", str(t_metrics), "--triton-log", str(tmp_path / "triton.log"),
-             *extra],
-            cwd=REPO_ROOT, env=ENV, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-        )
-    return Up(proc, log_path, http, grpc_port, (t_http, t_grpc, t_metrics))
-
-
 @pytest.fixture
-def stop_up() -> Iterator[list[Up]]:
+def started() -> Iterator[list[Up]]:
     """`lipsync up` processes a test started; killed at teardown if still running."""
-    started: list[Up] = []
-    yield started
-    for up in started:
+    ups: list[Up] = []
+    yield ups
+    for up in ups:
         if up.proc.poll() is None:
             up.proc.kill()
             up.proc.wait()
 
 
-def _wait_ready(up: Up, timeout_s: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and up.proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{up.http}/readyz", timeout=10) as resp:  # noqa: S310
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"lipsync up not ready (exit status {up.proc.poll()}):\n{up.log()}")
-
-
-def _children(ppid: int) -> list[tuple[int, str, str]]:
-    """(pid, command name, state) of the processes whose parent is `ppid`."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        head, _, rest = text.rpartition(")")
-        fields = rest.split()
-        if int(fields[1]) == ppid:
-            found.append((int(stat.parent.name), head.split("(", 1)[1], fields[0]))
-    return found
-
-
 def _tritonserver_pid(up: Up) -> int:
-    pids = [pid for pid, name, state in _children(up.proc.pid) if name == "tritonserver" and state != "Z"]
-    assert len(pids) == 1, _children(up.proc.pid)
+    pids = [p.pid for p in up.children() if p.name == "tritonserver" and p.state != "Z"]
+    assert len(pids) == 1, up.children()
     return pids[0]
 
 
@@ -169,18 +104,20 @@ def _ws_stream(url: str, stop: threading.Event, answers: Answers) -> None:
     """One WebSocket until `stop`: a request, its answer, PACE_S, the next."""
 
     async def run() -> None:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{url}/ws", max_msg_size=64 * 2**20) as ws:
-                i = 0
-                while not stop.is_set():
-                    await ws.send_bytes(encode_request(AVATAR, i % 50))
-                    msg = await ws.receive(timeout=60)
-                    assert msg.type == aiohttp.WSMsgType.BINARY, (msg.type, msg.data)
-                    reply = decode_reply(msg.data)
-                    error = "" if isinstance(reply, FrameReply) else reply.message
-                    answers.got.append((time.monotonic(), error))
-                    i += 1
-                    await asyncio.sleep(PACE_S)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{url}/ws", max_msg_size=64 * 2**20) as ws,
+        ):
+            i = 0
+            while not stop.is_set():
+                await ws.send_bytes(encode_request(AVATAR, i % 50))
+                msg = await ws.receive(timeout=60)
+                assert msg.type == aiohttp.WSMsgType.BINARY, (msg.type, msg.data)
+                reply = decode_reply(msg.data)
+                error = "" if isinstance(reply, FrameReply) else reply.message
+                answers.got.append((time.monotonic(), error))
+                i += 1
+                await asyncio.sleep(PACE_S)
 
     try:
         asyncio.run(run())
@@ -188,9 +125,9 @@ def _ws_stream(url: str, stop: threading.Event, answers: Answers) -> None:
         answers.broken = exc
 
 
-def _wait(predicate: object, timeout_s: float, what: str) -> float:
+def _wait(predicate: Callable[[], object], timeout_s: float, what: str) -> float:
     t0 = time.monotonic()
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() - t0 > timeout_s:
             pytest.fail(f"{what}: not within {timeout_s} s")
         time.sleep(0.05)
@@ -199,7 +136,7 @@ def _wait(predicate: object, timeout_s: float, what: str) -> float:
 
 def _restarts_in_metrics(http: int) -> float | None:
     """The gateway's Triton restart counter from /metrics, None when it has none (phase 2)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     for family in text_string_to_metric_families(text):
         if family.name == "lipsync_gateway_triton_restarts":
@@ -208,11 +145,11 @@ def _restarts_in_metrics(http: int) -> float | None:
 
 
 def test_streams_survive_a_sigkill_of_tritonserver(
-    gateway_packages_root: Path, tmp_path: Path, stop_up: list[Up]
+    gateway_packages_root: Path, tmp_path: Path, started: list[Up]
 ) -> None:
-    up = _start_up(tmp_path, gateway_packages_root)
-    stop_up.append(up)
-    _wait_ready(up)
+    up = start_up(tmp_path, gateway_packages_root)
+    started.append(up)
+    up.wait_ready()
     stop = threading.Event()
     over_grpc, over_ws = Answers(), Answers()
     threads = [
@@ -248,7 +185,7 @@ def test_streams_survive_a_sigkill_of_tritonserver(
         assert back_at - killed_at < RECOVERY_S, f"{name}: {back_at - killed_at:.1f} s"
 
     assert reaped(old_pid), "the killed tritonserver was left a zombie"
-    assert not [c for c in _children(up.proc.pid) if c[2] == "Z"], _children(up.proc.pid)
+    assert not [p for p in up.children() if p.state == "Z"], up.children()
     assert _tritonserver_pid(up) != old_pid and port_in_use(up.triton_ports[1])
     text = up.log()
     assert f"tritonserver (pid {old_pid}) was killed by SIGKILL after running" in text, text
@@ -266,13 +203,13 @@ def test_streams_survive_a_sigkill_of_tritonserver(
 
 
 def test_a_repository_that_cannot_load_makes_up_exit_non_zero(
-    broken_model_repo: Path, tmp_path: Path, stop_up: list[Up]
+    broken_model_repo: Path, tmp_path: Path, started: list[Up]
 ) -> None:
     packages = tmp_path / "packages"
     packages.mkdir()
-    up = _start_up(tmp_path, packages, "--skip-demo", "--model-repository", str(broken_model_repo),
+    up = start_up(tmp_path, packages, "--skip-demo", "--model-repository", str(broken_model_repo),
                    "--triton-max-restarts", "2", "--triton-restart-backoff-s", "0.2")
-    stop_up.append(up)
+    started.append(up)
     assert up.proc.wait(timeout=300) == 1, up.log()
     text = up.log()
     assert "failed to load 'lipsync_broken'" in text
@@ -284,11 +221,11 @@ def test_a_repository_that_cannot_load_makes_up_exit_non_zero(
 
 
 def test_up_stops_the_gateway_when_triton_cannot_be_kept_running(
-    gateway_packages_root: Path, tmp_path: Path, stop_up: list[Up]
+    gateway_packages_root: Path, tmp_path: Path, started: list[Up]
 ) -> None:
-    up = _start_up(tmp_path, gateway_packages_root, "--triton-max-restarts", "0")
-    stop_up.append(up)
-    _wait_ready(up)
+    up = start_up(tmp_path, gateway_packages_root, "--triton-max-restarts", "0")
+    started.append(up)
+    up.wait_ready()
     os.kill(_tritonserver_pid(up), signal.SIGKILL)
     assert up.proc.wait(timeout=90) == 1, up.log()
     text = up.log()
