@@ -8,6 +8,8 @@ subprocess on free ports with the demo avatar.
   XFAIL at that last check until the gateway exports it.
 - A repository that makes tritonserver exit at start: the back-off is in the log, then the
   clear message, and `lipsync up` exits 1 leaving nothing behind.
+- Ctrl-C (or SIGTERM) while it waits to restart tritonserver: `lipsync up` exits at once
+  leaving no process.
 - `--triton-max-restarts 0`: once the gateway serves, a SIGKILL of tritonserver makes the
   supervisor give up; `lipsync up` stops the gateway and exits 1.
 """
@@ -217,6 +219,28 @@ def test_a_repository_that_cannot_load_makes_up_exit_non_zero(
     assert "restarting it in 0.4 s (quick failure 2 in a row; gives up at 3)" in text
     assert "gave up on tritonserver after 3 quick failures in a row (at most 2 restarts" in text
     assert text.count("starting tritonserver (models lipsync_broken") == 3
+    assert not any(port_in_use(p) for p in up.ports())
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_a_backoff_stops_up_promptly(
+    stop_signal: signal.Signals, broken_model_repo: Path, tmp_path: Path, started: list[Up]
+) -> None:
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    up = start_up(tmp_path, packages, "--skip-demo", "--model-repository", str(broken_model_repo),
+                  "--triton-restart-backoff-s", "300", "--triton-restart-backoff-max-s", "300")
+    started.append(up)
+    deadline = time.monotonic() + 180
+    while "restarting it in 300.0 s" not in up.log() and time.monotonic() < deadline:
+        assert up.proc.poll() is None, up.log()
+        time.sleep(0.2)
+    assert not up.children(), f"the failed tritonserver was not reaped: {up.children()}"
+    t0 = time.monotonic()
+    up.proc.send_signal(stop_signal)
+    assert up.proc.wait(timeout=60) == 0, up.log()
+    assert time.monotonic() - t0 < 10.0, "lipsync up waited for the back-off"
+    assert "Triton stopped" in up.log()
     assert not any(port_in_use(p) for p in up.ports())
 
 
