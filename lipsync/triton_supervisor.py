@@ -519,26 +519,41 @@ async def serve_until_given_up(main: Coroutine[Any, Any, T], supervisor: Supervi
 # --------------------------------------------------------------------------------------- CLI
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 s, not {text}")
+    return value
+
+
 def add_restart_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Add the restart-policy options (`--triton-max-restarts`, ...) to a CLI parser or group;
-    `restart_policy_from_args` reads them back."""
+    `restart_policy_from_args` reads them back. argparse refuses a negative count or a time
+    <= 0, naming the option."""
     default = RestartPolicy()
     parser.add_argument(
-        "--triton-max-restarts", type=int, default=default.max_restarts, metavar="N",
+        "--triton-max-restarts", type=_count, default=default.max_restarts, metavar="N",
         help="restart a failing tritonserver at most N times in a row, then give up and exit "
         f"non-zero (a run of --triton-healthy-after-s resets the count; default {default.max_restarts})",
     )
     parser.add_argument(
-        "--triton-restart-backoff-s", type=float, default=default.backoff_initial_s,
+        "--triton-restart-backoff-s", type=_seconds, default=default.backoff_initial_s,
         metavar="S", help="wait before the first restart, doubling at each failure in a row, s "
         f"(default {default.backoff_initial_s:g})",
     )
     parser.add_argument(
-        "--triton-restart-backoff-max-s", type=float, default=default.backoff_max_s,
+        "--triton-restart-backoff-max-s", type=_seconds, default=default.backoff_max_s,
         metavar="S", help=f"longest wait between restarts, s (default {default.backoff_max_s:g})",
     )
     parser.add_argument(
-        "--triton-healthy-after-s", type=float, default=default.healthy_after_s, metavar="S",
+        "--triton-healthy-after-s", type=_seconds, default=default.healthy_after_s, metavar="S",
         help="a tritonserver that ran this long after it became ready was healthy: its next "
         f"exit restarts the back-off from the beginning, s (default {default.healthy_after_s:g})",
     )
@@ -548,8 +563,13 @@ def restart_policy_from_args(args: argparse.Namespace) -> RestartPolicy:
     """The `RestartPolicy` of the options `add_restart_options` added.
 
     Raises:
-        ValueError: an out-of-range value (the message names it).
+        ValueError: --triton-restart-backoff-max-s below --triton-restart-backoff-s.
     """
+    if args.triton_restart_backoff_max_s < args.triton_restart_backoff_s:
+        raise ValueError(
+            f"--triton-restart-backoff-max-s ({args.triton_restart_backoff_max_s:g}) must be >= "
+            f"--triton-restart-backoff-s ({args.triton_restart_backoff_s:g})"
+        )
     return RestartPolicy(
         max_restarts=args.triton_max_restarts,
         backoff_initial_s=args.triton_restart_backoff_s,

@@ -6,7 +6,8 @@ Logic (an in-process fake behind `SupervisedServer`, back-offs of milliseconds):
 - a crash is restarted; a run that lasted `healthy_after_s` resets the back-off;
 - a failing check is raised by `start()` at once (nothing retried);
 - stop during a back-off or during a start is prompt and ends in STOPPED;
-- `serve_until_given_up` cancels the coroutine it runs when the supervisor gives up.
+- `serve_until_given_up` cancels the coroutine it runs when the supervisor gives up;
+- `lipsync up`'s restart options are read back into the policy, bad values refused by name.
 
 The real tritonserver (untrained model repository, free ports):
 - SIGKILL: the supervisor reaps it (no zombie, its process group gone), logs the signal and
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient  # type: ignore[import-untyped]
 
+from lipsync.cli import build_parser
 from lipsync.triton_local import (
     TritonServer,
     TritonStartCancelled,
@@ -44,6 +46,7 @@ from lipsync.triton_supervisor import (
     SupervisorStatus,
     TritonGaveUp,
     TritonSupervisor,
+    restart_policy_from_args,
     serve_until_given_up,
 )
 from tests.fixtures_triton import group_gone, reaped
@@ -237,6 +240,27 @@ def test_serve_until_given_up_cancels_what_it_runs() -> None:
     running = TritonSupervisor(FakeServer("run"))
     with running:
         assert asyncio.run(serve_until_given_up(quick(), running)) == "done"
+
+
+def test_lipsync_up_restart_options(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    assert restart_policy_from_args(parser.parse_args(["up"])) == RestartPolicy()
+    args = parser.parse_args([
+        "up", "--triton-max-restarts", "2", "--triton-restart-backoff-s", "0.5",
+        "--triton-restart-backoff-max-s", "4", "--triton-healthy-after-s", "10",
+    ])
+    assert restart_policy_from_args(args) == RestartPolicy(2, 0.5, 4.0, 10.0)
+    for flag, value, error in [
+        ("--triton-max-restarts", "-1", "must be >= 0, not -1"),
+        ("--triton-restart-backoff-s", "0", "must be > 0 s, not 0"),
+        ("--triton-healthy-after-s", "nan", "must be > 0 s, not nan"),
+    ]:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["up", flag, value])
+        assert f"argument {flag}: {error}" in capsys.readouterr().err
+    args = parser.parse_args(["up", "--triton-restart-backoff-s", "5", "--triton-restart-backoff-max-s", "2"])
+    with pytest.raises(ValueError, match=r"--triton-restart-backoff-max-s \(2\) must be >= "):
+        restart_policy_from_args(args)
 
 
 # ------------------------------------------------------------------------- real tritonserver
