@@ -204,14 +204,20 @@ def test_streams_survive_a_sigkill_of_tritonserver(
     assert restarts == 1
 
 
+def _up_on_broken_repo(tmp_path: Path, repo: Path, started: list[Up], *flags: str) -> Up:
+    """`lipsync up` on a repository tritonserver cannot load, no avatar, no demo build."""
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    up = start_up(tmp_path, packages, "--skip-demo", "--model-repository", str(repo), *flags)
+    started.append(up)
+    return up
+
+
 def test_a_repository_that_cannot_load_makes_up_exit_non_zero(
     broken_model_repo: Path, tmp_path: Path, started: list[Up]
 ) -> None:
-    packages = tmp_path / "packages"
-    packages.mkdir()
-    up = start_up(tmp_path, packages, "--skip-demo", "--model-repository", str(broken_model_repo),
-                   "--triton-max-restarts", "2", "--triton-restart-backoff-s", "0.2")
-    started.append(up)
+    up = _up_on_broken_repo(tmp_path, broken_model_repo, started,
+                            "--triton-max-restarts", "2", "--triton-restart-backoff-s", "0.2")
     assert up.proc.wait(timeout=300) == 1, up.log()
     text = up.log()
     assert "failed to load 'lipsync_broken'" in text
@@ -226,11 +232,8 @@ def test_a_repository_that_cannot_load_makes_up_exit_non_zero(
 def test_ctrl_c_during_a_backoff_stops_up_promptly(
     stop_signal: signal.Signals, broken_model_repo: Path, tmp_path: Path, started: list[Up]
 ) -> None:
-    packages = tmp_path / "packages"
-    packages.mkdir()
-    up = start_up(tmp_path, packages, "--skip-demo", "--model-repository", str(broken_model_repo),
-                  "--triton-restart-backoff-s", "300", "--triton-restart-backoff-max-s", "300")
-    started.append(up)
+    up = _up_on_broken_repo(tmp_path, broken_model_repo, started,
+                            "--triton-restart-backoff-s", "300", "--triton-restart-backoff-max-s", "300")
     deadline = time.monotonic() + 180
     while "restarting it in 300.0 s" not in up.log() and time.monotonic() < deadline:
         assert up.proc.poll() is None, up.log()
