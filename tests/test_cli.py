@@ -5,7 +5,6 @@ Triton, leaving nothing behind."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,9 +20,7 @@ import pytest
 
 from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import free_ports, port_in_use
-from tests.up_process import start_up
-
-ENV = {**os.environ, "COLUMNS": "250", "LIPSYNC_LOG_LEVEL": "INFO"}
+from tests.up_process import ENV, start_up
 
 
 def lipsync(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -117,9 +114,7 @@ def test_up_end_to_end_then_a_signal_stops_both(
         proc.send_signal(stop_signal)
         assert proc.wait(timeout=60) == 0, log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        up.stop()
     text = log_path.read_text()
     assert f"http://127.0.0.1:{http}/" in text, text  # the page URL is printed
     assert f"gRPC 127.0.0.1:{grpc_port}" in text  # and the gRPC address

@@ -48,13 +48,11 @@ RECOVERY_S = 20.0
 
 @pytest.fixture
 def started() -> Iterator[list[Up]]:
-    """`lipsync up` processes a test started; killed at teardown if still running."""
+    """`lipsync up` processes a test started; stopped at teardown if still running."""
     ups: list[Up] = []
     yield ups
     for up in ups:
-        if up.proc.poll() is None:
-            up.proc.kill()
-            up.proc.wait()
+        up.stop()
 
 
 def _tritonserver_pid(up: Up) -> int:

@@ -2,11 +2,13 @@
 
 `start_up(tmp_path, packages_root, *flags)` starts it (log in ``tmp_path/up.log``, Triton's log
 in ``tmp_path/triton.log``); `Up.wait_ready()` waits for ``/readyz`` 200; `Up.children()`
-lists its child processes (to find, kill and check the tritonserver it supervises).
+lists its child processes (to find, kill and check the tritonserver it supervises);
+`Up.stop()` is the teardown that leaves no process behind.
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +49,22 @@ class Up:
     def children(self) -> list[Process]:
         """Its child processes (zombies included)."""
         return [p for p in processes() if p.ppid == self.proc.pid]
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Teardown: if it still runs, SIGTERM (it stops the gateway, then Triton); after
+        ``timeout_s`` SIGKILL its tritonserver's process group and it (a SIGKILLed
+        `lipsync up` would leave its tritonserver running: it leads its own session)."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for child in self.children():
+                if child.name == "tritonserver":
+                    os.killpg(child.pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
 
     def wait_ready(self, timeout_s: float = 240.0) -> None:
         """Wait until ``/readyz`` answers 200; fail the test (with its log) if it exits or
