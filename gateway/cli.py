@@ -56,7 +56,9 @@ What it does, in order:
   1. builds the demo avatar (packages/demo and its Triton models) if it is missing; the first
      build takes a few minutes and uses UNTRAINED weights unless you built it with a checkpoint;
   2. starts the CPU tritonserver (from the nvidia-pytriton wheel) on model_repository/cpu in
-     explicit model-control mode, and waits until it is ready;
+     explicit model-control mode, and waits until it is ready; whenever it exits it is started
+     again on the same ports after a back-off (1 s doubling to 30 s), and after
+     --triton-max-restarts quick failures in a row `lipsync up` stops and exits with status 1;
   3. starts the gateway against it and waits until it is ready;
   4. prints the web page URL and the gRPC address. Ctrl-C (or SIGTERM) stops the gateway, then
      Triton.
@@ -148,6 +150,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (a
         default=300.0,
         help="how long to wait for Triton to load its models, s (default 300)",
     )
+    from lipsync.triton_supervisor import add_restart_options
+
+    add_restart_options(t)
     up.add_argument(
         "--skip-demo",
         action="store_true",
@@ -328,9 +333,16 @@ def run_up_command(args: argparse.Namespace) -> int:
     """``lipsync up``: demo avatar, CPU Triton, gateway; stops both on Ctrl-C/SIGTERM.
 
     Returns:
-        0 after a clean stop; 1 when something could not start (the log says what).
+        0 after a clean stop; 1 when something could not start or Triton failed too often in
+        a row (the log says what).
     """
     from lipsync.paths import CACHE_DIR, MODEL_REPOSITORY_CPU
+    from lipsync.triton_supervisor import (
+        TritonGaveUp,
+        TritonSupervisor,
+        restart_policy_from_args,
+        serve_until_given_up,
+    )
 
     repo: Path = args.model_repository or MODEL_REPOSITORY_CPU
     triton_ports = {
@@ -340,16 +352,17 @@ def run_up_command(args: argparse.Namespace) -> int:
     }
     try:
         base = settings_from_args(args)
+        policy = restart_policy_from_args(args)
         # Fail before any slow step if a port is taken.
         check_gateway_ports(base)
         for what, (port, flag) in triton_ports.items():
             check_port_free("127.0.0.1", port, what, f"pass {flag} (or stop the other Triton)")
-    except StartupError as exc:
+    except (StartupError, ValueError) as exc:
         log.error("%s", exc)
         return 1
 
     with sigterm_as_keyboard_interrupt():
-        triton = None
+        supervisor = None
         try:
             if not args.skip_demo:
                 _ensure_demo(base.packages_root, repo)
@@ -365,15 +378,22 @@ def run_up_command(args: argparse.Namespace) -> int:
                 model_control_mode="explicit",
                 log_file=log_file,
             )
+            timeout_s = args.triton_start_timeout_s
+            supervisor = TritonSupervisor(triton, policy, start_timeout_s=timeout_s)
             log.info("starting the CPU tritonserver on %s (log: %s) ...", repo, log_file)
             try:
-                triton.start(timeout_s=args.triton_start_timeout_s)
+                supervisor.start()  # restarts it when it exits, gives up after quick failures
+                supervisor.wait_running()
             except TritonStartError as exc:
                 log.error("Triton did not start: %s", exc)
                 return 1
             settings = settings_from_args(args, triton_url=triton.grpc_url)
             banner = f"  Triton {triton.grpc_url} (gRPC), {triton.metrics_url} (metrics)"
-            asyncio.run(serve_gateway(settings, wait_ready_s=READY_TIMEOUT_S, banner=banner))
+            gateway = serve_gateway(settings, wait_ready_s=READY_TIMEOUT_S, banner=banner)
+            asyncio.run(serve_until_given_up(gateway, supervisor))
+        except TritonGaveUp as exc:
+            log.error("%s; stopped the gateway", exc)
+            return 1
         except StartupError as exc:
             log.error("%s", exc)
             return 1
@@ -383,8 +403,8 @@ def run_up_command(args: argparse.Namespace) -> int:
             # Cleanup must not be cut short by a second Ctrl-C/SIGTERM (Triton would be left).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if triton is not None:
+            if supervisor is not None:
                 log.info("stopping Triton ...")
-                triton.stop()
+                supervisor.stop()
                 log.info("Triton stopped")
     return 0

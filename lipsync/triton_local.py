@@ -64,7 +64,22 @@ _MODEL_FILES = ("model.py", "model.onnx", "model.plan")
 
 class TritonStartError(RuntimeError):
     """tritonserver could not be started: missing binary or models, busy port, early exit or
-    not ready in time. The message says which, and includes the tail of Triton's log."""
+    not ready in time. The message says which, and includes the tail of Triton's log.
+
+    Attributes:
+        summary: one line saying what went wrong.
+        report: Triton's error lines and the tail of its log ("" when it was not spawned).
+    """
+
+    def __init__(self, summary: str, report: str = "") -> None:
+        super().__init__(f"{summary} {report}" if report else summary)
+        self.summary = summary
+        self.report = report
+
+
+class TritonStartCancelled(TritonStartError):
+    """`TritonServer.start` was cancelled (its `cancel` event was set) before Triton was ready;
+    the process it had spawned is stopped."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +337,22 @@ class TritonServer:
         """True while the tritonserver process is alive."""
         return self._process is not None and self._process.poll() is None
 
+    def poll(self) -> int | None:
+        """Reap tritonserver if it has exited, and return its exit status.
+
+        Never blocks. Once the process has exited it is reaped (`waitpid`, so no zombie is
+        left) and what is left of its process group (Python-backend stubs) is SIGKILLed.
+
+        Returns:
+            None while it runs (or when it was never started, or not spawned by the last
+            `start`); else its exit status as `subprocess.Popen.returncode` gives it: >= 0 an
+            exit code, < 0 the number of the signal that killed it, negated.
+        """
+        if self._process is None or self._process.poll() is None:
+            return None
+        self._reap()
+        return self._process.returncode
+
     @property
     def pid(self) -> int | None:
         """Process id of tritonserver, or None when not started. tritonserver leads its own
@@ -332,7 +363,7 @@ class TritonServer:
         """The last `lines` lines Triton printed."""
         return "\n".join(list(self._tail)[-lines:])
 
-    def _failure_report(self) -> str:
+    def failure_report(self) -> str:
         """Triton's error lines (if any) and the tail of its log, for error messages."""
         report = ""
         if self._errors:
@@ -397,21 +428,45 @@ class TritonServer:
             if log_handle is not None:
                 log_handle.close()
 
-    def start(self, timeout_s: float = 120.0) -> None:
-        """Start tritonserver and wait until `/v2/health/ready` answers 200.
+    def check(self) -> list[str]:
+        """Check what `start` needs before it spawns the process: the tritonserver install and
+        its stub's libraries, the model repository and the models to load, free ports.
+
+        Returns:
+            The names of the models tritonserver will load.
 
         Raises:
-            TritonStartError: missing binary, missing model repository or model files, busy
-                port, the process exiting early, or not ready within `timeout_s` seconds (the
-                process is then stopped). The message includes the tail of Triton's log.
+            TritonStartError: saying what is missing or busy.
         """
-        if self.is_running:
-            raise TritonStartError(f"tritonserver (pid {self.pid}) is already running")
         install = find_triton_install()
         check_stub_libraries(install)
         load = self.load_models if self.model_control_mode == "explicit" else ("*",)
         names = check_model_repository(self.model_repository, load)
         self._check_ports()
+        return names
+
+    def start(self, timeout_s: float = 120.0, *, cancel: threading.Event | None = None) -> None:
+        """Start tritonserver and wait until `/v2/health/ready` answers 200.
+
+        Args:
+            timeout_s: how long to wait for readiness (model loading included), s.
+            cancel: when given and set while waiting, the start is abandoned within about
+                1 s (one readiness request): the process is stopped and
+                `TritonStartCancelled` raised.
+
+        Raises:
+            TritonStartError: missing binary, missing model repository or model files, busy
+                port, the process exiting early, or not ready within `timeout_s` seconds (the
+                process is then stopped). The message includes the tail of Triton's log.
+            TritonStartCancelled: `cancel` was set first.
+        """
+        if self.is_running:
+            raise TritonStartError(f"tritonserver (pid {self.pid}) is already running")
+        if self._process is not None:  # a previous run that exited: reap its group, forget it
+            self._reap()
+            self._process = None
+        names = self.check()
+        install = find_triton_install()
         backend_dir = prepare_backend_dir(install)
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +499,7 @@ class TritonServer:
         )
         self._reader.start()
         try:
-            self._wait_ready(timeout_s)
+            self._wait_ready(timeout_s, cancel)
         except BaseException:  # Ctrl-C or any error while waiting: leave no server behind
             self.stop()
             raise
@@ -452,17 +507,19 @@ class TritonServer:
             "tritonserver ready (pid %d): gRPC %s, HTTP %s", self.pid, self.grpc_url, self.http_url
         )
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float, cancel: threading.Event | None) -> None:
         assert self._process is not None
         deadline = time.monotonic() + timeout_s
         url = f"http://{self.host}:{self.http_port}/v2/health/ready"
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                raise TritonStartCancelled("tritonserver start cancelled before it was ready")
             code = self._process.poll()
             if code is not None:
                 self._reap()
                 raise TritonStartError(
-                    f"tritonserver exited with status {code} before it was ready. "
-                    f"{self._failure_report()}"
+                    f"tritonserver {describe_exit(code)} before it was ready.",
+                    self.failure_report(),
                 )
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
@@ -470,11 +527,14 @@ class TritonServer:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            time.sleep(0.2)
+            if cancel is not None:
+                cancel.wait(0.2)
+            else:
+                time.sleep(0.2)
         self.stop()
         raise TritonStartError(
-            f"tritonserver was not ready after {timeout_s:.0f} s (stopped it). "
-            f"{self._failure_report()}"
+            f"tritonserver was not ready after {timeout_s:.0f} s (stopped it).",
+            self.failure_report(),
         )
 
     def _join_reader(self) -> None:
@@ -532,6 +592,18 @@ class TritonServer:
         self.stop()
 
 
+def describe_exit(returncode: int) -> str:
+    """How a process ended, from its `subprocess.Popen.returncode`: "exited with status 1",
+    or "was killed by SIGKILL" for a negative code (the signal number, negated)."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
+
+
 def _level_of(line: str) -> int:
     """Logging level for one Triton log line (`I...`, `W...`, `E...`; tables are DEBUG)."""
     if any(noise in line for noise in _NO_GPU_NOISE):
@@ -579,7 +651,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         while not stop_requested.wait(0.5):
             if not server.is_running:
-                logger.error("tritonserver exited unexpectedly. %s", server._failure_report())
+                logger.error("tritonserver exited unexpectedly. %s", server.failure_report())
                 return 1
         return 0
     except TritonStartError as exc:

@@ -12,10 +12,16 @@
   on the demo avatar.
 - `untrained_model_repo` (session): a CPU-profile model repository in a tmp folder holding
   `lipsync_test` (that UNet) and `audio_encoder`.
+- `broken_model_repo` (function): a model repository whose one model, `lipsync_broken`, fails
+  to load (its model.onnx is not ONNX), so tritonserver (`--exit-on-error`) exits at start.
+
+Helpers: `processes()` (the process table), `group_gone(pgid)` (no live process left in a
+process group), `reaped(pid)` (an exited process was waited for: no zombie left).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +44,49 @@ class UntrainedOnnx:
 
     unet: Path
     audio_encoder: Path
+
+
+@dataclass(frozen=True)
+class Process:
+    """One entry of the process table (`/proc/<pid>/stat`): state "Z" is a zombie."""
+
+    pid: int
+    name: str
+    state: str
+    ppid: int
+    pgid: int
+
+
+def processes() -> Iterator[Process]:
+    """Every process now in the process table (from `/proc`)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        head, _, rest = text.rpartition(")")
+        fields = rest.split()
+        yield Process(
+            pid=int(stat.parent.name), name=head.split("(", 1)[1], state=fields[0],
+            ppid=int(fields[1]), pgid=int(fields[2]),
+        )
+
+
+def group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
+    """True once no live (non-zombie) process is left in process group `pgid` (a killed
+    group's members disappear shortly after the signal, so this waits up to `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(p.pgid == pgid and p.state != "Z" for p in processes()):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def reaped(pid: int) -> bool:
+    """True when process `pid`, which has exited, was waited for: it is gone from the process
+    table (`/proc/<pid>`), not left there as a zombie (`<defunct>`)."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 def _server(repo: Path, log_file: Path, **kwargs: Any) -> TritonServer:
@@ -71,6 +120,24 @@ def untrained_model_repo(
     repo = tmp_path_factory.mktemp("model_repo_cpu")
     write_avatar_model(repo, avatar_model_name(TEST_AVATAR), untrained_onnx.unet, "cpu")
     write_audio_encoder_model(repo, untrained_onnx.audio_encoder, "cpu")
+    return repo
+
+
+@pytest.fixture
+def broken_model_repo(tmp_path: Path, untrained_model_repo: Path) -> Path:
+    """A repository with `lipsync_broken`: the test UNet's config and model.py, but a
+    model.onnx that is not ONNX (Triton logs "failed to load 'lipsync_broken'")."""
+    from export.model_repo import avatar_model_name
+
+    source = untrained_model_repo / avatar_model_name(TEST_AVATAR)
+    repo = tmp_path / "broken_repo"
+    folder = repo / "lipsync_broken"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    (folder / "1" / "model.py").write_text((source / "1" / "model.py").read_text())
+    (folder / "config.pbtxt").write_text(
+        (source / "config.pbtxt").read_text().replace(source.name, "lipsync_broken")
+    )
     return repo
 
 

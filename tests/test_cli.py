@@ -5,7 +5,6 @@ Triton, leaving nothing behind."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,8 +20,7 @@ import pytest
 
 from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import free_ports, port_in_use
-
-ENV = {**os.environ, "COLUMNS": "250", "LIPSYNC_LOG_LEVEL": "INFO"}
+from tests.up_process import ENV, start_up
 
 
 def lipsync(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -96,17 +94,9 @@ def _get_json(url: str) -> tuple[int, Any]:
 def test_up_end_to_end_then_a_signal_stops_both(
     stop_signal: signal.Signals, gateway_packages_root: Path, tmp_path: Path
 ) -> None:
-    http, grpc_port, t_http, t_grpc, t_metrics = free_ports(5)
-    log_path = tmp_path / "up.log"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lipsync", "up", "--host", "127.0.0.1",
-             "--http-port", str(http), "--grpc-port", str(grpc_port),
-             "--packages-root", str(gateway_packages_root),
-             "--triton-http-port", str(t_http), "--triton-grpc-port", str(t_grpc),
-             "--triton-metrics-port", str(t_metrics), "--triton-log", str(tmp_path / "triton.log")],
-            cwd=REPO_ROOT, env=ENV, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-        )
+    up = start_up(tmp_path, gateway_packages_root)
+    proc, log_path, http, grpc_port = up.proc, up.log_path, up.http, up.grpc_port
+    t_http, t_grpc, t_metrics = up.triton_ports
     try:
         deadline = time.monotonic() + 240
         ready: Any = None
@@ -124,9 +114,7 @@ def test_up_end_to_end_then_a_signal_stops_both(
         proc.send_signal(stop_signal)
         assert proc.wait(timeout=60) == 0, log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        up.stop()
     text = log_path.read_text()
     assert f"http://127.0.0.1:{http}/" in text, text  # the page URL is printed
     assert f"gRPC 127.0.0.1:{grpc_port}" in text  # and the gRPC address

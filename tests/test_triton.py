@@ -29,7 +29,7 @@ import tritonclient.grpc as grpcclient
 
 from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import TritonServer, TritonStartError, free_ports, port_in_use
-from tests.fixtures_triton import TEST_AVATAR, StartTriton, UntrainedOnnx
+from tests.fixtures_triton import TEST_AVATAR, StartTriton, UntrainedOnnx, group_gone
 from tests.triton_stats import settled_counts
 
 pytestmark = pytest.mark.triton
@@ -135,24 +135,6 @@ def test_audio_encoder_matches_onnxruntime(
     np.testing.assert_allclose(feature, expected, rtol=1e-5, atol=1e-5)
 
 
-def _group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
-    """True once no live (non-zombie) process is left in process group `pgid`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        live = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                live.append(stat.parent.name)
-        if not live:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_kill_then_restart_on_the_same_ports(
     start_triton: StartTriton, untrained_model_repo: Path
 ) -> None:
@@ -161,7 +143,7 @@ def test_kill_then_restart_on_the_same_ports(
     assert pid is not None
     server.kill()
     assert not server.is_running
-    assert _group_gone(pid), "tritonserver's process group (backend stubs) outlived kill()"
+    assert group_gone(pid), "tritonserver's process group (backend stubs) outlived kill()"
     server.start(timeout_s=120.0)
     assert server.is_running and server.pid != pid
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
@@ -265,32 +247,20 @@ def test_interrupt_while_waiting_for_ready_stops_the_server(
 ) -> None:
     server = _server_on(untrained_model_repo)
 
-    def interrupted(timeout_s: float) -> None:
+    def interrupted(timeout_s: float, cancel: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C between the spawn and readiness
 
     monkeypatch.setattr(server, "_wait_ready", interrupted)
     with pytest.raises(KeyboardInterrupt):
         server.start()
     assert server.pid is not None and not server.is_running
-    assert _group_gone(server.pid), "tritonserver outlived an interrupted start()"
+    assert group_gone(server.pid), "tritonserver outlived an interrupted start()"
 
 
 def test_broken_model_config_reports_the_log_tail(
-    tmp_path: Path, untrained_model_repo: Path
+    tmp_path: Path, broken_model_repo: Path
 ) -> None:
-    repo = tmp_path / "repo"
-    folder = repo / "lipsync_broken"
-    (folder / "1").mkdir(parents=True)
-    (folder / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    (folder / "1" / "model.py").write_text(
-        (untrained_model_repo / UNET_MODEL / "1" / "model.py").read_text()
-    )
-    (folder / "config.pbtxt").write_text(
-        (untrained_model_repo / UNET_MODEL / "config.pbtxt")
-        .read_text()
-        .replace(UNET_MODEL, "lipsync_broken")
-    )
-    server = _server_on(repo, log_file=tmp_path / "triton.log")
+    server = _server_on(broken_model_repo, log_file=tmp_path / "triton.log")
     with pytest.raises(
         TritonStartError, match=r"exited with status \d+ before it was ready"
     ) as info:
