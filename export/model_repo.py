@@ -1,56 +1,74 @@
 """Write Triton models (CPU and GPU serving profiles) into a model repository.
 
-Layout written for a model `<name>` (Triton's model-repository layout):
+Layout written for a model ``<name>`` (Triton's layout; `model_repository/README.md`)::
 
-    <repo_root>/<name>/config.pbtxt       from model_repository/templates/<kind>_<profile>.pbtxt
-    <repo_root>/<name>/1/model.onnx       the exported graph (copied, never modified)
-    <repo_root>/<name>/1/model.py         CPU profile only: model_repository/python_onnx/model.py
+    <repo>/.lock                       held while writing (`export.publish.folder_lock`)
+    <repo>/<name>/config.pbtxt         printed from a `ModelConfig` protobuf message
+    <repo>/<name>/<v>/model.onnx       the exported graph (copied, never modified)
+    <repo>/<name>/<v>/model.py         CPU profile only: model_repository/python_onnx/model.py
 
-Profiles (ARCHITECTURE.md "Two serving profiles"; model_repository/README.md):
-- `cpu`: Triton's Python backend runs model.onnx with ONNX Runtime, one call per batch; served
-  by the `tritonserver` of the nvidia-pytriton wheel (`lipsync triton`).
-- `gpu`: platform `onnxruntime_onnx` with the TensorRT accelerator in FP16, engine cache under
-  `/engine_cache/<name>`, two GPU instances, warm-up; served by the NGC image.
+Every write that changes a model publishes a new numbered version ``v`` (the highest so far
++ 1): the version folder is assembled under a temporary name and renamed into place, then
+config.pbtxt is replaced atomically. The config names the one version Triton serves
+(``version_policy { specific { versions: [v] } }``), so at every instant the config and the
+version it names belong together; a load (the gateway's ``load_model``) picks up the new
+version and the old one is never modified. After publishing, versions other than the new one
+and the one served before it are deleted. Writing the same weights with the same config again
+changes nothing.
 
-Tensor specs in config.pbtxt are read from the ONNX graph and checked against the contract:
-UNet `crop` UINT8 [N,320,320,3] + `audio` FP32 [N,...] (the audio branch's window; [N,16,512]
-for `ave`) -> `pred` UINT8 [N,320,320,3]; audio encoder `mel` FP32 [N,80,16] -> `feature` FP32
-[N,512]. Every generated config is parsed as Triton's `ModelConfig` protobuf before it is written.
+Profiles (docs/ARCHITECTURE.md "Two serving profiles"):
+
+- ``cpu``: Triton's Python backend runs model.onnx with ONNX Runtime, one call per batch; served
+  by the ``tritonserver`` of the nvidia-pytriton wheel (``lipsync triton``).
+- ``gpu``: platform ``onnxruntime_onnx`` with the TensorRT accelerator in FP16, engines cached
+  under ``/engine_cache/<name>/<weights digest>`` (a rebuilt model never meets the engines of
+  other weights), instances and warm-up as in `BATCHING`; served by the NGC image.
+
+The tensors in config.pbtxt are read from the ONNX graph and checked against the contract
+(`lipsync.contract`). The shared ``audio_encoder`` is never replaced by other weights unless
+the caller says so (`write_audio_encoder_model`).
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from string import Template
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, TypeVar
 
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.publish import folder_lock, write_text_atomic
 from lipsync import paths
-from lipsync.package import NAME_PATTERN
-
-if TYPE_CHECKING:
-    from tritonclient.grpc import model_config_pb2
+from lipsync.contract import (
+    AUDIO_ENCODER_MODEL,
+    ENCODER_FEATURE,
+    ENCODER_MEL,
+    UNET_AUDIO,
+    UNET_CROP,
+    UNET_PRED,
+    TensorSpec,
+    is_avatar_model_name,
+)
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 Profile = Literal["cpu", "gpu"]
 ModelKind = Literal["unet", "audio_encoder"]
 
-AUDIO_ENCODER_MODEL_NAME = "audio_encoder"
-"""Triton model name of the AVE audio encoder (one per repository, shared by all avatars)."""
-
-TEMPLATES_DIR: Path = paths.MODEL_REPOSITORY_DIR / "templates"
-"""config.pbtxt templates, one per (model kind, profile)."""
-
 PYTHON_BACKEND_MODEL: Path = paths.MODEL_REPOSITORY_DIR / "python_onnx" / "model.py"
 """The canonical CPU-profile Python-backend model, copied into each CPU model's version folder."""
+
+ONNX_FILE = "model.onnx"
+"""File name of the graph in a version folder (Triton's default for ONNX models)."""
 
 ENGINE_CACHE_ROOT = "/engine_cache"
 """Where the GPU profile's TensorRT engines are cached inside the Triton container (a volume)."""
@@ -58,41 +76,60 @@ ENGINE_CACHE_ROOT = "/engine_cache"
 TRT_WORKSPACE_BYTES = 2 << 30
 """TensorRT builder workspace for the GPU profile: 2 GiB."""
 
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_STAGING_PREFIX = ".staging-"
+_CONFIG_HEADER = (
+    "# Generated by export/model_repo.py from the ONNX graph: do not edit, rebuild.\n"
+    "# Why these batch sizes, queue delays and instances: model_repository/README.md,\n"
+    "# \"Batch size and queue delay\".\n"
+)
 
 
 class ModelRepoError(ValueError):
-    """The ONNX file does not honour the model contract, or a name or path is unusable."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of a Triton model: name, Triton data type (`TYPE_UINT8`, ...) and the
-    per-item dims (without the batch axis)."""
-
-    name: str
-    data_type: str
-    dims: tuple[int, ...]
+    """The ONNX file does not honour the model contract, a name is unusable, or the write would
+    replace the shared audio encoder without being asked to."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Inputs and outputs of a model, in ONNX graph order."""
+    """Inputs and outputs of a graph, in ONNX graph order (dims without the batch axis)."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
 
 @dataclass(frozen=True)
+class ModelVersion:
+    """Where a model's served version lies.
+
+    Attributes:
+        folder: the model folder ``<repo>/<name>``.
+        version: the version number config.pbtxt names.
+    """
+
+    folder: Path
+    version: int
+
+    @property
+    def version_dir(self) -> Path:
+        """The version folder ``<repo>/<name>/<version>``."""
+        return self.folder / str(self.version)
+
+    @property
+    def onnx_path(self) -> Path:
+        """The graph Triton runs: ``<repo>/<name>/<version>/model.onnx``."""
+        return self.version_dir / ONNX_FILE
+
+
+@dataclass(frozen=True)
 class BatchingPolicy:
-    """Dynamic-batching settings of one (model kind, profile); justified in the templates and
-    in model_repository/README.md.
+    """Dynamic-batching settings of one (model kind, profile); the reasons for each value are in
+    model_repository/README.md "Batch size and queue delay".
 
     Attributes:
         max_batch_size: largest batch Triton forms (and largest batch one request may carry).
-        queue_delay_us: `max_queue_delay_microseconds`, in microseconds.
-        preferred_batch_sizes: `preferred_batch_size` list (GPU profile only).
-        gpu_instances: `KIND_GPU` instance count (GPU profile only).
+        queue_delay_us: ``max_queue_delay_microseconds`` (us).
+        preferred_batch_sizes: ``preferred_batch_size`` list (GPU profile only).
+        gpu_instances: ``KIND_GPU`` instance count (GPU profile only).
     """
 
     max_batch_size: int
@@ -111,46 +148,22 @@ BATCHING: dict[tuple[ModelKind, Profile], BatchingPolicy] = {
 }
 """The batching policy per (model kind, profile)."""
 
-# Expected contract per model kind: name -> (Triton data type, per-item dims or None = any).
-_CONTRACTS: dict[ModelKind, tuple[dict[str, tuple[str, tuple[int, ...] | None]], ...]] = {
-    "unet": (
-        {"crop": ("TYPE_UINT8", (320, 320, 3)), "audio": ("TYPE_FP32", None)},
-        {"pred": ("TYPE_UINT8", (320, 320, 3))},
-    ),
-    "audio_encoder": (
-        {"mel": ("TYPE_FP32", (80, 16))},
-        {"feature": ("TYPE_FP32", (512,))},
-    ),
+CONTRACTS: dict[ModelKind, ModelSpec] = {
+    "unet": ModelSpec(inputs=(UNET_CROP, UNET_AUDIO), outputs=(UNET_PRED,)),
+    "audio_encoder": ModelSpec(inputs=(ENCODER_MEL,), outputs=(ENCODER_FEATURE,)),
 }
+"""The tensors each model kind must have (`lipsync.contract`)."""
+
+_MODE_DEPENDENT_DIMS = frozenset({UNET_AUDIO.name})
+"""Tensors whose dims depend on the UNet's audio mode (`export.models.unet.AUDIO_WINDOW_SHAPES`):
+their name and dtype are checked, their dims are taken from the graph."""
 
 
-def avatar_model_name(avatar: str) -> str:
-    """Triton model name of an avatar's UNet: `lipsync_<avatar>`.
-
-    Raises:
-        ModelRepoError: `avatar` is not a valid avatar name (`lipsync.package.NAME_PATTERN`:
-            1-63 letters, digits, `_` or `-`, starting with a letter or digit).
-    """
-    if not re.fullmatch(NAME_PATTERN, avatar):
-        raise ModelRepoError(
-            f"avatar name {avatar!r} is not usable in a Triton model name: use 1-63 letters, "
-            "digits, '_' or '-', starting with a letter or digit"
-        )
-    return f"lipsync_{avatar}"
-
-
-def _triton_dtype(onnx_elem_type: int) -> str:
-    """Map an ONNX TensorProto element type to Triton's `TYPE_*` name."""
-    from onnx import helper
-    from tritonclient.utils import np_to_triton_dtype
-
-    return "TYPE_" + np_to_triton_dtype(helper.tensor_dtype_to_np_dtype(onnx_elem_type)).replace(
-        "BYTES", "STRING"
-    )
+# ----------------------------------------------------------------------------- the ONNX side
 
 
 def read_model_spec(onnx_path: Path) -> ModelSpec:
-    """Read the inputs/outputs of an ONNX graph as Triton tensor specs.
+    """Read the inputs/outputs of an ONNX graph.
 
     The first axis of every tensor must be the dynamic batch axis; the others must be fixed.
 
@@ -158,6 +171,7 @@ def read_model_spec(onnx_path: Path) -> ModelSpec:
         ModelRepoError: the file is missing or unreadable, or an axis is not as required.
     """
     import onnx
+    from onnx import helper
 
     if not onnx_path.is_file():
         raise ModelRepoError(f"ONNX file {onnx_path} does not exist")
@@ -183,7 +197,8 @@ def read_model_spec(onnx_path: Path) -> ModelSpec:
                     f"{onnx_path.name}: tensor '{value.name}' axis {axis} is not a fixed size"
                 )
             fixed.append(int(dim.dim_value))
-        return TensorSpec(value.name, _triton_dtype(tensor_type.elem_type), tuple(fixed))
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).type
+        return TensorSpec(value.name, dtype, tuple(fixed))
 
     return ModelSpec(
         inputs=tuple(spec(v) for v in model.graph.input if v.name not in initializers),
@@ -191,134 +206,183 @@ def read_model_spec(onnx_path: Path) -> ModelSpec:
     )
 
 
+def _describe(tensor: TensorSpec, dims: bool = True) -> str:
+    shape = f" [N,{','.join(map(str, tensor.dims))}]" if dims else ""
+    return f"{np.dtype(tensor.dtype).name}{shape}"
+
+
 def check_contract(spec: ModelSpec, kind: ModelKind, onnx_path: Path) -> None:
-    """Check a model spec against the tensor contract of its kind (module docstring).
+    """Check a graph's tensors against the contract of its kind (`CONTRACTS`).
 
     Raises:
         ModelRepoError: naming the missing, unexpected or mistyped tensors.
     """
+    contract = CONTRACTS[kind]
     for side, tensors, expected in (
-        ("inputs", spec.inputs, _CONTRACTS[kind][0]),
-        ("outputs", spec.outputs, _CONTRACTS[kind][1]),
+        ("inputs", spec.inputs, contract.inputs),
+        ("outputs", spec.outputs, contract.outputs),
     ):
-        names = {t.name for t in tensors}
-        if names != set(expected):
+        names = sorted(t.name for t in tensors)
+        want = {t.name: t for t in expected}
+        if names != sorted(want):
             raise ModelRepoError(
                 f"{onnx_path.name} does not match the {kind} contract: its {side} are "
-                f"{sorted(names)}, expected {sorted(expected)}"
+                f"{names}, expected {sorted(want)}"
             )
         for tensor in tensors:
-            data_type, dims = expected[tensor.name]
-            if tensor.data_type != data_type or (dims is not None and tensor.dims != dims):
-                want = f"{data_type} [N,{','.join(map(str, dims))}]" if dims else data_type
+            target = want[tensor.name]
+            free = tensor.name in _MODE_DEPENDENT_DIMS
+            if np.dtype(tensor.dtype) != np.dtype(target.dtype) or (
+                not free and tensor.dims != target.dims
+            ):
                 raise ModelRepoError(
-                    f"{onnx_path.name}: {kind} tensor '{tensor.name}' is {tensor.data_type} "
-                    f"[N,{','.join(map(str, tensor.dims))}], expected {want}"
+                    f"{onnx_path.name}: {kind} tensor '{tensor.name}' is {_describe(tensor)}, "
+                    f"expected {_describe(target, dims=not free)}"
                 )
 
 
-def _dims(dims: Sequence[int]) -> str:
-    return ", ".join(str(d) for d in dims)
+def weights_digest(onnx_path: Path) -> str:
+    """Hex SHA-256 of an ONNX graph: its nodes and initializers (the weights, external data
+    included), not its metadata. Equal digests mean the same network whatever checkpoint path
+    or export notes the file records; it keys the TensorRT engine cache and tells whether the
+    audio encoder changes."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _tensor_block(section: str, tensors: Sequence[TensorSpec]) -> str:
-    rows = ",\n".join(
-        f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ {_dims(t.dims)} ] }}'
-        for t in tensors
-    )
-    return f"{section} [\n{rows}\n]"
+# -------------------------------------------------------------------------- the Triton side
 
 
-def _profile_shapes(inputs: Sequence[TensorSpec], batch: int) -> str:
-    """TensorRT profile string `name:BxD1xD2,...` for the given batch size."""
-    return ",".join(f"{t.name}:{'x'.join(str(d) for d in (batch, *t.dims))}" for t in inputs)
+def _tensor(cls: type[_T], tensor: TensorSpec) -> _T:
+    """A ``ModelInput`` or ``ModelOutput`` message of one contract tensor."""
+    return cls(name=tensor.name, data_type=mc.DataType.Value(tensor.config_dtype), dims=tensor.dims)
 
 
-def _warmup_block(inputs: Sequence[TensorSpec], batch_sizes: Sequence[int]) -> str:
-    """`model_warmup` entries: zero data for batch 1, random data for the largest batch."""
-    entries = []
-    for batch in batch_sizes:
-        data = "zero_data: true" if batch == 1 else "random_data: true"
-        kind = "zero" if batch == 1 else "random"
-        tensors = "\n".join(
-            f'    inputs {{ key: "{t.name}" value: {{ data_type: {t.data_type} '
-            f"dims: [ {_dims(t.dims)} ] {data} }} }}"
-            for t in inputs
-        )
-        entries.append(
-            f'  {{\n    name: "batch{batch}_{kind}"\n    batch_size: {batch}\n{tensors}\n  }}'
-        )
-    return ",\n".join(entries)
+def _trt_shapes(inputs: tuple[TensorSpec, ...], batch: int) -> str:
+    """TensorRT profile string ``name:BxD1xD2,...`` for the given batch size."""
+    return ",".join(f"{t.name}:{'x'.join(map(str, t.batch_shape(batch)))}" for t in inputs)
 
 
-def render_config(
+def engine_cache_path(model_name: str, digest: str) -> str:
+    """The GPU profile's TensorRT engine cache folder of one model's weights:
+    ``/engine_cache/<model>/<first 16 hex digits of the weights digest>``. ONNX Runtime names
+    cached engines after the graph's structure, not its weight values, so each weights digest
+    gets its own folder."""
+    return f"{ENGINE_CACHE_ROOT}/{model_name}/{digest[:16]}"
+
+
+def build_config(
     model_name: str,
     spec: ModelSpec,
     kind: ModelKind,
     profile: Profile,
     *,
-    engine_cache_root: str = ENGINE_CACHE_ROOT,
-    intra_op_threads: int = 0,
-) -> str:
-    """Render the config.pbtxt text of one model and check that Triton can parse it.
+    version: int,
+    digest: str,
+) -> mc.ModelConfig:
+    """The `ModelConfig` message of one model version.
 
     Args:
         model_name: Triton model name (the folder name).
-        spec: the model's tensors (from `read_model_spec`).
-        kind: "unet" or "audio_encoder" (selects the template and the batching policy).
+        spec: the graph's tensors (from `read_model_spec`).
+        kind: "unet" or "audio_encoder" (selects the batching policy).
         profile: "cpu" (Python backend + ONNX Runtime) or "gpu" (onnxruntime + TensorRT FP16).
-        engine_cache_root: GPU profile: TensorRT engine cache root inside the container.
-        intra_op_threads: CPU profile: ONNX Runtime intra-op threads, 0 = every core.
-
-    Raises:
-        ModelRepoError: the rendered text does not parse as `inference.ModelConfig`.
+        version: the version folder Triton serves (``version_policy.specific``).
+        digest: `weights_digest` of the graph (names the GPU engine cache folder).
     """
     policy = BATCHING[(kind, profile)]
-    template = Template((TEMPLATES_DIR / f"{kind}_{profile}.pbtxt").read_text())
-    values = {
-        "name": model_name,
-        "max_batch_size": policy.max_batch_size,
-        "inputs": _tensor_block("input", spec.inputs),
-        "outputs": _tensor_block("output", spec.outputs),
-        "queue_delay_us": policy.queue_delay_us,
-        "preferred_batch_sizes": _dims(policy.preferred_batch_sizes),
-        "gpu_instances": policy.gpu_instances,
-        "intra_op_threads": intra_op_threads,
-        "workspace_bytes": TRT_WORKSPACE_BYTES,
-        "engine_cache_path": f"{engine_cache_root.rstrip('/')}/{model_name}",
-        "profile_min": _profile_shapes(spec.inputs, 1),
-        "profile_opt": _profile_shapes(
-            spec.inputs, max(policy.preferred_batch_sizes, default=policy.max_batch_size)
+    config = mc.ModelConfig(
+        name=model_name,
+        max_batch_size=policy.max_batch_size,
+        version_policy=mc.ModelVersionPolicy(
+            specific=mc.ModelVersionPolicy.Specific(versions=[version])
         ),
-        "profile_max": _profile_shapes(spec.inputs, policy.max_batch_size),
-        "warmup": _warmup_block(spec.inputs, (1, policy.max_batch_size)),
-    }
-    text = template.substitute(values)
-    parse_config(text, source=f"{kind}_{profile} config of {model_name}")
-    return text
+        input=[_tensor(mc.ModelInput, t) for t in spec.inputs],
+        output=[_tensor(mc.ModelOutput, t) for t in spec.outputs],
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=policy.queue_delay_us,
+            preferred_batch_size=policy.preferred_batch_sizes,
+        ),
+    )
+    if profile == "cpu":
+        config.backend = "python"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        # Read by python_onnx/model.py: "0" = every core the server may use.
+        config.parameters["intra_op_thread_count"].string_value = "0"
+        config.parameters["onnx_file"].string_value = ONNX_FILE
+        return config
+    config.platform = "onnxruntime_onnx"
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=policy.gpu_instances)
+    opt_batch = max(policy.preferred_batch_sizes, default=policy.max_batch_size)
+    config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+        name="tensorrt",
+        parameters={
+            "precision_mode": "FP16",
+            "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES),
+            "trt_engine_cache_enable": "true",
+            "trt_engine_cache_path": engine_cache_path(model_name, digest),
+            "trt_profile_min_shapes": _trt_shapes(spec.inputs, 1),
+            "trt_profile_opt_shapes": _trt_shapes(spec.inputs, opt_batch),
+            "trt_profile_max_shapes": _trt_shapes(spec.inputs, policy.max_batch_size),
+        },
+    )
+    for batch, data in ((1, "zero_data"), (policy.max_batch_size, "random_data")):
+        warmup = config.model_warmup.add(name=f"batch{batch}_{data}", batch_size=batch)
+        for t in spec.inputs:
+            entry = warmup.inputs[t.name]
+            entry.data_type = mc.DataType.Value(t.config_dtype)
+            entry.dims.extend(t.dims)
+            setattr(entry, data, True)
+    return config
 
 
-def parse_config(text: str, source: str = "config.pbtxt") -> model_config_pb2.ModelConfig:
-    """Parse config.pbtxt text as Triton's `inference.ModelConfig` protobuf.
+def config_text(config: mc.ModelConfig) -> str:
+    """config.pbtxt text of a message: a two-line header, then protobuf text format."""
+    return _CONFIG_HEADER + text_format.MessageToString(config)
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    """Parse ``<model_dir>/config.pbtxt``.
 
     Raises:
-        ModelRepoError: the text is not a valid ModelConfig (with the parser's message).
+        FileNotFoundError: no config.pbtxt.
+        google.protobuf.text_format.ParseError: the text is not a ModelConfig.
     """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
 
-    try:
-        return text_format.Parse(text, model_config_pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        raise ModelRepoError(f"{source} is not a valid Triton ModelConfig: {exc}") from exc
+
+def _numbered_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def served_version(repo_root: Path, model_name: str) -> ModelVersion | None:
+    """The version of ``model_name`` that config.pbtxt tells Triton to serve, or None when the
+    repository holds no such model. A config without a ``specific`` version policy (written
+    before versions were published) serves its highest version folder, as Triton's default
+    policy does."""
+    folder = repo_root / model_name
+    if not (folder / "config.pbtxt").is_file():
+        return None
+    policy = read_config(folder).version_policy
+    if policy.WhichOneof("policy_choice") == "specific" and policy.specific.versions:
+        return ModelVersion(folder, int(max(policy.specific.versions)))
+    versions = _numbered_versions(folder)
+    return ModelVersion(folder, versions[-1]) if versions else None
+
+
+# -------------------------------------------------------------------------------- writing
 
 
 def _copy_onnx(onnx_path: Path, version_dir: Path) -> None:
-    """Copy the ONNX file (and any external-data files it names) as `version_dir/model.onnx`."""
+    """Copy the ONNX file (and any external-data files it names) as ``version_dir/model.onnx``."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    shutil.copyfile(onnx_path, version_dir / "model.onnx")
+    shutil.copyfile(onnx_path, version_dir / ONNX_FILE)
     model = onnx.load(str(onnx_path), load_external_data=False)
     for tensor in model.graph.initializer:
         if uses_external_data(tensor):
@@ -334,6 +398,22 @@ def _copy_onnx(onnx_path: Path, version_dir: Path) -> None:
                 shutil.copyfile(source, target)
 
 
+def _fill_version(version_dir: Path, onnx_path: Path, profile: Profile) -> None:
+    version_dir.mkdir()
+    _copy_onnx(onnx_path, version_dir)
+    if profile == "cpu":
+        shutil.copyfile(PYTHON_BACKEND_MODEL, version_dir / "model.py")
+
+
+def _check_name(model_name: str, kind: ModelKind) -> None:
+    if kind == "audio_encoder" and model_name != AUDIO_ENCODER_MODEL:
+        raise ModelRepoError(f"the audio encoder's model name is {AUDIO_ENCODER_MODEL!r}")
+    if kind == "unet" and not is_avatar_model_name(model_name):
+        raise ModelRepoError(
+            f"model name {model_name!r} is not lipsync_<avatar name> (`lipsync.contract`)"
+        )
+
+
 def write_model(
     repo_root: Path,
     model_name: str,
@@ -341,127 +421,168 @@ def write_model(
     kind: ModelKind,
     profile: Profile,
     *,
-    engine_cache_root: str = ENGINE_CACHE_ROOT,
-) -> Path:
-    """Write (or replace) one model folder in a Triton model repository.
+    replace_audio_encoder: bool = False,
+) -> ModelVersion:
+    """Publish one model version into a Triton model repository (module docstring).
 
-    The folder is assembled in a temporary sibling and moved into place, so a failed write
-    never leaves a half-written model behind.
+    Holds the repository's lock while it reads the served version and publishes the new one.
 
     Args:
         repo_root: the model repository (created if missing).
         model_name: Triton model name, also the folder name.
-        onnx_path: the exported ONNX graph honouring the contract of `kind`.
+        onnx_path: the exported ONNX graph honouring the contract of ``kind``.
         kind: "unet" or "audio_encoder".
         profile: "cpu" or "gpu".
+        replace_audio_encoder: allow an ``audio_encoder`` with other weights than the served one.
 
     Returns:
-        The model folder `<repo_root>/<model_name>`.
+        The served version after the call (the new one, or the current one when the weights and
+        the config are unchanged).
 
     Raises:
-        ModelRepoError: bad name, missing/unreadable ONNX file or contract mismatch.
+        ModelRepoError: bad name or profile, missing/unreadable ONNX file, contract mismatch, or
+            an audio encoder with other weights without ``replace_audio_encoder``.
     """
     if profile not in ("cpu", "gpu"):
         raise ModelRepoError(f"unknown profile {profile!r}: expected 'cpu' or 'gpu'")
-    if not _MODEL_NAME_RE.match(model_name):
-        raise ModelRepoError(
-            f"model name {model_name!r} must be 1-128 letters, digits, '_' or '-', starting with "
-            "a letter or digit"
-        )
+    _check_name(model_name, kind)
     onnx_path = Path(onnx_path)
     spec = read_model_spec(onnx_path)
     check_contract(spec, kind, onnx_path)
-    config = render_config(model_name, spec, kind, profile, engine_cache_root=engine_cache_root)
-
+    digest = weights_digest(onnx_path)
     repo_root = Path(repo_root)
-    repo_root.mkdir(parents=True, exist_ok=True)
-    final = repo_root / model_name
-    staging = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=repo_root))
+    with folder_lock(repo_root):
+        current = served_version(repo_root, model_name)
+        current_digest = _served_digest(current)
+        if current is not None and current_digest == digest:
+            same = build_config(
+                model_name, spec, kind, profile, version=current.version, digest=digest
+            )
+            if config_text(same) == (current.folder / "config.pbtxt").read_text():
+                logger.info(
+                    "%s (%s profile) is up to date: version %d",
+                    model_name, profile, current.version,
+                )
+                return current
+        other_weights = current_digest not in (None, digest)
+        if kind == "audio_encoder" and other_weights and not replace_audio_encoder:
+            raise _encoder_conflict(repo_root, str(current_digest), digest)
+        version = _publish(repo_root, model_name, onnx_path, kind, profile, spec, digest, current)
+    logger.info(
+        "wrote %s model %s version %d (%s profile) from %s",
+        kind, model_name, version.version, profile, onnx_path,
+    )
+    return version
+
+
+def _publish(
+    repo_root: Path,
+    model_name: str,
+    onnx_path: Path,
+    kind: ModelKind,
+    profile: Profile,
+    spec: ModelSpec,
+    digest: str,
+    current: ModelVersion | None,
+) -> ModelVersion:
+    """Under the repository lock: assemble the next version under a temporary name, rename it
+    into place, replace config.pbtxt, prune old versions."""
+    folder = repo_root / model_name
+    existing = _numbered_versions(folder)
+    version = ModelVersion(folder, (existing[-1] if existing else 0) + 1)
+    text = config_text(
+        build_config(model_name, spec, kind, profile, version=version.version, digest=digest)
+    )
+    if not folder.is_dir():  # a new model: publish the whole folder at once
+        staging = _new_model_staging(repo_root, model_name)
+        try:
+            _fill_version(staging / str(version.version), onnx_path, profile)
+            (staging / "config.pbtxt").write_text(text)
+            os.chmod(staging, 0o755)
+            os.rename(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return version
+    for stale in folder.glob(f"{_STAGING_PREFIX}*"):  # left by a writer that died
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=_STAGING_PREFIX))
     try:
-        version_dir = staging / "1"
-        version_dir.mkdir()
-        _copy_onnx(onnx_path, version_dir)
-        if profile == "cpu":
-            shutil.copyfile(PYTHON_BACKEND_MODEL, version_dir / "model.py")
-        (staging / "config.pbtxt").write_text(config)
-        os.chmod(staging, 0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
+        _fill_version(staging / "v", onnx_path, profile)
+        os.rename(staging / "v", version.version_dir)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("wrote %s model %s (%s profile) from %s", kind, final, profile, onnx_path)
-    return final
+    write_text_atomic(folder / "config.pbtxt", text)
+    keep = {version.version, *([current.version] if current is not None else [])}
+    for old in existing:
+        if old not in keep:
+            shutil.rmtree(folder / str(old), ignore_errors=True)
+    return version
 
 
-def write_avatar_model(repo_root: Path, model_name: str, onnx_path: Path, profile: Profile) -> Path:
-    """Write an avatar's UNet (`crop`, `audio` -> `pred`) as model `model_name`.
+def _new_model_staging(repo_root: Path, model_name: str) -> Path:
+    """A temporary folder for a new model, next to the repository: a Triton started with
+    ``--load-model=*`` takes every folder inside the repository, hidden or not, for a model
+    (and fails to start on an incomplete one). Inside the repository only where its parent
+    is not writable."""
+    prefix = f".{repo_root.name}.{model_name}{_STAGING_PREFIX}"
+    try:
+        return Path(tempfile.mkdtemp(dir=repo_root.parent, prefix=prefix))
+    except OSError:
+        return Path(tempfile.mkdtemp(dir=repo_root, prefix=prefix))
 
-    See `write_model` for the layout and errors; `model_name` is usually
-    `avatar_model_name(avatar)`.
-    """
+
+def write_avatar_model(
+    repo_root: Path, model_name: str, onnx_path: Path, profile: Profile
+) -> ModelVersion:
+    """Publish an avatar's UNet (`lipsync.contract` ``UNET_CROP``, ``UNET_AUDIO`` ->
+    ``UNET_PRED``) as model ``model_name`` (``lipsync.contract.avatar_model_name(avatar)``).
+    See `write_model` for the layout and errors."""
     return write_model(repo_root, model_name, onnx_path, "unet", profile)
 
 
-def write_audio_encoder_model(repo_root: Path, onnx_path: Path, profile: Profile) -> Path:
-    """Write the AVE audio encoder (`mel` FP32 [N,80,16] -> `feature` FP32 [N,512]) as model
-    `audio_encoder`. See `write_model` for the layout and errors."""
-    return write_model(repo_root, AUDIO_ENCODER_MODEL_NAME, onnx_path, "audio_encoder", profile)
+def write_audio_encoder_model(
+    repo_root: Path, onnx_path: Path, profile: Profile, *, replace: bool = False
+) -> ModelVersion:
+    """Publish the AVE audio encoder (``ENCODER_MEL`` -> ``ENCODER_FEATURE``) as model
+    ``audio_encoder``, shared by every avatar of the repository.
 
-
-# --------------------------------------------------------------------------------------- CLI
-
-
-def _repo_for(profile: Profile, repo: Path | None, both: bool) -> Path:
-    if repo is None:
-        return paths.MODEL_REPOSITORY_CPU if profile == "cpu" else paths.MODEL_REPOSITORY_GPU
-    return repo / profile if both else repo
-
-
-def _run_model_repo(args: argparse.Namespace) -> int:
-    profiles: list[Profile] = ["cpu", "gpu"] if args.profile == "both" else [args.profile]
-    try:
-        name = avatar_model_name(args.avatar)
-        for profile in profiles:
-            repo = _repo_for(profile, args.repo, args.profile == "both")
-            folder = write_avatar_model(repo, name, args.onnx, profile)
-            logger.info("%s profile: %s", profile, folder)
-            if args.audio_encoder_onnx is not None:
-                folder = write_audio_encoder_model(repo, args.audio_encoder_onnx, profile)
-                logger.info("%s profile: %s", profile, folder)
-    except ModelRepoError as exc:
-        logger.error("%s", exc)
-        return 2
-    return 0
-
-
-def register_cli(export_subparsers: argparse._SubParsersAction) -> None:
-    """Add `lipsync export model-repo` to the `lipsync export` subcommands."""
-    parser = export_subparsers.add_parser(
-        "model-repo",
-        help="write an avatar's UNet (and the audio encoder) into the Triton model repositories",
-        description=(
-            "Write Triton model folders (config.pbtxt + ONNX, plus model.py for the CPU profile) "
-            "for the avatar's UNet as lipsync_<avatar>, and optionally the audio encoder as "
-            "audio_encoder. Defaults: model_repository/cpu and model_repository/gpu."
-        ),
+    The gateway computes every avatar's live-audio features with this one model, so other
+    weights than the served ones are refused unless ``replace`` is True (CLI
+    ``--replace-audio-encoder``). See `write_model` for the layout and errors."""
+    return write_model(
+        repo_root, AUDIO_ENCODER_MODEL, onnx_path, "audio_encoder", profile,
+        replace_audio_encoder=replace,
     )
-    parser.add_argument(
-        "--avatar", required=True, help="avatar name; the model is lipsync_<avatar>"
+
+
+def check_audio_encoder(repo_root: Path, onnx_path: Path, *, replace: bool = False) -> None:
+    """Raise now what `write_audio_encoder_model` would raise for other weights, without
+    writing: lets a builder refuse before it publishes anything.
+
+    Raises:
+        ModelRepoError: the repository serves an audio encoder with other weights and
+            ``replace`` is False.
+    """
+    current_digest = _served_digest(served_version(Path(repo_root), AUDIO_ENCODER_MODEL))
+    if replace or current_digest is None:
+        return
+    digest = weights_digest(onnx_path)
+    if current_digest != digest:
+        raise _encoder_conflict(repo_root, current_digest, digest)
+
+
+def _served_digest(version: ModelVersion | None) -> str | None:
+    """`weights_digest` of a served version's graph; None when there is none."""
+    if version is None or not version.onnx_path.is_file():
+        return None
+    return weights_digest(version.onnx_path)
+
+
+def _encoder_conflict(repo_root: Path, current_digest: str, digest: str) -> ModelRepoError:
+    return ModelRepoError(
+        f"{repo_root} already serves an {AUDIO_ENCODER_MODEL} with other weights (digest "
+        f"{current_digest[:12]}, this one {digest[:12]}); every avatar's live-audio features "
+        "come from it. Pass --replace-audio-encoder (replace_audio_encoder=True) to replace it "
+        "for all avatars"
     )
-    parser.add_argument("--onnx", required=True, type=Path, help="the UNet exported to ONNX")
-    parser.add_argument(
-        "--audio-encoder-onnx", type=Path, default=None, help="the audio encoder exported to ONNX"
-    )
-    parser.add_argument("--profile", choices=("cpu", "gpu", "both"), default="both")
-    parser.add_argument(
-        "--repo",
-        type=Path,
-        default=None,
-        help=(
-            "model repository for a single profile; with --profile both, the folder that gets "
-            "cpu/ and gpu/ (default: model_repository/cpu and model_repository/gpu)"
-        ),
-    )
-    parser.set_defaults(func=_run_model_repo)
