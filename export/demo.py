@@ -19,6 +19,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from export.model_repo import served_version
 from lipsync.contract import AUDIO_ENCODER_MODEL
 from lipsync.package import PackageError, load_package, sha256_file
 from lipsync.paths import MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU, PACKAGES_DIR, SPEECH_DIR
@@ -75,16 +76,14 @@ def demo_speech_path() -> Path:
 
 def _models_present(model_name: str, onnx_sha256: str | None, repos: list[Path | None]) -> bool:
     """True when every repository serves the avatar's UNet (the same ONNX) and `audio_encoder`."""
-    from export.model_repo import served_version
-
     for repo in repos:
         if repo is None:
             continue
         unet = served_version(repo, model_name)
         encoder = served_version(repo, AUDIO_ENCODER_MODEL)
-        if unet is None or encoder is None or not encoder.onnx_path.is_file():
+        if unet is None or encoder is None:
             return False
-        if not unet.onnx_path.is_file():
+        if not (unet.onnx_path.is_file() and encoder.onnx_path.is_file()):
             return False
         if onnx_sha256 and sha256_file(unet.onnx_path) != onnx_sha256:
             return False

@@ -1,32 +1,12 @@
 """Write Triton models (CPU and GPU serving profiles) into a model repository.
 
-Layout written for a model ``<name>`` (Triton's layout; `model_repository/README.md`)::
-
-    <repo>/.lock                       held while writing (`export.publish.folder_lock`)
-    <repo>/<name>/config.pbtxt         printed from a `ModelConfig` protobuf message
-    <repo>/<name>/<v>/model.onnx       the exported graph (copied, never modified)
-    <repo>/<name>/<v>/model.py         CPU profile only: model_repository/python_onnx/model.py
-
-Every write that changes a model publishes a new numbered version ``v`` (the highest so far
-+ 1): the version folder is assembled under a temporary name and renamed into place, then
-config.pbtxt is replaced atomically. The config names the one version Triton serves
-(``version_policy { specific { versions: [v] } }``), so at every instant the config and the
-version it names belong together; a load (the gateway's ``load_model``) picks up the new
-version and the old one is never modified. After publishing, versions other than the new one
-and the one served before it are deleted. Writing the same weights with the same config again
-changes nothing.
-
-Profiles (docs/ARCHITECTURE.md "Two serving profiles"):
-
-- ``cpu``: Triton's Python backend runs model.onnx with ONNX Runtime, one call per batch; served
-  by the ``tritonserver`` of the nvidia-pytriton wheel (``lipsync triton``).
-- ``gpu``: platform ``onnxruntime_onnx`` with the TensorRT accelerator in FP16, engines cached
-  under ``/engine_cache/<name>/<weights digest>`` (a rebuilt model never meets the engines of
-  other weights), instances and warm-up as in `BATCHING`; served by the NGC image.
-
-The tensors in config.pbtxt are read from the ONNX graph and checked against the contract
-(`lipsync.contract`). The shared ``audio_encoder`` is never replaced by other weights unless
-the caller says so (`write_audio_encoder_model`).
+Each write that changes a model publishes a new numbered version folder ``<repo>/<name>/<v>/``
+(the graph, plus the Python-backend model.py in the CPU profile) and then replaces
+``<repo>/<name>/config.pbtxt`` with one that names that version; both steps are atomic and run
+under the repository's lock. Layout, the publication steps and why, the two profiles and the
+batching rationale: model_repository/README.md. The config is built as Triton's `ModelConfig`
+protobuf message from the tensors read off the ONNX graph, checked against the contract
+(`lipsync.contract`).
 """
 
 from __future__ import annotations
@@ -36,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -255,7 +236,7 @@ def weights_digest(onnx_path: Path) -> str:
 # -------------------------------------------------------------------------- the Triton side
 
 
-def _tensor(cls: type[_T], tensor: TensorSpec) -> _T:
+def _tensor(cls: Callable[..., _T], tensor: TensorSpec) -> _T:
     """A ``ModelInput`` or ``ModelOutput`` message of one contract tensor."""
     return cls(name=tensor.name, data_type=mc.DataType.Value(tensor.config_dtype), dims=tensor.dims)
 

@@ -79,6 +79,8 @@ class UnetWithPrePost(nn.Module):
     output floor(sigmoid * 255) as uint8 (the reference's truncating `uint8(y * 255)`), NHWC.
     """
 
+    mask: torch.Tensor  # buffer f32[1, 320, 320, 1] (`mouth_mask`)
+
     def __init__(self, unet: UNet328) -> None:
         super().__init__()
         self.unet = unet

@@ -219,11 +219,11 @@ def build_package(
     dest = packages_root / name
     if dest.exists() and not overwrite:
         raise BuildError(f"{dest} already exists (pass --force / overwrite=True to replace it)")
-    repos: list[tuple[Path, Profile]] = [
-        (Path(repo), profile)
-        for repo, profile in ((model_repo_cpu, "cpu"), (model_repo_gpu, "gpu"))
-        if repo is not None
-    ]
+    targets: tuple[tuple[Path | None, Profile], ...] = (
+        (model_repo_cpu, "cpu"),
+        (model_repo_gpu, "gpu"),
+    )
+    repos = [(Path(repo), profile) for repo, profile in targets if repo is not None]
     created_root = not packages_root.exists()
     packages_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.building.", dir=packages_root))

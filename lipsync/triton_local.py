@@ -42,7 +42,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from lipsync import paths
-from lipsync.contract import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
 
 if TYPE_CHECKING:
     from lipsync.cli import Subparsers
@@ -592,6 +591,9 @@ def _cmd_triton(args: argparse.Namespace) -> int:
 
 def register(subparsers: Subparsers) -> None:
     """Add `lipsync triton` (run the local CPU tritonserver in the foreground)."""
+    # Imported here: the launcher itself needs the standard library only (no numpy).
+    from lipsync.contract import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
+
     parser = subparsers.add_parser(
         "triton",
         help="run the local CPU tritonserver (nvidia-pytriton wheel) on the CPU model repository",
