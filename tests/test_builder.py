@@ -32,8 +32,8 @@ from lipsync.contract import (
     avatar_model_name,
 )
 from lipsync.package import AvatarPackage
-from tests.fixtures_triton import UntrainedOnnx
 from lipsync.paths import MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU, REPO_ROOT
+from tests.fixtures_triton import UntrainedOnnx
 
 
 def _read_all(path: Path) -> tuple[list[np.ndarray], float]:

@@ -83,7 +83,10 @@ def test_port_defaults_come_from_the_contract() -> None:
     assert f"localhost:{contract.TRITON_GRPC_PORT}" in out.stdout
 
 
-@pytest.mark.parametrize("argv", [c for c in COMMANDS if c[1:2] in (["model-repo"], ["build"], ["demo"])])
+WRITERS = [c for c in COMMANDS if c[1:2] in (["model-repo"], ["build"], ["demo"])]
+
+
+@pytest.mark.parametrize("argv", WRITERS, ids=[" ".join(a[:2]) for a in WRITERS])
 def test_commands_that_write_models_can_replace_the_audio_encoder(argv: list[str]) -> None:
     parser = build_parser()
     assert parser.parse_args(argv).replace_audio_encoder is False

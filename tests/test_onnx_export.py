@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 import pytest
 import torch
+from onnx import helper
 
 from export.checkpoint import load_audio_encoder, load_unet
 from export.models import AUDIO_WINDOW_SHAPES, UNet328
