@@ -344,11 +344,21 @@ def served_version(repo_root: Path, model_name: str) -> ModelVersion | None:
     """The version of ``model_name`` that config.pbtxt tells Triton to serve, or None when the
     repository holds no such model. A config without a ``specific`` version policy (written
     before versions were published) serves its highest version folder, as Triton's default
-    policy does."""
+    policy does.
+
+    Raises:
+        ModelRepoError: the config.pbtxt there is not a Triton ModelConfig.
+    """
     folder = repo_root / model_name
     if not (folder / "config.pbtxt").is_file():
         return None
-    policy = read_config(folder).version_policy
+    try:
+        policy = read_config(folder).version_policy
+    except text_format.ParseError as exc:
+        raise ModelRepoError(
+            f"{folder / 'config.pbtxt'} is not a Triton ModelConfig ({exc}); delete {folder} to "
+            "write the model afresh"
+        ) from None
     if policy.WhichOneof("policy_choice") == "specific" and policy.specific.versions:
         return ModelVersion(folder, int(max(policy.specific.versions)))
     versions = _numbered_versions(folder)

@@ -374,6 +374,13 @@ def test_contract_violations_are_refused(untrained_onnx: UntrainedOnnx, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
 
 
+def test_a_damaged_config_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / MODEL).mkdir()
+    (tmp_path / MODEL / "config.pbtxt").write_text('name: "x"\nmax_batch_size: "eight"\n')
+    with pytest.raises(ModelRepoError, match=r"config\.pbtxt is not a Triton ModelConfig"):
+        write_avatar_model(tmp_path, MODEL, _tiny_unet(tmp_path / "g.onnx"), "cpu")
+
+
 def _model_repo_cli(*args: str) -> int:
     return lipsync_main(["export", "model-repo", *args])
 
