@@ -67,6 +67,20 @@ def test_every_command_has_one_function_style(argv: list[str]) -> None:
     assert signature.return_annotation == "int"
 
 
+def test_registering_the_commands_imports_no_heavy_library() -> None:
+    """`lipsync --help` stays fast: torch, onnx, onnxruntime and tritonclient load only when a
+    command that needs them runs."""
+    code = (
+        "import sys\nfrom lipsync.cli import build_parser\nbuild_parser()\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tritonclient') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_port_defaults_come_from_the_contract() -> None:
     parser = build_parser()
     triton = parser.parse_args(["triton"])
