@@ -1,2 +1,3 @@
-"""The offline side: PyTorch models, checkpoint loading, ONNX export, Triton model repository,
-TensorRT plan building, and the avatar-package builder. Imports torch lazily per module."""
+"""The offline side: PyTorch models, checkpoint loading, ONNX export, the Triton model
+repository writer and the avatar-package builder. Only `export.models`, `export.checkpoint` and
+`export.onnx_export` import torch; the CLI modules import them when a command runs."""

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.models.audio_encoder import MEL_BANDS, MEL_WINDOW, AudioEncoder
-from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_MODES, IMAGE_SIZE, AudioMode, UNet328
+from export.models.audio_encoder import AudioEncoder
+from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_MODES, AudioMode, UNet328
+from lipsync.contract import INNER_SIZE, MEL_BANDS, MEL_WINDOW
 from lipsync.package import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def load_unet(
     if checkpoint is None:
         with _seeded(seed):
             model = UNet328(mode)
-            image = torch.rand(_CALIBRATION_BATCH, 6, IMAGE_SIZE, IMAGE_SIZE)
+            image = torch.rand(_CALIBRATION_BATCH, 6, INNER_SIZE, INNER_SIZE)
             audio = torch.randn(_CALIBRATION_BATCH, *AUDIO_BRANCH_SHAPES[mode])
             _calibrate_batchnorm(model, image, audio)
         _untrained_warning(f"UNet328(mode={mode!r})", seed, "draws noise in the mouth box")

@@ -1,11 +1,12 @@
-"""`lipsync export ...` subcommands (ONNX export), plus the hooks other areas plug into.
+"""`lipsync export ...`: ONNX export and the Triton model repository.
 
 - `lipsync export unet [--checkpoint CKPT] --output OUT.onnx [--mode ave] [--opset 17] [--seed 0]`
 - `lipsync export audio-encoder [--checkpoint CKPT] --output OUT.onnx [--opset 17] [--seed 0]`
-- `lipsync export model-repo ...` from `export.model_repo.register_cli`
-- `lipsync package ...` from `export.package_cli.register`
+- `lipsync export model-repo --avatar NAME --onnx UNET.onnx [--audio-encoder-onnx ENC.onnx]
+  [--profile cpu|gpu|both] [--repo DIR] [--replace-audio-encoder]`
 
-Registering parsers imports neither torch nor onnx; the command functions do.
+Registering parsers imports neither torch, onnx nor tritonclient; the command functions do.
+Exit status 0 on success, 1 on a failed parity check, 2 on bad input (the reason is logged).
 """
 from __future__ import annotations
 
@@ -14,18 +15,20 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export import model_repo, package_cli  # neither imports torch nor onnx at import time
+from lipsync import paths
 
 if TYPE_CHECKING:  # imported for annotations only: registering must not import torch/onnx
+    from export.model_repo import Profile
     from export.onnx_export import ExportResult
+    from lipsync.cli import Subparsers
 
 logger = logging.getLogger(__name__)
 
 _AUDIO_MODES = ("ave", "hubert", "wenet")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `lipsync export ...` (with `model-repo`) and `lipsync package ...` to `subparsers`."""
+def register(subparsers: Subparsers) -> None:
+    """Add `lipsync export unet | audio-encoder | model-repo`."""
     export_parser = subparsers.add_parser(
         "export", help="offline side: ONNX export, Triton model repository"
     )
@@ -34,8 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _register_unet(export_sub)
     _register_audio_encoder(export_sub)
-    model_repo.register_cli(export_sub)
-    package_cli.register(subparsers)
+    _register_model_repo(export_sub)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +49,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained init (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the untrained init (default 0)"
+    )
 
 
-def _register_unet(export_sub: argparse._SubParsersAction) -> None:
+def _register_unet(export_sub: Subparsers) -> None:
     parser = export_sub.add_parser(
         "unet",
         help="export the unet_328 with pre/post-processing in the graph (uint8 in, uint8 out)",
@@ -65,12 +69,56 @@ def _register_unet(export_sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_unet)
 
 
-def _register_audio_encoder(export_sub: argparse._SubParsersAction) -> None:
+def _register_audio_encoder(export_sub: Subparsers) -> None:
     parser = export_sub.add_parser(
         "audio-encoder", help="export the AVE audio encoder (mel [N,80,16] -> feature [N,512])"
     )
     _add_common(parser)
     parser.set_defaults(func=_cmd_audio_encoder)
+
+
+def _register_model_repo(export_sub: Subparsers) -> None:
+    parser = export_sub.add_parser(
+        "model-repo",
+        help="write an avatar's UNet (and the audio encoder) into the Triton model repositories",
+        description=(
+            "Publish a new version of the avatar's UNet as lipsync_<avatar> (config.pbtxt + "
+            "ONNX, plus model.py for the CPU profile), and optionally of the audio encoder as "
+            "audio_encoder, in Triton model repositories (model_repository/README.md). "
+            "Defaults: model_repository/cpu and model_repository/gpu."
+        ),
+    )
+    parser.add_argument(
+        "--avatar", required=True, help="avatar name; the model is lipsync_<avatar>"
+    )
+    parser.add_argument("--onnx", required=True, type=Path, help="the UNet exported to ONNX")
+    parser.add_argument(
+        "--audio-encoder-onnx", type=Path, default=None, help="the audio encoder exported to ONNX"
+    )
+    parser.add_argument("--profile", choices=("cpu", "gpu", "both"), default="both")
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        default=None,
+        help=(
+            "model repository for a single profile; with --profile both, the folder that gets "
+            "cpu/ and gpu/ (default: model_repository/cpu and model_repository/gpu)"
+        ),
+    )
+    add_replace_audio_encoder(parser)
+    parser.set_defaults(func=_cmd_model_repo)
+
+
+def add_replace_audio_encoder(parser: argparse.ArgumentParser) -> None:
+    """The `--replace-audio-encoder` flag (also on `lipsync package build / demo`)."""
+    parser.add_argument(
+        "--replace-audio-encoder",
+        action="store_true",
+        help=(
+            "replace a repository's audio_encoder of other weights; every avatar's live-audio "
+            "features come from it (default: refuse)"
+        ),
+    )
 
 
 def _summary(rows: list[tuple[str, str]], title: str) -> None:
@@ -131,9 +179,39 @@ def _cmd_audio_encoder(args: argparse.Namespace) -> int:
     from export.onnx_export import export_audio_encoder
 
     try:
-        result = export_audio_encoder(args.checkpoint, args.output, opset=args.opset, seed=args.seed)
+        result = export_audio_encoder(
+            args.checkpoint, args.output, opset=args.opset, seed=args.seed
+        )
     except (CheckpointError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     _summary(_weights_rows(result), "Audio encoder exported")
+    return 0
+
+
+def _repo_for(profile: Profile, repo: Path | None, both: bool) -> Path:
+    if repo is None:
+        return paths.MODEL_REPOSITORY_CPU if profile == "cpu" else paths.MODEL_REPOSITORY_GPU
+    return repo / profile if both else repo
+
+
+def _cmd_model_repo(args: argparse.Namespace) -> int:
+    from export.model_repo import write_audio_encoder_model, write_avatar_model
+    from lipsync.contract import avatar_model_name
+
+    profiles: list[Profile] = ["cpu", "gpu"] if args.profile == "both" else [args.profile]
+    try:
+        name = avatar_model_name(args.avatar)
+        for profile in profiles:
+            repo = _repo_for(profile, args.repo, args.profile == "both")
+            if args.audio_encoder_onnx is not None:
+                written = write_audio_encoder_model(
+                    repo, args.audio_encoder_onnx, profile, replace=args.replace_audio_encoder
+                )
+                logger.info("%s profile: %s", profile, written.version_dir)
+            written = write_avatar_model(repo, name, args.onnx, profile)
+            logger.info("%s profile: %s", profile, written.version_dir)
+    except ValueError as exc:  # ModelRepoError, or an unusable avatar name
+        logger.error("%s", exc)
+        return 2
     return 0

@@ -19,6 +19,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from export.model_repo import served_version
+from lipsync.contract import AUDIO_ENCODER_MODEL
 from lipsync.package import PackageError, load_package, sha256_file
 from lipsync.paths import MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU, PACKAGES_DIR, SPEECH_DIR
 
@@ -73,16 +75,17 @@ def demo_speech_path() -> Path:
 
 
 def _models_present(model_name: str, onnx_sha256: str | None, repos: list[Path | None]) -> bool:
-    """True when every repository holds the avatar's UNet (the same ONNX) and `audio_encoder`."""
+    """True when every repository serves the avatar's UNet (the same ONNX) and `audio_encoder`."""
     for repo in repos:
         if repo is None:
             continue
-        unet_onnx = repo / model_name / "1" / "model.onnx"
-        if not (unet_onnx.is_file() and (repo / model_name / "config.pbtxt").is_file()):
+        unet = served_version(repo, model_name)
+        encoder = served_version(repo, AUDIO_ENCODER_MODEL)
+        if unet is None or encoder is None:
             return False
-        if not (repo / "audio_encoder" / "1" / "model.onnx").is_file():
+        if not (unet.onnx_path.is_file() and encoder.onnx_path.is_file()):
             return False
-        if onnx_sha256 and sha256_file(unet_onnx) != onnx_sha256:
+        if onnx_sha256 and sha256_file(unet.onnx_path) != onnx_sha256:
             return False
     return True
 
@@ -95,6 +98,7 @@ def ensure_demo(
     *,
     checkpoint: Path | None = None,
     audio_encoder: Path | None = None,
+    replace_audio_encoder: bool = False,
     progress: bool = True,
 ) -> Path:
     """Build `packages_root/demo` and its models unless a valid one is already there.
@@ -108,6 +112,7 @@ def ensure_demo(
         force: rebuild even when a valid demo exists.
         checkpoint, audio_encoder: optional trained SyncTalk_2D UNet / AVE encoder checkpoints;
             without them the demo's weights are seeded and untrained (mouth region = noise).
+        replace_audio_encoder: replace a repository's `audio_encoder` of other weights.
         progress: show progress bars.
 
     Returns:
@@ -158,6 +163,7 @@ def ensure_demo(
         model_repo_cpu=model_repo_cpu,
         model_repo_gpu=model_repo_gpu,
         overwrite=True,
+        replace_audio_encoder=replace_audio_encoder,
         progress=progress,
         source_notes=DEMO_NOTES,
     ).path

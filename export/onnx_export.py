@@ -1,14 +1,14 @@
 """ONNX export of the UNet and the audio encoder, pre/post-processing inside the graph.
 
-UNet graph contract (REFERENCE.md section 2, steps 3-7; dynamic batch axis `batch`):
-- input  `crop`  UINT8 [N, 320, 320, 3]: the BGR inner crop (`crop328[4:324, 4:324]`), HWC;
-- input  `audio` FP32  [N, 16, D]: the 16-row feature window (rows i-8 .. i+7, zeros outside),
-  D = 512 (ave), 2048 (hubert: 2 x 1024 per frame), 8192 (wenet: 16 x 512 per frame); it is
-  reshaped row-major to the branch's [N, 32, 16, 16] / [N, 32, 32, 32] / [N, 256, 16, 32]
-  exactly as SyncTalk_2D's `inference_328.py` reshapes its window (only the element count and
-  row-major order matter; SyncTalk_2D runs wenet avatars at 20 fps, ave/hubert at 25 fps);
-- output `pred`  UINT8 [N, 320, 320, 3]: BGR, `uint8(y * 255)` by truncation of the sigmoid y.
-Audio encoder contract: input `mel` FP32 [N, 80, 16] -> output `feature` FP32 [N, 512].
+The graphs honour the model contract, `lipsync.contract` (names, dtypes, per-item dims; the first
+axis is the dynamic batch axis `batch`): the UNet takes `UNET_CROP` (the BGR inner crop, uint8
+HWC) and `UNET_AUDIO` and gives `UNET_PRED`, doing REFERENCE.md section 2 steps 3-7 itself; the
+audio encoder takes `ENCODER_MEL` and gives `ENCODER_FEATURE`. A UNet of another audio mode than
+`ave` takes its own window width D (`export.models.unet.AUDIO_WINDOW_SHAPES`: 2048 for hubert,
+2 x 1024 per frame; 8192 for wenet, 16 x 512 per frame); the window is reshaped row-major to the
+branch's `AUDIO_BRANCH_SHAPES[mode]` exactly as SyncTalk_2D's `inference_328.py` reshapes it
+(only the element count and row-major order matter; SyncTalk_2D runs wenet avatars at 20 fps,
+ave/hubert at 25 fps). `pred` is `uint8(y * 255)` by truncation of the sigmoid y.
 
 Each file carries `metadata_props`: `lipsync.kind`, `lipsync.mode`, `lipsync.trained`,
 `lipsync.checkpoint_source`, `lipsync.checkpoint_sha256`, `lipsync.opset`.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,16 @@ import torch
 from torch import nn
 
 from export.checkpoint import WeightsInfo, load_audio_encoder, load_unet
-from export.models.audio_encoder import FEATURE_DIM, MEL_BANDS, MEL_WINDOW, AudioEncoder
-from export.models.unet import (
-    AUDIO_BRANCH_SHAPES,
-    AUDIO_WINDOW_SHAPES,
-    IMAGE_SIZE,
-    AudioMode,
-    UNet328,
+from export.models.audio_encoder import AudioEncoder
+from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_WINDOW_SHAPES, AudioMode, UNet328
+from lipsync.contract import (
+    ENCODER_FEATURE,
+    ENCODER_MEL,
+    INNER_SIZE,
+    UNET_AUDIO,
+    UNET_CROP,
+    UNET_PRED,
+    TensorSpec,
 )
 from lipsync.frames import MASK_X0, MASK_X1, MASK_Y0, MASK_Y1
 
@@ -61,7 +65,7 @@ def mouth_mask() -> torch.Tensor:
     """f32[1, 320, 320, 1]: 1 outside, 0 inside the rectangle x 5..314, y 5..309 (inclusive),
     i.e. what `cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)` blacks out; the bounds are
     `lipsync.frames.MASK_*`, the ones `lipsync.frames.mask_inner` applies in numpy."""
-    mask = torch.ones(1, IMAGE_SIZE, IMAGE_SIZE, 1, dtype=torch.float32)
+    mask = torch.ones(1, INNER_SIZE, INNER_SIZE, 1, dtype=torch.float32)
     mask[:, MASK_Y0 : MASK_Y1 + 1, MASK_X0 : MASK_X1 + 1, :] = 0.0
     return mask
 
@@ -74,6 +78,8 @@ class UnetWithPrePost(nn.Module):
     [x, masked] on channels (6, NCHW); audio reshaped row-major to the branch shape;
     output floor(sigmoid * 255) as uint8 (the reference's truncating `uint8(y * 255)`), NHWC.
     """
+
+    mask: torch.Tensor  # buffer f32[1, 320, 320, 1] (`mouth_mask`)
 
     def __init__(self, unet: UNet328) -> None:
         super().__init__()
@@ -114,9 +120,9 @@ def example_unet_inputs(
     window standard-normal; used for tracing and parity smoke checks.
     """
     rng = np.random.default_rng(seed)
-    ramp = np.linspace(0.0, 255.0, IMAGE_SIZE, dtype=np.float32)
+    ramp = np.linspace(0.0, 255.0, INNER_SIZE, dtype=np.float32)
     base = (ramp[None, :, None, None] + ramp[None, None, :, None]) / 2.0
-    noisy = base + rng.normal(0.0, 40.0, size=(batch, IMAGE_SIZE, IMAGE_SIZE, 3))
+    noisy = base + rng.normal(0.0, 40.0, size=(batch, INNER_SIZE, INNER_SIZE, 3))
     crop = np.clip(noisy, 0, 255).astype(np.uint8)
     audio = rng.standard_normal((batch, *AUDIO_WINDOW_SHAPES[mode])).astype(np.float32)
     return crop, audio
@@ -131,10 +137,12 @@ def _torch_export(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
     output: Path,
-    input_names: list[str],
-    output_names: list[str],
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
     opset: int,
 ) -> None:
+    input_names = [t.name for t in inputs]
+    output_names = [t.name for t in outputs]
     dynamic = {name: {0: BATCH_AXIS} for name in [*input_names, *output_names]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -179,17 +187,19 @@ def _write_onnx(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
     output: Path,
-    input_names: list[str],
-    output_names: list[str],
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
     opset: int,
     meta: tuple[str, str, WeightsInfo],
 ) -> None:
     """Export, stamp metadata and check into a temporary file beside `output`, then rename it
     over `output`: readers (Triton, the package builder) never see a half-written model."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
+    fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
+    os.close(fd)
+    partial = Path(name)
     try:
-        _torch_export(module, args, partial, input_names, output_names, opset)
+        _torch_export(module, args, partial, inputs, outputs, opset)
         kind, mode, weights = meta
         _write_metadata(partial, kind, mode, weights, opset)
         os.replace(partial, output)
@@ -222,8 +232,8 @@ def export_unet_module(
         wrapper,
         (torch.from_numpy(crop), torch.from_numpy(audio)),
         output,
-        ["crop", "audio"],
-        ["pred"],
+        (UNET_CROP, UNET_AUDIO),
+        (UNET_PRED,),
         opset,
         ("unet", unet.mode, weights),
     )
@@ -263,11 +273,12 @@ def export_audio_encoder(
     _check_opset(opset)
     encoder, weights = load_audio_encoder(checkpoint, seed=seed)
     wrapper = AudioEncoderWithPre(encoder).eval()
-    mel = torch.zeros(2, MEL_BANDS, MEL_WINDOW)
+    mel = torch.zeros(ENCODER_MEL.batch_shape(2))
     _write_onnx(
-        wrapper, (mel,), output, ["mel"], ["feature"], opset, ("audio_encoder", "ave", weights)
+        wrapper, (mel,), output, (ENCODER_MEL,), (ENCODER_FEATURE,), opset,
+        ("audio_encoder", "ave", weights),
     )
-    logger.info("exported AudioEncoder to %s (opset %d, feature dim %d)", output, opset, FEATURE_DIM)
+    logger.info("exported AudioEncoder to %s (opset %d)", output, opset)
     return ExportResult(path=output, weights=weights, mode="audio_encoder", opset=opset)
 
 
@@ -282,7 +293,7 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        """The contract of issue 2: <= 1 LSB on >= 99.9% of values and never more than 2."""
+        """The export's parity criterion: <= 1 LSB on >= 99.9% of values and never more than 2."""
         return self.max_abs_lsb <= 2 and self.fraction_within_1 >= 0.999
 
 
@@ -312,5 +323,5 @@ def check_unet_parity(
     with torch.no_grad():
         expected = wrapper(torch.from_numpy(crop), torch.from_numpy(audio)).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(["pred"], {"crop": crop, "audio": audio})
+    (actual,) = session.run([UNET_PRED.name], {UNET_CROP.name: crop, UNET_AUDIO.name: audio})
     return compare_pred(expected, actual)

@@ -5,19 +5,17 @@ face and 68 landmarks in every frame and derive smoothed square crop rectangles
 (`export.face`); convert the audio to 16 kHz mono, compute the mel spectrogram and the 25-fps
 mel windows (`lipsync.audio`, REFERENCE.md s.4), run the exported audio encoder with ONNX
 Runtime and pad the features (`aud_ave.npy`); export the avatar's UNet and the audio encoder to
-ONNX (`export.onnx_export`) and write them into the CPU and GPU model repositories
-(`export.model_repo`); write the package (`lipsync.package.write_package`) and check it with
-the loader.
-
-The package is assembled in a temporary folder next to the destination and renamed into place
-only when everything succeeded, so a failed build leaves no partial package behind.
+ONNX (`export.onnx_export`); write the package (`lipsync.package.write_package`) into a
+temporary folder next to the destination and check it with the loader. Then, holding the
+packages root's lock (`export.publish.folder_lock`, so two builders never interleave), publish
+the avatar's models into the CPU and GPU model repositories (`export.model_repo`: each a new
+model version) and last the package itself (an atomic swap, `export.publish.replace_folder`).
+A build that fails before publishing leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,9 +26,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from export.model_repo import (
+    ModelRepoError,
+    Profile,
+    check_audio_encoder,
+    write_audio_encoder_model,
+    write_avatar_model,
+)
+from export.publish import folder_lock, replace_folder
 from lipsync import __version__
 from lipsync.audio import (
-    VIDEO_FPS,
     AudioError,
     float_to_pcm16,
     mel_spectrogram,
@@ -39,8 +44,14 @@ from lipsync.audio import (
     pcm16_to_float,
     to_mono_16k,
 )
+from lipsync.contract import (
+    AUDIO_ENCODER_MODEL,
+    ENCODER_FEATURE,
+    ENCODER_MEL,
+    VIDEO_FPS,
+    avatar_model_name,
+)
 from lipsync.package import (
-    NAME_PATTERN,
     PackageError,
     PackageManifest,
     SourceMedia,
@@ -115,7 +126,8 @@ def encode_audio(encoder_onnx: Path, pcm16: np.ndarray, *, progress: bool = True
     """Audio features for a 16 kHz recording with the exported AVE encoder (ONNX Runtime).
 
     Args:
-        encoder_onnx: ONNX graph `mel` f32[N, 80, 16] -> `feature` f32[N, 512].
+        encoder_onnx: ONNX graph `lipsync.contract.ENCODER_MEL` f32[N, 80, 16] ->
+            `ENCODER_FEATURE` f32[N, 512].
         pcm16: i16[n] mono 16 kHz.
 
     Returns:
@@ -131,11 +143,12 @@ def encode_audio(encoder_onnx: Path, pcm16: np.ndarray, *, progress: bool = True
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(encoder_onnx), options, providers=["CPUExecutionProvider"])
-    out = np.empty((len(windows), 512), dtype=np.float32)
+    out = np.empty((len(windows), *ENCODER_FEATURE.dims), dtype=ENCODER_FEATURE.dtype)
     with tqdm(total=len(windows), desc="audio features", unit="frame", disable=not progress) as bar:
         for start in range(0, len(windows), ENCODER_BATCH):
             batch = windows[start : start + ENCODER_BATCH]
-            out[start : start + len(batch)] = session.run(["feature"], {"mel": batch})[0]
+            feeds = {ENCODER_MEL.name: batch}
+            out[start : start + len(batch)] = session.run([ENCODER_FEATURE.name], feeds)[0]
             bar.update(len(batch))
     return pad_features(out)
 
@@ -156,20 +169,21 @@ def build_package(
     *,
     checkpoint: Path | None = None,
     audio_encoder: Path | None = None,
-    fps: float = 25.0,
+    fps: float = VIDEO_FPS,
     height: int | None = None,
     model_repo_cpu: Path | None = MODEL_REPOSITORY_CPU,
     model_repo_gpu: Path | None = MODEL_REPOSITORY_GPU,
     overwrite: bool = False,
+    replace_audio_encoder: bool = False,
     progress: bool = True,
     source_notes: str = "",
 ) -> BuildSummary:
-    """Build `packages_root/<name>` and write the avatar's models into the model repositories.
+    """Build `packages_root/<name>` and publish the avatar's models into the model repositories.
 
     Args:
         video: talking-face video (any OpenCV-readable file); every frame must show the face.
         audio: speech (any libsndfile format); converted to 16 kHz mono.
-        name: avatar name (letters, digits, `_`, `-`); Triton model `lipsync_<name>`.
+        name: avatar name (`lipsync.contract.NAME_PATTERN`); Triton model `lipsync_<name>`.
         packages_root: where packages live.
         checkpoint: SyncTalk_2D UNet checkpoint (`ave` mode); None -> seeded UNTRAINED weights.
         audio_encoder: AVE audio-encoder checkpoint; None -> seeded UNTRAINED weights.
@@ -177,6 +191,8 @@ def build_package(
         height: rescale frames to this height (px), keeping the aspect ratio; None keeps it.
         model_repo_cpu, model_repo_gpu: model repositories to write (None skips one).
         overwrite: replace an existing package of the same name.
+        replace_audio_encoder: replace a repository's `audio_encoder` of other weights (it is
+            shared by every avatar; `export.model_repo.write_audio_encoder_model`).
         progress: show progress bars.
         source_notes: free text stored in the manifest (e.g. the media's licence).
 
@@ -184,43 +200,50 @@ def build_package(
         A `BuildSummary` (its `path` is the package folder), also logged.
 
     Raises:
-        BuildError: any failure (bad input, no face, bad checkpoint, ...), with the cause's
-            message; no partial package is left behind.
+        BuildError: any failure (bad input, no face, bad checkpoint, an audio encoder of other
+            weights, ...), with the cause's message. A failure before publishing leaves no
+            partial package and no new model version behind.
     """
     started = time.monotonic()
     video, audio = Path(video), Path(audio)
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise BuildError(
-            f"invalid avatar name {name!r}: use letters, digits, '_' or '-' (max 63 characters)"
-        )
+    try:
+        model_name = avatar_model_name(name)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
     if fps != VIDEO_FPS:
         raise BuildError(
             f"--fps must be {VIDEO_FPS}: the ave audio features and the UNet's 16-row audio window "
-            f"are defined per 25-fps frame (REFERENCE.md s.4), got {fps}"
+            f"are defined per {VIDEO_FPS}-fps frame (REFERENCE.md s.4), got {fps}"
         )
     packages_root = Path(packages_root)
     dest = packages_root / name
     if dest.exists() and not overwrite:
         raise BuildError(f"{dest} already exists (pass --force / overwrite=True to replace it)")
+    targets: tuple[tuple[Path | None, Profile], ...] = (
+        (model_repo_cpu, "cpu"),
+        (model_repo_gpu, "gpu"),
+    )
+    repos = [(Path(repo), profile) for repo, profile in targets if repo is not None]
     created_root = not packages_root.exists()
     packages_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.building.", dir=packages_root))
     try:
-        summary = _build_into(
+        built = _build_into(
             staging,
             video,
             audio,
             name,
+            model_name,
             checkpoint=checkpoint,
             audio_encoder=audio_encoder,
             fps=fps,
             height=height,
-            model_repo_cpu=model_repo_cpu,
-            model_repo_gpu=model_repo_gpu,
             progress=progress,
             source_notes=source_notes,
         )
-        _publish(staging / "package", dest)
+        _publish(
+            built, dest, repos, overwrite=overwrite, replace_audio_encoder=replace_audio_encoder
+        )
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if created_root and not any(packages_root.iterdir()):
@@ -231,7 +254,7 @@ def build_package(
             raise BuildError(f"cannot build package {name!r}: {exc}") from exc
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    summary = replace(summary, path=dest, seconds=time.monotonic() - started)
+    summary = replace(built.summary, path=dest, seconds=time.monotonic() - started)
     logger.info(
         "package %s: %d video frames, %d servable frames (%.2f s at %g fps), face %d-%d px, "
         "built in %.1f s, weights %s",
@@ -248,19 +271,45 @@ def build_package(
     return summary
 
 
-def _publish(built: Path, dest: Path) -> None:
-    """Move the finished package into place (atomic rename; an old package is swapped out)."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
-        os.replace(dest, old)
+@dataclass(frozen=True)
+class _Built:
+    """A build waiting to be published: the checked package folder and its two ONNX graphs."""
+
+    summary: BuildSummary
+    model_name: str
+    unet_onnx: Path
+    encoder_onnx: Path
+
+
+def _publish(
+    built: _Built,
+    dest: Path,
+    repos: list[tuple[Path, Profile]],
+    *,
+    overwrite: bool,
+    replace_audio_encoder: bool,
+) -> None:
+    """Holding the packages root's lock: refuse a shared audio encoder of other weights before
+    anything is written, publish the models (a new version each), then swap the package in.
+
+    Raises:
+        BuildError: the package appeared meanwhile (without `overwrite`), or a repository
+            serves an audio encoder of other weights (without `replace_audio_encoder`).
+    """
+    with folder_lock(dest.parent):
+        if dest.exists() and not overwrite:
+            raise BuildError(f"{dest} already exists (pass --force / overwrite=True to replace it)")
         try:
-            os.replace(built, dest)
-        except BaseException:
-            os.replace(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(built, dest)
+            for repo, _ in repos:
+                check_audio_encoder(repo, built.encoder_onnx, replace=replace_audio_encoder)
+            for repo, profile in repos:
+                write_audio_encoder_model(
+                    repo, built.encoder_onnx, profile, replace=replace_audio_encoder
+                )
+                write_avatar_model(repo, built.model_name, built.unet_onnx, profile)
+        except ModelRepoError as exc:
+            raise BuildError(f"cannot publish {built.model_name}: {exc}") from None
+        replace_folder(built.summary.path, dest)
 
 
 def _build_into(
@@ -268,22 +317,20 @@ def _build_into(
     video: Path,
     audio: Path,
     name: str,
+    model_name: str,
     *,
     checkpoint: Path | None,
     audio_encoder: Path | None,
     fps: float,
     height: int | None,
-    model_repo_cpu: Path | None,
-    model_repo_gpu: Path | None,
     progress: bool,
     source_notes: str,
-) -> BuildSummary:
+) -> _Built:
+    """Everything that can fail slowly, into `staging` only: media, faces, ONNX, the package."""
     from export.face import crop_rects, track_faces
-    from export.model_repo import avatar_model_name, write_audio_encoder_model, write_avatar_model
     from export.onnx_export import export_audio_encoder, export_unet
     from export.video import decode_video
 
-    model_name = avatar_model_name(name)
     decoded = decode_video(video, fps=fps, height=height, progress=progress)
     pcm16, audio_rate = read_audio_16k_mono(audio)
 
@@ -291,7 +338,7 @@ def _build_into(
     rects = crop_rects(track.landmarks, decoded.width, decoded.height)
 
     logger.info("exporting the audio encoder and the UNet to ONNX")
-    enc = export_audio_encoder(audio_encoder, staging / "audio_encoder.onnx")
+    enc = export_audio_encoder(audio_encoder, staging / f"{AUDIO_ENCODER_MODEL}.onnx")
     unet = export_unet(checkpoint, staging / f"{model_name}.onnx", mode="ave")
     features = encode_audio(enc.path, pcm16, progress=progress)
 
@@ -340,12 +387,6 @@ def _build_into(
     except PackageError as exc:
         raise BuildError(f"the built package does not pass the loader's checks: {exc}") from exc
 
-    for repo, profile in ((model_repo_cpu, "cpu"), (model_repo_gpu, "gpu")):
-        if repo is None:
-            continue
-        write_avatar_model(Path(repo), model_name, unet.path, profile)  # type: ignore[arg-type]
-        write_audio_encoder_model(Path(repo), enc.path, profile)  # type: ignore[arg-type]
-
     sides = rects[:, 2] - rects[:, 0]
     if manifest.feature_rows > manifest.frame_count:
         logger.info(
@@ -353,7 +394,7 @@ def _build_into(
             manifest.feature_rows,
             manifest.frame_count,
         )
-    return BuildSummary(
+    summary = BuildSummary(
         path=staging / "package",
         frames=manifest.frame_count,
         feature_rows=manifest.feature_rows,
@@ -362,3 +403,4 @@ def _build_into(
         seconds=0.0,
         trained=weights.trained,
     )
+    return _Built(summary, model_name, unet_onnx=unet.path, encoder_onnx=enc.path)

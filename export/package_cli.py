@@ -1,8 +1,10 @@
 """`lipsync package ...`: build, demo, verify avatar packages.
 
 - `lipsync package build --video V --audio A --name NAME [--checkpoint UNET.pth]
-  [--audio-encoder ENC.pth] [--fps 25] [--height H] [--packages-root DIR] [--force]`
-- `lipsync package demo [--force] [--checkpoint UNET.pth] [--audio-encoder ENC.pth]`
+  [--audio-encoder ENC.pth] [--fps 25] [--height H] [--packages-root DIR] [--force]
+  [--replace-audio-encoder]`
+- `lipsync package demo [--force] [--checkpoint UNET.pth] [--audio-encoder ENC.pth]
+  [--replace-audio-encoder]`
 - `lipsync package verify PATH`
 
 Registering imports neither torch nor onnx; the command functions do. Exit status 0 on
@@ -14,13 +16,19 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from export.cli import add_replace_audio_encoder
+from lipsync.contract import VIDEO_FPS
 from lipsync.paths import MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU, PACKAGES_DIR
+
+if TYPE_CHECKING:
+    from lipsync.cli import Subparsers
 
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add the `lipsync package` command group to the top-level `subparsers`."""
     parser = subparsers.add_parser("package", help="avatar packages: build, demo, verify")
     sub = parser.add_subparsers(dest="package_command", metavar="WHAT", required=True)
@@ -42,8 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--fps",
         type=float,
-        default=25.0,
-        help="output frame rate; must be 25, the rate the audio features are defined at (default 25)",
+        default=float(VIDEO_FPS),
+        help=(
+            f"output frame rate; must be {VIDEO_FPS}, the rate the audio features are defined "
+            f"at (default {VIDEO_FPS})"
+        ),
     )
     build.add_argument(
         "--height", type=int, default=None, help="rescale frames to this height in px (aspect kept)"
@@ -68,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_weights(parser: argparse.ArgumentParser) -> None:
+    """`--checkpoint`, `--audio-encoder` and `--replace-audio-encoder`."""
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -80,6 +92,7 @@ def _add_weights(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="trained AVE audio-encoder checkpoint (.pth); omitted -> UNTRAINED weights",
     )
+    add_replace_audio_encoder(parser)
 
 
 def _add_locations(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +129,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             model_repo_cpu=args.model_repo_cpu,
             model_repo_gpu=args.model_repo_gpu,
             overwrite=args.force,
+            replace_audio_encoder=args.replace_audio_encoder,
         )
     except BuildError as exc:
         logger.error("%s", exc)
@@ -135,6 +149,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             force=args.force,
             checkpoint=args.checkpoint,
             audio_encoder=args.audio_encoder,
+            replace_audio_encoder=args.replace_audio_encoder,
         )
     except (BuildError, DemoMediaError) as exc:
         logger.error("%s", exc)

@@ -26,8 +26,17 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from lipsync.contract import (
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    TRITON_GRPC_PORT,
+    TRITON_HTTP_PORT,
+    TRITON_METRICS_PORT,
+)
+
 if TYPE_CHECKING:
     from gateway.config import GatewaySettings
+    from lipsync.cli import Subparsers
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +50,11 @@ class StartupError(RuntimeError):
 
 # ---------------------------------------------------------------------------------- parsers
 
-_GATEWAY_EPILOG = """\
+_GATEWAY_EPILOG = f"""\
 Settings: every option can also be set in the environment (or a .env file) as LIPSYNC_<NAME>,
-e.g. LIPSYNC_TRITON_URL=triton:8001, LIPSYNC_JPEG_QUALITY=90, LIPSYNC_HTTP_PORT=8085; an option
-given on the command line wins. Port 0 picks a free port.
+e.g. LIPSYNC_TRITON_URL=triton:{TRITON_GRPC_PORT}, LIPSYNC_JPEG_QUALITY=90,
+LIPSYNC_HTTP_PORT={GATEWAY_HTTP_PORT}; an option given on the command line wins. Port 0 picks a
+free port.
 
 Endpoints: http://HOST:HTTP_PORT/ (web page), /ws (binary WebSocket), /healthz, /readyz,
 /api/avatars, /api/stats, /metrics (Prometheus); gRPC service
@@ -71,11 +81,16 @@ def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bo
     g = parser.add_argument_group("gateway (default: LIPSYNC_* environment, then built-in)")
     if with_triton_url:
         g.add_argument(
-            "--triton-url", help="Triton gRPC endpoint host:port (default localhost:8001)"
+            "--triton-url",
+            help=f"Triton gRPC endpoint host:port (default localhost:{TRITON_GRPC_PORT})",
         )
     g.add_argument("--host", help="interface to bind (default 0.0.0.0)")
-    g.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 = free port)")
-    g.add_argument("--http-port", type=int, help="HTTP/WebSocket port (default 8085; 0 = free)")
+    g.add_argument(
+        "--grpc-port", type=int, help=f"gRPC port (default {GATEWAY_GRPC_PORT}; 0 = free port)"
+    )
+    g.add_argument(
+        "--http-port", type=int, help=f"HTTP/WebSocket port (default {GATEWAY_HTTP_PORT}; 0 = free)"
+    )
     g.add_argument("--packages-root", type=Path, help="avatar packages folder (default packages/)")
     g.add_argument("--jpeg-quality", type=int, help="JPEG quality 1-100 (default 85)")
     g.add_argument(
@@ -99,7 +114,7 @@ _SETTING_OPTIONS = (
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (argparse type)
+def register(subparsers: Subparsers) -> None:
     """Add ``lipsync gateway`` and ``lipsync up`` to the top-level ``subparsers``."""
     gw = subparsers.add_parser(
         "gateway",
@@ -129,9 +144,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: SLF001 (a
     )
     _add_gateway_options(up, with_triton_url=False)
     t = up.add_argument_group("local Triton")
-    t.add_argument("--triton-http-port", type=int, default=8000, help="Triton HTTP port (8000)")
-    t.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (8001)")
-    t.add_argument("--triton-metrics-port", type=int, default=8002, help="Triton metrics (8002)")
+    for flag, what, default in (
+        ("--triton-http-port", "Triton HTTP port", TRITON_HTTP_PORT),
+        ("--triton-grpc-port", "Triton gRPC port", TRITON_GRPC_PORT),
+        ("--triton-metrics-port", "Triton metrics port", TRITON_METRICS_PORT),
+    ):
+        t.add_argument(flag, type=int, default=default, help=f"{what} ({default})")
     t.add_argument(
         "--model-repository",
         type=Path,
@@ -294,7 +312,7 @@ async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> Non
 
 
 def _ensure_demo(packages_root: Path, model_repo_cpu: Path) -> None:
-    """Build the demo avatar and its Triton models if missing (C's `export.demo.ensure_demo`).
+    """Build the demo avatar and its Triton models if missing (`export.demo.ensure_demo`).
 
     Raises:
         StartupError: the build failed (missing demo media, no face found, export error).

@@ -15,7 +15,8 @@ PACKAGES_DIR: Path = Path(os.environ.get("LIPSYNC_PACKAGES_DIR", REPO_ROOT / "pa
 """Root of the avatar packages; the demo avatar is `PACKAGES_DIR / "demo"`."""
 
 MODEL_REPOSITORY_DIR: Path = REPO_ROOT / "model_repository"
-"""Committed Triton config templates live here; generated repositories below it."""
+"""The committed Python-backend model (`python_onnx/`) lives here, the generated repositories
+below it."""
 
 MODEL_REPOSITORY_CPU: Path = Path(
     os.environ.get("LIPSYNC_MODEL_REPOSITORY", MODEL_REPOSITORY_DIR / "cpu")

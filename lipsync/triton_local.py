@@ -39,9 +39,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lipsync import paths
+
+if TYPE_CHECKING:
+    from lipsync.cli import Subparsers
 
 logger = logging.getLogger(__name__)
 server_log = logger.getChild("server")
@@ -623,7 +626,7 @@ def _level_of(line: str) -> int:
 # --------------------------------------------------------------------------------------- CLI
 
 
-def _run(args: argparse.Namespace) -> int:
+def _cmd_triton(args: argparse.Namespace) -> int:
     server = TritonServer(
         args.model_repository,
         http_port=args.http_port,
@@ -663,8 +666,11 @@ def _run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add `lipsync triton` (run the local CPU tritonserver in the foreground)."""
+    # Imported here: the launcher itself needs the standard library only (no numpy).
+    from lipsync.contract import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
+
     parser = subparsers.add_parser(
         "triton",
         help="run the local CPU tritonserver (nvidia-pytriton wheel) on the CPU model repository",
@@ -679,9 +685,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=paths.MODEL_REPOSITORY_CPU,
         help=f"CPU-profile model repository (default {paths.MODEL_REPOSITORY_CPU})",
     )
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    for flag, default in (
+        ("--http-port", TRITON_HTTP_PORT),
+        ("--grpc-port", TRITON_GRPC_PORT),
+        ("--metrics-port", TRITON_METRICS_PORT),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"default {default}")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--model-control-mode", choices=("explicit", "none"), default="explicit")
     parser.add_argument(
@@ -692,4 +701,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--log-file", type=Path, default=None, help="also append Triton's log here")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_cmd_triton)

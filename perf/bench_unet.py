@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED, avatar_model_name
 from perf.report import RESULTS_DIR, header, markdown_table, write_json, write_text
 from perf.stats import percentiles
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "lipsync_bench"
+MODEL_NAME = avatar_model_name("bench")
 ORT_BATCHES = (1, 4)
 TRITON_CONCURRENCY = (1, 4, 8)
 
@@ -114,7 +115,7 @@ def bench_onnxruntime(onnx_path: Path, mode: str, seconds: float) -> list[Point]
         crop, audio = _inputs(batch, mode)
 
         def call(crop: np.ndarray = crop, audio: np.ndarray = audio) -> int:
-            session.run(["pred"], {"crop": crop, "audio": audio})
+            session.run([UNET_PRED.name], {UNET_CROP.name: crop, UNET_AUDIO.name: audio})
             return crop.shape[0]
 
         points.append(_timed_loop(Point("onnxruntime", f"batch {batch}"), call, seconds))
@@ -150,11 +151,12 @@ def _triton_counts(client: object) -> tuple[int, int]:
 def _unet_infer_inputs(crop: np.ndarray, audio: np.ndarray) -> list[object]:
     import tritonclient.grpc as grpcclient
 
-    crop_in = grpcclient.InferInput("crop", list(crop.shape), "UINT8")
-    crop_in.set_data_from_numpy(crop)
-    audio_in = grpcclient.InferInput("audio", list(audio.shape), "FP32")
-    audio_in.set_data_from_numpy(audio)
-    return [crop_in, audio_in]
+    inputs = []
+    for spec, array in ((UNET_CROP, crop), (UNET_AUDIO, audio)):
+        tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.triton_dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 def _closed_loop(
@@ -287,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"- weights: {weights_line}",
         f"- versions: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
-        f"- timed window per point: {args.seconds:g} s after one warm-up call; inputs 320x320x3 "
-        "uint8 crop + 16x512 float32 audio window per frame",
+        f"- timed window per point: {args.seconds:g} s after one warm-up call; inputs per frame: "
+        f"{UNET_CROP.name} uint8 {'x'.join(map(str, UNET_CROP.dims))}, {UNET_AUDIO.name} "
+        f"float32 {'x'.join(map(str, UNET_AUDIO.dims))} (the ave window)",
         f"- load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/"
         f"{load_before[2]:.2f}, after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}"
         " (the machine is shared with other work; treat the numbers as indicative)",

@@ -29,6 +29,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from lipsync.contract import GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT
 from perf import report
 from perf.clients import GrpcTransport, StreamAborted, StreamSpec, Transport, WsTransport, drive_stream
 from perf.stats import FrameRecord, RunSummary, summarize
@@ -245,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("grpc", "ws"), default="grpc",
                    help="gRPC StreamInference or the binary WebSocket protocol")
     p.add_argument("--address", default=None,
-                   help="grpc: host:port (default localhost:50051); ws: host:port or ws:// URL "
-                        "(default localhost:8085)")
+                   help=f"grpc: host:port (default localhost:{GATEWAY_GRPC_PORT}); ws: host:port "
+                        f"or ws:// URL (default localhost:{GATEWAY_HTTP_PORT})")
     p.add_argument("--ws-path", default="/ws", help="WebSocket path when --address is host:port")
     p.add_argument("--avatar", default="demo", help="avatar (model) name")
     p.add_argument("--streams", type=int, default=1, help="concurrent streams N")
@@ -269,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     """Turn parsed arguments into a `LoadConfig` (raises ValueError on bad values)."""
-    address = args.address or ("localhost:50051" if args.target == "grpc" else "localhost:8085")
+    port = GATEWAY_GRPC_PORT if args.target == "grpc" else GATEWAY_HTTP_PORT
+    address = args.address or f"localhost:{port}"
     return LoadConfig(
         target=args.target, address=address, avatar=args.avatar, streams=args.streams,
         frames=args.frames, pace_fps=args.pace, window=args.window,

@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.jpeg import JpegEncoder
+from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED
 from perf import report
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ def real_predictions(onnx_path: Path, inners: NDArray[np.uint8], features: NDArr
     n = len(inners)
     crops = np.stack([inners[pingpong_index(i, n)] for i in range(count)])
     audio = np.stack([audio_window(features, i) for i in range(count)])
-    return sess.run(["pred"], {"crop": crops, "audio": audio})[0]
+    feeds = {UNET_CROP.name: crops, UNET_AUDIO.name: audio}
+    return sess.run([UNET_PRED.name], feeds)[0]
 
 
 def pillarbox(frames: NDArray[np.uint8], rects: NDArray[np.int32], width: int) -> tuple[NDArray[np.uint8], NDArray[np.int32]]:
@@ -270,7 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lipsync.package import load_package
 
     pkg = load_package(ensure_avatar(args.scratch))
-    onnx_path = args.scratch / "model_repo_cpu" / pkg.manifest.model_name / "1" / "model.onnx"
+    from export.model_repo import served_version
+
+    served = served_version(args.scratch / "model_repo_cpu", pkg.manifest.model_name)
+    if served is None:
+        raise SystemExit(f"no model {pkg.manifest.model_name} in {args.scratch / 'model_repo_cpu'}")
+    onnx_path = served.onnx_path
     rects = np.asarray(pkg.rects, dtype=np.int32)
     from lipsync.frames import crop_328, inner_320
 

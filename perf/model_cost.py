@@ -2,7 +2,7 @@
 FLOPs of the convolutions and the bytes of every intermediate activation. Input for the
 sizing estimates (`perf/sizing.py`, `perf/SIZING.md`).
 
-    python -m perf.model_cost [--onnx model_repository/cpu/lipsync_demo/1/model.onnx]
+    python -m perf.model_cost [--onnx UNET.onnx]   (default: the demo avatar's served UNet)
 
 FLOPs: for each Conv, ``2 * Cout * Hout * Wout * (Cin / groups) * kH * kW`` at batch 1 (a
 multiply-add counts 2); other ops (the pre/post-processing, resizes, activations, adds) are
@@ -111,14 +111,32 @@ def model_cost(onnx_path: Path) -> ModelCost:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: read the cost, write the report."""
+def demo_unet_onnx() -> Path:
+    """The demo avatar's UNet graph, as the CPU model repository serves it.
+
+    Raises:
+        SystemExit: no demo model in the repository (build it with `lipsync package demo`).
+    """
+    from export.demo import DEMO_NAME
+    from export.model_repo import served_version
+    from lipsync.contract import avatar_model_name
     from lipsync.paths import MODEL_REPOSITORY_CPU
 
+    served = served_version(MODEL_REPOSITORY_CPU, avatar_model_name(DEMO_NAME))
+    if served is None:
+        raise SystemExit(f"no demo UNet in {MODEL_REPOSITORY_CPU}: run `lipsync package demo`")
+    return served.onnx_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: read the cost, write the report."""
     p = argparse.ArgumentParser(prog="python -m perf.model_cost", description=__doc__.split("\n")[0])
-    p.add_argument("--onnx", type=Path, default=MODEL_REPOSITORY_CPU / "lipsync_demo" / "1" / "model.onnx")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="ONNX graph (default: the demo avatar's UNet served from the CPU repository)")
     p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "model_cost.md")
     args = p.parse_args(argv)
+    if args.onnx is None:
+        args.onnx = demo_unet_onnx()
     cost = model_cost(args.onnx)
     argv_full = ["python", "-m", "perf.model_cost", *(sys.argv[1:] if argv is None else argv)]
     lines = report.header("UNet cost per frame (from the ONNX graph)", argv_full)

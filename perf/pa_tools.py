@@ -1,14 +1,15 @@
 """Helpers of `perf/perf_analyzer.sh`: real input tensors for perf_analyzer, and the markdown
 report of its CSV output.
 
-    python -m perf.pa_tools input --package packages/demo --frame 10 --out DIR
+    python -m perf.pa_tools input --package packages/demo --frame 10 --out DIR [--model NAME]
     python -m perf.pa_tools report --csv run.csv --out perf/results/perf_analyzer_cpu.md \
         --title "..." --command "..."
 
 `input` writes perf_analyzer's *directory* input format: one raw row-major file per model input,
-named after the input, holding one batch-1 tensor: ``crop`` uint8 [320, 320, 3] (the package's
-inner crop of a real video frame, BGR) and ``audio`` float32 [16, 512] (the frame's feature
-window, REFERENCE.md s.2 step 6), i.e. exactly the UNet's Triton contract.
+named after the input, holding one batch-1 tensor of the UNet's Triton contract
+(`lipsync.contract`): ``UNET_CROP`` (the package's inner crop of a real video frame, BGR) and
+``UNET_AUDIO`` (the frame's feature window, REFERENCE.md s.2 step 6); it prints the
+perf_analyzer arguments that go with them, one per line (model, input folder, shapes).
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync.contract import UNET_AUDIO, UNET_CROP
 from perf import report
 
 US_PER_MS = 1000.0
 
 
 def write_input_dir(package_dir: Path, frame_id: int, out: Path) -> tuple[Path, Path]:
-    """Write ``crop`` (u8 [320,320,3]) and ``audio`` (f32 [16,512]) raw files for one frame.
+    """Write the ``UNET_CROP`` (u8 [320,320,3]) and ``UNET_AUDIO`` (f32 [16,512]) raw files of
+    one frame, named after the tensors.
 
     Args:
         package_dir: an avatar package folder (validated by `load_package`).
@@ -51,10 +54,18 @@ def write_input_dir(package_dir: Path, frame_id: int, out: Path) -> tuple[Path, 
     crop = np.ascontiguousarray(inner_320(crop_328(pkg.frames[v], pkg.rects[v])))
     audio = np.ascontiguousarray(audio_window(pkg.features, frame_id), dtype="<f4")
     out.mkdir(parents=True, exist_ok=True)
-    crop_path, audio_path = out / "crop", out / "audio"
-    crop_path.write_bytes(crop.astype(np.uint8).tobytes())
+    crop_path, audio_path = out / UNET_CROP.name, out / UNET_AUDIO.name
+    crop_path.write_bytes(crop.astype(UNET_CROP.dtype).tobytes())
     audio_path.write_bytes(audio.tobytes())
     return crop_path, audio_path
+
+
+def perf_analyzer_args(model: str, input_dir: Path) -> list[str]:
+    """perf_analyzer's model, input-data and ``--shape`` arguments for the UNet contract."""
+    args = ["-m", model, "--input-data", str(input_dir)]
+    for spec in (UNET_CROP, UNET_AUDIO):
+        args += ["--shape", f"{spec.name}:{','.join(map(str, spec.dims))}"]
+    return args
 
 
 def read_pa_csv(path: Path) -> list[dict[str, str]]:
@@ -136,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pi.add_argument("--package", type=Path, required=True)
     pi.add_argument("--frame", type=int, default=10)
     pi.add_argument("--out", type=Path, required=True)
+    pi.add_argument("--model", default=None, help="Triton model (default: the package's)")
     pr = sub.add_parser("report", help="markdown report of perf_analyzer CSV output")
     pr.add_argument("--csv", type=Path, required=True)
     pr.add_argument("--out", type=Path, required=True)
@@ -145,8 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--note", action="append", default=[])
     args = p.parse_args(argv)
     if args.cmd == "input":
-        for path in write_input_dir(args.package, args.frame, args.out):
-            print(path)
+        from lipsync.package import load_package
+
+        write_input_dir(args.package, args.frame, args.out)
+        model = args.model or load_package(args.package, verify_checksums=False).manifest.model_name
+        print("\n".join(perf_analyzer_args(model, args.out)))
     else:
         print(write_report(args.csv, args.out, args.title, args.command, args.note, args.text))
     return 0

@@ -6,6 +6,8 @@
 # Usage (from the repository root):
 #   perf/perf_analyzer.sh [--profile cpu|gpu] [--url HOST:PORT] [--model NAME]
 #                         [--package DIR] [--concurrency "1 2 4 8"] [--out PREFIX] [-- PA_ARGS...]
+# Defaults: Triton's gRPC port on localhost, the package's model, packages/demo. Inputs, shapes
+# and the model name come from perf/pa_tools.py (the contract in lipsync/contract.py).
 #
 # CPU profile, on this machine (start Triton first, in another shell: `lipsync triton`):
 #   perf/perf_analyzer.sh --profile cpu --url localhost:8001
@@ -22,8 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROFILE=cpu
-URL=localhost:8001
-MODEL=lipsync_demo
+URL=""
+MODEL=""
 PACKAGE=packages/demo
 CONCURRENCY=""
 OUT=""
@@ -54,6 +56,7 @@ esac
 OUT="${OUT:-perf/results/perf_analyzer_${PROFILE}}"
 PY="${PYTHON:-.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
+URL="${URL:-localhost:$("$PY" -c 'from lipsync.contract import TRITON_GRPC_PORT; print(TRITON_GRPC_PORT)')}"
 
 PA_VERSION=2.41.1
 CACHE="${LIPSYNC_CACHE_DIR:-.cache}/perf_analyzer"
@@ -94,13 +97,16 @@ fi
 ldconfig -p | grep -q 'libb64.so.0d' || { echo "perf_analyzer.sh: libb64.so.0d missing: apt-get install libb64-0d" >&2; exit 1; }
 
 INPUT="$CACHE/input_$(basename "$PACKAGE")"
-"$PY" -m perf.pa_tools input --package "$PACKAGE" --frame 10 --out "$INPUT" >/dev/null
+# -m MODEL --input-data DIR --shape NAME:DIMS ..., one per line
+mapfile -t INPUT_ARGS < <("$PY" -m perf.pa_tools input --package "$PACKAGE" --frame 10 \
+    --out "$INPUT" ${MODEL:+--model "$MODEL"})
+MODEL="${INPUT_ARGS[1]}"
 
 mkdir -p "$(dirname "$OUT")"
 : > "$OUT.txt"; : > "$OUT.csv"
 CMD="perf/perf_analyzer.sh --profile $PROFILE --url $URL --model $MODEL --package $PACKAGE --concurrency \"$CONCURRENCY\""
 for c in $CONCURRENCY; do
-  args=(-m "$MODEL" -u "$URL" -i grpc --input-data "$INPUT" --shape crop:320,320,3 --shape audio:16,512
+  args=("${INPUT_ARGS[@]}" -u "$URL" -i grpc
         --concurrency-range "$c:$c" "${MEASURE[@]}" -f "$OUT.c$c.csv" "${EXTRA[@]}")
   echo "+ perf_analyzer ${args[*]}" | tee -a "$OUT.txt"
   "$PA" "${args[@]}" 2>&1 | tee -a "$OUT.txt"
@@ -108,6 +114,6 @@ for c in $CONCURRENCY; do
 done
 "$PY" -m perf.pa_tools report --csv "$OUT.csv" --text "$OUT.txt" --out "$OUT.md" \
     --title "perf_analyzer $PA_VERSION: $MODEL, $PROFILE profile" --command "$CMD" \
-    --note "Input: real uint8 inner crop [320,320,3] + f32 audio window [16,512] of frame 10 of $PACKAGE (batch 1 per request; Triton's dynamic batcher batches concurrent requests)." \
+    --note "Input: the real inner crop and audio window of frame 10 of $PACKAGE (${INPUT_ARGS[*]:2}; batch 1 per request; Triton's dynamic batcher batches concurrent requests)." \
     --note "Raw output: \`$(basename "$OUT").txt\`, CSV: \`$(basename "$OUT").csv\` (latencies in us)."
 echo "perf_analyzer.sh: wrote $OUT.md"

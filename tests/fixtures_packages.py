@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from lipsync.audio import feature_rows_for_samples, float_to_pcm16, load_wav_16k_mono
+from lipsync.contract import FEATURE_DIM
 from lipsync.package import (
     AvatarPackage,
     SourceMedia,
@@ -57,7 +58,8 @@ def synthetic_package_arrays(
         np.float32
     )
     audio = _speech_pcm16(audio_seconds)
-    features = rng.standard_normal((feature_rows_for_samples(audio.size), 512)).astype(np.float32)
+    rows = feature_rows_for_samples(audio.size)
+    features = rng.standard_normal((rows, FEATURE_DIM)).astype(np.float32)
     return {
         "frames": frames,
         "rects": rects,

@@ -9,7 +9,7 @@
   file in the test's tmp folder); `timeout_s` goes to `start()`.
 - `untrained_onnx` (session): the UNet (`ave`) and the audio encoder exported with seeded
   untrained weights into a tmp folder (`export.onnx_export`), for tests that must not depend
-  on the demo avatar.
+  on the demo avatar; plus a second audio encoder of other weights (seed 1).
 - `untrained_model_repo` (session): a CPU-profile model repository in a tmp folder holding
   `lipsync_test` (that UNet) and `audio_encoder`.
 - `broken_model_repo` (function): a model repository whose one model, `lipsync_broken`, fails
@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from lipsync.contract import avatar_model_name
 from lipsync.paths import MODEL_REPOSITORY_CPU
 from lipsync.triton_local import TritonServer, free_ports
 
@@ -40,10 +41,11 @@ TEST_AVATAR = "test"
 
 @dataclass(frozen=True)
 class UntrainedOnnx:
-    """ONNX files exported with seeded untrained weights (seed 0)."""
+    """ONNX files exported with seeded untrained weights (seed 0; `other_audio_encoder`: seed 1)."""
 
     unet: Path
     audio_encoder: Path
+    other_audio_encoder: Path
 
 
 @dataclass(frozen=True)
@@ -100,14 +102,15 @@ def _server(repo: Path, log_file: Path, **kwargs: Any) -> TritonServer:
 
 @pytest.fixture(scope="session")
 def untrained_onnx(tmp_path_factory: pytest.TempPathFactory) -> UntrainedOnnx:
-    """The UNet (`crop` u8 [N,320,320,3], `audio` f32 [N,16,512] -> `pred` u8 [N,320,320,3])
-    and the audio encoder (`mel` f32 [N,80,16] -> `feature` f32 [N,512]), untrained, seed 0."""
+    """The UNet (`lipsync.contract` UNET_CROP, UNET_AUDIO -> UNET_PRED) and the audio encoder
+    (ENCODER_MEL -> ENCODER_FEATURE), untrained, seed 0, and an audio encoder of seed 1."""
     from export.onnx_export import export_audio_encoder, export_unet
 
     folder = tmp_path_factory.mktemp("onnx")
     unet = export_unet(None, folder / "unet_ave.onnx", mode="ave", seed=0)
     encoder = export_audio_encoder(None, folder / "audio_encoder.onnx", seed=0)
-    return UntrainedOnnx(unet=unet.path, audio_encoder=encoder.path)
+    other = export_audio_encoder(None, folder / "audio_encoder_seed1.onnx", seed=1)
+    return UntrainedOnnx(unet=unet.path, audio_encoder=encoder.path, other_audio_encoder=other.path)
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +118,7 @@ def untrained_model_repo(
     untrained_onnx: UntrainedOnnx, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A CPU-profile model repository with `lipsync_test` and `audio_encoder`."""
-    from export.model_repo import avatar_model_name, write_audio_encoder_model, write_avatar_model
+    from export.model_repo import write_audio_encoder_model, write_avatar_model
 
     repo = tmp_path_factory.mktemp("model_repo_cpu")
     write_avatar_model(repo, avatar_model_name(TEST_AVATAR), untrained_onnx.unet, "cpu")
@@ -127,7 +130,7 @@ def untrained_model_repo(
 def broken_model_repo(tmp_path: Path, untrained_model_repo: Path) -> Path:
     """A repository with `lipsync_broken`: the test UNet's config and model.py, but a
     model.onnx that is not ONNX (Triton logs "failed to load 'lipsync_broken'")."""
-    from export.model_repo import avatar_model_name
+    from lipsync.contract import avatar_model_name
 
     source = untrained_model_repo / avatar_model_name(TEST_AVATAR)
     repo = tmp_path / "broken_repo"

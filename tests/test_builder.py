@@ -17,11 +17,23 @@ import soundfile
 
 from export.demo import demo_speech_path, demo_video_path
 from export.face import format_frame_ranges, shape_predictor_path
+from export.model_repo import served_version
 from export.package_builder import BuildError, build_package, read_audio_16k_mono
 from export.video import decode_video, source_index
 from lipsync.audio import load_wav_16k_mono, mel_spectrogram, mel_windows
+from lipsync.contract import (
+    AUDIO_ENCODER_MODEL,
+    ENCODER_FEATURE,
+    ENCODER_MEL,
+    FEATURE_DIM,
+    MANIFEST_NAME,
+    MEL_WINDOW,
+    VIDEO_FPS,
+    avatar_model_name,
+)
 from lipsync.package import AvatarPackage
 from lipsync.paths import MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU, REPO_ROOT
+from tests.fixtures_triton import UntrainedOnnx
 
 
 def _read_all(path: Path) -> tuple[list[np.ndarray], float]:
@@ -109,17 +121,16 @@ def test_demo_features_are_the_encoder_on_the_speech(demo_package: AvatarPackage
     speech = load_wav_16k_mono(demo_speech_path())
     np.testing.assert_array_equal(load_wav_16k_mono(demo_package.audio_path), speech)
     n_mel = mel_spectrogram(speech).shape[1]
-    frames = int((n_mel - 16) / 80 * 25) + 2
+    frames = int((n_mel - MEL_WINDOW) / 80 * VIDEO_FPS) + 2  # 80 mel frames per second
     feats = demo_package.features
-    assert feats.shape == (frames + 2, 512) == (demo_package.manifest.feature_rows, 512)
-    # the rows are the audio encoder (the model written to the CPU repository) on the mel windows
-    session = ort.InferenceSession(
-        str(MODEL_REPOSITORY_CPU / "audio_encoder" / "1" / "model.onnx"),
-        providers=["CPUExecutionProvider"],
-    )
+    assert feats.shape == (frames + 2, FEATURE_DIM) == (demo_package.manifest.feature_rows, 512)
+    # the rows are the audio encoder (the model served from the CPU repository) on the mel windows
+    encoder = served_version(MODEL_REPOSITORY_CPU, AUDIO_ENCODER_MODEL)
+    assert encoder is not None
+    session = ort.InferenceSession(str(encoder.onnx_path), providers=["CPUExecutionProvider"])
     windows = mel_windows(mel_spectrogram(speech))
     for rows in (slice(0, 8), slice(frames - 8, frames)):
-        expected = session.run(["feature"], {"mel": windows[rows]})[0]
+        expected = session.run([ENCODER_FEATURE.name], {ENCODER_MEL.name: windows[rows]})[0]
         np.testing.assert_allclose(feats[1:-1][rows], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(feats[0], feats[1])
     np.testing.assert_array_equal(feats[-1], feats[-2])
@@ -127,17 +138,15 @@ def test_demo_features_are_the_encoder_on_the_speech(demo_package: AvatarPackage
 
 
 def test_demo_models_are_in_both_repositories(demo_package: AvatarPackage) -> None:
-    from export.model_repo import parse_config
     from lipsync.package import sha256_file
 
+    weights = demo_package.manifest.weights
     for repo in (MODEL_REPOSITORY_CPU, MODEL_REPOSITORY_GPU):
-        model = repo / demo_package.manifest.model_name
-        assert (
-            sha256_file(model / "1" / "model.onnx")
-            == demo_package.manifest.weights.unet.onnx_sha256
-        )
-        parse_config((model / "config.pbtxt").read_text())
-        assert (repo / "audio_encoder" / "1" / "model.onnx").is_file()
+        unet = served_version(repo, demo_package.manifest.model_name)
+        encoder = served_version(repo, AUDIO_ENCODER_MODEL)
+        assert unet is not None and encoder is not None
+        assert sha256_file(unet.onnx_path) == weights.unet.onnx_sha256
+        assert encoder.onnx_path.is_file()
 
 
 # --------------------------------------------------------------------------------- builder
@@ -210,7 +219,7 @@ def test_existing_package_is_not_replaced_without_force(tmp_path: Path) -> None:
     (tmp_path / "alice").mkdir()
     with pytest.raises(BuildError, match="already exists"):
         build_package(demo_video_path(), demo_speech_path(), "alice", tmp_path)
-    with pytest.raises(BuildError, match="invalid avatar name"):
+    with pytest.raises(BuildError, match="avatar name '../evil' is not usable"):
         build_package(demo_video_path(), demo_speech_path(), "../evil", tmp_path)
     with pytest.raises(BuildError, match="--fps must be 25"):
         build_package(demo_video_path(), demo_speech_path(), "bob", tmp_path, fps=30.0)
@@ -288,7 +297,8 @@ def test_build_with_checkpoints_records_them(tmp_path: Path, demo_package: Avata
     assert w.trained and w.unet.trained and w.audio_encoder.trained
     assert w.unet.sha256 == sha256_file(tmp_path / "unet.pth")
     assert w.audio_encoder.sha256 == sha256_file(tmp_path / "encoder.pth")
-    assert w.unet.onnx_sha256 == sha256_file(tmp_path / "cpu" / "lipsync_ckpt" / "1" / "model.onnx")
+    served = served_version(tmp_path / "cpu", avatar_model_name("ckpt"))
+    assert served is not None and w.unet.onnx_sha256 == sha256_file(served.onnx_path)
     assert not (tmp_path / "gpu").exists()
     assert pkg.features.shape == demo_package.features.shape
     assert not np.allclose(pkg.features, demo_package.features)
@@ -309,3 +319,103 @@ def test_build_with_checkpoints_records_them(tmp_path: Path, demo_package: Avata
         [*verify, str(path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120
     )
     assert bad.returncode == 1 and "rects.npy (rects) is missing" in bad.stdout + bad.stderr
+
+
+# ------------------------------------------------------------------- publishing a build
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first second of the demo clip (30 frames at 29.97 fps): a fast build."""
+    frames, fps = _read_all(demo_video_path())
+    clip = tmp_path_factory.mktemp("clip") / "short.mp4"
+    _write_video(clip, frames[:30], fps)
+    return clip
+
+
+def test_a_rebuild_replaces_the_package_in_one_step(short_clip: Path, tmp_path: Path) -> None:
+    """Rebuilding an avatar swaps the package in atomically, holding the packages root's lock:
+    a reader never finds it missing, and a leftover of a build that died in another container
+    (where every process id is 1, so temporary names derived from it collide) is no obstacle."""
+    import fcntl
+    import threading
+    import time
+
+    import export.package_builder as builder
+
+    packages = tmp_path / "packages"
+    kwargs = {"model_repo_cpu": tmp_path / "cpu", "model_repo_gpu": None, "progress": False}
+    first = build_package(short_clip, demo_speech_path(), "atom", packages, **kwargs).path
+    leftover = packages / f".atom.old.{os.getpid()}"
+    (leftover / "junk").mkdir(parents=True)
+
+    missing: list[float] = []  # times the watcher found no package
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not (first / MANIFEST_NAME).is_file():
+                missing.append(time.monotonic())
+            time.sleep(0.0002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    locked_while_publishing: list[bool] = []
+    swap = getattr(builder, "replace_folder", None)
+
+    def checked_swap(new: Path, dest: Path) -> None:
+        with (packages / ".lock").open("a") as lock:  # another builder would wait here
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked_while_publishing.append(False)
+            except BlockingIOError:
+                locked_while_publishing.append(True)
+        assert swap is not None
+        swap(new, dest)
+
+    try:
+        if swap is not None:
+            builder.replace_folder = checked_swap  # type: ignore[attr-defined]
+        again = build_package(
+            short_clip, demo_speech_path(), "atom", packages, overwrite=True, **kwargs
+        ).path
+    finally:
+        if swap is not None:
+            builder.replace_folder = swap  # type: ignore[attr-defined]
+        stop.set()
+        watcher.join()
+    assert again == first and (first / MANIFEST_NAME).is_file()
+    assert not missing, f"the package was missing {len(missing)} times during the rebuild"
+    assert locked_while_publishing == [True]
+    assert sorted(p.name for p in packages.iterdir() if p.name.startswith(".atom.")) == [
+        leftover.name
+    ]
+
+
+def test_a_build_with_another_audio_encoder_publishes_nothing(
+    short_clip: Path, tmp_path: Path, untrained_onnx: UntrainedOnnx
+) -> None:
+    """The shared audio encoder is replaced only on request; a refused build publishes neither
+    models nor package."""
+    import torch
+
+    from export.checkpoint import load_audio_encoder
+    from export.model_repo import write_audio_encoder_model
+
+    packages, cpu = tmp_path / "packages", tmp_path / "cpu"
+    kwargs = {"model_repo_cpu": cpu, "model_repo_gpu": None, "progress": False}
+    write_audio_encoder_model(cpu, untrained_onnx.audio_encoder, "cpu")  # an earlier avatar's
+    encoder, _ = load_audio_encoder(None, seed=3)
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pth")
+    other = {"audio_encoder": tmp_path / "encoder.pth", **kwargs}
+    with pytest.raises(BuildError, match="already serves an audio_encoder with other weights"):
+        build_package(short_clip, demo_speech_path(), "second", packages, **other)
+    assert not (packages / "second").exists()
+    assert served_version(cpu, avatar_model_name("second")) is None
+    assert served_version(cpu, AUDIO_ENCODER_MODEL).version == 1  # type: ignore[union-attr]
+
+    build_package(
+        short_clip, demo_speech_path(), "second", packages, replace_audio_encoder=True, **other
+    )
+    assert (packages / "second" / MANIFEST_NAME).is_file()
+    assert served_version(cpu, AUDIO_ENCODER_MODEL).version == 2  # type: ignore[union-attr]

@@ -15,7 +15,8 @@ from export.checkpoint import (
     load_audio_encoder,
     load_unet,
 )
-from export.models import UNet328
+from export.models import AUDIO_BRANCH_SHAPES, UNet328
+from lipsync.contract import INNER_SIZE
 from tests.test_models import reference_listing
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
@@ -168,7 +169,8 @@ def test_untrained_unet_is_seeded_loud_and_not_degenerate(caplog: pytest.LogCapt
     # BatchNorm statistics were calibrated: the untrained net draws full-range noise, not flat grey.
     torch.manual_seed(123)
     with torch.no_grad():
-        y = first(torch.rand(1, 6, 320, 320), torch.randn(1, 32, 16, 16))
+        image = torch.rand(1, 6, INNER_SIZE, INNER_SIZE)
+        y = first(image, torch.randn(1, *AUDIO_BRANCH_SHAPES["ave"]))
     assert float(y.std()) > 0.1
     assert float(y.min()) < 0.1 and float(y.max()) > 0.9
 

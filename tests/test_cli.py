@@ -1,6 +1,8 @@
-"""`lipsync gateway` and `lipsync up` as a user runs them: help texts, clear errors for busy
-ports, and `lipsync up` end to end in a subprocess (demo avatar present, CPU Triton, gateway on
-free ports): it becomes ready, serves a frame, and Ctrl-C (SIGINT) stops the gateway, then
+"""The `lipsync` command line: every command registered the one way (from
+`lipsync.cli.COMMAND_MODULES`, command functions `(args) -> int`, port defaults from the
+contract); `lipsync gateway` and `lipsync up` as a user runs them: help texts, clear errors for
+busy ports, and `lipsync up` end to end in a subprocess (demo avatar present, CPU Triton, gateway
+on free ports): it becomes ready, serves a frame, and Ctrl-C (SIGINT) stops the gateway, then
 Triton, leaving nothing behind."""
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from lipsync import contract
+from lipsync.cli import build_parser
 from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import free_ports, port_in_use
 from tests.up_process import ENV, start_up
@@ -33,8 +37,72 @@ def lipsync(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 def test_top_level_help_lists_the_commands() -> None:
     out = lipsync("--help")
     assert out.returncode == 0, out.stderr
-    assert "gateway" in out.stdout and "up" in out.stdout
+    for command in ("export", "package", "triton", "gateway", "up"):
+        assert f"\n    {command} " in out.stdout, command
     assert "the main job" in out.stdout
+
+
+COMMANDS = [
+    ["export", "unet", "--output", "x.onnx"],
+    ["export", "audio-encoder", "--output", "x.onnx"],
+    ["export", "model-repo", "--avatar", "a", "--onnx", "x.onnx"],
+    ["package", "build", "--video", "v.mp4", "--audio", "a.wav", "--name", "a"],
+    ["package", "demo"],
+    ["package", "verify", "packages/demo"],
+    ["triton"],
+    ["gateway"],
+    ["up"],
+]
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a[:2]) for a in COMMANDS])
+def test_every_command_has_one_function_style(argv: list[str]) -> None:
+    import inspect
+
+    func = build_parser().parse_args(argv).func
+    signature = inspect.signature(func)
+    assert [p.annotation for p in signature.parameters.values()] == ["argparse.Namespace"]
+    assert signature.return_annotation == "int"
+
+
+def test_registering_the_commands_imports_no_heavy_library() -> None:
+    """`lipsync --help` stays fast: torch, onnx, onnxruntime and tritonclient load only when a
+    command that needs them runs."""
+    code = (
+        "import sys\nfrom lipsync.cli import build_parser\nbuild_parser()\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tritonclient') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_port_defaults_come_from_the_contract() -> None:
+    parser = build_parser()
+    triton = parser.parse_args(["triton"])
+    assert (triton.http_port, triton.grpc_port, triton.metrics_port) == (
+        contract.TRITON_HTTP_PORT, contract.TRITON_GRPC_PORT, contract.TRITON_METRICS_PORT,
+    )
+    up = parser.parse_args(["up"])
+    assert (up.triton_http_port, up.triton_grpc_port, up.triton_metrics_port) == (
+        contract.TRITON_HTTP_PORT, contract.TRITON_GRPC_PORT, contract.TRITON_METRICS_PORT,
+    )
+    out = lipsync("gateway", "--help")
+    assert f"default {contract.GATEWAY_GRPC_PORT};" in out.stdout
+    assert f"default {contract.GATEWAY_HTTP_PORT};" in out.stdout
+    assert f"localhost:{contract.TRITON_GRPC_PORT}" in out.stdout
+
+
+WRITERS = [c for c in COMMANDS if c[1:2] in (["model-repo"], ["build"], ["demo"])]
+
+
+@pytest.mark.parametrize("argv", WRITERS, ids=[" ".join(a[:2]) for a in WRITERS])
+def test_commands_that_write_models_can_replace_the_audio_encoder(argv: list[str]) -> None:
+    parser = build_parser()
+    assert parser.parse_args(argv).replace_audio_encoder is False
+    assert parser.parse_args([*argv, "--replace-audio-encoder"]).replace_audio_encoder is True
 
 
 def test_gateway_help_explains_options_and_environment() -> None:

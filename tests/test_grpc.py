@@ -66,8 +66,11 @@ def ort_unet(demo_package: Any) -> Any:
     on the avatar's model in the CPU model repository."""
     import onnxruntime as ort
 
-    path = MODEL_REPOSITORY_CPU / demo_package.manifest.model_name / "1" / "model.onnx"
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from export.model_repo import served_version
+
+    served = served_version(MODEL_REPOSITORY_CPU, demo_package.manifest.model_name)
+    assert served is not None
+    sess = ort.InferenceSession(str(served.onnx_path), providers=["CPUExecutionProvider"])
 
     def pred_fn(inner: np.ndarray, window: np.ndarray) -> np.ndarray:
         (out,) = sess.run(["pred"], {"crop": inner[None], "audio": window[None].astype(np.float32)})
@@ -288,8 +291,11 @@ def test_batch_with_audio_matches_reference_mapping(stub: Any, demo_package: Any
         model_name=AVATAR, start_frame_id=0, frame_count=frames, audio_chunks=_chunks(pcm)), timeout=120)
     assert all(x.success for x in r.responses), [x.error for x in r.responses]
 
-    enc = ort.InferenceSession(str(MODEL_REPOSITORY_CPU / "audio_encoder" / "1" / "model.onnx"),
-                               providers=["CPUExecutionProvider"])
+    from export.model_repo import served_version
+
+    encoder = served_version(MODEL_REPOSITORY_CPU, "audio_encoder")
+    assert encoder is not None
+    enc = ort.InferenceSession(str(encoder.onnx_path), providers=["CPUExecutionProvider"])
     mel = lipsync_audio.mel_spectrogram(lipsync_audio.pcm16_to_float(pcm))
     starts = [min(int(80 * c / 25), mel.shape[1] - 16) for c in range(n_chunks)]
     windows = np.stack([mel[:, s : s + 16] for s in starts]).astype(np.float32)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from export.models import AUDIO_BRANCH_SHAPES, AUDIO_MODES, AudioEncoder, UNet328
+from lipsync.contract import FEATURE_DIM, INNER_SIZE, MEL_BANDS, MEL_WINDOW
 from lipsync.paths import REFERENCE_DIR, SHARED_REFERENCE_DIR
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -86,22 +87,25 @@ def test_unet_forward_shape_and_range(mode: str) -> None:
     torch.manual_seed(0)
     model = UNet328(mode).eval()  # type: ignore[arg-type]
     with torch.no_grad():
-        y = model(torch.rand(1, 6, 320, 320), torch.randn(1, *AUDIO_BRANCH_SHAPES[mode]))
-    assert y.shape == (1, 3, 320, 320) and y.dtype == torch.float32
+        y = model(
+            torch.rand(1, 6, INNER_SIZE, INNER_SIZE), torch.randn(1, *AUDIO_BRANCH_SHAPES[mode])
+        )
+    assert y.shape == (1, 3, INNER_SIZE, INNER_SIZE) and y.dtype == torch.float32
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0  # sigmoid output
 
 
 def test_unet_rejects_wrong_audio_shape() -> None:
     model = UNet328("ave").eval()
     with torch.no_grad(), pytest.raises(RuntimeError):
-        model(torch.rand(1, 6, 320, 320), torch.randn(1, *AUDIO_BRANCH_SHAPES["wenet"]))
+        image = torch.rand(1, 6, INNER_SIZE, INNER_SIZE)
+        model(image, torch.randn(1, *AUDIO_BRANCH_SHAPES["wenet"]))
 
 
 def test_audio_encoder_forward_shape() -> None:
     enc = AudioEncoder().eval()
     with torch.no_grad():
-        out = enc(torch.rand(3, 1, 80, 16) * 8 - 4)
-    assert out.shape == (3, 512) and out.dtype == torch.float32
+        out = enc(torch.rand(3, 1, MEL_BANDS, MEL_WINDOW) * 8 - 4)
+    assert out.shape == (3, FEATURE_DIM) and out.dtype == torch.float32
 
 
 def test_unknown_mode_is_refused() -> None:

@@ -1,6 +1,6 @@
-"""ONNX export: the graph contract (names, dtypes, dynamic batch, opset, metadata), parity of
-ONNX Runtime with PyTorch on the same weights (issue 2: <= 1 LSB on >= 99.9% of values, never
-more than 2), the in-graph preprocessing against an independent numpy/OpenCV implementation of
+"""ONNX export: the graph contract (`lipsync.contract`: names, dtypes, dims; dynamic batch,
+opset, metadata), parity of ONNX Runtime with PyTorch on the same weights (<= 1 LSB on >= 99.9%
+of values, never more than 2), the in-graph preprocessing against an independent numpy/OpenCV implementation of
 REFERENCE.md section 2 steps 3-7, and `lipsync export unet|audio-encoder` end to end."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import helper
 
 from export.checkpoint import load_audio_encoder, load_unet
 from export.models import AUDIO_WINDOW_SHAPES, UNet328
@@ -28,6 +29,18 @@ from export.onnx_export import (
     export_unet_module,
     read_onnx_metadata,
 )
+from lipsync.contract import (
+    CROP_SIZE,
+    ENCODER_FEATURE,
+    ENCODER_MEL,
+    INNER_OFFSET,
+    INNER_SIZE,
+    UNET_AUDIO,
+    UNET_CROP,
+    UNET_PRED,
+    WINDOW_ROWS,
+    TensorSpec,
+)
 from lipsync.paths import REPO_ROOT, SPEECH_DIR
 
 BATCH = 2
@@ -35,6 +48,16 @@ BATCH = 2
 
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _pred(session: ort.InferenceSession, crop: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    """The graph's `pred` for one batch of `crop` and `audio`."""
+    return session.run([UNET_PRED.name], {UNET_CROP.name: crop, UNET_AUDIO.name: audio})[0]
+
+
+def _graph_type(spec: TensorSpec) -> tuple[int, list[int | str]]:
+    """(ONNX elem type, dims with the batch axis) a graph tensor of `spec` must have."""
+    return helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), ["batch", *spec.dims]
 
 
 def _torch_pred(unet: UNet328, crop: np.ndarray, audio: np.ndarray) -> np.ndarray:
@@ -83,13 +106,9 @@ def test_unet_graph_contract(unet_onnx: tuple[UNet328, Path]) -> None:
     _, path = unet_onnx
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
-    assert [i.name for i in model.graph.input] == ["crop", "audio"]
-    assert [o.name for o in model.graph.output] == ["pred"]
-    io = _io(model)
-    u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
-    assert io["crop"] == (u8, ["batch", 320, 320, 3])
-    assert io["audio"] == (f32, ["batch", 16, 512])
-    assert io["pred"] == (u8, ["batch", 320, 320, 3])
+    assert [i.name for i in model.graph.input] == [UNET_CROP.name, UNET_AUDIO.name]
+    assert [o.name for o in model.graph.output] == [UNET_PRED.name]
+    assert _io(model) == {t.name: _graph_type(t) for t in (UNET_CROP, UNET_AUDIO, UNET_PRED)}
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     meta = read_onnx_metadata(path)
     assert meta["kind"] == "unet" and meta["mode"] == "ave" and meta["trained"] == "false"
@@ -99,9 +118,9 @@ def test_unet_graph_contract(unet_onnx: tuple[UNet328, Path]) -> None:
 def test_unet_parity_onnxruntime_vs_pytorch(unet_onnx: tuple[UNet328, Path]) -> None:
     unet, path = unet_onnx
     crop, audio = example_unet_inputs("ave", batch=BATCH, seed=7)
-    (pred,) = _session(path).run(["pred"], {"crop": crop, "audio": audio})
+    pred = _pred(_session(path), crop, audio)
     expected = _torch_pred(unet, crop, audio)
-    assert pred.dtype == np.uint8 and pred.shape == (BATCH, 320, 320, 3)
+    assert pred.dtype == UNET_PRED.dtype and pred.shape == UNET_PRED.batch_shape(BATCH)
     # the output really varies (not a constant that would make parity trivial)
     assert len(np.unique(expected)) > 200
     _assert_parity(expected, pred)
@@ -130,15 +149,16 @@ def _real_inputs(encoder: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
         ok, frame = capture.read()
         assert ok, f"cannot decode {clip}"
         face = frame[10:138, 30:158]  # 128 px square around the talking head (176x144 frame)
-        crop328 = cv2.resize(face, (328, 328), interpolation=cv2.INTER_CUBIC)
-        crops.append(crop328[4:324, 4:324])
+        crop328 = cv2.resize(face, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
+        inner = slice(INNER_OFFSET, INNER_OFFSET + INNER_SIZE)
+        crops.append(crop328[inner, inner])
     capture.release()
     mel = mel_spectrogram(load_wav_16k_mono(wavs[0]))
     windows = mel_windows(mel)[:24]
     with torch.no_grad():
         feats = encoder(torch.from_numpy(windows).unsqueeze(1)).numpy()
     feats = pad_features(feats)
-    audio = np.stack([feats[i : i + 16] for i in (0, 8)]).astype(np.float32)
+    audio = np.stack([feats[i : i + WINDOW_ROWS] for i in (0, 8)]).astype(np.float32)
     return np.ascontiguousarray(np.stack(crops)), audio
 
 
@@ -147,8 +167,7 @@ def test_unet_parity_on_real_media(
 ) -> None:
     unet, path = unet_onnx
     crop, audio = _real_inputs(encoder_onnx[0])
-    (pred,) = _session(path).run(["pred"], {"crop": crop, "audio": audio})
-    _assert_parity(_torch_pred(unet, crop, audio), pred)
+    _assert_parity(_torch_pred(unet, crop, audio), _pred(_session(path), crop, audio))
 
 
 def _numpy_reference_input(crop: np.ndarray, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -192,18 +211,17 @@ def test_in_graph_preprocessing_matches_reference_steps(unet_onnx: tuple[UNet328
         y = unet(torch.from_numpy(x_ref), torch.from_numpy(a_ref)).numpy()
     expected = (y * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(pred, expected)
-    (onnx_pred,) = _session(path).run(["pred"], {"crop": crop, "audio": audio})
-    _assert_parity(expected, onnx_pred)
+    _assert_parity(expected, _pred(_session(path), crop, audio))
 
 
 def test_unet_dynamic_batch(unet_onnx: tuple[UNet328, Path]) -> None:
     _, path = unet_onnx
     session = _session(path)
     crop, audio = example_unet_inputs("ave", batch=3, seed=3)
-    (batch3,) = session.run(["pred"], {"crop": crop, "audio": audio})
-    assert batch3.shape == (3, 320, 320, 3)
-    (single,) = session.run(["pred"], {"crop": crop[1:2], "audio": audio[1:2]})
-    assert single.shape == (1, 320, 320, 3)
+    batch3 = _pred(session, crop, audio)
+    assert batch3.shape == UNET_PRED.batch_shape(3)
+    single = _pred(session, crop[1:2], audio[1:2])
+    assert single.shape == UNET_PRED.batch_shape(1)
     _assert_parity(batch3[1:2], single)
 
 
@@ -216,11 +234,10 @@ def test_other_modes_export_with_their_window(mode: str, tmp_path: Path) -> None
     result = export_unet_module(unet, WeightsInfo(False, "test", None), tmp_path / f"{mode}.onnx")
     io = _io(onnx.load(str(result.path)))
     rows, width = AUDIO_WINDOW_SHAPES[mode]
-    assert io["audio"] == (onnx.TensorProto.FLOAT, ["batch", rows, width])
-    assert (rows, width) == {"hubert": (16, 2048), "wenet": (16, 8192)}[mode]
+    assert io[UNET_AUDIO.name] == (onnx.TensorProto.FLOAT, ["batch", rows, width])
+    assert (rows, width) == {"hubert": (16, 2048), "wenet": (16, 8192)}[mode]  # REFERENCE.md s.1
     crop, audio = example_unet_inputs(mode, batch=1, seed=2)  # type: ignore[arg-type]
-    (pred,) = _session(result.path).run(["pred"], {"crop": crop, "audio": audio})
-    _assert_parity(_torch_pred(unet, crop, audio), pred)
+    _assert_parity(_torch_pred(unet, crop, audio), _pred(_session(result.path), crop, audio))
     assert read_onnx_metadata(result.path)["mode"] == mode
 
 
@@ -228,16 +245,15 @@ def test_audio_encoder_contract_and_parity(encoder_onnx: tuple[torch.nn.Module, 
     encoder, path = encoder_onnx
     onnx.checker.check_model(str(path), full_check=True)
     io = _io(onnx.load(str(path)))
-    f32 = onnx.TensorProto.FLOAT
-    assert io == {"mel": (f32, ["batch", 80, 16]), "feature": (f32, ["batch", 512])}
+    assert io == {t.name: _graph_type(t) for t in (ENCODER_MEL, ENCODER_FEATURE)}
     session = _session(path)
     rng = np.random.default_rng(0)
     for batch in (1, 3):
-        mel = rng.uniform(-4, 4, size=(batch, 80, 16)).astype(np.float32)
-        (feature,) = session.run(["feature"], {"mel": mel})
+        mel = rng.uniform(-4, 4, size=ENCODER_MEL.batch_shape(batch)).astype(np.float32)
+        (feature,) = session.run([ENCODER_FEATURE.name], {ENCODER_MEL.name: mel})
         with torch.no_grad():
             expected = encoder(torch.from_numpy(mel).unsqueeze(1)).numpy()
-        assert feature.shape == (batch, 512)
+        assert feature.shape == ENCODER_FEATURE.batch_shape(batch)
         np.testing.assert_allclose(feature, expected, rtol=1e-4, atol=1e-4)
     assert read_onnx_metadata(path)["kind"] == "audio_encoder"
 
@@ -272,12 +288,12 @@ def test_cli_export_unet_from_saved_state_dict(tmp_path: Path) -> None:
     assert meta["trained"] == "true" and meta["mode"] == "ave"
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     io = _io(onnx.load(str(output)))
-    assert io["crop"][1][0] == io["audio"][1][0] == io["pred"][1][0] == "batch"
+    assert {dims[0] for _, dims in io.values()} == {"batch"}
     session = _session(output)
     for batch in (1, 3):
         crop, audio = example_unet_inputs("ave", batch=batch, seed=batch)
-        (pred,) = session.run(["pred"], {"crop": crop, "audio": audio})
-        assert pred.dtype == np.uint8 and pred.shape == (batch, 320, 320, 3)
+        pred = _pred(session, crop, audio)
+        assert pred.dtype == UNET_PRED.dtype and pred.shape == UNET_PRED.batch_shape(batch)
         _assert_parity(_torch_pred(model, crop, audio), pred)
 
 

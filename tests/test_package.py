@@ -10,16 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lipsync.contract import FEATURE_DIM, MANIFEST_NAME, avatar_model_name
 from lipsync.package import AvatarPackage, PackageError, load_package, sha256_file
 from tests.fixtures_packages import MakePackage, synthetic_package_arrays
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "manifest.json").read_text())
+    return json.loads((folder / MANIFEST_NAME).read_text())
 
 
 def _save_manifest(folder: Path, data: dict[str, Any]) -> None:
-    (folder / "manifest.json").write_text(json.dumps(data, indent=2))
+    (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
 
 
 def _replace_array(folder: Path, key: str, array: np.ndarray) -> None:
@@ -37,7 +38,7 @@ def test_round_trip(make_package: MakePackage) -> None:
     folder = make_package("alice")
     pkg = load_package(folder)
     assert isinstance(pkg, AvatarPackage)
-    assert pkg.name == "alice" and pkg.manifest.model_name == "lipsync_alice"
+    assert pkg.name == "alice" and pkg.manifest.model_name == avatar_model_name("alice")
     assert (pkg.manifest.width, pkg.manifest.height, pkg.frame_count) == (64, 48, 10)
     np.testing.assert_array_equal(pkg.frames, arrays["frames"])
     np.testing.assert_array_equal(pkg.rects, arrays["rects"])
@@ -55,7 +56,7 @@ def test_missing_manifest_and_folder(tmp_path: Path, make_package: MakePackage) 
     with pytest.raises(PackageError, match="package folder not found"):
         load_package(tmp_path / "nothing")
     folder = make_package()
-    (folder / "manifest.json").unlink()
+    (folder / MANIFEST_NAME).unlink()
     with pytest.raises(PackageError, match=r"manifest\.json is missing"):
         load_package(folder)
 
@@ -162,8 +163,8 @@ def test_symlink_escaping_the_folder(make_package: MakePackage) -> None:
 def test_manifest_symlink_escaping_the_folder(make_package: MakePackage) -> None:
     folder = make_package()
     outside = folder.parent / "manifest-elsewhere.json"
-    os.replace(folder / "manifest.json", outside)
-    (folder / "manifest.json").symlink_to(outside)
+    os.replace(folder / MANIFEST_NAME, outside)
+    (folder / MANIFEST_NAME).symlink_to(outside)
     with pytest.raises(
         PackageError, match=r"manifest\.json resolves to .*manifest-elsewhere\.json, outside"
     ):
@@ -172,7 +173,7 @@ def test_manifest_symlink_escaping_the_folder(make_package: MakePackage) -> None
 
 def test_bad_json(make_package: MakePackage) -> None:
     folder = make_package()
-    (folder / "manifest.json").write_text('{"format_version": 1, "name": ')
+    (folder / MANIFEST_NAME).write_text('{"format_version": 1, "name": ')
     with pytest.raises(PackageError, match=r"manifest\.json: not valid JSON: .* line 1 column"):
         load_package(folder)
 
@@ -215,7 +216,7 @@ def test_feature_rows_must_match_audio(make_package: MakePackage) -> None:
     data = _manifest(folder)
     data["feature_rows"] = 23
     _save_manifest(folder, data)
-    _replace_array(folder, "features", np.zeros((23, 512), dtype=np.float32))
+    _replace_array(folder, "features", np.zeros((23, FEATURE_DIM), dtype=np.float32))
     with pytest.raises(
         PackageError, match=r"feature_rows is 23 but \d+ audio samples give 24 rows"
     ):
@@ -224,7 +225,7 @@ def test_feature_rows_must_match_audio(make_package: MakePackage) -> None:
 
 def test_non_finite_features(make_package: MakePackage) -> None:
     folder = make_package()
-    feats = np.zeros((24, 512), dtype=np.float32)
+    feats = np.zeros((24, FEATURE_DIM), dtype=np.float32)
     feats[4, 7] = np.nan
     _replace_array(folder, "features", feats)
     with pytest.raises(PackageError, match=r"aud_ave\.npy: contains NaN"):
@@ -237,9 +238,10 @@ def test_writer_refuses_invalid_input(make_package: MakePackage) -> None:
     with pytest.raises(PackageError, match=r"rectangle of frame 0 .*x1 < 0"):
         make_package(rects=rects)
     with pytest.raises(
-        PackageError, match=r"features: expected shape \[24, 512\], found \[20, 512\]"
+        PackageError,
+        match=rf"features: expected shape \[24, {FEATURE_DIM}\], found \[20, {FEATURE_DIM}\]",
     ):
-        make_package(name="short", features=np.zeros((20, 512), dtype=np.float32))
+        make_package(name="short", features=np.zeros((20, FEATURE_DIM), dtype=np.float32))
     with pytest.raises(PackageError, match="invalid avatar name"):
         make_package(name="bad name!")
 

@@ -12,10 +12,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lipsync.contract import UNET_AUDIO, UNET_CROP
 from perf import report
 from perf.compare import BatchStats, Row, compare_rows, write_compare
 from perf.loadgen import LoadConfig, build_parser, config_from_args, run_load, write_reports
-from perf.pa_tools import pa_table, read_batching, read_pa_csv, write_input_dir
+from perf.pa_tools import (
+    pa_table,
+    perf_analyzer_args,
+    read_batching,
+    read_pa_csv,
+    write_input_dir,
+)
 from perf.stats import FrameRecord, percentiles, ratio, summarize
 
 
@@ -172,13 +179,19 @@ def test_perf_analyzer_input_matches_the_contract(demo_package: Any, tmp_path: P
     from lipsync.frames import audio_window, crop_328, inner_320, pingpong_index
 
     crop_path, audio_path = write_input_dir(Path(demo_package.root), 10, tmp_path)
-    crop = np.frombuffer(crop_path.read_bytes(), dtype=np.uint8)
+    assert (crop_path.name, audio_path.name) == (UNET_CROP.name, UNET_AUDIO.name)
+    crop = np.frombuffer(crop_path.read_bytes(), dtype=UNET_CROP.dtype)
     audio = np.frombuffer(audio_path.read_bytes(), dtype="<f4")
-    assert crop.size == 320 * 320 * 3 and audio.size == 16 * 512
     v = pingpong_index(10, demo_package.frame_count)
     expected = inner_320(crop_328(demo_package.frames[v], demo_package.rects[v]))
-    assert np.array_equal(crop.reshape(320, 320, 3), expected)
-    assert np.array_equal(audio.reshape(16, 512), audio_window(demo_package.features, 10))
+    assert np.array_equal(crop.reshape(UNET_CROP.dims), expected)
+    assert np.array_equal(audio.reshape(UNET_AUDIO.dims), audio_window(demo_package.features, 10))
+    model = demo_package.manifest.model_name
+    assert perf_analyzer_args(model, tmp_path) == [
+        "-m", model, "--input-data", str(tmp_path),
+        "--shape", f"{UNET_CROP.name}:{','.join(map(str, UNET_CROP.dims))}",
+        "--shape", f"{UNET_AUDIO.name}:{','.join(map(str, UNET_AUDIO.dims))}",
+    ]
     with pytest.raises(ValueError, match="outside"):
         write_input_dir(Path(demo_package.root), demo_package.feature_rows, tmp_path)
 
@@ -240,11 +253,9 @@ def test_baseline_renders_a_full_frame(demo_package: Any) -> None:
 
 
 def test_model_cost_matches_the_reference_flops(demo_package: Any) -> None:
-    from lipsync.paths import MODEL_REPOSITORY_CPU
-    from perf.model_cost import model_cost
+    from perf.model_cost import demo_unet_onnx, model_cost
 
-    onnx_path = MODEL_REPOSITORY_CPU / demo_package.manifest.model_name / "1" / "model.onnx"
-    cost = model_cost(onnx_path)
+    cost = model_cost(demo_unet_onnx())
     assert cost.conv_gflop == pytest.approx(9.8, rel=0.03)  # REFERENCE.md s.1: ~9.8 GFLOP/frame
     assert cost.parameters_m == pytest.approx(12.19, rel=0.02)  # 12,186,935 (BN folded or not)
     assert 0 < cost.depthwise_count < cost.conv_count

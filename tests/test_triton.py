@@ -3,6 +3,7 @@
 - Concurrent gRPC requests to the UNet are answered with the same bytes (<= 1 LSB) as ONNX
   Runtime in-process, and Triton's own statistics show they were batched.
 - The audio encoder answers like ONNX Runtime.
+- A `load_model` of a loaded model serves the version the writer published since.
 - The launcher fails with clear errors (missing repository, missing model file, busy port,
   broken model config with the log tail), survives kill + restart on the same ports, and
   `lipsync triton` stops cleanly on SIGTERM.
@@ -27,6 +28,17 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
+from export.model_repo import served_version, write_audio_encoder_model
+from lipsync.contract import (
+    AUDIO_ENCODER_MODEL,
+    ENCODER_FEATURE,
+    ENCODER_MEL,
+    UNET_AUDIO,
+    UNET_CROP,
+    UNET_PRED,
+    TensorSpec,
+    avatar_model_name,
+)
 from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import TritonServer, TritonStartError, free_ports, port_in_use
 from tests.fixtures_triton import TEST_AVATAR, StartTriton, UntrainedOnnx, group_gone
@@ -34,22 +46,24 @@ from tests.triton_stats import settled_counts
 
 pytestmark = pytest.mark.triton
 
-UNET_MODEL = f"lipsync_{TEST_AVATAR}"
+UNET_MODEL = avatar_model_name(TEST_AVATAR)
 N_REQUESTS = 10
 
 
 def _unet_inputs(rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    crop = rng.integers(0, 256, size=(batch, 320, 320, 3), dtype=np.uint8)
-    audio = rng.standard_normal((batch, 16, 512)).astype(np.float32)
+    crop = rng.integers(0, 256, size=UNET_CROP.batch_shape(batch), dtype=UNET_CROP.dtype)
+    audio = rng.standard_normal(UNET_AUDIO.batch_shape(batch)).astype(UNET_AUDIO.dtype)
     return crop, audio
 
 
+def _infer_input(spec: TensorSpec, array: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.triton_dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
 def _infer_inputs(crop: np.ndarray, audio: np.ndarray) -> list[grpcclient.InferInput]:
-    crop_in = grpcclient.InferInput("crop", list(crop.shape), "UINT8")
-    crop_in.set_data_from_numpy(crop)
-    audio_in = grpcclient.InferInput("audio", list(audio.shape), "FP32")
-    audio_in.set_data_from_numpy(audio)
-    return [crop_in, audio_in]
+    return [_infer_input(UNET_CROP, crop), _infer_input(UNET_AUDIO, audio)]
 
 
 def _model_stats(client: grpcclient.InferenceServerClient, model: str) -> Any:
@@ -80,7 +94,7 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
             errors[index] = error
         else:
             assert result is not None
-            results[index] = result.as_numpy("pred")
+            results[index] = result.as_numpy(UNET_PRED.name)
         done.release()
 
     # All requests are in flight at once (async_infer returns immediately).
@@ -89,7 +103,7 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
             UNET_MODEL,
             _infer_inputs(crop, audio),
             callback=lambda result, error, index=index: callback(index, result, error),
-            outputs=[grpcclient.InferRequestedOutput("pred")],
+            outputs=[grpcclient.InferRequestedOutput(UNET_PRED.name)],
             client_timeout=120.0,
         )
     for _ in range(N_REQUESTS):
@@ -98,9 +112,10 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
 
     session = ort.InferenceSession(str(untrained_onnx.unet), providers=["CPUExecutionProvider"])
     for index, (crop, audio) in enumerate(requests):
-        (expected,) = session.run(["pred"], {"crop": crop, "audio": audio})
+        feeds = {UNET_CROP.name: crop, UNET_AUDIO.name: audio}
+        (expected,) = session.run([UNET_PRED.name], feeds)
         got = results[index]
-        assert got.shape == (1, 320, 320, 3) and got.dtype == np.uint8
+        assert got.shape == UNET_PRED.batch_shape(1) and got.dtype == UNET_PRED.dtype
         diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
         assert diff.max() <= 1, f"request {index}: max difference {diff.max()} LSB"
 
@@ -117,28 +132,62 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
     client.close()
 
 
+def _encode(client: grpcclient.InferenceServerClient, mel: np.ndarray) -> np.ndarray:
+    result = client.infer(AUDIO_ENCODER_MODEL, [_infer_input(ENCODER_MEL, mel)])
+    return result.as_numpy(ENCODER_FEATURE.name)
+
+
+def _encode_with_onnxruntime(onnx_path: Path, mel: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run([ENCODER_FEATURE.name], {ENCODER_MEL.name: mel})[0]
+
+
 def test_audio_encoder_matches_onnxruntime(
     start_triton: StartTriton, untrained_model_repo: Path, untrained_onnx: UntrainedOnnx
 ) -> None:
-    server = start_triton(untrained_model_repo, load_models=("audio_encoder",))
-    mel = np.random.default_rng(3).standard_normal((5, 80, 16)).astype(np.float32)
-    mel_in = grpcclient.InferInput("mel", list(mel.shape), "FP32")
-    mel_in.set_data_from_numpy(mel)
+    server = start_triton(untrained_model_repo, load_models=(AUDIO_ENCODER_MODEL,))
+    mel = np.random.default_rng(3).standard_normal(ENCODER_MEL.batch_shape(5))
+    mel = mel.astype(ENCODER_MEL.dtype)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert not client.is_model_ready(UNET_MODEL)  # explicit mode: only what was asked
-        feature = client.infer("audio_encoder", [mel_in]).as_numpy("feature")
-    session = ort.InferenceSession(
-        str(untrained_onnx.audio_encoder), providers=["CPUExecutionProvider"]
-    )
-    (expected,) = session.run(["feature"], {"mel": mel})
-    assert feature.shape == (5, 512) and feature.dtype == np.float32
+        feature = _encode(client, mel)
+    expected = _encode_with_onnxruntime(untrained_onnx.audio_encoder, mel)
+    assert feature.shape == ENCODER_FEATURE.batch_shape(5) and feature.dtype == np.float32
     np.testing.assert_allclose(feature, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_load_model_serves_the_newly_published_version(
+    start_triton: StartTriton, untrained_onnx: UntrainedOnnx, tmp_path: Path
+) -> None:
+    """What the gateway relies on: after a rebuild, `load_model` of the loaded model makes Triton
+    serve the new version; until then the old one keeps serving, untouched."""
+    repo = tmp_path / "repo"
+    first = write_audio_encoder_model(repo, untrained_onnx.audio_encoder, "cpu")
+    server = start_triton(repo, load_models=(AUDIO_ENCODER_MODEL,))
+    mel = np.random.default_rng(5).standard_normal(ENCODER_MEL.batch_shape(3))
+    mel = mel.astype(ENCODER_MEL.dtype)
+    old = _encode_with_onnxruntime(untrained_onnx.audio_encoder, mel)
+    new = _encode_with_onnxruntime(untrained_onnx.other_audio_encoder, mel)
+    assert not np.allclose(old, new, atol=1e-3)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        np.testing.assert_allclose(_encode(client, mel), old, rtol=1e-5, atol=1e-5)
+
+        second = write_audio_encoder_model(
+            repo, untrained_onnx.other_audio_encoder, "cpu", replace=True
+        )
+        assert second.version == first.version + 1 and first.onnx_path.is_file()
+        np.testing.assert_allclose(_encode(client, mel), old, rtol=1e-5, atol=1e-5)
+
+        client.load_model(AUDIO_ENCODER_MODEL)
+        assert client.get_model_metadata(AUDIO_ENCODER_MODEL).versions == [str(second.version)]
+        np.testing.assert_allclose(_encode(client, mel), new, rtol=1e-5, atol=1e-5)
+    assert served_version(repo, AUDIO_ENCODER_MODEL) == second
 
 
 def test_kill_then_restart_on_the_same_ports(
     start_triton: StartTriton, untrained_model_repo: Path
 ) -> None:
-    server = start_triton(untrained_model_repo, load_models=("audio_encoder",))
+    server = start_triton(untrained_model_repo, load_models=(AUDIO_ENCODER_MODEL,))
     pid = server.pid
     assert pid is not None
     server.kill()
@@ -147,7 +196,7 @@ def test_kill_then_restart_on_the_same_ports(
     server.start(timeout_s=120.0)
     assert server.is_running and server.pid != pid
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        assert client.is_server_ready() and client.is_model_ready("audio_encoder")
+        assert client.is_server_ready() and client.is_model_ready(AUDIO_ENCODER_MODEL)
 
 
 def _server_on(repo: Path, **kwargs: object) -> TritonServer:
@@ -219,7 +268,7 @@ def test_missing_model_and_model_file_are_clear_errors(
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text(
         (untrained_model_repo / UNET_MODEL / "config.pbtxt").read_text()
-    )
+    )  # names version 1, which holds no model file
     with pytest.raises(
         TritonStartError, match=r"model 'lipsync_x': no version folder .* model file"
     ):
@@ -296,7 +345,7 @@ def test_cli_serves_until_sigterm(untrained_model_repo: Path, tmp_path: Path) ->
         "--metrics-port",
         str(metrics_port),
         "--load-model",
-        "audio_encoder",
+        AUDIO_ENCODER_MODEL,
     ]
     with (tmp_path / "cli.log").open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

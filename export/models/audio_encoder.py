@@ -7,15 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MEL_BANDS = 80
-"""Mel bands per window (REFERENCE.md section 4)."""
-
-MEL_WINDOW = 16
-"""Mel frames per window, 80 mel frames/s -> 0.2 s (REFERENCE.md section 4)."""
-
-FEATURE_DIM = 512
-"""Width of one audio feature row."""
-
 
 class ConvBlock(nn.Module):
     """Conv2d (with bias) + BN as `conv_block.0/1`, then ReLU; residual blocks add their input

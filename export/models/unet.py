@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipsync.contract import WINDOW_ROWS
+
 AudioMode = Literal["ave", "hubert", "wenet"]
 """The audio-feature family a UNet was trained with."""
 
@@ -24,18 +26,13 @@ AUDIO_BRANCH_SHAPES: dict[str, tuple[int, int, int]] = {
 }
 """Per mode, the (C, H, W) the audio branch takes (REFERENCE.md section 1)."""
 
-AUDIO_WINDOW_ROWS = 16
-"""Feature rows per audio window: rows i-8 .. i+7 around video frame i (REFERENCE.md s.2 step 6)."""
-
 AUDIO_WINDOW_SHAPES: dict[str, tuple[int, int]] = {
-    mode: (AUDIO_WINDOW_ROWS, (c * h * w) // AUDIO_WINDOW_ROWS)
+    mode: (WINDOW_ROWS, (c * h * w) // WINDOW_ROWS)
     for mode, (c, h, w) in AUDIO_BRANCH_SHAPES.items()
 }
 """Per mode, the (rows, row width) of the audio window: ave (16, 512), hubert (16, 2048),
-wenet (16, 8192). A window reshaped row-major gives `AUDIO_BRANCH_SHAPES[mode]`."""
-
-IMAGE_SIZE = 320
-"""Side of the network's square input and output, px."""
+wenet (16, 8192), with `lipsync.contract.WINDOW_ROWS` rows. A window reshaped row-major gives
+`AUDIO_BRANCH_SHAPES[mode]`; the `ave` one is the contract's `UNET_AUDIO`."""
 
 
 class InvertedResidual(nn.Module):

@@ -1,18 +1,18 @@
 """Triton Python-backend model: runs `model.onnx` from its version folder with ONNX Runtime (CPU).
 
-This is the CPU serving profile (ARCHITECTURE.md "Two serving profiles"). `export/model_repo.py`
-copies this file, unchanged, into `<repo>/<model>/1/model.py` next to `model.onnx`; the
-model's `config.pbtxt` (backend "python", dynamic batching) names the tensors.
+This is the CPU serving profile (docs/ARCHITECTURE.md "Two serving profiles").
+`export/model_repo.py` copies this file, unchanged, into every version folder
+`<repo>/<model>/<v>/model.py` next to `model.onnx`.
 
 Batching: Triton's dynamic batcher hands `execute()` a list of requests. They are concatenated
 along the batch axis and run with ONE `InferenceSession.run` call, then the outputs are split
 back per request, so a batch of N requests costs one forward pass, not N. If that call fails,
 each request is retried on its own so that only the faulty one gets an error response.
 
-Tensors (names, dtypes and per-item shapes come from config.pbtxt, which is generated from the
-ONNX graph): for a UNet `lipsync_<avatar>`: `crop` uint8 [B,320,320,3], `audio` float32
-[B,16,512] -> `pred` uint8 [B,320,320,3]; for `audio_encoder`: `mel` float32 [B,80,16] ->
-`feature` float32 [B,512].
+Tensors: this file runs inside Triton's Python-backend stub and imports nothing of the project;
+every tensor name and dtype comes from the model's config.pbtxt, which the writer generates from
+the ONNX graph and checks against the model contract (`lipsync/contract.py`). Each request's
+arrays are [b, ...] with the config's dims; the batch axis b is the only one this code touches.
 
 Config `parameters` read here (all optional, string values):
 - `intra_op_thread_count`: ONNX Runtime intra-op threads; "0" or absent = every CPU core the
@@ -59,6 +59,7 @@ class TritonPythonModel:
         self.model_config: dict[str, Any] = json.loads(args["model_config"])
         self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        # "model.onnx" is Triton's own default file name of an ONNX model.
         onnx_path = version_dir / _parameter(self.model_config, "onnx_file", "model.onnx")
         if not onnx_path.is_file():
             raise pb_utils.TritonModelException(
