@@ -7,8 +7,9 @@ Fixtures live in plugin modules owned by the area that provides them:
 - `tests/fixtures_live.py`: live-session fakes (clock, renderer) and the ONNX Runtime audio encoder
 
 The fast tier is ``python -m pytest -m "not slow"``: every test that needs a real
-``tritonserver``, the demo build, an ONNX export or Chromium is marked ``slow`` here, from the
-fixtures it uses (`SLOW_FIXTURES`) or its ``triton`` / ``browser`` marker. The gateway's logic is
+``tritonserver``, the demo build, an ONNX export, the PyTorch UNet or Chromium is marked
+``slow`` here, from the fixtures it uses (`SLOW_FIXTURES`), its ``triton`` / ``browser`` marker
+or its module (`SLOW_MODULES`). The gateway's logic is
 covered there through the in-process fake Triton (`tests/fake_triton.py`).
 """
 from __future__ import annotations
@@ -31,13 +32,21 @@ SLOW_FIXTURES = frozenset({
 })
 """Fixtures that start a real tritonserver, build the demo avatar or export ONNX models."""
 SLOW_MARKERS = frozenset({"triton", "browser"})
+SLOW_MODULES = frozenset({"test_onnx_export.py", "test_models.py", "test_checkpoint.py", "test_builder.py"})
+"""Modules that run the full-size PyTorch UNet (forward passes, ONNX export) or the face
+detector on real video: seconds to tens of seconds per test on a 2-core machine."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``slow`` every test that uses a `SLOW_FIXTURES` fixture or a `SLOW_MARKERS` marker."""
+    """Mark ``slow`` every test that uses a `SLOW_FIXTURES` fixture, carries a `SLOW_MARKERS`
+    marker or lives in a `SLOW_MODULES` module."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & SLOW_FIXTURES or any(item.get_closest_marker(name) for name in SLOW_MARKERS):
+        if (
+            fixtures & SLOW_FIXTURES
+            or any(item.get_closest_marker(name) for name in SLOW_MARKERS)
+            or item.path.name in SLOW_MODULES
+        ):
             item.add_marker(pytest.mark.slow)
 
 

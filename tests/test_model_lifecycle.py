@@ -180,7 +180,7 @@ def test_outage_while_loading_cancels_the_load_and_restart_loads_again() -> None
             lc.admit(UNET)
         fake.mode = "refused"
         await lc.probe_once()
-        await register
+        await asyncio.wait_for(register, 5.0)  # the held load was cancelled
         assert lc.snapshot().models[UNET].phase is ModelPhase.UNKNOWN
         fake.hold_loads.set()
         fake.restart()
