@@ -89,7 +89,6 @@ class _WsConnection:
 
     def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext) -> None:
         self.ws = ws
-        self.ctx = ctx
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
         self.limiter = ctx.new_connection_limiter()

@@ -21,8 +21,7 @@ from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_req
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import fake_settings
-from tests.fake_triton import FakeTriton, fake_triton
-from tests.test_pipeline import identity_composite
+from tests.fake_triton import FakeTriton, fake_triton, identity_composite
 
 T = TypeVar("T")
 AVATAR = "synthetic"

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from gateway.audio_features import (
     CHUNK_BYTES,
@@ -78,7 +79,7 @@ def test_window_of_chunks_and_of_a_computed_window() -> None:
     pcm = b"".join(speechlike(16, seed=3))
     rows = np.ones((16, 512), np.float32)
 
-    async def body() -> tuple[np.ndarray, np.ndarray]:
+    async def body() -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         with pytest.raises(BadRequest, match="audio_len=20478"):
             await extractor.window(WindowChunks(pcm[:-2]))
         return await extractor.window(WindowChunks(pcm)), await extractor.window(FeatureWindow(rows))

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from gateway.errors import TritonUnavailable
 from gateway.inference import GuardedInference
@@ -59,7 +60,7 @@ def lifecycle(fake: FakeTriton, clock: Clock | None = None, **kwargs: object) ->
     return ModelLifecycle(fake, clock=clock or Clock(), **kwargs)  # type: ignore[arg-type]
 
 
-def unet_inputs(n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def unet_inputs(n: int = 1) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
     crop = np.random.default_rng(n).integers(0, 256, (n, 320, 320, 3), dtype=np.uint8)
     return crop, np.zeros((n, 16, 512), np.float32)
 

@@ -1,7 +1,7 @@
 """`gateway.pipeline.FramePipeline` through the in-process fake Triton (identity UNet): the
 composited JPEG, the window it sends, precise errors, admission, live audio, and outcome metrics
-counted once per frame. The reference composite is written out here with OpenCV (docs/REFERENCE.md
-s.2 steps 2-8), independently of `lipsync.frames`.
+counted once per frame. The reference composite (`tests.fake_triton.identity_composite`) is
+written out with OpenCV (docs/REFERENCE.md s.2 steps 2-8), independently of `lipsync.frames`.
 """
 from __future__ import annotations
 
@@ -10,38 +10,39 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import cv2
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
-from gateway.audio_features import WINDOW_CHUNK_BYTES, FeatureWindow, WindowChunks, pcm_mel_windows
+from gateway.audio_features import (
+    WINDOW_CHUNK_BYTES,
+    FeatureWindow,
+    WindowChunks,
+    pcm_mel_windows,
+)
 from gateway.context import GatewayContext
-from gateway.errors import BadRequest, FrameOutOfRange, Overloaded, TritonUnavailable, UnknownAvatar
+from gateway.errors import (
+    BadRequest,
+    FrameOutOfRange,
+    Overloaded,
+    TritonUnavailable,
+    UnknownAvatar,
+)
 from gateway.frame_request import FrameRequest
 from tests.fake_gateway import fake_context
-from tests.fake_triton import FakeTriton, fake_triton, slice_encoder
+from tests.fake_triton import FakeTriton, fake_triton, identity_composite, slice_encoder
 
 T = TypeVar("T")
 AVATAR = "synthetic"
 MODEL = f"lipsync_{AVATAR}"
 
 
-def reference_window(features: np.ndarray, i: int) -> np.ndarray:
+def reference_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
     """Rows i-8 .. i+7 of ``features``, zeros outside (docs/REFERENCE.md s.2 step 6)."""
     out = np.zeros((16, features.shape[1]), np.float32)
     for r in range(16):
         if 0 <= i - 8 + r < len(features):
             out[r] = features[i - 8 + r]
-    return out
-
-
-def identity_composite(frame: np.ndarray, rect: np.ndarray) -> np.ndarray:
-    """The composite of the identity prediction (pred = the inner crop), with OpenCV."""
-    x1, y1, x2, y2 = (int(v) for v in rect)
-    crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
-    crop[4:324, 4:324] = crop[4:324, 4:324].copy()  # the prediction pasted into the crop
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
     return out
 
 
