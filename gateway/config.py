@@ -69,9 +69,8 @@ class GatewaySettings(BaseSettings):
     )
     triton_control_key: SecretStr | None = Field(
         None,
-        description=f"key sent in the `{CONTROL_KEY_HEADER}` header of model-control calls "
-        "(load_model), for a Triton started with --grpc-restricted-protocol="
-        f"model-repository:{CONTROL_KEY_HEADER}=<key>; unset: no header",
+        description="key sent with model-control calls (load_model), for a Triton started with "
+        f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}=<key>; unset: none sent",
     )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
 

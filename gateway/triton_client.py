@@ -14,9 +14,11 @@ its channel: no readiness, no retries, no batching policy. Every call carries it
 a call past it raises `TritonDeadline`, any other failure `TritonUnavailable` (both
 `gateway.errors`), with Triton's status and message.
 
-Model-control calls (``load_model``) carry the header `CONTROL_KEY_HEADER` when a key is set,
-for a Triton whose model-repository protocol is restricted with
-``--grpc-restricted-protocol=model-repository:lipsync-model-control=<key>``.
+Model-control calls (``load_model``) carry the key when one is set, for a Triton whose
+model-repository protocol is restricted with
+``--grpc-restricted-protocol=model-repository:lipsync-model-control=<key>``: Triton expects it in
+the gRPC metadata ``triton-grpc-protocol-lipsync-model-control`` (its gRPC front end prefixes
+the restricted key with `GRPC_RESTRICTED_PREFIX`; over HTTP the header is the key's name alone).
 """
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ from gateway.errors import TritonDeadline, TritonUnavailable
 from lipsync.contract import ENCODER_FEATURE, ENCODER_MEL, UNET_AUDIO, UNET_CROP, UNET_PRED, TensorSpec
 
 CONTROL_KEY_HEADER = "lipsync-model-control"
-"""Request header carrying `GatewaySettings.triton_control_key` on model-control calls."""
+"""The restricted-protocol key name (``--grpc-restricted-protocol=...:<this>=<key>``) whose value
+is `GatewaySettings.triton_control_key`."""
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
+"""What Triton's gRPC front end puts before a restricted key name to get the metadata key."""
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _CHANNEL_ARGS = [
@@ -140,7 +145,7 @@ class TritonGrpcClient:
         timeout_s: deadline of one inference call, queueing in Triton included (s).
         probe_timeout_s: deadline of ``server_live``, ``model_ready``, ``max_batch_size`` (s).
         load_timeout_s: deadline of ``load_model`` (s).
-        control_key: value of the `CONTROL_KEY_HEADER` header on ``load_model`` (None: none).
+        control_key: the model-control key sent with ``load_model`` (None: none; module doc).
 
     Create it inside the running event loop; `close` it at the end.
     """
@@ -158,7 +163,9 @@ class TritonGrpcClient:
         self.timeout_s = timeout_s
         self.probe_timeout_s = probe_timeout_s
         self.load_timeout_s = load_timeout_s
-        self._control_headers = {CONTROL_KEY_HEADER: control_key} if control_key else None
+        self._control_headers = (
+            {GRPC_RESTRICTED_PREFIX + CONTROL_KEY_HEADER: control_key} if control_key else None
+        )
         self._client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
     async def close(self) -> None:

@@ -1,7 +1,8 @@
 """`gateway.triton_client.TritonGrpcClient` over a real gRPC channel to an in-process server that
 speaks Triton's ``GRPCInferenceService`` (the servicer shipped in ``tritonclient``): the control
-key header, the error kinds the lifecycle tells apart, and the contract checks on answers. The
-real server is tested in tests/test_robustness.py."""
+key metadata, the error kinds the lifecycle tells apart, and the contract checks on answers; and,
+against the real tritonserver with its model-repository protocol restricted by key, that the
+gateway loads models with the key and only with it."""
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,10 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from gateway.errors import TritonDeadline, TritonUnavailable
+from gateway.model_lifecycle import ModelLifecycle, ModelPhase
 from gateway.triton_client import CONTROL_KEY_HEADER, TritonGrpcClient
 from lipsync.triton_local import free_ports
+from tests.fixtures_triton import StartTriton
 
 T = TypeVar("T")
 
@@ -74,10 +77,8 @@ def test_load_model_sends_the_control_key_only_when_set(key: str | None) -> None
                 await client.load_model("broken")
         finally:
             await client.close()
-        if key is None:
-            assert CONTROL_KEY_HEADER not in servicer.metadata["lipsync_a"]
-        else:
-            assert servicer.metadata["lipsync_a"][CONTROL_KEY_HEADER] == key
+        sent = {k: v for k, v in servicer.metadata["lipsync_a"].items() if CONTROL_KEY_HEADER in k}
+        assert sent == ({} if key is None else {f"triton-grpc-protocol-{CONTROL_KEY_HEADER}": key})
 
     with_server(body)
 
@@ -117,3 +118,26 @@ def test_an_answer_of_the_wrong_shape_is_refused() -> None:
             await client.close()
 
     with_server(body)
+
+
+def test_restricted_triton_loads_models_with_the_key_only(start_triton: StartTriton, demo_package: Any) -> None:
+    from lipsync.paths import MODEL_REPOSITORY_CPU
+
+    key = "k" * 64
+    restricted = f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}={key}"
+    server = start_triton(MODEL_REPOSITORY_CPU, load_models=("audio_encoder",), extra_args=[restricted])
+    model = demo_package.manifest.model_name
+
+    async def register(control_key: str | None) -> tuple[ModelPhase, str | None]:
+        client = TritonGrpcClient(server.grpc_url, control_key=control_key, load_timeout_s=120.0)
+        try:
+            status = (await ModelLifecycle(client).register(model)).models[model]
+            return status.phase, status.error
+        finally:
+            await client.close()
+
+    phase, error = asyncio.run(register(None))
+    assert phase is ModelPhase.UNAVAILABLE and "restricted" in (error or ""), error
+    phase, error = asyncio.run(register("wrong"))
+    assert phase is ModelPhase.UNAVAILABLE and "restricted" in (error or ""), error
+    assert asyncio.run(register(key)) == (ModelPhase.READY, None)
