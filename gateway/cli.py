@@ -304,10 +304,10 @@ async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> Non
         log.info("ready: avatars %s; open http://%s:%d/ and press Play",
                  names, _display_host(server.settings.host), server.http_port)
     elif not stop.is_set():
-        status = ctx.triton.status()
+        snapshot = ctx.lifecycle.snapshot()
         log.warning(
-            "not ready after %.0f s (Triton ready=%s, models %s, avatars %s); see /readyz",
-            timeout_s, status.server_ready, status.models, ctx.store.names() or "none",
+            "not ready after %.0f s (%s; avatars %s); see /readyz",
+            timeout_s, snapshot.reason() or "Triton ready", ctx.store.names() or "none",
         )
 
 

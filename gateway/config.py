@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.triton_client import CONTROL_KEY_HEADER
 from lipsync.contract import AUDIO_ENCODER_MODEL, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, TRITON_GRPC_PORT
 from lipsync.paths import PACKAGES_DIR
 
@@ -32,7 +33,7 @@ class GatewaySettings(BaseSettings):
     # --- output ---------------------------------------------------------------------------------
     jpeg_quality: int = Field(85, ge=1, le=100, description="JPEG quality of returned frames")
     jpeg_encoder: Literal["simplejpeg", "opencv"] = Field(
-        "simplejpeg", description="JPEG encoder (simplejpeg falls back to OpenCV if missing)"
+        "simplejpeg", description="JPEG encoder (simplejpeg: libjpeg-turbo; opencv: cv2.imencode)"
     )
     jpeg_subsampling: Literal["auto", "420", "422", "444"] = Field(
         "auto", description="chroma subsampling; auto = 4:4:4 at quality >= 90, else 4:2:0"
@@ -65,6 +66,11 @@ class GatewaySettings(BaseSettings):
     )
     triton_load_models: bool = Field(
         True, description="ask Triton (explicit model control) to load each avatar's model"
+    )
+    triton_control_key: SecretStr | None = Field(
+        None,
+        description="key sent with model-control calls (load_model), for a Triton started with "
+        f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}=<key>; unset: none sent",
     )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
 

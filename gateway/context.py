@@ -2,24 +2,31 @@
 
 Built once by `GatewayServer` (or a test) inside the running event loop with
 `GatewayContext.create(settings)`; both the gRPC service and the aiohttp app
-(`gateway.http_app`) receive it.
+(`gateway.http_app`) receive it. The Triton side is three objects (docs/ARCHITECTURE.md):
+the stateless client (`gateway.triton_client`), the model lifecycle
+(`gateway.model_lifecycle`) and the guarded facade the pipeline calls (`gateway.inference`).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
 from gateway.config import GatewaySettings
+from gateway.inference import GuardedInference
 from gateway.jpeg import make_encoder
 from gateway.metrics import GatewayMetrics
+from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
-from gateway.triton import TritonClient
+from gateway.triton_client import TritonClient, TritonGrpcClient
 
 log = logging.getLogger(__name__)
+
+ReadyWatcher = Callable[[bool], None]
 
 
 @dataclass
@@ -29,63 +36,86 @@ class GatewayContext:
     Attributes:
         settings: the configuration.
         metrics: Prometheus series (own registry).
-        triton: async Triton client with its readiness monitor.
+        client: the stateless Triton client (`TritonGrpcClient`: one channel).
+        lifecycle: Triton's server and model states.
         store: loaded avatars.
-        pipeline: the frame renderer.
-        audio: live-audio feature extractor (Triton ``audio_encoder``).
+        pipeline: the frame renderer (the one entry point for frames).
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
     """
 
     settings: GatewaySettings
     metrics: GatewayMetrics
-    triton: TritonClient
+    client: TritonClient
+    lifecycle: ModelLifecycle
     store: AvatarStore
     pipeline: FramePipeline
-    audio: AudioFeatureExtractor
     executor: ThreadPoolExecutor
     started_at: float
+    _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
+    _last_ready: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    async def create(cls, settings: GatewaySettings) -> "GatewayContext":
-        """Build and start everything: Triton client + monitor, then load every package.
+    async def create(cls, settings: GatewaySettings, client: TritonClient | None = None) -> GatewayContext:
+        """Build and start everything: Triton client and lifecycle, then load every package.
 
         Must run inside the event loop that will serve requests. Never fails because Triton
         is down: the gateway starts not-ready and becomes ready when Triton is. If loading
-        the packages fails otherwise (or is cancelled), the Triton client is closed again.
+        the packages fails otherwise (or is cancelled), the lifecycle and client are closed.
+
+        Args:
+            settings: the configuration.
+            client: the Triton client to use (default: a `TritonGrpcClient` on
+                ``settings.triton_url``; the fast tests pass an in-process fake).
         """
         metrics = GatewayMetrics()
-        triton = TritonClient(
-            settings.triton_url,
-            timeout_s=settings.triton_timeout_s,
-            probe_timeout_s=settings.triton_probe_timeout_s,
-            load_timeout_s=settings.triton_load_timeout_s,
-            poll_interval_s=settings.triton_poll_interval_s,
-            load_models=settings.triton_load_models,
-            metrics=metrics,
+        if client is None:
+            key = settings.triton_control_key
+            client = TritonGrpcClient(
+                settings.triton_url,
+                timeout_s=settings.triton_timeout_s,
+                probe_timeout_s=settings.triton_probe_timeout_s,
+                load_timeout_s=settings.triton_load_timeout_s,
+                control_key=key.get_secret_value() if key is not None else None,
+            )
+        lifecycle = ModelLifecycle(
+            client, probe_interval_s=settings.triton_poll_interval_s, load_models=settings.triton_load_models
         )
-        await triton.start()
-        store = AvatarStore(settings.packages_root, triton)
+        lifecycle.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
+        store = AvatarStore(settings.packages_root, lifecycle)
         try:
+            await lifecycle.start()
             await store.load_all()
-            await triton.register_model(settings.audio_encoder_model, required=False)
-        except BaseException:  # do not leave the monitor task and the channel behind
-            await triton.close()
+            await lifecycle.register(settings.audio_encoder_model, required=False)
+        except BaseException:  # do not leave the probe task and the channel behind
+            await lifecycle.close()
+            await client.close()
             raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
         encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
-        admission = AdmissionControl(settings.max_in_flight_total, metrics)
-        pipeline = FramePipeline(store, triton, encoder, executor, admission, metrics)
+        inference = GuardedInference(client, lifecycle)
+        pipeline = FramePipeline(
+            store,
+            inference,
+            AudioFeatureExtractor(inference, settings.audio_encoder_model),
+            encoder,
+            executor,
+            AdmissionControl(settings.max_in_flight_total, metrics),
+            metrics,
+        )
         ctx = cls(
             settings=settings,
             metrics=metrics,
-            triton=triton,
+            client=client,
+            lifecycle=lifecycle,
             store=store,
             pipeline=pipeline,
-            audio=AudioFeatureExtractor(triton, settings.audio_encoder_model),
             executor=executor,
             started_at=time.time(),
         )
+        ctx._last_ready = ctx.ready()
+        lifecycle.subscribe(ctx._state_changed)
+        store.subscribe(lambda: ctx._state_changed(lifecycle.snapshot()))
         log.info(
             "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
             ctx.ready(), len(store), ", ".join(store.names()) or "none",
@@ -94,8 +124,28 @@ class GatewayContext:
         return ctx
 
     def ready(self) -> bool:
-        """True when Triton is ready with every avatar model loaded and an avatar is served."""
-        return self.triton.ready and len(self.store) > 0
+        """Gateway readiness (docs/GLOSSARY.md): Triton ready with every avatar's model, and at
+        least one avatar loaded."""
+        return self.lifecycle.snapshot().ready and len(self.store) > 0
+
+    def watch_ready(self, watcher: ReadyWatcher) -> Callable[[], None]:
+        """Call ``watcher(ready)`` now and whenever `ready` changes (Triton's state or the set
+        of avatars), on the event loop.
+
+        Returns:
+            A function that stops the calls.
+        """
+        self._ready_watchers.append(watcher)
+        watcher(self.ready())
+        return lambda: self._ready_watchers.remove(watcher)
+
+    def _state_changed(self, snapshot: LifecycleSnapshot) -> None:
+        ready = snapshot.ready and len(self.store) > 0
+        if ready == self._last_ready:
+            return
+        self._last_ready = ready
+        for watcher in list(self._ready_watchers):
+            watcher(ready)
 
     def uptime_s(self) -> float:
         """Seconds since the context was created."""
@@ -106,6 +156,7 @@ class GatewayContext:
         return ConnectionLimiter(self.settings.max_in_flight_per_connection)
 
     async def close(self) -> None:
-        """Stop the Triton monitor, close the channel, shut the thread pool down."""
-        await self.triton.close()
+        """Stop the lifecycle's probe, close the channel, shut the thread pool down."""
+        await self.lifecycle.close()
+        await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

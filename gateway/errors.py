@@ -61,3 +61,11 @@ class TritonUnavailable(GatewayError):
 
     code = "triton_unavailable"
     http_status = 503
+
+
+class TritonDeadline(TritonUnavailable):
+    """A Triton call ran past its deadline (gRPC ``DEADLINE_EXCEEDED``).
+
+    Same code as `TritonUnavailable` for callers; the model lifecycle tells it apart because a
+    slow answer from a busy server is not an outage (`gateway.model_lifecycle`).
+    """

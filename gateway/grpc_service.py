@@ -7,25 +7,28 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   frame_out_of_range, bad_request, overloaded, triton_unavailable, package_rejected).
   Only ``GetStats`` (whose response has no error field) answers an unknown avatar with the
   gRPC status NOT_FOUND.
-- ``frame_id`` everywhere is an audio feature row ``0 .. M-1``; the video frame is walked
-  ping-pong (`Avatar.video_index`). ``frame_count`` in answers is M (the frame_id range).
+- ``model_name`` carries the avatar name; ``frame_id`` everywhere is an output frame
+  ``0 .. M-1`` (feature rows); the video frame is walked ping-pong (`Avatar.video_index`).
+  ``frame_count`` in answers is M (the frame_id range). Wire names stay in this module; each
+  frame request is decoded into a `gateway.frame_request.FrameRequest` for the pipeline.
 - ``StreamInference`` answers in request order; up to ``max_in_flight_per_connection`` frames
   of one stream are rendered concurrently (pipelined); beyond that the stream's next request
   is not read until the oldest answer is sent (back-pressure, bounded memory).
 - ``GenerateBatchInference`` renders its frames concurrently under the same per-call limit.
 - ``GenerateBatchWithAudio``: see `gateway.audio_features` for the chunk -> mel window ->
-  feature row mapping; frame ``k`` shows video frame ``start_frame_id + k`` (ping-pong) with
-  audio rows ``k .. k+15``.
+  feature row mapping (computed once per request); frame ``k`` shows video frame
+  ``start_frame_id + k`` (ping-pong) with the window of rows ``k .. k+15``.
 
 Also served: ``grpc.health.v1.Health`` (overall and ``optimized_lipsyncsrv.OptimizedLipSyncService``:
-SERVING when `GatewayContext.ready`, else NOT_SERVING) and server reflection.
+SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed on every change) and server
+reflection.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -33,8 +36,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from gateway.audio_features import LiveAudio
 from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
+from gateway.frame_request import FrameRequest, WireProtocol
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
 from lipsync.frames import mask_inner
 from proto import lipsync_pb2 as pb
@@ -52,7 +57,7 @@ OPTIMIZATIONS = (
     "memory_mapped_audio_features",
     "composite_jpeg_thread_pool",
 )
-PROTOCOL = "grpc"
+PROTOCOL: WireProtocol = "grpc"
 INT32_MAX = 2**31 - 1
 """Largest ``frame_id`` the proto's int32 fields can carry."""
 
@@ -66,7 +71,7 @@ def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
     return pb.OptimizedInferenceResponse(
         success=True,
         prediction_data=frame.jpeg,
-        bounds=list(frame.bounds),
+        bounds=list(frame.rect),
         processing_time_ms=_ms(frame.total_ms),
         model_name=frame.avatar,
         frame_id=frame.frame_id,
@@ -78,7 +83,7 @@ def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
     )
 
 
-def error_response(model_name: str, frame_id: int, exc: GatewayError, t0: float) -> pb.OptimizedInferenceResponse:
+def error_response(avatar: str, frame_id: int, exc: GatewayError, t0: float) -> pb.OptimizedInferenceResponse:
     """A failed ``OptimizedInferenceResponse`` carrying ``"<code>: <message>"``.
 
     ``t0`` is the request's start (``time.perf_counter()``, s); the time since goes to
@@ -87,7 +92,7 @@ def error_response(model_name: str, frame_id: int, exc: GatewayError, t0: float)
     return pb.OptimizedInferenceResponse(
         success=False,
         error=str(exc),
-        model_name=model_name,
+        model_name=avatar,
         frame_id=frame_id,
         processing_time_ms=_ms((time.perf_counter() - t0) * 1e3),
     )
@@ -101,25 +106,21 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         self.pipeline: FramePipeline = ctx.pipeline
 
     # ------------------------------------------------------------------ frames
-    async def _render(
-        self, model_name: str, frame_id: int, **kwargs: object
-    ) -> pb.OptimizedInferenceResponse:
+    async def _render(self, request: FrameRequest) -> pb.OptimizedInferenceResponse:
         t0 = time.perf_counter()
         try:
-            frame = await self.pipeline.render(model_name, frame_id, protocol=PROTOCOL, **kwargs)  # type: ignore[arg-type]
+            frame = await self.pipeline.render(request, protocol=PROTOCOL)
         except GatewayError as exc:
-            return error_response(model_name, frame_id, exc, t0)
+            return error_response(request.avatar, request.frame_id, exc, t0)
         return frame_response(frame)
 
-    async def _render_limited(
-        self, limiter: ConnectionLimiter, model_name: str, frame_id: int, **kwargs: object
-    ) -> pb.OptimizedInferenceResponse:
+    async def _render_limited(self, limiter: ConnectionLimiter, request: FrameRequest) -> pb.OptimizedInferenceResponse:
         async with limiter.slot(wait=True):
-            return await self._render(model_name, frame_id, **kwargs)
+            return await self._render(request)
 
     async def GenerateInference(self, request: pb.OptimizedInferenceRequest, context: grpc.aio.ServicerContext) -> pb.OptimizedInferenceResponse:  # noqa: N802
         """One frame (in-band errors)."""
-        return await self._render(request.model_name, request.frame_id)
+        return await self._render(FrameRequest(request.model_name, request.frame_id))
 
     def _batch_response(self, responses: list[pb.OptimizedInferenceResponse], t0: float) -> pb.BatchInferenceResponse:
         total_ms = (time.perf_counter() - t0) * 1e3
@@ -134,6 +135,20 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         if n < 1 or n > limit:
             raise BadRequest(f"a batch must ask for 1..{limit} frames, got {n}")
 
+    async def _render_batch(
+        self, avatar: str, frame_ids: list[int], audio: Sequence[LiveAudio] | None = None
+    ) -> list[pb.OptimizedInferenceResponse]:
+        """Frames rendered concurrently under one per-call limit; answers in request order."""
+        limiter = self.ctx.new_connection_limiter()
+        return list(
+            await asyncio.gather(
+                *(
+                    self._render_limited(limiter, FrameRequest(avatar, fid, audio[k] if audio else None))
+                    for k, fid in enumerate(frame_ids)
+                )
+            )
+        )
+
     async def GenerateBatchInference(self, request: pb.BatchInferenceRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:  # noqa: N802
         """Several frames rendered concurrently (per-call limit); answers in request order."""
         t0 = time.perf_counter()
@@ -141,44 +156,31 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         try:
             self._check_batch_size(len(ids))
         except GatewayError as exc:
-            self.ctx.metrics.record_outcome(PROTOCOL, exc.code)
+            self.pipeline.record_refused(PROTOCOL, exc)
             return self._batch_response([error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0)
-        limiter = self.ctx.new_connection_limiter()
-        responses = await asyncio.gather(
-            *(self._render_limited(limiter, request.model_name, fid) for fid in ids)
-        )
-        return self._batch_response(list(responses), t0)
+        return self._batch_response(await self._render_batch(request.model_name, ids), t0)
 
     async def GenerateBatchWithAudio(self, request: pb.BatchInferenceWithAudioRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:  # noqa: N802
         """Frames driven by the request's audio chunks (see module doc)."""
         t0 = time.perf_counter()
-        name, start, count = request.model_name, request.start_frame_id, request.frame_count
+        avatar, start, frames = request.model_name, request.start_frame_id, request.frame_count
         try:
-            self._check_batch_size(count)
-            avatar = self.ctx.store.get(name)
-            if start < 0:
-                self.pipeline.validate_frame_id(avatar, start, rows=0)
-            if start + count - 1 > INT32_MAX:
+            self._check_batch_size(frames)
+            # before the audio encoder runs: the avatar, and a start it can show
+            self.pipeline.validate(avatar, start, live_audio=True)
+            if start + frames - 1 > INT32_MAX:
                 raise FrameOutOfRange(
-                    f"start_frame_id {start} + frame_count {count} runs past the largest "
+                    f"start_frame_id {start} + frame_count {frames} runs past the largest "
                     f"frame_id {INT32_MAX} (int32)"
                 )
-            feats = await self.ctx.audio.features_from_chunks(list(request.audio_chunks), count)
+            windows = await self.pipeline.audio.batch_windows(list(request.audio_chunks), frames)
         except GatewayError as exc:
             # one error answer per asked frame, as far as its frame_id fits the int32 field
-            n = min(max(count, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)
-            self.ctx.metrics.record_outcome(PROTOCOL, exc.code)
-            return self._batch_response(
-                [error_response(name, start + k, exc, t0) for k in range(n)], t0
-            )
-        limiter = self.ctx.new_connection_limiter()
-        responses = await asyncio.gather(
-            *(
-                self._render_limited(limiter, name, start + k, window=np.ascontiguousarray(feats[k : k + 16]))
-                for k in range(count)
-            )
-        )
-        return self._batch_response(list(responses), t0)
+            n = min(max(frames, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)
+            self.pipeline.record_refused(PROTOCOL, exc)
+            return self._batch_response([error_response(avatar, start + k, exc, t0) for k in range(n)], t0)
+        ids = [start + k for k in range(frames)]
+        return self._batch_response(await self._render_batch(avatar, ids, windows), t0)
 
     async def StreamInference(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: grpc.aio.ServicerContext
@@ -191,7 +193,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             try:
                 async for req in request_iterator:
                     await limiter.acquire(wait=True)  # released when the answer is sent
-                    task = asyncio.create_task(self._render(req.model_name, req.frame_id))
+                    task = asyncio.create_task(self._render(FrameRequest(req.model_name, req.frame_id)))
                     pending.put_nowait(task)
             finally:
                 pending.put_nowait(None)
@@ -233,11 +235,11 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                 initialization_time_ms=_ms((time.perf_counter() - t0) * 1e3),
                 device=self.ctx.settings.device,
             )
-        model_ok = self.ctx.triton.model_ready(avatar.model_name)
+        model_ok = self.ctx.lifecycle.snapshot().model_ready(avatar.model)
         message = (
-            f"avatar {avatar.name!r} loaded: {avatar.frame_count} video frames "
+            f"avatar {avatar.name!r} loaded: {avatar.video_frames} video frames "
             f"{avatar.width}x{avatar.height}, {avatar.feature_rows} feature rows; Triton model "
-            f"{avatar.model_name} " + ("ready" if model_ok else "NOT ready yet (Triton down or loading; retried)")
+            f"{avatar.model} " + ("ready" if model_ok else "NOT ready yet (Triton down or loading; retried)")
         )
         return pb.LoadPackageResponse(
             success=True,
@@ -289,7 +291,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         elif not self.ctx.store.names():
             status = "NOT_SERVING: no avatar loaded"
         else:
-            status = f"NOT_SERVING: {self.ctx.triton.status().last_error or 'Triton not ready'}"
+            status = f"NOT_SERVING: {self.ctx.lifecycle.snapshot().reason() or 'Triton not ready'}"
         return pb.HealthResponse(
             healthy=ready,
             status=status,
@@ -300,8 +302,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
     async def GetVideoFrame(self, request: pb.GetVideoFrameRequest, context: grpc.aio.ServicerContext) -> pb.GetVideoFrameResponse:  # noqa: N802
         """The source video frame of ``frame_id`` (ping-pong) as JPEG, no inference."""
         try:
-            avatar = self.ctx.store.get(request.model_name)
-            self.pipeline.validate_frame_id(avatar, request.frame_id)
+            avatar = self.pipeline.validate(request.model_name, request.frame_id)
             v = avatar.video_index(request.frame_id)
             kind = request.video_type or "full_body"
             if kind == "full_body":
@@ -337,46 +338,57 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
 
 
 class HealthReporter:
-    """Keeps ``grpc.health.v1`` in step with `GatewayContext.ready` (polled every 0.25 s)."""
+    """Keeps ``grpc.health.v1`` in step with `GatewayContext.ready`.
 
-    def __init__(self, ctx: GatewayContext, servicer: health_aio.HealthServicer, interval_s: float = 0.25) -> None:
+    `GatewayContext.watch_ready` pushes every change; one task applies them in order (the aio
+    servicer's ``set`` is a coroutine), so there is no polling.
+    """
+
+    def __init__(self, ctx: GatewayContext, servicer: health_aio.HealthServicer) -> None:
         self.ctx = ctx
         self.servicer = servicer
-        self.interval_s = interval_s
+        self._wanted = False
+        self._published: bool | None = None
+        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._last: bool | None = None
+        self._unwatch: Callable[[], None] | None = None
 
-    async def update(self) -> None:
-        """Publish the current readiness if it changed."""
-        ready = self.ctx.ready()
-        if ready == self._last:
+    def _on_ready(self, ready: bool) -> None:
+        self._wanted = ready
+        self._changed.set()
+
+    async def _publish(self) -> None:
+        ready = self._wanted
+        if ready == self._published:
             return
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.servicer.set(service, status)
-        self._last = ready
+        self._published = ready
 
     async def _loop(self) -> None:
         while True:
+            await self._changed.wait()
+            self._changed.clear()
             try:
-                await self.update()
-            except Exception:  # noqa: BLE001 - keep reporting
+                await self._publish()
+            except Exception:  # keep reporting
                 log.exception("updating grpc health failed")
-            await asyncio.sleep(self.interval_s)
 
     async def start(self) -> None:
-        """Publish once, then keep publishing in the background."""
-        await self.update()
+        """Publish the current readiness, then every change."""
+        self._unwatch = self.ctx.watch_ready(self._on_ready)
+        await self._publish()
         self._task = asyncio.create_task(self._loop(), name="grpc-health")
 
     async def stop(self) -> None:
-        """Stop the background task."""
+        """Stop following readiness."""
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
 

@@ -27,10 +27,14 @@ error reply and the connection keeps serving. Only a message over the transport 
 WebSocket close code 1009 (message too big). When the gateway stops, open connections are
 closed with code 1001 (going away).
 
-Live audio: a request with ``audio_len > 0`` carries the frame's own audio window, 16 chunks
-of 40 ms 16 kHz mono int16 PCM (20480 bytes: 8 past, the frame's chunk, 7 lookahead); the
-gateway turns it into features with Triton's ``audio_encoder`` and renders the frame with them
-instead of the package's ``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
+Live audio: a request with ``audio_len > 0`` carries the 16 chunks behind the frame's own
+window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8 past, the frame's chunk, 7
+lookahead; checked by `gateway.audio_features.check_window_chunks`); the gateway turns them into
+features with Triton's ``audio_encoder`` and renders the frame with them instead of the
+package's ``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
+
+Each adapter here decodes its wire format into a `gateway.frame_request.FrameRequest` and hands
+it to `gateway.pipeline.FramePipeline.render`, which validates, renders and counts the outcome.
 
 HTTP errors are JSON ``{"error": code, "message": text}`` with the status of the
 `gateway.errors.GatewayError` subclass.
@@ -40,22 +44,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
-from numpy.typing import NDArray
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.audio_features import CHUNK_BYTES, expected_chunks
-from gateway.errors import BadRequest, GatewayError, UnknownAvatar
+from gateway.audio_features import WindowChunks
+from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
+from gateway.frame_request import FrameRequest
+from gateway.model_lifecycle import ModelPhase
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
-    FrameRequest,
     ProtocolError,
     decode_request,
     encode_error_reply,
@@ -76,47 +78,7 @@ TRANSPORT_CAP_FACTOR = 4
 the two limits gets an error reply; beyond the cap aiohttp closes with code 1009."""
 
 CONTEXT_KEY: web.AppKey[GatewayContext] = web.AppKey("lipsync_context")
-WS_METRICS_KEY: web.AppKey[WsMetrics] = web.AppKey("lipsync_ws_metrics")
 WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_open")
-
-LIVE_AUDIO_BYTES = expected_chunks(1) * CHUNK_BYTES
-"""Audio bytes a live-audio WebSocket request carries: 16 chunks x 1280 bytes = 20480."""
-
-
-class WsMetrics:
-    """WebSocket-specific series, registered in the gateway's own registry.
-
-    - ``lipsync_gateway_ws_connections``: open WebSocket connections;
-    - ``lipsync_gateway_ws_messages_total{kind}``: messages received, kind = binary | text |
-      oversized (error reply) | too_big (connection closed, 1009).
-
-    Frame outcomes, errors by code and stage latencies are counted in `GatewayMetrics` with
-    ``protocol="ws"``.
-    """
-
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, WsMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.connections = Gauge(
-            "lipsync_gateway_ws_connections", "Open WebSocket connections", registry=registry
-        )
-        self.messages = Counter(
-            "lipsync_gateway_ws_messages",
-            "WebSocket messages received, by kind",
-            ["kind"],
-            registry=registry,
-        )
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry) -> WsMetrics:
-        """The one `WsMetrics` of ``registry`` (created on first use)."""
-        metrics = cls._by_registry.get(registry)
-        if metrics is None:
-            metrics = cls(registry)
-            cls._by_registry[registry] = metrics
-        return metrics
 
 
 # ------------------------------------------------------------------------------ WebSocket
@@ -125,10 +87,10 @@ class WsMetrics:
 class _WsConnection:
     """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
 
-    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext, wsm: WsMetrics) -> None:
+    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext) -> None:
         self.ws = ws
-        self.ctx = ctx
-        self.wsm = wsm
+        self.pipeline = ctx.pipeline
+        self.messages = ctx.metrics.ws_messages
         self.limiter = ctx.new_connection_limiter()
         self.max_bytes = ctx.settings.ws_max_message_bytes
         self.tasks: set[asyncio.Task[None]] = set()
@@ -140,8 +102,8 @@ class _WsConnection:
                 if msg.type == WSMsgType.BINARY:
                     await self._on_binary(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    self.wsm.messages.labels(kind="text").inc()
-                    await self._reject(
+                    self.messages.labels(kind="text").inc()
+                    await self._refuse(
                         BadRequest(
                             "text messages are not part of the protocol; send binary "
                             "[name_len u32][name][frame_id u32][audio_len u32][audio]"
@@ -151,7 +113,7 @@ class _WsConnection:
                     )
                 elif msg.type == WSMsgType.ERROR:
                     # aiohttp already closed the connection (1009 for a too-big message).
-                    self.wsm.messages.labels(kind="too_big").inc()
+                    self.messages.labels(kind="too_big").inc()
                     log.warning("WebSocket connection closed: %s", msg.data)
                     break
         finally:
@@ -163,8 +125,8 @@ class _WsConnection:
     async def _on_binary(self, data: bytes) -> None:
         started = time.perf_counter()
         if len(data) > self.max_bytes:
-            self.wsm.messages.labels(kind="oversized").inc()
-            await self._reject(
+            self.messages.labels(kind="oversized").inc()
+            await self._refuse(
                 BadRequest(
                     f"message of {len(data)} bytes exceeds the limit of {self.max_bytes} bytes "
                     "(LIPSYNC_WS_MAX_MESSAGE_BYTES)"
@@ -173,20 +135,17 @@ class _WsConnection:
                 started=started,
             )
             return
-        self.wsm.messages.labels(kind="binary").inc()
+        self.messages.labels(kind="binary").inc()
         try:
-            request = decode_request(
-                data, max_name_bytes=MAX_NAME_BYTES, max_audio_bytes=self.max_bytes
-            )
-            if request.audio:  # fail fast, before the audio encoder runs
-                check_live_audio(request.audio)
-                self.ctx.store.get(request.avatar)
-            await self.limiter.acquire(wait=False)
+            wire = decode_request(data, max_name_bytes=MAX_NAME_BYTES, max_audio_bytes=self.max_bytes)
         except ProtocolError as exc:
-            await self._reject(exc, frame_id=exc.frame_id, started=started)
+            await self._refuse(exc, frame_id=exc.frame_id, started=started)
             return
-        except GatewayError as exc:  # bad audio length, unknown avatar, Overloaded
-            await self._reject(exc, frame_id=request.frame_id, started=started)
+        request = FrameRequest(wire.avatar, wire.frame_id, WindowChunks(wire.audio) if wire.audio else None)
+        try:
+            await self.limiter.acquire(wait=False)
+        except Overloaded as exc:
+            await self._refuse(exc, frame_id=request.frame_id, started=started)
             return
         task = asyncio.create_task(self._render(request, started))
         self.tasks.add(task)
@@ -194,18 +153,11 @@ class _WsConnection:
 
     async def _render(self, request: FrameRequest, started: float) -> None:
         try:
-            window = None
-            if request.audio:
-                window = await live_audio_window(self.ctx, request.audio)
-            frame = await self.ctx.pipeline.render(
-                request.avatar, request.frame_id, window=window, protocol="ws"
-            )
+            frame = await self.pipeline.render(request, protocol="ws")
         except GatewayError as exc:
-            # render() and live_audio_window() counted the failure in the metrics.
             await self._reply_error(exc, request.frame_id, started)
             return
-        except Exception as exc:  # a bug: answer, log, keep the connection
-            log.exception("WebSocket frame %r/%d failed", request.avatar, request.frame_id)
+        except Exception as exc:  # a bug (the pipeline logged it): answer, keep the connection
             await self._reply_error(
                 GatewayError(f"{type(exc).__name__}: {exc}"), request.frame_id, started
             )
@@ -213,13 +165,11 @@ class _WsConnection:
         finally:
             self.limiter.release()
         elapsed_ms = (time.perf_counter() - started) * 1e3
-        await self._send(
-            encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.bounds)
-        )
+        await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
 
-    async def _reject(self, exc: GatewayError, *, frame_id: int, started: float) -> None:
-        """Count a request refused before the pipeline and send its error reply."""
-        self.ctx.metrics.record_outcome("ws", exc.code)
+    async def _refuse(self, exc: GatewayError, *, frame_id: int, started: float) -> None:
+        """Count a message refused before the pipeline and send its error reply."""
+        self.pipeline.record_refused("ws", exc)
         await self._reply_error(exc, frame_id, started)
 
     async def _reply_error(self, exc: GatewayError, frame_id: int, started: float) -> None:
@@ -235,45 +185,9 @@ class _WsConnection:
             log.debug("WebSocket reply dropped, connection gone: %s", exc)
 
 
-def check_live_audio(audio: bytes) -> None:
-    """Validate the audio of a WebSocket request (live audio).
-
-    The audio must be the frame's whole window: ``8 + 1 + 7 = 16`` chunks of 40 ms of 16 kHz
-    mono int16 little-endian PCM (1280 bytes each, 20480 bytes in all): 8 chunks before the
-    frame's own chunk, the chunk itself, 7 chunks of lookahead (REFERENCE.md s.2 step 6, s.4;
-    the same mapping as gRPC ``GenerateBatchWithAudio`` with ``frame_count=1``).
-
-    Raises:
-        BadRequest: any other length, with the expected one in the message.
-    """
-    if len(audio) != LIVE_AUDIO_BYTES:
-        raise BadRequest(
-            f"audio_len={len(audio)}: live audio must be {expected_chunks(1)} chunks of 40 ms "
-            f"16 kHz mono int16 PCM ({CHUNK_BYTES} bytes each) = {LIVE_AUDIO_BYTES} bytes "
-            "(8 past + the frame's own + 7 lookahead); send audio_len=0 to use the avatar's "
-            "own audio"
-        )
-
-
-async def live_audio_window(ctx: GatewayContext, audio: bytes) -> NDArray[np.float32]:
-    """Feature window float32 ``[16, 512]`` of a request's live audio (Triton audio encoder).
-
-    Raises:
-        BadRequest: wrong length (see `check_live_audio`).
-        TritonUnavailable: the ``audio_encoder`` model is not served.
-    """
-    chunks = [audio[i : i + CHUNK_BYTES] for i in range(0, len(audio), CHUNK_BYTES)]
-    try:
-        return await ctx.audio.features_from_chunks(chunks, 1)
-    except GatewayError as exc:
-        ctx.metrics.record_outcome("ws", exc.code)
-        raise
-
-
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """``GET /ws``: serve one WebSocket connection (see the module docstring)."""
     ctx = request.app[CONTEXT_KEY]
-    wsm = request.app[WS_METRICS_KEY]
     ws = web.WebSocketResponse(
         max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
         heartbeat=30.0,
@@ -282,12 +196,12 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     open_ws = request.app[WS_OPEN_KEY]
     open_ws.add(ws)
-    wsm.connections.inc()
+    ctx.metrics.ws_connections.inc()
     try:
-        await _WsConnection(ws, ctx, wsm).serve()
+        await _WsConnection(ws, ctx).serve()
     finally:
         open_ws.discard(ws)
-        wsm.connections.dec()
+        ctx.metrics.ws_connections.dec()
     return ws
 
 
@@ -297,7 +211,8 @@ async def _close_websockets(app: web.Application) -> None:
     Without it the runner's cleanup would wait for each connection's handler until its
     shutdown timeout (60 s), so stopping the gateway with a page open would hang.
     """
-    for ws in list(app[WS_OPEN_KEY]):
+    open_ws = app[WS_OPEN_KEY]
+    for ws in list(open_ws):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
 
 
@@ -310,11 +225,11 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
     rows = avatar.feature_rows
     return {
         "name": avatar.name,
-        "model_name": avatar.model_name,
+        "model_name": avatar.model,
         "fps": avatar.fps,
         "width": avatar.width,
         "height": avatar.height,
-        "frame_count": avatar.frame_count,
+        "frame_count": avatar.video_frames,
         "output_frames": rows,
         "duration_s": rows / avatar.fps if avatar.fps else 0.0,
         "trained": weights.trained,
@@ -355,19 +270,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: 200 when Triton is ready and avatars are loaded, else 503 + reason."""
+    """``GET /readyz``: 200 when the gateway is ready (docs/GLOSSARY.md), else 503 + reason.
+
+    The body gives the Triton endpoint's state as the model lifecycle last published it:
+    ``server`` (unknown | live | down) and each model's phase (``model_states``);
+    ``server_ready`` and ``models`` (model -> ready) are the older, boolean form of the same.
+    """
     ctx = request.app[CONTEXT_KEY]
-    status = ctx.triton.status()
+    snapshot = ctx.lifecycle.snapshot()
     avatars = ctx.store.names()
     reasons: list[str] = []
-    if not status.server_ready:
+    if not snapshot.live:
         reasons.append(
-            f"Triton at {status.url} is not ready"
-            + (f" ({status.last_error})" if status.last_error else "")
+            f"Triton at {snapshot.url} is not ready"
+            + (f" ({snapshot.server_error})" if snapshot.server_error else "")
         )
-    avatar_models = {a.model_name for a in ctx.store.avatars()}
-    not_loaded = sorted(m for m, ok in status.models.items() if not ok and m in avatar_models)
-    if status.server_ready and not_loaded:
+    avatar_models = {a.model for a in ctx.store.avatars()}
+    not_loaded = sorted(
+        m for m, s in snapshot.models.items() if m in avatar_models and s.phase is not ModelPhase.READY
+    )
+    if snapshot.live and not_loaded:
         reasons.append(f"avatar models not loaded in Triton: {', '.join(not_loaded)}")
     if not avatars:
         reasons.append(f"no avatar loaded from {ctx.store.packages_root}")
@@ -377,7 +299,13 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "ready": ready,
         "reason": "; ".join(reasons) if reasons else None,
-        "triton": {"url": status.url, "server_ready": status.server_ready, "models": status.models},
+        "triton": {
+            "url": snapshot.url,
+            "server": snapshot.server.value,
+            "server_ready": snapshot.live,
+            "models": {m: snapshot.model_ready(m) for m in snapshot.models},
+            "model_states": {m: s.phase.value for m, s in snapshot.models.items()},
+        },
         "avatars": avatars,
     }
     return web.json_response(body, status=200 if ready else 503)
@@ -417,13 +345,13 @@ async def avatar_frame(request: web.Request) -> web.Response:
         frame_id = int(raw)
     except ValueError:
         raise BadRequest(f"frame_id {raw!r} is not an integer") from None
-    frame = await ctx.pipeline.render(request.match_info["name"], frame_id, protocol="http")
+    frame = await ctx.pipeline.render(FrameRequest(request.match_info["name"], frame_id), protocol="http")
     return web.Response(
         body=frame.jpeg,
         content_type="image/jpeg",
         headers={
             "X-Processing-Ms": f"{(time.perf_counter() - started) * 1e3:.1f}",
-            "X-Bounds": ",".join(f"{b:g}" for b in frame.bounds),
+            "X-Bounds": ",".join(f"{b:g}" for b in frame.rect),
         },
     )
 
@@ -440,7 +368,7 @@ async def stats(request: web.Request) -> web.Response:
             "avg_inference_ms": round(s.avg_inference_ms, 2),
             "min_inference_ms": round(s.min_inference_ms, 2),
             "max_inference_ms": round(s.inference_ms_max, 2),
-            "frame_count": avatar.frame_count,
+            "frame_count": avatar.video_frames,
             "output_frames": avatar.feature_rows,
         }
     return web.json_response(
@@ -473,7 +401,6 @@ def create_app(ctx: GatewayContext) -> web.Application:
     """
     app = web.Application(middlewares=[_errors_as_json])
     app[CONTEXT_KEY] = ctx
-    app[WS_METRICS_KEY] = WsMetrics.for_registry(ctx.metrics.registry)
     app[WS_OPEN_KEY] = set()
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)

@@ -9,14 +9,12 @@ encoder in its thread pool (see `gateway.pipeline`); both libraries release the 
 """
 from __future__ import annotations
 
-import logging
 from typing import Literal, Protocol
 
 import cv2
 import numpy as np
+import simplejpeg
 from numpy.typing import NDArray
-
-log = logging.getLogger(__name__)
 
 EncoderName = Literal["simplejpeg", "opencv"]
 Subsampling = Literal["auto", "420", "422", "444"]
@@ -65,17 +63,15 @@ class SimpleJpegEncoder:
     name = "simplejpeg"
 
     def __init__(self, quality: int = 85, subsampling: Subsampling = "auto") -> None:
-        import simplejpeg  # imported here so a missing wheel falls back cleanly
-
-        self._encode = simplejpeg.encode_jpeg
         self.quality = quality
         self.subsampling = resolve_subsampling(subsampling, quality)
 
     def encode(self, bgr: NDArray[np.uint8]) -> bytes:
         """Encode uint8 ``[H, W, 3]`` BGR to JPEG bytes."""
-        return self._encode(
+        jpeg: bytes = simplejpeg.encode_jpeg(
             _check(bgr), quality=self.quality, colorspace="BGR", colorsubsampling=self.subsampling
         )
+        return jpeg
 
 
 class OpenCvJpegEncoder:
@@ -102,7 +98,7 @@ class OpenCvJpegEncoder:
 def make_encoder(
     name: EncoderName = "simplejpeg", quality: int = 85, subsampling: Subsampling = "auto"
 ) -> JpegEncoder:
-    """Build the named encoder; ``simplejpeg`` falls back to OpenCV when not installed.
+    """Build the named encoder.
 
     Args:
         name: ``"simplejpeg"`` or ``"opencv"``.
@@ -115,23 +111,7 @@ def make_encoder(
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     if name == "simplejpeg":
-        try:
-            return SimpleJpegEncoder(quality, subsampling)
-        except ImportError:
-            log.warning("simplejpeg is not installed; using OpenCV's JPEG encoder")
-            return OpenCvJpegEncoder(quality, subsampling)
+        return SimpleJpegEncoder(quality, subsampling)
     if name == "opencv":
         return OpenCvJpegEncoder(quality, subsampling)
     raise ValueError(f"unknown JPEG encoder {name!r} (choose simplejpeg or opencv)")
-
-
-def decode_bgr(jpeg: bytes) -> NDArray[np.uint8]:
-    """Decode JPEG bytes to uint8 ``[H, W, 3]`` BGR (for tests and tools).
-
-    Raises:
-        ValueError: the bytes are not a decodable image.
-    """
-    img = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"not a decodable JPEG ({len(jpeg)} bytes)")
-    return img

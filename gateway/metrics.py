@@ -12,7 +12,13 @@ Series (all names prefixed ``lipsync_gateway_``):
 - ``stage_latency_seconds{stage}``: histogram per stage: prepare | inference | paste | jpeg |
   composite (= paste + jpeg) | total;
 - ``in_flight``: frames currently being rendered;
-- ``triton_ready``: 1 when Triton is ready and every avatar's model is loaded, else 0.
+- ``triton_ready``: 1 when Triton is live and every avatar's model is ready, else 0 (set by a
+  subscriber of `gateway.model_lifecycle.ModelLifecycle`);
+- ``ws_connections``: open WebSocket connections;
+- ``ws_messages_total{kind}``: WebSocket messages received, kind = binary | text | oversized
+  (answered with an error) | too_big (over the transport cap: connection closed with 1009).
+
+Outcomes are counted by `gateway.pipeline.FramePipeline`, once per request.
 """
 from __future__ import annotations
 
@@ -58,6 +64,15 @@ class GatewayMetrics:
         self.triton_ready = Gauge(
             "lipsync_gateway_triton_ready",
             "1 when Triton is ready with every avatar model loaded, else 0",
+            registry=self.registry,
+        )
+        self.ws_connections = Gauge(
+            "lipsync_gateway_ws_connections", "Open WebSocket connections", registry=self.registry
+        )
+        self.ws_messages = Counter(
+            "lipsync_gateway_ws_messages",
+            "WebSocket messages received, by kind",
+            ["kind"],
             registry=self.registry,
         )
 

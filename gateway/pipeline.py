@@ -1,20 +1,29 @@
-"""`FramePipeline`: one frame from (avatar, frame_id) to a composited JPEG.
+"""`FramePipeline`: the one entry point from a `FrameRequest` to a composited JPEG.
 
-Stages of `FramePipeline.render` (REFERENCE.md s.2), with what each recorded time covers:
+The protocol adapters decode their wire format into a `gateway.frame_request.FrameRequest` and
+call `FramePipeline.render`, which runs these stages (docs/REFERENCE.md s.2), with what each
+recorded time covers:
 
-1. **validate**: the avatar exists (`UnknownAvatar`), ``frame_id`` is in range
-   (`FrameOutOfRange`, negatives included), a global in-flight slot is free (`Overloaded`).
+1. **validate**: a global in-flight slot is free (`Overloaded`), the avatar exists
+   (`UnknownAvatar`, looked up once), ``frame_id`` is in range (`FrameOutOfRange`, negatives
+   included; `Avatar.check_frame_id`).
 2. **prepare** (``prepare_ms``): the video frame ``pingpong_index(frame_id, N)``, its
-   precomputed inner crop uint8 ``[1, 320, 320, 3]`` (a view, no copy) and the 16-row audio
-   window float32 ``[1, 16, 512]`` (rows frame_id-8 .. frame_id+7, zeros outside).
+   precomputed inner crop uint8 ``[1, 320, 320, 3]`` (a view, no copy) and the window float32
+   ``[1, 16, 512]``: feature rows frame_id-8 .. frame_id+7 of the package (zeros outside), or
+   the request's live audio (`AudioFeatureExtractor.window`, which checks it and runs the audio
+   encoder for raw chunks).
 3. **inference** (``inference_ms``): one async Triton call; calls from all streams run
    concurrently so Triton's dynamic batcher batches them.
 4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode, run in a
    `ThreadPoolExecutor` so the event loop never blocks; it is the wall time of that step,
-   thread-pool wait included. ``paste_ms`` and ``jpeg_ms`` split it (measured in the thread).
+   thread-pool wait included; the ``paste`` and ``jpeg`` histograms split it (measured in the
+   thread).
 
-``total_ms`` is the wall time of the whole call. Each stage also goes to the Prometheus
-histograms of `gateway.metrics`.
+``total_ms`` is the wall time of the whole call. Each stage goes to the Prometheus histograms
+of `gateway.metrics`, and the outcome (ok or the error code) is counted there exactly once per
+request: by `render`, or by `FramePipeline.record_refused` for a request an adapter refused
+before it became a `FrameRequest` (undecodable message, batch too large, a connection's
+in-flight limit).
 
 Admission: `AdmissionControl` caps frames in flight in the whole gateway and refuses at once
 (`Overloaded`) beyond it; `ConnectionLimiter` caps one connection's frames in flight (the
@@ -26,52 +35,51 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.errors import BadRequest, FrameOutOfRange, GatewayError, Overloaded
+from gateway.audio_features import AudioFeatureExtractor
+from gateway.errors import GatewayError, Overloaded
+from gateway.frame_request import FrameRequest, WireProtocol
 from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
-from gateway.triton import TritonClient
-from lipsync.contract import FEATURE_DIM, WINDOW_ROWS
+from gateway.triton_client import InferenceClient
 from lipsync.frames import audio_window, paste_back
 
 log = logging.getLogger(__name__)
 
+_CANCELLED = "cancelled"
+"""Not an outcome: the frame's client went away; nothing is counted."""
 
-@dataclass
+
+@dataclass(frozen=True)
 class RenderedFrame:
     """One rendered frame.
 
     Attributes:
         avatar: avatar name.
-        frame_id: the requested frame id (audio feature row index).
-        jpeg: JPEG of the full composited frame (BGR source, 4:2:0).
-        bounds: crop rectangle ``(x1, y1, x2, y2)`` px of the video frame used.
+        frame_id: the requested output frame.
+        jpeg: JPEG of the full composited frame (BGR source).
+        rect: crop rectangle ``(x1, y1, x2, y2)`` px of the video frame shown.
         width, height: frame size (px).
         prepare_ms, inference_ms, composite_ms, total_ms: stage times (ms), see module doc.
-        video_frame: the video frame index used (ping-pong).
-        paste_ms, jpeg_ms: the two parts of ``composite_ms`` measured in the worker (ms).
     """
 
     avatar: str
     frame_id: int
     jpeg: bytes
-    bounds: tuple[float, float, float, float]
+    rect: tuple[float, float, float, float]
     width: int
     height: int
     prepare_ms: float
     inference_ms: float
     composite_ms: float
     total_ms: float
-    video_frame: int = 0
-    paste_ms: float = 0.0
-    jpeg_ms: float = 0.0
 
 
 class AdmissionControl:
@@ -88,7 +96,7 @@ class AdmissionControl:
         self._metrics = metrics
 
     @contextlib.contextmanager
-    def slot(self):  # type: ignore[no-untyped-def]
+    def slot(self) -> Iterator[None]:
         """Hold one global slot for the block.
 
         Raises:
@@ -154,11 +162,12 @@ class ConnectionLimiter:
 
 
 class FramePipeline:
-    """Renders frames: prepare -> Triton -> paste back + JPEG (thread pool).
+    """Renders frames: validate -> prepare -> Triton -> paste back + JPEG (thread pool).
 
     Args:
         store: the loaded avatars.
-        triton: the Triton client.
+        inference: where the UNet runs (the gateway's `gateway.inference.GuardedInference`).
+        audio: turns a request's live audio into its window.
         encoder: the JPEG encoder (quality fixed in it).
         executor: thread pool for paste back + JPEG.
         admission: the global in-flight cap.
@@ -168,41 +177,43 @@ class FramePipeline:
     def __init__(
         self,
         store: AvatarStore,
-        triton: TritonClient,
+        inference: InferenceClient,
+        audio: AudioFeatureExtractor,
         encoder: JpegEncoder,
         executor: ThreadPoolExecutor,
         admission: AdmissionControl,
         metrics: GatewayMetrics,
     ) -> None:
         self.store = store
-        self.triton = triton
+        self.inference = inference
+        self.audio = audio
         self.encoder = encoder
         self.executor = executor
         self.admission = admission
         self.metrics = metrics
 
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def validate_frame_id(avatar: Avatar, frame_id: int, rows: int | None = None) -> None:
-        """Check ``0 <= frame_id < rows`` (default rows: the avatar's feature rows M).
-
-        ``rows`` = 0 means "no upper bound" (live audio supplies its own window).
+    def validate(self, avatar: str, frame_id: int, *, live_audio: bool = False) -> Avatar:
+        """The avatar called ``avatar``, once ``frame_id`` is checked against it.
 
         Raises:
-            FrameOutOfRange: with the valid range in the message.
+            UnknownAvatar: no such avatar is loaded.
+            FrameOutOfRange: see `Avatar.check_frame_id`.
         """
-        limit = avatar.feature_rows if rows is None else rows
-        if frame_id < 0 or (limit and frame_id >= limit):
-            rng = f"0..{limit - 1}" if limit else ">= 0"
-            raise FrameOutOfRange(
-                f"frame_id {frame_id} is out of range for avatar {avatar.name!r} "
-                f"(valid: {rng}; {avatar.feature_rows} audio feature rows, "
-                f"{avatar.frame_count} video frames walked ping-pong)"
-            )
+        found = self.store.get(avatar)
+        found.check_frame_id(frame_id, live_audio=live_audio)
+        return found
 
-    def _composite(
-        self, avatar: Avatar, v: int, pred: NDArray[np.uint8]
-    ) -> tuple[bytes, float, float]:
+    def record_refused(self, protocol: WireProtocol, error: GatewayError) -> None:
+        """Count a request an adapter refused before it became a `FrameRequest` (module doc)."""
+        self.metrics.record_outcome(protocol, error.code)
+
+    async def encode(self, image: NDArray[np.uint8]) -> bytes:
+        """JPEG-encode a uint8 ``[H, W, 3]`` BGR image in the thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.encoder.encode, image)
+
+    def _composite(self, avatar: Avatar, v: int, pred: NDArray[np.uint8]) -> tuple[bytes, float, float]:
+        """Paste back + JPEG of video frame ``v`` (worker thread); also the two times (ms)."""
         t0 = time.perf_counter()
         frame = paste_back(avatar.frames[v], avatar.rects[v], avatar.crops[v], pred)
         t1 = time.perf_counter()
@@ -210,115 +221,78 @@ class FramePipeline:
         t2 = time.perf_counter()
         return jpeg, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
-    async def encode(self, image: NDArray[np.uint8]) -> bytes:
-        """JPEG-encode a uint8 ``[H, W, 3]`` BGR image in the thread pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.encoder.encode, image)
+    async def render(self, request: FrameRequest, *, protocol: WireProtocol) -> RenderedFrame:
+        """Render one frame as a composited JPEG and count its outcome (module doc).
 
-    # ------------------------------------------------------------------ render
-    async def render(
-        self,
-        avatar: str,
-        frame_id: int,
-        *,
-        features: NDArray[np.float32] | None = None,
-        window: NDArray[np.float32] | None = None,
-        protocol: str = "internal",
-    ) -> RenderedFrame:
-        """Render frame ``frame_id`` of ``avatar`` as a composited JPEG.
+        A frame cancelled because its client went away is neither ok nor an error: not counted.
 
         Args:
-            avatar: avatar name (or its Triton model name).
-            frame_id: audio feature row index, ``0 <= frame_id < M``; the video frame is
-                ``pingpong_index(frame_id, N)``.
-            features: float32 ``[M', 512]`` features replacing the package's ``aud_ave.npy``
-                (live audio); ``frame_id`` must then be ``< M'``.
-            window: float32 ``[16, 512]``, the audio window itself (live audio already
-                windowed, e.g. ``GenerateBatchWithAudio``); ``frame_id`` then only picks the
-                video frame and needs ``>= 0``.
-            protocol: label for metrics: ``grpc``, ``ws``, ``http``.
+            request: what to render.
+            protocol: the metrics label of the adapter calling.
 
         Returns:
             A `RenderedFrame`.
 
         Raises:
-            UnknownAvatar, FrameOutOfRange, BadRequest, Overloaded, TritonUnavailable
-            (all `gateway.errors.GatewayError`).
+            Overloaded, UnknownAvatar, FrameOutOfRange, BadRequest (live audio of a wrong
+            length), TritonUnavailable: all `gateway.errors.GatewayError`.
         """
         t_start = time.perf_counter()
-        av: Avatar | None = None
+        avatar: Avatar | None = None
+        outcome: str | None = GatewayError.code  # the error code ("internal" for a bug); None once rendered
         try:
             with self.admission.slot():
-                av = self.store.get(avatar)
-                frame_id = int(frame_id)
-                if window is not None:
-                    if window.shape != (WINDOW_ROWS, FEATURE_DIM):
-                        raise BadRequest(f"audio window must be [16, 512], got {list(window.shape)}")
-                    self.validate_frame_id(av, frame_id, rows=0)
-                elif features is not None:
-                    if features.ndim != 2 or features.shape[1] != FEATURE_DIM:
-                        raise BadRequest(f"audio features must be [M, 512], got {list(features.shape)}")
-                    self.validate_frame_id(av, frame_id, rows=int(features.shape[0]))
-                else:
-                    self.validate_frame_id(av, frame_id)
-
+                avatar = self.store.get(request.avatar)
+                avatar.check_frame_id(request.frame_id, live_audio=request.audio is not None)
                 # prepare
                 t0 = time.perf_counter()
-                v = av.video_index(frame_id)
-                crop = av.inners[v : v + 1]  # [1, 320, 320, 3] contiguous view
-                if window is not None:
-                    audio = np.asarray(window, dtype=np.float32)[None]
+                v = avatar.video_index(request.frame_id)
+                crop = avatar.inners[v : v + 1]  # [1, 320, 320, 3] contiguous view
+                if request.audio is None:
+                    window = audio_window(avatar.features, request.frame_id)
                 else:
-                    src = av.features if features is None else features
-                    audio = audio_window(src, frame_id)[None]
+                    window = await self.audio.window(request.audio)
                 t1 = time.perf_counter()
-
                 # inference
-                pred = await self.triton.infer_unet(av.model_name, crop, audio)
+                pred = await self.inference.infer_unet(avatar.model, crop, window[None])
                 t2 = time.perf_counter()
-
                 # composite: paste back + JPEG in the thread pool
                 loop = asyncio.get_running_loop()
                 jpeg, paste_ms, jpeg_ms = await loop.run_in_executor(
-                    self.executor, self._composite, av, v, pred[0]
+                    self.executor, self._composite, avatar, v, pred[0]
                 )
                 t3 = time.perf_counter()
+            frame = RenderedFrame(
+                avatar=avatar.name,
+                frame_id=request.frame_id,
+                jpeg=jpeg,
+                rect=avatar.rect(v),
+                width=avatar.width,
+                height=avatar.height,
+                prepare_ms=(t1 - t0) * 1e3,
+                inference_ms=(t2 - t1) * 1e3,
+                composite_ms=(t3 - t2) * 1e3,
+                total_ms=(t3 - t_start) * 1e3,
+            )
+            outcome = None
         except GatewayError as exc:
-            self.metrics.record_outcome(protocol, exc.code)
-            if av is not None:
-                av.stats.record_error()
+            outcome = exc.code
+            raise
+        except asyncio.CancelledError:
+            outcome = _CANCELLED
             raise
         except Exception:
-            self.metrics.record_outcome(protocol, "internal")
-            log.exception("rendering frame %s of %r failed", frame_id, avatar)
+            log.exception("rendering frame %s of %r failed", request.frame_id, request.avatar)
             raise
-        # A frame cancelled by a client disconnect is neither ok nor an error: not counted.
-        self.metrics.record_outcome(protocol, None)
-
-        prepare_ms = (t1 - t0) * 1e3
-        inference_ms = (t2 - t1) * 1e3
-        composite_ms = (t3 - t2) * 1e3
-        total_ms = (t3 - t_start) * 1e3
-        av.stats.record(inference_ms)
-        m = self.metrics
-        m.observe_stage("prepare", prepare_ms)
-        m.observe_stage("inference", inference_ms)
-        m.observe_stage("paste", paste_ms)
-        m.observe_stage("jpeg", jpeg_ms)
-        m.observe_stage("composite", composite_ms)
-        m.observe_stage("total", total_ms)
-        return RenderedFrame(
-            avatar=av.name,
-            frame_id=frame_id,
-            jpeg=jpeg,
-            bounds=av.bounds(v),
-            width=av.width,
-            height=av.height,
-            prepare_ms=prepare_ms,
-            inference_ms=inference_ms,
-            composite_ms=composite_ms,
-            total_ms=total_ms,
-            video_frame=v,
-            paste_ms=paste_ms,
-            jpeg_ms=jpeg_ms,
-        )
+        finally:
+            if outcome != _CANCELLED:
+                self.metrics.record_outcome(protocol, outcome)
+                if outcome is not None and avatar is not None:
+                    avatar.stats.record_error()
+        avatar.stats.record(frame.inference_ms)
+        for stage, ms in (
+            ("prepare", frame.prepare_ms), ("inference", frame.inference_ms), ("paste", paste_ms),
+            ("jpeg", jpeg_ms), ("composite", frame.composite_ms), ("total", frame.total_ms),
+        ):
+            self.metrics.observe_stage(stage, ms)
+        return frame

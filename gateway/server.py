@@ -10,7 +10,6 @@ Ports 0 pick free ports; the bound ones are in ``grpc_port`` / ``http_port`` aft
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -20,6 +19,7 @@ from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.grpc_service import HealthReporter, build_grpc_server
 from gateway.http_app import create_app
+from gateway.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,16 @@ class GatewayServer:
     Args:
         settings: the gateway configuration.
         grace_s: how long `stop` lets in-flight requests finish (s).
+        triton_client: the Triton client (default: one on ``settings.triton_url``; the fast
+            tests pass an in-process fake).
     """
 
-    def __init__(self, settings: GatewaySettings, *, grace_s: float = 2.0) -> None:
+    def __init__(
+        self, settings: GatewaySettings, *, grace_s: float = 2.0, triton_client: TritonClient | None = None
+    ) -> None:
         self.settings = settings
         self.grace_s = grace_s
+        self.triton_client = triton_client
         self.ctx: GatewayContext | None = None
         self.grpc_port: int = 0
         self.http_port: int = 0
@@ -63,7 +68,7 @@ class GatewayServer:
             OSError: a port cannot be bound.
         """
         s = self.settings
-        self.ctx = await GatewayContext.create(s)
+        self.ctx = await GatewayContext.create(s, self.triton_client)
         try:
             self._grpc, self._health = build_grpc_server(self.ctx)
             self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
@@ -102,11 +107,3 @@ class GatewayServer:
             await self.ctx.close()
             self.ctx = None
         log.info("gateway stopped")
-
-    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
-        """Start, wait until ``stop`` is set (or the task is cancelled), then stop."""
-        await self.start()
-        try:
-            await (stop.wait() if stop is not None else asyncio.Event().wait())
-        finally:
-            await self.stop()

@@ -3,7 +3,7 @@
 At start the store loads every package folder under the packages root with
 `lipsync.package.load_package` (which validates schema, shapes, checksums), and again on a
 ``LoadPackage`` call. For each avatar it precomputes, per *video* frame ``v``
-(REFERENCE.md s.2 steps 2-3):
+(docs/REFERENCE.md s.2 steps 2-3):
 
 - ``crops[v]``:  uint8 ``[328, 328, 3]``, the INTER_CUBIC-resized face crop to paste into;
 - ``inners[v]``: uint8 ``[320, 320, 3]`` C-contiguous copy of ``crops[v][4:324, 4:324]``, the
@@ -12,11 +12,11 @@ At start the store loads every package folder under the packages root with
 
 The audio features (``aud_ave.npy``, float32 ``[M, 512]``) stay the package's read-only memmap.
 A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame shown is
-``pingpong_index(frame_id, N)`` (REFERENCE.md s.2 step 9).
+``pingpong_index(frame_id, N)`` (docs/REFERENCE.md s.2 step 9; words as in docs/GLOSSARY.md).
 
-The store also asks Triton (explicit model-control mode) to load each avatar's model
-(``manifest.model_name``) and keeps it registered so the Triton monitor reloads it after a
-Triton restart.
+The store also registers each avatar's Triton model (``manifest.model_name``) with the model
+lifecycle (`gateway.model_lifecycle`), which loads it (explicit model-control mode) and keeps it
+loaded across Triton restarts. A package whose model a live Triton cannot serve is refused.
 """
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.errors import PackageRejected, UnknownAvatar
-from gateway.triton import TritonClient
-from lipsync.contract import MANIFEST_NAME
+from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
+from gateway.model_lifecycle import ModelLifecycle
+from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME
 from lipsync.frames import crop_328, inner_320, pingpong_index
 from lipsync.package import AvatarPackage, PackageError, load_package
 
@@ -79,18 +80,19 @@ class Avatar:
     """One preloaded avatar.
 
     Attributes:
-        name: the name clients use (``model_name`` in gRPC, the WebSocket ``name``).
-        model_name: the avatar's Triton model (``lipsync_<avatar>``).
+        name: the avatar name (``model_name`` in gRPC, the WebSocket ``name``).
+        model: the avatar's Triton model name (``lipsync_<avatar>``).
         package: the validated package (manifest, frames, rects, landmarks, features).
         crops: uint8 ``[N, 328, 328, 3]`` BGR.
         inners: uint8 ``[N, 320, 320, 3]`` BGR, C-contiguous.
-        rects: int32 ``[N, 4]`` ``(x1, y1, x2, y2)`` px.
+        rects: int32 ``[N, 4]`` crop rectangles ``(x1, y1, x2, y2)`` px.
         features: float32 ``[M, 512]`` read-only memmap (padded ``aud_ave.npy``).
         init_ms: time spent loading and precomputing (ms).
+        stats: its rendered-frame counters.
     """
 
     name: str
-    model_name: str
+    model: str
     package: AvatarPackage
     crops: NDArray[np.uint8]
     inners: NDArray[np.uint8]
@@ -105,7 +107,7 @@ class Avatar:
         return self.package.frames
 
     @property
-    def frame_count(self) -> int:
+    def video_frames(self) -> int:
         """Number of video frames N."""
         return int(self.package.frames.shape[0])
 
@@ -139,11 +141,29 @@ class Avatar:
         """Whether the package's weights are trained (the manifest's ``weights.trained``)."""
         return self.package.manifest.weights.trained
 
-    def video_index(self, frame_id: int) -> int:
-        """Video frame shown for ``frame_id`` (ping-pong, REFERENCE.md s.2 step 9)."""
-        return pingpong_index(frame_id, self.frame_count)
+    def check_frame_id(self, frame_id: int, *, live_audio: bool = False) -> None:
+        """Check that ``frame_id`` names an output frame of this avatar.
 
-    def bounds(self, video_index: int) -> tuple[float, float, float, float]:
+        With the package's audio, ``0 <= frame_id < M``. With live audio the request brings the
+        frame's window, so ``frame_id`` only picks the video frame: any ``frame_id >= 0``.
+
+        Raises:
+            FrameOutOfRange: with the valid range in the message.
+        """
+        if frame_id >= 0 and (live_audio or frame_id < self.feature_rows):
+            return
+        valid = ">= 0" if live_audio else f"0..{self.feature_rows - 1}"
+        raise FrameOutOfRange(
+            f"frame_id {frame_id} is out of range for avatar {self.name!r} "
+            f"(valid: {valid}; {self.feature_rows} audio feature rows, "
+            f"{self.video_frames} video frames walked ping-pong)"
+        )
+
+    def video_index(self, frame_id: int) -> int:
+        """Video frame shown for ``frame_id`` (ping-pong, docs/REFERENCE.md s.2 step 9)."""
+        return pingpong_index(frame_id, self.video_frames)
+
+    def rect(self, video_index: int) -> tuple[float, float, float, float]:
         """Crop rectangle ``(x1, y1, x2, y2)`` of a video frame, px as floats."""
         x1, y1, x2, y2 = (float(v) for v in self.rects[video_index])
         return (x1, y1, x2, y2)
@@ -172,8 +192,8 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
             f"package {package.root} has {n} frames and rects of shape {list(rects.shape)}; "
             f"need at least one frame and rects [N, 4]"
         )
-    crops = np.empty((n, 328, 328, 3), dtype=np.uint8)
-    inners = np.empty((n, 320, 320, 3), dtype=np.uint8)
+    crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    inners = np.empty((n, INNER_SIZE, INNER_SIZE, 3), dtype=np.uint8)
     for v in range(n):
         try:
             crops[v] = crop_328(frames[v], rects[v])
@@ -185,7 +205,7 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
         raise PackageRejected(f"package {package.root} has features of shape {list(features.shape)}")
     return Avatar(
         name=name or package.manifest.name,
-        model_name=package.manifest.model_name,
+        model=package.manifest.model_name,
         package=package,
         crops=crops,
         inners=inners,
@@ -196,19 +216,25 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
 
 
 class AvatarStore:
-    """The loaded avatars, by name, plus the model registration in Triton.
+    """The loaded avatars, by name, plus their models' registration with the lifecycle.
 
     Args:
         packages_root: folder holding one package folder per avatar; `LoadPackage` paths must
             resolve inside it.
-        triton: the gateway's Triton client (None: no model loading, for offline use).
+        lifecycle: the Triton endpoint's model lifecycle (None: no model registration, for
+            offline use).
     """
 
-    def __init__(self, packages_root: Path, triton: TritonClient | None) -> None:
+    def __init__(self, packages_root: Path, lifecycle: ModelLifecycle | None) -> None:
         self.packages_root = Path(packages_root).resolve()
-        self._triton = triton
+        self._lifecycle = lifecycle
         self._avatars: dict[str, Avatar] = {}
         self._aliases: dict[str, str] = {}
+        self._subscribers: list[Callable[[], None]] = []
+
+    def subscribe(self, subscriber: Callable[[], None]) -> None:
+        """Call ``subscriber()`` after every change of the set of avatars."""
+        self._subscribers.append(subscriber)
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> Avatar:
@@ -287,41 +313,47 @@ class AvatarStore:
             return prepare_avatar(package, name)
 
         avatar = await asyncio.to_thread(_load)
-        if self._triton is not None:
-            await self._register_model(avatar, path)
+        if self._lifecycle is not None:
+            await self._register_model(self._lifecycle, avatar, path)
         avatar.init_ms = (time.perf_counter() - t0) * 1e3
         old = self._avatars.get(avatar.name)
         if old is not None:
             avatar.stats = old.stats
         self._avatars[avatar.name] = avatar
-        self._aliases[avatar.model_name] = avatar.name
+        self._aliases[avatar.model] = avatar.name
+        for subscriber in self._subscribers:
+            subscriber()
         log.info(
             "avatar %r loaded from %s: %d video frames %dx%d, %d feature rows, model %s (%.0f ms)",
-            avatar.name, path, avatar.frame_count, avatar.width, avatar.height,
-            avatar.feature_rows, avatar.model_name, avatar.init_ms,
+            avatar.name, path, avatar.video_frames, avatar.width, avatar.height,
+            avatar.feature_rows, avatar.model, avatar.init_ms,
         )
         if not avatar.trained:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
         return avatar
 
-    async def _register_model(self, avatar: Avatar, path: Path) -> None:
-        """Have Triton load the avatar's model; refuse the package if a live Triton cannot.
+    async def _register_model(self, lifecycle: ModelLifecycle, avatar: Avatar, path: Path) -> None:
+        """Register the avatar's model; refuse the package if a live Triton cannot serve it.
 
-        When Triton is down the avatar is accepted: the monitor loads the model once Triton is
-        back, and the gateway reports not-ready until then.
+        When Triton is down the avatar is accepted: the lifecycle loads the model once Triton
+        is back, and the gateway reports not-ready until then.
+
+        Raises:
+            PackageRejected: Triton is live and the model is not ready after the load attempt.
         """
-        assert self._triton is not None
-        triton = self._triton
-        already = triton.model_ready(avatar.model_name)
-        await triton.register_model(avatar.model_name, required=True)
-        if triton.server_live and not triton.model_ready(avatar.model_name):
-            in_use = any(a.model_name == avatar.model_name for a in self._avatars.values())
+        model = avatar.model
+        already = lifecycle.snapshot().model_ready(model)
+        state = await lifecycle.register(model, required=True)
+        if state.live and not state.model_ready(model):
+            in_use = any(a.model == model for a in self._avatars.values())
             if not already and not in_use:
-                triton.unregister_model(avatar.model_name)
+                lifecycle.unregister(model)
+            status = state.models.get(model)
+            why = status.error if status is not None and status.error else "not ready"
             raise PackageRejected(
-                f"package {path}: Triton at {triton.url} cannot serve its model "
-                f"{avatar.model_name!r} ({triton.model_error(avatar.model_name) or 'not ready'}); "
-                f"export it into the model repository first (`lipsync export model-repo`)"
+                f"package {path}: Triton at {lifecycle.url} cannot serve its model "
+                f"{model!r} ({why}); export it into the model repository first "
+                "(`lipsync export model-repo`)"
             )
 
     async def load_all(self) -> list[Avatar]:

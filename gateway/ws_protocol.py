@@ -64,11 +64,11 @@ class ProtocolError(BadRequest):
 
 
 @dataclass(frozen=True, slots=True)
-class FrameRequest:
-    """One decoded request.
+class WsRequest:
+    """One decoded request (the HTTP app turns it into a `gateway.frame_request.FrameRequest`).
 
     Attributes:
-        avatar: avatar (Triton model) name, UTF-8 decoded.
+        avatar: the avatar name (the wire's ``name``), UTF-8 decoded.
         frame_id: requested output frame, 0 .. 2**32-1 (the gateway checks the avatar's range).
         audio: raw audio bytes sent with the request (empty = use the package's features).
     """
@@ -150,7 +150,7 @@ def decode_request(
     *,
     max_name_bytes: int = MAX_NAME_BYTES,
     max_audio_bytes: int = 1024 * 1024,
-) -> FrameRequest:
+) -> WsRequest:
     """Decode and validate one request message.
 
     Args:
@@ -159,7 +159,7 @@ def decode_request(
         max_audio_bytes: largest accepted audio length (bytes).
 
     Returns:
-        The decoded `FrameRequest` (audio may be non-empty; whether audio is supported is the
+        The decoded `WsRequest` (audio may be non-empty; whether audio is supported is the
         caller's decision).
 
     Raises:
@@ -207,7 +207,7 @@ def decode_request(
             f"audio_len={audio_len} bytes of audio (total {total} bytes)",
             frame_id,
         )
-    return FrameRequest(avatar=avatar, frame_id=frame_id, audio=bytes(buf[offset:]))
+    return WsRequest(avatar=avatar, frame_id=frame_id, audio=bytes(buf[offset:]))
 
 
 # --------------------------------------------------------------------------- replies

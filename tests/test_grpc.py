@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.audio_features import CHUNK_BYTES, chunk_mel_windows
-from gateway.jpeg import OpenCvJpegEncoder, SimpleJpegEncoder, decode_bgr
+from gateway.jpeg import OpenCvJpegEncoder, SimpleJpegEncoder
 from lipsync import audio as lipsync_audio
 from lipsync.paths import MODEL_REPOSITORY_CPU, REPO_ROOT, SPEECH_DIR
 from proto import lipsync_pb2 as pb
@@ -33,6 +33,13 @@ AVATAR = "demo"
 
 
 # ----------------------------------------------------------------------------- helpers
+def decode_bgr(jpeg: bytes) -> np.ndarray:
+    """JPEG bytes -> uint8 [H, W, 3] BGR (OpenCV)."""
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None, f"not a decodable JPEG ({len(jpeg)} bytes)"
+    return image
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR (dB) of two uint8 arrays of the same shape; inf when equal."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))

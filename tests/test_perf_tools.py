@@ -232,12 +232,13 @@ def test_loadgen_reports_an_unreachable_server() -> None:
 
 
 def test_baseline_renders_a_full_frame(demo_package: Any) -> None:
-    from gateway.jpeg import decode_bgr
+    import cv2
+
     from perf.baseline_server import load_engine
 
     engine = load_engine(Path(demo_package.root))
     out = engine.render(5)
-    img = decode_bgr(out.jpeg)
+    img = cv2.imdecode(np.frombuffer(out.jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == demo_package.frames.shape[1:]
     assert out.bounds == tuple(float(c) for c in demo_package.rects[5])
     x1, y1, x2, y2 = (int(c) for c in demo_package.rects[5])

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.http_app import LIVE_AUDIO_BYTES, TRANSPORT_CAP_FACTOR
+from gateway.audio_features import WINDOW_CHUNK_BYTES
+from gateway.http_app import TRANSPORT_CAP_FACTOR
 from gateway.ws_protocol import (
     U32_MAX,
     ErrorReply,
@@ -132,7 +133,7 @@ def test_concurrent_requests_on_one_connection_are_all_answered(url: str, demo_p
 def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
     """(case, payload, expected code, expected text in the message)."""
     demo = b"demo"
-    silence = b"\0" * LIVE_AUDIO_BYTES
+    silence = b"\0" * WINDOW_CHUNK_BYTES
     return [
         ("unknown avatar", encode_request("nobody", 0),
          "unknown_avatar", "'nobody' is not loaded"),
@@ -151,7 +152,7 @@ def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
         ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16,
          "bad_request", "exceeds the limit of 256 bytes"),
         ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000),
-         "bad_request", f"= {LIVE_AUDIO_BYTES} bytes"),
+         "bad_request", f"= {WINDOW_CHUNK_BYTES} bytes"),
         ("live audio, unknown avatar", encode_request("nobody", 1, silence),
          "unknown_avatar", "'nobody' is not loaded"),
     ]
@@ -262,11 +263,11 @@ def test_live_audio_changes_the_mouth_region(url: str, demo_package: Any) -> Non
     wavs = sorted(SPEECH_DIR.glob("*.wav"))
     assert wavs, f"no speech in {SPEECH_DIR}"
     speech = load_wav_16k_mono(wavs[0])
-    samples = LIVE_AUDIO_BYTES // 2
+    samples = WINDOW_CHUNK_BYTES // 2
     window = speech[16000 : 16000 + samples]  # 0.64 s of real speech from 1 s in
     assert window.size == samples
     speech_pcm = float_to_pcm16(window).astype("<i2").tobytes()
-    silence_pcm = b"\0" * LIVE_AUDIO_BYTES
+    silence_pcm = b"\0" * WINDOW_CHUNK_BYTES
     frame_id = 6
 
     async def body() -> list[FrameReply | ErrorReply]:
@@ -315,7 +316,7 @@ def test_triton_killed_then_restarted_websocket_and_readyz(
             t0 = time.monotonic()
             out["dead"] = await ask(ws, encode_request("demo", 2))
             out["dead_s"] = time.monotonic() - t0
-            await asyncio.sleep(1.5)  # the readiness monitor polls every 0.5 s
+            await asyncio.sleep(1.5)  # the model lifecycle probes Triton every 0.5 s
             out["readyz_dead"] = await asyncio.to_thread(readyz)
             await asyncio.to_thread(triton.start, 180.0)
             deadline = time.monotonic() + 120

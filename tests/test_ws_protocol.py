@@ -11,7 +11,7 @@ from gateway.ws_protocol import (
     U32_MAX,
     ErrorReply,
     FrameReply,
-    FrameRequest,
+    WsRequest,
     ProtocolError,
     decode_reply,
     decode_request,
@@ -30,7 +30,7 @@ def test_request_layout_is_little_endian_as_the_original_system() -> None:
 
 def test_request_round_trip() -> None:
     req = decode_request(encode_request("avatar_ü", U32_MAX, b"pcm!"))
-    assert req == FrameRequest(avatar="avatar_ü", frame_id=U32_MAX, audio=b"pcm!")
+    assert req == WsRequest(avatar="avatar_ü", frame_id=U32_MAX, audio=b"pcm!")
 
 
 def test_encode_request_rejects_negative_frame() -> None:

@@ -1,0 +1,32 @@
+"""`FrameRequest`: one frame asked for, whatever protocol it came in on.
+
+The protocol adapters (`gateway.grpc_service`, the WebSocket handler and the frame route of
+`gateway.http_app`) decode their wire format into this one type and hand it to
+`gateway.pipeline.FramePipeline.render`, which looks the avatar up, validates, renders and
+records the outcome. The words are those of docs/GLOSSARY.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.audio_features import LiveAudio
+
+WireProtocol = Literal["grpc", "ws", "http"]
+"""The protocol a request came in on (the ``protocol`` label of the gateway's metrics)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRequest:
+    """One output frame asked for.
+
+    Attributes:
+        avatar: the avatar name (``model_name`` in gRPC, ``name`` on the WebSocket).
+        frame_id: the output frame, ``0 <= frame_id < M`` with the package's audio; with live
+            audio any ``frame_id >= 0`` (it only picks the video frame, ping-pong).
+        audio: the frame's live audio, or None to use the package's feature rows.
+    """
+
+    avatar: str
+    frame_id: int
+    audio: LiveAudio | None = None

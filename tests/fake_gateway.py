@@ -1,0 +1,33 @@
+"""A whole gateway context against the in-process `tests.fake_triton.FakeTriton`, for the fast
+tier: the real store (packages from `make_package`), lifecycle, pipeline, JPEG encoder, metrics
+and protocol adapters; only Triton is the fake.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewaySettings
+from gateway.context import GatewayContext
+from tests.fake_triton import FakeTriton
+
+
+def fake_settings(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewaySettings:
+    """Settings for a gateway on the fake: loopback, free ports, JPEG q95, no periodic probe
+    (tests call `ModelLifecycle.probe_once` themselves), plus ``overrides``."""
+    values: dict[str, Any] = dict(
+        triton_url=fake.url,
+        host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        packages_root=packages_root,
+        jpeg_quality=95,
+        triton_poll_interval_s=3600.0,
+    )
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+async def fake_context(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewayContext:
+    """`GatewayContext.create` on the fake (inside the running loop; `close` it at the end)."""
+    return await GatewayContext.create(fake_settings(packages_root, fake, **overrides), fake)
