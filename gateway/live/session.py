@@ -9,8 +9,21 @@ iterates `frames()` and sends each item. Inside `frames()`:
    (Triton's dynamic batcher merges the calls of concurrent sessions);
 3. each slot is rendered as its own task (`render_speaking`, or `idle_frame` without inference);
 4. frames are yielded strictly in slot order. A speaking slot whose encoder call or render
-   failed, or whose render is not done by its deadline (`max(planned_at, due_at) +
-   render_timeout_s`), is sent as the idle frame of the same video frame, `late = True`;
+   failed, or whose render is not done by its deadline, is sent as the idle frame of the same
+   video frame, `late = True`. The deadline is `max(ready, due_at) + render_timeout_s`, `ready`
+   being when the slot could first be planned: its planning time, but at most its own audio's
+   arrival + `WINDOW_LOOKAHEAD_S` (0.45 s). So a slot planned late only because the session's
+   earlier renders held it back (Triton slower than real time) is not given a fresh timeout:
+   once its deadline has passed at planning it is sent idle and late without a Triton call,
+   and the stream catches up with the wall clock instead of lagging more and more. Nor is a
+   render started that is expected to miss its deadline: the session keeps a moving average
+   of the service time of its renders (the time from a render's start, or the previous
+   render's completion if later, to its completion: the interval at which Triton completes
+   this session's frames) and sends a slot idle and late at once when
+   `now + (renders in flight + 1) * service time > deadline`. Without that, every render of an
+   overloaded session would queue behind renders doomed to miss and miss in turn; with it the
+   session shows as many speaking frames as Triton renders in time. A slot past its deadline
+   has its render cancelled at once, head of the queue or not;
 5. `interrupt` turns every slot not yet yielded into an idle frame at once (not late).
 
 No slot is ever skipped or repeated: `seq` runs 0, 1, 2, ... until the timeline closes.
@@ -18,6 +31,7 @@ No slot is ever skipped or repeated: `seq` runs 0, 1, 2, ... until the timeline 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -31,7 +45,7 @@ from gateway.live.clock import Clock
 from gateway.live.features import AudioEncoder
 from gateway.live.segment import AudioSegment
 from gateway.live.settings import LiveSettings
-from gateway.live.timeline import Closed, Notice, SessionTimeline, SlotPlan, Wait
+from gateway.live.timeline import WINDOW_LOOKAHEAD_S, Closed, Notice, SessionTimeline, SlotPlan, Wait
 from gateway.live.types import RenderedFrame, Renderer, SessionNotice, SlotFrame
 
 logger = logging.getLogger(__name__)
@@ -66,6 +80,9 @@ class LiveSession:
         self._slots: deque[_Slot] = deque()
         self._input = asyncio.Event()
         self._interrupts = 0  # interrupts so far: a batch planned before one is sent idle
+        self._service_s = 0.0  # moving average of the service time of speaking renders (s)
+        self._rendering = 0  # speaking renders in flight
+        self._completed_at = float("-inf")  # clock time of the last successful render
 
     # ------------------------------------------------------------------------- input side
     def start(self, sample_rate_hz: int, renderer: Renderer) -> None:
@@ -121,7 +138,8 @@ class LiveSession:
             closed = False
             while True:
                 now = self._clock.now()
-                if self._slots and (self._slots[0].task.done() or now >= self._slots[0].deadline):
+                self._give_up_overdue(now)
+                if self._slots and self._slots[0].task.done():
                     yield await self._finish(self._slots.popleft())
                     continue
                 self._input.clear()
@@ -148,10 +166,22 @@ class LiveSession:
             for slot in self._slots:
                 slot.task.cancel()
 
+    def _give_up_overdue(self, now: float) -> None:
+        """Send idle (late) every speaking slot whose deadline has passed, head or not: its
+        render is cancelled so it takes no more of Triton's time."""
+        for slot in self._slots:
+            if slot.speaking and now >= slot.deadline and not self._render_ok(slot):
+                logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
+                self._to_idle(slot, late=True)
+
+    @staticmethod
+    def _render_ok(slot: _Slot) -> bool:
+        return slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None
+
     async def _wait(self, until: float | None) -> None:
-        """Until new input, the head slot's render or deadline, or clock time `until`."""
+        """Until new input, the head slot's render, a slot's deadline, or clock time `until`."""
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._input.wait())]
-        times = [t for t in (until, self._slots[0].deadline if self._slots else None) if t is not None]
+        times = [t for t in (until, *(s.deadline for s in self._slots)) if t is not None]
         if times and min(times) != float("inf"):
             waiters.append(asyncio.ensure_future(self._clock.sleep_until(min(times))))
         watched: set[asyncio.Future[object]] = set(waiters)
@@ -177,15 +207,38 @@ class LiveSession:
             windows = {}
             plans = [replace(p, speaking=False) for p in plans]
         renderer = self._require_renderer()
+        now = self._clock.now()
         for plan in plans:
             window = windows.get(plan.seq)
-            if plan.speaking and window is not None:
-                deadline = max(plan.planned_at, plan.due_at) + self.settings.render_timeout_s
+            deadline = self._deadline(plan)
+            expected = now + self._rendering * self._service_s
+            if plan.speaking and window is not None and deadline > expected:
                 task = asyncio.ensure_future(renderer.render_speaking(plan.seq, plan.video_frame, window))
+                self._rendering += 1
+                task.add_done_callback(functools.partial(self._render_done, now))
                 self._slots.append(_Slot(plan, task, True, deadline))
             else:
                 task = asyncio.ensure_future(renderer.idle_frame(plan.seq, plan.video_frame))
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
+
+    def _render_done(self, started: float, task: asyncio.Task[RenderedFrame]) -> None:
+        """A speaking render ended: a successful one updates the service time (module doc, 4;
+        a failed or given-up one says nothing about Triton's pace). With no render in flight
+        the next one always starts, so the estimate cannot lock the session out."""
+        self._rendering -= 1
+        if task.cancelled() or task.exception() is not None:
+            return
+        now = self._clock.now()
+        took = now - max(started, self._completed_at)
+        self._completed_at = now
+        self._service_s = 0.7 * self._service_s + 0.3 * took
+
+    def _deadline(self, plan: SlotPlan) -> float:
+        """Clock time (s) after which a speaking slot's render is given up (module doc, 4)."""
+        ready = plan.planned_at
+        if plan.audio_at is not None:
+            ready = min(ready, plan.audio_at + WINDOW_LOOKAHEAD_S)
+        return max(ready, plan.due_at) + self.settings.render_timeout_s
 
     async def _windows(self, plans: list[SlotPlan]) -> dict[int, NDArray[np.float32]]:
         """Audio windows f32[16, 512] of speaking plans by seq, the missing feature rows of each
@@ -209,12 +262,9 @@ class LiveSession:
 
     async def _finish(self, slot: _Slot) -> SlotFrame:
         """The head slot's frame: its render, or the idle frame (late) when that failed."""
-        if slot.speaking and not (slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None):
-            if not slot.task.done():
-                logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
-            else:
-                logger.warning("live: slot %d render failed, sent idle: %s", slot.plan.seq,
-                               "cancelled" if slot.task.cancelled() else slot.task.exception())
+        if slot.speaking and not self._render_ok(slot):  # done: it failed
+            logger.warning("live: slot %d render failed, sent idle: %s", slot.plan.seq,
+                           "cancelled" if slot.task.cancelled() else slot.task.exception())
             self._to_idle(slot, late=True)
         frame = await slot.task
         plan = slot.plan
