@@ -19,9 +19,10 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   feature row mapping (computed once per request); frame ``k`` shows video frame
   ``start_frame_id + k`` (ping-pong) with the window of rows ``k .. k+15``.
 
-Also served: ``grpc.health.v1.Health`` (overall and ``optimized_lipsyncsrv.OptimizedLipSyncService``:
-SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed on every change) and server
-reflection.
+Also served: ``lipsync.live.v1.LiveLipSync`` (live sessions, `gateway.live_grpc`),
+``grpc.health.v1.Health`` (overall, ``optimized_lipsyncsrv.OptimizedLipSyncService`` and
+``lipsync.live.v1.LiveLipSync``: SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed
+on every change) and server reflection.
 """
 from __future__ import annotations
 
@@ -40,10 +41,13 @@ from gateway.audio_features import LiveAudio
 from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
 from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.live_grpc import SERVICE_NAME as LIVE_SERVICE_NAME
+from gateway.live_grpc import LiveLipSyncService
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
 from lipsync.frames import mask_inner
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from proto import live_pb2_grpc as live_pbg
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +366,7 @@ class HealthReporter:
         if ready == self._published:
             return
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, LIVE_SERVICE_NAME):
             await self.servicer.set(service, status)
         self._published = ready
 
@@ -407,10 +411,16 @@ def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthRepor
         ]
     )
     pbg.add_OptimizedLipSyncServiceServicer_to_server(LipSyncService(ctx), server)
+    live_pbg.add_LiveLipSyncServicer_to_server(LiveLipSyncService(ctx.live), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            LIVE_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     return server, HealthReporter(ctx, health_servicer)

@@ -80,6 +80,8 @@ class LiveSession:
         self._slots: deque[_Slot] = deque()
         self._input = asyncio.Event()
         self._interrupts = 0  # interrupts so far: a batch planned before one is sent idle
+        self.sent = 0
+        """Slots yielded by `frames()` so far (the next one is slot `sent`)."""
         self._service_s = 0.0  # moving average of the service time of speaking renders (s)
         self._rendering = 0  # speaking renders in flight
         self._completed_at = float("-inf")  # clock time of the last successful render
@@ -140,7 +142,9 @@ class LiveSession:
                 now = self._clock.now()
                 self._give_up_overdue(now)
                 if self._slots and self._slots[0].task.done():
-                    yield await self._finish(self._slots.popleft())
+                    frame = await self._finish(self._slots.popleft())
+                    self.sent = frame.seq + 1
+                    yield frame
                     continue
                 self._input.clear()
                 plans: list[SlotPlan] = []
