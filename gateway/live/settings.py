@@ -34,10 +34,12 @@ class LiveSettings(BaseModel):
         "own pts on the wall clock if that is later (s), is sent as an idle frame marked late",
     )
     encoder_timeout_s: float = Field(
-        default=0.5, gt=0.0, le=60.0,
+        default=1.0, gt=0.0, le=60.0,
         description="deadline of one call to the audio encoder (s): a session encodes a few "
-        "feature rows at a time (about 6 ms each on a 2-core CPU); a call past it fails, and "
-        "the slots waiting for those rows are sent as idle frames marked late",
+        "feature rows at a time (about 6 ms each on an idle 2-core CPU, but 0.5 s and more "
+        "while the CPU UNet runs beside it); a call past it fails, and the slots waiting for "
+        "those rows are sent as idle frames marked late. The session sends nothing while it "
+        "waits for the encoder, so this bounds that pause too",
     )
     max_in_flight: int = Field(
         default=8, ge=1, le=64, description="slots of one session being rendered at once"
