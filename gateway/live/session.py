@@ -5,9 +5,13 @@ The transport's reader calls the input methods (`start`, `push_pcm`, `flush`, `i
 iterates `frames()` and sends each item. Inside `frames()`:
 
 1. the timeline plans the next slots (up to `max_in_flight` unsent at once);
-2. the feature rows the speaking ones need are encoded in one `AudioEncoder.encode` call
-   (Triton's dynamic batcher merges the calls of concurrent sessions);
-3. each slot is rendered as its own task (`render_speaking`, or `idle_frame` without inference);
+2. the feature rows the speaking ones need are encoded in one `AudioEncoder.encode` call per
+   segment, started at once and not awaited here (Triton's dynamic batcher merges the calls
+   of concurrent sessions; rows already being encoded for an earlier batch are not asked
+   again), so idle slots keep flowing while the encoder works;
+3. each slot is its own task: a speaking one waits for its rows, builds its window and renders
+   (`render_speaking`), an idle one is `idle_frame` (no inference). A yielded slot releases
+   what only earlier slots needed (bounded state);
 4. frames are yielded strictly in slot order. A speaking slot whose encoder call or render
    failed, or whose render is not done by its deadline, is sent as the idle frame of the same
    video frame, `late = True`. The deadline is `max(ready, due_at) + render_timeout_s`, `ready`
@@ -35,14 +39,14 @@ import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.errors import GatewayError
 from gateway.live.clock import Clock
-from gateway.live.features import AudioEncoder
+from gateway.live.features import AudioEncoder, SegmentFeatures, window_feature_indices
 from gateway.live.segment import AudioSegment
 from gateway.live.settings import LiveSettings
 from gateway.live.timeline import WINDOW_LOOKAHEAD_S, Closed, Notice, SessionTimeline, SlotPlan, Wait
@@ -79,7 +83,7 @@ class LiveSession:
         self._renderer: Renderer | None = None
         self._slots: deque[_Slot] = deque()
         self._input = asyncio.Event()
-        self._interrupts = 0  # interrupts so far: a batch planned before one is sent idle
+        self._encoding: dict[tuple[int, int], asyncio.Future[None]] = {}  # (segment, row) -> call
         self.sent = 0
         """Slots yielded by `frames()` so far (the next one is slot `sent`)."""
         self._service_s = 0.0  # moving average of the service time of speaking renders (s)
@@ -113,7 +117,6 @@ class LiveSession:
     def interrupt(self) -> None:
         """Drop audio not yet rendered; every frame not yet sent becomes idle."""
         self.timeline.interrupt(self._clock.now())
-        self._interrupts += 1
         if self._renderer is not None:
             for slot in self._slots:
                 if slot.speaking:
@@ -161,7 +164,7 @@ class LiveSession:
                     elif isinstance(item, Closed):
                         closed = True
                 if plans:
-                    await self._launch(plans)
+                    self._launch(plans)
                     continue
                 if closed and not self._slots:
                     return
@@ -197,33 +200,64 @@ class LiveSession:
             for w in waiters:
                 w.cancel()
 
-    async def _launch(self, plans: list[SlotPlan]) -> None:
-        """Encode the rows the speaking plans need (one call), then start every slot's task."""
-        interrupts = self._interrupts
-        windows = await self._windows([p for p in plans if p.speaking])
-        last: dict[int, tuple[AudioSegment, int]] = {}
-        for plan in plans:  # later slots never need what the batch's slots were the last to use
-            if plan.segment is not None:
-                last[id(plan.segment)] = (plan.segment, plan.local_slot)
-        for segment, local_slot in last.values():
-            segment.release_before(local_slot)
-        if self._interrupts != interrupts:  # interrupted while encoding: no speaking frame
-            windows = {}
-            plans = [replace(p, speaking=False) for p in plans]
+    def _launch(self, plans: list[SlotPlan]) -> None:
+        """Start every plan's task: speaking ones wait for their feature rows (encoded in one
+        call per segment, shared with the slots that need the same rows) and then render."""
+        rows = self._encode([p for p in plans if p.speaking])
         renderer = self._require_renderer()
         now = self._clock.now()
         for plan in plans:
-            window = windows.get(plan.seq)
             deadline = self._deadline(plan)
             expected = now + self._rendering * self._service_s
-            if plan.speaking and window is not None and deadline > expected:
-                task = asyncio.ensure_future(renderer.render_speaking(plan.seq, plan.video_frame, window))
+            if plan.speaking and deadline > expected:
+                task = asyncio.ensure_future(self._speak(renderer, plan, rows[plan.seq]))
                 self._rendering += 1
                 task.add_done_callback(functools.partial(self._render_done, now))
                 self._slots.append(_Slot(plan, task, True, deadline))
             else:
                 task = asyncio.ensure_future(renderer.idle_frame(plan.seq, plan.video_frame))
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
+
+    async def _speak(self, renderer: Renderer, plan: SlotPlan, rows: list[asyncio.Future[None]]) -> RenderedFrame:
+        """A speaking slot: once the encoder calls holding its rows are done, its window
+        f32[16, 512] and the render. A failed call fails the slot (sent idle, late)."""
+        for call in rows:
+            await asyncio.shield(call)  # shared with other slots: a cancelled slot leaves it running
+        assert plan.segment is not None
+        window = plan.segment.features.window(plan.local_slot)
+        return await renderer.render_speaking(plan.seq, plan.video_frame, window)
+
+    def _encode(self, plans: list[SlotPlan]) -> dict[int, list[asyncio.Future[None]]]:
+        """Start the encoder calls the speaking plans need, one per segment for the rows no call
+        has yet; return, by seq, the calls each plan waits for (its own and earlier ones)."""
+        out: dict[int, list[asyncio.Future[None]]] = {}
+        by_segment: dict[int, tuple[AudioSegment, list[SlotPlan]]] = {}
+        for plan in plans:
+            assert plan.segment is not None
+            by_segment.setdefault(id(plan.segment), (plan.segment, []))[1].append(plan)
+        for key, (segment, group) in by_segment.items():
+            features = segment.features
+            indices = sorted({i for p in group for i in features.missing(p.local_slot)} - {
+                i for (k, i) in self._encoding if k == key})
+            if indices:
+                call = asyncio.ensure_future(self._encode_rows(key, features, indices, features.mel_windows(indices)))
+                for i in indices:
+                    self._encoding[(key, i)] = call
+            for plan in group:
+                calls = {self._encoding.get((key, i)) for i in window_feature_indices(plan.local_slot)}
+                out[plan.seq] = [c for c in calls if c is not None]
+        return out
+
+    async def _encode_rows(self, key: int, features: SegmentFeatures, indices: list[int], mel: NDArray[np.float32]) -> None:
+        """One encoder call: rows `indices` of a segment from their mel windows f32[n, 80, 16]."""
+        try:
+            features.store(indices, await self._encoder.encode(mel))
+        except Exception as exc:
+            logger.warning("live: audio encoder failed for %d feature rows: %s", len(indices), exc)
+            raise
+        finally:
+            for i in indices:
+                self._encoding.pop((key, i), None)
 
     def _render_done(self, started: float, task: asyncio.Task[RenderedFrame]) -> None:
         """A speaking render ended: a successful one updates the service time (module doc, 4;
@@ -244,26 +278,6 @@ class LiveSession:
             ready = min(ready, plan.audio_at + WINDOW_LOOKAHEAD_S)
         return max(ready, plan.due_at) + self.settings.render_timeout_s
 
-    async def _windows(self, plans: list[SlotPlan]) -> dict[int, NDArray[np.float32]]:
-        """Audio windows f32[16, 512] of speaking plans by seq, the missing feature rows of each
-        segment encoded in one call; the plans of a segment whose encoding failed have none."""
-        out: dict[int, NDArray[np.float32]] = {}
-        by_segment: dict[int, tuple[AudioSegment, list[SlotPlan]]] = {}
-        for plan in plans:
-            assert plan.segment is not None
-            by_segment.setdefault(id(plan.segment), (plan.segment, []))[1].append(plan)
-        for segment, group in by_segment.values():
-            features = segment.features
-            indices = sorted({i for p in group for i in features.missing(p.local_slot)})
-            try:
-                if indices:
-                    features.store(indices, await self._encoder.encode(features.mel_windows(indices)))
-                for plan in group:
-                    out[plan.seq] = features.window(plan.local_slot)
-            except Exception as exc:  # noqa: BLE001 - any encoder failure makes the slots late
-                logger.warning("live: audio encoder failed for slots %s: %s", [p.seq for p in group], exc)
-        return out
-
     async def _finish(self, slot: _Slot) -> SlotFrame:
         """The head slot's frame: its render, or the idle frame (late) when that failed."""
         if slot.speaking and not self._render_ok(slot):  # done: it failed
@@ -272,6 +286,8 @@ class LiveSession:
             self._to_idle(slot, late=True)
         frame = await slot.task
         plan = slot.plan
+        if plan.segment is not None:  # later slots need nothing before this one's window
+            plan.segment.release_before(plan.local_slot + 1)
         return SlotFrame(
             seq=plan.seq, pts_s=plan.pts_s, frame=frame, speaking=slot.speaking,
             video_frame=plan.video_frame, error=plan.error, late=slot.late, audio_at=plan.audio_at,
