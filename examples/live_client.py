@@ -65,7 +65,7 @@ def stream(gateway: str, avatar: str, pcm: np.ndarray, rate: int, burst: bool) -
 
 def decode_jpeg(data: bytes) -> av.VideoFrame:
     """One JPEG as a video frame."""
-    with av.open(io.BytesIO(data)) as image:
+    with av.open(io.BytesIO(data), mode="r") as image:
         return next(image.decode(video=0))
 
 

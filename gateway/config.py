@@ -15,7 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.live.settings import LiveSettings
 from gateway.triton_client import CONTROL_KEY_HEADER
-from lipsync.contract import AUDIO_ENCODER_MODEL, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, TRITON_GRPC_PORT
+from lipsync.contract import (
+    AUDIO_ENCODER_MODEL,
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    TRITON_GRPC_PORT,
+)
 from lipsync.paths import PACKAGES_DIR
 
 

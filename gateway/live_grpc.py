@@ -19,7 +19,15 @@ import grpc
 
 from gateway.errors import BadRequest
 from gateway.live.types import SessionNotice, SlotFrame
-from gateway.live_service import Control, LiveInput, LiveOutput, LiveSessions, Pcm, Refused, Start
+from gateway.live_service import (
+    Control,
+    LiveInput,
+    LiveOutput,
+    LiveSessions,
+    Pcm,
+    Refused,
+    Start,
+)
 from proto import live_pb2 as pb
 from proto import live_pb2_grpc as pbg
 
@@ -71,7 +79,7 @@ class LiveLipSyncService(pbg.LiveLipSyncServicer):
     def __init__(self, live: LiveSessions) -> None:
         self.live = live
 
-    async def Stream(  # noqa: N802
+    async def Stream(
         self, request_iterator: AsyncIterator[pb.LiveRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LiveFrame]:
         """One live session (module doc)."""

@@ -42,7 +42,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -191,16 +190,15 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
         f"- command: `python -m perf.live_load {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}",
         *setup,
-        f"- each session: {args.seconds:g} s of microphone at 16 kHz in 20 ms chunks, real time; talk "
-        f"{args.talk:.0%} of each {args.cycle_s:g} s cycle (LibriVox speech), silence otherwise; "
-        "cycles staggered across sessions",
-        f"- late (clock): received after start + pts + {budget:.2f} s (0.45 s lookahead + "
-        f"{args.render_budget_s:g} s render budget); late (server): speaking slots sent idle "
-        "(`LiveFrame.late`); sustained: both together <= "
-        f"{args.sustain_late:.0%} of the slots and no error",
+        (f"- each session: {args.seconds:g} s of microphone at 16 kHz in 20 ms chunks, real time; talk "
+         f"{args.talk:.0%} of each {args.cycle_s:g} s cycle (LibriVox speech), silence otherwise; "
+         "cycles staggered across sessions"),
+        (f"- late (clock): received after start + pts + {budget:.2f} s (0.45 s lookahead + "
+         f"{args.render_budget_s:g} s render budget); late (server): speaking slots sent idle "
+         f"(`LiveFrame.late`); sustained: both together <= {args.sustain_late:.0%} of the slots and no error"),
         "",
-        "| sessions | slots | speaking | idle share | late (server) | late (clock) | audio-to-frame p50 / p95 (ms) "
-        "| first frame (ms) | UNet batches (size: executions) | mean UNet batch | encoder batches | sustained |",
+        ("| sessions | slots | speaking | idle share | late (server) | late (clock) | audio-to-frame p50 / p95 (ms) "
+         "| first frame (ms) | UNet batches (size: executions) | mean UNet batch | encoder batches | sustained |"),
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | :---: |",
     ]
     for r in results:
@@ -271,10 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({**asdict(result), "mean_unet_batch": result.mean_unet_batch}), flush=True)
     load_end = os.getloadavg()
     setup = [
-        f"- stack: CPU `tritonserver` (Python backend + ONNX Runtime) + one gateway, default settings "
-        f"(`LiveSettings()`); avatar `{pkg.name}` {pkg.manifest.width}x{pkg.manifest.height}, gRPC `LiveLipSync/Stream`",
-        f"- load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
-        f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (other work shares these cores)",
+        (f"- stack: CPU `tritonserver` (Python backend + ONNX Runtime) + one gateway, default settings "
+         f"(`LiveSettings()`); avatar `{pkg.name}` {pkg.manifest.width}x{pkg.manifest.height}, gRPC `LiveLipSync/Stream`"),
+        (f"- load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
+         f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (other work shares these cores)"),
     ]
     text = markdown(results, args, setup)
     print(text)

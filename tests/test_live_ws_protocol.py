@@ -9,7 +9,13 @@ import pytest
 from gateway.errors import BadRequest
 from gateway.live.types import RenderedFrame, SessionNotice, SlotFrame
 from gateway.live_service import Control, Start
-from gateway.live_ws_protocol import HEADER, End, decode_output, decode_text, encode_output
+from gateway.live_ws_protocol import (
+    HEADER,
+    End,
+    decode_output,
+    decode_text,
+    encode_output,
+)
 
 
 def test_frame_layout_is_little_endian_with_fixed_offsets() -> None:

@@ -49,7 +49,14 @@ from gateway.live.clock import Clock
 from gateway.live.features import AudioEncoder, SegmentFeatures, window_feature_indices
 from gateway.live.segment import AudioSegment
 from gateway.live.settings import LiveSettings
-from gateway.live.timeline import WINDOW_LOOKAHEAD_S, Closed, Notice, SessionTimeline, SlotPlan, Wait
+from gateway.live.timeline import (
+    WINDOW_LOOKAHEAD_S,
+    Closed,
+    Notice,
+    SessionTimeline,
+    SlotPlan,
+    Wait,
+)
 from gateway.live.types import RenderedFrame, Renderer, SessionNotice, SlotFrame
 
 logger = logging.getLogger(__name__)
