@@ -239,20 +239,28 @@ def _triton_counters(servers: Servers, model: str) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
+def load_config(gw: GatewayHandle, avatar: AvatarInfo, target: str, streams: int,
+                frames_per_stream: int, grid: Grid, timeout_s: float, label: str,
+                verify_every: int) -> LoadConfig:
+    """The load generator's settings for one run against `gw`: as fast as possible,
+    `grid.window` frames in flight per stream, every reply checked for the avatar's size on a
+    sample of one in `verify_every`."""
+    return LoadConfig(
+        target=target, address=gw.grpc_address if target == "grpc" else gw.http_address,
+        avatar=avatar.name, streams=streams, frames=frames_per_stream, pace_fps=0.0,
+        window=grid.window, frame_range=avatar.feature_rows, timeout_s=timeout_s, label=label,
+        verify_every=verify_every, expect_size=(avatar.width, avatar.height))
+
+
 def measure(cell: Cell, variant: str, round_: int, grid: Grid, avatar: AvatarInfo,
             servers: Servers, timeout_s: float) -> Measurement:
     """Measure one cell for one variant (module docstring, step 4)."""
     from lipsync.contract import avatar_model_name
 
     gw = servers.gateways[variant]
-    config = LoadConfig(
-        target=cell.target,
-        address=gw.grpc_address if cell.target == "grpc" else gw.http_address,
-        avatar=cell.avatar, streams=cell.streams, frames=grid.frames_per_stream(cell.streams),
-        pace_fps=0.0, window=grid.window, frame_range=avatar.feature_rows, timeout_s=timeout_s,
-        label=f"{variant} {cell.avatar} {cell.target} x{cell.streams}",
-        verify_every=grid.verify_every, expect_size=(avatar.width, avatar.height),
-    )
+    config = load_config(gw, avatar, cell.target, cell.streams, grid.frames_per_stream(cell.streams),
+                         grid, timeout_s, f"{variant} {cell.avatar} {cell.target} x{cell.streams}",
+                         grid.verify_every)
     model = avatar_model_name(cell.avatar)
     roots = [servers.triton_pid, *(g.pid for g in servers.gateways.values())]
     counters0 = _triton_counters(servers, model)
@@ -298,12 +306,8 @@ def warm_up(grid: Grid, variants: Sequence[Variant], avatars: Mapping[str, Avata
         gw = servers.gateways[v.name]
         for a in avatars.values():
             for target in grid.targets:
-                config = LoadConfig(
-                    target=target, address=gw.grpc_address if target == "grpc" else gw.http_address,
-                    avatar=a.name, streams=4, frames=max(1, grid.warmup_frames // 4), pace_fps=0.0,
-                    window=grid.window, frame_range=a.feature_rows, timeout_s=timeout_s,
-                    label=f"warm-up {v.name} {a.name} {target}", verify_every=1,
-                    expect_size=(a.width, a.height))
+                config = load_config(gw, a, target, 4, max(1, grid.warmup_frames // 4), grid,
+                                     timeout_s, f"warm-up {v.name} {a.name} {target}", 1)
                 summary, _ = asyncio.run(run_load(config, progress=False))
                 if summary.errors:
                     raise RuntimeError(
@@ -314,8 +318,8 @@ def warm_up(grid: Grid, variants: Sequence[Variant], avatars: Mapping[str, Avata
 
 @contextlib.contextmanager
 def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
-                  encoder_onnx: Path | None, variants: Sequence[Variant], *, max_in_flight: int, timeout_s: float,
-                  thread_names: bool) -> Iterator[Servers]:
+                  encoder_onnx: Path | None, variants: Sequence[Variant], *, max_in_flight: int,
+                  timeout_s: float, thread_names: bool) -> Iterator[Servers]:
     """Triton on the identity repository, then one gateway per variant (module docstring)."""
     from lipsync.triton_local import TritonServer, free_ports
     from perf.identity_unet import write_identity_repository

@@ -153,10 +153,6 @@ async def drive_load(
         config: the load.
         on_record: called with each record as it completes (progress display).
     """
-    def record(rec: FrameRecord) -> None:
-        if on_record is not None:
-            on_record(rec)
-
     async def one(stream: int, t0: float) -> list[FrameRecord]:
         spec = StreamSpec(
             stream=stream,
@@ -176,10 +172,11 @@ async def drive_load(
                 for k, f in enumerate(spec.frame_ids)
             ]
             for rec in lost:
-                record(rec)
+                if on_record is not None:
+                    on_record(rec)
             return lost
         try:
-            return await drive_stream(spec, transport, record, t0=t0)
+            return await drive_stream(spec, transport, on_record, t0=t0)
         finally:
             await transport.close()
 
