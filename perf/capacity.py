@@ -3,8 +3,8 @@ costs in CPU, with the UNet replaced by an identity graph so only the gateway's 
 counts (issue 9's yardstick). Gateway variants, each a set of ``LIPSYNC_*`` settings, are
 measured side by side in the same run.
 
-    python -m perf.capacity                                  # ~15-20 min on 2 cores
-    python -m perf.capacity --quick                          # < 3 min: checks the harness
+    python -m perf.capacity                                  # ~8 min per variant on 2 cores
+    python -m perf.capacity --quick                          # ~1 min: checks the harness
     python -m perf.capacity --variant old: --variant new:LIPSYNC_JPEG_SPLICE=1,LIPSYNC_WORKERS=2
 
 What one run does:
@@ -131,9 +131,10 @@ class Budget:
 
 
 QUICK = Budget(streams=(1, 8), frames=240, rounds=1, warmup_frames=16)
-"""``--quick``: the harness checked end to end in under ~3 minutes."""
+"""``--quick``: the harness checked end to end in ~1 minute (two variants); too short for
+figures to compare (an A/A run of two identical variants differs by up to ~40% in frames/s)."""
 FULL = Budget(streams=(1, 4, 8, 16), frames=1500, rounds=3, warmup_frames=48)
-"""The default run (~15-20 minutes on 2 shared cores with two variants)."""
+"""The default run: ~8 minutes per variant on 2 shared cores (~15 for old + new)."""
 
 
 @dataclass(frozen=True, slots=True)
