@@ -240,15 +240,14 @@ class FramePipeline:
             length), TritonUnavailable: all `gateway.errors.GatewayError`.
         """
 
-        async def prepare() -> tuple[Avatar, int, NDArray[np.float32]]:
-            avatar = self.store.get(request.avatar)
+        async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
             avatar.check_frame_id(request.frame_id, live_audio=request.audio is not None)
             v = avatar.video_index(request.frame_id)
             if request.audio is None:
-                return avatar, v, audio_window(avatar.features, request.frame_id)
-            return avatar, v, await self.audio.window(request.audio)
+                return v, audio_window(avatar.features, request.frame_id)
+            return v, await self.audio.window(request.audio)
 
-        return await self._render(request.avatar, request.frame_id, prepare, protocol)
+        return await self._render(request.avatar, request.frame_id, self.store.get, prepare, protocol)
 
     async def render_window(
         self, avatar: Avatar, video_index: int, window: NDArray[np.float32], *, protocol: WireProtocol
@@ -279,27 +278,30 @@ class FramePipeline:
         if window.shape != (WINDOW_ROWS, FEATURE_DIM):
             raise ValueError(f"window must be [{WINDOW_ROWS}, {FEATURE_DIM}], got {list(window.shape)}")
 
-        async def prepare() -> tuple[Avatar, int, NDArray[np.float32]]:
-            return avatar, video_index, np.asarray(window, dtype=np.float32)
+        async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
+            return video_index, np.asarray(window, dtype=np.float32)
 
-        return await self._render(avatar.name, video_index, prepare, protocol)
+        return await self._render(avatar.name, video_index, lambda name: avatar, prepare, protocol)
 
     async def _render(
         self,
         name: str,
         frame_id: int,
-        prepare: Callable[[], Awaitable[tuple[Avatar, int, NDArray[np.float32]]]],
+        lookup: Callable[[str], Avatar],
+        prepare: Callable[[Avatar], Awaitable[tuple[int, NDArray[np.float32]]]],
         protocol: WireProtocol,
     ) -> RenderedFrame:
-        """Admission, ``prepare()`` (avatar, video frame, window), Triton, composite, metrics."""
+        """Admission, ``lookup(name)``, ``prepare(avatar)`` (video frame, window), Triton,
+        composite, metrics (a failure after the lookup also counts in the avatar's stats)."""
         t_start = time.perf_counter()
         avatar: Avatar | None = None
         outcome: str | None = GatewayError.code  # the error code ("internal" for a bug); None once rendered
         try:
             with self.admission.slot():
+                avatar = lookup(name)
                 # prepare
                 t0 = time.perf_counter()
-                avatar, v, window = await prepare()
+                v, window = await prepare(avatar)
                 crop = avatar.inners[v : v + 1]  # [1, 320, 320, 3] contiguous view
                 t1 = time.perf_counter()
                 # inference

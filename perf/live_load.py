@@ -211,7 +211,7 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
         )
     sustained = [r.sessions for r in results if r.sustained]
     lines += ["", f"Sessions sustained: **{max(sustained) if sustained else 0}**"
-              + ("" if sustained else " (even one session's speech is more than this machine renders in time)")]
+              + ("" if sustained else " (no session count met the criterion)")]
     errors = [e for r in results for e in r.errors]
     if errors:
         lines += ["", "Errors (first few): " + "; ".join(errors[:5])]
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycle-s", type=float, default=4.0, help="talk + silence period (s)")
     p.add_argument("--render-budget-s", type=float, default=0.25, help="render time allowed after the lookahead (s)")
     p.add_argument("--sustain-late", type=float, default=0.01, help="late share still called sustained")
+    p.add_argument("--live", type=json.loads, help='LiveSettings for the started gateway, JSON, e.g. \'{"render_timeout_s": 3}\'')
     p.add_argument("--markdown", type=Path)
     p.add_argument("--json", type=Path)
     return p
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lipsync.package import load_package
     from lipsync.paths import MODEL_REPOSITORY_CPU, PACKAGES_DIR
     from lipsync.triton_local import TritonServer, free_ports
-    from perf.compare import start_gateway
+    from perf.servers import start_gateway
 
     args = build_parser().parse_args(argv)
     speech = speech_16k()
@@ -260,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = work / "packages"
             root.mkdir()
             shutil.copytree(pkg.root, root / pkg.name)
-            address, _ = stack.enter_context(start_gateway(triton_url, root, work, 30.0))
+            env = {f"LIPSYNC_LIVE__{k.upper()}": str(v) for k, v in (args.live or {}).items()}
+            address = stack.enter_context(start_gateway(triton_url, root, work, 30.0, extra_env=env)).grpc_address
         if triton_url is None:
             raise SystemExit("--triton-url is needed with --gateway (batch statistics)")
         for n in (int(x) for x in args.sessions.split(",")):
@@ -269,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({**asdict(result), "mean_unet_batch": result.mean_unet_batch}), flush=True)
     load_end = os.getloadavg()
     setup = [
-        (f"- stack: CPU `tritonserver` (Python backend + ONNX Runtime) + one gateway, default settings "
-         f"(`LiveSettings()`); avatar `{pkg.name}` {pkg.manifest.width}x{pkg.manifest.height}, gRPC `LiveLipSync/Stream`"),
+        (f"- stack: CPU `tritonserver` (Python backend + ONNX Runtime) + one gateway, live settings "
+         f"{args.live or 'default'}; avatar `{pkg.name}` {pkg.manifest.width}x{pkg.manifest.height}, gRPC `LiveLipSync/Stream`"),
         (f"- load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
          f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (other work shares these cores)"),
     ]
