@@ -19,15 +19,14 @@ iterates `frames()` and sends each item. Inside `frames()`:
    arrival + `WINDOW_LOOKAHEAD_S` (0.45 s). So a slot planned late only because the session's
    earlier renders held it back (Triton slower than real time) is not given a fresh timeout:
    once its deadline has passed at planning it is sent idle and late without a Triton call,
-   and the stream catches up with the wall clock instead of lagging more and more. Nor is a
-   render started that is expected to miss its deadline: the session keeps a moving average
-   of the service time of its renders (the time from a render's start, or the previous
-   render's completion if later, to its completion: the interval at which Triton completes
-   this session's frames) and sends a slot idle and late at once when
-   `now + (renders in flight + 1) * service time > deadline`. Without that, every render of an
-   overloaded session would queue behind renders doomed to miss and miss in turn; with it the
-   session shows as many speaking frames as Triton renders in time. A slot past its deadline
-   has its render cancelled at once, head of the queue or not;
+   and the stream catches up with the wall clock instead of lagging more and more. Whether a
+   speaking slot gets a render at all is `gateway.live.admission.RenderAdmission`'s call, at
+   planning: a window of renders in flight that halves when a render misses its deadline and
+   grows while they make it, and no render started with less time left than renders take; a
+   slot refused is sent idle and late at once, without a render. So the session shows as
+   many speaking frames as the renderer completes in time, and Triton does not spend its
+   time on batches whose every frame is thrown away. A slot past its deadline has its render
+   cancelled at once, head of the queue or not;
 5. `interrupt` turns every slot not yet yielded into an idle frame at once (not late).
 
 No slot is ever skipped or repeated: `seq` runs 0, 1, 2, ... until the timeline closes.
@@ -45,6 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.errors import GatewayError
+from gateway.live.admission import RenderAdmission, RenderEnd
 from gateway.live.clock import Clock
 from gateway.live.features import AudioEncoder, SegmentFeatures, window_feature_indices
 from gateway.live.segment import AudioSegment
@@ -93,9 +93,8 @@ class LiveSession:
         self._encoding: dict[tuple[int, int], asyncio.Future[None]] = {}  # (segment, row) -> call
         self.sent = 0
         """Slots yielded by `frames()` so far (the next one is slot `sent`)."""
-        self._service_s = 0.0  # moving average of the service time of speaking renders (s)
-        self._rendering = 0  # speaking renders in flight
-        self._completed_at = float("-inf")  # clock time of the last successful render
+        self.admission = RenderAdmission(self.settings.max_in_flight, self.settings.render_timeout_s)
+        """Which speaking slots get a render (module doc, 4); read it, do not change it."""
 
     # ------------------------------------------------------------------------- input side
     def start(self, sample_rate_hz: int, renderer: Renderer) -> None:
@@ -127,7 +126,7 @@ class LiveSession:
         if self._renderer is not None:
             for slot in self._slots:
                 if slot.speaking:
-                    self._to_idle(slot, late=False)
+                    self._to_idle(slot, late=False, end=RenderEnd.DROPPED)
         self._input.set()
 
     def end_input(self) -> None:
@@ -186,7 +185,7 @@ class LiveSession:
         for slot in self._slots:
             if slot.speaking and now >= slot.deadline and not self._render_ok(slot):
                 logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
-                self._to_idle(slot, late=True)
+                self._to_idle(slot, late=True, end=RenderEnd.MISSED)
 
     @staticmethod
     def _render_ok(slot: _Slot) -> bool:
@@ -215,10 +214,9 @@ class LiveSession:
         now = self._clock.now()
         for plan in plans:
             deadline = self._deadline(plan)
-            expected = now + self._rendering * self._service_s
-            if plan.speaking and deadline > expected:
+            if plan.speaking and self.admission.admit(now, deadline):
                 task = asyncio.ensure_future(self._speak(renderer, plan, rows[plan.seq]))
-                self._rendering += 1
+                self.admission.started()
                 task.add_done_callback(functools.partial(self._render_done, now))
                 self._slots.append(_Slot(plan, task, True, deadline))
             else:
@@ -248,6 +246,7 @@ class LiveSession:
                 i for (k, i) in self._encoding if k == key})
             if indices:
                 call = asyncio.ensure_future(self._encode_rows(key, features, indices, features.mel_windows(indices)))
+                call.add_done_callback(_retrieved)  # logged by _encode_rows; its slots may all be gone
                 for i in indices:
                     self._encoding[(key, i)] = call
             for plan in group:
@@ -267,16 +266,14 @@ class LiveSession:
                 self._encoding.pop((key, i), None)
 
     def _render_done(self, started: float, task: asyncio.Task[RenderedFrame]) -> None:
-        """A speaking render ended: a successful one updates the service time (module doc, 4;
-        a failed or given-up one says nothing about Triton's pace). With no render in flight
-        the next one always starts, so the estimate cannot lock the session out."""
-        self._rendering -= 1
-        if task.cancelled() or task.exception() is not None:
+        """A speaking render ended by itself: done (in time: an overdue one is cancelled first)
+        or failed. One cancelled by the session is told to the admission by `_to_idle`."""
+        if task.cancelled():
             return
-        now = self._clock.now()
-        took = now - max(started, self._completed_at)
-        self._completed_at = now
-        self._service_s = 0.7 * self._service_s + 0.3 * took
+        if task.exception() is not None:
+            self.admission.end(RenderEnd.FAILED)
+        else:
+            self.admission.end(RenderEnd.IN_TIME, self._clock.now() - started)
 
     def _deadline(self, plan: SlotPlan) -> float:
         """Clock time (s) after which a speaking slot's render is given up (module doc, 4)."""
@@ -290,7 +287,7 @@ class LiveSession:
         if slot.speaking and not self._render_ok(slot):  # done: it failed
             logger.warning("live: slot %d render failed, sent idle: %s", slot.plan.seq,
                            "cancelled" if slot.task.cancelled() else slot.task.exception())
-            self._to_idle(slot, late=True)
+            self._to_idle(slot, late=True, end=RenderEnd.FAILED)
         frame = await slot.task
         plan = slot.plan
         if plan.segment is not None:  # later slots need nothing before this one's window
@@ -300,9 +297,13 @@ class LiveSession:
             video_frame=plan.video_frame, error=plan.error, late=slot.late, audio_at=plan.audio_at,
         )
 
-    def _to_idle(self, slot: _Slot, *, late: bool) -> None:
-        """Replace a speaking slot's render with its idle frame."""
-        slot.task.cancel()
+    def _to_idle(self, slot: _Slot, *, late: bool, end: RenderEnd) -> None:
+        """Replace a speaking slot's render with its idle frame. A render still running is
+        cancelled and told to the admission as ``end`` (one that ended by itself was told by
+        `_render_done`)."""
+        if not slot.task.done():
+            slot.task.cancel()
+            self.admission.end(end)
         slot.task = asyncio.ensure_future(self._require_renderer().idle_frame(slot.plan.seq, slot.plan.video_frame))
         slot.speaking, slot.late, slot.deadline = False, late, float("inf")
 
@@ -310,3 +311,11 @@ class LiveSession:
         if self._renderer is None:
             raise RuntimeError("a slot was planned before the session had a renderer")
         return self._renderer
+
+
+def _retrieved(call: asyncio.Future[None]) -> None:
+    """Mark a finished encoder call's exception as seen: `_encode_rows` logged it, and asyncio
+    would log it again ("Task exception was never retrieved") when every slot that waited for
+    it had been given up first."""
+    if not call.cancelled():
+        call.exception()
