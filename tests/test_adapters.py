@@ -5,13 +5,12 @@ once, and readiness is pushed to grpc.health and /readyz without polling."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -20,29 +19,8 @@ from gateway.server import GatewayServer
 from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_request
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
-from tests.fake_gateway import fake_settings
-from tests.fake_triton import FakeTriton, fake_triton, identity_composite
-
-T = TypeVar("T")
-AVATAR = "synthetic"
-
-
-def on_server(
-    make_package: Callable[..., Path], body: Callable[[GatewayServer, FakeTriton], Awaitable[T]], **settings: Any
-) -> T:
-    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
-    root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
-
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
+from tests.fake_gateway import AVATAR, on_server
+from tests.fake_triton import FakeTriton, identity_composite
 
 
 def requests_counted(server: GatewayServer, protocol: str) -> tuple[float, float]:

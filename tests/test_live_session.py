@@ -277,18 +277,63 @@ def test_errors_before_and_after_start_reach_this_session_only(speech_3s) -> Non
     run(body)
 
 
-def test_back_pressure_waits_until_the_buffer_has_played(speech_3s) -> None:
+def test_audio_beyond_the_margin_is_held_and_reading_stops_at_max_held(speech_3s) -> None:
+    """A TTS burst (3 s in 20 ms chunks, at once): the timeline takes what the margin allows
+    (0.5 s + 0.45 s of lookahead), the session holds the rest and accepts more until 1 s is
+    held (`max_held_s`), then the reader must wait until the timeline has played that far;
+    frames never run beyond the margin, and every slot of the burst is rendered."""
     async def body() -> None:
-        h = Harness(NumpyEncoder(), RecordingRenderer(), LiveSettings(margin_s=0.5))
+        h = Harness(NumpyEncoder(), RecordingRenderer(), LiveSettings(margin_s=0.5, max_held_s=1.0))
         h.session.start(16000, h.renderer)
-        h.session.push_pcm(speech_3s.astype("<i2").tobytes())  # 3 s at once
-        assert not h.session.accepts_audio()
+        pieces = list(chunks(speech_3s.astype("<i2").tobytes(), 640))
+        read = 0
+        while h.session.accepts_audio():
+            h.session.push_pcm(pieces[read])
+            read += 1
+        assert read * 0.02 == pytest.approx(0.96 + 1.0)  # on the timeline (0.9525 s, whole chunks) + held
+        assert h.session.held_s == pytest.approx(1.0)
         waiter = asyncio.ensure_future(h.session.wait_accepts_audio())
-        await h.run_for(2.0)
+        await h.run_for(0.005, step=0.005)
         assert not waiter.done()
-        await h.run_for(0.1)  # 3 s - 0.5 s margin - 0.45 s lookahead
-        assert waiter.done() and h.session.accepts_audio()
-        assert h.frames[-1].pts_s <= h.clock.t - 100.0 + 0.5  # never beyond the margin
+        await h.run_for(0.005, step=0.005)  # 0.96 s on the timeline - 0.9525 s: it takes one more
+        assert waiter.done() and h.session.accepts_audio() and h.session.held_s == pytest.approx(0.98)
+        for piece in pieces[read:]:
+            while not h.session.accepts_audio():
+                await h.run_for(0.01)
+                assert h.frames[-1].pts_s <= h.clock.t - 100.0 + 0.5 + 1e-9  # never beyond the margin
+            h.session.push_pcm(piece)
+        h.session.end_input()
+        await h.run_for(3.0)
+        assert h.done
+        check_stream(h.frames, 5)
+        assert len(h.frames) >= 75 and sum(f.speaking for f in h.frames) > 50 and not any(f.late for f in h.frames)
+
+    run(body)
+
+
+def test_interrupt_behind_a_tts_burst_takes_effect_at_once() -> None:
+    """10 s of speech sent at once in 20 ms chunks, then `interrupt` 0.5 s later: the session
+    read it at once (the audio was held, not left unread in the transport), the next frame is
+    idle, and the held speech is dropped: nothing of it is rendered."""
+    async def body() -> None:
+        h = Harness(NumpyEncoder(), RecordingRenderer())
+        h.session.start(16000, h.renderer)
+        for piece in chunks(microphone(10.0, talk_s=10.0), 640):
+            assert h.session.accepts_audio()  # 10 s < max_held_s: everything is read at once
+            h.session.push_pcm(piece)
+        assert h.session.held_s > 8.5
+        await h.run_for(0.5)
+        assert any(f.speaking for f in h.frames)
+        sent = len(h.frames)
+        h.session.interrupt()
+        assert h.session.held_s == 0.0
+        await h.run_for(2.0)
+        after = h.frames[sent:]
+        assert after and not any(f.speaking or f.late for f in after)
+        h.session.end_input()
+        await h.run_for(0.5)
+        assert h.done and len(h.frames) < 75  # 2.5 s of idle slots, not 10 s of speech
+        check_stream(h.frames, 5)
 
     run(body)
 

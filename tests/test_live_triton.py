@@ -123,7 +123,7 @@ def test_interrupt_during_speech(live_gateway: RunningGateway, monkeypatch: pyte
 
     def interrupt(self: LiveSession) -> None:
         read_at.append(self.sent)
-        speaking_in_flight.append(sum(slot.speaking for slot in self._slots))
+        speaking_in_flight.append(self.speaking_in_flight)
         original(self)
 
     monkeypatch.setattr(LiveSession, "interrupt", interrupt)

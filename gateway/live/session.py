@@ -1,8 +1,18 @@
 """`LiveSession`: drives a `SessionTimeline` with the clock, the audio encoder and a renderer.
 
 The transport's reader calls the input methods (`start`, `push_pcm`, `flush`, `interrupt`,
-`end_input`, `report`), waiting for `wait_accepts_audio` before reading more audio; its writer
-iterates `frames()` and sends each item. Inside `frames()`:
+`end_input`, `report`), waiting for `wait_accepts_audio` before reading the next message; its
+writer iterates `frames()` and sends each item.
+
+Input is read ahead of the timeline: the timeline takes audio only up to `margin_s` (+ 0.45 s
+of lookahead) ahead of the wall clock; audio read beyond that, and the `flush` and end of input
+that follow it, are *held* here in order and handed to the timeline as it plays. The reader
+keeps reading until `LiveSettings.max_held_s` of audio is held (then it waits: back-pressure
+through the transport's flow control), so a control message behind a TTS burst is read at once:
+`interrupt` drops the held audio with the rest of the audio not yet rendered and takes effect
+at the next slot, not after the burst has played.
+
+Inside `frames()`:
 
 1. the timeline plans the next slots (up to `max_in_flight` unsent at once);
 2. the feature rows the speaking ones need are encoded in one `AudioEncoder.encode` call per
@@ -39,6 +49,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -60,6 +71,10 @@ from gateway.live.timeline import (
 from gateway.live.types import RenderedFrame, Renderer, SessionNotice, SlotFrame
 
 logger = logging.getLogger(__name__)
+
+
+_Mark = Literal["flush", "end"]
+"""A `flush` or the end of input held behind audio (module doc)."""
 
 
 @dataclass
@@ -90,6 +105,11 @@ class LiveSession:
         self._renderer: Renderer | None = None
         self._slots: deque[_Slot] = deque()
         self._input = asyncio.Event()
+        self._held: deque[bytes | _Mark] = deque()  # input read ahead of the timeline (module doc)
+        self._held_bytes = 0  # PCM bytes in _held
+        self._room = asyncio.Event()  # set while the reader may read (less than max_held_s held)
+        self._room.set()
+        self._rate = 0  # the started session's PCM rate (Hz)
         self._encoding: dict[tuple[int, int], asyncio.Future[None]] = {}  # (segment, row) -> call
         self.sent = 0
         """Slots yielded by `frames()` so far (the next one is slot `sent`)."""
@@ -103,6 +123,7 @@ class LiveSession:
         self.timeline.start(sample_rate_hz, renderer.video_frames, self._clock.now())
         if self.timeline.state is not before:  # started now (a refused start keeps the first)
             self._renderer = renderer
+            self._rate = sample_rate_hz
         self._input.set()
 
     def report(self, error: GatewayError) -> None:
@@ -111,17 +132,30 @@ class LiveSession:
         self._input.set()
 
     def push_pcm(self, data: bytes) -> None:
-        """16-bit LE mono PCM at the start's rate."""
-        self.timeline.push_pcm(data, self._clock.now())
+        """16-bit LE mono PCM at the start's rate (held while the timeline is full, module doc)."""
+        if self._held or self._clock.now() < self.timeline.accepts_audio_at():
+            self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes >= self.settings.max_held_s * self._rate * 2:
+                self._room.clear()
+        else:
+            self.timeline.push_pcm(data, self._clock.now())
         self._input.set()
 
     def flush(self) -> None:
-        """Render what has arrived, padding the lookahead with silence."""
-        self.timeline.flush(self._clock.now())
+        """Render what has arrived, padding the lookahead with silence (after the held audio)."""
+        if self._held:
+            self._held.append("flush")
+        else:
+            self.timeline.flush(self._clock.now())
         self._input.set()
 
     def interrupt(self) -> None:
-        """Drop audio not yet rendered; every frame not yet sent becomes idle."""
+        """Drop audio not yet rendered (held or on the timeline); every frame not yet sent
+        becomes idle."""
+        self._held.clear()
+        self._held_bytes = 0
+        self._room.set()
         self.timeline.interrupt(self._clock.now())
         if self._renderer is not None:
             for slot in self._slots:
@@ -131,16 +165,45 @@ class LiveSession:
 
     def end_input(self) -> None:
         """End of input: frames for all audio received follow, then `frames()` ends."""
-        self.timeline.end_input(self._clock.now())
+        if self._held:
+            self._held.append("end")
+        else:
+            self.timeline.end_input(self._clock.now())
         self._input.set()
 
     def accepts_audio(self) -> bool:
-        """True when the transport may read more audio now (back-pressure)."""
-        return self._clock.now() >= self.timeline.accepts_audio_at()
+        """True when the transport may read the next message (less than `max_held_s` of audio
+        held, module doc)."""
+        return self._room.is_set()
 
     async def wait_accepts_audio(self) -> None:
-        """Return once more audio may be read (the timeline has played far enough)."""
-        await self._clock.sleep_until(self.timeline.accepts_audio_at())
+        """Return once the next message may be read (back-pressure, module doc)."""
+        await self._room.wait()
+
+    @property
+    def held_s(self) -> float:
+        """Audio read but not yet on the timeline (s), module doc."""
+        return self._held_bytes / 2 / self._rate if self._rate else 0.0
+
+    @property
+    def speaking_in_flight(self) -> int:
+        """Speaking slots planned and not yet sent (their renders running or done)."""
+        return sum(slot.speaking for slot in self._slots)
+
+    def _feed(self, now: float) -> None:
+        """Hand the held input to the timeline as far as it takes audio at clock time ``now``."""
+        while self._held and now >= self.timeline.accepts_audio_at():
+            item = self._held.popleft()
+            if item == "flush":
+                self.timeline.flush(now)
+            elif item == "end":
+                self.timeline.end_input(now)
+            else:
+                assert isinstance(item, bytes)
+                self._held_bytes -= len(item)
+                self.timeline.push_pcm(item, now)
+        if self._held_bytes < self.settings.max_held_s * self._rate * 2:
+            self._room.set()
 
     # ------------------------------------------------------------------------- output side
     async def frames(self) -> AsyncIterator[SlotFrame | SessionNotice]:
@@ -149,6 +212,7 @@ class LiveSession:
             closed = False
             while True:
                 now = self._clock.now()
+                self._feed(now)
                 self._give_up_overdue(now)
                 if self._slots and self._slots[0].task.done():
                     frame = await self._finish(self._slots.popleft())
@@ -174,6 +238,9 @@ class LiveSession:
                     continue
                 if closed and not self._slots:
                     return
+                if self._held:
+                    feed_at = self.timeline.accepts_audio_at()
+                    wait_until = feed_at if wait_until is None else min(wait_until, feed_at)
                 await self._wait(wait_until)
         finally:
             for slot in self._slots:
@@ -192,7 +259,8 @@ class LiveSession:
         return slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None
 
     async def _wait(self, until: float | None) -> None:
-        """Until new input, the head slot's render, a slot's deadline, or clock time `until`."""
+        """Until new input, the head slot's render, a slot's deadline, or clock time `until`
+        (the next slot's time, or when held audio goes to the timeline)."""
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._input.wait())]
         times = [t for t in (until, *(s.deadline for s in self._slots)) if t is not None]
         if times and min(times) != float("inf"):

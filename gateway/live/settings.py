@@ -18,9 +18,18 @@ class LiveSettings(BaseModel):
     margin_s: float = Field(
         default=0.5, ge=0.0, le=10.0,
         description="how far the timeline may run ahead of the wall clock (s): a TTS that sends "
-        "its audio at once is rendered this far ahead and then read only as fast as it plays. "
+        "its audio at once is rendered this far ahead, the rest is held (max_held_s) and given "
+        "to the timeline as it plays. "
         "Frames already sent cannot be recalled, so this also bounds how long an interrupted "
         "avatar keeps talking in the client's buffer",
+    )
+    max_held_s: float = Field(
+        default=30.0, ge=0.0, le=600.0,
+        description="audio read beyond the margin and held until the timeline takes it (s): the "
+        "session keeps reading its input until this much is held, so an interrupt behind a TTS "
+        "burst is read at once; then it stops reading (back-pressure through the transport's "
+        "flow control). Memory: 2 bytes per sample at the client's rate (30 s at 48 kHz: "
+        "2.9 MB per session)",
     )
     underrun_s: float = Field(
         default=0.3, gt=0.0, le=10.0,
