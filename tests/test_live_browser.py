@@ -41,9 +41,9 @@ def test_live_mode_with_a_fake_microphone(
         pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
     from playwright.sync_api import sync_playwright
 
-    # long deadlines: the 2-core CPU renders ~10 fps, the test checks behaviour, not speed
+    # long deadlines: the 2-core CPU renders 1-10 fps (loaded to idle), the test checks behaviour, not speed
     gateway_server = start_gateway(
-        triton_server.grpc_url, gateway_packages_root, live=LiveSettings(render_timeout_s=30.0, encoder_timeout_s=30.0)
+        triton_server.grpc_url, gateway_packages_root, live=LiveSettings(render_timeout_s=120.0, encoder_timeout_s=120.0)
     )
     wav = fake_microphone_wav(tmp_path)
     args = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
@@ -60,9 +60,9 @@ def test_live_mode_with_a_fake_microphone(
             page.select_option("#avatar", "demo")
             page.click("#live-mic")
             page.wait_for_function("window.lipsyncLive.stats.state === 'live'", timeout=15_000)
-            page.wait_for_function("window.lipsyncLive.stats.frames >= 200", timeout=60_000)
+            page.wait_for_function("window.lipsyncLive.stats.frames >= 200", timeout=150_000)
             page.click("#live-stop")
-            page.wait_for_function("window.lipsyncLive.stats.state === 'closed'", timeout=60_000)
+            page.wait_for_function("window.lipsyncLive.stats.state === 'closed'", timeout=150_000)
             stats = page.evaluate("() => ({...window.lipsyncLive.stats})")
             shown = {k: page.inner_text(f"#live-{k}") for k in ("frames", "speaking", "first", "offset")}
         finally:

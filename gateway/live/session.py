@@ -55,7 +55,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.errors import GatewayError
-from gateway.live.admission import RenderAdmission, RenderEnd
+from gateway.live.admission import RenderAdmission
 from gateway.live.clock import Clock
 from gateway.live.features import AudioEncoder, SegmentFeatures, window_feature_indices
 from gateway.live.segment import AudioSegment
@@ -86,6 +86,8 @@ class _Slot:
     speaking: bool
     deadline: float  # clock time after which a speaking render is given up (s); inf for idle
     late: bool = False
+    started_at: float = 0.0  # clock time its render started (s)
+    running_at_start: int = 0  # the session's other renders running then
 
 
 class LiveSession:
@@ -160,7 +162,7 @@ class LiveSession:
         if self._renderer is not None:
             for slot in self._slots:
                 if slot.speaking:
-                    self._to_idle(slot, late=False, end=RenderEnd.DROPPED)
+                    self._to_idle(slot, late=False)
         self._input.set()
 
     def end_input(self) -> None:
@@ -252,7 +254,8 @@ class LiveSession:
         for slot in self._slots:
             if slot.speaking and now >= slot.deadline and not self._render_ok(slot):
                 logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
-                self._to_idle(slot, late=True, end=RenderEnd.MISSED)
+                self.admission.missed(now - slot.started_at, slot.running_at_start)
+                self._to_idle(slot, late=True)
 
     @staticmethod
     def _render_ok(slot: _Slot) -> bool:
@@ -282,12 +285,15 @@ class LiveSession:
         now = self._clock.now()
         for plan in plans:
             deadline = self._deadline(plan)
-            if plan.speaking and self.admission.admit(now, deadline):
+            running = self._rendering()
+            if plan.speaking and self.admission.admit(now, deadline, running):
                 task = asyncio.ensure_future(self._speak(renderer, plan, rows[plan.seq]))
-                self.admission.started()
-                task.add_done_callback(functools.partial(self._render_done, now))
-                self._slots.append(_Slot(plan, task, True, deadline))
+                task.add_done_callback(functools.partial(self._render_done, now, running))
+                self._slots.append(_Slot(plan, task, True, deadline, started_at=now, running_at_start=running))
             else:
+                if plan.speaking:
+                    logger.debug("live: slot %d refused a render (window %.1f, %d running, %.2f s left, service %s s)",
+                                 plan.seq, self.admission.window, running, deadline - now, self.admission.service_s)
                 task = asyncio.ensure_future(renderer.idle_frame(plan.seq, plan.video_frame))
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
 
@@ -333,15 +339,16 @@ class LiveSession:
             for i in indices:
                 self._encoding.pop((key, i), None)
 
-    def _render_done(self, started: float, task: asyncio.Task[RenderedFrame]) -> None:
-        """A speaking render ended by itself: done (in time: an overdue one is cancelled first)
-        or failed. One cancelled by the session is told to the admission by `_to_idle`."""
-        if task.cancelled():
-            return
-        if task.exception() is not None:
-            self.admission.end(RenderEnd.FAILED)
-        else:
-            self.admission.end(RenderEnd.IN_TIME, self._clock.now() - started)
+    def _render_done(self, started: float, running: int, task: asyncio.Task[RenderedFrame]) -> None:
+        """A speaking render ended: one done tells the admission its latency and the renders
+        running when it started (a render done is in time: an overdue one is cancelled first);
+        a failed or cancelled one says nothing."""
+        if not task.cancelled() and task.exception() is None:
+            self.admission.rendered(self._clock.now() - started, running)
+
+    def _rendering(self) -> int:
+        """Speaking renders of this session running now (the admission's in-flight count)."""
+        return sum(1 for slot in self._slots if slot.speaking and not slot.task.done())
 
     def _deadline(self, plan: SlotPlan) -> float:
         """Clock time (s) after which a speaking slot's render is given up (module doc, 4)."""
@@ -355,7 +362,7 @@ class LiveSession:
         if slot.speaking and not self._render_ok(slot):  # done: it failed
             logger.warning("live: slot %d render failed, sent idle: %s", slot.plan.seq,
                            "cancelled" if slot.task.cancelled() else slot.task.exception())
-            self._to_idle(slot, late=True, end=RenderEnd.FAILED)
+            self._to_idle(slot, late=True)
         frame = await slot.task
         plan = slot.plan
         if plan.segment is not None:  # later slots need nothing before this one's window
@@ -365,13 +372,9 @@ class LiveSession:
             video_frame=plan.video_frame, error=plan.error, late=slot.late, audio_at=plan.audio_at,
         )
 
-    def _to_idle(self, slot: _Slot, *, late: bool, end: RenderEnd) -> None:
-        """Replace a speaking slot's render with its idle frame. A render still running is
-        cancelled and told to the admission as ``end`` (one that ended by itself was told by
-        `_render_done`)."""
-        if not slot.task.done():
-            slot.task.cancel()
-            self.admission.end(end)
+    def _to_idle(self, slot: _Slot, *, late: bool) -> None:
+        """Replace a speaking slot's render with its idle frame (a running one is cancelled)."""
+        slot.task.cancel()
         slot.task = asyncio.ensure_future(self._require_renderer().idle_frame(slot.plan.seq, slot.plan.video_frame))
         slot.speaking, slot.late, slot.deadline = False, late, float("inf")
 

@@ -38,19 +38,22 @@ class LiveSettings(BaseModel):
         "stall); a microphone streaming in real time sends every 10-100 ms and never trips it",
     )
     render_timeout_s: float = Field(
-        default=1.0, gt=0.0, le=60.0,
-        description="a speaking slot not rendered this long after it was planned, or after its "
-        "own pts on the wall clock if that is later (s), is sent as an idle frame marked late",
+        default=1.0, gt=0.0, le=300.0,
+        description="a speaking slot not rendered this long after it was ready (its lookahead "
+        "arrived and it could be planned), or after its own pts on the wall clock if that is "
+        "later (s), is sent as an idle frame marked late; no render is started that is "
+        "expected to take longer than what is left of it (gateway/live/admission.py)",
     )
     encoder_timeout_s: float = Field(
-        default=1.0, gt=0.0, le=60.0,
+        default=1.0, gt=0.0, le=300.0,
         description="deadline of one call to the audio encoder (s): a session encodes a few "
         "feature rows at a time (about 6 ms each on an idle 2-core CPU, but 0.5 s and more "
         "while the CPU UNet runs beside it); a call past it fails, and the slots waiting for "
-        "those rows are sent as idle frames marked late. The session sends nothing while it "
-        "waits for the encoder, so this bounds that pause too",
+        "those rows are sent as idle frames marked late (idle slots keep flowing meanwhile)",
     )
     max_in_flight: int = Field(
-        default=8, ge=1, le=64, description="slots of one session being rendered at once"
+        default=8, ge=1, le=64,
+        description="slots of one session planned and not yet sent, and the most renders of one "
+        "session in flight (the ceiling of its render window, gateway/live/admission.py)",
     )
     vad: VadParams = Field(default=VadParams(), description="voice-activity parameters")
