@@ -32,8 +32,9 @@ Two rules:
    a render given up at its deadline raises it to at least ``waited / (k + 1)``. Such a render
    would miss, and take the server's time from renders that can make it: a slot planned late
    (held back behind slower renders) is sent idle at once instead. When renders are expected
-   to take longer than a slot's whole budget (``render_timeout_s``), a slot that still has all
-   of it is started: a probe, so a stale estimate cannot shut the session out.
+   to take longer than ``PROBE_BUDGET`` (90 %) of a slot's whole budget (``render_timeout_s``),
+   a slot that still has that much is started: a probe, so a stale estimate cannot shut the
+   session out (a slot planned on time has its whole budget, or a few ms less).
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ import math
 
 SERVICE_WEIGHT: float = 0.3
 """Weight of the newest render in the service-time average."""
-_EPSILON_S = 1e-6  # a slot planned on time has exactly its whole budget: rounding must not refuse it
+PROBE_BUDGET: float = 0.9
+"""Share of the whole budget a slot needs at most to be started (the probe, module doc)."""
 
 
 class RenderAdmission:
@@ -69,9 +71,10 @@ class RenderAdmission:
     def admit(self, now: float, deadline: float, in_flight: int) -> bool:
         """Whether to start, at clock time ``now`` (s), the render of a slot due by
         ``deadline`` (s) while ``in_flight`` renders of the session are running: the window has
-        room and the time left covers the expected time (or is the whole budget: the probe)."""
-        need = min(self.service_s * (in_flight + 1), self.full_budget_s)
-        return in_flight < math.floor(self.window) and now < deadline and deadline - now >= need - _EPSILON_S
+        room and the time left covers the expected time (or 90 % of the whole budget: the
+        probe)."""
+        need = min(self.service_s * (in_flight + 1), PROBE_BUDGET * self.full_budget_s)
+        return in_flight < math.floor(self.window) and now < deadline and deadline - now >= need
 
     def rendered(self, latency_s: float, running_at_start: int) -> None:
         """A render was done in time, ``latency_s`` (s) after it started with
