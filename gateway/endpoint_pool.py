@@ -234,7 +234,8 @@ class Endpoint:
         try:
             if drain_timeout_s > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+                    async with asyncio.timeout(drain_timeout_s):
+                        await self._idle.wait()
         finally:
             await self.client.close()
 
@@ -426,7 +427,8 @@ class EndpointPool:
     async def _resolve(self, target: Target) -> None:
         assert self._resolver is not None
         try:
-            answer = await asyncio.wait_for(self._resolver(target.host, target.port), DNS_TIMEOUT_S)
+            async with asyncio.timeout(DNS_TIMEOUT_S):
+                answer = await self._resolver(target.host, target.port)
             if not answer:
                 raise OSError("the answer has no address")
         except (OSError, TimeoutError) as exc:
@@ -483,10 +485,10 @@ class EndpointPool:
         loop = asyncio.get_running_loop()
         while True:
             resolved = all(t in self._addresses for t in self._names)
+            period = self.dns_interval_s if resolved else min(self.dns_interval_s, DNS_RETRY_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._wake.wait(), self.dns_interval_s if resolved else min(self.dns_interval_s, DNS_RETRY_S)
-                )
+                async with asyncio.timeout(period):  # not wait_for (see ModelLifecycle._monitor_loop)
+                    await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(max(0.0, self._resolved_at + DNS_MIN_GAP_S - loop.time()))
             try:
