@@ -172,28 +172,26 @@ def test_a_call_whose_endpoint_dies_is_retried_once_on_another(how: str, kind: s
     async def body() -> None:
         fleet = Fleet(A, B)
         pool = await fleet.start()
-        fleet[A].hold_inference = asyncio.Event()  # A takes the first call and hangs on it
+        hold = fleet[A].hold_inference = asyncio.Event()  # A takes the first call and hangs on it
         crop, window = unet_inputs()
         mel = np.random.default_rng(0).standard_normal((3, 80, 16)).astype(np.float32)
-        call = asyncio.create_task(
-            pool.infer_unet(UNET, crop, window) if kind == "unet" else pool.infer_audio_encoder(ENCODER, mel)
+        sent, expected = (
+            (pool.infer_unet(UNET, crop, window), crop) if kind == "unet"
+            else (pool.infer_audio_encoder(ENCODER, mel), mel.reshape(3, -1)[:, :512])
         )
+        call: asyncio.Task[NDArray[Any]] = asyncio.create_task(sent)
         await until(lambda: fleet[A].count("infer") == 1, "the call reached A")
         fleet[A].mode = "refused"
         if how == "connection lost":  # A answers the call with UNAVAILABLE
-            fleet[A].hold_inference.set()
+            hold.set()
         else:  # A keeps hanging; its probe finds it down, which aborts the call
             await pool.probe_once()
-        result = await asyncio.wait_for(call, 5.0)
-        if kind == "unet":
-            np.testing.assert_array_equal(result, crop)
-        else:
-            np.testing.assert_array_equal(result, mel.reshape(3, -1)[:, :512])
+        np.testing.assert_array_equal(await asyncio.wait_for(call, 5.0), expected)
         assert fleet.infers() == {A: 1, B: 1}
         assert fleet.sample("triton_retries_total", endpoint=A) == 1.0
         assert fleet.sample("triton_errors_total", endpoint=A, kind="down") == 1.0
         assert fleet.sample("triton_calls_total", endpoint=B) == 1.0
-        fleet[A].hold_inference.set()
+        hold.set()
         await pool.close()
 
     run(body)
@@ -350,14 +348,14 @@ def test_dns_changes_add_and_remove_endpoints() -> None:
         await pool.infer_unet(UNET, crop, window)
         assert fleet.infers() == {A: 1, B: 1, C: 0}
         # A leaves DNS with a call in flight: the call finishes there, then A's channel closes
-        fleet[A].hold_inference = asyncio.Event()
+        hold = fleet[A].hold_inference = asyncio.Event()
         held = asyncio.create_task(pool.infer_unet(UNET, crop, window))
         await until(lambda: fleet[A].count("infer") == 2, "a call in flight on A")
         fleet.dns["triton"] = ["10.0.0.2", "10.0.0.3"]
         await pool.refresh()
         assert [e.state.url for e in pool.endpoints()] == [B, C]
         assert not fleet[A].closed
-        fleet[A].hold_inference.set()
+        hold.set()
         np.testing.assert_array_equal(await held, crop)
         await until(lambda: fleet[A].closed, "A's channel closed once drained")
         assert fleet.sample("triton_calls_total", endpoint=A) is None, "A's series removed"
