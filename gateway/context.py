@@ -19,6 +19,8 @@ from gateway.audio_features import AudioFeatureExtractor
 from gateway.config import GatewaySettings
 from gateway.endpoint_pool import ClientFactory, EndpointPool
 from gateway.jpeg import make_encoder
+from gateway.live_render import TritonAudioEncoder
+from gateway.live_service import LiveSessions
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
@@ -43,6 +45,7 @@ class GatewayContext:
             the pipeline's inference client.
         store: loaded avatars.
         pipeline: the frame renderer (the one entry point for frames).
+        live: the live sessions (issue 10), served by both transports.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
     """
@@ -52,6 +55,7 @@ class GatewayContext:
     lifecycle: EndpointPool
     store: AvatarStore
     pipeline: FramePipeline
+    live: LiveSessions
     executor: ThreadPoolExecutor
     started_at: float
     _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
@@ -115,12 +119,20 @@ class GatewayContext:
             AdmissionControl(settings.max_in_flight_total, metrics),
             metrics,
         )
+        live = LiveSessions(
+            store,
+            pipeline,
+            TritonAudioEncoder(pool, settings.audio_encoder_model, settings.live.encoder_timeout_s),
+            settings.live,
+            metrics,
+        )
         ctx = cls(
             settings=settings,
             metrics=metrics,
             lifecycle=pool,
             store=store,
             pipeline=pipeline,
+            live=live,
             executor=executor,
             started_at=time.time(),
         )
