@@ -174,25 +174,18 @@ class Endpoint:
         self._calls = metrics.triton_calls.labels(endpoint=url)
         self._latency = metrics.triton_call_latency.labels(endpoint=url)
         self._in_flight = metrics.triton_endpoint_in_flight.labels(endpoint=url)
-        self.retries = metrics.triton_retries.labels(endpoint=url)
-        self.ready = metrics.triton_endpoint_ready.labels(endpoint=url)
-        self.ready.set(0.0)
+        self.retried = metrics.triton_retries.labels(endpoint=url)
+        self.ready_gauge = metrics.triton_endpoint_ready.labels(endpoint=url)
+        self.ready_gauge.set(0.0)
 
-    def admits(self, model: str) -> bool:
-        """Whether its lifecycle admits a call of ``model`` now."""
-        try:
-            self.lifecycle.admit(model)
-        except TritonUnavailable:
-            return False
-        return True
-
-    def refusal(self, model: str) -> TritonUnavailable:
-        """Why its lifecycle refuses ``model`` now (the lifecycle's own error)."""
+    def refusal(self, model: str) -> TritonUnavailable | None:
+        """None when its lifecycle admits a call of ``model`` now, else the lifecycle's error
+        (`ModelLifecycle.admit`)."""
         try:
             self.lifecycle.admit(model)
         except TritonUnavailable as exc:
             return exc
-        raise AssertionError(f"{self.url} admits {model!r}")
+        return None
 
     async def call(self, request: Callable[[InferenceClient], Awaitable[R]]) -> R:
         """Run ``request`` on its `GuardedInference`, counted and timed.
@@ -341,13 +334,13 @@ class EndpointPool:
             second = self._choose(model, exclude=first)
             if second is None:
                 raise
-            first.retries.inc()
+            first.retried.inc()
             log.debug("retrying a call of %s on %s: %s", model, second.url, exc.message)
             return await second.call(request)
 
     def _choose(self, model: str, exclude: Endpoint | None) -> Endpoint | None:
         """The endpoint admitting ``model`` with the fewest calls in flight (ties in turn)."""
-        candidates = [e for e in self._endpoints.values() if e is not exclude and e.admits(model)]
+        candidates = [e for e in self._endpoints.values() if e is not exclude and e.refusal(model) is None]
         if not candidates:
             return None
         start = self._turn % len(candidates)
@@ -356,8 +349,8 @@ class EndpointPool:
 
     def _refusal(self, model: str) -> TritonUnavailable:
         endpoints = list(self._endpoints.values())
-        if len(endpoints) == 1:
-            return endpoints[0].refusal(model)
+        if len(endpoints) == 1 and (own := endpoints[0].refusal(model)) is not None:
+            return own
         if not endpoints:
             return TritonUnavailable(f"no Triton endpoint: {self._no_endpoint()}")
         reasons = []
@@ -476,7 +469,7 @@ class EndpointPool:
     def _endpoint_changed(self, endpoint: Endpoint, state: LifecycleSnapshot) -> None:
         if self._endpoints.get(endpoint.url) is not endpoint:
             return  # it left
-        endpoint.ready.set(1.0 if state.ready else 0.0)
+        endpoint.ready_gauge.set(1.0 if state.ready else 0.0)
         if state.server is ServerState.DOWN:
             self._wake.set()  # its address may have changed
         self._publish()
