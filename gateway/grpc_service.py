@@ -16,8 +16,10 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   is not read until the oldest answer is sent (back-pressure, bounded memory).
 - ``GenerateBatchInference`` renders its frames concurrently under the same per-call limit.
 - ``GenerateBatchWithAudio``: see `gateway.audio_features` for the chunk -> mel window ->
-  feature row mapping (computed once per request); frame ``k`` shows video frame
-  ``start_frame_id + k`` (ping-pong) with the window of rows ``k .. k+15``.
+  feature row mapping (computed once per request) and the chunk contract: ``min(s, 8) +
+  frame_count + 7`` chunks for ``s = start_frame_id`` (8 of past, or at the start of a clip the
+  ``s`` that exist, the missing past being zeros), extra chunks at the end ignored; frame ``k``
+  shows video frame ``s + k`` (ping-pong) with the window of chunks ``s+k-8 .. s+k+7``.
 
 Also served: ``grpc.health.v1.Health`` (overall and ``optimized_lipsyncsrv.OptimizedLipSyncService``:
 SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed on every change) and server
@@ -173,7 +175,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     f"start_frame_id {start} + frame_count {frames} runs past the largest "
                     f"frame_id {INT32_MAX} (int32)"
                 )
-            windows = await self.pipeline.audio.batch_windows(list(request.audio_chunks), frames)
+            windows = await self.pipeline.audio.batch_windows(request.audio_chunks, frames, start)
         except GatewayError as exc:
             # one error answer per asked frame, as far as its frame_id fits the int32 field
             n = min(max(frames, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)

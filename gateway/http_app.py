@@ -29,9 +29,10 @@ closed with code 1001 (going away).
 
 Live audio: a request with ``audio_len > 0`` carries the 16 chunks behind the frame's own
 window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8 past, the frame's chunk, 7
-lookahead; checked by `gateway.audio_features.check_window_chunks`); the gateway turns them into
-features with Triton's ``audio_encoder`` and renders the frame with them instead of the
-package's ``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
+lookahead), or for a ``frame_id`` below 8 the ``frame_id + 8`` chunks since the start of the
+clip (the missing past is zeros; `gateway.audio_features.check_window_chunks`); the gateway
+turns them into features with Triton's ``audio_encoder`` and renders the frame with them
+instead of the package's ``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
 
 Each adapter here decodes its wire format into a `gateway.frame_request.FrameRequest` and hands
 it to `gateway.pipeline.FramePipeline.render`, which validates, renders and counts the outcome.
@@ -141,7 +142,9 @@ class _WsConnection:
         except ProtocolError as exc:
             await self._refuse(exc, frame_id=exc.frame_id, started=started)
             return
-        request = FrameRequest(wire.avatar, wire.frame_id, WindowChunks(wire.audio) if wire.audio else None)
+        request = FrameRequest(
+            wire.avatar, wire.frame_id, WindowChunks(wire.audio, wire.frame_id) if wire.audio else None
+        )
         try:
             await self.limiter.acquire(wait=False)
         except Overloaded as exc:

@@ -76,6 +76,7 @@ def test_websocket_frames_and_errors(make_package: Callable[..., Path]) -> None:
             b"\x01\x00",
             "hello",
             encode_request(AVATAR, 4, bytes(WINDOW_CHUNK_BYTES)),
+            encode_request(AVATAR, 2, bytes(10 * CHUNK_BYTES)),
         ])
         ok = replies[0]
         assert isinstance(ok, FrameReply) and ok.frame_id == 3
@@ -85,9 +86,10 @@ def test_websocket_frames_and_errors(make_package: Callable[..., Path]) -> None:
         assert codes == [(0, "unknown_avatar"), (m, "frame_out_of_range"), (1, "bad_request"),
                          (0, "bad_request"), (0, "bad_request")]
         assert isinstance(replies[6], FrameReply), "live audio renders"
-        assert requests_counted(server, "ws") == (2.0, 5.0)
+        assert isinstance(replies[7], FrameReply), "start of a clip: the frame_id + 8 chunks since it began"
+        assert requests_counted(server, "ws") == (3.0, 5.0)
         value = server.ctx.metrics.registry.get_sample_value
-        assert value("lipsync_gateway_ws_messages_total", {"kind": "binary"}) == 6
+        assert value("lipsync_gateway_ws_messages_total", {"kind": "binary"}) == 7
         assert value("lipsync_gateway_ws_messages_total", {"kind": "text"}) == 1
 
     on_server(make_package, body)
@@ -122,11 +124,11 @@ def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., P
                 model_name=AVATAR, start_frame_id=5, frame_count=3, audio_chunks=chunks))
             assert [x.frame_id for x in r.responses] == [5, 6, 7] and all(x.success for x in r.responses)
             encoded = [len(x[0]) for model, x in fake.inputs if model == "audio_encoder"]
-            assert sum(encoded) == 18, "features computed once for the request: one mel window per chunk"
+            assert sum(encoded) == 15, "features computed once: one mel window per chunk used (5 + 3 + 7)"
             r = await stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
-                model_name=AVATAR, start_frame_id=0, frame_count=3, audio_chunks=chunks[:17]))
+                model_name=AVATAR, start_frame_id=2, frame_count=3, audio_chunks=chunks[:11]))
             assert [x.success for x in r.responses] == [False] * 3
-            assert "expected 18 audio chunks for frame_count=3" in r.responses[0].error
+            assert "expected 12 audio chunks for start_frame_id=2, frame_count=3: 2 past" in r.responses[0].error
             r = await stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
                 model_name=AVATAR, start_frame_id=-1, frame_count=1, audio_chunks=chunks[:16]))
             assert r.responses[0].error.startswith("frame_out_of_range: frame_id -1") and "valid: >= 0" in r.responses[0].error

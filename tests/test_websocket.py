@@ -152,7 +152,7 @@ def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
         ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16,
          "bad_request", "exceeds the limit of 256 bytes"),
         ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000),
-         "bad_request", f"= {WINDOW_CHUNK_BYTES} bytes"),
+         "bad_request", f"live audio for frame_id=1 must be {WINDOW_CHUNK_BYTES} bytes"),
         ("live audio, unknown avatar", encode_request("nobody", 1, silence),
          "unknown_avatar", "'nobody' is not loaded"),
     ]
