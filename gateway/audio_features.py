@@ -124,6 +124,12 @@ def window_chunk_counts(frame_id: int) -> tuple[int, ...]:
     return (WINDOW_CHUNKS,) if start_of_clip == WINDOW_CHUNKS else (start_of_clip, WINDOW_CHUNKS)
 
 
+def is_window_length(n_bytes: int, frame_id: int) -> bool:
+    """Whether ``n_bytes`` of PCM are a live-audio window for ``frame_id`` (`window_chunk_counts`)."""
+    n, rest = divmod(n_bytes, CHUNK_BYTES)
+    return rest == 0 and n in window_chunk_counts(frame_id)
+
+
 def check_window_chunks(pcm: bytes, frame_id: int) -> int:
     """Check the audio of one frame's window (a WebSocket live-audio request).
 
@@ -133,9 +139,8 @@ def check_window_chunks(pcm: bytes, frame_id: int) -> int:
     Raises:
         BadRequest: any other length, with the lengths accepted in the message.
     """
-    counts = window_chunk_counts(frame_id)
-    n, rest = divmod(len(pcm), CHUNK_BYTES)
-    if rest or n not in counts:
+    if not is_window_length(len(pcm), frame_id):
+        counts = window_chunk_counts(frame_id)
         start_of_clip = (
             f", or {counts[0] * CHUNK_BYTES} bytes at the start of a clip (frame_id < "
             f"{WINDOW_BEFORE}): the {counts[0]} chunks since it began"
@@ -148,7 +153,7 @@ def check_window_chunks(pcm: bytes, frame_id: int) -> int:
             f"frame's own + {WINDOW_AFTER} lookahead){start_of_clip}; send audio_len=0 to use "
             "the avatar's own audio"
         )
-    return n
+    return len(pcm) // CHUNK_BYTES
 
 
 def _windows(rows: NDArray[np.float32], start_frame_id: int, frames: int) -> list[NDArray[np.float32]]:

@@ -56,7 +56,8 @@ e.g. LIPSYNC_TRITON_URL=triton:{TRITON_GRPC_PORT}, LIPSYNC_JPEG_QUALITY=90,
 LIPSYNC_HTTP_PORT={GATEWAY_HTTP_PORT}; an option given on the command line wins. Port 0 picks a
 free port.
 
-Endpoints: http://HOST:HTTP_PORT/ (web page), /ws (binary WebSocket), /healthz, /readyz,
+Endpoints: http://HOST:HTTP_PORT/ (web page; a WebSocket there is the original clients'
+endpoint), /ws (binary WebSocket, full frames), /healthz, /readyz,
 /api/avatars, /api/stats, /metrics (Prometheus); gRPC service
 optimized_lipsyncsrv.OptimizedLipSyncService on GRPC_PORT (+ grpc.health.v1, reflection).
 """

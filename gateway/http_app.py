@@ -3,9 +3,12 @@
 Routes (one port, `GatewaySettings.http_port`):
 
 ==========================================  =================================================
-``GET /``                                    the web page (``gateway/static/index.html``)
+``GET /``                                    the web page (``gateway/static/index.html``); a
+                                             WebSocket upgrade there is the original clients'
+                                             endpoint (face patches, see below)
 ``GET /static/...``                          its script and style sheet
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
+                                             (full composited frames)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
                                              else 503; JSON with the reason
@@ -17,7 +20,7 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /metrics``                             Prometheus exposition of the gateway registry
 ==========================================  =================================================
 
-WebSocket semantics: every binary message is one frame request. Requests of one connection
+WebSocket semantics (both endpoints, `WsEndpoint`): every binary message is one frame request. Requests of one connection
 are rendered concurrently, at most ``max_in_flight_per_connection`` at a time; one more is
 answered at once with an ``overloaded`` error reply (never queued). Replies are sent as frames
 complete, so they may come back out of order; each carries its ``frame_id``. A malformed
@@ -25,9 +28,12 @@ request, a text message, a request over ``ws_max_message_bytes`` or any failed f
 error reply and the connection keeps serving. Only a message over the transport cap
 (``4 x ws_max_message_bytes``, which aiohttp refuses to buffer) closes the connection, with
 WebSocket close code 1009 (message too big). When the gateway stops, open connections are
-closed with code 1001 (going away).
+closed with code 1001 (going away). The two endpoints differ in the image and in audio
+(`gateway.ws_protocol` module doc): ``/`` answers with the face patch for client-side
+compositing and ignores audio that is not a live-audio window, ``/ws`` answers with the full
+composited frame and refuses such audio.
 
-Live audio: a request with ``audio_len > 0`` carries the 16 chunks behind the frame's own
+Live audio: a request with ``audio_len > 0`` (on ``/``: of exactly such a length) carries the 16 chunks behind the frame's own
 window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8 past, the frame's chunk, 7
 lookahead), or for a ``frame_id`` below 8 the ``frame_id + 8`` chunks since the start of the
 clip (the missing past is zeros; `gateway.audio_features.check_window_chunks`); the gateway
@@ -46,6 +52,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -53,13 +60,14 @@ from urllib.parse import quote
 from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.audio_features import WindowChunks
+from gateway.audio_features import WindowChunks, is_window_length
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
-from gateway.frame_request import FrameRequest
+from gateway.frame_request import FrameOutput, FrameRequest
 from gateway.model_lifecycle import ModelPhase
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
     ProtocolError,
+    WsRequest,
     decode_request,
     encode_error_reply,
     encode_frame_reply,
@@ -85,11 +93,35 @@ WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_ope
 # ------------------------------------------------------------------------------ WebSocket
 
 
+@dataclass(frozen=True)
+class WsEndpoint:
+    """One path speaking the binary protocol (`gateway.ws_protocol` module doc: the two).
+
+    Attributes:
+        path: the route.
+        output: what the replies' JPEG shows (`gateway.frame_request.FrameOutput`).
+        ignore_other_audio: audio that is not a live-audio window is ignored (the original
+            clients send a 40 ms chunk at the browser's rate with each frame) instead of
+            refused as ``bad_request``.
+    """
+
+    path: str
+    output: FrameOutput
+    ignore_other_audio: bool
+
+
+ORIGINAL_CLIENTS = WsEndpoint("/", "face", ignore_other_audio=True)
+"""``ws://HOST:8085``, where the original system's browser clients connect."""
+FULL_FRAMES = WsEndpoint("/ws", "composite", ignore_other_audio=False)
+"""``/ws``: full composited frames (the web page, the load generator)."""
+
+
 class _WsConnection:
     """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
 
-    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext) -> None:
+    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext, endpoint: WsEndpoint) -> None:
         self.ws = ws
+        self.endpoint = endpoint
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
         self.limiter = ctx.new_connection_limiter()
@@ -142,9 +174,7 @@ class _WsConnection:
         except ProtocolError as exc:
             await self._refuse(exc, frame_id=exc.frame_id, started=started)
             return
-        request = FrameRequest(
-            wire.avatar, wire.frame_id, WindowChunks(wire.audio, wire.frame_id) if wire.audio else None
-        )
+        request = FrameRequest(wire.avatar, wire.frame_id, self._live_audio(wire), self.endpoint.output)
         try:
             await self.limiter.acquire(wait=False)
         except Overloaded as exc:
@@ -153,6 +183,15 @@ class _WsConnection:
         task = asyncio.create_task(self._render(request, started))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _live_audio(self, wire: WsRequest) -> WindowChunks | None:
+        """The request's live audio, None for the package's; on ``/`` audio that is not a
+        live-audio window is ignored (module doc)."""
+        if not wire.audio:
+            return None
+        if self.endpoint.ignore_other_audio and not is_window_length(len(wire.audio), wire.frame_id):
+            return None
+        return WindowChunks(wire.audio, wire.frame_id)
 
     async def _render(self, request: FrameRequest, started: float) -> None:
         try:
@@ -189,7 +228,12 @@ class _WsConnection:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    """``GET /ws``: serve one WebSocket connection (see the module docstring)."""
+    """``GET /ws``: serve one WebSocket connection, full frames (see the module docstring)."""
+    return await _serve_websocket(request, FULL_FRAMES)
+
+
+async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.WebSocketResponse:
+    """Serve one WebSocket connection on ``endpoint`` until it closes."""
     ctx = request.app[CONTEXT_KEY]
     ws = web.WebSocketResponse(
         max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
@@ -201,7 +245,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     open_ws.add(ws)
     ctx.metrics.ws_connections.inc()
     try:
-        await _WsConnection(ws, ctx).serve()
+        await _WsConnection(ws, ctx, endpoint).serve()
     finally:
         open_ws.discard(ws)
         ctx.metrics.ws_connections.dec()
@@ -261,8 +305,11 @@ async def _errors_as_json(
         return _json_error(exc)
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    """``GET /``: the web page."""
+async def index(request: web.Request) -> web.StreamResponse:
+    """``GET /``: the web page, or, for a WebSocket upgrade, the original clients' endpoint
+    (`ORIGINAL_CLIENTS`)."""
+    if web.WebSocketResponse().can_prepare(request).ok:
+        return await _serve_websocket(request, ORIGINAL_CLIENTS)
     return web.FileResponse(STATIC_DIR / "index.html")
 
 

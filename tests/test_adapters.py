@@ -22,6 +22,7 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import fake_settings
 from tests.fake_triton import FakeTriton, fake_triton, identity_composite
+from tests.original_ws_client import OriginalClientFrame, parse_reply_as_original_client
 
 T = TypeVar("T")
 AVATAR = "synthetic"
@@ -91,6 +92,42 @@ def test_websocket_frames_and_errors(make_package: Callable[..., Path]) -> None:
         value = server.ctx.metrics.registry.get_sample_value
         assert value("lipsync_gateway_ws_messages_total", {"kind": "binary"}) == 7
         assert value("lipsync_gateway_ws_messages_total", {"kind": "text"}) == 1
+
+    on_server(make_package, body)
+
+
+def test_root_websocket_speaks_the_original_format(make_package: Callable[..., Path]) -> None:
+    """``ws://HOST:PORT/`` (issue 14): the original clients' replies, parsed as they parse them:
+    the face patch (the crop rectangle's pixels of the composite) and its rectangle; their
+    40 ms chunk at the browser's rate is ignored, a live-audio window is used; a plain GET /
+    is still the page."""
+
+    async def body(server: GatewayServer, fake: FakeTriton) -> None:
+        assert server.ctx is not None
+        avatar = server.ctx.store.get(AVATAR)
+        browser_chunk = bytes(2 * 24_000 * 40 // 1000)  # 40 ms of 24 kHz int16 mono
+        asks = [(3, b""), (4, browser_chunk), (2, bytes(10 * CHUNK_BYTES)), (5, bytes(WINDOW_CHUNK_BYTES))]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.http_url}/") as resp:
+                assert resp.status == 200 and "<canvas" in await resp.text()
+            async with session.ws_connect(f"{server.http_url}/") as ws:
+                replies = []
+                for frame_id, audio in asks:
+                    await ws.send_bytes(encode_request(AVATAR, frame_id, audio))
+                    replies.append(parse_reply_as_original_client((await ws.receive(timeout=10)).data))
+                await ws.send_bytes(encode_request("nobody", 1, browser_chunk))
+                error = parse_reply_as_original_client((await ws.receive(timeout=10)).data)
+        assert error == "unknown_avatar: avatar 'nobody' is not loaded (loaded: synthetic)"
+        for (frame_id, _), reply in zip(asks, replies, strict=True):
+            assert isinstance(reply, OriginalClientFrame) and reply.frame_id == frame_id
+            v = avatar.video_index(frame_id)
+            assert reply.bounds == avatar.rect(v)
+            x1, y1, x2, y2 = avatar.rects[v]
+            patch = identity_composite(avatar.frames[v], avatar.rects[v])[y1:y2, x1:x2]
+            assert reply.jpeg == server.ctx.pipeline.encoder.encode(patch)
+        # the browser's chunk was ignored; the two live-audio windows were used (a mel window a chunk)
+        assert sum(len(x[0]) for model, x in fake.inputs if model == "audio_encoder") == 10 + 16
+        assert requests_counted(server, "ws") == (4.0, 1.0)
 
     on_server(make_package, body)
 

@@ -8,7 +8,8 @@
 // there when the clock passes it counts as dropped (late reply, skipped request or error).
 // Protocol (little-endian), see gateway/ws_protocol.py:
 //   request  [name_len u32][name][frame_id u32][audio_len u32][audio]
-//   reply    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][jpeg][n u32][n x f32]
+//   reply    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][jpeg][bounds_len u32 = 16][4 x f32]
+//            (bounds_len is in bytes, as the original server wrote it)
 //   error    [0 u8][frame_id u32][processing_ms u32][len u32][utf-8 message]
 "use strict";
 
@@ -67,9 +68,12 @@ function decodeReply(buf) {
     return { ok: false, frameId, processingMs, message: decoder.decode(new Uint8Array(buf, 13, len)) };
   }
   const jpeg = new Uint8Array(buf, 13, len);
-  const n = dv.getUint32(13 + len, true);
+  const boundsLen = dv.getUint32(13 + len, true);  // bytes
+  if (17 + len + boundsLen !== buf.byteLength || boundsLen % 4 !== 0) {
+    throw new Error(`reply has bounds_len ${boundsLen} but ${buf.byteLength - 17 - len} bytes follow`);
+  }
   const bounds = [];
-  for (let i = 0; i < n; i++) bounds.push(dv.getFloat32(17 + len + 4 * i, true));
+  for (let i = 0; i < boundsLen / 4; i++) bounds.push(dv.getFloat32(17 + len + 4 * i, true));
   return { ok: true, frameId, processingMs, jpeg, bounds };
 }
 
