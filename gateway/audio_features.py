@@ -245,7 +245,9 @@ class AudioFeatureExtractor:
         mel = await asyncio.to_thread(pcm_mel_windows, pcm, n_chunks)
         return await self.inference.infer_audio_encoder(self.model, mel)
 
-    async def batch_windows(self, chunks: Sequence[bytes], frames: int, start_frame_id: int) -> list[FeatureWindow]:
+    async def batch_windows(
+        self, chunks: Sequence[bytes], frames: int, start_frame_id: int
+    ) -> list[FeatureWindow]:
         """The windows of a request for frames ``s .. s+frames-1`` (module doc, steps 4-5):
         the encoder runs once over the chunks used.
 

@@ -18,6 +18,7 @@ from gateway.audio_features import AudioFeatureExtractor
 from gateway.config import GatewaySettings
 from gateway.inference import GuardedInference
 from gateway.jpeg import make_encoder
+from gateway.malformed import MalformedInput
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
@@ -40,6 +41,7 @@ class GatewayContext:
         lifecycle: Triton's server and model states.
         store: loaded avatars.
         pipeline: the frame renderer (the one entry point for frames).
+        malformed: where the protocol adapters report input that does not decode.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
     """
@@ -50,6 +52,7 @@ class GatewayContext:
     lifecycle: ModelLifecycle
     store: AvatarStore
     pipeline: FramePipeline
+    malformed: MalformedInput
     executor: ThreadPoolExecutor
     started_at: float
     _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
@@ -110,6 +113,7 @@ class GatewayContext:
             lifecycle=lifecycle,
             store=store,
             pipeline=pipeline,
+            malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
             executor=executor,
             started_at=time.time(),
         )

@@ -23,7 +23,8 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
 
 Also served: ``grpc.health.v1.Health`` (overall and ``optimized_lipsyncsrv.OptimizedLipSyncService``:
 SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed on every change) and server
-reflection.
+reflection. A request message that does not decode gets ``INVALID_ARGUMENT`` naming the method,
+from any of them (`gateway.grpc_decode_guard`).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from gateway.audio_features import LiveAudio
 from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
 from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.grpc_decode_guard import DecodeGuard
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
 from lipsync.frames import mask_inner
 from proto import lipsync_pb2 as pb
@@ -397,11 +399,14 @@ class HealthReporter:
 def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthReporter]:
     """A ``grpc.aio`` server with the lipsync service, health and reflection (not started).
 
-    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``.
+    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``. A
+    request message that does not decode is answered ``INVALID_ARGUMENT`` by every method of
+    every service added to it (`gateway.grpc_decode_guard.DecodeGuard`).
     The caller adds the port and starts it (see `gateway.server`).
     """
     s = ctx.settings
     server = grpc.aio.server(
+        interceptors=[DecodeGuard(ctx.malformed)],  # every method: undecodable -> INVALID_ARGUMENT
         options=[
             ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
             ("grpc.max_send_message_length", s.grpc_max_send_bytes),

@@ -20,31 +20,37 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /metrics``                             Prometheus exposition of the gateway registry
 ==========================================  =================================================
 
-WebSocket semantics (both endpoints, `WsEndpoint`): every binary message is one frame request. Requests of one connection
-are rendered concurrently, at most ``max_in_flight_per_connection`` at a time; one more is
-answered at once with an ``overloaded`` error reply (never queued). Replies are sent as frames
-complete, so they may come back out of order; each carries its ``frame_id``. A malformed
-request, a text message, a request over ``ws_max_message_bytes`` or any failed frame gets an
-error reply and the connection keeps serving. Only a message over the transport cap
-(``4 x ws_max_message_bytes``, which aiohttp refuses to buffer) closes the connection, with
-WebSocket close code 1009 (message too big). When the gateway stops, open connections are
-closed with code 1001 (going away). The two endpoints differ in the image and in audio
-(`gateway.ws_protocol` module doc): ``/`` answers with the face patch for client-side
+WebSocket semantics (both endpoints, `WsEndpoint`): every binary message is one frame request.
+Requests of one connection are rendered concurrently, at most ``max_in_flight_per_connection``
+at a time; one more is answered at once with an ``overloaded`` error reply (never queued).
+Replies are sent as frames complete, so they may come back out of order; each carries its
+``frame_id``. A malformed request, a text message, a request over ``ws_max_message_bytes`` or
+any failed frame gets an error reply and the connection keeps serving. Only a message over the
+transport cap (``4 x ws_max_message_bytes``, which aiohttp refuses to buffer) closes the
+connection, with WebSocket close code 1009 (message too big). When the gateway stops, open
+connections are closed with code 1001 (going away). The two endpoints differ in the image and
+in audio (`gateway.ws_protocol` module doc): ``/`` answers with the face patch for client-side
 compositing and ignores audio that is not a live-audio window, ``/ws`` answers with the full
 composited frame and refuses such audio.
 
-Live audio: a request with ``audio_len > 0`` (on ``/``: of exactly such a length) carries the 16 chunks behind the frame's own
-window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8 past, the frame's chunk, 7
-lookahead), or for a ``frame_id`` below 8 the ``frame_id + 8`` chunks since the start of the
-clip (the missing past is zeros; `gateway.audio_features.check_window_chunks`); the gateway
-turns them into features with Triton's ``audio_encoder`` and renders the frame with them
-instead of the package's ``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
+Live audio: a request with ``audio_len > 0`` (on ``/``: of exactly such a length) carries the
+16 chunks behind the frame's own window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8
+past, the frame's chunk, 7 lookahead), or for a ``frame_id`` below 8 the ``frame_id + 8``
+chunks since the start of the clip (the missing past is zeros;
+`gateway.audio_features.check_window_chunks`); the gateway turns them into features with
+Triton's ``audio_encoder`` and renders the frame with them instead of the package's
+``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
 
 Each adapter here decodes its wire format into a `gateway.frame_request.FrameRequest` and hands
 it to `gateway.pipeline.FramePipeline.render`, which validates, renders and counts the outcome.
 
 HTTP errors are JSON ``{"error": code, "message": text}`` with the status of the
 `gateway.errors.GatewayError` subclass.
+
+Malformed input (a WebSocket message that does not follow the protocol, a text message, one
+over the size limit, a WebSocket protocol error or refused handshake, an HTTP ``bad_request``,
+a request aiohttp's parser refused: `ServerLog`) is the client's error: it gets its answer and
+is reported to `gateway.malformed` (counted, one log line per peer per interval, no traceback).
 """
 from __future__ import annotations
 
@@ -58,6 +64,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.audio_features import WindowChunks, is_window_length
@@ -75,6 +84,7 @@ from gateway.ws_protocol import (
 
 if TYPE_CHECKING:
     from gateway.context import GatewayContext
+    from gateway.malformed import MalformedInput
     from gateway.store import Avatar
 
 log = logging.getLogger(__name__)
@@ -87,6 +97,8 @@ TRANSPORT_CAP_FACTOR = 4
 the two limits gets an error reply; beyond the cap aiohttp closes with code 1009."""
 
 CONTEXT_KEY: web.AppKey[GatewayContext] = web.AppKey("lipsync_context")
+MALFORMED_KEY: web.RequestKey[bool] = web.RequestKey("lipsync_malformed")
+"""Set on a request reported as malformed input: `AccessLog` leaves it out."""
 WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_open")
 
 
@@ -119,9 +131,13 @@ FULL_FRAMES = WsEndpoint("/ws", "composite", ignore_other_audio=False)
 class _WsConnection:
     """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
 
-    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext, endpoint: WsEndpoint) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, ctx: GatewayContext, endpoint: WsEndpoint, peer: str | None
+    ) -> None:
         self.ws = ws
         self.endpoint = endpoint
+        self.peer = peer
+        self.malformed = ctx.malformed
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
         self.limiter = ctx.new_connection_limiter()
@@ -136,7 +152,7 @@ class _WsConnection:
                     await self._on_binary(msg.data)
                 elif msg.type == WSMsgType.TEXT:
                     self.messages.labels(kind="text").inc()
-                    await self._refuse(
+                    await self._refuse_malformed(
                         BadRequest(
                             "text messages are not part of the protocol; send binary "
                             "[name_len u32][name][frame_id u32][audio_len u32][audio]"
@@ -145,9 +161,12 @@ class _WsConnection:
                         started=time.perf_counter(),
                     )
                 elif msg.type == WSMsgType.ERROR:
-                    # aiohttp already closed the connection (1009 for a too-big message).
+                    # aiohttp already closed the connection: 1009 for a message over the
+                    # transport cap, 1002 for a frame that breaks the WebSocket protocol
                     self.messages.labels(kind="too_big").inc()
-                    log.warning("WebSocket connection closed: %s", msg.data)
+                    self.malformed.report(
+                        "ws", self.endpoint.path, self.peer, f"connection closed: {msg.data}"
+                    )
                     break
         finally:
             for task in list(self.tasks):
@@ -159,7 +178,7 @@ class _WsConnection:
         started = time.perf_counter()
         if len(data) > self.max_bytes:
             self.messages.labels(kind="oversized").inc()
-            await self._refuse(
+            await self._refuse_malformed(
                 BadRequest(
                     f"message of {len(data)} bytes exceeds the limit of {self.max_bytes} bytes "
                     "(LIPSYNC_WS_MAX_MESSAGE_BYTES)"
@@ -172,7 +191,7 @@ class _WsConnection:
         try:
             wire = decode_request(data, max_name_bytes=MAX_NAME_BYTES, max_audio_bytes=self.max_bytes)
         except ProtocolError as exc:
-            await self._refuse(exc, frame_id=exc.frame_id, started=started)
+            await self._refuse_malformed(exc, frame_id=exc.frame_id, started=started)
             return
         request = FrameRequest(wire.avatar, wire.frame_id, self._live_audio(wire), self.endpoint.output)
         try:
@@ -209,6 +228,12 @@ class _WsConnection:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
 
+    async def _refuse_malformed(self, exc: BadRequest, *, frame_id: int, started: float) -> None:
+        """`_refuse` a message that does not follow the protocol, reported as malformed input
+        (`gateway.malformed`: counted, one log line per peer per interval)."""
+        self.malformed.report("ws", self.endpoint.path, self.peer, exc.message)
+        await self._refuse(exc, frame_id=frame_id, started=started)
+
     async def _refuse(self, exc: GatewayError, *, frame_id: int, started: float) -> None:
         """Count a message refused before the pipeline and send its error reply."""
         self.pipeline.record_refused("ws", exc)
@@ -240,12 +265,17 @@ async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.We
         heartbeat=30.0,
         compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except web.HTTPException as exc:  # a handshake aiohttp refused (400): the client's error
+        ctx.malformed.report("ws", endpoint.path, request.remote, f"handshake refused: {exc.text}")
+        request[MALFORMED_KEY] = True
+        raise
     open_ws = request.app[WS_OPEN_KEY]
     open_ws.add(ws)
     ctx.metrics.ws_connections.inc()
     try:
-        await _WsConnection(ws, ctx, endpoint).serve()
+        await _WsConnection(ws, ctx, endpoint, request.remote).serve()
     finally:
         open_ws.discard(ws)
         ctx.metrics.ws_connections.dec()
@@ -298,11 +328,66 @@ def _json_error(exc: GatewayError) -> web.Response:
 async def _errors_as_json(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Turn a `GatewayError` raised by a handler into its JSON error response."""
+    """Turn a `GatewayError` raised by a handler into its JSON error response; a
+    ``bad_request`` (a request that does not parse) is also reported as malformed input."""
     try:
         return await handler(request)
     except GatewayError as exc:
+        if isinstance(exc, BadRequest):
+            route = request.match_info.route.resource
+            request.app[CONTEXT_KEY].malformed.report(
+                "http", route.canonical if route is not None else request.path, request.remote, exc.message
+            )
+            request[MALFORMED_KEY] = True
         return _json_error(exc)
+
+
+UNPARSED = "(unparsed request)"
+"""The ``method`` label of HTTP requests aiohttp's parser refused (no route to name)."""
+_PARSER_REFUSED_METHOD = "UNKNOWN"
+"""The method of the request aiohttp makes up to answer one its parser refused."""
+
+
+class AccessLog(AccessLogger):
+    """aiohttp's access log (``aiohttp.access``, one INFO line per request), less the requests
+    reported as malformed input: their one rate-limited line is `gateway.malformed`'s."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(MALFORMED_KEY) or (
+            response.status == 400 and request.method == _PARSER_REFUSED_METHOD
+        ):
+            return
+        super().log(request, response, time)
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's request-handler logger for one gateway (`web.AppRunner(..., logger=)`).
+
+    A request aiohttp's parser refused (``HttpProcessingError``: not HTTP, a bad header, ...)
+    is the client's malformed input: answered 400 by aiohttp, reported to
+    `gateway.malformed.MalformedInput` (counted, one line per peer per interval) instead of
+    aiohttp's traceback. Everything else goes to ``aiohttp.server`` as before.
+    """
+
+    def __init__(self, malformed: MalformedInput) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self.malformed = malformed
+
+    def _client_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        exc = kwargs.get("exc_info")
+        if not isinstance(exc, HttpProcessingError):
+            return False
+        peer = args[0] if args and isinstance(args[0], str) else None  # "... from %s", remote
+        self.malformed.report("http", UNPARSED, peer, f"{exc.code}: {exc.message}")
+        return True
+
+    def exception(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._client_error(args, kwargs):
+            self.logger.exception(msg, *args, **kwargs)
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._client_error(args, kwargs):
+            self.logger.debug(msg, *args, **kwargs)
 
 
 async def index(request: web.Request) -> web.StreamResponse:

@@ -16,7 +16,10 @@ Series (all names prefixed ``lipsync_gateway_``):
   subscriber of `gateway.model_lifecycle.ModelLifecycle`);
 - ``ws_connections``: open WebSocket connections;
 - ``ws_messages_total{kind}``: WebSocket messages received, kind = binary | text | oversized
-  (answered with an error) | too_big (over the transport cap: connection closed with 1009).
+  (answered with an error) | too_big (over the transport cap: connection closed with 1009);
+- ``malformed_requests_total{protocol, method}``: client input that did not decode, by
+  protocol and the gRPC method, WebSocket path or HTTP route it was sent to
+  (`gateway.malformed`).
 
 Outcomes are counted by `gateway.pipeline.FramePipeline`, once per request.
 """
@@ -73,6 +76,13 @@ class GatewayMetrics:
             "lipsync_gateway_ws_messages",
             "WebSocket messages received, by kind",
             ["kind"],
+            registry=self.registry,
+        )
+        self.malformed_requests = Counter(
+            "lipsync_gateway_malformed_requests",
+            "Client input that did not decode, by protocol and method (gRPC method, WebSocket "
+            "path or HTTP route)",
+            ["protocol", "method"],
             registry=self.registry,
         )
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.grpc_service import HealthReporter, build_grpc_server
-from gateway.http_app import create_app
+from gateway.http_app import AccessLog, ServerLog, create_app
 from gateway.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,13 @@ class GatewayServer:
 
             app = create_app(self.ctx)
             # HTTP handlers still running at stop get grace_s too (aiohttp's default: 60 s)
-            self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self.grace_s)
+            self._runner = web.AppRunner(
+                app,
+                handle_signals=False,
+                shutdown_timeout=self.grace_s,
+                logger=ServerLog(self.ctx.malformed),  # requests aiohttp could not parse
+                access_log_class=AccessLog,  # less the malformed ones
+            )
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.host, s.http_port)
             await site.start()

@@ -47,11 +47,14 @@ def parse_reply_as_original_client(data: bytes) -> OriginalClientFrame | str:
     return OriginalClientFrame(frame_id, processing_ms, payload, tuple(float(b) for b in bounds))
 
 
-def draw_into_rectangle(frame: NDArray[np.uint8], image: NDArray[np.uint8], bounds: tuple[float, ...]) -> NDArray[np.uint8]:
+def draw_into_rectangle(
+    frame: NDArray[np.uint8], image: NDArray[np.uint8], bounds: tuple[float, ...]
+) -> NDArray[np.uint8]:
     """``drawImage(image, x1, y1, x2 - x1, y2 - y1)`` over a copy of ``frame`` (uint8 BGR)."""
-    x1, y1, x2, y2 = (int(round(b)) for b in bounds)
+    x1, y1, x2, y2 = (round(b) for b in bounds)
     out = frame.copy()
-    if image.shape[:2] != (y2 - y1, x2 - x1):
-        image = cv2.resize(image, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
-    out[y1:y2, x1:x2] = image
+    if image.shape[:2] != (y2 - y1, x2 - x1):  # drawImage scales to the rectangle
+        out[y1:y2, x1:x2] = cv2.resize(image, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
+    else:
+        out[y1:y2, x1:x2] = image
     return out

@@ -165,7 +165,8 @@ def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., P
             r = await stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
                 model_name=AVATAR, start_frame_id=2, frame_count=3, audio_chunks=chunks[:11]))
             assert [x.success for x in r.responses] == [False] * 3
-            assert "expected 12 audio chunks for start_frame_id=2, frame_count=3: 2 past" in r.responses[0].error
+            expected = "expected 12 audio chunks for start_frame_id=2, frame_count=3: 2 past"
+            assert expected in r.responses[0].error
             r = await stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
                 model_name=AVATAR, start_frame_id=-1, frame_count=1, audio_chunks=chunks[:16]))
             assert r.responses[0].error.startswith("frame_out_of_range: frame_id -1") and "valid: >= 0" in r.responses[0].error

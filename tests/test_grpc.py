@@ -310,7 +310,8 @@ def test_batch_with_audio_matches_reference_mapping(stub: Any, demo_package: Any
     k = 1
     video = start + k  # the video frame of frame_id 9 (ping-pong: the demo has more frames)
     assert len(demo_package.frames) > video
-    expected = reference_composite(demo_package.frames[video], demo_package.rects[video], ort_unet, feats[k : k + 16])
+    frame, rect = demo_package.frames[video], demo_package.rects[video]
+    expected = reference_composite(frame, rect, ort_unet, feats[k : k + 16])
     got = decode_bgr(r.responses[k].prediction_data)
     x1, y1, x2, y2 = (int(v) for v in demo_package.rects[video])
     assert psnr(got[y1:y2, x1:x2], expected[y1:y2, x1:x2]) >= 35.0
@@ -340,7 +341,9 @@ def speech_clip() -> bytes:
 
 @pytest.mark.triton
 @pytest.mark.parametrize("start", [0, 3, 8])
-def test_batch_with_audio_serves_the_start_of_a_clip(stub: Any, gateway_server: Any, speech_clip: bytes, start: int) -> None:
+def test_batch_with_audio_serves_the_start_of_a_clip(
+    stub: Any, gateway_server: Any, speech_clip: bytes, start: int
+) -> None:
     """Issue 13: a seed client's request at start_frame_id 0, 3 and 8 (frame_count 10) gets 10
     frames, each rendered with the window of chunks start+k-8 .. start+k+7, zeros before the
     clip's first chunk; 2 extra chunks at the end change nothing."""
@@ -374,7 +377,7 @@ def test_batch_with_audio_serves_the_start_of_a_clip(stub: Any, gateway_server: 
             if row < 0:
                 assert not window.rows[j].any(), f"frame {i}: position {j} is before the clip: zeros"
             elif row in present:
-                np.testing.assert_allclose(window.rows[j], full[row], atol=1e-4, err_msg=f"frame {i} row {row}")
+                np.testing.assert_allclose(window.rows[j], full[row], atol=1e-4, err_msg=f"{i}: row {row}")
         # the frame is the one rendered with that window
         request = FrameRequest(AVATAR, i, FeatureWindow(window.rows))
         again = gateway_server.call(lambda r=request: ctx.pipeline.render(r, protocol="grpc"))
@@ -387,10 +390,13 @@ def test_batch_with_audio_serves_the_start_of_a_clip(stub: Any, gateway_server: 
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize(("start", "n_chunks", "need"), [(8, 0, 18), (8, 8 + 3 + 6, 18), (20, 3, 18), (0, 9, 10), (5, 14, 15)])
+@pytest.mark.parametrize(
+    ("start", "n_chunks", "need"), [(8, 0, 18), (8, 8 + 3 + 6, 18), (20, 3, 18), (0, 9, 10), (5, 14, 15)]
+)
 def test_batch_with_audio_refuses_too_few_chunks(stub: Any, start: int, n_chunks: int, need: int) -> None:
+    chunks = [bytes(CHUNK_BYTES)] * n_chunks
     r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
-        model_name=AVATAR, start_frame_id=start, frame_count=3, audio_chunks=[bytes(CHUNK_BYTES)] * n_chunks), timeout=60)
+        model_name=AVATAR, start_frame_id=start, frame_count=3, audio_chunks=chunks), timeout=60)
     assert r.responses and not any(x.success for x in r.responses)
     assert f"expected {need} audio chunks for start_frame_id={start}, frame_count=3" in r.responses[0].error
     assert "at the start of a clip" in r.responses[0].error and f"got {n_chunks}" in r.responses[0].error

@@ -111,7 +111,8 @@ def test_bad_requests_get_precise_errors_counted_once(make_package: Callable[...
             (FrameRequest(AVATAR, m), FrameOutOfRange,
              rf"frame_id {m} is out of range for avatar 'synthetic' \(valid: 0..{m - 1}; {m} audio feature rows, {n} video frames"),
             (FrameRequest(AVATAR, -1), FrameOutOfRange, r"frame_id -1 is out of range"),
-            (FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES), -1)), FrameOutOfRange, r"valid: >= 0;"),
+            (FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES), -1)), FrameOutOfRange,
+             r"valid: >= 0;"),
             (FrameRequest(AVATAR, 1, WindowChunks(bytes(1000), 1)), BadRequest,
              rf"audio_len=1000: live audio for frame_id=1 must be {WINDOW_CHUNK_BYTES} bytes"),
         ]

@@ -111,15 +111,19 @@ def test_processing_ms_is_clamped_into_u32() -> None:
     assert decode_reply(encode_error_reply(1, float("nan"), "x")).processing_ms == 0
 
 
+ONE_BYTE_JPEG = struct.pack("<BIII", 1, 0, 0, 1) + b"j"
+"""The head of a success reply and its 1-byte "JPEG"."""
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
         (b"\x01\x00", "reply truncated"),
         (struct.pack("<BIII", 2, 0, 0, 0), "unknown reply status byte 2"),
         (struct.pack("<BIII", 1, 0, 0, 10) + b"abc", "payload length 10 but only 3"),
-        (struct.pack("<BIII", 1, 0, 0, 1) + b"j" + struct.pack("<I", 16) + b"\x00" * 8, "bounds_len=16 bytes .* but 8"),
-        (struct.pack("<BIII", 1, 0, 0, 1) + b"j" + struct.pack("<I", 4) + b"\x00" * 16, "bounds_len=4 bytes .* but 16"),
-        (struct.pack("<BIII", 1, 0, 0, 1) + b"j" + struct.pack("<I", 6) + b"\x00" * 6, "bounds_len=6 bytes"),
+        (ONE_BYTE_JPEG + struct.pack("<I", 16) + b"\x00" * 8, "bounds_len=16 bytes .* but 8"),
+        (ONE_BYTE_JPEG + struct.pack("<I", 4) + b"\x00" * 16, "bounds_len=4 bytes .* but 16"),
+        (ONE_BYTE_JPEG + struct.pack("<I", 6) + b"\x00" * 6, "bounds_len=6 bytes"),
         (struct.pack("<BIII", 1, 0, 0, 1) + b"j", "missing the bounds length"),
     ],
 )
