@@ -167,14 +167,14 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def audio_encoder_onnx(repos: Sequence[Path]) -> Path | None:
-    """The ``audio_encoder`` ONNX of the first model repository holding one (its highest
-    version folder), or None."""
+    """The served ``audio_encoder`` ONNX of the first model repository holding one, or None."""
+    from export.model_repo import served_version
     from lipsync.contract import AUDIO_ENCODER_MODEL
 
     for repo in repos:
-        found = [p for p in (repo / AUDIO_ENCODER_MODEL).glob("*/model.onnx") if p.parent.name.isdigit()]
-        if found:
-            return max(found, key=lambda p: int(p.parent.name))
+        served = served_version(repo, AUDIO_ENCODER_MODEL)
+        if served is not None and served.onnx_path.is_file():
+            return served.onnx_path
     return None
 
 

@@ -78,5 +78,5 @@ def write_identity_repository(repo: Path, avatars: Sequence[str],
         write_avatar_model(repo, name, onnx_path, "cpu")
         names.append(name)
     if audio_encoder_onnx is not None:
-        names.append(write_audio_encoder_model(repo, audio_encoder_onnx, "cpu").name)
+        names.append(write_audio_encoder_model(repo, audio_encoder_onnx, "cpu").folder.name)
     return names
