@@ -24,6 +24,8 @@ from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
 from gateway.triton_client import TritonClient, TritonGrpcClient
+from gateway.triton_supervision import TritonSupervision
+from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class GatewayContext:
         store: loaded avatars.
         pipeline: the frame renderer (the one entry point for frames).
         malformed: where the protocol adapters report input that does not decode.
+        supervision: the supervisor of the gateway's tritonserver as the gateway shows it
+            (``lipsync up``), None when Triton is run by someone else (``lipsync gateway``).
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
     """
@@ -53,13 +57,19 @@ class GatewayContext:
     store: AvatarStore
     pipeline: FramePipeline
     malformed: MalformedInput
+    supervision: TritonSupervision | None
     executor: ThreadPoolExecutor
     started_at: float
     _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
     _last_ready: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    async def create(cls, settings: GatewaySettings, client: TritonClient | None = None) -> GatewayContext:
+    async def create(
+        cls,
+        settings: GatewaySettings,
+        client: TritonClient | None = None,
+        supervisor: SupervisorView | None = None,
+    ) -> GatewayContext:
         """Build and start everything: Triton client and lifecycle, then load every package.
 
         Must run inside the event loop that will serve requests. Never fails because Triton
@@ -70,6 +80,8 @@ class GatewayContext:
             settings: the configuration.
             client: the Triton client to use (default: a `TritonGrpcClient` on
                 ``settings.triton_url``; the fast tests pass an in-process fake).
+            supervisor: the supervisor that keeps that Triton running (``lipsync up``), if any:
+                its restarts go to /metrics and /readyz (`gateway.triton_supervision`).
         """
         metrics = GatewayMetrics()
         if client is None:
@@ -114,12 +126,15 @@ class GatewayContext:
             store=store,
             pipeline=pipeline,
             malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
+            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.registry),
             executor=executor,
             started_at=time.time(),
         )
         ctx._last_ready = ctx.ready()
         lifecycle.subscribe(ctx._state_changed)
         store.subscribe(lambda: ctx._state_changed(lifecycle.snapshot()))
+        if ctx.supervision is not None:
+            ctx.watch_ready(ctx.supervision.note_ready)
         log.info(
             "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
             ctx.ready(), len(store), ", ".join(store.names()) or "none",
@@ -160,7 +175,10 @@ class GatewayContext:
         return ConnectionLimiter(self.settings.max_in_flight_per_connection)
 
     async def close(self) -> None:
-        """Stop the lifecycle's probe, close the channel, shut the thread pool down."""
+        """Stop following the supervisor and the lifecycle's probe, close the channel, shut the
+        thread pool down."""
+        if self.supervision is not None:
+            self.supervision.close()
         await self.lifecycle.close()
         await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

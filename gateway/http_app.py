@@ -410,11 +410,18 @@ async def readyz(request: web.Request) -> web.Response:
     The body gives the Triton endpoint's state as the model lifecycle last published it:
     ``server`` (unknown | live | down) and each model's phase (``model_states``);
     ``server_ready`` and ``models`` (model -> ready) are the older, boolean form of the same.
+    Under ``lipsync up``, ``triton_supervisor`` gives the supervisor of tritonserver (state,
+    ``restarts``, ``last_exit`` with its reason, ``restarting``), and while it restarts Triton
+    the reason starts with "model server restarting" (`gateway.triton_supervision`).
     """
     ctx = request.app[CONTEXT_KEY]
     snapshot = ctx.lifecycle.snapshot()
     avatars = ctx.store.names()
+    gateway_ready = ctx.ready()
     reasons: list[str] = []
+    supervised = ctx.supervision.reason(gateway_ready) if ctx.supervision is not None else None
+    if supervised is not None:
+        reasons.append(supervised)
     if not snapshot.live:
         reasons.append(
             f"Triton at {snapshot.url} is not ready"
@@ -428,7 +435,7 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append(f"avatar models not loaded in Triton: {', '.join(not_loaded)}")
     if not avatars:
         reasons.append(f"no avatar loaded from {ctx.store.packages_root}")
-    ready = ctx.ready() and not reasons
+    ready = gateway_ready and not reasons
     if not ready and not reasons:
         reasons.append("gateway not ready")
     body = {
@@ -443,6 +450,8 @@ async def readyz(request: web.Request) -> web.Response:
         },
         "avatars": avatars,
     }
+    if ctx.supervision is not None:
+        body["triton_supervisor"] = ctx.supervision.to_json(gateway_ready)
     return web.json_response(body, status=200 if ready else 503)
 
 

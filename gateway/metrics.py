@@ -19,7 +19,9 @@ Series (all names prefixed ``lipsync_gateway_``):
   (answered with an error) | too_big (over the transport cap: connection closed with 1009);
 - ``malformed_requests_total{protocol, method}``: client input that did not decode, by
   protocol and the gRPC method, WebSocket path or HTTP route it was sent to
-  (`gateway.malformed`).
+  (`gateway.malformed`);
+- under ``lipsync up`` only: ``triton_restarts_total``, ``triton_supervisor_state`` and
+  ``triton_last_exit_info``, added by `gateway.triton_supervision`.
 
 Outcomes are counted by `gateway.pipeline.FramePipeline`, once per request.
 """
