@@ -19,6 +19,8 @@ from gateway.config import GatewaySettings
 from gateway.inference import GuardedInference
 from gateway.jpeg import make_encoder
 from gateway.malformed import MalformedInput
+from gateway.live_render import TritonAudioEncoder
+from gateway.live_service import LiveSessions
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
@@ -46,6 +48,7 @@ class GatewayContext:
         malformed: where the protocol adapters report input that does not decode.
         supervision: the supervisor of the gateway's tritonserver as the gateway shows it
             (``lipsync up``), None when Triton is run by someone else (``lipsync gateway``).
+        live: the live sessions (issue 10), served by both transports.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
     """
@@ -58,6 +61,7 @@ class GatewayContext:
     pipeline: FramePipeline
     malformed: MalformedInput
     supervision: TritonSupervision | None
+    live: LiveSessions
     executor: ThreadPoolExecutor
     started_at: float
     _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
@@ -118,6 +122,13 @@ class GatewayContext:
             AdmissionControl(settings.max_in_flight_total, metrics),
             metrics,
         )
+        live = LiveSessions(
+            store,
+            pipeline,
+            TritonAudioEncoder(inference, settings.audio_encoder_model, settings.live.encoder_timeout_s),
+            settings.live,
+            metrics,
+        )
         ctx = cls(
             settings=settings,
             metrics=metrics,
@@ -127,6 +138,7 @@ class GatewayContext:
             pipeline=pipeline,
             malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
             supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.registry),
+            live=live,
             executor=executor,
             started_at=time.time(),
         )

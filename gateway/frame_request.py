@@ -12,8 +12,9 @@ from typing import Literal
 
 from gateway.audio_features import LiveAudio
 
-WireProtocol = Literal["grpc", "ws", "http"]
-"""The protocol a request came in on (the ``protocol`` label of the gateway's metrics)."""
+WireProtocol = Literal["grpc", "ws", "http", "live"]
+"""The protocol a request came in on (the ``protocol`` label of the gateway's metrics); ``live``:
+a speaking slot of a live session (`gateway.live_render`), over either of its transports."""
 
 FrameOutput = Literal["composite", "face"]
 """What a rendered frame's JPEG shows: ``composite``, the whole video frame with the prediction

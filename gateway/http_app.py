@@ -9,6 +9,7 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /static/...``                          its script and style sheet
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
                                              (full composited frames)
+``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
                                              else 503; JSON with the reason
@@ -72,6 +73,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.audio_features import WindowChunks, is_window_length
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
 from gateway.frame_request import FrameOutput, FrameRequest
+from gateway.live_ws import serve_live_websocket
 from gateway.model_lifecycle import ModelPhase
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
@@ -280,6 +282,18 @@ async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.We
         open_ws.discard(ws)
         ctx.metrics.ws_connections.dec()
     return ws
+
+
+async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    """``GET /live``: one live session (`gateway.live_ws`)."""
+    ctx = request.app[CONTEXT_KEY]
+    try:
+        return await serve_live_websocket(
+            request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY], ctx.malformed
+        )
+    except web.HTTPException:  # a refused handshake, reported as malformed input
+        request[MALFORMED_KEY] = True
+        raise
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -549,6 +563,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/live", live_websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/avatars", list_avatars)
