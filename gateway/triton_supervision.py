@@ -17,8 +17,8 @@ Series (`gateway.metrics` registry):
 - ``lipsync_gateway_triton_last_exit_info{reason, returncode}``: how the last run ended.
 
 Restarting (`TritonSupervision.restarting`): tritonserver ended and the gateway has not been
-ready since: the supervisor waits to start it again or is starting it, or it runs again and the
-gateway is reloading the avatars' models into it. The gateway tells `note_ready` when it is
+ready since: the supervisor waits to start it again or is starting it (the gateway may not have
+noticed the exit yet), or it runs again and the gateway is reloading the avatars' models into it. The gateway tells `note_ready` when it is
 ready (`GatewayContext.watch_ready`).
 """
 from __future__ import annotations
@@ -87,18 +87,21 @@ class TritonSupervision:
     def restarting(self, gateway_ready: bool) -> bool:
         """Whether tritonserver is being restarted as far as clients can tell (module doc)."""
         status = self.supervisor.status()
-        if status.last_exit is None or gateway_ready:
+        if status.last_exit is None:
             return False
         if status.state in (SupervisorState.BACKING_OFF, SupervisorState.STARTING):
-            return True
-        return status.state is SupervisorState.RUNNING and status.last_exit.at > self._ready_at
+            return True  # no tritonserver runs, whether or not the gateway noticed yet
+        return (
+            status.state is SupervisorState.RUNNING
+            and not gateway_ready
+            and status.last_exit.at > self._ready_at
+        )
 
     def reason(self, gateway_ready: bool) -> str | None:
         """One line for /readyz when the supervisor explains why the gateway is not ready:
         "model server restarting (<state>: <how it ended>)", or that it gave up or stopped;
-        None when the gateway is ready or the supervisor has nothing to say."""
-        if gateway_ready:
-            return None
+        None when the supervisor has nothing to say (tritonserver runs, or runs again and the
+        gateway has been ready since)."""
         status = self.supervisor.status()
         if self.restarting(gateway_ready):
             last = status.last_exit.reason if status.last_exit is not None else status.message

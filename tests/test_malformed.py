@@ -172,11 +172,19 @@ def test_malformed_websocket_and_http_input_is_counted_and_logged_once_per_peer(
                         assert decode_reply((await ws.receive(timeout=10)).data).code == "bad_request"  # type: ignore[union-attr]
                     answer = await ws_ask(ws, encode_request(AVATAR, 1))
                     assert isinstance(decode_reply(answer.data), FrameReply), "the connection still serves"
+            async with session.ws_connect(f"{server.http_url}/live") as ws:
+                for _ in range(10):
+                    await ws.send_str("not json")  # refused, the session goes on
+                await ws.send_str('{"type": "end"}')
+                async for _ in ws:
+                    pass
             for _ in range(30):
                 async with session.get(f"{server.http_url}/api/avatars/{AVATAR}/frames/x.jpg") as resp:
                     assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
                 async with session.get(f"{server.http_url}/ws") as resp:  # not an upgrade
                     assert resp.status == 400
+            async with session.get(f"{server.http_url}/live") as resp:
+                assert resp.status == 400
         tls_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # a TLS client on the HTTP port
         bad_header = b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"
         for garbage in (tls_hello, bad_header) * 10:
@@ -186,7 +194,7 @@ def test_malformed_websocket_and_http_input_is_counted_and_logged_once_per_peer(
             assert (await reader.read(64)).startswith(b"HTTP/1.")
             writer.close()
         log_lines = caplog.text.count("\n") - lines_before
-        assert malformed_count(server, "ws") == 2 * 80 + 30
+        assert malformed_count(server, "ws") == 2 * 80 + 30 + 10 + 1
         assert malformed_count(server, "http") == 30 + 20
         assert server.ctx is not None
         value = server.ctx.metrics.registry.get_sample_value
@@ -195,6 +203,7 @@ def test_malformed_websocket_and_http_input_is_counted_and_logged_once_per_peer(
         assert value("lipsync_gateway_malformed_requests_total",
                      {"protocol": "http", "method": "(unparsed request)"}) == 20
         assert value("lipsync_gateway_malformed_requests_total", {"protocol": "ws", "method": "/"}) == 80
+        assert value("lipsync_gateway_malformed_requests_total", {"protocol": "ws", "method": "/live"}) == 11
         malformed_lines = [r for r in caplog.records if r.name == "gateway.malformed"]
         assert len(malformed_lines) == 1, [r.getMessage() for r in malformed_lines]  # one peer, one interval
         assert "Traceback" not in caplog.text and log_lines < LOG_LINES_MAX, caplog.text
