@@ -21,7 +21,7 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /metrics``                             Prometheus exposition of the gateway registry
 ==========================================  =================================================
 
-WebSocket semantics (both endpoints, `WsEndpoint`): every binary message is one frame request.
+WebSocket semantics (``/`` and ``/ws``, `WsEndpoint`): every binary message is one frame request.
 Requests of one connection are rendered concurrently, at most ``max_in_flight_per_connection``
 at a time; one more is answered at once with an ``overloaded`` error reply (never queued).
 Replies are sent as frames complete, so they may come back out of order; each carries its

@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audio_features import CHUNK_BYTES
 from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
+from tests.up_process import start_gateway_process
 
 AVATAR = "demo"
 
@@ -348,27 +353,8 @@ def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
     well-behaved client streams frames: every answer is INVALID_ARGUMENT naming the method,
     the process's log (Python and gRPC core, stdout and stderr) grows by fewer than 50 lines,
     /metrics counts 500, and the well-behaved client gets every frame."""
-    import asyncio
-    import subprocess
-    import sys
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from lipsync.paths import REPO_ROOT
-    from lipsync.triton_local import free_ports
-    from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
-    from tests.up_process import ENV
-
-    http, grpc_port = free_ports(2)
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lipsync", "gateway", "--host", "127.0.0.1",
-             "--triton-url", triton_server.grpc_url, "--http-port", str(http),
-             "--grpc-port", str(grpc_port), "--packages-root", str(gateway_packages_root)],
-            cwd=REPO_ROOT, env=ENV, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-        )
+    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root)
+    http, grpc_port, log_path, proc = gateway.http, gateway.grpc_port, gateway.log_path, gateway.proc
 
     def get(path: str) -> tuple[int, str]:
         try:
@@ -422,12 +408,7 @@ def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
         results, served, grew = asyncio.run(flood())
         metrics = get("/metrics")[1]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        gateway.stop()
     for method, code, details in results:
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
         assert details.startswith(f"{method}: the request message does not decode"), details

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_req
 from lipsync.triton_supervisor import RestartPolicy, SupervisorState, TritonSupervisor
 from tests.fake_gateway import fake_settings
 from tests.fake_supervised import FakeServer, TritonFollows
-from tests.fake_triton import fake_triton
+from tests.fake_triton import FakeTriton, fake_triton
 
 AVATAR = "synthetic"
 S = SupervisorState
@@ -46,24 +48,44 @@ def sample(server: GatewayServer, name: str, labels: dict[str, str] | None = Non
     return server.ctx.metrics.registry.get_sample_value(name, labels or {})
 
 
+@dataclass
+class Supervised:
+    """A gateway on the fake Triton, under `lipsync up`'s supervisor of a fake tritonserver."""
+
+    gateway: GatewayServer
+    supervisor: TritonSupervisor
+    follows: TritonFollows
+    fake: FakeTriton
+
+
+@asynccontextmanager
+async def supervised_gateway(root: Path, policy: RestartPolicy) -> AsyncIterator[Supervised]:
+    """As `lipsync up` does it: the supervisor starts tritonserver, then the gateway starts with
+    the supervisor; both stopped at the end."""
+    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
+    process = FakeServer("run", "run")
+    supervisor = TritonSupervisor(process, policy, poll_interval_s=0.01)
+    follows = TritonFollows(supervisor, process, fake, asyncio.get_running_loop())
+    supervisor.start()
+    supervisor.wait_running()
+    gateway = GatewayServer(
+        fake_settings(root, fake, triton_poll_interval_s=0.05), grace_s=0.5, triton_client=fake,
+        supervisor=supervisor,
+    )
+    await gateway.start()
+    try:
+        yield Supervised(gateway, supervisor, follows, fake)
+    finally:
+        await gateway.stop()
+        supervisor.stop()
+
+
 def test_restarts_in_metrics_and_readyz_and_frames_again(make_package: Callable[..., Path]) -> None:
     root = make_package(name=AVATAR).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
-    server_process = FakeServer("run", "run")
-    supervisor = TritonSupervisor(
-        server_process, RestartPolicy(backoff_initial_s=0.5, max_restarts=3), poll_interval_s=0.01
-    )
 
     async def body() -> None:
-        follows = TritonFollows(supervisor, server_process, fake, asyncio.get_running_loop())
-        supervisor.start()
-        supervisor.wait_running()
-        gateway = GatewayServer(
-            fake_settings(root, fake, triton_poll_interval_s=0.05), grace_s=0.5, triton_client=fake,
-            supervisor=supervisor,
-        )
-        await gateway.start()
-        try:
+        async with supervised_gateway(root, RestartPolicy(backoff_initial_s=0.5, max_restarts=3)) as up:
+            gateway, supervisor, follows = up.gateway, up.supervisor, up.follows
             async with aiohttp.ClientSession() as session, session.ws_connect(f"{gateway.http_url}/ws") as ws:
 
                 async def frame(i: int) -> FrameReply | ErrorReply:
@@ -109,34 +131,19 @@ def test_restarts_in_metrics_and_readyz_and_frames_again(make_package: Callable[
                     "returncode": "-9",
                 })
                 assert info == 1
-        finally:
-            await gateway.stop()
-            supervisor.stop()
+            assert follows.server.starts == 2
 
     asyncio.run(body())
-    assert server_process.starts == 2
 
 
 def test_readyz_while_restarting_and_after(make_package: Callable[..., Path]) -> None:
     """The restarting window lasts until the gateway is ready again, through the reload of the
     avatars' models into the new tritonserver; a supervisor that gave up says so."""
     root = make_package(name=AVATAR).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
-    server_process = FakeServer("run", "run")
-    supervisor = TritonSupervisor(
-        server_process, RestartPolicy(backoff_initial_s=0.05, max_restarts=1), poll_interval_s=0.01
-    )
 
     async def body() -> None:
-        follows = TritonFollows(supervisor, server_process, fake, asyncio.get_running_loop())
-        supervisor.start()
-        supervisor.wait_running()
-        gateway = GatewayServer(
-            fake_settings(root, fake, triton_poll_interval_s=0.05), grace_s=0.5, triton_client=fake,
-            supervisor=supervisor,
-        )
-        await gateway.start()
-        try:
+        async with supervised_gateway(root, RestartPolicy(backoff_initial_s=0.05, max_restarts=1)) as up:
+            gateway, supervisor, follows, fake = up.gateway, up.supervisor, up.follows, up.fake
             assert gateway.ctx is not None and gateway.ctx.supervision is not None
             supervision = gateway.ctx.supervision
             fake.hold_loads = asyncio.Event()  # the new Triton's model loads wait
@@ -159,9 +166,6 @@ def test_readyz_while_restarting_and_after(make_package: Callable[..., Path]) ->
             reason = supervision.reason(False)
             assert reason is not None and reason.startswith("model server not restarted: gave up on ")
             assert not supervision.restarting(False)
-        finally:
-            await gateway.stop()
-            supervisor.stop()
 
     asyncio.run(body())
 
