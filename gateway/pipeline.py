@@ -292,7 +292,9 @@ class FramePipeline:
         async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
             return video_index, np.asarray(window, dtype=np.float32)
 
-        return await self._render(avatar.name, video_index, lambda name: avatar, prepare, protocol, "composite")
+        return await self._render(
+            avatar.name, video_index, lambda name: avatar, prepare, protocol, "composite"
+        )
 
     async def _render(
         self,

@@ -18,8 +18,8 @@ Series (`gateway.metrics` registry):
 
 Restarting (`TritonSupervision.restarting`): tritonserver ended and the gateway has not been
 ready since: the supervisor waits to start it again or is starting it (the gateway may not have
-noticed the exit yet), or it runs again and the gateway is reloading the avatars' models into it. The gateway tells `note_ready` when it is
-ready (`GatewayContext.watch_ready`).
+noticed the exit yet), or it runs again and the gateway is reloading the avatars' models into
+it. The gateway tells `note_ready` when it is ready (`GatewayContext.watch_ready`).
 """
 from __future__ import annotations
 
