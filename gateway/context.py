@@ -18,6 +18,7 @@ from gateway.audio_features import AudioFeatureExtractor
 from gateway.config import GatewaySettings
 from gateway.inference import GuardedInference
 from gateway.jpeg import make_encoder
+from gateway.malformed import MalformedInput
 from gateway.live_render import TritonAudioEncoder
 from gateway.live_service import LiveSessions
 from gateway.metrics import GatewayMetrics
@@ -25,6 +26,8 @@ from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
 from gateway.triton_client import TritonClient, TritonGrpcClient
+from gateway.triton_supervision import TritonSupervision
+from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ class GatewayContext:
         lifecycle: Triton's server and model states.
         store: loaded avatars.
         pipeline: the frame renderer (the one entry point for frames).
+        malformed: where the protocol adapters report input that does not decode.
+        supervision: the supervisor of the gateway's tritonserver as the gateway shows it
+            (``lipsync up``), None when Triton is run by someone else (``lipsync gateway``).
         live: the live sessions (issue 10), served by both transports.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
@@ -53,6 +59,8 @@ class GatewayContext:
     lifecycle: ModelLifecycle
     store: AvatarStore
     pipeline: FramePipeline
+    malformed: MalformedInput
+    supervision: TritonSupervision | None
     live: LiveSessions
     executor: ThreadPoolExecutor
     started_at: float
@@ -60,7 +68,12 @@ class GatewayContext:
     _last_ready: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    async def create(cls, settings: GatewaySettings, client: TritonClient | None = None) -> GatewayContext:
+    async def create(
+        cls,
+        settings: GatewaySettings,
+        client: TritonClient | None = None,
+        supervisor: SupervisorView | None = None,
+    ) -> GatewayContext:
         """Build and start everything: Triton client and lifecycle, then load every package.
 
         Must run inside the event loop that will serve requests. Never fails because Triton
@@ -71,6 +84,8 @@ class GatewayContext:
             settings: the configuration.
             client: the Triton client to use (default: a `TritonGrpcClient` on
                 ``settings.triton_url``; the fast tests pass an in-process fake).
+            supervisor: the supervisor that keeps that Triton running (``lipsync up``), if any:
+                its restarts go to /metrics and /readyz (`gateway.triton_supervision`).
         """
         metrics = GatewayMetrics()
         if client is None:
@@ -121,6 +136,8 @@ class GatewayContext:
             lifecycle=lifecycle,
             store=store,
             pipeline=pipeline,
+            malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
+            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.registry),
             live=live,
             executor=executor,
             started_at=time.time(),
@@ -128,6 +145,8 @@ class GatewayContext:
         ctx._last_ready = ctx.ready()
         lifecycle.subscribe(ctx._state_changed)
         store.subscribe(lambda: ctx._state_changed(lifecycle.snapshot()))
+        if ctx.supervision is not None:
+            ctx.watch_ready(ctx.supervision.note_ready)
         log.info(
             "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
             ctx.ready(), len(store), ", ".join(store.names()) or "none",
@@ -168,7 +187,10 @@ class GatewayContext:
         return ConnectionLimiter(self.settings.max_in_flight_per_connection)
 
     async def close(self) -> None:
-        """Stop the lifecycle's probe, close the channel, shut the thread pool down."""
+        """Stop following the supervisor and the lifecycle's probe, close the channel, shut the
+        thread pool down."""
+        if self.supervision is not None:
+            self.supervision.close()
         await self.lifecycle.close()
         await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
