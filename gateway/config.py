@@ -105,6 +105,12 @@ class GatewaySettings(BaseSettings):
     max_batch_frames: int = Field(
         256, ge=1, description="most frames one GenerateBatch* request may ask for"
     )
+    malformed_log_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="malformed client input is logged at most once per peer per this many "
+        "seconds, with the count of the ones left out (s; every one is counted in /metrics)",
+    )
 
     # --- live sessions (issue 10) -----------------------------------------------------------
     live: LiveSettings = Field(

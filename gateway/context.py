@@ -21,12 +21,15 @@ from gateway.endpoint_pool import ClientFactory, EndpointPool
 from gateway.jpeg import make_encoder
 from gateway.live_render import TritonAudioEncoder
 from gateway.live_service import LiveSessions
+from gateway.malformed import MalformedInput
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
 from gateway.triton_client import TritonClient, TritonGrpcClient
+from gateway.triton_supervision import TritonSupervision
 from gateway.triton_targets import Resolver, parse_targets, system_resolver
+from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class GatewayContext:
             the pipeline's inference client.
         store: loaded avatars.
         pipeline: the frame renderer (the one entry point for frames).
+        malformed: where the protocol adapters report input that does not decode.
+        supervision: the supervisor of the gateway's tritonserver as the gateway shows it
+            (``lipsync up``), None when Triton is run by someone else (``lipsync gateway``).
         live: the live sessions (issue 10), served by both transports.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
@@ -55,6 +61,8 @@ class GatewayContext:
     lifecycle: EndpointPool
     store: AvatarStore
     pipeline: FramePipeline
+    malformed: MalformedInput
+    supervision: TritonSupervision | None
     live: LiveSessions
     executor: ThreadPoolExecutor
     started_at: float
@@ -66,6 +74,7 @@ class GatewayContext:
         cls,
         settings: GatewaySettings,
         client: TritonClient | None = None,
+        supervisor: SupervisorView | None = None,
         *,
         connect: ClientFactory | None = None,
         resolver: Resolver | None = system_resolver,
@@ -80,6 +89,8 @@ class GatewayContext:
             settings: the configuration (``triton_url``: the endpoints).
             client: one Triton client to use as the only endpoint, its ``url`` not resolved
                 (the fast tests pass an in-process fake); overrides ``connect`` and ``resolver``.
+            supervisor: the supervisor that keeps that Triton running (``lipsync up``), if any:
+                its restarts go to /metrics and /readyz (`gateway.triton_supervision`).
             connect: makes an endpoint's client from its ``host:port`` (default: a
                 `TritonGrpcClient` with the settings' deadlines and control key).
             resolver: resolves the host names of ``triton_url`` (None: every target is one
@@ -132,6 +143,8 @@ class GatewayContext:
             lifecycle=pool,
             store=store,
             pipeline=pipeline,
+            malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
+            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.registry),
             live=live,
             executor=executor,
             started_at=time.time(),
@@ -139,6 +152,8 @@ class GatewayContext:
         ctx._last_ready = ctx.ready()
         pool.subscribe(ctx._state_changed)
         store.subscribe(lambda: ctx._state_changed(pool.snapshot()))
+        if ctx.supervision is not None:
+            ctx.watch_ready(ctx.supervision.note_ready)
         log.info(
             "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
             ctx.ready(), len(store), ", ".join(store.names()) or "none",
@@ -180,7 +195,10 @@ class GatewayContext:
         return ConnectionLimiter(self.settings.max_in_flight_per_connection)
 
     async def close(self) -> None:
-        """Stop the endpoints (probes, DNS, channels), shut the thread pool down."""
+        """Stop following the supervisor, stop the endpoints (probes, DNS, channels), shut the
+        thread pool down."""
+        if self.supervision is not None:
+            self.supervision.close()
         await self.lifecycle.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

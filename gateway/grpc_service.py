@@ -16,13 +16,16 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   is not read until the oldest answer is sent (back-pressure, bounded memory).
 - ``GenerateBatchInference`` renders its frames concurrently under the same per-call limit.
 - ``GenerateBatchWithAudio``: see `gateway.audio_features` for the chunk -> mel window ->
-  feature row mapping (computed once per request); frame ``k`` shows video frame
-  ``start_frame_id + k`` (ping-pong) with the window of rows ``k .. k+15``.
+  feature row mapping (computed once per request) and the chunk contract: ``min(s, 8) +
+  frame_count + 7`` chunks for ``s = start_frame_id`` (8 of past, or at the start of a clip the
+  ``s`` that exist, the missing past being zeros), extra chunks at the end ignored; frame ``k``
+  shows video frame ``s + k`` (ping-pong) with the window of chunks ``s+k-8 .. s+k+7``.
 
 Also served: ``lipsync.live.v1.LiveLipSync`` (live sessions, `gateway.live_grpc`),
 ``grpc.health.v1.Health`` (overall, ``optimized_lipsyncsrv.OptimizedLipSyncService`` and
 ``lipsync.live.v1.LiveLipSync``: SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed
-on every change) and server reflection.
+on every change) and server reflection. A request message that does not decode gets
+``INVALID_ARGUMENT`` naming the method, from any of them (`gateway.grpc_decode_guard`).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from gateway.audio_features import LiveAudio
 from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
 from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.grpc_decode_guard import DecodeGuard
 from gateway.live_grpc import SERVICE_NAME as LIVE_SERVICE_NAME
 from gateway.live_grpc import LiveLipSyncService
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
@@ -177,7 +181,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     f"start_frame_id {start} + frame_count {frames} runs past the largest "
                     f"frame_id {INT32_MAX} (int32)"
                 )
-            windows = await self.pipeline.audio.batch_windows(list(request.audio_chunks), frames)
+            windows = await self.pipeline.audio.batch_windows(request.audio_chunks, frames, start)
         except GatewayError as exc:
             # one error answer per asked frame, as far as its frame_id fits the int32 field
             n = min(max(frames, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)
@@ -399,11 +403,14 @@ class HealthReporter:
 def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthReporter]:
     """A ``grpc.aio`` server with the lipsync service, health and reflection (not started).
 
-    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``.
+    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``. A
+    request message that does not decode is answered ``INVALID_ARGUMENT`` by every method of
+    every service added to it (`gateway.grpc_decode_guard.DecodeGuard`).
     The caller adds the port and starts it (see `gateway.server`).
     """
     s = ctx.settings
     server = grpc.aio.server(
+        interceptors=[DecodeGuard(ctx.malformed)],  # every method: undecodable -> INVALID_ARGUMENT
         options=[
             ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
             ("grpc.max_send_message_length", s.grpc_max_send_bytes),

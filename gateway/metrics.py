@@ -26,6 +26,11 @@ Series (all names prefixed ``lipsync_gateway_``):
 - ``ws_connections``: open WebSocket connections;
 - ``ws_messages_total{kind}``: WebSocket messages received, kind = binary | text | oversized
   (answered with an error) | too_big (over the transport cap: connection closed with 1009);
+- ``malformed_requests_total{protocol, method}``: client input that did not decode, by
+  protocol and the gRPC method, WebSocket path or HTTP route it was sent to
+  (`gateway.malformed`);
+- under ``lipsync up`` only: ``triton_restarts_total``, ``triton_supervisor_state`` and
+  ``triton_last_exit_info``, added by `gateway.triton_supervision`;
 - ``live_sessions{transport}``: open live sessions (issue 10), transport grpc | ws;
 - ``live_slots_total{transport, kind}``: live frames sent, kind = speaking | idle | late (a
   speaking slot sent idle because its audio encoding or render failed or missed its deadline);
@@ -139,6 +144,13 @@ class GatewayMetrics:
             "lipsync_gateway_ws_messages",
             "WebSocket messages received, by kind",
             ["kind"],
+            registry=self.registry,
+        )
+        self.malformed_requests = Counter(
+            "lipsync_gateway_malformed_requests",
+            "Client input that did not decode, by protocol and method (gRPC method, WebSocket "
+            "path or HTTP route)",
+            ["protocol", "method"],
             registry=self.registry,
         )
 

@@ -288,14 +288,14 @@ def test_batch_with_audio_speech_differs_from_silence(stub: Any, demo_package: A
 
 @pytest.mark.triton
 def test_batch_with_audio_matches_reference_mapping(stub: Any, demo_package: Any, ort_unet: Any) -> None:
-    """Frame k uses the encoder features of chunks k..k+15 (gateway/audio_features.py)."""
+    """Frame 8 + k uses the encoder features of chunks k..k+15 (gateway/audio_features.py)."""
     import onnxruntime as ort
 
-    frames = 2
+    frames, start = 2, 8
     n_chunks = 8 + frames + 7
     pcm = speech_pcm(n_chunks * 0.04)
     r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
-        model_name=AVATAR, start_frame_id=0, frame_count=frames, audio_chunks=_chunks(pcm)), timeout=120)
+        model_name=AVATAR, start_frame_id=start, frame_count=frames, audio_chunks=_chunks(pcm)), timeout=120)
     assert all(x.success for x in r.responses), [x.error for x in r.responses]
 
     from export.model_repo import served_version
@@ -308,20 +308,98 @@ def test_batch_with_audio_matches_reference_mapping(stub: Any, demo_package: Any
     windows = np.stack([mel[:, s : s + 16] for s in starts]).astype(np.float32)
     (feats,) = enc.run(["feature"], {"mel": windows})
     k = 1
-    expected = reference_composite(demo_package.frames[k], demo_package.rects[k], ort_unet, feats[k : k + 16])
+    video = start + k  # the video frame of frame_id 9 (ping-pong: the demo has more frames)
+    assert len(demo_package.frames) > video
+    frame, rect = demo_package.frames[video], demo_package.rects[video]
+    expected = reference_composite(frame, rect, ort_unet, feats[k : k + 16])
     got = decode_bgr(r.responses[k].prediction_data)
-    x1, y1, x2, y2 = (int(v) for v in demo_package.rects[k])
+    x1, y1, x2, y2 = (int(v) for v in demo_package.rects[video])
     assert psnr(got[y1:y2, x1:x2], expected[y1:y2, x1:x2]) >= 35.0
 
 
+def seed_client_chunks(clip: bytes, start: int, frames: int, extra: int = 0) -> list[bytes]:
+    """What a client of the original system sends for frames start .. start+frames-1: the
+    clip's 40 ms chunks [max(0, start-8), start+frames+7) (plus ``extra`` more after them)."""
+    chunks = _chunks(clip)
+    end = start + frames + 7 + extra
+    assert len(chunks) >= end
+    return chunks[max(0, start - 8) : end]
+
+
+def full_context_rows(n_chunks: int) -> list[int]:
+    """Rows (chunks) of an n-chunk clip whose mel window lies inside the clip: chunk r's 16 mel
+    frames start at int(80 r / 25), mel frame t covers samples [200 t - 400, 200 t + 400)
+    (REFERENCE.md s.4), so the rows after these depend on where the clip ends."""
+    return [r for r in range(n_chunks) if 200 * (int(80 * r / 25) + 15) + 400 <= 640 * n_chunks]
+
+
+@pytest.fixture(scope="module")
+def speech_clip() -> bytes:
+    """4 s of LibriVox speech from 1 s into the recording (past its lead-in silence)."""
+    return speech_pcm(5.0)[25 * CHUNK_BYTES :]
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize("n_chunks", [0, 8 + 3 + 6, 8 + 3 + 8, 3])
-def test_batch_with_audio_refuses_wrong_chunk_counts(stub: Any, n_chunks: int) -> None:
+@pytest.mark.parametrize("start", [0, 3, 8])
+def test_batch_with_audio_serves_the_start_of_a_clip(
+    stub: Any, gateway_server: Any, speech_clip: bytes, start: int
+) -> None:
+    """Issue 13: a seed client's request at start_frame_id 0, 3 and 8 (frame_count 10) gets 10
+    frames, each rendered with the window of chunks start+k-8 .. start+k+7, zeros before the
+    clip's first chunk; 2 extra chunks at the end change nothing."""
+    from gateway.audio_features import FeatureWindow
+    from gateway.frame_request import FrameRequest
+
+    frames = 10
+    chunks = seed_client_chunks(speech_clip, start, frames)
+    assert len(chunks) == min(start, 8) + frames + 7
+
+    def ask(chunks: list[bytes]) -> list[bytes]:
+        r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
+            model_name=AVATAR, start_frame_id=start, frame_count=frames, audio_chunks=chunks), timeout=300)
+        assert [x.frame_id for x in r.responses] == list(range(start, start + frames))
+        assert all(x.success for x in r.responses), [x.error for x in r.responses]
+        return [x.prediction_data for x in r.responses]
+
+    got = ask(chunks)
+    assert ask(seed_client_chunks(speech_clip, start, frames, extra=2)) == got, "extra chunks change nothing"
+
+    ctx = gateway_server.ctx
+    # the feature rows of the clip with full context (40 chunks, encoder in Triton), row c = chunk c
+    full = gateway_server.call(lambda: ctx.pipeline.audio.features(b"".join(_chunks(speech_clip)[:40]), 40))
+    first = max(0, start - 8)  # the clip chunk the request's chunk 0 is
+    present = {first + r for r in full_context_rows(len(chunks))}
+    windows = gateway_server.call(lambda: ctx.pipeline.audio.batch_windows(chunks, frames, start))
+    for k, window in enumerate(windows):
+        i = start + k
+        for j in range(16):
+            row = i - 8 + j  # clip chunk at window position j
+            if row < 0:
+                assert not window.rows[j].any(), f"frame {i}: position {j} is before the clip: zeros"
+            elif row in present:
+                np.testing.assert_allclose(window.rows[j], full[row], atol=1e-4, err_msg=f"{i}: row {row}")
+        # the frame is the one rendered with that window
+        request = FrameRequest(AVATAR, i, FeatureWindow(window.rows))
+        again = gateway_server.call(lambda r=request: ctx.pipeline.render(r, protocol="grpc"))
+        assert again.jpeg == got[k], f"frame {i}"
+    if start >= 8:
+        # today's rule, unchanged: frame start+k uses rows k .. k+15 of the request's chunks
+        rows = gateway_server.call(lambda: ctx.pipeline.audio.features(b"".join(chunks), len(chunks)))
+        for k, window in enumerate(windows):
+            np.testing.assert_array_equal(window.rows, rows[k : k + 16])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    ("start", "n_chunks", "need"), [(8, 0, 18), (8, 8 + 3 + 6, 18), (20, 3, 18), (0, 9, 10), (5, 14, 15)]
+)
+def test_batch_with_audio_refuses_too_few_chunks(stub: Any, start: int, n_chunks: int, need: int) -> None:
+    chunks = [bytes(CHUNK_BYTES)] * n_chunks
     r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
-        model_name=AVATAR, start_frame_id=0, frame_count=3, audio_chunks=[bytes(CHUNK_BYTES)] * n_chunks), timeout=60)
+        model_name=AVATAR, start_frame_id=start, frame_count=3, audio_chunks=chunks), timeout=60)
     assert r.responses and not any(x.success for x in r.responses)
-    assert "expected 18 audio chunks for frame_count=3" in r.responses[0].error
-    assert f"got {n_chunks}" in r.responses[0].error
+    assert f"expected {need} audio chunks for start_frame_id={start}, frame_count=3" in r.responses[0].error
+    assert "at the start of a clip" in r.responses[0].error and f"got {n_chunks}" in r.responses[0].error
 
 
 @pytest.mark.triton

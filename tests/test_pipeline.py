@@ -111,9 +111,10 @@ def test_bad_requests_get_precise_errors_counted_once(make_package: Callable[...
             (FrameRequest(AVATAR, m), FrameOutOfRange,
              rf"frame_id {m} is out of range for avatar 'synthetic' \(valid: 0..{m - 1}; {m} audio feature rows, {n} video frames"),
             (FrameRequest(AVATAR, -1), FrameOutOfRange, r"frame_id -1 is out of range"),
-            (FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES))), FrameOutOfRange, r"valid: >= 0;"),
-            (FrameRequest(AVATAR, 1, WindowChunks(bytes(1000))), BadRequest,
-             rf"audio_len=1000: live audio must be 16 chunks .* = {WINDOW_CHUNK_BYTES} bytes"),
+            (FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES), -1)), FrameOutOfRange,
+             r"valid: >= 0;"),
+            (FrameRequest(AVATAR, 1, WindowChunks(bytes(1000), 1)), BadRequest,
+             rf"audio_len=1000: live audio for frame_id=1 must be {WINDOW_CHUNK_BYTES} bytes"),
         ]
         for request, error, message in cases:
             with pytest.raises(error, match=message):
@@ -165,7 +166,7 @@ def test_live_audio_windows(make_package: Callable[..., Path]) -> None:
         m = ctx.store.get(AVATAR).feature_rows
         # raw chunks: checked, their 16 mel windows encoded (split to the encoder's max batch
         # size, 8), the window made of the 16 feature rows; a frame id past M is fine
-        await ctx.pipeline.render(FrameRequest(AVATAR, m + 5, WindowChunks(pcm)), protocol="ws")
+        await ctx.pipeline.render(FrameRequest(AVATAR, m + 5, WindowChunks(pcm, m + 5)), protocol="ws")
         mel = np.concatenate([x[0] for model, x in fake.inputs if model == "audio_encoder"])
         np.testing.assert_array_equal(mel, pcm_mel_windows(pcm, 16))
         assert fake.count("infer", "audio_encoder") == 2
@@ -183,6 +184,6 @@ def test_live_audio_windows(make_package: Callable[..., Path]) -> None:
         await ctx.lifecycle.probe_once()
         await ctx.lifecycle.wait_loading()
         with pytest.raises(TritonUnavailable, match=r"model 'audio_encoder' is not loaded in Triton \(load_model"):
-            await ctx.pipeline.render(FrameRequest(AVATAR, 0, WindowChunks(pcm)), protocol="ws")
+            await ctx.pipeline.render(FrameRequest(AVATAR, 0, WindowChunks(pcm, 0)), protocol="ws")
 
     on_fake(make_package, body)

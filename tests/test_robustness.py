@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audio_features import CHUNK_BYTES
 from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
+from tests.up_process import start_gateway_process
 
 AVATAR = "demo"
 
@@ -336,3 +341,84 @@ def test_gateway_started_before_triton_becomes_ready_by_itself(
         _wait(lambda: gw.ctx.ready(), 120)  # the gateway loaded lipsync_demo itself
         _ok(stub)
         _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 5)
+
+
+# ----------------------------------------------------------------------------- undecodable input
+@pytest.mark.triton
+def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
+    triton_server: Any, gateway_packages_root: Path, tmp_path: Path
+) -> None:
+    """Issue 16, as a user runs it: `lipsync gateway` (real Triton, demo avatar) gets 500
+    undecodable messages over every method reflection lists, unary and streaming, while a
+    well-behaved client streams frames: every answer is INVALID_ARGUMENT naming the method,
+    the process's log (Python and gRPC core, stdout and stderr) grows by fewer than 50 lines,
+    /metrics counts 500, and the well-behaved client gets every frame."""
+    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root)
+    http, grpc_port, log_path, proc = gateway.http, gateway.grpc_port, gateway.log_path, gateway.proc
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except OSError:
+            return 0, ""
+
+    async def flood() -> tuple[list[tuple[str, grpc.StatusCode, str]], list[bool], int]:
+        address = f"127.0.0.1:{grpc_port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            methods = await served_methods(channel)
+            assert_undecodable(methods)
+            done = asyncio.Event()
+            served: list[bool] = []
+
+            async def well_behaved() -> None:
+                async with grpc.aio.insecure_channel(address) as good:
+                    call = pbg.OptimizedLipSyncServiceStub(good).StreamInference()
+                    for i in range(10_000):
+                        if done.is_set() and i >= 5:
+                            break
+                        await call.write(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i % 50))
+                        served.append((await call.read()).success)
+                    await call.done_writing()
+
+            client = asyncio.create_task(well_behaved())
+            lines_before = len(log_path.read_text().splitlines())
+            sem = asyncio.Semaphore(16)
+
+            async def one(k: int) -> tuple[str, grpc.StatusCode, str]:
+                method, client_streaming, server_streaming, _ = methods[k % len(methods)]
+                async with sem:
+                    bad = UNDECODABLE[k % len(UNDECODABLE)]
+                    _, code, details = await send_undecodable(
+                        channel, method, client_streaming, server_streaming, bad, False
+                    )
+                return method, code, details
+
+            results = await asyncio.gather(*(one(k) for k in range(500)))
+            done.set()
+            await asyncio.wait_for(client, 120)
+            await asyncio.sleep(1.0)  # anything logged late is counted too
+            return results, served, len(log_path.read_text().splitlines()) - lines_before
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and get("/readyz")[0] != 200:
+            time.sleep(0.5)
+        assert get("/readyz")[0] == 200, log_path.read_text()
+        results, served, grew = asyncio.run(flood())
+        metrics = get("/metrics")[1]
+    finally:
+        gateway.stop()
+    for method, code, details in results:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+        assert details.startswith(f"{method}: the request message does not decode"), details
+    print(f"500 undecodable messages: the log grew by {grew} lines; {len(served)} frames served meanwhile")
+    assert grew < 50, log_path.read_text()
+    assert "Traceback" not in log_path.read_text()
+    counted = sum(
+        s.value for f in text_string_to_metric_families(metrics)
+        if f.name == "lipsync_gateway_malformed_requests"
+        for s in f.samples if s.name.endswith("_total") and s.labels["protocol"] == "grpc"
+    )
+    assert counted == 500
+    assert len(served) >= 5 and all(served), "the well-behaved client was served throughout"

@@ -32,6 +32,7 @@ from gateway.ws_protocol import (
 from lipsync.audio import float_to_pcm16, load_wav_16k_mono
 from lipsync.frames import pingpong_index
 from lipsync.paths import MODEL_REPOSITORY_CPU, SPEECH_DIR
+from tests.original_ws_client import OriginalClientFrame, draw_into_rectangle, parse_reply_as_original_client
 
 pytestmark = pytest.mark.triton
 
@@ -115,6 +116,49 @@ def test_valid_frame_returns_the_composited_full_frame(url: str, demo_package: A
     assert isinstance(reply, FrameReply) and reply.processing_ms < 60_000
 
 
+def test_original_clients_on_the_root_path_composite_the_face_patch(url: str, demo_package: Any) -> None:
+    """Issue 14: a client of the original system on ``ws://HOST:PORT/`` (no path), parsing the
+    replies as it does, with and without its 40 ms 24 kHz chunk: each JPEG drawn into its
+    rectangle over the avatar's frame is the full frame ``/ws`` answers for that frame id."""
+    import soxr
+
+    speech = load_wav_16k_mono(sorted(SPEECH_DIR.glob("*.wav"))[0])[16_000:32_000]
+    at_24k = soxr.resample(speech, 16_000, 24_000)
+    chunk_24k = float_to_pcm16(at_24k[:960]).astype("<i2").tobytes()  # 40 ms at 24 kHz
+    assert len(chunk_24k) == 1920
+    frame_ids = [0, 7, 23, 40, 41]
+
+    async def body() -> tuple[list[Any], list[FrameReply | ErrorReply]]:
+        ws_url = f"{url.replace('http', 'ws', 1)}/"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=2**26) as ws:
+            root = []
+            for k, frame_id in enumerate(frame_ids):
+                await ws.send_bytes(encode_request("demo", frame_id, chunk_24k if k % 2 else b""))
+                msg = await ws.receive(timeout=REPLY_TIMEOUT_S)
+                assert msg.type == aiohttp.WSMsgType.BINARY
+                root.append(parse_reply_as_original_client(msg.data))
+        async with connect(url) as ws:
+            full = [await ask(ws, encode_request("demo", frame_id)) for frame_id in frame_ids]
+        return root, full
+
+    root, full = run(body)
+    for frame_id, reply, whole in zip(frame_ids, root, full, strict=True):
+        assert isinstance(reply, OriginalClientFrame), reply
+        assert reply.frame_id == frame_id
+        v = pingpong_index(frame_id, demo_package.frames.shape[0])
+        assert reply.bounds == tuple(float(x) for x in demo_package.rects[v]), "the crop rectangle"
+        patch = decode_jpeg(reply.jpeg)
+        x1, y1, x2, y2 = (int(x) for x in demo_package.rects[v])
+        assert patch.shape == (y2 - y1, x2 - x1, 3), "the face patch has the rectangle's size"
+        drawn = draw_into_rectangle(demo_package.frames[v], patch, reply.bounds)
+        expected = assert_valid_frame(whole, frame_id, demo_package)
+        mad = float(np.abs(drawn.astype(np.int16) - expected.astype(np.int16)).mean())
+        inside = psnr(drawn[y1:y2, x1:x2], expected[y1:y2, x1:x2])
+        print(f"frame {frame_id}: mean absolute difference {mad:.2f} grey levels, rectangle {inside:.1f} dB")
+        assert mad < 3.0, (frame_id, mad)
+        assert inside >= 30.0, (frame_id, inside)  # two JPEGs of the same pixels, nothing shifted
+
+
 def test_concurrent_requests_on_one_connection_are_all_answered(url: str, demo_package: Any) -> None:
     ids = [0, 5, 10, 15, 20, 25]
 
@@ -152,7 +196,7 @@ def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
         ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16,
          "bad_request", "exceeds the limit of 256 bytes"),
         ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000),
-         "bad_request", f"= {WINDOW_CHUNK_BYTES} bytes"),
+         "bad_request", f"live audio for frame_id=1 must be {WINDOW_CHUNK_BYTES} bytes"),
         ("live audio, unknown avatar", encode_request("nobody", 1, silence),
          "unknown_avatar", "'nobody' is not loaded"),
     ]
