@@ -227,7 +227,7 @@ class AudioFeatureExtractor:
     """Turns 40 ms PCM chunks into feature rows with the audio encoder.
 
     Args:
-        inference: where the encoder runs (the gateway's `gateway.inference.GuardedInference`).
+        inference: where the encoder runs (the gateway's `gateway.endpoint_pool.EndpointPool`).
         model: the encoder's Triton model name (``audio_encoder``).
     """
 

@@ -84,7 +84,8 @@ def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bo
     if with_triton_url:
         g.add_argument(
             "--triton-url",
-            help=f"Triton gRPC endpoint host:port (default localhost:{TRITON_GRPC_PORT})",
+            help=f"Triton gRPC endpoints host:port[,host:port...]; a host name is spread over all "
+            f"its addresses (default localhost:{TRITON_GRPC_PORT})",
         )
     g.add_argument("--host", help="interface to bind (default 0.0.0.0)")
     g.add_argument(

@@ -12,12 +12,14 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
-                                             else 503; JSON with the reason
+                                             else 503; JSON with the reason and each Triton
+                                             endpoint's state
 ``GET /api/avatars``                         loaded avatars (size, fps, frame counts, trained)
 ``GET /api/avatars/{name}``                  one avatar (404 JSON if unknown)
 ``GET /api/avatars/{name}/audio.wav``        the avatar package's 16 kHz mono WAV
 ``GET /api/avatars/{name}/frames/{id}.jpg``  one rendered frame as JPEG (debugging, curl)
-``GET /api/stats``                           per-avatar request counts and inference times
+``GET /api/stats``                           per-avatar request counts and inference times,
+                                             per-Triton-endpoint calls, errors, latency
 ``GET /metrics``                             Prometheus exposition of the gateway registry
 ==========================================  =================================================
 
@@ -71,6 +73,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.audio_features import WindowChunks, is_window_length
+from gateway.endpoint_pool import EndpointStatus
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
 from gateway.frame_request import FrameOutput, FrameRequest
 from gateway.live_ws import serve_live_websocket
@@ -421,9 +424,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when the gateway is ready (docs/GLOSSARY.md), else 503 + reason.
 
-    The body gives the Triton endpoint's state as the model lifecycle last published it:
-    ``server`` (unknown | live | down) and each model's phase (``model_states``);
-    ``server_ready`` and ``models`` (model -> ready) are the older, boolean form of the same.
+    ``triton`` gives the combined state of the Triton endpoints (`gateway.endpoint_pool`, the
+    state of the one endpoint when there is one): ``server`` (unknown | live | down) and each
+    model's phase (``model_states``); ``server_ready`` and ``models`` (model -> ready) are the
+    older, boolean form of the same. ``endpoints`` lists each endpoint's own state
+    (`_endpoint_json`).
     Under ``lipsync up``, ``triton_supervisor`` gives the supervisor of tritonserver (state,
     ``restarts``, ``last_exit`` with its reason, ``restarting``), and while it restarts Triton
     the reason starts with "model server restarting" (`gateway.triton_supervision`).
@@ -462,11 +467,26 @@ async def readyz(request: web.Request) -> web.Response:
             "models": {m: snapshot.model_ready(m) for m in snapshot.models},
             "model_states": {m: s.phase.value for m, s in snapshot.models.items()},
         },
+        "endpoints": [_endpoint_json(e) for e in ctx.lifecycle.endpoints()],
         "avatars": avatars,
     }
     if ctx.supervision is not None:
         body["triton_supervisor"] = ctx.supervision.to_json(gateway_ready)
     return web.json_response(body, status=200 if ready else 503)
+
+
+def _endpoint_json(endpoint: EndpointStatus) -> dict[str, Any]:
+    """One Triton endpoint: ``url`` (host:port), ``server``, ``server_error``, ``ready`` (live
+    with every required model ready), ``in_flight`` (calls), ``model_states``."""
+    state = endpoint.state
+    return {
+        "url": state.url,
+        "server": state.server.value,
+        "server_error": state.server_error,
+        "ready": state.ready,
+        "in_flight": endpoint.in_flight,
+        "model_states": {m: s.phase.value for m, s in state.models.items()},
+    }
 
 
 async def list_avatars(request: web.Request) -> web.Response:
@@ -515,7 +535,9 @@ async def avatar_frame(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``GET /api/stats``: uptime, in-flight frames, per-avatar counts and inference ms."""
+    """``GET /api/stats``: uptime, in-flight frames, per-avatar counts and inference ms, and per
+    Triton endpoint its state (`_endpoint_json`) with ``calls``, ``errors``, ``retries`` (calls
+    sent elsewhere after it failed as down) and ``avg_call_ms`` (successful calls)."""
     ctx = request.app[CONTEXT_KEY]
     per_avatar = {}
     for avatar in ctx.store.avatars():
@@ -537,6 +559,10 @@ async def stats(request: web.Request) -> web.Response:
             "max_in_flight_total": ctx.pipeline.admission.limit,
             "ws_connections": len(request.app[WS_OPEN_KEY]),
             "avatars": per_avatar,
+            "triton_endpoints": [
+                {**_endpoint_json(e), **ctx.metrics.endpoint_totals(e.state.url)}
+                for e in ctx.lifecycle.endpoints()
+            ],
         }
     )
 

@@ -170,7 +170,7 @@ class FramePipeline:
 
     Args:
         store: the loaded avatars.
-        inference: where the UNet runs (the gateway's `gateway.inference.GuardedInference`).
+        inference: where the UNet runs (the gateway's `gateway.endpoint_pool.EndpointPool`).
         audio: turns a request's live audio into its window.
         encoder: the JPEG encoder (quality fixed in it).
         executor: thread pool for paste back + JPEG.

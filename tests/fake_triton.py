@@ -5,8 +5,9 @@ Its models are numpy functions (`identity_unet`: pred = crop; `slice_encoder`: t
 values of each mel window), so a test can compute the expected answer itself. The test controls
 the server: `mode` (live, not_live, refused, hung), load failures per model, readiness probes
 that time out (`slow_model_probes`), and calls held in flight (`hold_inference`, `hold_loads`).
-It raises what `TritonGrpcClient` raises (`TritonDeadline` for a deadline, `TritonUnavailable`
-otherwise) and records every call in `calls`. No sleeps: a "hung" Triton answers a probe with
+It raises what `TritonGrpcClient` raises (`TritonDeadline` for a deadline, `TritonEndpointDown`
+for a refused or lost connection, `TritonUnavailable` otherwise) and records every call in
+`calls`. Several fakes, each with its own ``url``, stand for several Triton endpoints. No sleeps: a "hung" Triton answers a probe with
 `TritonDeadline` at once, as the real client does when its deadline passes.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.errors import TritonDeadline, TritonUnavailable
+from gateway.errors import TritonDeadline, TritonEndpointDown, TritonUnavailable
 from lipsync.contract import AUDIO_ENCODER_MODEL, FEATURE_DIM
 
 Mode = Literal["live", "not_live", "refused", "hung"]
@@ -68,11 +69,13 @@ class FakeTriton:
     Args:
         models: the model repository, by Triton model name.
         loaded: models loaded at start (explicit model control loads nothing by itself).
+        url: its endpoint ``host:port``.
     """
 
-    url = "fake-triton:8001"
-
-    def __init__(self, models: dict[str, FakeModel], loaded: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, models: dict[str, FakeModel], loaded: tuple[str, ...] = (), url: str = "fake-triton:8001"
+    ) -> None:
+        self.url = url
         self.models = models
         self.loaded: set[str] = set(loaded)
         self.mode: Mode = "live"
@@ -94,7 +97,7 @@ class FakeTriton:
 
     def _answer_control(self) -> None:
         if self.mode == "refused":
-            raise TritonUnavailable(
+            raise TritonEndpointDown(
                 f"Triton at {self.url} unreachable: StatusCode.UNAVAILABLE: failed to connect (connection refused)"
             )
         if self.mode == "hung":
@@ -143,7 +146,7 @@ class FakeTriton:
         if self.hold_inference is not None:
             await self.hold_inference.wait()
         if self.mode != "live":
-            raise TritonUnavailable(f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed")
+            raise TritonEndpointDown(f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed")
         if model not in self.loaded:
             raise TritonUnavailable(
                 f"Triton inference on {model!r} failed: StatusCode.NOT_FOUND: Request for unknown model"
@@ -162,9 +165,9 @@ class FakeTriton:
         return await self._infer(model, mel)
 
 
-def fake_triton(*avatar_models: str, loaded: tuple[str, ...] = ()) -> FakeTriton:
-    """A fake with an identity UNet per Triton model name in ``avatar_models`` and the audio
-    encoder (max batch 8 each)."""
+def fake_triton(*avatar_models: str, loaded: tuple[str, ...] = (), url: str = "fake-triton:8001") -> FakeTriton:
+    """A fake at ``url`` with an identity UNet per Triton model name in ``avatar_models`` and
+    the audio encoder (max batch 8 each)."""
     models = {m: FakeModel(identity_unet) for m in avatar_models}
     models[AUDIO_ENCODER_MODEL] = FakeModel(slice_encoder)
-    return FakeTriton(models, loaded=loaded)
+    return FakeTriton(models, loaded=loaded, url=url)
