@@ -40,13 +40,13 @@ INNER_SIZE: Final[int] = 320
 # --------------------------------------------------------------------------- audio timing
 VIDEO_FPS: Final[int] = 25
 """Output frame rate (fps): one feature row and one 40 ms audio chunk per frame (s.2 step 9, s.4)."""
-SAMPLE_RATE: Final[int] = 16_000
+SAMPLE_RATE: Final = 16_000
 """Sample rate of every audio signal the model sees (Hz), s.4."""
 MEL_BANDS: Final[int] = 80
 """Mel bands of the spectrogram (s.4)."""
 MEL_WINDOW: Final[int] = 16
 """Mel frames per audio-encoder window (16 frames = 200 ms at 80 mel frames/s), s.4."""
-FEATURE_DIM: Final[int] = 512
+FEATURE_DIM: Final = 512
 """Width of one audio feature row (the AVE encoder's output), s.4."""
 WINDOW_ROWS: Final[int] = 16
 """Feature rows in one frame's audio window: rows ``i-8 .. i+7`` (s.2 step 6)."""

@@ -17,7 +17,7 @@ x2/y2 exclusive (numpy slice bounds).
 """
 from __future__ import annotations
 
-from typing import Final, cast
+from typing import Any, Final, TypeAlias, cast
 
 import cv2
 import numpy as np
@@ -32,6 +32,9 @@ MASK_Y1: Final[int] = 309
 """Inclusive bounds of the blacked-out mouth rectangle in the inner crop (px); what
 ``cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)`` fills (REFERENCE.md s.2 step 4)."""
 
+RectLike: TypeAlias = tuple[int, int, int, int] | NDArray[np.integer[Any]]
+"""A crop rectangle ``(x1, y1, x2, y2)`` in px: a tuple, or a row of an avatar's i32[N, 4] rects."""
+
 
 def _check_frame(frame: NDArray[np.uint8]) -> None:
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -40,7 +43,7 @@ def _check_frame(frame: NDArray[np.uint8]) -> None:
         )
 
 
-def _check_rect(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray) -> tuple[int, int, int, int]:
+def _check_rect(frame: NDArray[np.uint8], rect: RectLike) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = (int(v) for v in rect)
     h, w = frame.shape[:2]
     if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
@@ -48,7 +51,7 @@ def _check_rect(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDAr
     return x1, y1, x2, y2
 
 
-def crop_328(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray) -> NDArray[np.uint8]:
+def crop_328(frame: NDArray[np.uint8], rect: RectLike) -> NDArray[np.uint8]:
     """Cut the face rectangle out of a frame and resize it to 328 x 328 (REFERENCE.md s.2 step 2).
 
     Args:
@@ -135,7 +138,7 @@ def audio_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
 
 def paste_back(
     frame: NDArray[np.uint8],
-    rect: tuple[int, int, int, int] | NDArray,
+    rect: RectLike,
     crop328: NDArray[np.uint8],
     pred320: NDArray[np.uint8],
 ) -> NDArray[np.uint8]:
@@ -181,7 +184,7 @@ def _face_patch(
 
 def paste_back_region(
     frame: NDArray[np.uint8],
-    rect: tuple[int, int, int, int] | NDArray,
+    rect: RectLike,
     crop328: NDArray[np.uint8],
     pred320: NDArray[np.uint8],
     region: tuple[int, int, int, int],
