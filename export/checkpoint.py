@@ -62,7 +62,7 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {checkpoint} does not exist or is not a file")
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt files raise anything (IndexError, ...)
+    except Exception as exc:
         raise CheckpointError(
             f"cannot read checkpoint {checkpoint} with torch.load(weights_only=True): {exc}"
         ) from exc
@@ -114,9 +114,9 @@ def _shape_table(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _mode_shapes(mode: str) -> dict[str, tuple[int, ...]]:
+def _mode_shapes(mode: AudioMode) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        return _shape_table(UNet328(mode))  # type: ignore[arg-type]
+        return _shape_table(UNet328(mode))
 
 
 def _mismatch(
@@ -182,7 +182,7 @@ def _calibrate_batchnorm(model: nn.Module, *inputs: torch.Tensor) -> None:
         bn.momentum = None  # cumulative average: one batch sets the stats exactly
     model.train()
     model(*inputs)
-    for bn, momentum in zip(norms, momenta):
+    for bn, momentum in zip(norms, momenta, strict=True):
         bn.momentum = momentum
     model.eval()
 

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from numpy.typing import NDArray
 from torch import nn
+from torch.jit._trace import TracerWarning  # its home; torch.jit re-exports it without __all__
 
 from export.checkpoint import WeightsInfo, load_audio_encoder, load_unet
 from export.models.audio_encoder import AudioEncoder
@@ -113,7 +115,7 @@ class AudioEncoderWithPre(nn.Module):
 
 def example_unet_inputs(
     mode: AudioMode = "ave", batch: int = 2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
     """Seeded example inputs: crop u8[batch, 320, 320, 3] and audio f32[batch, 16, D].
 
     The crop is a smooth gradient with noise (image-like, every byte value present), the audio
@@ -146,7 +148,7 @@ def _torch_export(
     dynamic = {name: {0: BATCH_AXIS} for name in [*input_names, *output_names]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=TracerWarning)
         torch.onnx.export(
             module,
             args,
@@ -227,7 +229,7 @@ def export_unet_module(
     """
     _check_opset(opset)
     wrapper = UnetWithPrePost(unet.eval()).eval()
-    crop, audio = example_unet_inputs(unet.mode, batch=2)  # type: ignore[arg-type]
+    crop, audio = example_unet_inputs(unet.mode, batch=2)
     _write_onnx(
         wrapper,
         (torch.from_numpy(crop), torch.from_numpy(audio)),
@@ -297,7 +299,7 @@ class ParityReport:
         return self.max_abs_lsb <= 2 and self.fraction_within_1 >= 0.999
 
 
-def compare_pred(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
+def compare_pred(expected: NDArray[np.uint8], actual: NDArray[np.uint8]) -> ParityReport:
     """Compare two u8[N, 320, 320, 3] predictions. Raises ValueError on shape/dtype mismatch."""
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         raise ValueError(
@@ -313,7 +315,7 @@ def compare_pred(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
 
 
 def check_unet_parity(
-    unet: UNet328, onnx_path: Path, crop: np.ndarray, audio: np.ndarray
+    unet: UNet328, onnx_path: Path, crop: NDArray[np.uint8], audio: NDArray[np.float32]
 ) -> ParityReport:
     """Run `UnetWithPrePost(unet)` in PyTorch and the ONNX file under ONNX Runtime (CPU) on
     crop u8[N,320,320,3] and audio f32[N,16,D]; compare the uint8 `pred` outputs."""

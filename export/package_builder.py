@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 from export.model_repo import (
@@ -99,7 +100,7 @@ class BuildSummary:
     trained: bool
 
 
-def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, int]:
+def read_audio_16k_mono(path: Path) -> tuple[NDArray[np.int16], int]:
     """Read any audio file libsndfile reads (WAV, FLAC, OGG, MP3, ...) as 16 kHz mono int16.
 
     Returns:
@@ -122,7 +123,9 @@ def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, int]:
     return float_to_pcm16(to_mono_16k(samples, rate)), int(rate)
 
 
-def encode_audio(encoder_onnx: Path, pcm16: np.ndarray, *, progress: bool = True) -> np.ndarray:
+def encode_audio(
+    encoder_onnx: Path, pcm16: NDArray[np.int16], *, progress: bool = True
+) -> NDArray[np.float32]:
     """Audio features for a 16 kHz recording with the exported AVE encoder (ONNX Runtime).
 
     Args:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -320,7 +321,7 @@ def mel_windows(mel: NDArray[np.float32]) -> NDArray[np.float32]:
     return np.ascontiguousarray(mel[:, idx].transpose(1, 0, 2), dtype=np.float32)
 
 
-def pad_features(feats: NDArray[np.float32]) -> NDArray[np.float32]:
+def pad_features(feats: NDArray[Any]) -> NDArray[np.float32]:
     """Pad encoder features at both ends by repeating the first and last rows (REFERENCE.md s.4).
 
     Args:
@@ -334,4 +335,5 @@ def pad_features(feats: NDArray[np.float32]) -> NDArray[np.float32]:
     """
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise AudioError(f"expected features of shape [F>=1, 512], got {feats.shape}")
-    return np.concatenate([feats[:1], feats, feats[-1:]], axis=0, dtype=np.float32)
+    padded: NDArray[Any] = np.concatenate([feats[:1], feats, feats[-1:]], axis=0)
+    return padded.astype(np.float32)

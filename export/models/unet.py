@@ -17,7 +17,7 @@ from lipsync.contract import WINDOW_ROWS
 AudioMode = Literal["ave", "hubert", "wenet"]
 """The audio-feature family a UNet was trained with."""
 
-AUDIO_MODES: tuple[str, ...] = get_args(AudioMode)
+AUDIO_MODES: tuple[AudioMode, ...] = get_args(AudioMode)
 
 AUDIO_BRANCH_SHAPES: dict[str, tuple[int, int, int]] = {
     "ave": (32, 16, 16),
@@ -200,7 +200,7 @@ class UNet328(nn.Module):
         super().__init__()
         if mode not in AUDIO_MODES:
             raise ValueError(f"unknown audio mode {mode!r}; expected one of {AUDIO_MODES}")
-        self.mode: str = mode
+        self.mode: AudioMode = mode
         self.audio_model = AudioBranch(mode)
         self.fuse_conv = nn.Sequential(
             DoubleConvDW(1024, 512, stride=1),
