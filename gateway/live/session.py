@@ -22,6 +22,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -150,13 +151,13 @@ class LiveSession:
 
     async def _wait(self, until: float | None) -> None:
         """Until new input, the head slot's render or deadline, or clock time `until`."""
-        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._input.wait())]
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._input.wait())]
         times = [t for t in (until, self._slots[0].deadline if self._slots else None) if t is not None]
         if times and min(times) != float("inf"):
             waiters.append(asyncio.ensure_future(self._clock.sleep_until(min(times))))
-        watched: set[asyncio.Future[object]] = set(waiters)
+        watched: set[asyncio.Future[Any]] = set(waiters)
         if self._slots:
-            watched.add(self._slots[0].task)  # type: ignore[arg-type]
+            watched.add(self._slots[0].task)
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -209,7 +210,9 @@ class LiveSession:
 
     async def _finish(self, slot: _Slot) -> SlotFrame:
         """The head slot's frame: its render, or the idle frame (late) when that failed."""
-        if slot.speaking and not (slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None):
+        if slot.speaking and not (
+            slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None
+        ):
             if not slot.task.done():
                 logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
             else:
@@ -226,7 +229,9 @@ class LiveSession:
     def _to_idle(self, slot: _Slot, *, late: bool) -> None:
         """Replace a speaking slot's render with its idle frame."""
         slot.task.cancel()
-        slot.task = asyncio.ensure_future(self._require_renderer().idle_frame(slot.plan.seq, slot.plan.video_frame))
+        slot.task = asyncio.ensure_future(
+            self._require_renderer().idle_frame(slot.plan.seq, slot.plan.video_frame)
+        )
         slot.speaking, slot.late, slot.deadline = False, late, float("inf")
 
     def _require_renderer(self) -> Renderer:
