@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from export.models.audio_encoder import AudioEncoder
-from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_MODES, AudioMode, UNet328
-from lipsync.contract import INNER_SIZE, MEL_BANDS, MEL_WINDOW
+from export.models.unet import AUDIO_BRANCH_SHAPES, UNet328
+from lipsync.contract import AUDIO_MODES, INNER_SIZE, MEL_BANDS, MEL_WINDOW, AudioMode
 from lipsync.package import sha256_file
 
 logger = logging.getLogger(__name__)

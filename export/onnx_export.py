@@ -31,7 +31,7 @@ from torch.jit._trace import TracerWarning  # its home; torch.jit re-exports it 
 
 from export.checkpoint import WeightsInfo, load_audio_encoder, load_unet
 from export.models.audio_encoder import AudioEncoder
-from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_WINDOW_SHAPES, AudioMode, UNet328
+from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_WINDOW_SHAPES, UNet328
 from lipsync.contract import (
     ENCODER_FEATURE,
     ENCODER_MEL,
@@ -39,6 +39,7 @@ from lipsync.contract import (
     UNET_AUDIO,
     UNET_CROP,
     UNET_PRED,
+    AudioMode,
     TensorSpec,
 )
 from lipsync.frames import MASK_X0, MASK_X1, MASK_Y0, MASK_Y1

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, get_args
 
 import numpy as np
 
@@ -54,6 +54,13 @@ WINDOW_BEFORE: Final[int] = 8
 """Rows of past context in the window (rows ``i-8 .. i-1``)."""
 WINDOW_AFTER: Final[int] = WINDOW_ROWS - WINDOW_BEFORE - 1
 """Rows of lookahead in the window (rows ``i+1 .. i+7``): 7, i.e. 280 ms of future audio."""
+
+
+AudioMode = Literal["ave", "hubert", "wenet"]
+"""The audio-feature family a UNet was trained with; the UNet contract's `UNET_AUDIO` is the
+``ave`` one (the others' window widths: `export.models.unet.AUDIO_WINDOW_SHAPES`)."""
+AUDIO_MODES: Final[tuple[AudioMode, ...]] = get_args(AudioMode)
+"""Every `AudioMode`, ``ave`` first (the default)."""
 
 
 # --------------------------------------------------------------------------- tensors

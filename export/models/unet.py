@@ -6,18 +6,11 @@ with `strict=True`. Tensor layout is NCHW float32 throughout.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipsync.contract import WINDOW_ROWS
-
-AudioMode = Literal["ave", "hubert", "wenet"]
-"""The audio-feature family a UNet was trained with."""
-
-AUDIO_MODES: tuple[AudioMode, ...] = get_args(AudioMode)
+from lipsync.contract import AUDIO_MODES, WINDOW_ROWS, AudioMode
 
 AUDIO_BRANCH_SHAPES: dict[str, tuple[int, int, int]] = {
     "ave": (32, 16, 16),
