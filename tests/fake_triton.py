@@ -95,10 +95,13 @@ class FakeTriton:
     def _answer_control(self) -> None:
         if self.mode == "refused":
             raise TritonUnavailable(
-                f"Triton at {self.url} unreachable: StatusCode.UNAVAILABLE: failed to connect (connection refused)"
+                f"Triton at {self.url} unreachable: StatusCode.UNAVAILABLE: "
+                "failed to connect (connection refused)"
             )
         if self.mode == "hung":
-            raise TritonDeadline(f"Triton at {self.url} unreachable: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded")
+            raise TritonDeadline(
+                f"Triton at {self.url} unreachable: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded"
+            )
 
     # ------------------------------------------------------------------ ControlClient
     async def server_live(self) -> bool:
@@ -110,7 +113,9 @@ class FakeTriton:
         self.calls.append(("model_ready", model))
         self._answer_control()
         if self.slow_model_probes:
-            raise TritonDeadline(f"readiness of {model!r} unknown: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded")
+            raise TritonDeadline(
+                f"readiness of {model!r} unknown: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded"
+            )
         return model in self.loaded
 
     async def load_model(self, model: str) -> None:
@@ -143,7 +148,9 @@ class FakeTriton:
         if self.hold_inference is not None:
             await self.hold_inference.wait()
         if self.mode != "live":
-            raise TritonUnavailable(f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed")
+            raise TritonUnavailable(
+                f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed"
+            )
         if model not in self.loaded:
             raise TritonUnavailable(
                 f"Triton inference on {model!r} failed: StatusCode.NOT_FOUND: Request for unknown model"

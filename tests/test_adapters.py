@@ -28,7 +28,9 @@ AVATAR = "synthetic"
 
 
 def on_server(
-    make_package: Callable[..., Path], body: Callable[[GatewayServer, FakeTriton], Awaitable[T]], **settings: Any
+    make_package: Callable[..., Path],
+    body: Callable[[GatewayServer, FakeTriton], Awaitable[T]],
+    **settings: Any,
 ) -> T:
     frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
     root = make_package(name=AVATAR, frames=frames).parent
@@ -48,9 +50,11 @@ def on_server(
 def requests_counted(server: GatewayServer, protocol: str) -> tuple[float, float]:
     assert server.ctx is not None
     value = server.ctx.metrics.registry.get_sample_value
-    return tuple(  # type: ignore[return-value]
-        value("lipsync_gateway_requests_total", {"protocol": protocol, "outcome": o}) or 0.0 for o in ("ok", "error")
+    ok, error = (
+        value("lipsync_gateway_requests_total", {"protocol": protocol, "outcome": o}) or 0.0
+        for o in ("ok", "error")
     )
+    return ok, error
 
 
 async def ws_exchange(url: str, messages: list[bytes | str]) -> list[FrameReply | ErrorReply]:
@@ -79,7 +83,9 @@ def test_websocket_frames_and_errors(make_package: Callable[..., Path]) -> None:
         ])
         ok = replies[0]
         assert isinstance(ok, FrameReply) and ok.frame_id == 3
-        assert ok.jpeg == server.ctx.pipeline.encoder.encode(identity_composite(avatar.frames[3], avatar.rects[3]))
+        assert ok.jpeg == server.ctx.pipeline.encoder.encode(
+            identity_composite(avatar.frames[3], avatar.rects[3])
+        )
         assert ok.bounds == avatar.rect(3)
         codes = [(r.frame_id, r.code) for r in replies[1:6] if isinstance(r, ErrorReply)]
         assert codes == [(0, "unknown_avatar"), (m, "frame_out_of_range"), (1, "bad_request"),
@@ -113,7 +119,9 @@ def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., P
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = pbg.OptimizedLipSyncServiceStub(channel)
             r = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=2))
-            assert r.success and r.frame_id == 2 and r.model_name == AVATAR and r.prediction_shape == "48x64x3"
+            assert (
+                r.success and r.frame_id == 2 and r.model_name == AVATAR and r.prediction_shape == "48x64x3"
+            )
             bad = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name="nobody", frame_id=2))
             assert not bad.success and bad.error.startswith("unknown_avatar: ")
 
@@ -129,10 +137,15 @@ def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., P
             assert "expected 18 audio chunks for frame_count=3" in r.responses[0].error
             r = await stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
                 model_name=AVATAR, start_frame_id=-1, frame_count=1, audio_chunks=chunks[:16]))
-            assert r.responses[0].error.startswith("frame_out_of_range: frame_id -1") and "valid: >= 0" in r.responses[0].error
+            assert (
+                r.responses[0].error.startswith("frame_out_of_range: frame_id -1")
+                and "valid: >= 0" in r.responses[0].error
+            )
 
             ids = [4, 1, 9, 0]
-            stream = stub.StreamInference(iter(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i) for i in ids))
+            stream = stub.StreamInference(
+                iter(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i) for i in ids)
+            )
             assert [x.frame_id async for x in stream] == ids
         # 1 + 3 + 4 frames rendered; 1 frame and 2 batches refused, each counted once
         assert requests_counted(server, "grpc") == (8.0, 3.0)
@@ -167,7 +180,11 @@ def test_readiness_is_pushed_to_grpc_health_and_readyz(make_package: Callable[..
                 await asyncio.sleep(0)
             assert await health() == health_pb2.HealthCheckResponse.NOT_SERVING
             status, body_down = await readyz()
-            assert status == 503 and body_down["triton"]["server"] == "down" and not body_down["triton"]["server_ready"]
+            assert (
+                status == 503
+                and body_down["triton"]["server"] == "down"
+                and not body_down["triton"]["server_ready"]
+            )
             assert "Triton at fake-triton:8001 is not ready" in body_down["reason"]
             assert server.ctx.metrics.registry.get_sample_value("lipsync_gateway_triton_ready") == 0.0
 

@@ -24,7 +24,11 @@ from tests.fake_triton import fake_triton, slice_encoder
 
 
 def speechlike(chunks: int, seed: int = 0) -> list[bytes]:
-    pcm = (np.random.default_rng(seed).standard_normal(chunks * CHUNK_BYTES // 2) * 3000).astype("<i2").tobytes()
+    pcm = (
+        (np.random.default_rng(seed).standard_normal(chunks * CHUNK_BYTES // 2) * 3000)
+        .astype("<i2")
+        .tobytes()
+    )
     return [pcm[i : i + CHUNK_BYTES] for i in range(0, len(pcm), CHUNK_BYTES)]
 
 
@@ -39,7 +43,11 @@ def test_sizes() -> None:
         ([bytes(CHUNK_BYTES)] * 18, 0, "frame_count must be >= 1, got 0"),
         ([bytes(CHUNK_BYTES)] * 17, 3, "expected 18 audio chunks for frame_count=3 .* got 17"),
         ([bytes(CHUNK_BYTES)] * 19, 3, "expected 18 audio chunks for frame_count=3 .* got 19"),
-        ([bytes(CHUNK_BYTES)] * 5 + [bytes(1000)] + [bytes(CHUNK_BYTES)] * 12, 3, "audio chunk 5 has 1000 bytes"),
+        (
+            [bytes(CHUNK_BYTES)] * 5 + [bytes(1000)] + [bytes(CHUNK_BYTES)] * 12,
+            3,
+            "audio chunk 5 has 1000 bytes",
+        ),
     ],
 )
 def test_check_chunks_refuses_wrong_counts_and_sizes(chunks: list[bytes], frames: int, message: str) -> None:
@@ -52,7 +60,9 @@ def test_check_chunks_joins_once_and_window_chunks_length() -> None:
     assert check_chunks(chunks, 3) == b"".join(chunks)
     check_window_chunks(bytes(WINDOW_CHUNK_BYTES))
     for n in (0, 1000, WINDOW_CHUNK_BYTES - 2, WINDOW_CHUNK_BYTES + 2):
-        with pytest.raises(BadRequest, match=rf"audio_len={n}: live audio must be 16 chunks .* = 20480 bytes"):
+        with pytest.raises(
+            BadRequest, match=rf"audio_len={n}: live audio must be 16 chunks .* = 20480 bytes"
+        ):
             check_window_chunks(bytes(n))
 
 

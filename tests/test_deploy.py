@@ -436,7 +436,7 @@ def test_image_command_serves_with_runtime_dependencies_only(
     parser = dockerfile()
     stage = final_stage(instructions())
     cmd = json.loads([i["value"] for i in stage if i["instruction"] == "CMD"][-1])
-    health = [i["value"] for i in stage if i["instruction"] == "HEALTHCHECK"][0]
+    health = next(i["value"] for i in stage if i["instruction"] == "HEALTHCHECK")
     health_cmd = json.loads(health[health.index("CMD") + 3:].strip())
     grpc_port, http_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}

@@ -1,12 +1,14 @@
 """UNet328 / AudioEncoder: state-dict keys, shapes and dtypes equal the SyncTalk_2D reference
-listings (`tests/data/reference/*.tsv`, copies of `../shared/reference`), parameter counts (REFERENCE.md s.1, s.4), forward shapes."""
+listings (`tests/data/reference/*.tsv`), parameter counts (docs/REFERENCE.md s.1, s.4), forward
+shapes."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from export.models import AUDIO_BRANCH_SHAPES, AUDIO_MODES, AudioEncoder, UNet328
-from lipsync.contract import FEATURE_DIM, INNER_SIZE, MEL_BANDS, MEL_WINDOW
+from lipsync.contract import FEATURE_DIM, INNER_SIZE, MEL_BANDS, MEL_WINDOW, AudioMode
 from lipsync.paths import REFERENCE_DIR, SHARED_REFERENCE_DIR
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -46,9 +48,9 @@ def parameter_count(rows: list[tuple[str, tuple[int, ...], str]]) -> int:
 
 
 @pytest.mark.parametrize("mode", AUDIO_MODES)
-def test_unet_state_dict_equals_reference(mode: str) -> None:
+def test_unet_state_dict_equals_reference(mode: AudioMode) -> None:
     expected = reference_listing(f"unet_328_{mode}")
-    got = model_listing(UNet328(mode))  # type: ignore[arg-type]
+    got = model_listing(UNet328(mode))
     missing = sorted({r[0] for r in expected} - {r[0] for r in got})
     extra = sorted({r[0] for r in got} - {r[0] for r in expected})
     assert not missing and not extra, f"missing {missing[:5]}, unexpected {extra[:5]}"
@@ -60,8 +62,8 @@ def test_audio_encoder_state_dict_equals_reference() -> None:
 
 
 @pytest.mark.parametrize("mode", AUDIO_MODES)
-def test_unet_parameter_count_matches_reference(mode: str) -> None:
-    model = UNet328(mode)  # type: ignore[arg-type]
+def test_unet_parameter_count_matches_reference(mode: AudioMode) -> None:
+    model = UNet328(mode)
     count = sum(p.numel() for p in model.parameters())
     assert count == parameter_count(reference_listing(f"unet_328_{mode}"))
     if mode in ("ave", "hubert"):
@@ -75,17 +77,17 @@ def test_audio_encoder_parameter_count() -> None:
 
 
 @pytest.mark.parametrize("mode", AUDIO_MODES)
-def test_audio_branch_reaches_10x10(mode: str) -> None:
-    model = UNet328(mode).eval()  # type: ignore[arg-type]
+def test_audio_branch_reaches_10x10(mode: AudioMode) -> None:
+    model = UNet328(mode).eval()
     with torch.no_grad():
         out = model.audio_model(torch.randn(2, *AUDIO_BRANCH_SHAPES[mode]))
     assert out.shape == (2, 512, 10, 10)
 
 
 @pytest.mark.parametrize("mode", AUDIO_MODES)
-def test_unet_forward_shape_and_range(mode: str) -> None:
+def test_unet_forward_shape_and_range(mode: AudioMode) -> None:
     torch.manual_seed(0)
-    model = UNet328(mode).eval()  # type: ignore[arg-type]
+    model = UNet328(mode).eval()
     with torch.no_grad():
         y = model(
             torch.rand(1, 6, INNER_SIZE, INNER_SIZE), torch.randn(1, *AUDIO_BRANCH_SHAPES[mode])
@@ -110,7 +112,7 @@ def test_audio_encoder_forward_shape() -> None:
 
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown audio mode 'deepspeech'"):
-        UNet328("deepspeech")  # type: ignore[arg-type]
+        UNet328("deepspeech")  # type: ignore[arg-type]  # on purpose
 
 
 

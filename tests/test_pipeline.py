@@ -54,13 +54,25 @@ def counted(ctx: GatewayContext, protocol: str = "grpc") -> dict[str, float]:
         out[outcome] = registry.get_sample_value(
             "lipsync_gateway_requests_total", {"protocol": protocol, "outcome": outcome}
         ) or 0.0
-    for code in ("unknown_avatar", "frame_out_of_range", "bad_request", "overloaded", "triton_unavailable", "internal"):
-        out[code] = registry.get_sample_value("lipsync_gateway_errors_total", {"protocol": protocol, "code": code}) or 0.0
+    for code in (
+        "unknown_avatar",
+        "frame_out_of_range",
+        "bad_request",
+        "overloaded",
+        "triton_unavailable",
+        "internal",
+    ):
+        out[code] = (
+            registry.get_sample_value("lipsync_gateway_errors_total", {"protocol": protocol, "code": code})
+            or 0.0
+        )
     return out
 
 
 def on_fake(
-    make_package: Callable[..., Path], body: Callable[[GatewayContext, FakeTriton], Awaitable[T]], **settings: Any
+    make_package: Callable[..., Path],
+    body: Callable[[GatewayContext, FakeTriton], Awaitable[T]],
+    **settings: Any,
 ) -> T:
     """Run ``body(ctx, fake)`` on a gateway context over the fake with the synthetic package."""
     # noise, so that the resize round trip of the composite changes pixels (a gradient would not)
@@ -107,20 +119,37 @@ def test_bad_requests_get_precise_errors_counted_once(make_package: Callable[...
         avatar = ctx.store.get(AVATAR)
         m, n = avatar.feature_rows, avatar.video_frames
         cases: list[tuple[FrameRequest, type[Exception], str]] = [
-            (FrameRequest("nobody", 0), UnknownAvatar, r"avatar 'nobody' is not loaded \(loaded: synthetic\)"),
-            (FrameRequest(AVATAR, m), FrameOutOfRange,
-             rf"frame_id {m} is out of range for avatar 'synthetic' \(valid: 0..{m - 1}; {m} audio feature rows, {n} video frames"),
+            (
+                FrameRequest("nobody", 0),
+                UnknownAvatar,
+                r"avatar 'nobody' is not loaded \(loaded: synthetic\)",
+            ),
+            (
+                FrameRequest(AVATAR, m),
+                FrameOutOfRange,
+                rf"frame_id {m} is out of range for avatar 'synthetic' "
+                rf"\(valid: 0..{m - 1}; {m} audio feature rows, {n} video frames",
+            ),
             (FrameRequest(AVATAR, -1), FrameOutOfRange, r"frame_id -1 is out of range"),
-            (FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES))), FrameOutOfRange, r"valid: >= 0;"),
-            (FrameRequest(AVATAR, 1, WindowChunks(bytes(1000))), BadRequest,
-             rf"audio_len=1000: live audio must be 16 chunks .* = {WINDOW_CHUNK_BYTES} bytes"),
+            (
+                FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES))),
+                FrameOutOfRange,
+                r"valid: >= 0;",
+            ),
+            (
+                FrameRequest(AVATAR, 1, WindowChunks(bytes(1000))),
+                BadRequest,
+                rf"audio_len=1000: live audio must be 16 chunks .* = {WINDOW_CHUNK_BYTES} bytes",
+            ),
         ]
         for request, error, message in cases:
             with pytest.raises(error, match=message):
                 await ctx.pipeline.render(request, protocol="grpc")
         fake.mode = "refused"
         await ctx.lifecycle.probe_once()
-        with pytest.raises(TritonUnavailable, match=r"Triton at fake-triton:8001 is not ready \(.*connection refused"):
+        with pytest.raises(
+            TritonUnavailable, match=r"Triton at fake-triton:8001 is not ready \(.*connection refused"
+        ):
             await ctx.pipeline.render(FrameRequest(AVATAR, 2), protocol="grpc")
         assert fake.count("infer") == 0, "no request reached Triton"
         assert counted(ctx) == {
@@ -132,7 +161,9 @@ def test_bad_requests_get_precise_errors_counted_once(make_package: Callable[...
     on_fake(make_package, body)
 
 
-def test_admission_refuses_at_once_and_cancelled_frames_are_not_counted(make_package: Callable[..., Path]) -> None:
+def test_admission_refuses_at_once_and_cancelled_frames_are_not_counted(
+    make_package: Callable[..., Path],
+) -> None:
     async def body(ctx: GatewayContext, fake: FakeTriton) -> None:
         fake.hold_inference = asyncio.Event()
         first = asyncio.create_task(ctx.pipeline.render(FrameRequest(AVATAR, 1), protocol="ws"))
@@ -182,7 +213,9 @@ def test_live_audio_windows(make_package: Callable[..., Path]) -> None:
         fake.loaded.discard("audio_encoder")
         await ctx.lifecycle.probe_once()
         await ctx.lifecycle.wait_loading()
-        with pytest.raises(TritonUnavailable, match=r"model 'audio_encoder' is not loaded in Triton \(load_model"):
+        with pytest.raises(
+            TritonUnavailable, match=r"model 'audio_encoder' is not loaded in Triton \(load_model"
+        ):
             await ctx.pipeline.render(FrameRequest(AVATAR, 0, WindowChunks(pcm)), protocol="ws")
 
     on_fake(make_package, body)
