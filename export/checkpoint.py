@@ -1,6 +1,6 @@
 """Loading SyncTalk_2D checkpoints into `UNet328` / `AudioEncoder`, or a seeded untrained init.
 
-Checkpoints are accepted as users have them (REFERENCE.md section 1): a plain state dict, one
+Checkpoints are accepted as users have them (docs/REFERENCE.md section 1): a plain state dict, one
 nested under `state_dict` or `model`, keys prefixed `module.` (DataParallel) or `_orig_mod.`
 (torch.compile). The audio encoder also accepts SyncTalk_2D's `audio_visual_encoder.pth`, whose
 keys lack the `audio_encoder.` prefix. Loading is strict: any missing, unexpected or mis-shaped

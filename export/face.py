@@ -1,12 +1,12 @@
 """Face detection, 68-point landmarks and smoothed crop rectangles for the package builder.
 
-Detector and landmark weights ship in registry packages (REFERENCE.md s.6): dlib's HOG frontal
+Detector and landmark weights ship in registry packages (docs/REFERENCE.md s.6): dlib's HOG frontal
 face detector (`dlib-bin`) and the 68-point shape predictor
 `shape_predictor_68_face_landmarks.dat` of `face-recognition-models` (its training data, iBUG
 300-W, carries non-commercial terms). `import face_recognition_models` needs `pkg_resources`,
 so the model file is located through the package's import spec without importing it.
 
-Crop rectangle (REFERENCE.md s.3, mapped to dlib's 0-based 68-point scheme): SyncTalk_2D uses
+Crop rectangle (docs/REFERENCE.md s.3, mapped to dlib's 0-based 68-point scheme): SyncTalk_2D uses
 `xmin = lms[1].x`, `xmax = lms[31].x` (upper jaw contour, both sides) and `ymin = lms[52].y`
 (just under the eyes), a square of side `xmax - xmin` going down past the chin. Here:
 `xmin = p[1].x`, `xmax = p[15].x` (jaw contour just below the ear line), `ymin` = mean y of the
@@ -250,7 +250,7 @@ def track_faces(
 def raw_rect_geometry(
     landmarks: NDArray[np.float32],
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    """Unsmoothed square per frame from landmarks (module doc, REFERENCE.md s.3).
+    """Unsmoothed square per frame from landmarks (module doc, docs/REFERENCE.md s.3).
 
     Args:
         landmarks: f32[N, 68, 2].

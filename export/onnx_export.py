@@ -2,7 +2,7 @@
 
 The graphs honour the model contract, `lipsync.contract` (names, dtypes, per-item dims; the first
 axis is the dynamic batch axis `batch`): the UNet takes `UNET_CROP` (the BGR inner crop, uint8
-HWC) and `UNET_AUDIO` and gives `UNET_PRED`, doing REFERENCE.md section 2 steps 3-7 itself; the
+HWC) and `UNET_AUDIO` and gives `UNET_PRED`, doing docs/REFERENCE.md section 2 steps 3-7 itself; the
 audio encoder takes `ENCODER_MEL` and gives `ENCODER_FEATURE`. A UNet of another audio mode than
 `ave` takes its own window width D (`export.models.unet.AUDIO_WINDOW_SHAPES`: 2048 for hubert,
 2 x 1024 per frame; 8192 for wenet, 16 x 512 per frame); the window is reshaped row-major to the
@@ -74,7 +74,7 @@ def mouth_mask() -> torch.Tensor:
 
 
 class UnetWithPrePost(nn.Module):
-    """UNet328 with REFERENCE.md section 2 steps 3-7 around it (usable eagerly and for export).
+    """UNet328 with docs/REFERENCE.md section 2 steps 3-7 around it (usable eagerly and for export).
 
     forward(crop: u8[N, 320, 320, 3] BGR, audio: f32[N, 16, D]) -> u8[N, 320, 320, 3] BGR:
     x = crop / 255; masked = x with the mouth rectangle set to 0; network input

@@ -3,7 +3,7 @@
 Steps: decode the video and resample it to 25 fps (optionally rescale, `export.video`); find the
 face and 68 landmarks in every frame and derive smoothed square crop rectangles
 (`export.face`); convert the audio to 16 kHz mono, compute the mel spectrogram and the 25-fps
-mel windows (`lipsync.audio`, REFERENCE.md s.4), run the exported audio encoder with ONNX
+mel windows (`lipsync.audio`, docs/REFERENCE.md s.4), run the exported audio encoder with ONNX
 Runtime and pad the features (`aud_ave.npy`); export the avatar's UNet and the audio encoder to
 ONNX (`export.onnx_export`); write the package (`lipsync.package.write_package`) into a
 temporary folder next to the destination and check it with the loader. Then, holding the
@@ -190,7 +190,7 @@ def build_package(
         packages_root: where packages live.
         checkpoint: SyncTalk_2D UNet checkpoint (`ave` mode); None -> seeded UNTRAINED weights.
         audio_encoder: AVE audio-encoder checkpoint; None -> seeded UNTRAINED weights.
-        fps: output frame rate (fps); only 25 is accepted (SyncTalk_2D's rate, REFERENCE.md s.4).
+        fps: output frame rate (fps); only 25 is accepted (SyncTalk_2D's rate, docs/REFERENCE.md s.4).
         height: rescale frames to this height (px), keeping the aspect ratio; None keeps it.
         model_repo_cpu, model_repo_gpu: model repositories to write (None skips one).
         overwrite: replace an existing package of the same name.
@@ -216,7 +216,7 @@ def build_package(
     if fps != VIDEO_FPS:
         raise BuildError(
             f"--fps must be {VIDEO_FPS}: the ave audio features and the UNet's 16-row audio window "
-            f"are defined per {VIDEO_FPS}-fps frame (REFERENCE.md s.4), got {fps}"
+            f"are defined per {VIDEO_FPS}-fps frame (docs/REFERENCE.md s.4), got {fps}"
         )
     packages_root = Path(packages_root)
     dest = packages_root / name

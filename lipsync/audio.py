@@ -1,10 +1,10 @@
 """Audio features of the "ave" audio branch: 16 kHz mono PCM -> mel spectrogram -> mel windows.
 
-Everything here follows REFERENCE.md section 4 (the SyncTalk_2D / Wav2Lip audio front end) and
+Everything here follows docs/REFERENCE.md section 4 (the SyncTalk_2D / Wav2Lip audio front end) and
 runs on numpy alone, so the gateway can compute features from live audio without librosa.
 Resampling (only needed for WAVs that are not already 16 kHz) imports scipy lazily.
 
-Pipeline (REFERENCE.md s.4):
+Pipeline (docs/REFERENCE.md s.4):
 
 1. pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` (`y[0] = x[0]`, what `lfilter([1, -0.97], [1], x)`
    computes);
@@ -197,7 +197,7 @@ _WINDOW = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)  
 
 
 def preemphasis(x: ArrayLike, previous: float = 0.0) -> NDArray[np.float64]:
-    """Pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` (REFERENCE.md s.4 step 1).
+    """Pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` (docs/REFERENCE.md s.4 step 1).
 
     Args:
         x: f32/f64[n] samples.
@@ -231,7 +231,7 @@ def centered_frames(y: ArrayLike) -> NDArray[np.float64]:
 
 
 def log_mel_frames(frames: ArrayLike) -> NDArray[np.float32]:
-    """Steps 2-5 of REFERENCE.md s.4 on STFT frames already cut from the pre-emphasised signal.
+    """Steps 2-5 of docs/REFERENCE.md s.4 on STFT frames already cut from the pre-emphasised signal.
 
     Each frame is multiplied by the periodic Hann window, its |rfft| (401 bins) is mapped onto
     the 80 Slaney mel filters, converted to dB minus the 20 dB reference, normalised and
@@ -253,7 +253,7 @@ def log_mel_frames(frames: ArrayLike) -> NDArray[np.float32]:
 
 
 def mel_spectrogram(wav: ArrayLike) -> NDArray[np.float32]:
-    """Normalised log-mel spectrogram exactly as REFERENCE.md s.4.
+    """Normalised log-mel spectrogram exactly as docs/REFERENCE.md s.4.
 
     Args:
         wav: f32[n] mono 16 kHz samples in [-1, 1].
@@ -278,7 +278,7 @@ def mel_frame_count(n_samples: int) -> int:
 def video_frame_count(n_mel: int) -> int:
     """Number of 25-fps windows for `n_mel` mel frames: `int((n_mel - 16) / 80 * 25) + 2`.
 
-    Computed in floating point exactly as the reference writes it (REFERENCE.md s.4), so the
+    Computed in floating point exactly as the reference writes it (docs/REFERENCE.md s.4), so the
     count equals SyncTalk_2D's even where the exact quotient is an integer and the float
     expression lands just below it.
 
@@ -298,7 +298,7 @@ def feature_rows_for_samples(n_samples: int) -> int:
 
 
 def mel_windows(mel: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Cut one 80 x 16 mel window per 25-fps video frame (REFERENCE.md s.4).
+    """Cut one 80 x 16 mel window per 25-fps video frame (docs/REFERENCE.md s.4).
 
     Window i starts at mel frame `int(80 * i / 25)`; a window running past the end is shifted
     back to end at the last mel frame.
@@ -322,7 +322,7 @@ def mel_windows(mel: NDArray[np.float32]) -> NDArray[np.float32]:
 
 
 def pad_features(feats: NDArray[Any]) -> NDArray[np.float32]:
-    """Pad encoder features at both ends by repeating the first and last rows (REFERENCE.md s.4).
+    """Pad encoder features at both ends by repeating the first and last rows (docs/REFERENCE.md s.4).
 
     Args:
         feats: f32[F, 512], F >= 1.

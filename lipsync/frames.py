@@ -1,4 +1,4 @@
-"""Pure frame math of one lip-sync frame (REFERENCE.md section 2), on numpy arrays.
+"""Pure frame math of one lip-sync frame (docs/REFERENCE.md section 2), on numpy arrays.
 
 Every function here is deterministic, touches no disk, and is shared by the gateway, the
 package builder, the tests and the baseline, so all of them agree on the reference semantics:
@@ -30,7 +30,7 @@ MASK_X1: Final[int] = 314
 MASK_Y0: Final[int] = 5
 MASK_Y1: Final[int] = 309
 """Inclusive bounds of the blacked-out mouth rectangle in the inner crop (px); what
-``cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)`` fills (REFERENCE.md s.2 step 4)."""
+``cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)`` fills (docs/REFERENCE.md s.2 step 4)."""
 
 RectLike: TypeAlias = tuple[int, int, int, int] | NDArray[np.integer[Any]]
 """A crop rectangle ``(x1, y1, x2, y2)`` in px: a tuple, or a row of an avatar's i32[N, 4] rects."""
@@ -52,7 +52,7 @@ def _check_rect(frame: NDArray[np.uint8], rect: RectLike) -> tuple[int, int, int
 
 
 def crop_328(frame: NDArray[np.uint8], rect: RectLike) -> NDArray[np.uint8]:
-    """Cut the face rectangle out of a frame and resize it to 328 x 328 (REFERENCE.md s.2 step 2).
+    """Cut the face rectangle out of a frame and resize it to 328 x 328 (docs/REFERENCE.md s.2 step 2).
 
     Args:
         frame: full frame, uint8 ``[H, W, 3]`` BGR.
@@ -71,7 +71,7 @@ def crop_328(frame: NDArray[np.uint8], rect: RectLike) -> NDArray[np.uint8]:
 
 
 def inner_320(crop328: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Return the model's inner crop ``crop328[4:324, 4:324]`` (REFERENCE.md s.2 step 3).
+    """Return the model's inner crop ``crop328[4:324, 4:324]`` (docs/REFERENCE.md s.2 step 3).
 
     Args:
         crop328: uint8 ``[328, 328, 3]`` BGR.
@@ -90,7 +90,7 @@ def inner_320(crop328: NDArray[np.uint8]) -> NDArray[np.uint8]:
 
 
 def mask_inner(inner: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Black out the mouth rectangle of an inner crop (REFERENCE.md s.2 step 4).
+    """Black out the mouth rectangle of an inner crop (docs/REFERENCE.md s.2 step 4).
 
     Args:
         inner: uint8 ``[320, 320, 3]`` BGR.
@@ -111,7 +111,7 @@ def mask_inner(inner: NDArray[np.uint8]) -> NDArray[np.uint8]:
 
 
 def audio_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
-    """The 16-row audio feature window of frame ``i`` (REFERENCE.md s.2 step 6).
+    """The 16-row audio feature window of frame ``i`` (docs/REFERENCE.md s.2 step 6).
 
     Args:
         features: float32 ``[M, 512]`` (the padded ``aud_ave.npy``, possibly a memmap).
@@ -142,7 +142,7 @@ def paste_back(
     crop328: NDArray[np.uint8],
     pred320: NDArray[np.uint8],
 ) -> NDArray[np.uint8]:
-    """Composite the model output into the full frame (REFERENCE.md s.2 step 8).
+    """Composite the model output into the full frame (docs/REFERENCE.md s.2 step 8).
 
     ``crop = crop328.copy(); crop[4:324, 4:324] = pred320``; the crop is resized back to
     ``(x2-x1, y2-y1)`` with ``cv2.INTER_CUBIC`` and written into a copy of ``frame`` at the
@@ -189,7 +189,7 @@ def paste_back_region(
     pred320: NDArray[np.uint8],
     region: tuple[int, int, int, int],
 ) -> NDArray[np.uint8]:
-    """Paste back (REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
+    """Paste back (docs/REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
 
     The result equals ``paste_back(frame, rect, crop328, pred320)[y0:y1, x0:x1]`` exactly; it
     copies only the region (e.g. the MCU-aligned rectangle of `lipsync.jpeg_splice.aligned_rect`

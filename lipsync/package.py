@@ -9,7 +9,7 @@ with no per-frame disk I/O or parsing (the format is written down in `packages/R
 | `frames.npy`    | u8[N, H, W, 3] BGR full video frames at `fps`, read into RAM at load     |
 | `rects.npy`     | i32[N, 4] crop rectangles (x1, y1, x2, y2) in px, square, inside the frame |
 | `landmarks.npy` | f32[N, 68, 2] face landmarks (x, y) in px (dlib 68-point scheme)         |
-| `aud_ave.npy`   | f32[M, 512] padded audio features (REFERENCE.md s.4), memory-mapped     |
+| `aud_ave.npy`   | f32[M, 512] padded audio features (docs/REFERENCE.md s.4), memory-mapped     |
 | `audio.wav`     | the source audio, 16 kHz mono PCM16                                      |
 
 `load_package` validates everything (schema, file presence, confinement to the folder, sizes,
@@ -125,7 +125,7 @@ class PackageManifest(_Strict):
 
     Frame counts: `frame_count` (N) video frames are stored; the avatar serves `feature_rows`
     (M) frames, one per audio feature row, walking the N video frames ping-pong
-    (REFERENCE.md s.2 step 9). `duration_s = feature_rows / fps`.
+    (docs/REFERENCE.md s.2 step 9). `duration_s = feature_rows / fps`.
     """
 
     format_version: Literal[1]
@@ -154,7 +154,7 @@ class PackageManifest(_Strict):
         if value != VIDEO_FPS:
             raise ValueError(
                 f"fps must be {VIDEO_FPS}: the ave audio features are cut per 25-fps frame "
-                f"(REFERENCE.md s.4), got {value}"
+                f"(docs/REFERENCE.md s.4), got {value}"
             )
         return value
 
@@ -361,7 +361,7 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
     (no absolute path, no `..`, no symlink leading out); every file exists with the recorded
     size and sha256 (`verify_checksums`); each array has the dtype and shape the manifest
     implies; rectangles are square and inside the frame; `feature_rows` equals the rows the
-    audio length gives (REFERENCE.md s.4: `int((T - 16) / 80 * 25) + 2 + 2`, T = mel frames);
+    audio length gives (docs/REFERENCE.md s.4: `int((T - 16) / 80 * 25) + 2 + 2`, T = mel frames);
     features are finite; the WAV is 16 kHz mono PCM16 with `audio_samples` samples.
 
     Args:
@@ -400,7 +400,7 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
     if m.feature_rows != expected_rows:
         raise PackageError(
             f"{MANIFEST_NAME}: feature_rows is {m.feature_rows} but {m.audio_samples} audio samples "
-            f"give {expected_rows} rows (REFERENCE.md s.4)"
+            f"give {expected_rows} rows (docs/REFERENCE.md s.4)"
         )
 
     arrays: dict[str, NDArray[Any]] = {}
@@ -482,7 +482,7 @@ def write_package(
         weights: weights the avatar's model was exported with.
         source: source media description.
         model_name: Triton model name, default `lipsync_<name>`.
-        fps: frame rate of frames and features (fps); must be 25 (REFERENCE.md s.4).
+        fps: frame rate of frames and features (fps); must be 25 (docs/REFERENCE.md s.4).
         builder: tool/version string, default `lipsync <version>`.
 
     Returns:

@@ -4,7 +4,7 @@
 ONNX Runtime, written by `export/model_repo.py`), waits until it is ready, streams its log, and
 stops it. `lipsync triton` runs it in the foreground until Ctrl-C / SIGTERM.
 
-How the wheel's server is made to run (ARCHITECTURE.md "Two serving profiles"):
+How the wheel's server is made to run (docs/ARCHITECTURE.md "Two serving profiles"):
 - binary `pytriton/tritonserver/bin/tritonserver`, its shared libraries in the wheel's
   `nvidia_pytriton.libs/` (put on `LD_LIBRARY_PATH`);
 - a backend folder (`CACHE_DIR/triton_backends/python/`) holding the wheel's

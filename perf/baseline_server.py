@@ -7,7 +7,7 @@ preloaded in RAM (frames, 328 crops, rectangles; features memory-mapped), the mo
 the model so frames from concurrent streams run one after the other, in a thread pool of 10
 (the seeds' ``THREAD_POOL_SIZE``). The per-frame work is the same as ours: the
 `export.onnx_export.UnetWithPrePost` graph (uint8 crop + f32 audio window in, uint8 pred out,
-REFERENCE.md s.2 steps 3-7), `lipsync.frames.paste_back` (step 8) and the gateway's JPEG
+docs/REFERENCE.md s.2 steps 3-7), `lipsync.frames.paste_back` (step 8) and the gateway's JPEG
 encoder (simplejpeg, quality 85), so only the architecture differs.
 
     python -m perf.baseline_server --package packages/demo --port 50061

@@ -1,5 +1,5 @@
 """Per-frame CPU micro-benchmark of the gateway's own work at 720p: prepare, composite
-(paste back, REFERENCE.md s.2 step 8) and JPEG with each available encoder, full frame vs
+(paste back, docs/REFERENCE.md s.2 step 8) and JPEG with each available encoder, full frame vs
 face crop only. Inference is not part of it (Triton's job); the predictions pasted are real
 ONNX Runtime outputs of the avatar's UNet.
 

@@ -1,4 +1,4 @@
-"""Audio features (lipsync/audio.py) against librosa on real speech (REFERENCE.md s.4)."""
+"""Audio features (lipsync/audio.py) against librosa on real speech (docs/REFERENCE.md s.4)."""
 
 from __future__ import annotations
 

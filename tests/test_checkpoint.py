@@ -126,7 +126,7 @@ def test_ave_checkpoint_loaded_as_wenet_names_ave_and_hubert(
 
 
 def test_ave_and_hubert_are_indistinguishable_by_state_dict() -> None:
-    # They differ only in audio_model.conv3's stride (REFERENCE.md s.1): --mode has to decide.
+    # They differ only in audio_model.conv3's stride (docs/REFERENCE.md s.1): --mode has to decide.
     assert fitting_modes(state_dict_from_tsv("unet_328_hubert")) == ["ave", "hubert"]
     assert fitting_modes(state_dict_from_tsv("unet_328_wenet")) == ["wenet"]
 

@@ -1,4 +1,4 @@
-"""Unit tests of `lipsync.frames` (REFERENCE.md s.2) with hand-checkable cases."""
+"""Unit tests of `lipsync.frames` (docs/REFERENCE.md s.2) with hand-checkable cases."""
 from __future__ import annotations
 
 import cv2

@@ -1,7 +1,7 @@
 """gRPC service tests against the real CPU tritonserver and the demo avatar.
 
 The image checks compare the gateway's JPEG with a composite computed here, independently of
-the gateway code: ONNX Runtime on the avatar's own `model.onnx` and the REFERENCE.md s.2 steps
+the gateway code: ONNX Runtime on the avatar's own `model.onnx` and the docs/REFERENCE.md s.2 steps
 written out with OpenCV/numpy (not `lipsync.frames`). The gateway runs at JPEG quality 95.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def psnr(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
 
 
 def reference_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
-    """Rows i-8 .. i+7 of ``features``, zeros outside (REFERENCE.md s.2 step 6)."""
+    """Rows i-8 .. i+7 of ``features``, zeros outside (docs/REFERENCE.md s.2 step 6)."""
     out = np.zeros((16, features.shape[1]), np.float32)
     for r in range(16):
         src = i - 8 + r
@@ -60,7 +60,7 @@ def reference_window(features: NDArray[np.float32], i: int) -> NDArray[np.float3
 def reference_composite(
     frame: NDArray[np.uint8], rect: NDArray[np.int32], pred_fn: Any, window: NDArray[np.float32]
 ) -> NDArray[np.uint8]:
-    """REFERENCE.md s.2 steps 2-8 written out with OpenCV; ``pred_fn(inner, window)`` is the model."""
+    """docs/REFERENCE.md s.2 steps 2-8 written out with OpenCV; ``pred_fn(inner, window)`` is the model."""
     x1, y1, x2, y2 = (int(v) for v in rect)
     crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
     pred = pred_fn(np.ascontiguousarray(crop[4:324, 4:324]), window)
@@ -144,7 +144,7 @@ def test_proto_wire_contract() -> None:
 
 def test_chunk_windows_follow_the_reference_rule() -> None:
     """Per-chunk mel windows equal `lipsync.audio.mel_windows` where it has a window, and the
-    last chunks get the window shifted back to the end (REFERENCE.md s.4)."""
+    last chunks get the window shifted back to the end (docs/REFERENCE.md s.4)."""
     n_chunks = 8 + 5 + 7
     pcm = speech_pcm(n_chunks * 0.04)
     mel = lipsync_audio.mel_spectrogram(lipsync_audio.pcm16_to_float(pcm))

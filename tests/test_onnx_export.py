@@ -140,7 +140,7 @@ def _carphone_clip() -> Path | None:
 
 
 def _real_inputs(encoder: torch.nn.Module) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
-    """Face crops from the carphone clip (REFERENCE.md s.6) and audio windows from real speech
+    """Face crops from the carphone clip (docs/REFERENCE.md s.6) and audio windows from real speech
     through the audio encoder, as the package builder would make them."""
     from lipsync.audio import load_wav_16k_mono, mel_spectrogram, mel_windows, pad_features
 
@@ -178,7 +178,7 @@ def test_unet_parity_on_real_media(
 def _numpy_reference_input(
     crop: NDArray[np.uint8], audio: NDArray[np.float32]
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """REFERENCE.md s.2 steps 3-6 written independently: cv2.rectangle mask, [reference, masked]
+    """docs/REFERENCE.md s.2 steps 3-6 written independently: cv2.rectangle mask, [reference, masked]
     channels, /255, NCHW; audio window reshaped row-major to 32 x 16 x 16."""
     images = []
     for inner in crop:
@@ -242,7 +242,7 @@ def test_other_modes_export_with_their_window(mode: AudioMode, tmp_path: Path) -
     io = _io(onnx.load(str(result.path)))
     rows, width = AUDIO_WINDOW_SHAPES[mode]
     assert io[UNET_AUDIO.name] == (onnx.TensorProto.FLOAT, ["batch", rows, width])
-    assert (rows, width) == {"hubert": (16, 2048), "wenet": (16, 8192)}[mode]  # REFERENCE.md s.1
+    assert (rows, width) == {"hubert": (16, 2048), "wenet": (16, 8192)}[mode]  # docs/REFERENCE.md s.1
     crop, audio = example_unet_inputs(mode, batch=1, seed=2)
     _assert_parity(_torch_pred(unet, crop, audio), _pred(_session(result.path), crop, audio))
     assert read_onnx_metadata(result.path)["mode"] == mode
