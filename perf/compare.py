@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lipsync.process_group import process_group
 from perf import report
 from perf.loadgen import LoadConfig, run_load
 from perf.stats import RunSummary, ratio
@@ -182,24 +182,6 @@ def _wait_http_ok(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: flo
 
 
 @contextlib.contextmanager
-def _process(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a child in its own process group; SIGTERM (then SIGKILL) it on exit."""
-    with log_path.open("wb") as fh:
-        proc = subprocess.Popen(list(cmd), env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
 def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path,
                   timeout_s: float) -> Iterator[tuple[str, int]]:
     """Our gateway (`lipsync gateway`) on free ports; yields its gRPC address and pid."""
@@ -216,7 +198,7 @@ def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path,
         "LIPSYNC_LOG_LEVEL": "WARNING",
     })
     log_path = workdir / "gateway.log"
-    with _process([sys.executable, "-m", "lipsync", "gateway"], env, log_path) as proc:
+    with process_group([sys.executable, "-m", "lipsync", "gateway"], env=env, log_path=log_path) as proc:
         _wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", proc, 180, log_path)
         yield f"127.0.0.1:{grpc_port}", proc.pid
 
@@ -228,7 +210,7 @@ def start_baseline(package: Path, workdir: Path) -> Iterator[tuple[str, int]]:
     log_path = workdir / "baseline.log"
     cmd = [sys.executable, "-m", "perf.baseline_server", "--package", str(package), "--port", "0",
            "--ready-file", str(ready)]
-    with _process(cmd, dict(os.environ), log_path) as proc:
+    with process_group(cmd, env=dict(os.environ), log_path=log_path) as proc:
         deadline = time.monotonic() + 300
         while not ready.exists():
             if proc.poll() is not None:

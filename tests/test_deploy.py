@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from dockerfile_parse import DockerfileParser
 
 from gateway.config import GatewaySettings
 from lipsync.paths import REPO_ROOT
+from lipsync.process_group import process_group
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 COMPOSE_PERF = REPO_ROOT / "docker" / "compose.perf.yml"
@@ -453,10 +453,8 @@ def test_image_command_serves_with_runtime_dependencies_only(
     assert cmd[0] == "lipsync"
     launcher = BLOCKER + "from lipsync.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     log_path = tmp_path / "gateway.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", launcher, *cmd[1:]], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    launch = [sys.executable, "-c", launcher, *cmd[1:]]
+    with process_group(launch, env=env, log_path=log_path, cwd=tmp_path) as proc:
         base = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 120
         while True:
@@ -476,13 +474,6 @@ def test_image_command_serves_with_runtime_dependencies_only(
             assert resp.status == 200 and resp.read(3) == b"\xff\xd8\xff"
         text = log_path.read_text()
         assert "is not a runtime dependency" not in text
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     # the healthcheck fails once the gateway is gone
     gone = subprocess.run([sys.executable, *health_cmd[1:]], env=env, capture_output=True, timeout=30)
     assert gone.returncode != 0
