@@ -4,12 +4,27 @@ and protocol adapters; only Triton is the fake.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
-from tests.fake_triton import FakeTriton
+from lipsync.contract import AUDIO_ENCODER_MODEL, avatar_model_name
+from tests.fake_triton import FakeTriton, fake_triton
+
+SYNTHETIC_AVATAR = "synthetic"
+
+
+def synthetic_avatar(make_package: Callable[..., Path]) -> tuple[Path, FakeTriton]:
+    """A packages root holding the avatar `SYNTHETIC_AVATAR` (10 video frames of 64x48 noise, so
+    that the resize round trip of the composite changes pixels; a gradient would not) and a fake
+    Triton serving its model, the audio encoder loaded too."""
+    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
+    root = make_package(name=SYNTHETIC_AVATAR, frames=frames).parent
+    return root, fake_triton(avatar_model_name(SYNTHETIC_AVATAR), loaded=(AUDIO_ENCODER_MODEL,))
 
 
 def fake_settings(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewaySettings:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
@@ -29,17 +28,6 @@ Mode = Literal["live", "not_live", "refused", "hung"]
 def identity_unet(crop: NDArray[np.uint8], window: NDArray[np.float32]) -> NDArray[np.uint8]:
     """A UNet whose prediction is its input crop: uint8 ``[N, 320, 320, 3]``."""
     return crop.copy()
-
-
-def identity_composite(frame: NDArray[np.uint8], rect: NDArray[np.int32]) -> NDArray[np.uint8]:
-    """The composite of `identity_unet`'s prediction, written out with OpenCV (docs/REFERENCE.md
-    s.2 steps 2-8, independently of `lipsync.frames`): uint8 ``[H, W, 3]`` BGR."""
-    x1, y1, x2, y2 = (int(v) for v in rect)
-    crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
-    crop[4:324, 4:324] = crop[4:324, 4:324].copy()  # the prediction pasted into the crop
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
-    return out
 
 
 def slice_encoder(mel: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -20,11 +19,12 @@ from gateway.server import GatewayServer
 from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_request
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
-from tests.fake_gateway import fake_settings
-from tests.fake_triton import FakeTriton, fake_triton, identity_composite
+from tests.fake_gateway import SYNTHETIC_AVATAR, fake_settings, synthetic_avatar
+from tests.fake_triton import FakeTriton
+from tests.reference_frames import identity_composite
 
 T = TypeVar("T")
-AVATAR = "synthetic"
+AVATAR = SYNTHETIC_AVATAR
 
 
 def on_server(
@@ -32,9 +32,7 @@ def on_server(
     body: Callable[[GatewayServer, FakeTriton], Awaitable[T]],
     **settings: Any,
 ) -> T:
-    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
-    root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
+    root, fake = synthetic_avatar(make_package)
 
     async def run() -> T:
         server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import cv2
 import grpc
 import numpy as np
 import pytest
@@ -28,48 +27,13 @@ from lipsync import audio as lipsync_audio
 from lipsync.paths import MODEL_REPOSITORY_CPU, REPO_ROOT, SPEECH_DIR
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.reference_frames import decode_jpeg, psnr, reference_composite, reference_window
 from tests.triton_stats import settled_counts
 
 AVATAR = "demo"
 
 
 # ----------------------------------------------------------------------------- helpers
-def decode_bgr(jpeg: bytes) -> NDArray[np.uint8]:
-    """JPEG bytes -> uint8 [H, W, 3] BGR (OpenCV)."""
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None, f"not a decodable JPEG ({len(jpeg)} bytes)"
-    return np.asarray(image, dtype=np.uint8)
-
-
-def psnr(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
-    """PSNR (dB) of two uint8 arrays of the same shape; inf when equal."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-
-
-def reference_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
-    """Rows i-8 .. i+7 of ``features``, zeros outside (docs/REFERENCE.md s.2 step 6)."""
-    out = np.zeros((16, features.shape[1]), np.float32)
-    for r in range(16):
-        src = i - 8 + r
-        if 0 <= src < len(features):
-            out[r] = features[src]
-    return out
-
-
-def reference_composite(
-    frame: NDArray[np.uint8], rect: NDArray[np.int32], pred_fn: Any, window: NDArray[np.float32]
-) -> NDArray[np.uint8]:
-    """docs/REFERENCE.md s.2 steps 2-8 written out with OpenCV; ``pred_fn(inner, window)`` is the model."""
-    x1, y1, x2, y2 = (int(v) for v in rect)
-    crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
-    pred = pred_fn(np.ascontiguousarray(crop[4:324, 4:324]), window)
-    crop[4:324, 4:324] = pred
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
-    return out
-
-
 @pytest.fixture(scope="module")
 def ort_unet(demo_package: Any) -> Any:
     """``pred_fn(inner u8[320,320,3], window f32[16,512]) -> u8[320,320,3]`` via ONNX Runtime
@@ -166,7 +130,7 @@ def test_jpeg_encoders_take_bgr(encoder: Any) -> None:
     img[:, :32] = (255, 0, 0)    # blue in BGR
     img[:, 32:64] = (0, 255, 0)  # green
     img[:, 64:] = (0, 0, 255)    # red
-    out = decode_bgr(encoder.encode(img))
+    out = decode_jpeg(encoder.encode(img))
     assert out.shape == img.shape
     # compare away from the colour edges (4:2:0 chroma blurs them)
     for lo, hi in ((4, 28), (36, 60), (68, 92)):
@@ -193,7 +157,7 @@ def test_generate_inference_matches_reference(
     assert r.prediction_shape == f"{h}x{w}x3"
     assert list(r.bounds) == [float(x) for x in rect]
     assert r.inference_time_ms > 0 and r.composite_time_ms > 0 and r.prepare_time_ms >= 0
-    got = decode_bgr(r.prediction_data)
+    got = decode_jpeg(r.prediction_data)
     assert got.shape == (h, w, 3)
 
     x1, y1, x2, y2 = (int(x) for x in rect)
@@ -220,7 +184,7 @@ def test_stream_inference_answers_50_frames_in_order(stub: Any, demo_package: An
     ))
     assert [r.frame_id for r in responses] == ids
     assert all(r.success for r in responses), [r.error for r in responses if not r.success][:3]
-    assert all(decode_bgr(r.prediction_data).shape == demo_package.frames.shape[1:] for r in responses[:5])
+    assert all(decode_jpeg(r.prediction_data).shape == demo_package.frames.shape[1:] for r in responses[:5])
 
 
 @pytest.mark.triton
@@ -293,7 +257,7 @@ def test_batch_with_audio_speech_differs_from_silence(stub: Any, demo_package: A
             model_name=AVATAR, start_frame_id=10, frame_count=frames, audio_chunks=chunks), timeout=120)
         assert [x.frame_id for x in r.responses] == [10, 11, 12]
         assert all(x.success for x in r.responses), [x.error for x in r.responses]
-        return [decode_bgr(x.prediction_data) for x in r.responses]
+        return [decode_jpeg(x.prediction_data) for x in r.responses]
 
     with_speech, with_silence = run(speech), run(silence)
     for k in range(frames):
@@ -329,7 +293,7 @@ def test_batch_with_audio_matches_reference_mapping(stub: Any, demo_package: Any
     (feats,) = enc.run(["feature"], {"mel": windows})
     k = 1
     expected = reference_composite(demo_package.frames[k], demo_package.rects[k], ort_unet, feats[k : k + 16])
-    got = decode_bgr(r.responses[k].prediction_data)
+    got = decode_jpeg(r.responses[k].prediction_data)
     x1, y1, x2, y2 = (int(v) for v in demo_package.rects[k])
     assert psnr(got[y1:y2, x1:x2], expected[y1:y2, x1:x2]) >= 35.0
 
@@ -376,12 +340,12 @@ def test_batch_with_audio_frame_ids_past_int32_are_refused_in_band(stub: Any) ->
 def test_video_frames_metadata_stats_list_health(stub: Any, gateway_server: Any, demo_package: Any) -> None:
     v = 7
     full = stub.GetVideoFrame(pb.GetVideoFrameRequest(model_name=AVATAR, frame_id=v, video_type="full_body"))
-    assert full.success and psnr(decode_bgr(full.frame_data), demo_package.frames[v]) >= 40.0
+    assert full.success and psnr(decode_jpeg(full.frame_data), demo_package.frames[v]) >= 40.0
     face = stub.GetVideoFrame(
         pb.GetVideoFrameRequest(model_name=AVATAR, frame_id=v, video_type="face_regions")
     )
-    assert face.success and decode_bgr(face.frame_data).shape == (328, 328, 3)
-    masked = decode_bgr(stub.GetVideoFrame(pb.GetVideoFrameRequest(
+    assert face.success and decode_jpeg(face.frame_data).shape == (328, 328, 3)
+    masked = decode_jpeg(stub.GetVideoFrame(pb.GetVideoFrameRequest(
         model_name=AVATAR, frame_id=v, video_type="masked_regions")).frame_data)
     assert masked.shape == (320, 320, 3)
     assert masked[20:290, 20:300].max() <= 8 and masked[312:, :].mean() > 10  # mouth box black, rest not

@@ -1,6 +1,6 @@
 """`gateway.pipeline.FramePipeline` through the in-process fake Triton (identity UNet): the
 composited JPEG, the window it sends, precise errors, admission, live audio, and outcome metrics
-counted once per frame. The reference composite (`tests.fake_triton.identity_composite`) is
+counted once per frame. The reference composite (`tests.reference_frames.identity_composite`) is
 written out with OpenCV (docs/REFERENCE.md s.2 steps 2-8), independently of `lipsync.frames`.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from numpy.typing import NDArray
 
 from gateway.audio_features import (
     WINDOW_CHUNK_BYTES,
@@ -29,21 +28,14 @@ from gateway.errors import (
     UnknownAvatar,
 )
 from gateway.frame_request import FrameRequest
-from tests.fake_gateway import fake_context
-from tests.fake_triton import FakeTriton, fake_triton, identity_composite, slice_encoder
+from lipsync.contract import avatar_model_name
+from tests.fake_gateway import SYNTHETIC_AVATAR, fake_context, synthetic_avatar
+from tests.fake_triton import FakeTriton, slice_encoder
+from tests.reference_frames import identity_composite, reference_window
 
 T = TypeVar("T")
-AVATAR = "synthetic"
-MODEL = f"lipsync_{AVATAR}"
-
-
-def reference_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
-    """Rows i-8 .. i+7 of ``features``, zeros outside (docs/REFERENCE.md s.2 step 6)."""
-    out = np.zeros((16, features.shape[1]), np.float32)
-    for r in range(16):
-        if 0 <= i - 8 + r < len(features):
-            out[r] = features[i - 8 + r]
-    return out
+AVATAR = SYNTHETIC_AVATAR
+MODEL = avatar_model_name(AVATAR)
 
 
 def counted(ctx: GatewayContext, protocol: str = "grpc") -> dict[str, float]:
@@ -75,10 +67,7 @@ def on_fake(
     **settings: Any,
 ) -> T:
     """Run ``body(ctx, fake)`` on a gateway context over the fake with the synthetic package."""
-    # noise, so that the resize round trip of the composite changes pixels (a gradient would not)
-    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
-    root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(MODEL, loaded=("audio_encoder",))
+    root, fake = synthetic_avatar(make_package)
 
     async def run() -> T:
         ctx = await fake_context(root, fake, **settings)

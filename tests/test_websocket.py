@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aiohttp
-import cv2
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -33,6 +32,7 @@ from gateway.ws_protocol import (
 from lipsync.audio import float_to_pcm16, load_wav_16k_mono
 from lipsync.frames import pingpong_index
 from lipsync.paths import MODEL_REPOSITORY_CPU, SPEECH_DIR
+from tests.reference_frames import decode_jpeg, psnr
 
 pytestmark = pytest.mark.triton
 
@@ -64,17 +64,6 @@ async def receive_reply(ws: aiohttp.ClientWebSocketResponse) -> FrameReply | Err
 async def ask(ws: aiohttp.ClientWebSocketResponse, payload: bytes) -> FrameReply | ErrorReply:
     await ws.send_bytes(payload)
     return await receive_reply(ws)
-
-
-def decode_jpeg(jpeg: bytes) -> NDArray[np.uint8]:
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None, "reply is not a decodable JPEG"
-    return np.asarray(image, dtype=np.uint8)
-
-
-def psnr(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def outside_mask(shape: tuple[int, ...], rect: NDArray[np.int32], margin: int) -> NDArray[np.bool_]:
