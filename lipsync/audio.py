@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from lipsync.contract import MEL_BANDS, MEL_WINDOW, SAMPLE_RATE, VIDEO_FPS
+from lipsync.contract import FEATURE_DIM, MEL_BANDS, MEL_WINDOW, SAMPLE_RATE, VIDEO_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,6 @@ def pad_features(feats: NDArray[Any]) -> NDArray[np.float32]:
         AudioError: wrong shape or no rows.
     """
     if feats.ndim != 2 or feats.shape[0] == 0:
-        raise AudioError(f"expected features of shape [F>=1, 512], got {feats.shape}")
+        raise AudioError(f"expected features of shape [F>=1, {FEATURE_DIM}], got {feats.shape}")
     padded: NDArray[Any] = np.concatenate([feats[:1], feats, feats[-1:]], axis=0)
     return padded.astype(np.float32)

@@ -43,6 +43,12 @@ def _check_frame(frame: NDArray[np.uint8]) -> None:
         )
 
 
+def _check_square(image: NDArray[np.uint8], side: int, what: str) -> None:
+    """Raise ValueError unless `image` is ``[side, side, 3]``."""
+    if image.shape != (side, side, 3):
+        raise ValueError(f"{what} must be [{side}, {side}, 3], got {list(image.shape)}")
+
+
 def _check_rect(frame: NDArray[np.uint8], rect: RectLike) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = (int(v) for v in rect)
     h, w = frame.shape[:2]
@@ -83,8 +89,7 @@ def inner_320(crop328: NDArray[np.uint8]) -> NDArray[np.uint8]:
     Raises:
         ValueError: the input is not ``[328, 328, 3]``.
     """
-    if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
-        raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
+    _check_square(crop328, CROP_SIZE, "crop")
     end = INNER_OFFSET + INNER_SIZE
     return crop328[INNER_OFFSET:end, INNER_OFFSET:end]
 
@@ -103,8 +108,7 @@ def mask_inner(inner: NDArray[np.uint8]) -> NDArray[np.uint8]:
     Raises:
         ValueError: the input is not ``[320, 320, 3]``.
     """
-    if inner.shape != (INNER_SIZE, INNER_SIZE, 3):
-        raise ValueError(f"inner crop must be [320, 320, 3], got {list(inner.shape)}")
+    _check_square(inner, INNER_SIZE, "inner crop")
     masked = inner.copy()
     masked[MASK_Y0 : MASK_Y1 + 1, MASK_X0 : MASK_X1 + 1] = 0
     return masked
@@ -172,10 +176,10 @@ def _face_patch(
 ) -> NDArray[np.uint8]:
     """``crop328`` with ``pred320`` written at ``[4:324, 4:324]``, resized (``INTER_CUBIC``) to
     ``width x height`` px: the pixels paste back writes into the face rectangle."""
-    if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
-        raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
-    if pred320.shape != (INNER_SIZE, INNER_SIZE, 3) or pred320.dtype != np.uint8:
-        raise ValueError(f"prediction must be uint8 [320, 320, 3], got {pred320.dtype} {list(pred320.shape)}")
+    _check_square(crop328, CROP_SIZE, "crop")
+    if pred320.dtype != np.uint8:
+        raise ValueError(f"prediction must be uint8, got {pred320.dtype} {list(pred320.shape)}")
+    _check_square(pred320, INNER_SIZE, "prediction")
     crop = crop328.copy()
     end = INNER_OFFSET + INNER_SIZE
     crop[INNER_OFFSET:end, INNER_OFFSET:end] = pred320

@@ -39,6 +39,7 @@ from gateway.live.pcm import PcmResampler
 from gateway.live.types import SLOT_SAMPLES
 from gateway.live.vad import SlotVad, SpeechGate, VadParams
 from lipsync.audio import load_wav_16k_mono
+from lipsync.contract import SAMPLE_RATE
 from lipsync.paths import SPEECH_DIR
 from perf import report
 
@@ -113,8 +114,8 @@ def front_end_cost(speech: NDArray[np.float32], repeats: int = 3) -> dict[str, f
     """CPU ms per second of audio of each per-session stage, fed in 20 ms chunks."""
     import soxr
 
-    at48 = soxr.resample(speech, 16000, 48000).astype(np.float32)
-    seconds = len(speech) / 16000
+    at48 = soxr.resample(speech, SAMPLE_RATE, 48000).astype(np.float32)
+    seconds = len(speech) / SAMPLE_RATE
     stages: dict[str, tuple[Callable[[], _Stage], NDArray[np.float32], int]] = {
         "resample 48 -> 16 kHz": (lambda: PcmResampler(48000), at48, 960),
         "VAD (webrtcvad + gate)": (lambda: _VadStage(VadParams()), speech, 320),
