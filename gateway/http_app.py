@@ -210,7 +210,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """``GET /live``: one live session (`gateway.live_ws`)."""
     ctx = request.app[CONTEXT_KEY]
-    return await serve_live_websocket(request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY])
+    return await serve_live_websocket(
+        request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY]
+    )
 
 
 async def _close_websockets(app: web.Application) -> None:
