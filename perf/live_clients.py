@@ -165,7 +165,9 @@ async def run_grpc(
         value = pb.LiveControl.FLUSH if command == "flush" else pb.LiveControl.INTERRUPT
         queue.put_nowait(pb.LiveRequest(control=pb.LiveControl(command=value)))
 
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
         call = pbg.LiveLipSyncStub(channel).Stream(requests(), timeout=timeout_s)
         record.started_at = time.monotonic()
         if start:
@@ -211,7 +213,9 @@ async def run_ws(
             for message in first:
                 await send(message)
             if start:
-                await ws.send_str(json.dumps({"type": "start", "avatar": avatar, "sample_rate_hz": sample_rate_hz}))
+                await ws.send_str(
+                    json.dumps({"type": "start", "avatar": avatar, "sample_rate_hz": sample_rate_hz})
+                )
             await _play(script, sample_rate_hz, chunk_ms, record, ws.send_bytes, send_command)
             record.ended_at = time.monotonic()
             await ws.send_str(json.dumps({"type": "end"}))
@@ -238,7 +242,12 @@ async def run_ws(
 
 
 async def run_session(
-    transport: Transport, address: str, avatar: str, sample_rate_hz: int, script: Sequence[Step], **kwargs: object
+    transport: Transport,
+    address: str,
+    avatar: str,
+    sample_rate_hz: int,
+    script: Sequence[Step],
+    **kwargs: object,
 ) -> SessionRecord:
     """`run_grpc` (``address`` = ``host:port``) or `run_ws` (``address`` = ``http://host:port``)."""
     if transport == "grpc":
