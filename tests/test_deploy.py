@@ -29,7 +29,7 @@ from dockerfile_parse import DockerfileParser
 
 from gateway.config import GatewaySettings
 from lipsync.paths import REPO_ROOT
-from lipsync.process_group import process_group
+from perf.servers import child_process
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 COMPOSE_PERF = REPO_ROOT / "docker" / "compose.perf.yml"
@@ -454,7 +454,7 @@ def test_image_command_serves_with_runtime_dependencies_only(
     launcher = BLOCKER + "from lipsync.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     log_path = tmp_path / "gateway.log"
     launch = [sys.executable, "-c", launcher, *cmd[1:]]
-    with process_group(launch, env=env, log_path=log_path, cwd=tmp_path) as proc:
+    with child_process(launch, env, log_path, cwd=tmp_path) as proc:
         base = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 120
         while True:

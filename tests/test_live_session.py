@@ -20,7 +20,7 @@ from gateway.errors import UnknownAvatar
 from gateway.live.features import AudioEncoder, samples_for_window
 from gateway.live.session import LiveSession
 from gateway.live.settings import LiveSettings
-from gateway.live.types import SessionNotice, SlotFrame
+from gateway.live.types import RenderedFrame, SessionNotice, SlotFrame
 from lipsync.frames import audio_window, pingpong_index
 from tests.fixtures_live import (
     FakeClock,
@@ -321,16 +321,18 @@ class SlowRenderer(RecordingRenderer):
         self.clock, self.seconds = clock, seconds
         self.lock = asyncio.Lock()
 
-    async def render_speaking(self, slot: int, video_frame: int, window: np.ndarray) -> object:  # type: ignore[override]
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         self.speaking_calls.append((slot, video_frame))
         async with self.lock:
             await self.clock.sleep_until(self.clock.now() + self.seconds)
-        from gateway.live.types import RenderedFrame
-
         return RenderedFrame(f"speaking:{slot}".encode(), (1.0, 2.0, 3.0, 4.0))
 
 
-def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(speech_3s) -> None:
+def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(
+    speech_3s: NDArray[np.int16],
+) -> None:
     """Renders take 0.1 s each, one at a time (10 fps for 25 fps of speech): the frames do not
     lag further and further behind the wall clock; the slots that cannot make it are sent idle
     and late, most of them without any render."""

@@ -1,4 +1,4 @@
-"""`lipsync.process_group`: the child and what it started are stopped together on exit."""
+"""`perf.servers.child_process`: the child and what it started are stopped together on exit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from lipsync.process_group import process_group
+from perf.servers import child_process
 from tests.fixtures_triton import group_gone
 
 # A child that starts a grandchild (in its process group) and waits; it says when both run.
@@ -21,7 +21,7 @@ PARENT = (
 
 def test_the_whole_group_is_stopped_on_exit(tmp_path: Path) -> None:
     log = tmp_path / "child.log"
-    with process_group([sys.executable, "-c", PARENT], env=dict(os.environ), log_path=log) as proc:
+    with child_process([sys.executable, "-c", PARENT], os.environ, log) as proc:
         deadline = time.monotonic() + 30
         while b"started" not in log.read_bytes():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -32,6 +32,6 @@ def test_the_whole_group_is_stopped_on_exit(tmp_path: Path) -> None:
 
 
 def test_a_group_whose_leader_already_exited_is_no_error(tmp_path: Path) -> None:
-    with process_group([sys.executable, "-c", "pass"], env=dict(os.environ), log_path=tmp_path / "l") as proc:
+    with child_process([sys.executable, "-c", "pass"], os.environ, tmp_path / "l") as proc:
         proc.wait(timeout=30)
     assert proc.returncode == 0
