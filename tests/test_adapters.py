@@ -5,9 +5,9 @@ once, and readiness is pushed to grpc.health and /readyz without polling."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import grpc
@@ -19,30 +19,12 @@ from gateway.server import GatewayServer
 from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_request
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
-from tests.fake_gateway import SYNTHETIC_AVATAR, fake_settings, synthetic_avatar
+from tests.fake_gateway import SYNTHETIC_AVATAR, on_fake_server
 from tests.fake_triton import FakeTriton
 from tests.reference_frames import identity_composite
 
-T = TypeVar("T")
 AVATAR = SYNTHETIC_AVATAR
 
-
-def on_server(
-    make_package: Callable[..., Path],
-    body: Callable[[GatewayServer, FakeTriton], Awaitable[T]],
-    **settings: Any,
-) -> T:
-    root, fake = synthetic_avatar(make_package)
-
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
 
 
 def requests_counted(server: GatewayServer, protocol: str) -> tuple[float, float]:
@@ -94,7 +76,7 @@ def test_websocket_frames_and_errors(make_package: Callable[..., Path]) -> None:
         assert value("lipsync_gateway_ws_messages_total", {"kind": "binary"}) == 6
         assert value("lipsync_gateway_ws_messages_total", {"kind": "text"}) == 1
 
-    on_server(make_package, body)
+    on_fake_server(make_package, body)
 
 
 def test_websocket_connection_limit_answers_overloaded_at_once(make_package: Callable[..., Path]) -> None:
@@ -109,7 +91,7 @@ def test_websocket_connection_limit_answers_overloaded_at_once(make_package: Cal
             assert isinstance(decode_reply((await ws.receive(timeout=10)).data), FrameReply)
         assert requests_counted(server, "ws") == (1.0, 1.0)
 
-    on_server(make_package, body, max_in_flight_per_connection=1)
+    on_fake_server(make_package, body, max_in_flight_per_connection=1)
 
 
 def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., Path]) -> None:
@@ -148,7 +130,7 @@ def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., P
         # 1 + 3 + 4 frames rendered; 1 frame and 2 batches refused, each counted once
         assert requests_counted(server, "grpc") == (8.0, 3.0)
 
-    on_server(make_package, body)
+    on_fake_server(make_package, body)
 
 
 def test_readiness_is_pushed_to_grpc_health_and_readyz(make_package: Callable[..., Path]) -> None:
@@ -196,7 +178,7 @@ def test_readiness_is_pushed_to_grpc_health_and_readyz(make_package: Callable[..
             assert await health() == health_pb2.HealthCheckResponse.SERVING
             assert (await readyz())[0] == 200
 
-    on_server(make_package, body)
+    on_fake_server(make_package, body)
 
 
 @pytest.mark.parametrize(("path", "status"), [("3.jpg", 200), ("x.jpg", 400), ("99999.jpg", 400)])
@@ -207,7 +189,7 @@ def test_http_frame_route(make_package: Callable[..., Path], path: str, status: 
         ) as resp:
             return resp.status, dict(resp.headers), await resp.read()
 
-    got, headers, _ = on_server(make_package, body)
+    got, headers, _ = on_fake_server(make_package, body)
     assert got == status
     if status == 200:
         assert headers["Content-Type"] == "image/jpeg" and headers["X-Bounds"] == "20,12,44,36"

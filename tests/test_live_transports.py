@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -22,12 +21,12 @@ from gateway.server import GatewayServer
 from lipsync.contract import avatar_model_name
 from lipsync.frames import pingpong_index
 from perf.live_clients import Audio, Command, Pause, SessionRecord, Step, Transport, run_session
-from tests.fake_gateway import fake_settings
-from tests.fake_triton import FakeTriton, fake_triton
+from tests.fake_gateway import SYNTHETIC_AVATAR, on_fake_server
+from tests.fake_triton import FakeTriton
 from tests.fixtures_live import speech_paths, speech_pcm16
 
 T = TypeVar("T")
-AVATAR = "synthetic"
+AVATAR = SYNTHETIC_AVATAR
 TRANSPORTS: list[Transport] = ["grpc", "ws"]
 
 
@@ -36,19 +35,7 @@ def on_server(
     body: Callable[[GatewayServer, FakeTriton], Awaitable[T]],
     **settings: Any,
 ) -> T:
-    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
-    root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder", f"lipsync_{AVATAR}"))
-
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
+    return on_fake_server(make_package, body, unet_loaded=True, **settings)
 
 
 def address(server: GatewayServer, transport: Transport) -> str:

@@ -303,7 +303,7 @@ def test_model_cost_matches_the_reference_flops(demo_package: Any) -> None:
     from perf.model_cost import demo_unet_onnx, model_cost
 
     cost = model_cost(demo_unet_onnx())
-    assert cost.conv_gflop == pytest.approx(9.8, rel=0.03)  # REFERENCE.md s.1: ~9.8 GFLOP/frame
+    assert cost.conv_gflop == pytest.approx(9.8, rel=0.03)  # docs/REFERENCE.md s.1: ~9.8 GFLOP/frame
     assert cost.parameters_m == pytest.approx(12.19, rel=0.02)  # 12,186,935 (BN folded or not)
     assert 0 < cost.depthwise_count < cost.conv_count
     # the largest activation alone (320x320x64, FP16) is 12.5 MiB: the sum must exceed it

@@ -40,6 +40,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -194,13 +195,13 @@ class LiveSession:
 
     async def _wait(self, until: float | None) -> None:
         """Until new input, the head slot's render, a slot's deadline, or clock time `until`."""
-        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._input.wait())]
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._input.wait())]
         times = [t for t in (until, *(s.deadline for s in self._slots)) if t is not None]
         if times and min(times) != float("inf"):
             waiters.append(asyncio.ensure_future(self._clock.sleep_until(min(times))))
-        watched: set[asyncio.Future[object]] = set(waiters)
+        watched: set[asyncio.Future[Any]] = set(waiters)
         if self._slots:
-            watched.add(self._slots[0].task)  # type: ignore[arg-type]
+            watched.add(self._slots[0].task)
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
