@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
+from lipsync.contract import GATEWAY_GRPC_PORT
 from proto import live_pb2 as pb
 from proto import live_pb2_grpc as pbg
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("wav", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--gateway", default="localhost:50051", help="gRPC host:port")
+    parser.add_argument("--gateway", default=f"localhost:{GATEWAY_GRPC_PORT}", help="gRPC host:port")
     parser.add_argument("--avatar", default="demo")
     parser.add_argument(
         "--burst", action="store_true", help="send the audio at once (TTS) instead of in real time"
