@@ -69,7 +69,7 @@ class RunningGateway:
         """Run ``fn()`` on the gateway's event loop and return its result."""
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout_s)
 
-    def start(self) -> "RunningGateway":
+    def start(self) -> RunningGateway:
         """Start the loop thread and the server; returns self."""
         self._thread.start()
         self.call(self.server.start, timeout_s=_START_TIMEOUT_S)
