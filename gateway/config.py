@@ -90,7 +90,10 @@ class GatewaySettings(BaseSettings):
         f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}=<key>; unset: none sent",
     )
     triton_dns_interval_s: float = Field(
-        10.0, gt=0, description="period of resolving Triton host names again (s); also at once when an endpoint goes down"
+        10.0,
+        gt=0,
+        description="period of resolving Triton host names again (s); also at once when an endpoint "
+        "goes down",
     )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
 

@@ -210,7 +210,9 @@ class GatewayMetrics:
         label = {"endpoint": endpoint}
         ok = value("lipsync_gateway_triton_call_seconds_count", label) or 0.0
         seconds = value("lipsync_gateway_triton_call_seconds_sum", label) or 0.0
-        errors = (value("lipsync_gateway_triton_errors_total", {**label, "kind": k}) for k in TRITON_ERROR_KINDS)
+        errors = (
+            value("lipsync_gateway_triton_errors_total", {**label, "kind": k}) for k in TRITON_ERROR_KINDS
+        )
         return {
             "calls": int(value("lipsync_gateway_triton_calls_total", label) or 0),
             "errors": int(sum(e or 0.0 for e in errors)),

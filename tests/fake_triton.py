@@ -7,8 +7,9 @@ the server: `mode` (live, not_live, refused, hung), load failures per model, rea
 that time out (`slow_model_probes`), and calls held in flight (`hold_inference`, `hold_loads`).
 It raises what `TritonGrpcClient` raises (`TritonDeadline` for a deadline, `TritonEndpointDown`
 for a refused or lost connection, `TritonUnavailable` otherwise) and records every call in
-`calls`. Several fakes, each with its own ``url``, stand for several Triton endpoints. No sleeps: a "hung" Triton answers a probe with
-`TritonDeadline` at once, as the real client does when its deadline passes.
+`calls`. Several fakes, each with its own ``url``, stand for several Triton endpoints. No
+sleeps: a "hung" Triton answers a probe with `TritonDeadline` at once, as the real client does
+when its deadline passes.
 """
 from __future__ import annotations
 
@@ -160,7 +161,9 @@ class FakeTriton:
         return await self._infer(model, mel)
 
 
-def fake_triton(*avatar_models: str, loaded: tuple[str, ...] = (), url: str = "fake-triton:8001") -> FakeTriton:
+def fake_triton(
+    *avatar_models: str, loaded: tuple[str, ...] = (), url: str = "fake-triton:8001"
+) -> FakeTriton:
     """A fake at ``url`` with an identity UNet per Triton model name in ``avatar_models`` and
     the audio encoder (max batch 8 each)."""
     models = {m: FakeModel(identity_unet) for m in avatar_models}

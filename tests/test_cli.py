@@ -207,7 +207,10 @@ def test_gateway_command_serves_against_a_running_triton(
         while time.monotonic() < deadline and gateway.proc.poll() is None and status != 200:
             time.sleep(0.5)
             status, ready = _get_json(f"http://127.0.0.1:{http}/readyz")
-        assert status == 200 and ready is not None and ready["avatars"] == ["demo"], (ready, log_path.read_text())
+        assert status == 200 and ready is not None and ready["avatars"] == ["demo"], (
+            ready,
+            log_path.read_text(),
+        )
     finally:
         assert gateway.stop() == 0, log_path.read_text()
     text = log_path.read_text()

@@ -103,10 +103,9 @@ def test_package_is_accepted_while_triton_is_down_and_its_model_loads_later(
     fake.mode = "refused"
 
     async def body() -> None:
-        store = store_on(fake, root)
+        lifecycle = ModelLifecycle(fake)
+        store = AvatarStore(root, lifecycle)
         avatar = await store.load("alice")
-        lifecycle = store._lifecycle
-        assert lifecycle is not None
         snap = lifecycle.snapshot()
         assert not snap.ready and snap.models[avatar.model].phase is ModelPhase.UNKNOWN
         fake.restart()
