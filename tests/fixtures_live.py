@@ -67,7 +67,9 @@ class RecordingRenderer:
         hang: slots whose `render_speaking` never returns (until cancelled).
     """
 
-    def __init__(self, video_frames: int = 5, fail: set[int] | None = None, hang: set[int] | None = None) -> None:
+    def __init__(
+        self, video_frames: int = 5, fail: set[int] | None = None, hang: set[int] | None = None
+    ) -> None:
         self.video_frames = video_frames
         self.fail = fail or set()
         self.hang = hang or set()
@@ -76,7 +78,9 @@ class RecordingRenderer:
         self.idle_calls: list[tuple[int, int]] = []
         self.cancelled: list[int] = []
 
-    async def render_speaking(self, slot: int, video_frame: int, window: NDArray[np.float32]) -> RenderedFrame:
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         self.speaking_calls.append((slot, video_frame))
         self.windows[slot] = window
         if slot in self.fail:
@@ -108,7 +112,9 @@ class FixedLatencyRenderer(RecordingRenderer):
         self._workers = asyncio.Semaphore(concurrency)
         self.rendered = 0
 
-    async def render_speaking(self, slot: int, video_frame: int, window: NDArray[np.float32]) -> RenderedFrame:
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         self.speaking_calls.append((slot, video_frame))
         async with self._workers:
             await self.clock.sleep_until(self.clock.now() + self.latency_s)
@@ -133,17 +139,18 @@ class BatchingRenderer(RecordingRenderer):
         super().__init__()
         self.clock, self.per_frame_s, self.max_batch = clock, per_frame_s, max_batch
         self._queue: list[tuple[int, asyncio.Future[RenderedFrame]]] = []
-        self._busy = False
+        self._instance_task: asyncio.Task[None] | None = None
         self.executions: list[int] = []
         self.thrown_away = 0
 
-    async def render_speaking(self, slot: int, video_frame: int, window: NDArray[np.float32]) -> RenderedFrame:
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         self.speaking_calls.append((slot, video_frame))
         request: asyncio.Future[RenderedFrame] = asyncio.get_running_loop().create_future()
         self._queue.append((slot, request))
-        if not self._busy:
-            self._busy = True
-            asyncio.ensure_future(self._instance())
+        if self._instance_task is None or self._instance_task.done():
+            self._instance_task = asyncio.ensure_future(self._instance())
         return await request
 
     async def _instance(self) -> None:
@@ -156,7 +163,6 @@ class BatchingRenderer(RecordingRenderer):
                     self.thrown_away += 1
                 else:
                     request.set_result(RenderedFrame(f"speaking:{slot}".encode(), (1.0, 2.0, 3.0, 4.0)))
-        self._busy = False
 
 
 class OrtEncoder:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from export.package_builder import encode_audio
 from gateway.errors import UnknownAvatar
-from gateway.live.features import samples_for_window
+from gateway.live.features import AudioEncoder, samples_for_window
 from gateway.live.session import LiveSession
 from gateway.live.settings import LiveSettings
 from gateway.live.types import SessionNotice, SlotFrame
@@ -37,10 +38,12 @@ from tests.fixtures_live import (
 class Harness:
     """A session with its output collected by a consumer task."""
 
-    def __init__(self, encoder: object, renderer: RecordingRenderer, settings: LiveSettings | None = None) -> None:
+    def __init__(
+        self, encoder: AudioEncoder, renderer: RecordingRenderer, settings: LiveSettings | None = None
+    ) -> None:
         self.clock = FakeClock()
         self.renderer = renderer
-        self.session = LiveSession(encoder, self.clock, settings)  # type: ignore[arg-type]
+        self.session = LiveSession(encoder, self.clock, settings)
         self.out: list[SlotFrame | SessionNotice] = []
         self.sent_at: dict[int, float] = {}  # seq -> clock time the frame came out
         self.done = False
@@ -70,7 +73,7 @@ class NumpyEncoder:
         self.fail = fail
         self.calls = 0
 
-    async def encode(self, mel: np.ndarray) -> np.ndarray:
+    async def encode(self, mel: NDArray[np.float32]) -> NDArray[np.float32]:
         self.calls += 1
         if self.fail:
             raise RuntimeError("triton_unavailable: audio_encoder")
@@ -91,11 +94,13 @@ def check_stream(frames: list[SlotFrame], n_video: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def speech_3s(speech_path: Path) -> np.ndarray:
+def speech_3s(speech_path: Path) -> NDArray[np.int16]:
     return speech_pcm16(speech_path)[: 3 * 16000]
 
 
-def test_speech_in_real_time_then_silence_then_end(speech_3s, ort_encoder: OrtEncoder, audio_encoder_onnx: Path) -> None:
+def test_speech_in_real_time_then_silence_then_end(
+    speech_3s: NDArray[np.int16], ort_encoder: OrtEncoder, audio_encoder_onnx: Path
+) -> None:
     """3 s of speech in 20 ms chunks in real time, 2 s of nothing, end of input: slots 0.. with
     no gap, speaking frames while the speech plays, idle after, the stream ends; every speaking
     frame got the package's window for its slot."""
@@ -166,7 +171,7 @@ def test_idle_frames_in_real_time_before_any_audio() -> None:
     run(body)
 
 
-def test_failed_or_hung_renders_are_sent_idle_and_late(speech_3s) -> None:
+def test_failed_or_hung_renders_are_sent_idle_and_late(speech_3s: NDArray[np.int16]) -> None:
     """A failed render and a hung one (given up at its deadline, cancelled) are sent idle and
     late, the stream goes on. The miss halves the session's window of renders (8 -> 4), so of
     the burst of slots planned once the hung one is given up some are sent late too, but
@@ -191,7 +196,7 @@ def test_failed_or_hung_renders_are_sent_idle_and_late(speech_3s) -> None:
     run(body)
 
 
-def test_a_hung_render_holds_the_stream_only_until_its_deadline(speech_3s) -> None:
+def test_a_hung_render_holds_the_stream_only_until_its_deadline(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         renderer = RecordingRenderer(hang=set(range(75)))  # Triton never answers
         h = Harness(NumpyEncoder(), renderer, LiveSettings(render_timeout_s=0.3, margin_s=0.5))
@@ -213,7 +218,7 @@ def test_a_hung_render_holds_the_stream_only_until_its_deadline(speech_3s) -> No
     run(body)
 
 
-def test_encoder_failure_sends_the_speaking_slots_late(speech_3s) -> None:
+def test_encoder_failure_sends_the_speaking_slots_late(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         h = Harness(NumpyEncoder(fail=True), RecordingRenderer())
         h.session.start(16000, h.renderer)
@@ -228,7 +233,7 @@ def test_encoder_failure_sends_the_speaking_slots_late(speech_3s) -> None:
     run(body)
 
 
-def test_interrupt_makes_the_next_frame_idle(speech_3s) -> None:
+def test_interrupt_makes_the_next_frame_idle(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         renderer = RecordingRenderer(hang=set(range(10, 40)))  # renders in flight when it comes
         h = Harness(NumpyEncoder(), renderer, LiveSettings(margin_s=2.0, render_timeout_s=5.0))
@@ -251,7 +256,7 @@ def test_interrupt_makes_the_next_frame_idle(speech_3s) -> None:
     run(body)
 
 
-def test_errors_before_and_after_start_reach_this_session_only(speech_3s) -> None:
+def test_errors_before_and_after_start_reach_this_session_only(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         good = Harness(NumpyEncoder(), RecordingRenderer())
         bad = Harness(NumpyEncoder(), RecordingRenderer())
@@ -260,7 +265,7 @@ def test_errors_before_and_after_start_reach_this_session_only(speech_3s) -> Non
         good.session.start(16000, good.renderer)
         await settle()
         assert [n.error.split(":")[0] for n in bad.out] == ["bad_request"]  # one notice, both errors
-        assert "unknown_avatar: no avatar 'nobody'" in bad.out[0].error  # type: ignore[union-attr]
+        assert "unknown_avatar: no avatar 'nobody'" in (bad.out[0].error or "")
         bad.session.start(16000, bad.renderer)
         bad.session.push_pcm(b"\x00\x00\x00")
         for piece in chunks(speech_3s.astype("<i2").tobytes(), 640):
@@ -277,7 +282,7 @@ def test_errors_before_and_after_start_reach_this_session_only(speech_3s) -> Non
     run(body)
 
 
-def test_audio_beyond_the_margin_is_held_and_reading_stops_at_max_held(speech_3s) -> None:
+def test_audio_beyond_the_margin_is_held_and_reading_stops_at_max_held(speech_3s: NDArray[np.int16]) -> None:
     """A TTS burst (3 s in 20 ms chunks, at once): the timeline takes what the margin allows
     (0.5 s + 0.45 s of lookahead), the session holds the rest and accepts more until 1 s is
     held (`max_held_s`), then the reader must wait until the timeline has played that far;
@@ -306,7 +311,8 @@ def test_audio_beyond_the_margin_is_held_and_reading_stops_at_max_held(speech_3s
         await h.run_for(3.0)
         assert h.done
         check_stream(h.frames, 5)
-        assert len(h.frames) >= 75 and sum(f.speaking for f in h.frames) > 50 and not any(f.late for f in h.frames)
+        assert len(h.frames) >= 75 and sum(f.speaking for f in h.frames) > 50
+        assert not any(f.late for f in h.frames)
 
     run(body)
 
@@ -338,7 +344,7 @@ def test_interrupt_behind_a_tts_burst_takes_effect_at_once() -> None:
     run(body)
 
 
-def test_a_long_session_keeps_a_bounded_state(speech_3s) -> None:
+def test_a_long_session_keeps_a_bounded_state(speech_3s: NDArray[np.int16]) -> None:
     """20 s of a microphone (speech and pauses) in real time: what the session holds stays the
     size of the lookahead, not of the stream."""
     async def body() -> None:
@@ -361,7 +367,9 @@ def test_a_long_session_keeps_a_bounded_state(speech_3s) -> None:
     run(body)
 
 
-def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(speech_3s) -> None:
+def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(
+    speech_3s: NDArray[np.int16],
+) -> None:
     """Renders take 0.1 s each, one at a time (10 fps for 25 fps of speech): the frames do not
     lag further and further behind the wall clock; the slots that cannot make it are sent idle
     and late, most of them without any render."""
@@ -407,7 +415,9 @@ def microphone(seconds: float, talk_s: float = 2.0, silence_s: float = 2.0) -> b
 @pytest.mark.parametrize(("kind", "latency_s", "concurrency"), [
     ("fixed", 0.4, 1), ("fixed", 0.4, 4), ("batching", 0.1, 1), ("batching", 0.2, 1), ("batching", 0.4, 1),
 ])
-def test_a_slow_renderer_shows_speaking_frames_up_to_its_capacity(kind: str, latency_s: float, concurrency: int) -> None:
+def test_a_slow_renderer_shows_speaking_frames_up_to_its_capacity(
+    kind: str, latency_s: float, concurrency: int
+) -> None:
     """A microphone in real time (2 s talk, 2 s silence, 12 s) against a renderer slower than
     real time, default settings (1 s render deadline): the speaking share of the speech slots
     is near the renderer's capacity, `min(1, 40 ms / latency x concurrency)` (a batching
@@ -424,7 +434,10 @@ def test_a_slow_renderer_shows_speaking_frames_up_to_its_capacity(kind: str, lat
     async def body() -> None:
         h = Harness(NumpyEncoder(), RecordingRenderer())
         renderer: FixedLatencyRenderer | BatchingRenderer = (
-            FixedLatencyRenderer(h.clock, latency_s, concurrency) if kind == "fixed" else BatchingRenderer(h.clock, latency_s))
+            FixedLatencyRenderer(h.clock, latency_s, concurrency)
+            if kind == "fixed"
+            else BatchingRenderer(h.clock, latency_s)
+        )
         h.renderer = renderer
         h.session.start(16000, renderer)
         t0 = h.clock.t
