@@ -317,6 +317,24 @@ def test_audio_beyond_the_margin_is_held_and_reading_stops_at_max_held(speech_3s
     run(body)
 
 
+def test_max_held_zero_reads_only_as_the_timeline_takes_audio(speech_3s: NDArray[np.int16]) -> None:
+    """`max_held_s = 0`: nothing is read beyond the margin (the reader waits after each message
+    the timeline could not take yet), and reading resumes as the timeline plays."""
+    async def body() -> None:
+        h = Harness(NumpyEncoder(), RecordingRenderer(), LiveSettings(margin_s=0.5, max_held_s=0.0))
+        h.session.start(16000, h.renderer)
+        pieces = list(chunks(speech_3s.astype("<i2").tobytes(), 640))
+        read = 0
+        while h.session.accepts_audio():
+            h.session.push_pcm(pieces[read])
+            read += 1
+        assert read == 49 and h.session.held_s == pytest.approx(0.02)  # 48 taken, 1 held
+        await h.run_for(0.03)
+        assert h.session.accepts_audio() and h.session.held_s == 0.0
+
+    run(body)
+
+
 def test_interrupt_behind_a_tts_burst_takes_effect_at_once() -> None:
     """10 s of speech sent at once in 20 ms chunks, then `interrupt` 0.5 s later: the session
     read it at once (the audio was held, not left unread in the transport), the next frame is

@@ -204,7 +204,7 @@ class LiveSession:
                 assert isinstance(item, bytes)
                 self._held_bytes -= len(item)
                 self.timeline.push_pcm(item, now)
-        if self._held_bytes < self.settings.max_held_s * self._rate * 2:
+        if not self._held or self._held_bytes < self.settings.max_held_s * self._rate * 2:
             self._room.set()
 
     # ------------------------------------------------------------------------- output side
