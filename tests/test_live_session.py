@@ -60,6 +60,21 @@ class Harness:
     def frames(self) -> list[SlotFrame]:
         return [f for f in self.out if isinstance(f, SlotFrame)]
 
+    async def speak(self, pcm: bytes) -> None:
+        """Stream 16 kHz PCM in 20 ms chunks in (simulated) real time, as a microphone does."""
+        for piece in chunks(pcm, 640):
+            self.session.push_pcm(piece)
+            await self.run_for(0.02)
+
+    def read_burst(self, pieces: list[bytes]) -> int:
+        """Push ``pieces`` while the session accepts them, as a reader with a TTS burst queued
+        in its transport does; how many were read."""
+        read = 0
+        while read < len(pieces) and self.session.accepts_audio():
+            self.session.push_pcm(pieces[read])
+            read += 1
+        return read
+
     async def run_for(self, seconds: float, step: float = 0.01) -> None:
         for _ in range(round(seconds / step)):
             self.clock.advance(step)
@@ -108,9 +123,7 @@ def test_speech_in_real_time_then_silence_then_end(
         h = Harness(ort_encoder, RecordingRenderer(video_frames=5))
         h.session.start(16000, h.renderer)
         await settle()
-        for piece in chunks(speech_3s.astype("<i2").tobytes(), 640):
-            h.session.push_pcm(piece)
-            await h.run_for(0.02)
+        await h.speak(speech_3s.astype("<i2").tobytes())
         await h.run_for(2.0)
         h.session.end_input()
         await h.run_for(0.5)
@@ -291,10 +304,7 @@ def test_audio_beyond_the_margin_is_held_and_reading_stops_at_max_held(speech_3s
         h = Harness(NumpyEncoder(), RecordingRenderer(), LiveSettings(margin_s=0.5, max_held_s=1.0))
         h.session.start(16000, h.renderer)
         pieces = list(chunks(speech_3s.astype("<i2").tobytes(), 640))
-        read = 0
-        while h.session.accepts_audio():
-            h.session.push_pcm(pieces[read])
-            read += 1
+        read = h.read_burst(pieces)
         assert read * 0.02 == pytest.approx(0.96 + 1.0)  # on the timeline (0.9525 s, whole chunks) + held
         assert h.session.held_s == pytest.approx(1.0)
         waiter = asyncio.ensure_future(h.session.wait_accepts_audio())
@@ -323,11 +333,7 @@ def test_max_held_zero_reads_only_as_the_timeline_takes_audio(speech_3s: NDArray
     async def body() -> None:
         h = Harness(NumpyEncoder(), RecordingRenderer(), LiveSettings(margin_s=0.5, max_held_s=0.0))
         h.session.start(16000, h.renderer)
-        pieces = list(chunks(speech_3s.astype("<i2").tobytes(), 640))
-        read = 0
-        while h.session.accepts_audio():
-            h.session.push_pcm(pieces[read])
-            read += 1
+        read = h.read_burst(list(chunks(speech_3s.astype("<i2").tobytes(), 640)))
         assert read == 49 and h.session.held_s == pytest.approx(0.02)  # 48 taken, 1 held
         await h.run_for(0.03)
         assert h.session.accepts_audio() and h.session.held_s == 0.0
@@ -342,9 +348,8 @@ def test_interrupt_behind_a_tts_burst_takes_effect_at_once() -> None:
     async def body() -> None:
         h = Harness(NumpyEncoder(), RecordingRenderer())
         h.session.start(16000, h.renderer)
-        for piece in chunks(microphone(10.0, talk_s=10.0), 640):
-            assert h.session.accepts_audio()  # 10 s < max_held_s: everything is read at once
-            h.session.push_pcm(piece)
+        pieces = list(chunks(microphone(10.0, talk_s=10.0), 640))
+        assert h.read_burst(pieces) == len(pieces)  # 10 s < max_held_s: everything is read at once
         assert h.session.held_s > 8.5
         await h.run_for(0.5)
         assert any(f.speaking for f in h.frames)
@@ -370,9 +375,7 @@ def test_a_long_session_keeps_a_bounded_state(speech_3s: NDArray[np.int16]) -> N
         h.session.start(16000, h.renderer)
         turn = np.concatenate([speech_3s, np.zeros(16000 * 2, np.int16)]).astype("<i2").tobytes()
         for _ in range(4):
-            for piece in chunks(turn, 640):
-                h.session.push_pcm(piece)
-                await h.run_for(0.02)
+            await h.speak(turn)
         segment = h.session.timeline._segments[0]  # one open segment: the microphone never paused
         assert segment.start_slot <= 1 and len(h.frames) > 450
         features = segment.features
@@ -398,9 +401,7 @@ def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(
         h.renderer = renderer
         h.session.start(16000, renderer)
         t0 = h.clock.t
-        for piece in chunks(speech_3s.astype("<i2").tobytes(), 640):
-            h.session.push_pcm(piece)
-            await h.run_for(0.02)
+        await h.speak(speech_3s.astype("<i2").tobytes())
         h.session.end_input()
         await h.run_for(3.0)
         assert h.done
@@ -459,9 +460,7 @@ def test_a_slow_renderer_shows_speaking_frames_up_to_its_capacity(
         h.renderer = renderer
         h.session.start(16000, renderer)
         t0 = h.clock.t
-        for piece in chunks(microphone(12.0), 640):
-            h.session.push_pcm(piece)
-            await h.run_for(0.02)
+        await h.speak(microphone(12.0))
         h.session.end_input()
         await h.run_for(3.0)
         assert h.done
