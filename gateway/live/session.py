@@ -15,10 +15,10 @@ at the next slot, not after the burst has played.
 Inside `frames()`:
 
 1. the timeline plans the next slots (up to `max_in_flight` unsent at once);
-2. the feature rows the speaking ones need are encoded in one `AudioEncoder.encode` call per
-   segment, started at once and not awaited here (Triton's dynamic batcher merges the calls
-   of concurrent sessions; rows already being encoded for an earlier batch are not asked
-   again), so idle slots keep flowing while the encoder works;
+2. the feature rows the speaking ones that get a render need (item 4) are encoded in one
+   `AudioEncoder.encode` call per segment, started at once and not awaited here (Triton's
+   dynamic batcher merges the calls of concurrent sessions; rows already being encoded for an
+   earlier batch are not asked again), so idle slots keep flowing while the encoder works;
 3. each slot is its own task: a speaking one waits for its rows, builds its window and renders
    (`render_speaking`), an idle one is `idle_frame` (no inference). A yielded slot releases
    what only earlier slots needed (bounded state);
@@ -278,27 +278,32 @@ class LiveSession:
                 w.cancel()
 
     def _launch(self, plans: list[SlotPlan]) -> None:
-        """Start every plan's task: speaking ones wait for their feature rows (encoded in one
-        call per segment, shared with the slots that need the same rows) and then render."""
-        rows = self._encode([p for p in plans if p.speaking])
-        renderer = self._require_renderer()
+        """Start every plan's task: a speaking one the admission lets render waits for its
+        feature rows (encoded in one call per segment, shared with the slots that need the same
+        rows; none for a slot refused) and then renders; the others are idle frames."""
         now = self._clock.now()
-        for plan in plans:
+        running = self._rendering()
+        admitted: dict[int, tuple[float, int]] = {}  # seq -> deadline, renders running at its start
+        for plan in (p for p in plans if p.speaking):
             deadline = self._deadline(plan)
-            running = self._rendering()
-            if plan.speaking and self.admission.admit(now, deadline, running):
-                task = asyncio.ensure_future(self._speak(renderer, plan, rows[plan.seq]))
-                task.add_done_callback(functools.partial(self._render_done, now, running))
-                self._slots.append(
-                    _Slot(plan, task, True, deadline, started_at=now, running_at_start=running)
-                )
+            if self.admission.admit(now, deadline, running):
+                admitted[plan.seq] = deadline, running
+                running += 1
             else:
-                if plan.speaking:
-                    logger.debug(
-                        "live: slot %d refused a render (window %.1f, %d running, %.2f s left, "
-                        "service %.3f s)",
-                        plan.seq, self.admission.window, running, deadline - now, self.admission.service_s,
-                    )
+                logger.debug(
+                    "live: slot %d refused a render (window %.1f, %d running, %.2f s left, "
+                    "service %.3f s)",
+                    plan.seq, self.admission.window, running, deadline - now, self.admission.service_s,
+                )
+        rows = self._encode([p for p in plans if p.seq in admitted])
+        renderer = self._require_renderer()
+        for plan in plans:
+            if plan.seq in admitted:
+                deadline, ahead = admitted[plan.seq]
+                task = asyncio.ensure_future(self._speak(renderer, plan, rows[plan.seq]))
+                task.add_done_callback(functools.partial(self._render_done, now, ahead))
+                self._slots.append(_Slot(plan, task, True, deadline, started_at=now, running_at_start=ahead))
+            else:
                 task = asyncio.ensure_future(renderer.idle_frame(plan.seq, plan.video_frame))
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
 
