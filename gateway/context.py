@@ -18,6 +18,7 @@ from gateway.audio_features import AudioFeatureExtractor
 from gateway.config import GatewaySettings
 from gateway.inference import GuardedInference
 from gateway.jpeg import make_encoder
+from gateway.limits import AuxiliaryWork, ClientLimiter, PeerLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
@@ -42,6 +43,8 @@ class GatewayContext:
         pipeline: the frame renderer (the one entry point for frames).
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
+        peers: the per-peer in-flight cap (`gateway.limits.PeerLimiter`).
+        aux: bounded work beside frame rendering and its pool (`gateway.limits.AuxiliaryWork`).
     """
 
     settings: GatewaySettings
@@ -52,6 +55,8 @@ class GatewayContext:
     pipeline: FramePipeline
     executor: ThreadPoolExecutor
     started_at: float
+    peers: PeerLimiter
+    aux: AuxiliaryWork
     _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
     _last_ready: bool = field(default=False, init=False, repr=False)
 
@@ -94,10 +99,11 @@ class GatewayContext:
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
         encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
         inference = GuardedInference(client, lifecycle)
+        aux = AuxiliaryWork.create(settings.aux_threads, settings.max_aux_in_flight, metrics)
         pipeline = FramePipeline(
             store,
             inference,
-            AudioFeatureExtractor(inference, settings.audio_encoder_model),
+            AudioFeatureExtractor(inference, settings.audio_encoder_model, aux.executor),
             encoder,
             executor,
             AdmissionControl(settings.max_in_flight_total, metrics),
@@ -112,6 +118,8 @@ class GatewayContext:
             pipeline=pipeline,
             executor=executor,
             started_at=time.time(),
+            peers=PeerLimiter(settings.max_in_flight_per_peer, metrics),
+            aux=aux,
         )
         ctx._last_ready = ctx.ready()
         lifecycle.subscribe(ctx._state_changed)
@@ -151,12 +159,21 @@ class GatewayContext:
         """Seconds since the context was created."""
         return time.time() - self.started_at
 
-    def new_connection_limiter(self) -> ConnectionLimiter:
-        """A per-connection in-flight limiter (``max_in_flight_per_connection``)."""
-        return ConnectionLimiter(self.settings.max_in_flight_per_connection)
+    def new_connection_limiter(self, peer: str | None = None) -> ConnectionLimiter:
+        """A per-connection in-flight limiter (``max_in_flight_per_connection``).
+
+        Args:
+            peer: the client's `gateway.limits.peer_address`: each slot then also holds one of
+                the peer's (``max_in_flight_per_peer``, `gateway.limits.ClientLimiter`); None:
+                the connection's cap alone.
+        """
+        if peer is None:
+            return ConnectionLimiter(self.settings.max_in_flight_per_connection)
+        return ClientLimiter(self.settings.max_in_flight_per_connection, self.peers, peer)
 
     async def close(self) -> None:
-        """Stop the lifecycle's probe, close the channel, shut the thread pool down."""
+        """Stop the lifecycle's probe, close the channel, shut the thread pools down."""
         await self.lifecycle.close()
         await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.aux.close()

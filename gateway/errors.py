@@ -69,3 +69,10 @@ class TritonDeadline(TritonUnavailable):
     Same code as `TritonUnavailable` for callers; the model lifecycle tells it apart because a
     slow answer from a busy server is not an outage (`gateway.model_lifecycle`).
     """
+
+
+class OriginNotAllowed(GatewayError):
+    """A browser page of another origin tried to open a WebSocket (``ws_allowed_origins``)."""
+
+    code = "origin_not_allowed"
+    http_status = 403

@@ -27,6 +27,14 @@ error reply and the connection keeps serving. Only a message over the transport 
 WebSocket close code 1009 (message too big). When the gateway stops, open connections are
 closed with code 1001 (going away).
 
+Per-client limits (`gateway.ws_limits`, `gateway.limits`): an upgrade from a browser page of
+another origin is refused with HTTP 403 (``ws_allowed_origins``), one past
+``max_ws_connections`` with 503; a frame's slot is held until its reply is written, and a
+client that does not take its replies (``ws_send_buffer_bytes`` queued, or none taken for
+``ws_send_timeout_s``) is closed with 1013 (try again later) and a reason; every frame of one
+client address counts against ``max_in_flight_per_peer`` (``overloaded`` past it), on the
+WebSocket and the frame route alike.
+
 Live audio: a request with ``audio_len > 0`` carries the 16 chunks behind the frame's own
 window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8 past, the frame's chunk, 7
 lookahead; checked by `gateway.audio_features.check_window_chunks`); the gateway turns them into
@@ -55,7 +63,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.audio_features import WindowChunks
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
 from gateway.frame_request import FrameRequest
+from gateway.limits import peer_address
 from gateway.model_lifecycle import ModelPhase
+from gateway.ws_limits import WsGate, WsSender
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
     ProtocolError,
@@ -78,6 +88,7 @@ TRANSPORT_CAP_FACTOR = 4
 the two limits gets an error reply; beyond the cap aiohttp closes with code 1009."""
 
 CONTEXT_KEY: web.AppKey[GatewayContext] = web.AppKey("lipsync_context")
+WS_GATE_KEY: web.AppKey[WsGate] = web.AppKey("lipsync_ws_gate")
 WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_open")
 
 
@@ -87,13 +98,21 @@ WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_ope
 class _WsConnection:
     """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
 
-    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext) -> None:
+    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext, request: web.Request) -> None:
         self.ws = ws
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
-        self.limiter = ctx.new_connection_limiter()
+        self.limiter = ctx.new_connection_limiter(peer_address(request.remote or ""))
         self.max_bytes = ctx.settings.ws_max_message_bytes
         self.tasks: set[asyncio.Task[None]] = set()
+        s = ctx.settings
+        self.sender = WsSender(
+            ws,
+            request.transport,
+            max_buffer_bytes=s.ws_send_buffer_bytes,
+            timeout_s=s.ws_send_timeout_s,
+            metrics=ctx.metrics,
+        )
 
     async def serve(self) -> None:
         """Read messages until the client closes; cancel unfinished frames at the end."""
@@ -121,6 +140,7 @@ class _WsConnection:
                 task.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.sender.wait_closed()
 
     async def _on_binary(self, data: bytes) -> None:
         started = time.perf_counter()
@@ -152,6 +172,14 @@ class _WsConnection:
         task.add_done_callback(self.tasks.discard)
 
     async def _render(self, request: FrameRequest, started: float) -> None:
+        """Render and answer one frame; its slot is held until the reply is written, so a
+        client that does not read has at most the limit's frames queued (`gateway.ws_limits`)."""
+        try:
+            await self._render_and_reply(request, started)
+        finally:
+            self.limiter.release()
+
+    async def _render_and_reply(self, request: FrameRequest, started: float) -> None:
         try:
             frame = await self.pipeline.render(request, protocol="ws")
         except GatewayError as exc:
@@ -162,8 +190,6 @@ class _WsConnection:
                 GatewayError(f"{type(exc).__name__}: {exc}"), request.frame_id, started
             )
             return
-        finally:
-            self.limiter.release()
         elapsed_ms = (time.perf_counter() - started) * 1e3
         await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
 
@@ -177,31 +203,25 @@ class _WsConnection:
         await self._send(encode_error_reply(frame_id, elapsed_ms, str(exc)))
 
     async def _send(self, payload: bytes) -> None:
-        if self.ws.closed:
-            return
-        try:
-            await self.ws.send_bytes(payload)
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("WebSocket reply dropped, connection gone: %s", exc)
+        await self.sender.send(payload)
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """``GET /ws``: serve one WebSocket connection (see the module docstring)."""
     ctx = request.app[CONTEXT_KEY]
-    ws = web.WebSocketResponse(
-        max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
-        heartbeat=30.0,
-        compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
-    )
-    await ws.prepare(request)
-    open_ws = request.app[WS_OPEN_KEY]
-    open_ws.add(ws)
-    ctx.metrics.ws_connections.inc()
-    try:
-        await _WsConnection(ws, ctx).serve()
-    finally:
-        open_ws.discard(ws)
-        ctx.metrics.ws_connections.dec()
+    with request.app[WS_GATE_KEY].admit(request):  # Origin and connection cap, before the upgrade
+        ws = web.WebSocketResponse(
+            max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
+            heartbeat=30.0,
+            compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
+        )
+        await ws.prepare(request)
+        open_ws = request.app[WS_OPEN_KEY]
+        open_ws.add(ws)
+        try:
+            await _WsConnection(ws, ctx, request).serve()
+        finally:
+            open_ws.discard(ws)
     return ws
 
 
@@ -345,7 +365,8 @@ async def avatar_frame(request: web.Request) -> web.Response:
         frame_id = int(raw)
     except ValueError:
         raise BadRequest(f"frame_id {raw!r} is not an integer") from None
-    frame = await ctx.pipeline.render(FrameRequest(request.match_info["name"], frame_id), protocol="http")
+    async with ctx.new_connection_limiter(peer_address(request.remote or "")).slot(wait=False):
+        frame = await ctx.pipeline.render(FrameRequest(request.match_info["name"], frame_id), protocol="http")
     return web.Response(
         body=frame.jpeg,
         content_type="image/jpeg",
@@ -402,6 +423,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json])
     app[CONTEXT_KEY] = ctx
     app[WS_OPEN_KEY] = set()
+    app[WS_GATE_KEY] = WsGate(ctx.settings, ctx.metrics)
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)

@@ -16,7 +16,14 @@ Series (all names prefixed ``lipsync_gateway_``):
   subscriber of `gateway.model_lifecycle.ModelLifecycle`);
 - ``ws_connections``: open WebSocket connections;
 - ``ws_messages_total{kind}``: WebSocket messages received, kind = binary | text | oversized
-  (answered with an error) | too_big (over the transport cap: connection closed with 1009).
+  (answered with an error) | too_big (over the transport cap: connection closed with 1009);
+- ``ws_refused_total{reason}``: WebSocket upgrades refused (`gateway.ws_limits`), reason =
+  connections (``max_ws_connections`` open: 503) | origin (Origin not allowed: 403);
+- ``ws_closed_slow_total{reason}``: WebSocket connections the gateway closed with 1013 because
+  the client did not take its replies (`gateway.ws_limits.WsSender`), reason = send_buffer |
+  send_timeout;
+- ``limit_refusals_total{limit}``: requests refused ``overloaded`` by a per-client limit of
+  `gateway.limits`, limit = peer | aux.
 
 Outcomes are counted by `gateway.pipeline.FramePipeline`, once per request.
 """
@@ -73,6 +80,25 @@ class GatewayMetrics:
             "lipsync_gateway_ws_messages",
             "WebSocket messages received, by kind",
             ["kind"],
+            registry=self.registry,
+        )
+
+        self.ws_refused = Counter(
+            "lipsync_gateway_ws_refused",
+            "WebSocket upgrades refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ws_closed_slow = Counter(
+            "lipsync_gateway_ws_closed_slow",
+            "WebSocket connections closed (1013) because the client did not take its replies",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.limit_refusals = Counter(
+            "lipsync_gateway_limit_refusals",
+            "Requests refused overloaded by a per-client limit",
+            ["limit"],
             registry=self.registry,
         )
 
