@@ -14,9 +14,10 @@ Before the upgrade (`WsGate.admit`, HTTP errors as JSON, nothing allocated for t
 After it, every reply goes through the connection's `WsSender`, the **send budget**. A reply is
 written only while the bytes the connection has queued in the gateway (the transport's write
 buffer: replies its TCP connection has not taken yet, because the client reads slower than it
-asks) plus the reply fit in ``ws_send_buffer_bytes``, and the client must take it within
-``ws_send_timeout_s``. The frames queued are bounded by the per-connection in-flight limit: a
-frame's slot is held until its reply is written (`gateway.http_app`). A client past either
+asks) plus the reply fit in ``ws_send_buffer_bytes`` (or nothing is queued: one reply always
+fits), and the client must take it within ``ws_send_timeout_s``. The frames queued are
+bounded by the per-connection in-flight limit: a frame's slot is held until its reply is
+written (`gateway.http_app`). A client past either
 limit has fallen behind and is closed with **1013 (try again later)** and a reason; its
 transport is then aborted, which frees what was queued for it (a client that does not read
 would never take the close frame either). Why close rather than drop replies: the protocol
@@ -182,7 +183,7 @@ class WsSender:
         if self.behind or self.ws.closed:
             return
         queued = self.queued_bytes()
-        if queued + len(payload) > self.max_buffer_bytes:
+        if queued and queued + len(payload) > self.max_buffer_bytes:
             self._fall_behind(
                 "send_buffer",
                 f"client not reading: {queued} bytes of replies queued (limit {self.max_buffer_bytes})",

@@ -1,29 +1,47 @@
-"""A whole gateway context against the in-process `tests.fake_triton.FakeTriton`, for the fast
-tier: the real store (packages from `make_package`), lifecycle, pipeline, JPEG encoder, metrics
-and protocol adapters; only Triton is the fake.
+"""A whole gateway against the in-process `tests.fake_triton.FakeTriton`, for the fast tier: the
+real store (packages from `make_package`), lifecycle, pipeline, JPEG encoder, metrics and
+protocol adapters; only Triton is the fake.
+
+- `fake_settings` / `fake_context`: in the test's own event loop.
+- `FakeGatewayProcess` (``python -m tests.fake_gateway PACKAGES_ROOT``): the same gateway in a
+  process of its own, for tests that measure it from outside (its RSS from ``/proc``, whether
+  it crashed) while clients misbehave. ``LIPSYNC_*`` variables of its environment set the
+  other settings.
 """
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
-from tests.fake_triton import FakeTriton
+from gateway.server import GatewayServer
+from lipsync.contract import AUDIO_ENCODER_MODEL, MANIFEST_NAME
+from lipsync.paths import REPO_ROOT
+from tests.fake_triton import FakeTriton, fake_triton
+
+_START_TIMEOUT_S = 60.0
 
 
 def fake_settings(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewaySettings:
     """Settings for a gateway on the fake: loopback, free ports, JPEG q95, no periodic probe
     (tests call `ModelLifecycle.probe_once` themselves), plus ``overrides``."""
-    values: dict[str, Any] = dict(
-        triton_url=fake.url,
-        host="127.0.0.1",
-        grpc_port=0,
-        http_port=0,
-        packages_root=packages_root,
-        jpeg_quality=95,
-        triton_poll_interval_s=3600.0,
-    )
+    values: dict[str, Any] = {
+        "triton_url": fake.url,
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "http_port": 0,
+        "packages_root": packages_root,
+        "jpeg_quality": 95,
+        "triton_poll_interval_s": 3600.0,
+    }
     values.update(overrides)
     return GatewaySettings(**values)
 
@@ -31,3 +49,100 @@ def fake_settings(packages_root: Path, fake: FakeTriton, **overrides: Any) -> Ga
 async def fake_context(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewayContext:
     """`GatewayContext.create` on the fake (inside the running loop; `close` it at the end)."""
     return await GatewayContext.create(fake_settings(packages_root, fake, **overrides), fake)
+
+
+def fake_triton_for(packages_root: Path) -> FakeTriton:
+    """A fake serving the model of every package folder under ``packages_root``."""
+    manifests = sorted(packages_root.glob(f"*/{MANIFEST_NAME}"))
+    models = [json.loads(manifest.read_text())["model_name"] for manifest in manifests]
+    return fake_triton(*models, loaded=(AUDIO_ENCODER_MODEL,))
+
+
+class FakeGatewayProcess:
+    """``python -m tests.fake_gateway PACKAGES_ROOT`` as a child process (module doc).
+
+    Args:
+        packages_root: the avatars it serves.
+        env: extra environment (``LIPSYNC_*`` settings).
+
+    Attributes:
+        proc: the child; ``grpc_address`` (``127.0.0.1:PORT``) and ``http_url`` once started.
+    """
+
+    def __init__(self, packages_root: Path, env: Mapping[str, str] | None = None) -> None:
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
+        child_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fake_gateway", str(packages_root)],
+            cwd=REPO_ROOT,
+            env=child_env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the ports, once serving (or "" if it died)
+        if not line:
+            self.proc.wait(timeout=_START_TIMEOUT_S)
+            raise RuntimeError(f"fake gateway exited {self.proc.returncode} before serving")
+        ports = json.loads(line)
+        self.grpc_address = f"127.0.0.1:{ports['grpc_port']}"
+        self.http_url = f"http://127.0.0.1:{ports['http_port']}"
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Still running (no crash)."""
+        return self.proc.poll() is None
+
+    def status(self, field: str) -> int:
+        """A ``/proc/PID/status`` size field in bytes (``VmRSS``, ``VmHWM``)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    def reset_peak_rss(self) -> None:
+        """Set ``VmHWM`` (peak RSS) to the current RSS (``/proc/PID/clear_refs``, Linux)."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
+    def stop(self) -> int:
+        """SIGTERM, wait (SIGKILL after 20 s); returns the exit status (0 = clean stop)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _serve(packages_root: Path) -> None:
+    fake = fake_triton_for(packages_root)
+    fake.keep_inputs = False  # its RSS is what the tests measure
+    server = GatewayServer(fake_settings(packages_root, fake), grace_s=0.5, triton_client=fake)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"grpc_port": server.grpc_port, "http_port": server.http_port}), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve(Path(sys.argv[1])))
