@@ -6,6 +6,7 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /``                                    the web page (``gateway/static/index.html``)
 ``GET /static/...``                          its script and style sheet
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
+``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
                                              else 503; JSON with the reason
@@ -64,8 +65,9 @@ from gateway.audio_features import WindowChunks
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
 from gateway.frame_request import FrameRequest
 from gateway.limits import peer_address
+from gateway.live_ws import serve_live_websocket
 from gateway.model_lifecycle import ModelPhase
-from gateway.ws_limits import WsGate, WsSender
+from gateway.ws_limits import WsGate
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
     ProtocolError,
@@ -103,16 +105,9 @@ class _WsConnection:
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
         self.limiter = ctx.new_connection_limiter(peer_address(request.remote or ""))
+        self.sender = request.app[WS_GATE_KEY].sender(ws, request)
         self.max_bytes = ctx.settings.ws_max_message_bytes
         self.tasks: set[asyncio.Task[None]] = set()
-        s = ctx.settings
-        self.sender = WsSender(
-            ws,
-            request.transport,
-            max_buffer_bytes=s.ws_send_buffer_bytes,
-            timeout_s=s.ws_send_timeout_s,
-            metrics=ctx.metrics,
-        )
 
     async def serve(self) -> None:
         """Read messages until the client closes; cancel unfinished frames at the end."""
@@ -223,6 +218,16 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         finally:
             open_ws.discard(ws)
     return ws
+
+
+async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    """``GET /live``: one live session (`gateway.live_ws`)."""
+    ctx = request.app[CONTEXT_KEY]
+    gate = request.app[WS_GATE_KEY]
+    with gate.admit(request):  # Origin and connection cap, before the upgrade
+        return await serve_live_websocket(
+            request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY], gate
+        )
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -427,6 +432,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/live", live_websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/avatars", list_avatars)

@@ -94,16 +94,21 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
 
 
 class WsGate:
-    """The checks before a WebSocket upgrade and the count of open connections.
+    """The WebSocket limits of one gateway, for every WebSocket path (``/ws``, ``/live``): the
+    checks before the upgrade, the count of open connections, the send budget after it.
 
     Args:
-        settings: ``max_ws_connections`` and ``ws_allowed_origins``.
-        metrics: ``ws_refused_total`` and the ``ws_connections`` gauge.
+        settings: ``max_ws_connections``, ``ws_allowed_origins``, ``ws_send_buffer_bytes``,
+            ``ws_send_timeout_s``.
+        metrics: ``ws_refused_total``, ``ws_closed_slow_total`` and the ``ws_connections``
+            gauge.
     """
 
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
         self.max_connections = settings.max_ws_connections
         self.allowed_origins = tuple(settings.ws_allowed_origins)
+        self.send_buffer_bytes = settings.ws_send_buffer_bytes
+        self.send_timeout_s = settings.ws_send_timeout_s
         self.metrics = metrics
         self.open = 0
 
@@ -136,6 +141,16 @@ class WsGate:
         finally:
             self.open -= 1
             self.metrics.ws_connections.dec()
+
+    def sender(self, ws: web.WebSocketResponse, request: web.Request) -> WsSender:
+        """The send budget of the connection ``request`` upgraded to ``ws``."""
+        return WsSender(
+            ws,
+            request.transport,
+            max_buffer_bytes=self.send_buffer_bytes,
+            timeout_s=self.send_timeout_s,
+            metrics=self.metrics,
+        )
 
 
 class WsSender:
@@ -175,26 +190,32 @@ class WsSender:
         """Bytes written for this connection that its TCP connection has not taken yet."""
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
-    async def send(self, payload: bytes) -> None:
+    async def send(self, payload: bytes) -> bool:
         """Send one reply, or close the connection with 1013 if the client fell behind.
 
-        Never raises for a gone or closing connection: the reply is dropped (logged at debug).
+        Returns:
+            True when the reply was written; False when it was not: the connection is gone or
+            closing (logged at debug) or the client fell behind. Never raises for those.
         """
         if self.behind or self.ws.closed:
-            return
+            return False
         queued = self.queued_bytes()
         if queued and queued + len(payload) > self.max_buffer_bytes:
             self._fall_behind(
                 "send_buffer",
                 f"client not reading: {queued} bytes of replies queued (limit {self.max_buffer_bytes})",
             )
-            return
+            return False
         try:
             await asyncio.wait_for(self.ws.send_bytes(payload), self.timeout_s)
         except TimeoutError:
+            # written, but the client took none of it in time
             self._fall_behind("send_timeout", f"client took no reply for {self.timeout_s:g} s")
+            return False
         except (ConnectionError, RuntimeError) as exc:
             log.debug("WebSocket reply dropped, connection gone: %s", exc)
+            return False
+        return True
 
     def _fall_behind(self, reason: str, detail: str) -> None:
         """Start closing with 1013 (once), in a task of its own: the caller may be a frame
