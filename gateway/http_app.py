@@ -4,7 +4,7 @@ Routes (one port, `GatewaySettings.http_port`):
 
 ==========================================  =================================================
 ``GET /``                                    the web page (``gateway/static/index.html``)
-``GET /static/...``                          its script and style sheet
+``GET /static/{name}``                       its scripts and style sheet (the files of the folder)
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
 ``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
@@ -84,6 +84,10 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 """The web page's files (served under ``/static/``, ``index.html`` at ``/``)."""
+STATIC_FILES: frozenset[str] = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
+"""The names ``/static/{name}`` serves: the folder's files when the module loads, nothing else
+(a name is looked up, never joined to a path: aiohttp's static route answered a 255-byte name
+with a server error, ENAMETOOLONG)."""
 
 TRANSPORT_CAP_FACTOR = 4
 """aiohttp's ``max_msg_size`` is this many times ``ws_max_message_bytes``: a message between
@@ -288,6 +292,14 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
+async def static_file(request: web.Request) -> web.FileResponse:
+    """``GET /static/{name}``: one of `STATIC_FILES`; 404 for any other name."""
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC_DIR / name)
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: liveness (the process answers)."""
     ctx = request.app[CONTEXT_KEY]
@@ -441,5 +453,5 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.router.add_get("/api/avatars/{name}/frames/{frame_id}.jpg", avatar_frame)
     app.router.add_get("/api/stats", stats)
     app.router.add_get("/metrics", metrics)
-    app.router.add_static("/static/", STATIC_DIR, show_index=False)
+    app.router.add_get("/static/{name}", static_file)
     return app

@@ -300,6 +300,8 @@ def _read_manifest(root: Path) -> PackageManifest:
         raise PackageError(
             f"{manifest_path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise PackageError(f"{manifest_path}: JSON nested deeper than the parser goes") from None
     except UnicodeDecodeError as exc:
         raise PackageError(f"{manifest_path}: not UTF-8 text: {exc}") from None
     if not isinstance(raw, dict):

@@ -3,7 +3,7 @@ real store (packages from `make_package`), lifecycle, pipeline, JPEG encoder, me
 protocol adapters; only Triton is the fake.
 
 - `fake_settings` / `fake_context`: in the test's own event loop.
-- `FakeGatewayProcess` (``python -m tests.fake_gateway PACKAGES_ROOT``): the same gateway in a
+- `FakeGatewayProcess` (``python -m tests.fake_gateway PACKAGES_ROOT HOST``): the same gateway in a
   process of its own, for tests that measure it from outside (its RSS from ``/proc``, whether
   it crashed) while clients misbehave. ``LIPSYNC_*`` variables of its environment set the
   other settings.
@@ -16,9 +16,12 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
@@ -59,24 +62,36 @@ def fake_triton_for(packages_root: Path) -> FakeTriton:
 
 
 class FakeGatewayProcess:
-    """``python -m tests.fake_gateway PACKAGES_ROOT`` as a child process (module doc).
+    """``python -m tests.fake_gateway PACKAGES_ROOT HOST`` as a child process (module doc).
 
     Args:
         packages_root: the avatars it serves.
         env: extra environment (``LIPSYNC_*`` settings).
+        host: the address it binds (``::`` for IPv4 and IPv6 loopback both).
+        log_path: where its stderr (its log) goes; None: this process's stderr.
 
     Attributes:
         proc: the child; ``grpc_address`` (``127.0.0.1:PORT``) and ``http_url`` once started.
     """
 
-    def __init__(self, packages_root: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        packages_root: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+    ) -> None:
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
         child_env.update(env or {})
+        self.log_path = log_path
+        self._log = log_path.open("wb") if log_path is not None else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_gateway", str(packages_root)],
+            [sys.executable, "-m", "tests.fake_gateway", str(packages_root), host],
             cwd=REPO_ROOT,
             env=child_env,
             stdout=subprocess.PIPE,
+            stderr=self._log,
             text=True,
         )
         assert self.proc.stdout is not None
@@ -85,8 +100,10 @@ class FakeGatewayProcess:
             self.proc.wait(timeout=_START_TIMEOUT_S)
             raise RuntimeError(f"fake gateway exited {self.proc.returncode} before serving")
         ports = json.loads(line)
-        self.grpc_address = f"127.0.0.1:{ports['grpc_port']}"
-        self.http_url = f"http://127.0.0.1:{ports['http_port']}"
+        self.grpc_port: int = ports["grpc_port"]
+        self.http_port: int = ports["http_port"]
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
 
     @property
     def pid(self) -> int:
@@ -104,6 +121,18 @@ class FakeGatewayProcess:
                 return int(line.split()[1]) * 1024
         raise KeyError(field)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of its ``/metrics`` (summed over the labels not given; 0 if
+        absent)."""
+        with urllib.request.urlopen(f"{self.http_url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
     def reset_peak_rss(self) -> None:
         """Set ``VmHWM`` (peak RSS) to the current RSS (``/proc/PID/clear_refs``, Linux)."""
         Path(f"/proc/{self.pid}/clear_refs").write_text("5")
@@ -119,6 +148,8 @@ class FakeGatewayProcess:
                 self.proc.wait(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
         return self.proc.returncode
 
     def __enter__(self) -> Self:
@@ -128,10 +159,10 @@ class FakeGatewayProcess:
         self.stop()
 
 
-async def _serve(packages_root: Path) -> None:
+async def _serve(packages_root: Path, host: str) -> None:
     fake = fake_triton_for(packages_root)
     fake.keep_inputs = False  # its RSS is what the tests measure
-    server = GatewayServer(fake_settings(packages_root, fake), grace_s=0.5, triton_client=fake)
+    server = GatewayServer(fake_settings(packages_root, fake, host=host), grace_s=0.5, triton_client=fake)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -145,4 +176,4 @@ async def _serve(packages_root: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(Path(sys.argv[1])))
+    asyncio.run(_serve(Path(sys.argv[1]), sys.argv[2]))

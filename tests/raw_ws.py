@@ -88,25 +88,33 @@ class RawWebSocket:
         *,
         origin: str | None = None,
         rcvbuf: int | None = None,
+        source: str | None = None,
         timeout_s: float = 10.0,
     ) -> RawWebSocket:
         """Open the connection and perform the upgrade.
 
         Args:
+            host: an IPv4 or IPv6 address (``::1``).
             origin: an ``Origin`` header to send (None: none, as a non-browser client).
             rcvbuf: ``SO_RCVBUF`` of the socket (bytes), set before connecting.
+            source: the local address to connect from (``127.0.0.2``: another client address
+                on Linux's loopback); None: the system's choice.
 
         Raises:
             UpgradeRefused: the server did not switch protocols.
         """
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            sock.bind((source, 0))
         sock.settimeout(timeout_s)
         sock.connect((host, port))
         key = base64.b64encode(os.urandom(16))
+        authority = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         lines = [
-            f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
+            f"GET {path} HTTP/1.1", f"Host: {authority}", "Upgrade: websocket", "Connection: Upgrade",
             f"Sec-WebSocket-Key: {key.decode()}", "Sec-WebSocket-Version: 13",
         ]
         if origin is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import FakeGatewayProcess, fake_settings, fake_triton_for
 from tests.fake_triton import FakeTriton
+from tests.good_clients import WsStreamingClient
 from tests.raw_ws import OP_CLOSE, RawWebSocket, UpgradeRefused
 
 T = TypeVar("T")
@@ -85,55 +85,13 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, wha
 # ----------------------------------------------------------------------------- WebSocket
 
 
-class StreamingClient:
-    """A well-behaved WebSocket client in a thread: one request, read its reply, the next."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.ws = RawWebSocket.connect(host, port)
-        self.ok = 0
-        self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        frame_id = 0
-        try:
-            while not self.stop.is_set():
-                self.ws.send(encode_request(AVATAR, frame_id % 20))
-                reply = decode_reply(self.ws.read_frame().payload)
-                if isinstance(reply, FrameReply) and reply.frame_id == frame_id % 20:
-                    self.ok += 1
-                else:
-                    self.errors.append(repr(reply)[:200])
-                frame_id += 1
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            self.errors.append(f"{type(exc).__name__}: {exc}")
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
-        self.ws.close()
-
-
-def metric(url: str, name: str) -> float:
-    """A sample of the gateway's /metrics (0 if absent)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_websocket_client_that_never_reads_leaves_memory_bounded(make_package: Callable[..., Path]) -> None:
     """Defect 3: 1,000 requests from a client that never reads. Before: every reply was queued
     in the gateway (the frame's slot was given back before the send), ~200 KB each."""
     root = make_package(name=AVATAR, frames=noise_frames(288, 384)).parent
     with FakeGatewayProcess(root) as gateway:  # default limits
         host, port = "127.0.0.1", int(gateway.http_url.rsplit(":", 1)[1])
-        good = StreamingClient(host, port)
+        good = WsStreamingClient(host, port, AVATAR)
         time.sleep(0.5)  # the good stream and the gateway warm
         gateway.reset_peak_rss()
         before = gateway.status("VmRSS")
@@ -145,16 +103,16 @@ def test_websocket_client_that_never_reads_leaves_memory_bounded(make_package: C
                 sent += 1
                 time.sleep(0.005)  # about one frame's render: most requests are admitted
         deadline = time.monotonic() + 30
-        while metric(gateway.http_url, "lipsync_gateway_ws_connections") > 1 and time.monotonic() < deadline:
+        while gateway.metric("lipsync_gateway_ws_connections") > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         growth = gateway.status("VmHWM") - before
-        connections = metric(gateway.http_url, "lipsync_gateway_ws_connections")
+        connections = gateway.metric("lipsync_gateway_ws_connections")
         served_during = good.ok
         time.sleep(0.5)
         good.finish()
         bad.close()
         assert gateway.alive()
-        slow_closes = metric(gateway.http_url, "lipsync_gateway_ws_closed_slow_total")
+        slow_closes = gateway.metric("lipsync_gateway_ws_closed_slow_total")
     print(f"RSS growth {growth / MiB:.1f} MiB; good client {served_during} frames, errors {good.errors[:3]}")
     assert sent == 1000
     assert growth < 64 * MiB, f"gateway RSS grew {growth / MiB:.0f} MiB with a client that never reads"
