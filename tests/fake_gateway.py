@@ -2,7 +2,9 @@
 real store (packages from `make_package`), lifecycle, pipeline, JPEG encoder, metrics and
 protocol adapters; only Triton is the fake.
 
-- `fake_settings` / `fake_context`: in the test's own event loop.
+- `fake_settings` / `fake_context`: in the test's own event loop;
+- `on_fake_server` / `serve_on_fake`: a real `GatewayServer` on loopback ports in a loop of
+  its own, running a test body;
 - `FakeGatewayProcess` (``python -m tests.fake_gateway PACKAGES_ROOT HOST``): the same gateway in a
   process of its own, for tests that measure it from outside (its RSS from ``/proc``, whether
   it crashed) while clients misbehave. ``LIPSYNC_*`` variables of its environment set the
@@ -17,20 +19,65 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.server import GatewayServer
-from lipsync.contract import AUDIO_ENCODER_MODEL, MANIFEST_NAME
+from lipsync.contract import AUDIO_ENCODER_MODEL, MANIFEST_NAME, avatar_model_name
 from lipsync.paths import REPO_ROOT
 from tests.fake_triton import FakeTriton, fake_triton
 
+T = TypeVar("T")
+SYNTHETIC_AVATAR = "synthetic"
 _START_TIMEOUT_S = 60.0
+
+
+def synthetic_avatar(
+    make_package: Callable[..., Path], *, unet_loaded: bool = False
+) -> tuple[Path, FakeTriton]:
+    """A packages root holding the avatar `SYNTHETIC_AVATAR` (10 video frames of 64x48 noise, so
+    that the resize round trip of the composite changes pixels; a gradient would not) and a fake
+    Triton serving its model, the audio encoder loaded (and its UNet with ``unet_loaded``)."""
+    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
+    root = make_package(name=SYNTHETIC_AVATAR, frames=frames).parent
+    unet = avatar_model_name(SYNTHETIC_AVATAR)
+    loaded = (AUDIO_ENCODER_MODEL, unet) if unet_loaded else (AUDIO_ENCODER_MODEL,)
+    return root, fake_triton(unet, loaded=loaded)
+
+
+def on_fake_server(
+    make_package: Callable[..., Path],
+    body: Callable[[GatewayServer, FakeTriton], Awaitable[T]],
+    *,
+    unet_loaded: bool = False,
+    **settings: Any,
+) -> T:
+    """Run ``body(server, fake)`` on a real `GatewayServer` (loopback, free ports, settings from
+    `fake_settings` plus ``settings``) over the fake with the `synthetic_avatar`."""
+    root, fake = synthetic_avatar(make_package, unet_loaded=unet_loaded)
+    return serve_on_fake(root, fake, body, **settings)
+
+
+def serve_on_fake(
+    root: Path, fake: FakeTriton, body: Callable[[GatewayServer, FakeTriton], Awaitable[T]], **settings: Any
+) -> T:
+    """`on_fake_server` for the packages under ``root`` and the fake given (`fake_triton_for`)."""
+
+    async def run() -> T:
+        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
+        await server.start()
+        try:
+            return await body(server, fake)
+        finally:
+            await server.stop()
+
+    return asyncio.run(run())
 
 
 def fake_settings(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewaySettings:

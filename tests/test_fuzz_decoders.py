@@ -30,7 +30,13 @@ from gateway.audio_features import (
     pcm_mel_windows,
 )
 from gateway.errors import BadRequest
-from gateway.live.pcm import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, PcmResampler, check_sample_rate, decode_pcm16
+from gateway.live.pcm import (
+    MAX_SAMPLE_RATE_HZ,
+    MIN_SAMPLE_RATE_HZ,
+    PcmResampler,
+    check_sample_rate,
+    decode_pcm16,
+)
 from gateway.live.types import RenderedFrame, SessionNotice, SlotFrame
 from gateway.live_grpc import decode_request as decode_live_request
 from gateway.live_service import Control, Pcm, Refused, Start
@@ -96,7 +102,8 @@ def test_ws_request_decoder(data: bytes) -> None:
         assert str(exc).startswith("bad_request: ")
         return
     assert isinstance(request, WsRequest)
-    assert encode_request(request.avatar, request.frame_id, request.audio) == data, "accepted = exactly what was sent"
+    again = encode_request(request.avatar, request.frame_id, request.audio)
+    assert again == data, "accepted = exactly what was sent"
 
 
 @FUZZ
@@ -107,7 +114,9 @@ def test_ws_request_round_trip(avatar: str, frame_id: int, audio: bytes) -> None
 
 finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 ws_replies = st.one_of(
-    st.builds(encode_frame_reply, u32, st.floats(0, 1e6), st.binary(max_size=512), st.lists(finite32, max_size=4)),
+    st.builds(
+        encode_frame_reply, u32, st.floats(0, 1e6), st.binary(max_size=512), st.lists(finite32, max_size=4)
+    ),
     st.builds(encode_error_reply, u32, st.floats(0, 1e6), st.text(max_size=200)),
 )
 
@@ -157,7 +166,7 @@ slot_frames = st.builds(
     SlotFrame,
     seq=st.integers(0, 2**64 - 1),
     pts_s=st.floats(allow_nan=False),
-    frame=st.builds(RenderedFrame, st.binary(max_size=256), st.tuples(finite32, finite32, finite32, finite32)),
+    frame=st.builds(RenderedFrame, st.binary(max_size=256), st.tuples(*[finite32] * 4)),
     speaking=st.booleans(),
     video_frame=u32,
     error=st.text(max_size=50),
@@ -206,29 +215,44 @@ def test_live_grpc_request_decoder(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.lists(st.binary(max_size=CHUNK_BYTES + 2), max_size=40), st.integers(-3, 30))
-@example([bytes(CHUNK_BYTES)] * 18, 3)
-def test_batch_audio_chunk_checks(chunks: list[bytes], frames: int) -> None:
+@given(st.lists(st.binary(max_size=CHUNK_BYTES + 2), max_size=40), st.integers(-3, 30), st.integers(-3, 20))
+@example([bytes(CHUNK_BYTES)] * 18, 3, 8)
+@example([bytes(CHUNK_BYTES)] * 12, 3, 2)  # start of a clip: 2 chunks of past
+def test_batch_audio_chunk_checks(chunks: list[bytes], frames: int, start: int) -> None:
     try:
-        pcm = check_chunks(chunks, frames)
+        pcm = check_chunks(chunks, frames, start)
     except BadRequest:
         return
-    assert frames >= 1 and len(pcm) == len(chunks) * CHUNK_BYTES
+    assert frames >= 1 and len(pcm) % CHUNK_BYTES == 0 and 0 < len(pcm) <= len(chunks) * CHUNK_BYTES
+
+
+@st.composite
+def pcm_payloads(draw: st.DrawFn) -> bytes:
+    """PCM of a length a live-audio request may carry (or one byte off), its samples noise of
+    some amplitude from a drawn seed, silence or full scale."""
+    chunks = draw(st.sampled_from([0, 1, 8, 11, 15, 16, 17]))
+    n = chunks * CHUNK_BYTES // 2 + draw(st.sampled_from([0, 0, 0, 1]))
+    amplitude = draw(st.sampled_from([0, 1, 300, 32767]))
+    samples = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(
+        -amplitude - 1, amplitude + 1, n, dtype=np.int32)
+    data = np.clip(samples, -32768, 32767).astype("<i2").tobytes()
+    return data + (b"\x00" if draw(st.booleans()) and draw(st.booleans()) else b"")
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=WINDOW_CHUNK_BYTES + 4), st.binary(min_size=WINDOW_CHUNK_BYTES,
-                                                                        max_size=WINDOW_CHUNK_BYTES)))
+@given(pcm_payloads())
 @example(b"\x00\x80" * (WINDOW_CHUNK_BYTES // 2))  # full-scale negative
 @example(bytes(WINDOW_CHUNK_BYTES))  # digital silence
 def test_window_audio_check_then_features(pcm: bytes) -> None:
-    """Whatever passes the check gives 16 finite mel windows (a NaN would reach the UNet)."""
-    try:
-        check_window_chunks(pcm)
-    except BadRequest:
-        return
-    mel = pcm_mel_windows(pcm, 16)
-    assert mel.shape == (16, MEL_BANDS, MEL_WINDOW) and np.isfinite(mel).all()
+    """Whatever passes the check gives finite mel windows, one per chunk (a NaN would reach the
+    UNet); any frame id, the start of a clip included."""
+    for frame_id in (0, 3, 8, 2**32 - 1):
+        try:
+            n = check_window_chunks(pcm, frame_id)
+        except BadRequest:
+            continue
+        mel = pcm_mel_windows(pcm, n)
+        assert mel.shape == (n, MEL_BANDS, MEL_WINDOW) and np.isfinite(mel).all()
 
 
 @FUZZ
@@ -241,7 +265,8 @@ def test_live_sample_rate_check(rate: int) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from([8000, 11025, 16000, 22050, 44100, 48000]), st.lists(st.binary(max_size=3000), max_size=6))
+@given(st.sampled_from([8000, 11025, 16000, 22050, 44100, 48000]),
+       st.lists(st.binary(max_size=3000), max_size=6))
 def test_live_pcm_messages(rate: int, messages: list[bytes]) -> None:
     resampler = PcmResampler(check_sample_rate(rate))
     for data in messages:
@@ -262,8 +287,8 @@ def test_live_pcm_messages(rate: int, messages: list[bytes]) -> None:
 @pytest.fixture(scope="module")
 def valid_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid small package (the `make_package` writer), shared by the examples."""
-    from tests.fixtures_packages import synthetic_package_arrays, untrained_weights
     from lipsync.package import SourceMedia, write_package
+    from tests.fixtures_packages import synthetic_package_arrays, untrained_weights
 
     folder = tmp_path_factory.mktemp("fuzz") / "pkg"
     arrays = synthetic_package_arrays(n_frames=4)

@@ -5,6 +5,7 @@ tests/test_client_limits.py."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -124,8 +125,12 @@ def test_origin_rule(origin: str | None, host: str, allowed: tuple[str, ...], ok
     assert origin_allowed(origin, host, allowed) is ok
 
 
+def settings(**values: Any) -> GatewaySettings:
+    return GatewaySettings(**values)
+
+
 def test_grpc_server_options_from_settings() -> None:
-    options = dict(grpc_server_options(GatewaySettings(
+    options = dict(grpc_server_options(settings(
         grpc_max_streams_per_connection=7, grpc_keepalive_time_s=30, grpc_keepalive_timeout_s=5,
         grpc_max_connection_idle_s=60, grpc_max_connection_age_s=600,
     )))
@@ -137,10 +142,10 @@ def test_grpc_server_options_from_settings() -> None:
         "grpc.max_connection_age_ms": 600_000,
         "grpc.max_connection_age_grace_ms": 2**31 - 1,  # unset: calls run until they end
     }
-    assert dict(grpc_server_options(GatewaySettings(grpc_max_connection_age_grace_s=30)))[
+    assert dict(grpc_server_options(settings(grpc_max_connection_age_grace_s=30)))[
         "grpc.max_connection_age_grace_ms"] == 30_000
 
 
 def test_allowed_origins_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIPSYNC_WS_ALLOWED_ORIGINS", "https://a.example, https://b.example/")
-    assert GatewaySettings().ws_allowed_origins == ["https://a.example", "https://b.example"]
+    assert settings().ws_allowed_origins == ["https://a.example", "https://b.example"]
