@@ -6,8 +6,8 @@ latency drift and memory growth. Writes `perf/results/soak.md` and `perf/results
 
 It starts the local CPU `tritonserver` on the CPU model repository (the demo avatar's UNet, the
 real network) and the gateway (`lipsync gateway`, subprocess) on free ports, each with its
-defaults, then keeps N streams busy: every stream asks for ``--session-frames`` frames over one
-gRPC ``StreamInference`` call (or one WebSocket), then opens the next call, until T minutes
+defaults, then keeps N streams busy: every stream asks for ``--session-frames`` frames (25) over
+one gRPC ``StreamInference`` call (or one WebSocket), then opens the next call, until T minutes
 have passed, so connections come and go as they do in service. As fast as possible
 (``--pace 0``, the default) each stream keeps one frame in flight: latency is the service time
 under N concurrent requests, the CPU UNet's steady state; ``--pace 25`` asks for real time
@@ -169,7 +169,7 @@ async def soak(config: LoadConfig, *, warmup_s: float, minutes: int, sample_s: f
                 await asyncio.sleep(1.0)
                 continue
             try:
-                records.extend(await drive_stream(spec, transport))
+                await drive_stream(spec, transport, records.append)
             finally:
                 await transport.close()
             session += 1
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=int, default=10, help="measured minutes T (default 10)")
     p.add_argument("--target", choices=("grpc", "ws"), default="grpc")
     p.add_argument("--pace", type=float, default=0.0, help="fps per stream; 0 = as fast as possible")
-    p.add_argument("--session-frames", type=int, default=100, help="frames per call before reconnecting")
+    p.add_argument("--session-frames", type=int, default=25,
+                   help="frames per call before reconnecting (the last call may end after T)")
     p.add_argument("--warmup-s", type=float, default=60.0, help="unmeasured load first (s)")
     p.add_argument("--sample-s", type=float, default=5.0, help="RSS sampling period (s)")
     p.add_argument("--timeout", type=float, default=60.0, help="reply deadline per frame (s)")
