@@ -44,11 +44,6 @@ client that does not take its replies (``ws_send_buffer_bytes`` queued, or none 
 client address counts against ``max_in_flight_per_peer`` (``overloaded`` past it), on the
 WebSocket and the frame route alike.
 
-Live audio: a request with ``audio_len > 0`` carries the 16 chunks behind the frame's own
-window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8 past, the frame's chunk, 7
-lookahead; checked by `gateway.audio_features.check_window_chunks`); the gateway turns them into
-features with Triton's ``audio_encoder`` and renders the frame with them instead of the
-package's ``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
 Live audio: a request with ``audio_len > 0`` (on ``/``: of exactly such a length) carries the
 16 chunks behind the frame's own window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8
 past, the frame's chunk, 7 lookahead), or for a ``frame_id`` below 8 the ``frame_id + 8``
@@ -556,8 +551,16 @@ async def avatar_frame(request: web.Request) -> web.Response:
         frame_id = int(raw)
     except ValueError:
         raise BadRequest(f"frame_id {raw!r} is not an integer") from None
-    async with ctx.new_connection_limiter(peer_address(request.remote or "")).slot(wait=False):
+    limiter = ctx.new_connection_limiter(peer_address(request.remote or ""))
+    try:
+        await limiter.acquire(wait=False)  # the client's per-peer cap
+    except GatewayError as exc:
+        ctx.pipeline.record_refused("http", exc)
+        raise
+    try:
         frame = await ctx.pipeline.render(FrameRequest(request.match_info["name"], frame_id), protocol="http")
+    finally:
+        limiter.release()
     return web.Response(
         body=frame.jpeg,
         content_type="image/jpeg",
