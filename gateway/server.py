@@ -80,7 +80,8 @@ class GatewayServer:
         self.ctx = await GatewayContext.create(s, self.triton_client, self.supervisor)
         try:
             self._grpc, self._health = build_grpc_server(self.ctx)
-            self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in brackets
+            self.grpc_port = self._grpc.add_insecure_port(f"{host}:{s.grpc_port}")
             if self.grpc_port == 0:
                 raise OSError(f"cannot bind the gRPC port {s.host}:{s.grpc_port}")
             await self._grpc.start()
