@@ -19,8 +19,10 @@ Per run (N sessions at once) it reports, over all sessions' slots:
   chunk that completed the slot's own 40 ms of audio (the client's estimate of where its audio
   starts on the timeline is exact to one slot, 40 ms);
 - the **idle share**, the **first-frame latency**, Triton's **batch sizes** (UNet and audio
-  encoder: executions per batch size from Triton's statistics over the run), and the load
-  average (1 min) before and after the run (the machine may be shared).
+  encoder: executions per batch size from Triton's statistics over the run), the UNet's
+  **compute time per frame** over the run (the renderer's pace as loaded as the machine was:
+  a session talking half the time needs 12.5 frames/s, i.e. at most 80 ms per frame), and the
+  load average (1 min) before and after the run (the machine may be shared).
 
 N is **sustained** when no session failed and both late (server) and late (clock) are at most
 ``--sustain-late`` (5 %) of their slots: the avatar's mouth moves for at least 95 % of what is
@@ -102,6 +104,7 @@ class RunResult:
     first_frame_ms: float
     idle_share: float
     unet_batches: dict[int, int]
+    unet_ms_per_frame: float
     encoder_batches: dict[int, int]
     errors: list[str]
     sustained: bool
@@ -135,20 +138,32 @@ def audio_to_frame_s(record: SessionRecord) -> list[float]:
     return out
 
 
-def batch_counts(url: str, model: str) -> dict[int, int]:
-    """Executions per batch size of ``model`` so far (Triton's statistics over gRPC)."""
+def batch_counts(url: str, model: str) -> dict[int, tuple[int, float]]:
+    """Per batch size of ``model`` so far: executions and their total compute time (s)
+    (Triton's statistics over gRPC)."""
     import tritonclient.grpc as triton_grpc
 
     stats = triton_grpc.InferenceServerClient(url).get_inference_statistics(model, as_json=True)[
         "model_stats"
     ][0]
-    return {
-        int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])
-    }
+    out: dict[int, tuple[int, float]] = {}
+    for b in stats.get("batch_stats", []):
+        compute = b["compute_infer"]
+        out[int(b["batch_size"])] = int(compute.get("count", 0)), int(compute.get("ns", 0)) / 1e9
+    return out
 
 
-def _diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
-    return {b: c - before.get(b, 0) for b, c in sorted(after.items()) if c - before.get(b, 0)}
+def ms_per_frame(after: dict[int, tuple[int, float]], before: dict[int, tuple[int, float]]) -> float:
+    """Compute time per frame (ms) of the executions between two `batch_counts`; NaN without any."""
+    frames = sum(b * (c - before.get(b, (0, 0.0))[0]) for b, (c, _) in after.items())
+    seconds = sum(s - before.get(b, (0, 0.0))[1] for b, (_, s) in after.items())
+    return seconds / frames * 1e3 if frames else float("nan")
+
+
+def _diff(after: dict[int, tuple[int, float]], before: dict[int, tuple[int, float]]) -> dict[int, int]:
+    """Executions per batch size between two `batch_counts`."""
+    runs = {b: c - before.get(b, (0, 0.0))[0] for b, (c, _) in sorted(after.items())}
+    return {b: n for b, n in runs.items() if n}
 
 
 async def run_sessions(
@@ -204,7 +219,8 @@ def measure(
         audio_to_frame_p50_ms=p(50), audio_to_frame_p95_ms=p(95),
         first_frame_ms=float(np.median(firsts)) * 1e3 if firsts else float("nan"),
         idle_share=idle / slots if slots else float("nan"),
-        unet_batches=_diff(after[0], before[0]), encoder_batches=_diff(after[1], before[1]),
+        unet_batches=_diff(after[0], before[0]), unet_ms_per_frame=ms_per_frame(after[0], before[0]),
+        encoder_batches=_diff(after[1], before[1]),
         errors=errors[:5],
         sustained=not errors and max(late_server_share, late_clock_share) <= args.sustain_late,
         load_before=load_before, load_after=load_after,
@@ -238,9 +254,11 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
         (
             "| sessions | load avg before / after | slots | speech slots | speaking | late (server) "
             "| late (clock) | idle share | audio-to-frame p50 / p95 (ms) | first frame (ms) "
-            "| UNet batches (size: executions) | mean UNet batch | encoder batches | sustained |"
+            "| UNet batches (size: executions) | mean UNet batch | UNet ms / frame | encoder batches "
+            "| sustained |"
         ),
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | :---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- "
+        "| :---: |",
     ]
     for r in results:
         batches = ", ".join(f"{b}: {c}" for b, c in r.unet_batches.items()) or "-"
@@ -250,7 +268,8 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
             f"| {r.speaking} | {r.late_server} ({r.late_server_share:.0%}) "
             f"| {r.late_clock} ({r.late_clock_share:.0%}) | {r.idle_share:.0%} "
             f"| {r.audio_to_frame_p50_ms:.0f} / {r.audio_to_frame_p95_ms:.0f} | {r.first_frame_ms:.0f} "
-            f"| {batches} | {r.mean_unet_batch:.2f} | {enc} | {'yes' if r.sustained else 'no'} |"
+            f"| {batches} | {r.mean_unet_batch:.2f} | {r.unet_ms_per_frame:.0f} | {enc} "
+            f"| {'yes' if r.sustained else 'no'} |"
         )
     sustained = [r.sessions for r in results if r.sustained]
     lines += ["", f"Sessions sustained: **{max(sustained) if sustained else 0}**"
