@@ -20,16 +20,18 @@ Per run (N sessions at once) it reports, over all sessions' slots:
   starts on the timeline is exact to one slot, 40 ms);
 - the **idle share**, the **first-frame latency**, Triton's **batch sizes** (UNet and audio
   encoder: executions per batch size from Triton's statistics over the run), the UNet's
-  **compute time per frame** over the run (the renderer's pace as loaded as the machine was:
-  a session talking half the time needs 12.5 frames/s, i.e. at most 80 ms per frame), and the
-  load average (1 min) before and after the run (the machine may be shared).
+  **compute time per frame** and the encoder's per feature row over the run (the renderer's
+  pace as loaded as the machine was: a session talking half the time needs 12.5 frames/s, at
+  most 80 ms per frame), and the load average (1 min) before and after the run (the machine
+  may be shared).
 
 N is **sustained** when no session failed and both late (server) and late (clock) are at most
 ``--sustain-late`` (5 %) of their slots: the avatar's mouth moves for at least 95 % of what is
 said and the video keeps its pace.
-``--sessions 1,2,4`` sweeps; without ``--gateway`` the tool starts a CPU `tritonserver` and a
-gateway (`lipsync gateway`, default settings) on free ports and writes the markdown and JSON
-reports (machine, command, date) given by ``--markdown`` / ``--json``.
+``--sessions 1,2,4`` sweeps, after one unmeasured session that warms the models up; without
+``--gateway`` the tool starts a CPU `tritonserver` and a gateway (`lipsync gateway`, default
+settings) on free ports and writes the markdown and JSON reports (machine, command, date)
+given by ``--markdown`` / ``--json``.
 
     python -m perf.live_load --sessions 1,2 --seconds 20 --markdown perf/results/live_load.md
 """
@@ -105,6 +107,7 @@ class RunResult:
     idle_share: float
     unet_batches: dict[int, int]
     unet_ms_per_frame: float
+    encoder_ms_per_row: float
     encoder_batches: dict[int, int]
     errors: list[str]
     sustained: bool
@@ -177,6 +180,13 @@ async def run_sessions(
     return list(await asyncio.gather(*(run_grpc(address, avatar, RATE, s, chunk_ms=20.0) for s in scripts)))
 
 
+def warm_up(address: str, avatar: str, speech: NDArray[np.int16]) -> None:
+    """One session of 2 s of speech sent at once, not measured: Triton's first executions of a
+    model (ONNX Runtime's allocations and kernel choice) are slower than the rest."""
+    pcm = speech[: 2 * RATE].astype("<i2").tobytes()
+    asyncio.run(run_grpc(address, avatar, RATE, [Audio(pcm, paced=False)], chunk_ms=20.0))
+
+
 def measure(
     address: str, triton_url: str, unet: str, n: int, args: argparse.Namespace, speech: NDArray[np.int16]
 ) -> RunResult:
@@ -220,7 +230,7 @@ def measure(
         first_frame_ms=float(np.median(firsts)) * 1e3 if firsts else float("nan"),
         idle_share=idle / slots if slots else float("nan"),
         unet_batches=_diff(after[0], before[0]), unet_ms_per_frame=ms_per_frame(after[0], before[0]),
-        encoder_batches=_diff(after[1], before[1]),
+        encoder_batches=_diff(after[1], before[1]), encoder_ms_per_row=ms_per_frame(after[1], before[1]),
         errors=errors[:5],
         sustained=not errors and max(late_server_share, late_clock_share) <= args.sustain_late,
         load_before=load_before, load_after=load_after,
@@ -255,10 +265,10 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
             "| sessions | load avg before / after | slots | speech slots | speaking | late (server) "
             "| late (clock) | idle share | audio-to-frame p50 / p95 (ms) | first frame (ms) "
             "| UNet batches (size: executions) | mean UNet batch | UNet ms / frame | encoder batches "
-            "| sustained |"
+            "| encoder ms / row | sustained |"
         ),
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- "
-        "| :---: |",
+        "| ---: | :---: |",
     ]
     for r in results:
         batches = ", ".join(f"{b}: {c}" for b, c in r.unet_batches.items()) or "-"
@@ -269,7 +279,7 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
             f"| {r.late_clock} ({r.late_clock_share:.0%}) | {r.idle_share:.0%} "
             f"| {r.audio_to_frame_p50_ms:.0f} / {r.audio_to_frame_p95_ms:.0f} | {r.first_frame_ms:.0f} "
             f"| {batches} | {r.mean_unet_batch:.2f} | {r.unet_ms_per_frame:.0f} | {enc} "
-            f"| {'yes' if r.sustained else 'no'} |"
+            f"| {r.encoder_ms_per_row:.1f} | {'yes' if r.sustained else 'no'} |"
         )
     sustained = [r.sessions for r in results if r.sustained]
     lines += ["", f"Sessions sustained: **{max(sustained) if sustained else 0}**"
@@ -347,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ).grpc_address
         if triton_url is None:
             raise SystemExit("--triton-url is needed with --gateway (batch statistics)")
+        warm_up(address, args.avatar, speech)
         for n in (int(x) for x in args.sessions.split(",")):
             result = measure(address, triton_url, unet, n, args, speech)
             results.append(result)
