@@ -22,6 +22,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
+from gateway.tls import triton_endpoint
 from gateway.triton_client import TritonClient, TritonGrpcClient
 
 log = logging.getLogger(__name__)
@@ -71,18 +72,21 @@ class GatewayContext:
         metrics = GatewayMetrics()
         if client is None:
             key = settings.triton_control_key
+            target, tls = triton_endpoint(settings.triton_url, settings.triton_tls)
             client = TritonGrpcClient(
-                settings.triton_url,
+                target,
                 timeout_s=settings.triton_timeout_s,
                 probe_timeout_s=settings.triton_probe_timeout_s,
                 load_timeout_s=settings.triton_load_timeout_s,
                 control_key=key.get_secret_value() if key is not None else None,
+                tls=tls,
+                tls_ca=str(settings.triton_tls_ca) if settings.triton_tls_ca else None,
             )
         lifecycle = ModelLifecycle(
             client, probe_interval_s=settings.triton_poll_interval_s, load_models=settings.triton_load_models
         )
         lifecycle.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
-        store = AvatarStore(settings.packages_root, lifecycle)
+        store = AvatarStore(settings.packages_root, lifecycle, settings.max_avatar_bytes)
         try:
             await lifecycle.start()
             await store.load_all()
