@@ -54,8 +54,8 @@ SECRET_ENV = {
 }
 """Environment variables that carry secrets: (Secret name, key) they must be read from."""
 
-PENDING_SETTINGS = PENDING_GATEWAY_SETTINGS | {"LIPSYNC_AUTH_TOKEN", "LIPSYNC_ADMIN_TOKEN"}
-"""Gateway settings passed here whose GatewaySettings fields come with issue 11 (tokens)."""
+PENDING_SETTINGS = PENDING_GATEWAY_SETTINGS
+"""Gateway settings passed here that are no GatewaySettings field (yet)."""
 
 TRITON_GPU_START_S = 900
 """The longest first start of a GPU Triton (TensorRT engine builds), docker-compose.yml's

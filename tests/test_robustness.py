@@ -27,6 +27,7 @@ from gateway.audio_features import CHUNK_BYTES
 from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.fixtures_gateway import ADMIN_METADATA
 
 AVATAR = "demo"
 
@@ -87,7 +88,9 @@ def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
 @pytest.mark.triton
 @pytest.mark.parametrize("package_dir", ["/tmp", "..", "../../etc", "demo/../..", "/", ""])
 def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, package_dir: str) -> None:
-    r = stub.LoadPackage(pb.LoadPackageRequest(package_name="evil", package_dir=package_dir), timeout=30)
+    r = stub.LoadPackage(
+        pb.LoadPackageRequest(package_name="evil", package_dir=package_dir), metadata=ADMIN_METADATA, timeout=30
+    )
     assert not r.success and r.HasField("error")
     if package_dir:
         assert r.error.startswith("package_rejected: ") and "not inside the packages root" in r.error, r.error
@@ -103,7 +106,9 @@ def test_load_package_symlink_escaping_root_is_refused(stub: Any, gateway_server
     link = root / "escape"
     link.symlink_to(Path(demo_package.root).resolve(), target_is_directory=True)  # a real package, outside
     try:
-        r = stub.LoadPackage(pb.LoadPackageRequest(package_name="escape", package_dir="escape"), timeout=30)
+        r = stub.LoadPackage(
+            pb.LoadPackageRequest(package_name="escape", package_dir="escape"), metadata=ADMIN_METADATA, timeout=30
+        )
     finally:
         link.unlink()
     assert not r.success and "not inside the packages root" in r.error
@@ -115,11 +120,15 @@ def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any, d
     root = Path(gateway_server.settings.packages_root)
     (root / "empty").mkdir(exist_ok=True)
     try:
-        r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="empty"), timeout=30)
+        r = stub.LoadPackage(
+            pb.LoadPackageRequest(package_dir="empty"), metadata=ADMIN_METADATA, timeout=30
+        )
     finally:
         (root / "empty").rmdir()
     assert not r.success and "is not an avatar package (no manifest.json)" in r.error
-    r = stub.LoadPackage(pb.LoadPackageRequest(package_name=AVATAR, package_dir="demo"), timeout=120)
+    r = stub.LoadPackage(
+        pb.LoadPackageRequest(package_name=AVATAR, package_dir="demo"), metadata=ADMIN_METADATA, timeout=120
+    )
     assert r.success, r.error
     m = demo_package.features.shape[0]
     assert r.package_name == AVATAR and r.frame_count == m and list(r.audio_features_shape) == [m, 512]
@@ -134,7 +143,9 @@ def test_load_package_whose_model_triton_lacks_is_refused(stub: Any, gateway_ser
     root = Path(gateway_server.settings.packages_root)
     folder = make_package(name="nomodel", root=root)  # valid package; no lipsync_nomodel in Triton
     try:
-        r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="nomodel"), timeout=120)
+        r = stub.LoadPackage(
+            pb.LoadPackageRequest(package_dir="nomodel"), metadata=ADMIN_METADATA, timeout=120
+        )
     finally:
         shutil.rmtree(folder)
     assert not r.success and r.error.startswith("package_rejected: "), r.error

@@ -1,0 +1,430 @@
+"""Tokens and TLS on a real `GatewayServer` (loopback, free ports) whose Triton is the in-process
+fake: with ``LIPSYNC_AUTH_TOKEN`` set, every gRPC method the server serves and every HTTP route
+the app has refuses a caller without the token (UNAUTHENTICATED / 401), except the health
+checks, /metrics and the page's own files; with the token everything works, over TLS too
+(certificates from a throw-away CA, `tests.tls_files`), mutual TLS included. The RPCs and routes
+are enumerated from the running server, so one added later is covered without editing this."""
+from __future__ import annotations
+
+import importlib
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic import ValidationError
+
+from gateway.config import GatewaySettings
+from gateway.server import GatewayServer
+from gateway.tls import TlsConfigError
+from gateway.ws_protocol import FrameReply, decode_reply, encode_request
+from lipsync.paths import REPO_ROOT
+from proto import lipsync_pb2 as pb
+from proto import lipsync_pb2_grpc as pbg
+from tests.fake_gateway import serve_on_fake
+from tests.fake_triton import fake_triton
+from tests.tls_files import TlsFiles, make_tls_files
+
+AVATAR = "synthetic"
+CLIENT_TOKEN = "client-token-5f0c1e9a7b3d4c2e"
+ADMIN_TOKEN = "admin-token-9a8b7c6d5e4f3a2b"
+OPEN_GRPC = {"grpc.health.v1.Health"}
+OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/", "/static"}
+"""Open without a token: health, readiness (reduced), metrics, the page and its files."""
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture
+def root(make_package: Any) -> Path:
+    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
+    return Path(make_package(name=AVATAR, frames=frames).parent)
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> TlsFiles:
+    return make_tls_files(tmp_path / "tls")
+
+
+def fake() -> Any:
+    return fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
+
+
+def tls_settings(files: TlsFiles, **more: Any) -> dict[str, Any]:
+    return {"tls_cert": files.cert, "tls_key": files.key, **more}
+
+
+# ----------------------------------------------------------------------------- gRPC
+
+
+def proto_services() -> set[str]:
+    """Every service declared in the project's proto/*.proto files (their stubs imported)."""
+    names = set()
+    for proto in (REPO_ROOT / "proto").glob("*.proto"):
+        module = importlib.import_module(f"proto.{proto.stem}_pb2")
+        names |= {service.full_name for service in module.DESCRIPTOR.services_by_name.values()}
+    return names
+
+
+async def served_methods(channel: grpc.aio.Channel, token: str) -> list[MethodDescriptor]:
+    """Every method of every service the server lists by reflection, and of every service the
+    project's proto files declare."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(metadata=bearer(token))
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    answer = await call.read()
+    await call.done_writing()
+    services = {s.name for s in answer.list_services_response.service} | proto_services()
+    pool = descriptor_pool.Default()
+    return [m for name in sorted(services) for m in pool.FindServiceByName(name).methods]
+
+
+async def call_raw(channel: grpc.aio.Channel, method: MethodDescriptor, metadata: Any) -> grpc.StatusCode:
+    """Call ``method`` with one empty message (none for a client stream): the status code it
+    ends with, or OK once a server stream has sent its first answer."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    try:
+        if method.client_streaming:
+            stream = channel.stream_stream(path) if method.server_streaming else channel.stream_unary(path)
+
+            async def nothing() -> AsyncIterator[bytes]:
+                return
+                yield b""
+
+            call = stream(nothing(), metadata=metadata, timeout=10)
+            if method.server_streaming:
+                async for _ in call:  # type: ignore[union-attr]
+                    break
+            else:
+                await call
+        elif method.server_streaming:
+            async for _ in channel.unary_stream(path)(b"", metadata=metadata, timeout=10):
+                break
+        else:
+            await channel.unary_unary(path)(b"", metadata=metadata, timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_every_grpc_method_needs_the_token_except_health(root: Path) -> None:
+    async def body(server: GatewayServer) -> None:
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            methods = await served_methods(channel, CLIENT_TOKEN)
+            assert len(methods) >= 12  # seed 10 + admin 2, at least
+            for method in methods:
+                service = method.containing_service.full_name
+                for metadata in (None, bearer("not-the-token-at-all"), (("authorization", CLIENT_TOKEN),)):
+                    code = await call_raw(channel, method, metadata)
+                    if service in OPEN_GRPC:
+                        assert code is not grpc.StatusCode.UNAUTHENTICATED, method.full_name
+                    else:
+                        assert code is grpc.StatusCode.UNAUTHENTICATED, (method.full_name, metadata, code)
+                code = await call_raw(channel, method, bearer(CLIENT_TOKEN))
+                if service == "optimized_lipsyncsrv.OptimizedLipSyncAdmin" or method.name == "LoadPackage":
+                    assert code is grpc.StatusCode.PERMISSION_DENIED, method.full_name
+                    assert await call_raw(channel, method, bearer(ADMIN_TOKEN)) is grpc.StatusCode.OK
+                else:
+                    assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), (
+                        method.full_name, code)
+
+            stub = pbg.OptimizedLipSyncServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListModels(pb.ListModelsRequest())
+            assert err.value.details() == (
+                "unauthenticated: send the gateway's token (LIPSYNC_AUTH_TOKEN) as `authorization: Bearer <token>`"
+            )
+            r = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3), metadata=bearer(CLIENT_TOKEN))
+            assert r.success and r.prediction_data[:2] == b"\xff\xd8"
+            # the admin token may make every call
+            assert (await stub.ListModels(pb.ListModelsRequest(), metadata=bearer(ADMIN_TOKEN))).loaded_models == [AVATAR]
+            health = health_pb2_grpc.HealthStub(channel)
+            assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+
+    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN, admin_token=ADMIN_TOKEN)
+
+
+def test_without_a_token_setting_clients_need_none(root: Path) -> None:
+    async def body(server: GatewayServer) -> None:
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            stub = pbg.OptimizedLipSyncServiceStub(channel)
+            r = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3))
+            assert r.success
+        async with aiohttp.ClientSession() as session, session.get(f"{server.http_url}/api/avatars") as resp:
+            assert resp.status == 200
+
+    serve_on_fake(root, fake(), body)
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def route_paths(app: Any) -> list[tuple[str, str, str]]:
+    """``(method, canonical, concrete path)`` of every route of the app."""
+    out = []
+    for route in app.router.routes():
+        canonical = route.resource.canonical
+        path = "/static/app.js" if canonical == "/static" else (
+            canonical.replace("{name}", AVATAR).replace("{frame_id}", "0"))
+        out.append((route.method, canonical, path))
+    return out
+
+
+def test_every_http_route_needs_the_token_except_health_metrics_and_page(root: Path) -> None:
+    async def body(server: GatewayServer) -> None:
+        routes = route_paths(server.http_app)
+        assert {c for _, c, _ in routes} >= {"/ws", "/api/avatars", "/api/stats", "/readyz"}
+        async with aiohttp.ClientSession() as session:
+            for method, canonical, path in routes:
+                url = f"{server.http_url}{path}"
+                async with session.request(method, url) as resp:
+                    if canonical in OPEN_ROUTES:
+                        assert resp.status != 401, (method, path)
+                    else:
+                        assert resp.status == 401, (method, path, resp.status)
+                        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                        if method == "GET":
+                            assert await resp.json() == {
+                                "error": "unauthenticated",
+                                "message": "send the gateway's token (LIPSYNC_AUTH_TOKEN) as `authorization: Bearer <token>`",
+                            }
+                async with session.request(method, url, headers={"Authorization": "Bearer wrong-token-0000000"}) as resp:
+                    assert (resp.status == 401) is (canonical not in OPEN_ROUTES), (method, path)
+                if canonical == "/ws":
+                    continue  # a plain GET is no WebSocket: tested below
+                async with session.request(method, url, headers={"Authorization": f"Bearer {CLIENT_TOKEN}"}) as resp:
+                    assert resp.status == 200, (method, path, resp.status)
+            # an unknown path says nothing either
+            async with session.get(f"{server.http_url}/api/nothing") as resp:
+                assert resp.status == 401
+
+    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN)
+
+
+async def ws_frame(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> FrameReply:
+    async with session.ws_connect(url, **kwargs) as ws:
+        await ws.send_bytes(encode_request(AVATAR, 2))
+        reply = decode_reply((await ws.receive(timeout=10)).data)
+    assert isinstance(reply, FrameReply) and reply.frame_id == 2
+    return reply
+
+
+def test_websocket_takes_the_token_as_header_or_query(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(server: GatewayServer) -> None:
+        ws_url = server.http_url.replace("http", "ws") + "/ws"
+        async with aiohttp.ClientSession() as session:
+            for url, headers in ((ws_url, {}), (f"{ws_url}?token=nope-nope-nope-nope", {}),
+                                 (server.http_url.replace("http", "ws") + "/", {})):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                    await session.ws_connect(url, headers=headers)
+                assert err.value.status == 401, url
+            await ws_frame(session, f"{ws_url}?token={CLIENT_TOKEN}")
+            await ws_frame(session, ws_url, headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
+            # the query token is for WebSockets only
+            async with session.get(f"{server.http_url}/api/stats?token={CLIENT_TOKEN}") as resp:
+                assert resp.status == 401
+
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN)
+    access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert any('"GET /ws"' in line for line in access), access
+    assert not any(CLIENT_TOKEN in line for line in access), "a token reached the access log"
+
+
+def test_readyz_is_reduced_for_callers_without_the_token(root: Path) -> None:
+    async def body(server: GatewayServer) -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.http_url}/readyz") as resp:
+                assert resp.status == 200 and await resp.json() == {"ready": True, "reason": None}
+            async with session.get(f"{server.http_url}/readyz", headers={"Authorization": f"Bearer {CLIENT_TOKEN}"}) as resp:
+                full = await resp.json()
+            assert full["triton"]["url"] == "fake-triton:8001" and full["avatars"] == [AVATAR]
+            assert server.ctx is not None
+            server.ctx.store.unload(AVATAR)
+            async with session.get(f"{server.http_url}/readyz") as resp:
+                assert resp.status == 503 and await resp.json() == {"ready": False, "reason": "no_avatar"}
+            async with session.get(f"http://127.0.0.1:{server.health_port}/readyz") as resp:
+                assert resp.status == 503 and await resp.json() == {"ready": False, "reason": "no_avatar"}
+            async with session.get(f"http://127.0.0.1:{server.health_port}/metrics") as resp:
+                assert resp.status == 200 and "lipsync_gateway" in await resp.text()
+            async with session.get(f"http://127.0.0.1:{server.health_port}/api/avatars") as resp:
+                assert resp.status == 404, "the health port serves health, readiness and metrics only"
+
+    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN, health_port=0)
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def client_ssl(files: TlsFiles, *, client_cert: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(files.ca))
+    if client_cert:
+        context.load_cert_chain(files.client_cert, files.client_key)
+    return context
+
+
+def grpc_credentials(files: TlsFiles, *, client_cert: bool = False) -> grpc.ChannelCredentials:
+    if not client_cert:
+        return grpc.ssl_channel_credentials(root_certificates=files.ca.read_bytes())
+    return grpc.ssl_channel_credentials(
+        root_certificates=files.ca.read_bytes(),
+        private_key=files.client_key.read_bytes(),
+        certificate_chain=files.client_cert.read_bytes(),
+    )
+
+
+def test_everything_works_over_tls_with_the_token(root: Path, tls: TlsFiles) -> None:
+    async def body(server: GatewayServer) -> None:
+        assert server.http_url.startswith("https://")
+        async with grpc.aio.secure_channel(server.grpc_address, grpc_credentials(tls)) as channel:
+            stub = pbg.OptimizedLipSyncServiceStub(channel)
+            md = bearer(CLIENT_TOKEN)
+            r = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3), metadata=md)
+            assert r.success and r.prediction_data[:2] == b"\xff\xd8"
+            batch = await stub.GenerateBatchInference(pb.BatchInferenceRequest(model_name=AVATAR, frame_ids=[1, 2]), metadata=md)
+            assert [x.success for x in batch.responses] == [True, True]
+            answers = [a async for a in stub.StreamInference(
+                iter([pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i) for i in range(4)]), metadata=md)]
+            assert [a.frame_id for a in answers] == [0, 1, 2, 3] and all(a.success for a in answers)
+            assert (await stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name=AVATAR), metadata=md)).success
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListModels(pb.ListModelsRequest())
+            assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        # a plain-text client gets nothing
+        async with grpc.aio.insecure_channel(server.grpc_address) as plain:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pbg.OptimizedLipSyncServiceStub(plain).ListModels(
+                    pb.ListModelsRequest(), metadata=bearer(CLIENT_TOKEN), timeout=5)
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        context = client_ssl(tls)
+        headers = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.http_url}/api/avatars", ssl=context, headers=headers) as resp:
+                assert resp.status == 200 and (await resp.json())["avatars"][0]["name"] == AVATAR
+            async with session.get(f"{server.http_url}/api/avatars/{AVATAR}/frames/1.jpg", ssl=context, headers=headers) as resp:
+                assert resp.status == 200 and (await resp.read())[:2] == b"\xff\xd8"
+            async with session.get(f"{server.http_url}/api/avatars", ssl=context) as resp:
+                assert resp.status == 401
+            async with session.get(f"{server.http_url}/", ssl=context) as resp:
+                assert resp.status == 200 and "<canvas" in await resp.text()
+            await ws_frame(session, server.http_url.replace("https", "wss") + f"/ws?token={CLIENT_TOKEN}", ssl=context)
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not our CA: refused
+                await session.get(f"{server.http_url}/healthz", ssl=ssl.create_default_context(cafile=str(tls.other_ca)))
+
+    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN, **tls_settings(tls))
+
+
+def test_mutual_tls_needs_a_client_certificate(root: Path, tls: TlsFiles) -> None:
+    async def body(server: GatewayServer) -> None:
+        for cert, ok in ((False, False), (True, True)):
+            async with grpc.aio.secure_channel(server.grpc_address, grpc_credentials(tls, client_cert=cert)) as channel:
+                call = pbg.OptimizedLipSyncServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+                if ok:
+                    assert (await call).loaded_models == [AVATAR]
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await call
+            async with aiohttp.ClientSession() as session:
+                if ok:
+                    async with session.get(f"{server.http_url}/api/stats", ssl=client_ssl(tls, client_cert=True)) as resp:
+                        assert resp.status == 200
+                else:
+                    with pytest.raises(aiohttp.ClientError):
+                        async with session.get(f"{server.http_url}/api/stats", ssl=client_ssl(tls)) as resp:
+                            await resp.read()
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.health_port}/healthz") as resp:
+            assert resp.status == 200, "the health port needs no client certificate"
+
+    serve_on_fake(root, fake(), body, health_port=0, **tls_settings(tls, tls_client_ca=tls.ca))
+
+
+def test_tls_settings_come_as_a_pair_and_as_usable_files(tls: TlsFiles, tmp_path: Path, root: Path) -> None:
+    with pytest.raises(ValidationError, match="set both LIPSYNC_TLS_CERT and LIPSYNC_TLS_KEY, or neither"):
+        GatewaySettings(tls_cert=tls.cert)
+    with pytest.raises(ValidationError, match="LIPSYNC_TLS_CLIENT_CA"):
+        GatewaySettings(tls_client_ca=tls.ca)
+    with pytest.raises(ValidationError, match="is not a file"):
+        GatewaySettings(tls_cert=tmp_path / "missing.pem", tls_key=tls.key)
+    # a key that does not match the certificate: refused before anything is bound
+    with pytest.raises(TlsConfigError, match="LIPSYNC_TLS_CERT"):
+        serve_on_fake(root, fake(), lambda s: pytest.fail("started"), tls_cert=tls.cert, tls_key=tls.client_key)
+
+
+def test_triton_over_tls_when_its_url_says_grpcs(tls: TlsFiles) -> None:
+    import asyncio
+
+    from gateway.tls import triton_endpoint
+    from gateway.triton_client import TritonGrpcClient
+    from tests.test_triton_client import TritonLike
+    from tritonclient.grpc import service_pb2_grpc as triton_grpc
+
+    assert triton_endpoint("grpcs://triton:8001") == ("triton:8001", True)
+    assert triton_endpoint("grpc://triton:8001") == ("triton:8001", False)
+    assert triton_endpoint("triton:8001", True) == ("triton:8001", True)
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        triton_grpc.add_GRPCInferenceServiceServicer_to_server(TritonLike(), server)
+        port = server.add_secure_port(
+            "127.0.0.1:0", grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())]))
+        await server.start()
+        try:
+            target, use_tls = triton_endpoint(f"grpcs://127.0.0.1:{port}")
+            client = TritonGrpcClient(target, tls=use_tls, tls_ca=str(tls.ca), probe_timeout_s=5)
+            assert await client.server_live()
+            await client.close()
+            plain = TritonGrpcClient(target, probe_timeout_s=2)
+            with pytest.raises(Exception, match="unreachable"):
+                await plain.server_live()
+            await plain.close()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------- settings, start-up
+
+
+def test_tokens_are_checked_and_never_echoed() -> None:
+    assert GatewaySettings(auth_token="").auth_token is None, "an empty variable is no token"
+    for bad in ("short", "has a space in it!!", "x" * 15):
+        with pytest.raises(ValidationError) as err:
+            GatewaySettings(auth_token=bad)
+        assert bad not in str(err.value)
+    with pytest.raises(ValidationError, match="must differ") as err:
+        GatewaySettings(auth_token=CLIENT_TOKEN, admin_token=CLIENT_TOKEN)
+    assert CLIENT_TOKEN not in str(err.value)
+    assert CLIENT_TOKEN not in repr(GatewaySettings(auth_token=CLIENT_TOKEN))
+
+
+@pytest.mark.parametrize(("host", "token", "warned"), [
+    ("0.0.0.0", None, "LIPSYNC_AUTH_TOKEN is not set"),
+    ("127.0.0.1", None, None),
+    ("0.0.0.0", CLIENT_TOKEN, "TLS is off"),
+])
+def test_warning_when_served_beyond_loopback_without_protection(
+    root: Path, caplog: pytest.LogCaptureFixture, host: str, token: str | None, warned: str | None
+) -> None:
+    async def body(server: GatewayServer) -> None:
+        return None
+
+    with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        serve_on_fake(root, fake(), body, host=host, auth_token=token)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.auth"]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0]
