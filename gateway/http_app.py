@@ -6,6 +6,7 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /``                                    the web page (``gateway/static/index.html``)
 ``GET /static/...``                          its script and style sheet
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
+``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
                                              else 503; JSON with the reason
@@ -62,6 +63,7 @@ from gateway.audio_features import WindowChunks
 from gateway.auth import POLICY_KEY, TokenPolicy, auth_middleware, caller_authenticated
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar, unexpected
 from gateway.frame_request import FrameRequest
+from gateway.live_ws import serve_live_websocket
 from gateway.model_lifecycle import ModelPhase
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
@@ -208,6 +210,12 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         open_ws.discard(ws)
         ctx.metrics.ws_connections.dec()
     return ws
+
+
+async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    """``GET /live``: one live session (`gateway.live_ws`)."""
+    ctx = request.app[CONTEXT_KEY]
+    return await serve_live_websocket(request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY])
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -429,6 +437,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/live", live_websocket_handler)
     app.router.add_get("/api/avatars", list_avatars)
     app.router.add_get("/api/avatars/{name}", get_avatar)
     app.router.add_get("/api/avatars/{name}/audio.wav", avatar_audio)

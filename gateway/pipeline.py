@@ -1,7 +1,8 @@
 """`FramePipeline`: the one entry point from a `FrameRequest` to a composited JPEG.
 
 The protocol adapters decode their wire format into a `gateway.frame_request.FrameRequest` and
-call `FramePipeline.render`, which runs these stages (docs/REFERENCE.md s.2), with what each
+call `FramePipeline.render`, which runs these stages (live sessions call
+`FramePipeline.render_window` with the avatar, the video frame and their own audio window) (docs/REFERENCE.md s.2), with what each
 recorded time covers:
 
 1. **validate**: a global in-flight slot is free (`Overloaded`), the avatar exists
@@ -35,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
 from gateway.triton_client import InferenceClient
+from lipsync.contract import FEATURE_DIM, WINDOW_ROWS
 from lipsync.frames import audio_window, paste_back
 
 log = logging.getLogger(__name__)
@@ -237,21 +239,70 @@ class FramePipeline:
             Overloaded, UnknownAvatar, FrameOutOfRange, BadRequest (live audio of a wrong
             length), TritonUnavailable: all `gateway.errors.GatewayError`.
         """
+
+        async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
+            avatar.check_frame_id(request.frame_id, live_audio=request.audio is not None)
+            v = avatar.video_index(request.frame_id)
+            if request.audio is None:
+                return v, audio_window(avatar.features, request.frame_id)
+            return v, await self.audio.window(request.audio)
+
+        return await self._render(request.avatar, request.frame_id, self.store.get, prepare, protocol)
+
+    async def render_window(
+        self, avatar: Avatar, video_index: int, window: NDArray[np.float32], *, protocol: WireProtocol
+    ) -> RenderedFrame:
+        """Render video frame ``video_index`` of ``avatar`` with a caller's audio window.
+
+        The live sessions' entry point (`gateway.live_render`): the session computed the window
+        itself (feature rows ``k-8 .. k+7`` of its own audio) and chose the video frame (its
+        ping-pong walk); admission, Triton, composite, timings and the outcome count are those
+        of `render`. Cancelling the call (the slot's deadline passed) cancels the Triton call
+        and counts nothing.
+
+        Args:
+            avatar: a loaded avatar (`AvatarStore.get`).
+            video_index: ``0 <= video_index < N``.
+            window: float32 ``[16, 512]``.
+            protocol: the metrics label (``live``).
+
+        Returns:
+            A `RenderedFrame` whose ``frame_id`` is ``video_index``.
+
+        Raises:
+            Overloaded, TritonUnavailable: `gateway.errors.GatewayError`.
+            ValueError: ``video_index`` or the window's shape is wrong (a caller's bug).
+        """
+        if not 0 <= video_index < avatar.video_frames:
+            raise ValueError(f"video_index {video_index} outside 0..{avatar.video_frames - 1}")
+        if window.shape != (WINDOW_ROWS, FEATURE_DIM):
+            raise ValueError(f"window must be [{WINDOW_ROWS}, {FEATURE_DIM}], got {list(window.shape)}")
+
+        async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
+            return video_index, np.asarray(window, dtype=np.float32)
+
+        return await self._render(avatar.name, video_index, lambda name: avatar, prepare, protocol)
+
+    async def _render(
+        self,
+        name: str,
+        frame_id: int,
+        lookup: Callable[[str], Avatar],
+        prepare: Callable[[Avatar], Awaitable[tuple[int, NDArray[np.float32]]]],
+        protocol: WireProtocol,
+    ) -> RenderedFrame:
+        """Admission, ``lookup(name)``, ``prepare(avatar)`` (video frame, window), Triton,
+        composite, metrics (a failure after the lookup also counts in the avatar's stats)."""
         t_start = time.perf_counter()
         avatar: Avatar | None = None
         outcome: str | None = GatewayError.code  # the error code ("internal" for a bug); None once rendered
         try:
             with self.admission.slot():
-                avatar = self.store.get(request.avatar)
-                avatar.check_frame_id(request.frame_id, live_audio=request.audio is not None)
+                avatar = lookup(name)
                 # prepare
                 t0 = time.perf_counter()
-                v = avatar.video_index(request.frame_id)
+                v, window = await prepare(avatar)
                 crop = avatar.inners[v : v + 1]  # [1, 320, 320, 3] contiguous view
-                if request.audio is None:
-                    window = audio_window(avatar.features, request.frame_id)
-                else:
-                    window = await self.audio.window(request.audio)
                 t1 = time.perf_counter()
                 # inference
                 pred = await self.inference.infer_unet(avatar.model, crop, window[None])
@@ -264,7 +315,7 @@ class FramePipeline:
                 t3 = time.perf_counter()
             frame = RenderedFrame(
                 avatar=avatar.name,
-                frame_id=request.frame_id,
+                frame_id=frame_id,
                 jpeg=jpeg,
                 rect=avatar.rect(v),
                 width=avatar.width,
@@ -282,7 +333,7 @@ class FramePipeline:
             outcome = _CANCELLED
             raise
         except Exception:
-            log.exception("rendering frame %s of %r failed", request.frame_id, request.avatar)
+            log.exception("rendering frame %s of %r failed", frame_id, name)
             raise
         finally:
             if outcome != _CANCELLED:

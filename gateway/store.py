@@ -330,13 +330,14 @@ class AvatarStore:
             raw = Path(package_dir)
             candidate = raw if raw.is_absolute() else self.packages_root / raw
             resolved = candidate.resolve()
-            is_package = (resolved / MANIFEST_NAME).is_file()
+            inside = resolved != self.packages_root and resolved.is_relative_to(self.packages_root)
+            is_package = inside and (resolved / MANIFEST_NAME).is_file()
         except (ValueError, OSError) as exc:  # "embedded null byte", ENAMETOOLONG, ELOOP, ...
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise PackageRejected(
                 f"package_dir {str(package_dir)[:200]!r} is not a usable path: {reason}"
             ) from None
-        if resolved == self.packages_root or not resolved.is_relative_to(self.packages_root):
+        if not inside:
             raise PackageRejected(
                 f"package_dir {str(package_dir)[:200]!r} is not inside the packages root"
             )
