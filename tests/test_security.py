@@ -40,6 +40,8 @@ ADMIN_TOKEN = "admin-token-9a8b7c6d5e4f3a2b"
 OPEN_GRPC = {"grpc.health.v1.Health"}
 OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/", "/static"}
 """Open without a token: health, readiness (reduced), metrics, the page and its files."""
+PAGE = {"/", "/static"}
+"""The page's routes: open, but not for a WebSocket upgrade."""
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -201,10 +203,12 @@ def test_every_http_route_needs_the_token_except_health_metrics_and_page(root: P
                             }
                 async with session.request(method, url, headers={"Authorization": "Bearer wrong-token-0000000"}) as resp:
                     assert (resp.status == 401) is (canonical not in OPEN_ROUTES), (method, path)
-                if canonical == "/ws":
-                    continue  # a plain GET is no WebSocket: tested below
                 async with session.request(method, url, headers={"Authorization": f"Bearer {CLIENT_TOKEN}"}) as resp:
-                    assert resp.status == 200, (method, path, resp.status)
+                    assert resp.status != 401, (method, path)
+                if method == "GET":  # a WebSocket upgrade on any route needs the token, the page's too
+                    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                        await session.ws_connect(url.replace("http", "ws", 1))
+                    assert (err.value.status == 401) is (canonical not in OPEN_ROUTES - PAGE), (path, err.value.status)
             # an unknown path says nothing either
             async with session.get(f"{server.http_url}/api/nothing") as resp:
                 assert resp.status == 401
@@ -231,6 +235,12 @@ def test_websocket_takes_the_token_as_header_or_query(root: Path, caplog: pytest
                 assert err.value.status == 401, url
             await ws_frame(session, f"{ws_url}?token={CLIENT_TOKEN}")
             await ws_frame(session, ws_url, headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
+            live_url = server.http_url.replace("http", "ws") + "/live"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await session.ws_connect(live_url)
+            assert err.value.status == 401
+            async with session.ws_connect(f"{live_url}?token={CLIENT_TOKEN}") as live:
+                assert not live.closed
             # the query token is for WebSockets only
             async with session.get(f"{server.http_url}/api/stats?token={CLIENT_TOKEN}") as resp:
                 assert resp.status == 401
