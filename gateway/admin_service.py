@@ -82,7 +82,7 @@ async def load_package_response(
     )
 
 
-class AdminService(admin_pbg.OptimizedLipSyncAdminServicer):  # type: ignore[misc]
+class AdminService(admin_pbg.OptimizedLipSyncAdminServicer):
     """The ``OptimizedLipSyncAdmin`` implementation over a `GatewayContext`."""
 
     def __init__(self, ctx: GatewayContext) -> None:

@@ -45,7 +45,8 @@ def serve_on_fake(
     ``overrides`` on top of `fake_settings`), in a fresh event loop; the server is stopped after."""
 
     async def run() -> T:
-        server = GatewayServer(fake_settings(packages_root, fake, **overrides), grace_s=0.5, triton_client=fake)
+        settings = fake_settings(packages_root, fake, **overrides)
+        server = GatewayServer(settings, grace_s=0.5, triton_client=fake)
         await server.start()
         try:
             return await body(server)

@@ -1,6 +1,7 @@
 """The admin service ``optimized_lipsyncsrv.OptimizedLipSyncAdmin`` (proto/admin.proto) on a real
 `GatewayServer` whose Triton is the in-process fake: who may call it, replacing an avatar only
 with ``replace``, unloading; and the seed service's wire contract, unchanged by the addition."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,7 +37,9 @@ def seed_contract_text() -> str:
     as_proto = descriptor_pb2.ServiceDescriptorProto()
     service.CopyToProto(as_proto)
     parts = [f"# service {service.full_name}", text_format.MessageToString(as_proto)]
-    names = sorted({m.input_type.full_name for m in service.methods} | {m.output_type.full_name for m in service.methods})
+    names = sorted(
+        {m.input_type.full_name for m in service.methods} | {m.output_type.full_name for m in service.methods}
+    )
     for name in names:
         message = descriptor_pb2.DescriptorProto()
         pb.DESCRIPTOR.pool.FindMessageTypeByName(name).CopyToProto(message)
@@ -75,18 +78,27 @@ def fake() -> Any:
 
 async def frame0(channel: grpc.aio.Channel, avatar: str, metadata: Any = None) -> bytes:
     r = await pbg.OptimizedLipSyncServiceStub(channel).GetVideoFrame(
-        pb.GetVideoFrameRequest(model_name=avatar, frame_id=0), metadata=metadata)
+        pb.GetVideoFrameRequest(model_name=avatar, frame_id=0), metadata=metadata
+    )
     assert r.success, r.error
     return bytes(r.frame_data)
 
 
-@pytest.mark.parametrize(("auth", "metadata", "code", "words"), [
-    (None, None, grpc.StatusCode.UNAUTHENTICATED, "send the admin token (LIPSYNC_ADMIN_TOKEN)"),
-    (None, bearer("some-other-token-123456"), grpc.StatusCode.UNAUTHENTICATED, "the token sent is not the admin token"),
-    (CLIENT_TOKEN, bearer(CLIENT_TOKEN), grpc.StatusCode.PERMISSION_DENIED, "it needs the admin token"),
-    (CLIENT_TOKEN, bearer(ADMIN_TOKEN), grpc.StatusCode.OK, ""),
-    (None, bearer(ADMIN_TOKEN), grpc.StatusCode.OK, ""),
-])
+@pytest.mark.parametrize(
+    ("auth", "metadata", "code", "words"),
+    [
+        (None, None, grpc.StatusCode.UNAUTHENTICATED, "send the admin token (LIPSYNC_ADMIN_TOKEN)"),
+        (
+            None,
+            bearer("some-other-token-123456"),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "the token sent is not the admin token",
+        ),
+        (CLIENT_TOKEN, bearer(CLIENT_TOKEN), grpc.StatusCode.PERMISSION_DENIED, "it needs the admin token"),
+        (CLIENT_TOKEN, bearer(ADMIN_TOKEN), grpc.StatusCode.OK, ""),
+        (None, bearer(ADMIN_TOKEN), grpc.StatusCode.OK, ""),
+    ],
+)
 def test_admin_calls_need_the_admin_token(
     root: Path, auth: str | None, metadata: Any, code: grpc.StatusCode, words: str
 ) -> None:
@@ -117,7 +129,9 @@ def test_replace_flag_unload_and_reload(root: Path) -> None:
             seed = pbg.OptimizedLipSyncServiceStub(channel)
             alice, bob = await frame0(channel, "alice"), await frame0(channel, "bob")
             assert alice != bob
-            r = await admin.LoadPackage(admin_pb.AdminLoadPackageRequest(package_dir="bob", package_name="alice"), metadata=md)
+            r = await admin.LoadPackage(
+                admin_pb.AdminLoadPackageRequest(package_dir="bob", package_name="alice"), metadata=md
+            )
             assert not r.success and "replace=true" in r.error and await frame0(channel, "alice") == alice
 
             # bob out, then bob's folder in as alice: replace
@@ -127,7 +141,9 @@ def test_replace_flag_unload_and_reload(root: Path) -> None:
             gone = await seed.GenerateInference(pb.OptimizedInferenceRequest(model_name="bob", frame_id=0))
             assert gone.error.startswith("unknown_avatar: avatar 'bob' is not loaded")
             r = await admin.LoadPackage(
-                admin_pb.AdminLoadPackageRequest(package_dir="bob", package_name="alice", replace=True), metadata=md)
+                admin_pb.AdminLoadPackageRequest(package_dir="bob", package_name="alice", replace=True),
+                metadata=md,
+            )
             assert r.success and r.package_name == "alice", r.error
             assert await frame0(channel, "alice") == bob
             assert (await seed.ListModels(pb.ListModelsRequest())).loaded_models == ["alice"]
@@ -138,8 +154,11 @@ def test_replace_flag_unload_and_reload(root: Path) -> None:
             await admin.UnloadPackage(admin_pb.UnloadPackageRequest(package_name="alice"), metadata=md)
             assert not (await seed.HealthCheck(pb.HealthRequest())).healthy, "no avatar: not ready"
             r = await admin.LoadPackage(admin_pb.AdminLoadPackageRequest(package_dir="alice"), metadata=md)
-            assert r.success and r.frame_count > 0 and list(r.videos_loaded) == [
-                "full_body", "face_regions", "masked_regions"]
+            assert (
+                r.success
+                and r.frame_count > 0
+                and list(r.videos_loaded) == ["full_body", "face_regions", "masked_regions"]
+            )
             assert await frame0(channel, "alice") == alice
 
     serve_on_fake(root, fake(), body, admin_token=ADMIN_TOKEN)

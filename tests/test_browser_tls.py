@@ -4,6 +4,7 @@ real CPU Triton: a gateway with ``LIPSYNC_AUTH_TOKEN`` and a TLS certificate fro
 ``--ignore-certificate-errors-spki-list``). The page asks for the token when the gateway answers
 401, then plays the demo avatar; opened as ``/?token=...`` it plays at once and drops the token
 from the address bar."""
+
 from __future__ import annotations
 
 import base64
@@ -76,7 +77,9 @@ def test_page_plays_over_https_and_wss_with_the_token(
     page = pinned_browser.new_page()
     problems: list[str] = []
     sockets: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on(
+        "console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None
+    )
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("websocket", lambda ws: sockets.append(ws.url))
     try:

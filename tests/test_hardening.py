@@ -10,6 +10,7 @@ gateway from before the fix, where it fails):
   rendering one frame of a stream: all answered in-band;
 - 10: no absolute server path in any answer a client can get.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,7 @@ import aiohttp
 import grpc
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from gateway.server import GatewayServer
 from lipsync.package import SourceMedia, WeightsManifest, WeightsSource, write_package
@@ -37,7 +39,7 @@ INT32_MAX = 2**31 - 1
 MiB = 1 << 20
 
 
-def frames_of(seed: int, n: int = 10) -> np.ndarray:
+def frames_of(seed: int, n: int = 10) -> NDArray[np.uint8]:
     return np.random.default_rng(seed).integers(0, 256, (n, 48, 64, 3), dtype=np.uint8)
 
 
@@ -56,7 +58,9 @@ def stub_of(channel: grpc.aio.Channel) -> Any:
 
 
 async def video_frame(stub: Any, avatar: str, frame_id: int = 0) -> bytes:
-    r = await stub.GetVideoFrame(pb.GetVideoFrameRequest(model_name=avatar, frame_id=frame_id, video_type="full_body"))
+    r = await stub.GetVideoFrame(
+        pb.GetVideoFrameRequest(model_name=avatar, frame_id=frame_id, video_type="full_body")
+    )
     assert r.success, r.error
     return bytes(r.frame_data)
 
@@ -71,7 +75,9 @@ def test_load_package_is_an_admin_call_refused_while_admin_token_is_unset(make_p
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.LoadPackage(pb.LoadPackageRequest(package_dir="bob", package_name="alice"), metadata=ADMIN)
+                await stub.LoadPackage(
+                    pb.LoadPackageRequest(package_dir="bob", package_name="alice"), metadata=ADMIN
+                )
             assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
             assert "set LIPSYNC_ADMIN_TOKEN" in (err.value.details() or "")
             assert (await stub.ListModels(pb.ListModelsRequest())).loaded_models == ["alice", "bob"]
@@ -86,12 +92,16 @@ def test_load_package_does_not_replace_another_avatar(make_package: Any) -> None
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             alice = await video_frame(stub, "alice")
-            r = await stub.LoadPackage(pb.LoadPackageRequest(package_dir="bob", package_name="alice"), metadata=ADMIN)
+            r = await stub.LoadPackage(
+                pb.LoadPackageRequest(package_dir="bob", package_name="alice"), metadata=ADMIN
+            )
             assert not r.success and r.error.startswith("package_rejected: avatar 'alice' is already served")
             assert "replace=true" in r.error
             assert await video_frame(stub, "alice") == alice, "alice still shows alice"
             # reloading an avatar from its own folder stays a plain LoadPackage
-            r = await stub.LoadPackage(pb.LoadPackageRequest(package_dir="alice", package_name="alice"), metadata=ADMIN)
+            r = await stub.LoadPackage(
+                pb.LoadPackageRequest(package_dir="alice", package_name="alice"), metadata=ADMIN
+            )
             assert r.success, r.error
 
     serve_on_fake(root, fake_for("alice", "bob"), body, admin_token=ADMIN_TOKEN)
@@ -104,7 +114,9 @@ def test_load_package_refuses_names_outside_the_pattern(make_package: Any, name:
     async def body(server: GatewayServer) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
-            r = await stub.LoadPackage(pb.LoadPackageRequest(package_dir="bob", package_name=name), metadata=ADMIN)
+            r = await stub.LoadPackage(
+                pb.LoadPackageRequest(package_dir="bob", package_name=name), metadata=ADMIN
+            )
             assert not r.success and "is not a valid avatar name" in r.error, r.error
             assert (await stub.ListModels(pb.ListModelsRequest())).loaded_models == ["alice", "bob"]
 
@@ -118,7 +130,9 @@ def test_one_package_folder_is_not_loaded_twice_under_new_names(make_package: An
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             for k in range(3):
-                r = await stub.LoadPackage(pb.LoadPackageRequest(package_dir="bob", package_name=f"bob{k}"), metadata=ADMIN)
+                r = await stub.LoadPackage(
+                    pb.LoadPackageRequest(package_dir="bob", package_name=f"bob{k}"), metadata=ADMIN
+                )
                 assert not r.success and "is already served as avatar 'bob'" in r.error, r.error
                 assert "would hold a second copy of its frames" in r.error
             assert (await stub.ListModels(pb.ListModelsRequest())).loaded_models == ["alice", "bob"]
@@ -143,7 +157,9 @@ def test_avatar_frames_held_stay_under_the_cap(make_package: Any) -> None:
             assert f"the cap is {1.5 * one / MiB:.1f} MiB" in r.error, r.error
         assert sum(a.held_bytes for a in server.ctx.store.avatars()) == one
 
-    serve_on_fake(root, fake_for("alice", "bob"), body, admin_token=ADMIN_TOKEN, max_avatar_bytes=int(1.5 * one))
+    serve_on_fake(
+        root, fake_for("alice", "bob"), body, admin_token=ADMIN_TOKEN, max_avatar_bytes=int(1.5 * one)
+    )
 
 
 def read_bytes_so_far() -> int:
@@ -213,7 +229,9 @@ def test_unusable_package_dir_is_answered_in_band(make_package: Any, package_dir
 
     async def body(server: GatewayServer) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
-            r = await stub_of(channel).LoadPackage(pb.LoadPackageRequest(package_dir=package_dir), metadata=ADMIN)
+            r = await stub_of(channel).LoadPackage(
+                pb.LoadPackageRequest(package_dir=package_dir), metadata=ADMIN
+            )
             assert not r.success and r.error.startswith("package_rejected: package_dir "), r.error
             assert "is not a usable path" in r.error
 
@@ -239,21 +257,32 @@ def test_batch_whose_answers_cannot_be_sent_is_refused_before_rendering(make_pac
     fake = fake_for("noise")
 
     async def body(server: GatewayServer) -> None:
-        async with grpc.aio.insecure_channel(server.grpc_address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+        async with grpc.aio.insecure_channel(
+            server.grpc_address, options=[("grpc.max_receive_message_length", -1)]
+        ) as ch:
             stub = stub_of(ch)
-            r = await stub.GenerateBatchInference(pb.BatchInferenceRequest(model_name="noise", frame_ids=[i % 24 for i in range(256)]))
+            r = await stub.GenerateBatchInference(
+                pb.BatchInferenceRequest(model_name="noise", frame_ids=[i % 24 for i in range(256)])
+            )
             assert [x.success for x in r.responses] == [False]
             error = r.responses[0].error
-            assert error.startswith("bad_request: a batch of 256 frames of avatar 'noise' (320x240) may answer up to")
+            assert error.startswith(
+                "bad_request: a batch of 256 frames of avatar 'noise' (320x240) may answer up to"
+            )
             assert "over the gRPC send limit of 8 MiB" in error
             assert fake.count("infer") == 0, "refused before any frame was rendered"
             fit = int(error.split("ask for at most ")[1].split()[0])
             assert 10 <= fit < 256
-            ok = await stub.GenerateBatchInference(pb.BatchInferenceRequest(model_name="noise", frame_ids=[i % 24 for i in range(fit)]))
+            ok = await stub.GenerateBatchInference(
+                pb.BatchInferenceRequest(model_name="noise", frame_ids=[i % 24 for i in range(fit)])
+            )
             assert all(x.success for x in ok.responses), {x.error for x in ok.responses}
             assert ok.ByteSize() <= LIMIT
-            audio = await stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
-                model_name="noise", start_frame_id=8, frame_count=256, audio_chunks=[bytes(1280)] * 271))
+            audio = await stub.GenerateBatchWithAudio(
+                pb.BatchInferenceWithAudioRequest(
+                    model_name="noise", start_frame_id=8, frame_count=256, audio_chunks=[bytes(1280)] * 271
+                )
+            )
             assert all(not x.success and "over the gRPC send limit" in x.error for x in audio.responses)
 
     serve_on_fake(root, fake, body, grpc_max_send_bytes=LIMIT)
@@ -265,9 +294,13 @@ def test_batch_past_the_estimate_still_answers_in_band(make_package: Any) -> Non
     root = noise_avatar(make_package, flat=(0, 5, 9))
 
     async def body(server: GatewayServer) -> None:
-        async with grpc.aio.insecure_channel(server.grpc_address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+        async with grpc.aio.insecure_channel(
+            server.grpc_address, options=[("grpc.max_receive_message_length", -1)]
+        ) as ch:
             ids = [1, 2, 3, 4, 6, 7, 8] * 10
-            r = await stub_of(ch).GenerateBatchInference(pb.BatchInferenceRequest(model_name="noise", frame_ids=ids))
+            r = await stub_of(ch).GenerateBatchInference(
+                pb.BatchInferenceRequest(model_name="noise", frame_ids=ids)
+            )
             assert [x.frame_id for x in r.responses] == ids
             assert all(not x.success and "over the gRPC send limit" in x.error for x in r.responses)
 
@@ -278,7 +311,7 @@ def test_a_bug_while_rendering_one_frame_is_answered_and_the_stream_goes_on(make
     root = Path(make_package(name="alice", frames=frames_of(1)).parent)
     calls = 0
 
-    def flaky_unet(crop: np.ndarray, window: np.ndarray) -> np.ndarray:
+    def flaky_unet(crop: NDArray[np.uint8], window: NDArray[np.float32]) -> NDArray[np.uint8]:
         nonlocal calls
         calls += 1
         if calls == 2:
@@ -286,7 +319,8 @@ def test_a_bug_while_rendering_one_frame_is_answered_and_the_stream_goes_on(make
         return identity_unet(crop, window)
 
     fake = FakeTriton(
-        {"lipsync_alice": FakeModel(flaky_unet), "audio_encoder": FakeModel(slice_encoder)}, loaded=("audio_encoder",)
+        {"lipsync_alice": FakeModel(flaky_unet), "audio_encoder": FakeModel(slice_encoder)},
+        loaded=("audio_encoder",),
     )
 
     async def body(server: GatewayServer) -> None:
@@ -323,8 +357,15 @@ def test_no_server_paths_in_answers(make_package: Any, tmp_path: Path) -> None:
             unet=WeightsSource(trained=True, source=f"{built_on}/unet_328.pth", sha256="2" * 64),
             audio_encoder=WeightsSource(trained=True, source=f"{built_on}/audio_visual_encoder.pth"),
         ),
-        source=SourceMedia(video="v.mp4", audio="a.wav", video_fps=25.0, video_frames=10, video_width=64,
-                           video_height=48, audio_sample_rate=16000),
+        source=SourceMedia(
+            video="v.mp4",
+            audio="a.wav",
+            video_fps=25.0,
+            video_frames=10,
+            video_width=64,
+            video_height=48,
+            audio_sample_rate=16000,
+        ),
         **arrays,
     )
     (root / "broken").mkdir()
@@ -354,4 +395,6 @@ def test_no_server_paths_in_answers(make_package: Any, tmp_path: Path) -> None:
         assert "fake-triton" not in ready
         clean(ready)
 
-    serve_on_fake(root, fake_for("alice", "bob", "carol"), body, admin_token=ADMIN_TOKEN, auth_token=CLIENT_TOKEN)
+    serve_on_fake(
+        root, fake_for("alice", "bob", "carol"), body, admin_token=ADMIN_TOKEN, auth_token=CLIENT_TOKEN
+    )

@@ -1,5 +1,6 @@
 """Self-signed TLS material for tests, generated with ``trustme`` (a throw-away CA): a server
 certificate for ``127.0.0.1`` / ``localhost`` and a client certificate, as PEM files."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,12 @@ def make_tls_files(folder: Path) -> TlsFiles:
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     client = ca.issue_cert("client@lipsync.test")
-    files = TlsFiles(*(folder / n for n in ("ca.pem", "cert.pem", "key.pem", "client.pem", "client-key.pem", "other-ca.pem")))
+    files = TlsFiles(
+        *(
+            folder / n
+            for n in ("ca.pem", "cert.pem", "key.pem", "client.pem", "client-key.pem", "other-ca.pem")
+        )
+    )
     ca.cert_pem.write_to_path(str(files.ca))
     server.private_key_pem.write_to_path(str(files.key))
     files.cert.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
