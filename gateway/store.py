@@ -403,6 +403,8 @@ class AvatarStore:
             if old is not None:
                 avatar.stats = old.stats
             self._avatars[avatar.name] = avatar
+            if old is not None and old.model != avatar.model:
+                self._release_model(old.model)
             self._aliases[avatar.model] = avatar.name
         for subscriber in self._subscribers:
             subscriber()
@@ -459,6 +461,15 @@ class AvatarStore:
                 "(LIPSYNC_MAX_AVATAR_BYTES): unload an avatar or raise the cap"
             )
 
+    def _release_model(self, model: str) -> None:
+        """Forget Triton model ``model`` (its alias, its registration) unless an avatar still
+        serves it."""
+        if any(a.model == model for a in self._avatars.values()):
+            return
+        self._aliases.pop(model, None)
+        if self._lifecycle is not None:
+            self._lifecycle.unregister(model)
+
     def unload(self, name: str) -> Avatar:
         """Stop serving the avatar ``name`` (frames in flight finish; its memory is freed once
         they are done). Its Triton model stays loaded in Triton but is no longer required for
@@ -472,9 +483,7 @@ class AvatarStore:
         """
         avatar = self.get(name)
         del self._avatars[avatar.name]
-        self._aliases = {m: n for m, n in self._aliases.items() if n != avatar.name}
-        if self._lifecycle is not None and not any(a.model == avatar.model for a in self._avatars.values()):
-            self._lifecycle.unregister(avatar.model)
+        self._release_model(avatar.model)
         for subscriber in self._subscribers:
             subscriber()
         log.info("avatar %r unloaded (%.0f MiB of frames released)", avatar.name, avatar.held_bytes / MiB)

@@ -147,6 +147,10 @@ def test_replace_flag_unload_and_reload(root: Path) -> None:
             assert r.success and r.package_name == "alice", r.error
             assert await frame0(channel, "alice") == bob
             assert (await seed.ListModels(pb.ListModelsRequest())).loaded_models == ["alice"]
+            assert server.ctx is not None
+            snapshot = server.ctx.lifecycle.snapshot()
+            assert "lipsync_alice" not in snapshot.models, "the replaced avatar's model is no longer required"
+            assert "lipsync_alice" not in server.ctx.store and server.ctx.store.get("lipsync_bob").name == "alice"
 
             again = await admin.UnloadPackage(admin_pb.UnloadPackageRequest(package_name="bob"), metadata=md)
             assert not again.success and again.error.startswith("unknown_avatar: ")
