@@ -150,7 +150,8 @@ def test_replace_flag_unload_and_reload(root: Path) -> None:
             assert server.ctx is not None
             snapshot = server.ctx.lifecycle.snapshot()
             assert "lipsync_alice" not in snapshot.models, "the replaced avatar's model is no longer required"
-            assert "lipsync_alice" not in server.ctx.store and server.ctx.store.get("lipsync_bob").name == "alice"
+            assert "lipsync_alice" not in server.ctx.store
+            assert server.ctx.store.get("lipsync_bob").name == "alice"
 
             again = await admin.UnloadPackage(admin_pb.UnloadPackageRequest(package_name="bob"), metadata=md)
             assert not again.success and again.error.startswith("unknown_avatar: ")
