@@ -127,7 +127,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             frame = await self.pipeline.render(request, protocol=PROTOCOL)
         except GatewayError as exc:
             return error_response(request.avatar, request.frame_id, exc, t0)
-        except Exception as exc:  # noqa: BLE001 - a bug (the pipeline logged it): answer this frame, serve on
+        except Exception as exc:  # noqa: BLE001 - a bug (the pipeline logged it): answer, serve on
             return error_response(request.avatar, request.frame_id, unexpected(exc), t0)
         return frame_response(frame)
 
@@ -154,7 +154,8 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             f"the {len(responses)} rendered frames take {batch.ByteSize()} bytes, over the gRPC send "
             f"limit of {limit} bytes (LIPSYNC_GRPC_MAX_SEND_BYTES): ask for fewer frames per call"
         )
-        return self._batch_response([error_response(r.model_name, r.frame_id, exc, t0) for r in responses], t0)
+        errors = [error_response(r.model_name, r.frame_id, exc, t0) for r in responses]
+        return self._batch_response(errors, t0)
 
     async def _check_batch(self, avatar: str, n: int) -> None:
         """The batch size limit, then whether ``n`` answers of ``avatar`` fit one message

@@ -259,7 +259,8 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
 def _json_error(exc: GatewayError) -> web.Response:
     # a 401 names the scheme it wants (RFC 7235 s.3.1)
     headers = {"WWW-Authenticate": 'Bearer realm="lipsync"'} if exc.http_status == 401 else None
-    return web.json_response({"error": exc.code, "message": exc.message}, status=exc.http_status, headers=headers)
+    body = {"error": exc.code, "message": exc.message}
+    return web.json_response(body, status=exc.http_status, headers=headers)
 
 
 @web.middleware
@@ -317,7 +318,8 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append(("not_ready", "gateway not ready"))
     status = 200 if ready else 503
     if not caller_authenticated(request):
-        return web.json_response({"ready": ready, "reason": reasons[0][0] if reasons else None}, status=status)
+        reduced = {"ready": ready, "reason": reasons[0][0] if reasons else None}
+        return web.json_response(reduced, status=status)
     body = {
         "ready": ready,
         "reason": "; ".join(words for _, words in reasons) if reasons else None,

@@ -24,7 +24,7 @@ from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.grpc_service import HealthReporter, build_grpc_server
 from gateway.http_app import create_app, create_health_app
-from gateway.tls import grpc_server_credentials, http_ssl_context
+from gateway.tls import grpc_server_credentials, http_ssl_context, tls_enabled
 from gateway.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class GatewayServer:
     @property
     def http_url(self) -> str:
         """``http(s)://host:port`` of the aiohttp app (web page, WebSocket at ``/ws``)."""
-        scheme = "https" if self.settings.tls_cert is not None else "http"
+        scheme = "https" if tls_enabled(self.settings) else "http"
         return f"{scheme}://{self._client_host()}:{self.http_port}"
 
     def _client_host(self) -> str:
