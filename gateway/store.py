@@ -45,7 +45,6 @@ from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME, NAME_PATTERN,
 from lipsync.frames import crop_328, inner_320, pingpong_index
 from lipsync.package import (
     AvatarPackage,
-    LoadCancelled,
     PackageError,
     PackageManifest,
     check_cancel,
@@ -390,8 +389,6 @@ class AvatarStore:
                 cancel.set()  # the worker stops at its next check
                 log.info("loading %s cancelled by the caller", self.display(path))
                 raise
-            except LoadCancelled as exc:
-                raise PackageRejected(str(exc)) from exc
             except PackageError as exc:
                 raise PackageRejected(
                     f"package {self.display(path)!r} rejected: {self._redact(str(exc))}"

@@ -173,17 +173,19 @@ def read_bytes_so_far() -> int:
 def test_load_package_stops_reading_when_the_caller_goes_away(make_package: Any) -> None:
     """A package whose frames file is 8 GiB (sparse): hashing it takes many seconds; the caller
     gives up after 0.5 s, and the gateway must stop reading soon after."""
-    make_package(name="alice", frames=frames_of(1))
-    big = Path(make_package(name="big", frames=frames_of(3)))
-    root = big.parent
-    manifest = json.loads((big / "manifest.json").read_text())
-    size = 8 << 30
-    with open(big / "frames.npy", "r+b") as fh:
-        fh.truncate(size)
-    manifest["files"]["frames"]["size_bytes"] = size
-    (big / "manifest.json").write_text(json.dumps(manifest))
+    root = Path(make_package(name="alice", frames=frames_of(1)).parent)
+
+    def make_big() -> None:  # after start-up, which would hash it too
+        big = Path(make_package(name="big", frames=frames_of(3)))
+        manifest = json.loads((big / "manifest.json").read_text())
+        size = 8 << 30
+        with open(big / "frames.npy", "r+b") as fh:
+            fh.truncate(size)
+        manifest["files"]["frames"]["size_bytes"] = size
+        (big / "manifest.json").write_text(json.dumps(manifest))
 
     async def body(server: GatewayServer) -> None:
+        make_big()
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
