@@ -6,6 +6,7 @@ since browsers cannot set headers on one):
 
 - ``LIPSYNC_AUTH_TOKEN``: every call needs it (or the admin token), except the open ones below.
   Unset: no client authentication (`warn_if_exposed` logs a warning on a non-loopback address).
+  A token in a WebSocket's query never reaches the access log (`without_token`).
 - ``LIPSYNC_ADMIN_TOKEN``: admin calls (`ADMIN_METHODS`: every method of
   ``optimized_lipsyncsrv.OptimizedLipSyncAdmin`` and the seed service's ``LoadPackage``) need it,
   and only it. Unset: every admin call is refused (`PermissionDenied`, saying how to enable them).
@@ -35,7 +36,6 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from pydantic import SecretStr
 
 from gateway.config import GatewaySettings
@@ -257,16 +257,14 @@ async def auth_middleware(
     return await handler(request)
 
 
-class PathOnlyAccessLogger(AbstractAccessLogger):
-    """aiohttp access log without the query string (a WebSocket's ``?token=`` must not reach
-    the log): ``remote "METHOD /path" status bytes seconds``."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        """Log one request at INFO."""
-        self.logger.info(
-            '%s "%s %s" %d %d %.3fs',
-            request.remote, request.method, request.path, response.status, response.body_length, time,
-        )
+def without_token(request: web.BaseRequest) -> web.BaseRequest:
+    """``request`` as the access log may show it: a ``token`` query parameter's value replaced
+    by ``REDACTED`` (a clone; the request itself is left alone)."""
+    if TOKEN_QUERY not in request.query:
+        return request
+    query = request.rel_url.query.copy()
+    query[TOKEN_QUERY] = "REDACTED"
+    return request.clone(rel_url=request.rel_url.with_query(query))
 
 
 # ------------------------------------------------------------------------------ start-up

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.live.settings import LiveSettings
 from gateway.triton_client import CONTROL_KEY_HEADER
+from gateway.triton_targets import Target, parse_targets
 from lipsync.contract import (
     AUDIO_ENCODER_MODEL,
     GATEWAY_GRPC_PORT,
@@ -40,10 +41,17 @@ class GatewaySettings(BaseSettings):
     )
 
     # --- where things are -------------------------------------------------------------------
-    triton_url: str = Field(f"localhost:{TRITON_GRPC_PORT}", description="Triton gRPC endpoint host:port")
+    triton_url: str = Field(
+        f"localhost:{TRITON_GRPC_PORT}",
+        description="Triton gRPC endpoints: host:port, or several separated by commas; a host name is "
+        "spread over all its addresses (a Kubernetes headless Service: every ready Triton pod), "
+        "resolved again every triton_dns_interval_s (gateway/triton_targets.py, gateway/endpoint_pool.py)",
+    )
     host: str = Field("0.0.0.0", description="interface the gRPC and HTTP servers bind")
     grpc_port: int = Field(GATEWAY_GRPC_PORT, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
-    http_port: int = Field(GATEWAY_HTTP_PORT, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)")
+    http_port: int = Field(
+        GATEWAY_HTTP_PORT, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)"
+    )
     packages_root: Path = Field(PACKAGES_DIR, description="folder holding one folder per avatar")
     device: str = Field("triton", description="label reported as `device` in gRPC answers")
 
@@ -89,6 +97,12 @@ class GatewaySettings(BaseSettings):
         description="key sent with model-control calls (load_model), for a Triton started with "
         f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}=<key>; unset: none sent",
     )
+    triton_dns_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="period of resolving Triton host names again (s); also at once when an endpoint "
+        "goes down",
+    )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
 
     # --- message size limits -------------------------------------------------------------------
@@ -103,6 +117,12 @@ class GatewaySettings(BaseSettings):
     )
     max_batch_frames: int = Field(
         256, ge=1, description="most frames one GenerateBatch* request may ask for"
+    )
+    malformed_log_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="malformed client input is logged at most once per peer per this many "
+        "seconds, with the count of the ones left out (s; every one is counted in /metrics)",
     )
 
     # --- live sessions (issue 10) -----------------------------------------------------------
@@ -184,3 +204,14 @@ class GatewaySettings(BaseSettings):
         ):
             raise ValueError("LIPSYNC_ADMIN_TOKEN must differ from LIPSYNC_AUTH_TOKEN")
         return self
+
+    @field_validator("triton_url")
+    @classmethod
+    def _check_triton_url(cls, value: str) -> str:
+        parse_targets(value)  # ValueError: names the entry at fault
+        return value
+
+    @property
+    def triton_targets(self) -> tuple[Target, ...]:
+        """``triton_url`` parsed (`gateway.triton_targets.parse_targets`)."""
+        return parse_targets(self.triton_url)

@@ -2,9 +2,10 @@
 
 Built once by `GatewayServer` (or a test) inside the running event loop with
 `GatewayContext.create(settings)`; both the gRPC service and the aiohttp app
-(`gateway.http_app`) receive it. The Triton side is three objects (docs/ARCHITECTURE.md):
-the stateless client (`gateway.triton_client`), the model lifecycle
-(`gateway.model_lifecycle`) and the guarded facade the pipeline calls (`gateway.inference`).
+(`gateway.http_app`) receive it. The Triton side is the endpoint pool
+(`gateway.endpoint_pool`): per Triton endpoint a stateless client (`gateway.triton_client`), a
+model lifecycle (`gateway.model_lifecycle`) and a guarded facade (`gateway.inference`); the
+pool routes the pipeline's calls over them and keeps every avatar's model loaded on each.
 """
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
 from gateway.config import GatewaySettings
-from gateway.inference import GuardedInference
+from gateway.endpoint_pool import ClientFactory, EndpointPool
 from gateway.jpeg import make_encoder
 from gateway.live_render import TritonAudioEncoder
 from gateway.live_service import LiveSessions
+from gateway.malformed import MalformedInput
 from gateway.metrics import GatewayMetrics
-from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
+from gateway.model_lifecycle import LifecycleSnapshot
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
-from gateway.tls import triton_endpoint
 from gateway.triton_client import TritonClient, TritonGrpcClient
+from gateway.triton_supervision import TritonSupervision
+from gateway.triton_targets import Resolver, parse_targets, system_resolver
+from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,14 @@ class GatewayContext:
     Attributes:
         settings: the configuration.
         metrics: Prometheus series (own registry).
-        client: the stateless Triton client (`TritonGrpcClient`: one channel).
-        lifecycle: Triton's server and model states.
+        lifecycle: the Triton endpoints (`EndpointPool`): their server and model states,
+            combined (`EndpointPool.snapshot`) and per endpoint (`EndpointPool.endpoints`); also
+            the pipeline's inference client.
         store: loaded avatars.
         pipeline: the frame renderer (the one entry point for frames).
+        malformed: where the protocol adapters report input that does not decode.
+        supervision: the supervisor of the gateway's tritonserver as the gateway shows it
+            (``lipsync up``), None when Triton is run by someone else (``lipsync gateway``).
         live: the live sessions (issue 10), served by both transports.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
@@ -50,10 +58,11 @@ class GatewayContext:
 
     settings: GatewaySettings
     metrics: GatewayMetrics
-    client: TritonClient
-    lifecycle: ModelLifecycle
+    lifecycle: EndpointPool
     store: AvatarStore
     pipeline: FramePipeline
+    malformed: MalformedInput
+    supervision: TritonSupervision | None
     live: LiveSessions
     executor: ThreadPoolExecutor
     started_at: float
@@ -61,51 +70,61 @@ class GatewayContext:
     _last_ready: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    async def create(cls, settings: GatewaySettings, client: TritonClient | None = None) -> GatewayContext:
-        """Build and start everything: Triton client and lifecycle, then load every package.
+    async def create(
+        cls,
+        settings: GatewaySettings,
+        client: TritonClient | None = None,
+        supervisor: SupervisorView | None = None,
+        *,
+        connect: ClientFactory | None = None,
+        resolver: Resolver | None = system_resolver,
+    ) -> GatewayContext:
+        """Build and start everything: the Triton endpoints, then load every package.
 
         Must run inside the event loop that will serve requests. Never fails because Triton
-        is down: the gateway starts not-ready and becomes ready when Triton is. If loading
-        the packages fails otherwise (or is cancelled), the lifecycle and client are closed.
+        is down: the gateway starts not-ready and becomes ready when a Triton is. If loading
+        the packages fails otherwise (or is cancelled), the endpoints are closed.
 
         Args:
-            settings: the configuration.
-            client: the Triton client to use (default: a `TritonGrpcClient` on
-                ``settings.triton_url``; the fast tests pass an in-process fake).
+            settings: the configuration (``triton_url``: the endpoints).
+            client: one Triton client to use as the only endpoint, its ``url`` not resolved
+                (the fast tests pass an in-process fake); overrides ``connect`` and ``resolver``.
+            supervisor: the supervisor that keeps that Triton running (``lipsync up``), if any:
+                its restarts go to /metrics and /readyz (`gateway.triton_supervision`).
+            connect: makes an endpoint's client from its ``host:port`` (default: a
+                `TritonGrpcClient` with the settings' deadlines and control key).
+            resolver: resolves the host names of ``triton_url`` (None: every target is one
+                endpoint as written).
         """
         metrics = GatewayMetrics()
-        if client is None:
-            key = settings.triton_control_key
-            target, tls = triton_endpoint(settings.triton_url, settings.triton_tls)
-            client = TritonGrpcClient(
-                target,
-                timeout_s=settings.triton_timeout_s,
-                probe_timeout_s=settings.triton_probe_timeout_s,
-                load_timeout_s=settings.triton_load_timeout_s,
-                control_key=key.get_secret_value() if key is not None else None,
-                tls=tls,
-                tls_ca=str(settings.triton_tls_ca) if settings.triton_tls_ca else None,
-            )
-        lifecycle = ModelLifecycle(
-            client, probe_interval_s=settings.triton_poll_interval_s, load_models=settings.triton_load_models
+        targets = settings.triton_targets
+        if client is not None:
+            targets, resolver, connect = parse_targets(client.url), None, _given_client(client)
+        pool = EndpointPool(
+            targets,
+            connect or _grpc_client_factory(settings),
+            metrics,
+            resolver=resolver,
+            dns_interval_s=settings.triton_dns_interval_s,
+            drain_timeout_s=settings.triton_timeout_s,
+            probe_interval_s=settings.triton_poll_interval_s,
+            load_models=settings.triton_load_models,
         )
-        lifecycle.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
-        store = AvatarStore(settings.packages_root, lifecycle, settings.max_avatar_bytes)
+        pool.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
+        store = AvatarStore(settings.packages_root, pool, settings.max_avatar_bytes)
         try:
-            await lifecycle.start()
+            await pool.start()
             await store.load_all()
-            await lifecycle.register(settings.audio_encoder_model, required=False)
-        except BaseException:  # do not leave the probe task and the channel behind
-            await lifecycle.close()
-            await client.close()
+            await pool.register(settings.audio_encoder_model, required=False)
+        except BaseException:  # do not leave the probe tasks and the channels behind
+            await pool.close()
             raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
         encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
-        inference = GuardedInference(client, lifecycle)
         pipeline = FramePipeline(
             store,
-            inference,
-            AudioFeatureExtractor(inference, settings.audio_encoder_model),
+            pool,
+            AudioFeatureExtractor(pool, settings.audio_encoder_model),
             encoder,
             executor,
             AdmissionControl(settings.max_in_flight_total, metrics),
@@ -114,24 +133,27 @@ class GatewayContext:
         live = LiveSessions(
             store,
             pipeline,
-            TritonAudioEncoder(inference, settings.audio_encoder_model, settings.live.encoder_timeout_s),
+            TritonAudioEncoder(pool, settings.audio_encoder_model, settings.live.encoder_timeout_s),
             settings.live,
             metrics,
         )
         ctx = cls(
             settings=settings,
             metrics=metrics,
-            client=client,
-            lifecycle=lifecycle,
+            lifecycle=pool,
             store=store,
             pipeline=pipeline,
+            malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
+            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.registry),
             live=live,
             executor=executor,
             started_at=time.time(),
         )
         ctx._last_ready = ctx.ready()
-        lifecycle.subscribe(ctx._state_changed)
-        store.subscribe(lambda: ctx._state_changed(lifecycle.snapshot()))
+        pool.subscribe(ctx._state_changed)
+        store.subscribe(lambda: ctx._state_changed(pool.snapshot()))
+        if ctx.supervision is not None:
+            ctx.watch_ready(ctx.supervision.note_ready)
         log.info(
             "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
             ctx.ready(), len(store), ", ".join(store.names()) or "none",
@@ -140,8 +162,9 @@ class GatewayContext:
         return ctx
 
     def ready(self) -> bool:
-        """Gateway readiness (docs/GLOSSARY.md): Triton ready with every avatar's model, and at
-        least one avatar loaded."""
+        """Gateway readiness (docs/GLOSSARY.md): every avatar's model ready on at least one live
+        Triton endpoint (`gateway.endpoint_pool`, "Readiness rule"), and at least one avatar
+        loaded."""
         return self.lifecycle.snapshot().ready and len(self.store) > 0
 
     def watch_ready(self, watcher: ReadyWatcher) -> Callable[[], None]:
@@ -172,7 +195,32 @@ class GatewayContext:
         return ConnectionLimiter(self.settings.max_in_flight_per_connection)
 
     async def close(self) -> None:
-        """Stop the lifecycle's probe, close the channel, shut the thread pool down."""
+        """Stop following the supervisor, stop the endpoints (probes, DNS, channels), shut the
+        thread pool down."""
+        if self.supervision is not None:
+            self.supervision.close()
         await self.lifecycle.close()
-        await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _grpc_client_factory(settings: GatewaySettings) -> ClientFactory:
+    """`TritonGrpcClient` per endpoint, with the settings' deadlines and control key."""
+    key = settings.triton_control_key
+
+    def connect(url: str) -> TritonClient:
+        return TritonGrpcClient(
+            url,
+            timeout_s=settings.triton_timeout_s,
+            probe_timeout_s=settings.triton_probe_timeout_s,
+            load_timeout_s=settings.triton_load_timeout_s,
+            control_key=key.get_secret_value() if key is not None else None,
+            tls=settings.triton_tls,
+            tls_ca=str(settings.triton_tls_ca) if settings.triton_tls_ca else None,
+        )
+
+    return connect
+
+
+def _given_client(client: TritonClient) -> ClientFactory:
+    """The factory of a pool whose one endpoint is ``client``."""
+    return lambda url: client

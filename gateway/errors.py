@@ -78,6 +78,17 @@ class TritonDeadline(TritonUnavailable):
     """
 
 
+class TritonEndpointDown(TritonUnavailable):
+    """The Triton endpoint itself failed the call: connection refused or lost (gRPC
+    ``UNAVAILABLE``, which Triton also answers when it cannot take the request now), or the
+    endpoint went down while the call was in flight (`gateway.inference.GuardedInference`).
+
+    Same code as `TritonUnavailable` for callers; `gateway.endpoint_pool.EndpointPool` retries
+    such a call once on another endpoint (inference is idempotent), never a call that got an
+    answer (an error or a bad tensor) or ran past its deadline.
+    """
+
+
 class Unauthenticated(GatewayError):
     """No credentials, or not the gateway's token (``LIPSYNC_AUTH_TOKEN``)."""
 

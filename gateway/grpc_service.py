@@ -16,8 +16,10 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   is not read until the oldest answer is sent (back-pressure, bounded memory).
 - ``GenerateBatchInference`` renders its frames concurrently under the same per-call limit.
 - ``GenerateBatchWithAudio``: see `gateway.audio_features` for the chunk -> mel window ->
-  feature row mapping (computed once per request); frame ``k`` shows video frame
-  ``start_frame_id + k`` (ping-pong) with the window of rows ``k .. k+15``.
+  feature row mapping (computed once per request) and the chunk contract: ``min(s, 8) +
+  frame_count + 7`` chunks for ``s = start_frame_id`` (8 of past, or at the start of a clip the
+  ``s`` that exist, the missing past being zeros), extra chunks at the end ignored; frame ``k``
+  shows video frame ``s + k`` (ping-pong) with the window of chunks ``s+k-8 .. s+k+7``.
 
 - A batch whose answers may not fit ``grpc_max_send_bytes`` is refused before rendering
   (`gateway.response_budget`); int32 fields of answers are clamped (`gateway.grpc_wire.int32`).
@@ -29,7 +31,9 @@ Also served: ``optimized_lipsyncsrv.OptimizedLipSyncAdmin`` (`gateway.admin_serv
 ``lipsync.live.v1.LiveLipSync`` (live sessions, `gateway.live_grpc`), ``grpc.health.v1.Health``
 (overall, ``optimized_lipsyncsrv.OptimizedLipSyncService`` and ``lipsync.live.v1.LiveLipSync``:
 SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed on every change) and server
-reflection; every call passes `gateway.auth.AuthInterceptor` first.
+reflection. Every call passes `gateway.auth.AuthInterceptor` first; a request message that
+does not decode gets ``INVALID_ARGUMENT`` naming the method, from any of them
+(`gateway.grpc_decode_guard`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -51,6 +56,7 @@ from gateway.auth import AuthInterceptor, TokenPolicy
 from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError, unexpected
 from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.grpc_decode_guard import DecodeGuard
 from gateway.grpc_wire import INT32_MAX, VIDEO_TYPES, int32
 from gateway.live_grpc import SERVICE_NAME as LIVE_SERVICE_NAME
 from gateway.live_grpc import LiveLipSyncService
@@ -74,10 +80,12 @@ OPTIMIZATIONS = (
     "composite_jpeg_thread_pool",
 )
 PROTOCOL: WireProtocol = "grpc"
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+"""A servicer method's call context (the methods only abort through it)."""
 
 
 def _ms(value: float) -> int:
-    return int(round(value))
+    return round(value)
 
 
 def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
@@ -131,15 +139,21 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             return error_response(request.avatar, request.frame_id, unexpected(exc), t0)
         return frame_response(frame)
 
-    async def _render_limited(self, limiter: ConnectionLimiter, request: FrameRequest) -> pb.OptimizedInferenceResponse:
+    async def _render_limited(
+        self, limiter: ConnectionLimiter, request: FrameRequest
+    ) -> pb.OptimizedInferenceResponse:
         async with limiter.slot(wait=True):
             return await self._render(request)
 
-    async def GenerateInference(self, request: pb.OptimizedInferenceRequest, context: grpc.aio.ServicerContext) -> pb.OptimizedInferenceResponse:
+    async def GenerateInference(
+        self, request: pb.OptimizedInferenceRequest, context: Context
+    ) -> pb.OptimizedInferenceResponse:
         """One frame (in-band errors)."""
         return await self._render(FrameRequest(request.model_name, request.frame_id))
 
-    def _batch_response(self, responses: list[pb.OptimizedInferenceResponse], t0: float) -> pb.BatchInferenceResponse:
+    def _batch_response(
+        self, responses: list[pb.OptimizedInferenceResponse], t0: float
+    ) -> pb.BatchInferenceResponse:
         total_ms = (time.perf_counter() - t0) * 1e3
         batch = pb.BatchInferenceResponse(
             responses=responses,
@@ -180,7 +194,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             )
         )
 
-    async def GenerateBatchInference(self, request: pb.BatchInferenceRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
+    async def GenerateBatchInference(
+        self, request: pb.BatchInferenceRequest, context: Context
+    ) -> pb.BatchInferenceResponse:
         """Several frames rendered concurrently (per-call limit); answers in request order."""
         t0 = time.perf_counter()
         ids = list(request.frame_ids)
@@ -188,10 +204,14 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             await self._check_batch(request.model_name, len(ids))
         except GatewayError as exc:
             self.pipeline.record_refused(PROTOCOL, exc)
-            return self._batch_response([error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0)
+            return self._batch_response(
+                [error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0
+            )
         return self._batch_response(await self._render_batch(request.model_name, ids), t0)
 
-    async def GenerateBatchWithAudio(self, request: pb.BatchInferenceWithAudioRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
+    async def GenerateBatchWithAudio(
+        self, request: pb.BatchInferenceWithAudioRequest, context: Context
+    ) -> pb.BatchInferenceResponse:
         """Frames driven by the request's audio chunks (see module doc)."""
         t0 = time.perf_counter()
         avatar, start, frames = request.model_name, request.start_frame_id, request.frame_count
@@ -204,7 +224,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     f"start_frame_id {start} + frame_count {frames} runs past the largest "
                     f"frame_id {INT32_MAX} (int32)"
                 )
-            windows = await self.pipeline.audio.batch_windows(list(request.audio_chunks), frames)
+            windows = await self.pipeline.audio.batch_windows(request.audio_chunks, frames, start)
         except GatewayError as exc:
             # one error answer per asked frame, as far as its frame_id fits the int32 field
             n = min(max(frames, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)
@@ -214,7 +234,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         return self._batch_response(await self._render_batch(avatar, ids, windows), t0)
 
     async def StreamInference(
-        self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: Context
     ) -> AsyncIterator[pb.OptimizedInferenceResponse]:
         """Bidirectional stream: answers in request order, frames pipelined (module doc)."""
         limiter = self.ctx.new_connection_limiter()
@@ -249,21 +269,20 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     task.cancel()
 
     # ------------------------------------------------------------------ packages & info
-    async def LoadPackage(self, request: pb.LoadPackageRequest, context: grpc.aio.ServicerContext) -> pb.LoadPackageResponse:
+    async def LoadPackage(self, request: pb.LoadPackageRequest, context: Context) -> pb.LoadPackageResponse:
         """Load or reload a package from inside the packages root (an admin call; in-band
         errors; replacing an avatar from another folder is refused: `gateway.admin_service`)."""
         return await load_package_response(
             self.ctx, request.package_dir, request.package_name, replace=False
         )
 
-    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+    async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
         """Per-avatar rendered-frame count and inference ms (all avatars when the name is empty)."""
         if request.model_name:
             try:
                 avatars = [self.ctx.store.get(request.model_name)]
             except GatewayError as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-                raise AssertionError("unreachable")  # abort raises
         else:
             avatars = self.ctx.store.avatars()
         total = sum(a.stats.total_requests for a in avatars)
@@ -281,12 +300,12 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             optimizations_active=list(OPTIMIZATIONS),
         )
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         """Names of the loaded avatars."""
         names = self.ctx.store.names()
         return pb.ListModelsResponse(loaded_models=names, count=len(names))
 
-    async def HealthCheck(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+    async def HealthCheck(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
         """Healthy when Triton is ready with every avatar model loaded."""
         ready = self.ctx.ready()
         if ready:
@@ -302,7 +321,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             uptime_seconds=int(self.ctx.uptime_s()),
         )
 
-    async def GetVideoFrame(self, request: pb.GetVideoFrameRequest, context: grpc.aio.ServicerContext) -> pb.GetVideoFrameResponse:
+    async def GetVideoFrame(
+        self, request: pb.GetVideoFrameRequest, context: Context
+    ) -> pb.GetVideoFrameResponse:
         """The source video frame of ``frame_id`` (ping-pong) as JPEG, no inference."""
         try:
             avatar = self.pipeline.validate(request.model_name, request.frame_id)
@@ -321,9 +342,13 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             return pb.GetVideoFrameResponse(
                 success=False, error=str(exc), frame_id=request.frame_id, video_type=request.video_type
             )
-        return pb.GetVideoFrameResponse(success=True, frame_data=data, frame_id=request.frame_id, video_type=kind)
+        return pb.GetVideoFrameResponse(
+            success=True, frame_data=data, frame_id=request.frame_id, video_type=kind
+        )
 
-    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.GetModelMetadataResponse:
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: Context
+    ) -> pb.GetModelMetadataResponse:
         """Frame-id range, video types, audio path (relative to the packages root, never the
         server's absolute path) and every video frame's rectangle (``bounds`` = x1, y1, x2, y2
         per video frame, in video-frame order)."""
@@ -365,7 +390,9 @@ class HealthReporter:
         ready = self._wanted
         if ready == self._published:
             return
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SERVICE_NAME, LIVE_SERVICE_NAME):
             await self.servicer.set(service, status)
         self._published = ready
@@ -400,12 +427,15 @@ def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthRepor
     """A ``grpc.aio`` server with the lipsync and admin services, health and reflection, every
     call checked by `gateway.auth.AuthInterceptor` (not started).
 
-    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``.
+    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``. A
+    request message that does not decode is answered ``INVALID_ARGUMENT`` by every method of
+    every service added to it (`gateway.grpc_decode_guard.DecodeGuard`).
     The caller adds the port and starts it (see `gateway.server`).
     """
     s = ctx.settings
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(TokenPolicy.from_settings(s))],
+        # every method: unauthenticated -> refused first, then undecodable -> INVALID_ARGUMENT
+        interceptors=[AuthInterceptor(TokenPolicy.from_settings(s)), DecodeGuard(ctx.malformed)],
         options=[
             ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
             ("grpc.max_send_message_length", s.grpc_max_send_bytes),

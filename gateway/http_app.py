@@ -3,42 +3,57 @@
 Routes (one port, `GatewaySettings.http_port`):
 
 ==========================================  =================================================
-``GET /``                                    the web page (``gateway/static/index.html``)
+``GET /``                                    the web page (``gateway/static/index.html``); a
+                                             WebSocket upgrade there is the original clients'
+                                             endpoint (face patches, see below)
 ``GET /static/...``                          its script and style sheet
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
+                                             (full composited frames)
 ``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
-                                             else 503; JSON with the reason
+                                             else 503; JSON with the reason and each Triton
+                                             endpoint's state
 ``GET /api/avatars``                         loaded avatars (size, fps, frame counts, trained)
 ``GET /api/avatars/{name}``                  one avatar (404 JSON if unknown)
 ``GET /api/avatars/{name}/audio.wav``        the avatar package's 16 kHz mono WAV
 ``GET /api/avatars/{name}/frames/{id}.jpg``  one rendered frame as JPEG (debugging, curl)
-``GET /api/stats``                           per-avatar request counts and inference times
+``GET /api/stats``                           per-avatar request counts and inference times,
+                                             per-Triton-endpoint calls, errors, latency
 ``GET /metrics``                             Prometheus exposition of the gateway registry
 ==========================================  =================================================
 
-WebSocket semantics: every binary message is one frame request. Requests of one connection
-are rendered concurrently, at most ``max_in_flight_per_connection`` at a time; one more is
-answered at once with an ``overloaded`` error reply (never queued). Replies are sent as frames
-complete, so they may come back out of order; each carries its ``frame_id``. A malformed
-request, a text message, a request over ``ws_max_message_bytes`` or any failed frame gets an
-error reply and the connection keeps serving. Only a message over the transport cap
-(``4 x ws_max_message_bytes``, which aiohttp refuses to buffer) closes the connection, with
-WebSocket close code 1009 (message too big). When the gateway stops, open connections are
-closed with code 1001 (going away).
+WebSocket semantics (``/`` and ``/ws``, `WsEndpoint`): every binary message is one frame request.
+Requests of one connection are rendered concurrently, at most ``max_in_flight_per_connection``
+at a time; one more is answered at once with an ``overloaded`` error reply (never queued).
+Replies are sent as frames complete, so they may come back out of order; each carries its
+``frame_id``. A malformed request, a text message, a request over ``ws_max_message_bytes`` or
+any failed frame gets an error reply and the connection keeps serving. Only a message over the
+transport cap (``4 x ws_max_message_bytes``, which aiohttp refuses to buffer) closes the
+connection, with WebSocket close code 1009 (message too big). When the gateway stops, open
+connections are closed with code 1001 (going away). The two endpoints differ in the image and
+in audio (`gateway.ws_protocol` module doc): ``/`` answers with the face patch for client-side
+compositing and ignores audio that is not a live-audio window, ``/ws`` answers with the full
+composited frame and refuses such audio.
 
-Live audio: a request with ``audio_len > 0`` carries the 16 chunks behind the frame's own
-window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8 past, the frame's chunk, 7
-lookahead; checked by `gateway.audio_features.check_window_chunks`); the gateway turns them into
-features with Triton's ``audio_encoder`` and renders the frame with them instead of the
-package's ``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
+Live audio: a request with ``audio_len > 0`` (on ``/``: of exactly such a length) carries the
+16 chunks behind the frame's own window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8
+past, the frame's chunk, 7 lookahead), or for a ``frame_id`` below 8 the ``frame_id + 8``
+chunks since the start of the clip (the missing past is zeros;
+`gateway.audio_features.check_window_chunks`); the gateway turns them into features with
+Triton's ``audio_encoder`` and renders the frame with them instead of the package's
+``aud_ave.npy`` (then ``frame_id`` only picks the video frame).
 
 Each adapter here decodes its wire format into a `gateway.frame_request.FrameRequest` and hands
 it to `gateway.pipeline.FramePipeline.render`, which validates, renders and counts the outcome.
 
 HTTP errors are JSON ``{"error": code, "message": text}`` with the status of the
 `gateway.errors.GatewayError` subclass.
+
+Malformed input (a WebSocket message that does not follow the protocol, a text message, one
+over the size limit, a WebSocket protocol error or refused handshake, an HTTP ``bad_request``,
+a request aiohttp's parser refused: `ServerLog`) is the client's error: it gets its answer and
+is reported to `gateway.malformed` (counted, one log line per peer per interval, no traceback).
 
 Access (`gateway.auth`): with ``LIPSYNC_AUTH_TOKEN`` set, every route needs
 ``Authorization: Bearer <token>`` (a WebSocket may send ``?token=`` instead), else 401, except
@@ -52,22 +67,28 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.audio_features import WindowChunks
-from gateway.auth import POLICY_KEY, TokenPolicy, auth_middleware, caller_authenticated
+from gateway.audio_features import WindowChunks, is_window_length
+from gateway.auth import POLICY_KEY, TokenPolicy, auth_middleware, caller_authenticated, without_token
+from gateway.endpoint_pool import EndpointStatus
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar, unexpected
-from gateway.frame_request import FrameRequest
+from gateway.frame_request import FrameOutput, FrameRequest
 from gateway.live_ws import serve_live_websocket
 from gateway.model_lifecycle import ModelPhase
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
     ProtocolError,
+    WsRequest,
     decode_request,
     encode_error_reply,
     encode_frame_reply,
@@ -75,6 +96,7 @@ from gateway.ws_protocol import (
 
 if TYPE_CHECKING:
     from gateway.context import GatewayContext
+    from gateway.malformed import MalformedInput
     from gateway.store import Avatar
 
 log = logging.getLogger(__name__)
@@ -87,17 +109,47 @@ TRANSPORT_CAP_FACTOR = 4
 the two limits gets an error reply; beyond the cap aiohttp closes with code 1009."""
 
 CONTEXT_KEY: web.AppKey[GatewayContext] = web.AppKey("lipsync_context")
+MALFORMED_KEY: web.RequestKey[bool] = web.RequestKey("lipsync_malformed")
+"""Set on a request reported as malformed input: `AccessLog` leaves it out."""
 WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_open")
 
 
 # ------------------------------------------------------------------------------ WebSocket
 
 
+@dataclass(frozen=True)
+class WsEndpoint:
+    """One path speaking the binary protocol (`gateway.ws_protocol` module doc: the two).
+
+    Attributes:
+        path: the route.
+        output: what the replies' JPEG shows (`gateway.frame_request.FrameOutput`).
+        ignore_other_audio: audio that is not a live-audio window is ignored (the original
+            clients send a 40 ms chunk at the browser's rate with each frame) instead of
+            refused as ``bad_request``.
+    """
+
+    path: str
+    output: FrameOutput
+    ignore_other_audio: bool
+
+
+ORIGINAL_CLIENTS = WsEndpoint("/", "face", ignore_other_audio=True)
+"""``ws://HOST:8085``, where the original system's browser clients connect."""
+FULL_FRAMES = WsEndpoint("/ws", "composite", ignore_other_audio=False)
+"""``/ws``: full composited frames (the web page, the load generator)."""
+
+
 class _WsConnection:
     """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
 
-    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, ctx: GatewayContext, endpoint: WsEndpoint, peer: str | None
+    ) -> None:
         self.ws = ws
+        self.endpoint = endpoint
+        self.peer = peer
+        self.malformed = ctx.malformed
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
         self.limiter = ctx.new_connection_limiter()
@@ -112,7 +164,7 @@ class _WsConnection:
                     await self._on_binary(msg.data)
                 elif msg.type == WSMsgType.TEXT:
                     self.messages.labels(kind="text").inc()
-                    await self._refuse(
+                    await self._refuse_malformed(
                         BadRequest(
                             "text messages are not part of the protocol; send binary "
                             "[name_len u32][name][frame_id u32][audio_len u32][audio]"
@@ -121,9 +173,12 @@ class _WsConnection:
                         started=time.perf_counter(),
                     )
                 elif msg.type == WSMsgType.ERROR:
-                    # aiohttp already closed the connection (1009 for a too-big message).
+                    # aiohttp already closed the connection: 1009 for a message over the
+                    # transport cap, 1002 for a frame that breaks the WebSocket protocol
                     self.messages.labels(kind="too_big").inc()
-                    log.warning("WebSocket connection closed: %s", msg.data)
+                    self.malformed.report(
+                        "ws", self.endpoint.path, self.peer, f"connection closed: {msg.data}"
+                    )
                     break
         finally:
             for task in list(self.tasks):
@@ -135,7 +190,7 @@ class _WsConnection:
         started = time.perf_counter()
         if len(data) > self.max_bytes:
             self.messages.labels(kind="oversized").inc()
-            await self._refuse(
+            await self._refuse_malformed(
                 BadRequest(
                     f"message of {len(data)} bytes exceeds the limit of {self.max_bytes} bytes "
                     "(LIPSYNC_WS_MAX_MESSAGE_BYTES)"
@@ -148,9 +203,9 @@ class _WsConnection:
         try:
             wire = decode_request(data, max_name_bytes=MAX_NAME_BYTES, max_audio_bytes=self.max_bytes)
         except ProtocolError as exc:
-            await self._refuse(exc, frame_id=exc.frame_id, started=started)
+            await self._refuse_malformed(exc, frame_id=exc.frame_id, started=started)
             return
-        request = FrameRequest(wire.avatar, wire.frame_id, WindowChunks(wire.audio) if wire.audio else None)
+        request = FrameRequest(wire.avatar, wire.frame_id, self._live_audio(wire), self.endpoint.output)
         try:
             await self.limiter.acquire(wait=False)
         except Overloaded as exc:
@@ -159,6 +214,15 @@ class _WsConnection:
         task = asyncio.create_task(self._render(request, started))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _live_audio(self, wire: WsRequest) -> WindowChunks | None:
+        """The request's live audio, None for the package's; on ``/`` audio that is not a
+        live-audio window is ignored (module doc)."""
+        if not wire.audio:
+            return None
+        if self.endpoint.ignore_other_audio and not is_window_length(len(wire.audio), wire.frame_id):
+            return None
+        return WindowChunks(wire.audio, wire.frame_id)
 
     async def _render(self, request: FrameRequest, started: float) -> None:
         try:
@@ -173,6 +237,12 @@ class _WsConnection:
             self.limiter.release()
         elapsed_ms = (time.perf_counter() - started) * 1e3
         await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
+
+    async def _refuse_malformed(self, exc: BadRequest, *, frame_id: int, started: float) -> None:
+        """`_refuse` a message that does not follow the protocol, reported as malformed input
+        (`gateway.malformed`: counted, one log line per peer per interval)."""
+        self.malformed.report("ws", self.endpoint.path, self.peer, exc.message)
+        await self._refuse(exc, frame_id=frame_id, started=started)
 
     async def _refuse(self, exc: GatewayError, *, frame_id: int, started: float) -> None:
         """Count a message refused before the pipeline and send its error reply."""
@@ -193,19 +263,29 @@ class _WsConnection:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    """``GET /ws``: serve one WebSocket connection (see the module docstring)."""
+    """``GET /ws``: serve one WebSocket connection, full frames (see the module docstring)."""
+    return await _serve_websocket(request, FULL_FRAMES)
+
+
+async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.WebSocketResponse:
+    """Serve one WebSocket connection on ``endpoint`` until it closes."""
     ctx = request.app[CONTEXT_KEY]
     ws = web.WebSocketResponse(
         max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
         heartbeat=30.0,
         compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except web.HTTPException as exc:  # a handshake aiohttp refused (400): the client's error
+        ctx.malformed.report("ws", endpoint.path, request.remote, f"handshake refused: {exc.text}")
+        request[MALFORMED_KEY] = True
+        raise
     open_ws = request.app[WS_OPEN_KEY]
     open_ws.add(ws)
     ctx.metrics.ws_connections.inc()
     try:
-        await _WsConnection(ws, ctx).serve()
+        await _WsConnection(ws, ctx, endpoint, request.remote).serve()
     finally:
         open_ws.discard(ws)
         ctx.metrics.ws_connections.dec()
@@ -215,7 +295,13 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """``GET /live``: one live session (`gateway.live_ws`)."""
     ctx = request.app[CONTEXT_KEY]
-    return await serve_live_websocket(request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY])
+    try:
+        return await serve_live_websocket(
+            request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY], ctx.malformed
+        )
+    except web.HTTPException:  # a refused handshake, reported as malformed input
+        request[MALFORMED_KEY] = True
+        raise
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -267,15 +353,74 @@ def _json_error(exc: GatewayError) -> web.Response:
 async def _errors_as_json(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Turn a `GatewayError` raised by a handler into its JSON error response."""
+    """Turn a `GatewayError` raised by a handler into its JSON error response; a
+    ``bad_request`` (a request that does not parse) is also reported as malformed input."""
     try:
         return await handler(request)
     except GatewayError as exc:
+        if isinstance(exc, BadRequest):
+            route = request.match_info.route.resource
+            request.app[CONTEXT_KEY].malformed.report(
+                "http", route.canonical if route is not None else request.path, request.remote, exc.message
+            )
+            request[MALFORMED_KEY] = True
         return _json_error(exc)
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    """``GET /``: the web page."""
+UNPARSED = "(unparsed request)"
+"""The ``method`` label of HTTP requests aiohttp's parser refused (no route to name)."""
+_PARSER_REFUSED_METHOD = "UNKNOWN"
+"""The method of the request aiohttp makes up to answer one its parser refused."""
+
+
+class AccessLog(AccessLogger):
+    """aiohttp's access log (``aiohttp.access``, one INFO line per request), less the requests
+    reported as malformed input (their one rate-limited line is `gateway.malformed`'s), with a
+    ``token`` query parameter's value replaced (`gateway.auth.without_token`)."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(MALFORMED_KEY) or (
+            response.status == 400 and request.method == _PARSER_REFUSED_METHOD
+        ):
+            return
+        super().log(without_token(request), response, time)
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's request-handler logger for one gateway (`web.AppRunner(..., logger=)`).
+
+    A request aiohttp's parser refused (``HttpProcessingError``: not HTTP, a bad header, ...)
+    is the client's malformed input: answered 400 by aiohttp, reported to
+    `gateway.malformed.MalformedInput` (counted, one line per peer per interval) instead of
+    aiohttp's traceback. Everything else goes to ``aiohttp.server`` as before.
+    """
+
+    def __init__(self, malformed: MalformedInput) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self.malformed = malformed
+
+    def _client_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        exc = kwargs.get("exc_info")
+        if not isinstance(exc, HttpProcessingError):
+            return False
+        peer = args[0] if args and isinstance(args[0], str) else None  # "... from %s", remote
+        self.malformed.report("http", UNPARSED, peer, f"{exc.code}: {exc.message}")
+        return True
+
+    def exception(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._client_error(args, kwargs):
+            self.logger.exception(msg, *args, **kwargs)
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._client_error(args, kwargs):
+            self.logger.debug(msg, *args, **kwargs)
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """``GET /``: the web page, or, for a WebSocket upgrade, the original clients' endpoint
+    (`ORIGINAL_CLIENTS`)."""
+    if web.WebSocketResponse().can_prepare(request).ok:
+        return await _serve_websocket(request, ORIGINAL_CLIENTS)
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
@@ -289,16 +434,25 @@ async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when the gateway is ready (docs/GLOSSARY.md), else 503 + reason.
 
     A caller without the token (when one is set) gets ``{"ready": bool, "reason": code}`` only,
-    the code one of ``triton_not_ready``, ``models_not_loaded``, ``no_avatar``, ``not_ready``
-    (null when ready). Otherwise the body also gives the reasons in words and the Triton
-    endpoint's state as the model lifecycle last published it: ``server`` (unknown | live |
-    down) and each model's phase (``model_states``); ``server_ready`` and ``models`` (model ->
-    ready) are the older, boolean form of the same.
+    the code one of ``triton_restarting``, ``triton_not_ready``, ``models_not_loaded``,
+    ``no_avatar``, ``not_ready`` (null when ready). Otherwise the body also gives the reasons in
+    words, and ``triton`` the combined state of the Triton endpoints (`gateway.endpoint_pool`,
+    the state of the one endpoint when there is one): ``server`` (unknown | live | down) and each
+    model's phase (``model_states``); ``server_ready`` and ``models`` (model -> ready) are the
+    older, boolean form of the same. ``endpoints`` lists each endpoint's own state
+    (`_endpoint_json`).
+    Under ``lipsync up``, ``triton_supervisor`` gives the supervisor of tritonserver (state,
+    ``restarts``, ``last_exit`` with its reason, ``restarting``), and while it restarts Triton
+    the reason starts with "model server restarting" (`gateway.triton_supervision`).
     """
     ctx = request.app[CONTEXT_KEY]
     snapshot = ctx.lifecycle.snapshot()
     avatars = ctx.store.names()
+    gateway_ready = ctx.ready()
     reasons: list[tuple[str, str]] = []  # (code, words)
+    supervised = ctx.supervision.reason(gateway_ready) if ctx.supervision is not None else None
+    if supervised is not None:
+        reasons.append(("triton_restarting", supervised))
     if not snapshot.live:
         reasons.append((
             "triton_not_ready",
@@ -313,7 +467,7 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append(("models_not_loaded", f"avatar models not loaded in Triton: {', '.join(not_loaded)}"))
     if not avatars:
         reasons.append(("no_avatar", "no avatar loaded"))
-    ready = ctx.ready() and not reasons
+    ready = gateway_ready and not reasons
     if not ready and not reasons:
         reasons.append(("not_ready", "gateway not ready"))
     status = 200 if ready else 503
@@ -330,9 +484,26 @@ async def readyz(request: web.Request) -> web.Response:
             "models": {m: snapshot.model_ready(m) for m in snapshot.models},
             "model_states": {m: s.phase.value for m, s in snapshot.models.items()},
         },
+        "endpoints": [_endpoint_json(e) for e in ctx.lifecycle.endpoints()],
         "avatars": avatars,
     }
+    if ctx.supervision is not None:
+        body["triton_supervisor"] = ctx.supervision.to_json(gateway_ready)
     return web.json_response(body, status=status)
+
+
+def _endpoint_json(endpoint: EndpointStatus) -> dict[str, Any]:
+    """One Triton endpoint: ``url`` (host:port), ``server``, ``server_error``, ``ready`` (live
+    with every required model ready), ``in_flight`` (calls), ``model_states``."""
+    state = endpoint.state
+    return {
+        "url": state.url,
+        "server": state.server.value,
+        "server_error": state.server_error,
+        "ready": state.ready,
+        "in_flight": endpoint.in_flight,
+        "model_states": {m: s.phase.value for m, s in state.models.items()},
+    }
 
 
 async def list_avatars(request: web.Request) -> web.Response:
@@ -381,7 +552,9 @@ async def avatar_frame(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``GET /api/stats``: uptime, in-flight frames, per-avatar counts and inference ms."""
+    """``GET /api/stats``: uptime, in-flight frames, per-avatar counts and inference ms, and per
+    Triton endpoint its state (`_endpoint_json`) with ``calls``, ``errors``, ``retries`` (calls
+    sent elsewhere after it failed as down) and ``avg_call_ms`` (successful calls)."""
     ctx = request.app[CONTEXT_KEY]
     per_avatar = {}
     for avatar in ctx.store.avatars():
@@ -403,6 +576,10 @@ async def stats(request: web.Request) -> web.Response:
             "max_in_flight_total": ctx.pipeline.admission.limit,
             "ws_connections": len(request.app[WS_OPEN_KEY]),
             "avatars": per_avatar,
+            "triton_endpoints": [
+                {**_endpoint_json(e), **ctx.metrics.endpoint_totals(e.state.url)}
+                for e in ctx.lifecycle.endpoints()
+            ],
         }
     )
 

@@ -2,8 +2,8 @@
 
 The protocol adapters decode their wire format into a `gateway.frame_request.FrameRequest` and
 call `FramePipeline.render`, which runs these stages (live sessions call
-`FramePipeline.render_window` with the avatar, the video frame and their own audio window) (docs/REFERENCE.md s.2), with what each
-recorded time covers:
+`FramePipeline.render_window` with the avatar, the video frame and their own audio window)
+(docs/REFERENCE.md s.2), with what each recorded time covers:
 
 1. **validate**: a global in-flight slot is free (`Overloaded`), the avatar exists
    (`UnknownAvatar`, looked up once), ``frame_id`` is in range (`FrameOutOfRange`, negatives
@@ -15,7 +15,8 @@ recorded time covers:
    encoder for raw chunks).
 3. **inference** (``inference_ms``): one async Triton call; calls from all streams run
    concurrently so Triton's dynamic batcher batches them.
-4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode, run in a
+4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode (of the whole
+   frame, or of the crop rectangle's pixels alone for ``FrameRequest.output == "face"``), run in a
    `ThreadPoolExecutor` so the event loop never blocks; it is the wall time of that step,
    thread-pool wait included; the ``paste`` and ``jpeg`` histograms split it (measured in the
    thread).
@@ -45,13 +46,13 @@ from numpy.typing import NDArray
 
 from gateway.audio_features import AudioFeatureExtractor
 from gateway.errors import GatewayError, Overloaded
-from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.frame_request import FrameOutput, FrameRequest, WireProtocol
 from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
 from gateway.triton_client import InferenceClient
 from lipsync.contract import FEATURE_DIM, WINDOW_ROWS
-from lipsync.frames import audio_window, paste_back
+from lipsync.frames import audio_window, face_patch, paste_back
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class RenderedFrame:
     Attributes:
         avatar: avatar name.
         frame_id: the requested output frame.
-        jpeg: JPEG of the full composited frame (BGR source).
+        jpeg: JPEG of the full composited frame, or of its crop rectangle alone for a request
+            with ``output="face"`` (BGR source).
         rect: crop rectangle ``(x1, y1, x2, y2)`` px of the video frame shown.
         width, height: frame size (px).
         prepare_ms, inference_ms, composite_ms, total_ms: stage times (ms), see module doc.
@@ -168,7 +170,7 @@ class FramePipeline:
 
     Args:
         store: the loaded avatars.
-        inference: where the UNet runs (the gateway's `gateway.inference.GuardedInference`).
+        inference: where the UNet runs (the gateway's `gateway.endpoint_pool.EndpointPool`).
         audio: turns a request's live audio into its window.
         encoder: the JPEG encoder (quality fixed in it).
         executor: thread pool for paste back + JPEG.
@@ -214,17 +216,24 @@ class FramePipeline:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.encoder.encode, image)
 
-    def _composite(self, avatar: Avatar, v: int, pred: NDArray[np.uint8]) -> tuple[bytes, float, float]:
-        """Paste back + JPEG of video frame ``v`` (worker thread); also the two times (ms)."""
+    def _composite(
+        self, avatar: Avatar, v: int, pred: NDArray[np.uint8], output: FrameOutput
+    ) -> tuple[bytes, float, float]:
+        """Paste back + JPEG of video frame ``v``, the whole frame or its crop rectangle alone
+        (``output``), in a worker thread; also the two times (ms)."""
         t0 = time.perf_counter()
-        frame = paste_back(avatar.frames[v], avatar.rects[v], avatar.crops[v], pred)
+        if output == "face":
+            x1, y1, x2, y2 = (int(c) for c in avatar.rects[v])
+            image = face_patch(avatar.crops[v], pred, x2 - x1, y2 - y1)
+        else:
+            image = paste_back(avatar.frames[v], avatar.rects[v], avatar.crops[v], pred)
         t1 = time.perf_counter()
-        jpeg = self.encoder.encode(frame)
+        jpeg = self.encoder.encode(image)
         t2 = time.perf_counter()
         return jpeg, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
     async def render(self, request: FrameRequest, *, protocol: WireProtocol) -> RenderedFrame:
-        """Render one frame as a composited JPEG and count its outcome (module doc).
+        """Render one frame as a JPEG (``request.output``) and count its outcome (module doc).
 
         A frame cancelled because its client went away is neither ok nor an error: not counted.
 
@@ -247,7 +256,9 @@ class FramePipeline:
                 return v, audio_window(avatar.features, request.frame_id)
             return v, await self.audio.window(request.audio)
 
-        return await self._render(request.avatar, request.frame_id, self.store.get, prepare, protocol)
+        return await self._render(
+            request.avatar, request.frame_id, self.store.get, prepare, protocol, request.output
+        )
 
     async def render_window(
         self, avatar: Avatar, video_index: int, window: NDArray[np.float32], *, protocol: WireProtocol
@@ -281,7 +292,9 @@ class FramePipeline:
         async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
             return video_index, np.asarray(window, dtype=np.float32)
 
-        return await self._render(avatar.name, video_index, lambda name: avatar, prepare, protocol)
+        return await self._render(
+            avatar.name, video_index, lambda name: avatar, prepare, protocol, "composite"
+        )
 
     async def _render(
         self,
@@ -290,9 +303,11 @@ class FramePipeline:
         lookup: Callable[[str], Avatar],
         prepare: Callable[[Avatar], Awaitable[tuple[int, NDArray[np.float32]]]],
         protocol: WireProtocol,
+        output: FrameOutput,
     ) -> RenderedFrame:
         """Admission, ``lookup(name)``, ``prepare(avatar)`` (video frame, window), Triton,
-        composite, metrics (a failure after the lookup also counts in the avatar's stats)."""
+        composite (``output``), metrics (a failure after the lookup also counts in the
+        avatar's stats)."""
         t_start = time.perf_counter()
         avatar: Avatar | None = None
         outcome: str | None = GatewayError.code  # the error code ("internal" for a bug); None once rendered
@@ -310,7 +325,7 @@ class FramePipeline:
                 # composite: paste back + JPEG in the thread pool
                 loop = asyncio.get_running_loop()
                 jpeg, paste_ms, jpeg_ms = await loop.run_in_executor(
-                    self.executor, self._composite, avatar, v, pred[0]
+                    self.executor, self._composite, avatar, v, pred[0], output
                 )
                 t3 = time.perf_counter()
             frame = RenderedFrame(

@@ -19,13 +19,14 @@ import ssl
 import grpc
 from aiohttp import web
 
-from gateway.auth import PathOnlyAccessLogger, warn_if_exposed
+from gateway.auth import warn_if_exposed
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.grpc_service import HealthReporter, build_grpc_server
-from gateway.http_app import create_app, create_health_app
+from gateway.http_app import AccessLog, ServerLog, create_app, create_health_app
 from gateway.tls import grpc_server_credentials, http_ssl_context, tls_enabled
 from gateway.triton_client import TritonClient
+from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,22 @@ class GatewayServer:
         grace_s: how long `stop` lets in-flight requests finish (s).
         triton_client: the Triton client (default: one on ``settings.triton_url``; the fast
             tests pass an in-process fake).
+        supervisor: the supervisor keeping that Triton running (``lipsync up``), None when
+            Triton is run by someone else (`GatewayContext.create`).
     """
 
     def __init__(
-        self, settings: GatewaySettings, *, grace_s: float = 2.0, triton_client: TritonClient | None = None
+        self,
+        settings: GatewaySettings,
+        *,
+        grace_s: float = 2.0,
+        triton_client: TritonClient | None = None,
+        supervisor: SupervisorView | None = None,
     ) -> None:
         self.settings = settings
         self.grace_s = grace_s
         self.triton_client = triton_client
+        self.supervisor = supervisor
         self.ctx: GatewayContext | None = None
         self.grpc_port: int = 0
         self.http_port: int = 0
@@ -86,7 +95,7 @@ class GatewayServer:
         s = self.settings
         warn_if_exposed(s)
         credentials, ssl_context = grpc_server_credentials(s), http_ssl_context(s)
-        self.ctx = await GatewayContext.create(s, self.triton_client)
+        self.ctx = await GatewayContext.create(s, self.triton_client, self.supervisor)
         try:
             self._grpc, self._health = build_grpc_server(self.ctx)
             address = f"{s.host}:{s.grpc_port}"
@@ -106,12 +115,13 @@ class GatewayServer:
                 app,
                 handle_signals=False,
                 shutdown_timeout=self.grace_s,
-                access_log_class=PathOnlyAccessLogger,
+                logger=ServerLog(self.ctx.malformed),  # requests aiohttp could not parse
+                access_log_class=AccessLog,  # less the malformed ones, no token
             )
             self.http_port = await self._serve(self._runner, s.http_port, ssl_context)
             if s.health_port is not None:
                 self._health_runner = web.AppRunner(
-                    create_health_app(self.ctx), handle_signals=False, access_log_class=PathOnlyAccessLogger
+                    create_health_app(self.ctx), handle_signals=False, access_log_class=AccessLog
                 )
                 self.health_port = await self._serve(self._health_runner, s.health_port, None)
         except BaseException:

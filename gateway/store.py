@@ -15,8 +15,10 @@ A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame 
 ``pingpong_index(frame_id, N)`` (docs/REFERENCE.md s.2 step 9; words as in docs/GLOSSARY.md).
 
 The store also registers each avatar's Triton model (``manifest.model_name``) with the model
-lifecycle (`gateway.model_lifecycle`), which loads it (explicit model-control mode) and keeps it
-loaded across Triton restarts. A package whose model a live Triton cannot serve is refused.
+registry (`ModelRegistry`: the gateway's `gateway.endpoint_pool.EndpointPool`, which registers
+it on every Triton endpoint's `gateway.model_lifecycle.ModelLifecycle`), which loads it
+(explicit model-control mode) and keeps it loaded across Triton restarts. A package whose model
+no live Triton can serve is refused.
 
 Loading rules (issue 11; who may load at all is `gateway.auth`'s job): the avatar name matches
 `lipsync.contract.NAME_PATTERN`; an avatar loaded from one folder is replaced by another folder
@@ -35,12 +37,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
-from gateway.model_lifecycle import ModelLifecycle
+from gateway.model_lifecycle import LifecycleSnapshot
 from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME, NAME_PATTERN, is_avatar_name
 from lipsync.frames import crop_328, inner_320, pingpong_index
 from lipsync.package import (
@@ -62,6 +65,26 @@ def frame_bytes(video_frames: int, height: int, width: int) -> int:
     the crops ``[N, 328, 328, 3]`` and inner crops ``[N, 320, 320, 3]`` (`prepare_avatar`); the
     memory-mapped audio features are not counted."""
     return video_frames * 3 * (height * width + CROP_SIZE * CROP_SIZE + INNER_SIZE * INNER_SIZE)
+
+
+class ModelRegistry(Protocol):
+    """What keeps the avatars' models loaded in Triton: `gateway.model_lifecycle.ModelLifecycle`
+    (one endpoint) or `gateway.endpoint_pool.EndpointPool` (every endpoint, combined state)."""
+
+    url: str
+    """The Triton endpoint(s), for messages."""
+
+    def snapshot(self) -> LifecycleSnapshot:
+        """The current state."""
+        ...
+
+    async def register(self, model: str, *, required: bool = True) -> LifecycleSnapshot:
+        """Keep ``model`` loaded from now on; returns the state after the attempt."""
+        ...
+
+    def unregister(self, model: str) -> None:
+        """Stop keeping ``model`` loaded."""
+        ...
 
 
 @dataclass
@@ -249,18 +272,17 @@ def prepare_avatar(
 
 
 class AvatarStore:
-    """The loaded avatars, by name, plus their models' registration with the lifecycle.
+    """The loaded avatars, by name, plus their models' registration with Triton.
 
     Args:
         packages_root: folder holding one package folder per avatar; `LoadPackage` paths must
             resolve inside it.
-        lifecycle: the Triton endpoint's model lifecycle (None: no model registration, for
-            offline use).
+        lifecycle: the model registry (None: no model registration, for offline use).
         max_avatar_bytes: cap on `Avatar.held_bytes` summed over the avatars (None: no cap).
     """
 
     def __init__(
-        self, packages_root: Path, lifecycle: ModelLifecycle | None, max_avatar_bytes: int | None = None
+        self, packages_root: Path, lifecycle: ModelRegistry | None, max_avatar_bytes: int | None = None
     ) -> None:
         self.packages_root = Path(packages_root).resolve()
         self.max_avatar_bytes = max_avatar_bytes
@@ -486,7 +508,7 @@ class AvatarStore:
         log.info("avatar %r unloaded (%.0f MiB of frames released)", avatar.name, avatar.held_bytes / MiB)
         return avatar
 
-    async def _register_model(self, lifecycle: ModelLifecycle, avatar: Avatar, path: Path) -> None:
+    async def _register_model(self, lifecycle: ModelRegistry, avatar: Avatar, path: Path) -> None:
         """Register the avatar's model; refuse the package if a live Triton cannot serve it.
 
         When Triton is down the avatar is accepted: the lifecycle loads the model once Triton
