@@ -158,9 +158,7 @@ class GatewaySettings(BaseSettings):
         description="extra plain-HTTP port serving only /healthz, /readyz and /metrics (probes, "
         "Prometheus; no TLS, no token); unset: none",
     )
-    triton_tls: bool = Field(
-        False, description="TLS to Triton (also when triton_url starts with grpcs://)"
-    )
+    triton_tls: bool = Field(False, description="TLS to every Triton endpoint of triton_url")
     triton_tls_ca: Path | None = Field(
         None, description="PEM CA bundle Triton's certificate is checked against (default: system)"
     )

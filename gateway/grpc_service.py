@@ -49,8 +49,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from gateway.admin_service import AdminService, load_package_response
 from gateway.admin_service import SERVICE_NAME as ADMIN_SERVICE_NAME
+from gateway.admin_service import AdminService, load_package_response
 from gateway.audio_features import LiveAudio
 from gateway.auth import AuthInterceptor, TokenPolicy
 from gateway.context import GatewayContext

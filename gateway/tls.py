@@ -6,9 +6,9 @@
   ``LIPSYNC_TLS_CLIENT_CA`` adds mutual TLS: a client must present a certificate signed by that
   CA, on both ports. The optional health port (``LIPSYNC_HEALTH_PORT``) stays plain HTTP, so
   probes need no client certificate.
-- Triton: ``grpcs://host:port`` in ``LIPSYNC_TRITON_URL`` (or ``LIPSYNC_TRITON_TLS=true``) makes
-  the Triton client use TLS, checking Triton's certificate against ``LIPSYNC_TRITON_TLS_CA``
-  (default: the system's CAs); `triton_endpoint` splits the scheme off.
+- Triton: ``LIPSYNC_TRITON_TLS=true`` makes the client of every Triton endpoint
+  (`gateway.context`, ``LIPSYNC_TRITON_URL`` may list several) use TLS, checking Triton's
+  certificate against ``LIPSYNC_TRITON_TLS_CA`` (default: the system's CAs).
 
 Python's defaults apply (``ssl.create_default_context``: TLS 1.2 or later, no compression).
 """
@@ -20,9 +20,6 @@ from pathlib import Path
 import grpc
 
 from gateway.config import GatewaySettings
-
-TLS_SCHEME = "grpcs://"
-PLAIN_SCHEME = "grpc://"
 
 
 class TlsConfigError(ValueError):
@@ -83,13 +80,3 @@ def http_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
             raise TlsConfigError(f"LIPSYNC_TLS_CLIENT_CA {settings.tls_client_ca}: {exc}") from exc
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def triton_endpoint(url: str, tls: bool = False) -> tuple[str, bool]:
-    """``(host:port, use TLS)`` of a Triton URL: ``grpcs://`` means TLS, ``grpc://`` or no
-    scheme means plain unless ``tls`` (`GatewaySettings.triton_tls`) asks for it."""
-    if url.startswith(TLS_SCHEME):
-        return url[len(TLS_SCHEME):], True
-    if url.startswith(PLAIN_SCHEME):
-        return url[len(PLAIN_SCHEME):], tls
-    return url, tls

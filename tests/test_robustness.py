@@ -30,9 +30,9 @@ from gateway.audio_features import CHUNK_BYTES
 from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
-from tests.fixtures_gateway import ADMIN_METADATA
+from tests.fixtures_gateway import ADMIN_METADATA, ADMIN_TOKEN
 from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
-from tests.up_process import start_gateway_process
+from tests.up_process import ENV, start_gateway_process
 
 AVATAR = "demo"
 
@@ -108,7 +108,9 @@ def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
 @pytest.mark.parametrize("package_dir", ["/tmp", "..", "../../etc", "demo/../..", "/", ""])
 def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, package_dir: str) -> None:
     r = stub.LoadPackage(
-        pb.LoadPackageRequest(package_name="evil", package_dir=package_dir), metadata=ADMIN_METADATA, timeout=30
+        pb.LoadPackageRequest(package_name="evil", package_dir=package_dir),
+        metadata=ADMIN_METADATA,
+        timeout=30,
     )
     assert not r.success and r.HasField("error")
     if package_dir:
@@ -128,7 +130,9 @@ def test_load_package_symlink_escaping_root_is_refused(
     link.symlink_to(Path(demo_package.root).resolve(), target_is_directory=True)  # a real package, outside
     try:
         r = stub.LoadPackage(
-            pb.LoadPackageRequest(package_name="escape", package_dir="escape"), metadata=ADMIN_METADATA, timeout=30
+            pb.LoadPackageRequest(package_name="escape", package_dir="escape"),
+            metadata=ADMIN_METADATA,
+            timeout=30,
         )
     finally:
         link.unlink()
@@ -399,7 +403,8 @@ def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
     well-behaved client streams frames: every answer is INVALID_ARGUMENT naming the method,
     the process's log (Python and gRPC core, stdout and stderr) grows by fewer than 50 lines,
     /metrics counts 500, and the well-behaved client gets every frame."""
-    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root)
+    env = {**ENV, "LIPSYNC_ADMIN_TOKEN": ADMIN_TOKEN}  # the admin methods decode too
+    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root, env)
     http, grpc_port, log_path, proc = gateway.http, gateway.grpc_port, gateway.log_path, gateway.proc
 
     def get(path: str) -> tuple[int, str]:
@@ -436,7 +441,7 @@ def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
                 async with sem:
                     bad = UNDECODABLE[k % len(UNDECODABLE)]
                     _, code, details = await send_undecodable(
-                        channel, method, client_streaming, server_streaming, bad, False
+                        channel, method, client_streaming, server_streaming, bad, False, ADMIN_METADATA
                     )
                 return method, code, details
 

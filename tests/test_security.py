@@ -7,6 +7,7 @@ are enumerated from the running server, so one added later is covered without ed
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import ssl
@@ -18,13 +19,12 @@ import aiohttp
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from gateway.config import GatewaySettings
+from gateway.context import GatewayContext
 from gateway.server import GatewayServer
 from gateway.tls import TlsConfigError
 from gateway.ws_protocol import FrameReply, decode_reply, encode_request
@@ -33,7 +33,9 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import serve_on_fake
 from tests.fake_triton import fake_triton
+from tests.test_triton_client import TritonLike
 from tests.tls_files import TlsFiles, make_tls_files
+from tests.undecodable import Method, served_methods
 
 AVATAR = "synthetic"
 CLIENT_TOKEN = "client-token-5f0c1e9a7b3d4c2e"
@@ -73,26 +75,25 @@ def tls_settings(files: TlsFiles, **more: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- gRPC
 
 
-def proto_services() -> set[str]:
-    """Every service declared in the project's proto/*.proto files (their stubs imported)."""
-    names = set()
+async def every_method(channel: grpc.aio.Channel, token: str) -> list[Method]:
+    """Every method the server lists by reflection, and every method of the services the
+    project's proto files declare (their stubs imported), listed or not."""
+    methods = await served_methods(channel, bearer(token))
+    listed = {name for name, *_ in methods}
     for proto in (REPO_ROOT / "proto").glob("*.proto"):
         module = importlib.import_module(f"proto.{proto.stem}_pb2")
-        names |= {service.full_name for service in module.DESCRIPTOR.services_by_name.values()}
-    return names
-
-
-async def served_methods(channel: grpc.aio.Channel, token: str) -> list[MethodDescriptor]:
-    """Every method of every service the server lists by reflection, and of every service the
-    project's proto files declare."""
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    call = stub.ServerReflectionInfo(metadata=bearer(token))
-    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-    answer = await call.read()
-    await call.done_writing()
-    services = {s.name for s in answer.list_services_response.service} | proto_services()
-    pool = descriptor_pool.Default()
-    return [m for name in sorted(services) for m in pool.FindServiceByName(name).methods]
+        for service in module.DESCRIPTOR.services_by_name.values():
+            methods += [
+                (
+                    f"/{service.full_name}/{m.name}",
+                    m.client_streaming,
+                    m.server_streaming,
+                    m.input_type.full_name,
+                )
+                for m in service.methods
+                if f"/{service.full_name}/{m.name}" not in listed
+            ]
+    return methods
 
 
 def raw(data: bytes) -> bytes:
@@ -100,26 +101,26 @@ def raw(data: bytes) -> bytes:
     return data
 
 
-async def call_raw(channel: grpc.aio.Channel, method: MethodDescriptor, metadata: Any) -> grpc.StatusCode:
+async def call_raw(channel: grpc.aio.Channel, method: Method, metadata: Any) -> grpc.StatusCode:
     """Call ``method`` with one empty message (none for a client stream): the status code it
     ends with, or OK once a server stream has sent its first answer."""
-    path = f"/{method.containing_service.full_name}/{method.name}"
+    path, client_streaming, server_streaming, _ = method
 
     async def nothing() -> AsyncIterator[bytes]:
         return
         yield b""
 
     try:
-        if method.client_streaming and method.server_streaming:
+        if client_streaming and server_streaming:
             async for _ in channel.stream_stream(path, request_serializer=raw, response_deserializer=raw)(
                 nothing(), metadata=metadata, timeout=10
             ):
                 break
-        elif method.client_streaming:
+        elif client_streaming:
             await channel.stream_unary(path, request_serializer=raw, response_deserializer=raw)(
                 nothing(), metadata=metadata, timeout=10
             )
-        elif method.server_streaming:
+        elif server_streaming:
             async for _ in channel.unary_stream(path, request_serializer=raw, response_deserializer=raw)(
                 b"", metadata=metadata, timeout=10
             ):
@@ -136,25 +137,24 @@ async def call_raw(channel: grpc.aio.Channel, method: MethodDescriptor, metadata
 def test_every_grpc_method_needs_the_token_except_health(root: Path) -> None:
     async def body(server: GatewayServer) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
-            methods = await served_methods(channel, CLIENT_TOKEN)
+            methods = await every_method(channel, CLIENT_TOKEN)
             assert len(methods) >= 12  # seed 10 + admin 2, at least
             for method in methods:
-                service = method.containing_service.full_name
+                path = method[0]
+                service, name = path.split("/")[1:]
                 for metadata in (None, bearer("not-the-token-at-all"), (("authorization", CLIENT_TOKEN),)):
                     code = await call_raw(channel, method, metadata)
                     if service in OPEN_GRPC:
-                        assert code is not grpc.StatusCode.UNAUTHENTICATED, method.full_name
+                        assert code is not grpc.StatusCode.UNAUTHENTICATED, path
                     else:
-                        assert code is grpc.StatusCode.UNAUTHENTICATED, (method.full_name, metadata, code)
+                        assert code is grpc.StatusCode.UNAUTHENTICATED, (path, metadata, code)
                 code = await call_raw(channel, method, bearer(CLIENT_TOKEN))
-                if service == "optimized_lipsyncsrv.OptimizedLipSyncAdmin" or method.name == "LoadPackage":
-                    assert code is grpc.StatusCode.PERMISSION_DENIED, method.full_name
+                if service == "optimized_lipsyncsrv.OptimizedLipSyncAdmin" or name == "LoadPackage":
+                    assert code is grpc.StatusCode.PERMISSION_DENIED, path
                     assert await call_raw(channel, method, bearer(ADMIN_TOKEN)) is grpc.StatusCode.OK
                 else:
-                    assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), (
-                        method.full_name,
-                        code,
-                    )
+                    refused = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                    assert code not in refused, (path, code)
 
             stub = pbg.OptimizedLipSyncServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -273,7 +273,7 @@ def test_websocket_takes_the_token_as_header_or_query(root: Path, caplog: pytest
     with caplog.at_level(logging.INFO, logger="aiohttp.access"):
         serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN)
     access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
-    assert any('"GET /ws"' in line for line in access), access
+    assert any('"GET /ws?token=REDACTED HTTP/1.1" 101' in line for line in access), access
     assert not any(CLIENT_TOKEN in line for line in access), "a token reached the access log"
 
 
@@ -431,35 +431,28 @@ def test_tls_settings_come_as_a_pair_and_as_usable_files(tls: TlsFiles, tmp_path
         )
 
 
-def test_triton_over_tls_when_its_url_says_grpcs(tls: TlsFiles) -> None:
-    import asyncio
+def test_triton_over_tls_with_the_setting(tls: TlsFiles, tmp_path: Path) -> None:
+    """A Triton-like gRPC server with TLS (`tests.test_triton_client.TritonLike`): a gateway
+    context with ``triton_tls`` and the CA reaches it; without ``triton_tls`` it does not."""
 
-    from tritonclient.grpc import service_pb2_grpc as triton_grpc
-
-    from gateway.tls import triton_endpoint
-    from gateway.triton_client import TritonGrpcClient
-    from tests.test_triton_client import TritonLike
-
-    assert triton_endpoint("grpcs://triton:8001") == ("triton:8001", True)
-    assert triton_endpoint("grpc://triton:8001") == ("triton:8001", False)
-    assert triton_endpoint("triton:8001", True) == ("triton:8001", True)
+    async def live(port: int, **tls_options: Any) -> bool:
+        values = {"triton_url": f"127.0.0.1:{port}", "packages_root": tmp_path, "triton_probe_timeout_s": 5}
+        ctx = await GatewayContext.create(settings(**values, **tls_options))
+        try:
+            return ctx.lifecycle.snapshot().live
+        finally:
+            await ctx.close()
 
     async def run() -> None:
         server = grpc.aio.server()
         triton_grpc.add_GRPCInferenceServiceServicer_to_server(TritonLike(), server)
-        port = server.add_secure_port(
-            "127.0.0.1:0", grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())])
-        )
+        credentials = grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
         await server.start()
         try:
-            target, use_tls = triton_endpoint(f"grpcs://127.0.0.1:{port}")
-            client = TritonGrpcClient(target, tls=use_tls, tls_ca=str(tls.ca), probe_timeout_s=5)
-            assert await client.server_live()
-            await client.close()
-            plain = TritonGrpcClient(target, probe_timeout_s=2)
-            with pytest.raises(Exception, match="unreachable"):
-                await plain.server_live()
-            await plain.close()
+            assert await live(port, triton_tls=True, triton_tls_ca=tls.ca)
+            assert not await live(port)
+            assert not await live(port, triton_tls=True, triton_tls_ca=tls.other_ca), "another CA's server"
         finally:
             await server.stop(0)
 
