@@ -61,7 +61,7 @@ OPEN_GRPC_SERVICES = frozenset({"grpc.health.v1.Health"})
 """gRPC services callable without a token (load balancers, Kubernetes gRPC probes)."""
 OPEN_HTTP_RESOURCES = frozenset({"/healthz", "/readyz", "/metrics"})
 """Routes (aiohttp canonical paths) open without a token."""
-PAGE_RESOURCES = frozenset({"/", "/static"})
+PAGE_RESOURCES = frozenset({"/", "/static/{name}"})
 """The web page's routes: open, except a WebSocket upgrade on them."""
 
 ENABLE_ADMIN = (

@@ -106,6 +106,14 @@ class PermissionDenied(GatewayError):
     grpc_status = "PERMISSION_DENIED"
 
 
+
+class OriginNotAllowed(GatewayError):
+    """A browser page of another origin tried to open a WebSocket (``ws_allowed_origins``)."""
+
+    code = "origin_not_allowed"
+    http_status = 403
+
+
 def unexpected(exc: BaseException) -> GatewayError:
     """The error a caller gets for a bug (an exception that is no `GatewayError`): its type only,
     never its message, which may hold server paths or data; the gateway logs the traceback."""

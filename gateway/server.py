@@ -98,7 +98,8 @@ class GatewayServer:
         self.ctx = await GatewayContext.create(s, self.triton_client, self.supervisor)
         try:
             self._grpc, self._health = build_grpc_server(self.ctx)
-            address = f"{s.host}:{s.grpc_port}"
+            host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in brackets
+            address = f"{host}:{s.grpc_port}"
             self.grpc_port = (
                 self._grpc.add_secure_port(address, credentials)
                 if credentials is not None

@@ -18,7 +18,7 @@ from proto import admin_pb2_grpc as admin_pbg
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import serve_on_fake
-from tests.fake_triton import fake_triton
+from tests.fake_triton import FakeTriton, fake_triton
 
 ADMIN_TOKEN = "admin-token-9a8b7c6d5e4f3a2b"
 CLIENT_TOKEN = "client-token-5f0c1e9a7b3d4c2e"
@@ -102,7 +102,7 @@ async def frame0(channel: grpc.aio.Channel, avatar: str, metadata: Any = None) -
 def test_admin_calls_need_the_admin_token(
     root: Path, auth: str | None, metadata: Any, code: grpc.StatusCode, words: str
 ) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             admin = admin_pbg.OptimizedLipSyncAdminStub(channel)
             seed = pbg.OptimizedLipSyncServiceStub(channel)
@@ -122,7 +122,7 @@ def test_admin_calls_need_the_admin_token(
 
 
 def test_replace_flag_unload_and_reload(root: Path) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         md = bearer(ADMIN_TOKEN)
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             admin = admin_pbg.OptimizedLipSyncAdminStub(channel)

@@ -71,7 +71,7 @@ async def video_frame(stub: Any, avatar: str, frame_id: int = 0) -> bytes:
 def test_load_package_is_an_admin_call_refused_while_admin_token_is_unset(make_package: Any) -> None:
     root = two_avatars(make_package)
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -88,7 +88,7 @@ def test_load_package_is_an_admin_call_refused_while_admin_token_is_unset(make_p
 def test_load_package_does_not_replace_another_avatar(make_package: Any) -> None:
     root = two_avatars(make_package)
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             alice = await video_frame(stub, "alice")
@@ -111,7 +111,7 @@ def test_load_package_does_not_replace_another_avatar(make_package: Any) -> None
 def test_load_package_refuses_names_outside_the_pattern(make_package: Any, name: str) -> None:
     root = two_avatars(make_package)
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             r = await stub.LoadPackage(
@@ -126,7 +126,7 @@ def test_load_package_refuses_names_outside_the_pattern(make_package: Any, name:
 def test_one_package_folder_is_not_loaded_twice_under_new_names(make_package: Any) -> None:
     root = two_avatars(make_package)
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             for k in range(3):
@@ -145,7 +145,7 @@ def test_avatar_frames_held_stay_under_the_cap(make_package: Any) -> None:
     root = Path(make_package(name="bob", root=None, frames=frames_of(2)).parent)
     one = 10 * 3 * (48 * 64 + 328 * 328 + 320 * 320)  # frames + 328 and 320 crops of 10 frames
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         assert server.ctx is not None
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
@@ -184,7 +184,7 @@ def test_load_package_stops_reading_when_the_caller_goes_away(make_package: Any)
         manifest["files"]["frames"]["size_bytes"] = size
         (big / "manifest.json").write_text(json.dumps(manifest))
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         make_big()
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
@@ -207,7 +207,7 @@ def test_load_package_stops_reading_when_the_caller_goes_away(make_package: Any)
 def test_get_stats_past_two_to_the_31_frames(make_package: Any) -> None:
     root = two_avatars(make_package)
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         assert server.ctx is not None
         for name in ("alice", "bob"):
             stats = server.ctx.store.get(name).stats
@@ -229,7 +229,7 @@ def test_get_stats_past_two_to_the_31_frames(make_package: Any) -> None:
 def test_unusable_package_dir_is_answered_in_band(make_package: Any, package_dir: str) -> None:
     root = two_avatars(make_package)
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             r = await stub_of(channel).LoadPackage(
                 pb.LoadPackageRequest(package_dir=package_dir), metadata=ADMIN
@@ -258,7 +258,7 @@ def test_batch_whose_answers_cannot_be_sent_is_refused_before_rendering(make_pac
     root = noise_avatar(make_package)
     fake = fake_for("noise")
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(
             server.grpc_address, options=[("grpc.max_receive_message_length", -1)]
         ) as ch:
@@ -295,7 +295,7 @@ def test_batch_past_the_estimate_still_answers_in_band(make_package: Any) -> Non
     low; the rendered batch is then refused in-band instead of failing to send."""
     root = noise_avatar(make_package, flat=(0, 5, 9))
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(
             server.grpc_address, options=[("grpc.max_receive_message_length", -1)]
         ) as ch:
@@ -325,7 +325,7 @@ def test_a_bug_while_rendering_one_frame_is_answered_and_the_stream_goes_on(make
         loaded=("audio_encoder",),
     )
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
 
@@ -377,7 +377,7 @@ def test_no_server_paths_in_answers(make_package: Any, tmp_path: Path) -> None:
     def clean(text: str) -> None:
         assert not any(s in text for s in secrets), text
 
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             meta = await stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name="alice"), metadata=ADMIN)

@@ -32,7 +32,7 @@ from lipsync.paths import REPO_ROOT
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import serve_on_fake
-from tests.fake_triton import fake_triton
+from tests.fake_triton import FakeTriton, fake_triton
 from tests.test_triton_client import TritonLike
 from tests.tls_files import TlsFiles, make_tls_files
 from tests.undecodable import Method, served_methods
@@ -41,11 +41,11 @@ AVATAR = "synthetic"
 CLIENT_TOKEN = "client-token-5f0c1e9a7b3d4c2e"
 ADMIN_TOKEN = "admin-token-9a8b7c6d5e4f3a2b"
 OPEN_GRPC = {"grpc.health.v1.Health"}
-OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/", "/static"}
+OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/", "/static/{name}"}
 """Open without a token: health, readiness (reduced), metrics, the page and its files."""
 ASK = "send the gateway's token (LIPSYNC_AUTH_TOKEN) as `authorization: Bearer <token>`"
 """What a call without the token is told."""
-PAGE = {"/", "/static"}
+PAGE = {"/", "/static/{name}"}
 """The page's routes: open, but not for a WebSocket upgrade."""
 
 
@@ -135,7 +135,7 @@ async def call_raw(channel: grpc.aio.Channel, method: Method, metadata: Any) -> 
 
 
 def test_every_grpc_method_needs_the_token_except_health(root: Path) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             methods = await every_method(channel, CLIENT_TOKEN)
             assert len(methods) >= 12  # seed 10 + admin 2, at least
@@ -177,7 +177,7 @@ def test_every_grpc_method_needs_the_token_except_health(root: Path) -> None:
 
 
 def test_without_a_token_setting_clients_need_none(root: Path) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = pbg.OptimizedLipSyncServiceStub(channel)
             r = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3))
@@ -198,7 +198,7 @@ def route_paths(app: Any) -> list[tuple[str, str, str]]:
         canonical = route.resource.canonical
         path = (
             "/static/app.js"
-            if canonical == "/static"
+            if canonical == "/static/{name}"
             else (canonical.replace("{name}", AVATAR).replace("{frame_id}", "0"))
         )
         out.append((route.method, canonical, path))
@@ -206,7 +206,7 @@ def route_paths(app: Any) -> list[tuple[str, str, str]]:
 
 
 def test_every_http_route_needs_the_token_except_health_metrics_and_page(root: Path) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         routes = route_paths(server.http_app)
         assert {c for _, c, _ in routes} >= {"/ws", "/api/avatars", "/api/stats", "/readyz"}
         async with aiohttp.ClientSession() as session:
@@ -254,7 +254,7 @@ async def ws_frame(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> F
 
 
 def test_websocket_takes_the_token_as_header_or_query(root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         ws_url = server.http_url.replace("http", "ws") + "/ws"
         async with aiohttp.ClientSession() as session:
             base = server.http_url.replace("http", "ws")
@@ -278,7 +278,7 @@ def test_websocket_takes_the_token_as_header_or_query(root: Path, caplog: pytest
 
 
 def test_readyz_is_reduced_for_callers_without_the_token(root: Path) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{server.http_url}/readyz") as resp:
                 assert resp.status == 200 and await resp.json() == {"ready": True, "reason": None}
@@ -327,7 +327,7 @@ def grpc_credentials(files: TlsFiles, *, client_cert: bool = False) -> grpc.Chan
 
 
 def test_everything_works_over_tls_with_the_token(root: Path, tls: TlsFiles) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         assert server.http_url.startswith("https://")
         async with grpc.aio.secure_channel(server.grpc_address, grpc_credentials(tls)) as channel:
             stub = pbg.OptimizedLipSyncServiceStub(channel)
@@ -387,7 +387,7 @@ def test_everything_works_over_tls_with_the_token(root: Path, tls: TlsFiles) -> 
 
 
 def test_mutual_tls_needs_a_client_certificate(root: Path, tls: TlsFiles) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         for cert, ok in ((False, False), (True, True)):
             async with grpc.aio.secure_channel(
                 server.grpc_address, grpc_credentials(tls, client_cert=cert)
@@ -427,7 +427,7 @@ def test_tls_settings_come_as_a_pair_and_as_usable_files(tls: TlsFiles, tmp_path
     # a key that does not match the certificate: refused before anything is bound
     with pytest.raises(TlsConfigError, match="LIPSYNC_TLS_CERT"):
         serve_on_fake(
-            root, fake(), lambda s: pytest.fail("started"), tls_cert=tls.cert, tls_key=tls.client_key
+            root, fake(), lambda s, f: pytest.fail("started"), tls_cert=tls.cert, tls_key=tls.client_key
         )
 
 
@@ -485,7 +485,7 @@ def test_tokens_are_checked_and_never_echoed() -> None:
 def test_warning_when_served_beyond_loopback_without_protection(
     root: Path, caplog: pytest.LogCaptureFixture, host: str, token: str | None, warned: str | None
 ) -> None:
-    async def body(server: GatewayServer) -> None:
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
         return None
 
     with caplog.at_level(logging.WARNING, logger="gateway.auth"):
