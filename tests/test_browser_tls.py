@@ -1,7 +1,7 @@
 """The web page over ``https`` / ``wss`` with an access token, in headless Chromium against the
-real CPU Triton: a gateway with ``LIPSYNC_AUTH_TOKEN`` and a TLS certificate from a throw-away CA
-(`tests.tls_files`); Chromium trusts exactly that certificate (its SPKI pinned with
-``--ignore-certificate-errors-spki-list``). The page asks for the token when the gateway answers
+real CPU Triton: a gateway with ``LIPSYNC_AUTH_TOKEN`` and a self-signed TLS certificate the test
+generates (`tests.tls_files.self_signed`); Chromium trusts exactly that certificate (its SPKI
+pinned with ``--ignore-certificate-errors-spki-list``). The page asks for the token when the gateway answers
 401, then plays the demo avatar; opened as ``/?token=...`` it plays at once and drops the token
 from the address bar."""
 
@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.tls_files import TlsFiles, make_tls_files
+from tests.tls_files import self_signed
 
 pytestmark = [pytest.mark.browser, pytest.mark.triton]
 
@@ -35,17 +35,18 @@ def spki_pin(cert_pem: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls_files(tmp_path_factory.mktemp("tls"))
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The gateway's self-signed certificate and key."""
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")
-def pinned_browser(tls: TlsFiles) -> Iterator[Any]:
+def pinned_browser(tls: tuple[Path, Path]) -> Iterator[Any]:
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
     from playwright.sync_api import sync_playwright
 
-    args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_pin(tls.cert)}"]
+    args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_pin(tls[0])}"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         try:
@@ -66,10 +67,14 @@ def play(page: Any, seconds_ms: int = 3_000) -> dict[str, Any]:
 
 
 def test_page_plays_over_https_and_wss_with_the_token(
-    pinned_browser: Any, tls: TlsFiles, triton_server: Any, gateway_packages_root: Path, start_gateway: Any
+    pinned_browser: Any,
+    tls: tuple[Path, Path],
+    triton_server: Any,
+    gateway_packages_root: Path,
+    start_gateway: Any,
 ) -> None:
     gateway = start_gateway(
-        triton_server.grpc_url, gateway_packages_root, auth_token=TOKEN, tls_cert=tls.cert, tls_key=tls.key
+        triton_server.grpc_url, gateway_packages_root, auth_token=TOKEN, tls_cert=tls[0], tls_key=tls[1]
     )
     url = gateway.http_url
     assert url.startswith("https://")

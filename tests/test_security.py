@@ -134,9 +134,14 @@ async def call_raw(channel: grpc.aio.Channel, method: Method, metadata: Any) -> 
     return grpc.StatusCode.OK
 
 
-def test_every_grpc_method_needs_the_token_except_health(root: Path) -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_every_grpc_method_needs_the_token_except_health(root: Path, tls: TlsFiles, secure: bool) -> None:
     async def body(server: GatewayServer, _: FakeTriton) -> None:
-        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        async with (
+            grpc.aio.secure_channel(server.grpc_address, grpc_credentials(tls))
+            if secure
+            else grpc.aio.insecure_channel(server.grpc_address)
+        ) as channel:
             methods = await every_method(channel, CLIENT_TOKEN)
             assert len(methods) >= 12  # seed 10 + admin 2, at least
             for method in methods:
@@ -173,7 +178,8 @@ def test_every_grpc_method_needs_the_token_except_health(root: Path) -> None:
                 await health.Check(health_pb2.HealthCheckRequest())
             ).status == health_pb2.HealthCheckResponse.SERVING
 
-    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN, admin_token=ADMIN_TOKEN)
+    transport = tls_settings(tls) if secure else {}
+    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN, admin_token=ADMIN_TOKEN, **transport)
 
 
 def test_without_a_token_setting_clients_need_none(root: Path) -> None:
@@ -205,11 +211,16 @@ def route_paths(app: Any) -> list[tuple[str, str, str]]:
     return out
 
 
-def test_every_http_route_needs_the_token_except_health_metrics_and_page(root: Path) -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_every_http_route_needs_the_token_except_health_metrics_and_page(
+    root: Path, tls: TlsFiles, secure: bool
+) -> None:
     async def body(server: GatewayServer, _: FakeTriton) -> None:
+        assert server.http_url.startswith("https://" if secure else "http://")
         routes = route_paths(server.http_app)
         assert {c for _, c, _ in routes} >= {"/ws", "/api/avatars", "/api/stats", "/readyz"}
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=client_ssl(tls) if secure else True)
+        async with aiohttp.ClientSession(connector=connector) as session:
             for method, canonical, path in routes:
                 url = f"{server.http_url}{path}"
                 async with session.request(method, url) as resp:
@@ -242,7 +253,7 @@ def test_every_http_route_needs_the_token_except_health_metrics_and_page(root: P
             async with session.get(f"{server.http_url}/api/nothing") as resp:
                 assert resp.status == 401
 
-    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN)
+    serve_on_fake(root, fake(), body, auth_token=CLIENT_TOKEN, **(tls_settings(tls) if secure else {}))
 
 
 async def ws_frame(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> FrameReply:
