@@ -276,6 +276,7 @@ def fuzz_ws_frames(port: int, rng: random.Random, count: int) -> Counter[str]:
     return outcomes
 
 
+@pytest.mark.slow  # 10,000 messages over real sockets: ~15 s
 @pytest.mark.timeout(240)
 def test_network_fuzz(make_package: Callable[..., Path], tmp_path: Path) -> None:
     frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
