@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_browser import chromium
 from tests.tls_files import self_signed
 
 pytestmark = [pytest.mark.browser, pytest.mark.triton]
@@ -42,17 +41,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def pinned_browser(tls: tuple[Path, Path]) -> Iterator[Any]:
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
-    from playwright.sync_api import sync_playwright
-
-    args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_pin(tls[0])}"]
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium(f"--ignore-certificate-errors-spki-list={spki_pin(tls[0])}") as browser:
+        yield browser
 
 
 def play(page: Any, seconds_ms: int = 3_000) -> dict[str, Any]:
