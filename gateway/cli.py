@@ -270,9 +270,10 @@ async def serve_gateway(
             ``lipsync gateway``.
 
     Raises:
-        StartupError: a port could not be bound.
+        StartupError: a port could not be bound, or a TLS file cannot be used.
     """
     from gateway.server import GatewayServer
+    from gateway.tls import TlsConfigError
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -282,6 +283,8 @@ async def serve_gateway(
     try:
         try:
             await server.start()
+        except TlsConfigError as exc:
+            raise StartupError(f"the gateway's TLS settings cannot be used: {exc}") from exc
         except (OSError, RuntimeError) as exc:  # grpc raises RuntimeError on a busy port
             raise StartupError(
                 f"the gateway could not bind its ports (HTTP {settings.http_port}, gRPC "
@@ -290,8 +293,8 @@ async def serve_gateway(
             ) from exc
         host = _display_host(settings.host)
         log.info(
-            "gateway serving: web page http://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
-            host, server.http_port, host, server.grpc_port, banner,
+            "gateway serving: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
+            _scheme(settings), host, server.http_port, host, server.grpc_port, banner,
         )
         if wait_ready_s > 0:
             await _wait_ready(server, wait_ready_s, stop)
@@ -303,6 +306,11 @@ async def serve_gateway(
         await server.stop()  # logs "gateway stopped"
 
 
+def _scheme(settings: GatewaySettings) -> str:
+    """``https`` when the gateway serves TLS, else ``http``."""
+    return "https" if settings.tls_cert is not None else "http"
+
+
 async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> None:
     ctx = server.ctx
     deadline = time.monotonic() + timeout_s
@@ -310,8 +318,8 @@ async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> Non
         await asyncio.sleep(0.5)
     if ctx.ready():
         names = ", ".join(ctx.store.names())
-        log.info("ready: avatars %s; open http://%s:%d/ and press Play",
-                 names, _display_host(server.settings.host), server.http_port)
+        log.info("ready: avatars %s; open %s://%s:%d/ and press Play",
+                 names, _scheme(server.settings), _display_host(server.settings.host), server.http_port)
     elif not stop.is_set():
         snapshot = ctx.lifecycle.snapshot()
         log.warning(

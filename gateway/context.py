@@ -116,7 +116,7 @@ class GatewayContext:
             load_models=settings.triton_load_models,
         )
         pool.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
-        store = AvatarStore(settings.packages_root, pool)
+        store = AvatarStore(settings.packages_root, pool, settings.max_avatar_bytes)
         try:
             await pool.start()
             await store.load_all()
@@ -231,6 +231,8 @@ def _grpc_client_factory(settings: GatewaySettings) -> ClientFactory:
             probe_timeout_s=settings.triton_probe_timeout_s,
             load_timeout_s=settings.triton_load_timeout_s,
             control_key=key.get_secret_value() if key is not None else None,
+            tls=settings.triton_tls,
+            tls_ca=str(settings.triton_tls_ca) if settings.triton_tls_ca else None,
         )
 
     return connect

@@ -19,6 +19,14 @@ registry (`ModelRegistry`: the gateway's `gateway.endpoint_pool.EndpointPool`, w
 it on every Triton endpoint's `gateway.model_lifecycle.ModelLifecycle`), which loads it
 (explicit model-control mode) and keeps it loaded across Triton restarts. A package whose model
 no live Triton can serve is refused.
+
+Loading rules (issue 11; who may load at all is `gateway.auth`'s job): the avatar name matches
+`lipsync.contract.NAME_PATTERN`; an avatar loaded from one folder is replaced by another folder
+only with ``replace=True`` (reloading it from its own folder needs no flag); one package folder is
+served under one name only (another name would hold a second copy of its frames); the frames of
+all avatars stay under ``max_avatar_bytes``; loads run one at a time, and a cancelled load stops
+reading and hashing at its next step. Messages name package folders relative to the packages
+root, never as absolute server paths.
 """
 from __future__ import annotations
 
@@ -36,11 +44,27 @@ from numpy.typing import NDArray
 
 from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
 from gateway.model_lifecycle import LifecycleSnapshot
-from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME
+from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME, NAME_PATTERN, is_avatar_name
 from lipsync.frames import crop_328, inner_320, pingpong_index
-from lipsync.package import AvatarPackage, PackageError, load_package
+from lipsync.package import (
+    AvatarPackage,
+    PackageError,
+    PackageManifest,
+    check_cancel,
+    load_package,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+def frame_bytes(video_frames: int, height: int, width: int) -> int:
+    """Bytes an avatar holds in RAM for its frames: the full frames uint8 ``[N, H, W, 3]`` plus
+    the crops ``[N, 328, 328, 3]`` and inner crops ``[N, 320, 320, 3]`` (`prepare_avatar`); the
+    memory-mapped audio features are not counted."""
+    return video_frames * 3 * (height * width + CROP_SIZE * CROP_SIZE + INNER_SIZE * INNER_SIZE)
 
 
 class ModelRegistry(Protocol):
@@ -186,18 +210,26 @@ class Avatar:
         """Video frame shown for ``frame_id`` (ping-pong, docs/REFERENCE.md s.2 step 9)."""
         return pingpong_index(frame_id, self.video_frames)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of frames and crops this avatar holds (`frame_bytes`)."""
+        return int(self.package.frames.nbytes + self.crops.nbytes + self.inners.nbytes)
+
     def rect(self, video_index: int) -> tuple[float, float, float, float]:
         """Crop rectangle ``(x1, y1, x2, y2)`` of a video frame, px as floats."""
         x1, y1, x2, y2 = (float(v) for v in self.rects[video_index])
         return (x1, y1, x2, y2)
 
 
-def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
+def prepare_avatar(
+    package: AvatarPackage, name: str | None = None, cancel: threading.Event | None = None
+) -> Avatar:
     """Precompute the per-frame crops of a loaded package (CPU work, no Triton).
 
     Args:
         package: a package from `load_package`.
         name: name to serve it under (default: ``manifest.name``).
+        cancel: when set (by another thread), stop before the next frame (`LoadCancelled`).
 
     Returns:
         An `Avatar` with ``crops`` uint8 ``[N, 328, 328, 3]`` and ``inners`` uint8
@@ -212,20 +244,21 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
     n = int(frames.shape[0])
     if n == 0 or rects.shape != (n, 4):
         raise PackageRejected(
-            f"package {package.root} has {n} frames and rects of shape {list(rects.shape)}; "
+            f"package {package.name!r} has {n} frames and rects of shape {list(rects.shape)}; "
             f"need at least one frame and rects [N, 4]"
         )
     crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
     inners = np.empty((n, INNER_SIZE, INNER_SIZE, 3), dtype=np.uint8)
     for v in range(n):
+        check_cancel(cancel, f"at frame {v} of {n}")
         try:
             crops[v] = crop_328(frames[v], rects[v])
         except ValueError as exc:
-            raise PackageRejected(f"package {package.root}, frame {v}: {exc}") from exc
+            raise PackageRejected(f"package {package.name!r}, frame {v}: {exc}") from exc
         inners[v] = inner_320(crops[v])
     features = package.features
     if features.ndim != 2 or features.shape[0] == 0:
-        raise PackageRejected(f"package {package.root} has features of shape {list(features.shape)}")
+        raise PackageRejected(f"package {package.name!r} has features of shape {list(features.shape)}")
     return Avatar(
         name=name or package.manifest.name,
         model=package.manifest.model_name,
@@ -245,14 +278,19 @@ class AvatarStore:
         packages_root: folder holding one package folder per avatar; `LoadPackage` paths must
             resolve inside it.
         lifecycle: the model registry (None: no model registration, for offline use).
+        max_avatar_bytes: cap on `Avatar.held_bytes` summed over the avatars (None: no cap).
     """
 
-    def __init__(self, packages_root: Path, lifecycle: ModelRegistry | None) -> None:
+    def __init__(
+        self, packages_root: Path, lifecycle: ModelRegistry | None, max_avatar_bytes: int | None = None
+    ) -> None:
         self.packages_root = Path(packages_root).resolve()
+        self.max_avatar_bytes = max_avatar_bytes
         self._lifecycle = lifecycle
         self._avatars: dict[str, Avatar] = {}
         self._aliases: dict[str, str] = {}
         self._subscribers: list[Callable[[], None]] = []
+        self._loading = asyncio.Lock()
 
     def subscribe(self, subscriber: Callable[[], None]) -> None:
         """Call ``subscriber()`` after every change of the set of avatars."""
@@ -288,70 +326,186 @@ class AvatarStore:
         return name in self._avatars or name in self._aliases
 
     # ------------------------------------------------------------------ loading
+    def display(self, path: Path) -> str:
+        """``path`` as callers may see it: relative to the packages root (POSIX), never the
+        server's absolute path."""
+        try:
+            return Path(path).relative_to(self.packages_root).as_posix()
+        except ValueError:
+            return "<outside the packages root>"
+
+    def _redact(self, message: str) -> str:
+        """``message`` with the packages root's absolute path taken out (loader messages)."""
+        root = str(self.packages_root)
+        return message.replace(root + "/", "").replace(root, "<packages root>")
+
     def resolve_package_dir(self, package_dir: str | Path) -> Path:
         """Resolve a package path (relative paths are relative to the packages root).
 
         Raises:
-            PackageRejected: the path resolves outside the packages root, or is not a folder
+            PackageRejected: the path cannot name a file (NUL byte, a component too long for
+                the file system), resolves outside the packages root, or is not a folder
                 holding a ``manifest.json``.
         """
-        raw = Path(package_dir)
-        candidate = raw if raw.is_absolute() else self.packages_root / raw
-        resolved = candidate.resolve()
-        if resolved == self.packages_root or not resolved.is_relative_to(self.packages_root):
+        try:
+            raw = Path(package_dir)
+            candidate = raw if raw.is_absolute() else self.packages_root / raw
+            resolved = candidate.resolve()
+            inside = resolved != self.packages_root and resolved.is_relative_to(self.packages_root)
+            is_package = inside and (resolved / MANIFEST_NAME).is_file()
+        except (ValueError, OSError) as exc:  # "embedded null byte", ENAMETOOLONG, ELOOP, ...
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise PackageRejected(
-                f"package_dir {str(package_dir)!r} resolves to {resolved}, which is not inside "
-                f"the packages root {self.packages_root}"
+                f"package_dir {str(package_dir)[:200]!r} is not a usable path: {reason}"
+            ) from None
+        if not inside:
+            raise PackageRejected(
+                f"package_dir {str(package_dir)[:200]!r} is not inside the packages root"
             )
-        if not (resolved / MANIFEST_NAME).is_file():
-            raise PackageRejected(f"{resolved} is not an avatar package (no {MANIFEST_NAME})")
+        if not is_package:
+            raise PackageRejected(f"{self.display(resolved)!r} is not an avatar package (no {MANIFEST_NAME})")
         return resolved
 
-    async def load(self, package_dir: str | Path, name: str | None = None) -> Avatar:
-        """Load (or reload) one package and register its model with Triton.
+    async def load(
+        self, package_dir: str | Path, name: str | None = None, *, replace: bool = False
+    ) -> Avatar:
+        """Load (or reload) one package and register its model with Triton (module doc: rules).
 
-        Loading and precomputation run in a worker thread; the event loop keeps serving.
+        Loading and precomputation run in a worker thread; the event loop keeps serving. Loads
+        run one at a time. Cancelling the call stops the worker at its next step (between files,
+        hashed chunks, arrays, frames).
 
         Args:
             package_dir: path of the package, absolute or relative to the packages root.
             name: name to serve it under (default: the manifest's name).
+            replace: allow replacing an avatar of that name loaded from another folder.
 
         Returns:
             The new `Avatar`, serving when this returns (if Triton is down, its model is
             loaded by the monitor once Triton is back).
 
         Raises:
-            PackageRejected: path outside the root, the loader's `PackageError`, or a live
+            PackageRejected: path outside the root or unusable, a name not matching
+                `NAME_PATTERN`, a replacement without ``replace``, the folder already served
+                under another name, the cap exceeded, the loader's `PackageError`, or a live
                 Triton that cannot load the avatar's model.
         """
-        path = self.resolve_package_dir(package_dir)
-        t0 = time.perf_counter()
+        async with self._loading:
+            path = self.resolve_package_dir(package_dir)
+            t0 = time.perf_counter()
+            cancel = threading.Event()
 
-        def _load() -> Avatar:
+            def _load(manifest: PackageManifest) -> Avatar:
+                package = load_package(path, cancel=cancel)
+                if package.manifest != manifest:
+                    raise PackageError("the package changed while it was loaded; load it again")
+                return prepare_avatar(package, name or manifest.name, cancel)
+
             try:
-                package = load_package(path)
+                manifest = await asyncio.to_thread(read_manifest, path)
+                serve_as = name or manifest.name
+                self._check_load(path, serve_as, replace=replace)
+                self._check_cap(serve_as, frame_bytes(manifest.frame_count, manifest.height, manifest.width))
+                avatar = await asyncio.to_thread(_load, manifest)
+            except asyncio.CancelledError:
+                cancel.set()  # the worker stops at its next check
+                log.info("loading %s cancelled by the caller", self.display(path))
+                raise
             except PackageError as exc:
-                raise PackageRejected(f"package {path} rejected: {exc}") from exc
-            return prepare_avatar(package, name)
-
-        avatar = await asyncio.to_thread(_load)
-        if self._lifecycle is not None:
-            await self._register_model(self._lifecycle, avatar, path)
-        avatar.init_ms = (time.perf_counter() - t0) * 1e3
-        old = self._avatars.get(avatar.name)
-        if old is not None:
-            avatar.stats = old.stats
-        self._avatars[avatar.name] = avatar
-        self._aliases[avatar.model] = avatar.name
+                raise PackageRejected(
+                    f"package {self.display(path)!r} rejected: {self._redact(str(exc))}"
+                ) from exc
+            if self._lifecycle is not None:
+                await self._register_model(self._lifecycle, avatar, path)
+            avatar.init_ms = (time.perf_counter() - t0) * 1e3
+            old = self._avatars.get(avatar.name)
+            if old is not None:
+                avatar.stats = old.stats
+            self._avatars[avatar.name] = avatar
+            if old is not None and old.model != avatar.model:
+                self._release_model(old.model)
+            self._aliases[avatar.model] = avatar.name
         for subscriber in self._subscribers:
             subscriber()
         log.info(
-            "avatar %r loaded from %s: %d video frames %dx%d, %d feature rows, model %s (%.0f ms)",
+            "avatar %r loaded from %s: %d video frames %dx%d, %d feature rows, model %s (%.0f ms, %.0f MiB)",
             avatar.name, path, avatar.video_frames, avatar.width, avatar.height,
-            avatar.feature_rows, avatar.model, avatar.init_ms,
+            avatar.feature_rows, avatar.model, avatar.init_ms, avatar.held_bytes / MiB,
         )
         if not avatar.trained:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
+        return avatar
+
+    def _check_load(self, path: Path, name: str, *, replace: bool) -> None:
+        """The name and replacement rules of `load` (module doc).
+
+        Raises:
+            PackageRejected: with the rule broken and how to proceed.
+        """
+        if not is_avatar_name(name):
+            raise PackageRejected(
+                f"package_name {name[:100]!r} is not a valid avatar name: letters, digits, '_' and "
+                f"'-', 1-63 characters, starting with a letter or digit ({NAME_PATTERN})"
+            )
+        existing = self._avatars.get(name)
+        if existing is not None and existing.package.root != path and not replace:
+            raise PackageRejected(
+                f"avatar {name!r} is already served from {self.display(existing.package.root)!r}; "
+                f"loading {self.display(path)!r} under that name replaces it for every client: "
+                "call OptimizedLipSyncAdmin.LoadPackage with replace=true to do so"
+            )
+        for other in self._avatars.values():
+            if other.name != name and other.package.root == path:
+                raise PackageRejected(
+                    f"package {self.display(path)!r} is already served as avatar {other.name!r}; "
+                    f"serving it as {name!r} too would hold a second copy of its frames "
+                    f"({other.held_bytes / MiB:.0f} MiB): use the name {other.name!r}"
+                )
+
+    def _check_cap(self, name: str, new_bytes: int) -> None:
+        """Refuse an avatar whose frames would take the total past ``max_avatar_bytes`` (an avatar
+        of the same name it replaces does not count).
+
+        Raises:
+            PackageRejected: with the sizes and the setting.
+        """
+        cap = self.max_avatar_bytes
+        if cap is None:
+            return
+        held = sum(a.held_bytes for a in self._avatars.values() if a.name != name)
+        if held + new_bytes > cap:
+            raise PackageRejected(
+                f"avatar {name!r} needs {new_bytes / MiB:.1f} MiB of frames in memory; the other "
+                f"avatars hold {held / MiB:.1f} MiB and the cap is {cap / MiB:.1f} MiB "
+                "(LIPSYNC_MAX_AVATAR_BYTES): unload an avatar or raise the cap"
+            )
+
+    def _release_model(self, model: str) -> None:
+        """Forget Triton model ``model`` (its alias, its registration) unless an avatar still
+        serves it."""
+        if any(a.model == model for a in self._avatars.values()):
+            return
+        self._aliases.pop(model, None)
+        if self._lifecycle is not None:
+            self._lifecycle.unregister(model)
+
+    def unload(self, name: str) -> Avatar:
+        """Stop serving the avatar ``name`` (frames in flight finish; its memory is freed once
+        they are done). Its Triton model stays loaded in Triton but is no longer required for
+        readiness, unless another avatar uses it.
+
+        Returns:
+            The avatar removed.
+
+        Raises:
+            UnknownAvatar: no avatar of that name (its Triton model name works too).
+        """
+        avatar = self.get(name)
+        del self._avatars[avatar.name]
+        self._release_model(avatar.model)
+        for subscriber in self._subscribers:
+            subscriber()
+        log.info("avatar %r unloaded (%.0f MiB of frames released)", avatar.name, avatar.held_bytes / MiB)
         return avatar
 
     async def _register_model(self, lifecycle: ModelRegistry, avatar: Avatar, path: Path) -> None:
@@ -373,7 +527,7 @@ class AvatarStore:
             status = state.models.get(model)
             why = status.error if status is not None and status.error else "not ready"
             raise PackageRejected(
-                f"package {path}: Triton at {lifecycle.url} cannot serve its model "
+                f"package {self.display(path)!r}: Triton cannot serve its model "
                 f"{model!r} ({why}); export it into the model repository first "
                 "(`lipsync export model-repo`)"
             )

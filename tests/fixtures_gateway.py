@@ -96,8 +96,14 @@ def make_packages_root(demo_root: Path, dest: Path) -> Path:
     return dest
 
 
+ADMIN_TOKEN = "test-admin-token-0f1e2d3c4b5a"
+"""The admin token of the test gateways (admin calls: LoadPackage)."""
+ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+"""gRPC metadata of an admin call to a test gateway."""
+
+
 def gateway_settings(triton_url: str, packages_root: Path, **overrides: Any) -> GatewaySettings:
-    """Test settings: loopback, free ports, JPEG quality 95, plus ``overrides``."""
+    """Test settings: loopback, free ports, JPEG quality 95, `ADMIN_TOKEN`, plus ``overrides``."""
     values: dict[str, Any] = dict(
         triton_url=triton_url,
         host="127.0.0.1",
@@ -105,6 +111,7 @@ def gateway_settings(triton_url: str, packages_root: Path, **overrides: Any) -> 
         http_port=0,
         packages_root=packages_root,
         jpeg_quality=95,
+        admin_token=ADMIN_TOKEN,
     )
     values.update(overrides)
     return GatewaySettings(**values)

@@ -103,8 +103,7 @@
       this.sink.gain.value = 0;
       this.capture.connect(this.sink).connect(this.ctx.destination);
 
-      const proto = location.protocol === "https:" ? "wss:" : "ws:";
-      this.ws = new WebSocket(`${proto}//${location.host}/live`);
+      this.ws = new WebSocket(window.lipsyncAuth.wsUrl("/live"));
       this.ws.binaryType = "arraybuffer";
       await new Promise((resolve, reject) => {
         this.ws.onopen = resolve;
