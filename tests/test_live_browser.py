@@ -24,7 +24,7 @@ import pytest
 
 from gateway.live.settings import LiveSettings
 from tests.fixtures_live import speech_paths, speech_pcm16
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_browser import CHROMIUM, chromium
 from tests.triton_stats import compute_totals, settled_counts
 
 pytestmark = [pytest.mark.browser, pytest.mark.triton]
@@ -54,8 +54,6 @@ def test_live_mode_with_a_fake_microphone(
 ) -> None:
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
-    from playwright.sync_api import sync_playwright
-
     gateway_server = start_gateway(
         triton_server.grpc_url,
         gateway_packages_root,
@@ -63,27 +61,23 @@ def test_live_mode_with_a_fake_microphone(
     )
     unet_before = compute_totals(triton_server.grpc_url, UNET)
     wav = fake_microphone_wav(tmp_path)
-    args = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    args = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={wav}%noloop"]
     problems: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
-        try:
-            page = browser.new_page()
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
-            page.goto(gateway_server.http_url + "/")
-            page.wait_for_function("window.lipsync && window.lipsync.ready === true", timeout=15_000)
-            page.select_option("#avatar", "demo")
-            page.click("#live-mic")
-            page.wait_for_function("window.lipsyncLive.stats.state === 'live'", timeout=15_000)
-            page.wait_for_function("window.lipsyncLive.stats.frames >= 200", timeout=150_000)
-            page.click("#live-stop")
-            page.wait_for_function("window.lipsyncLive.stats.state === 'closed'", timeout=150_000)
-            stats = page.evaluate("() => ({...window.lipsyncLive.stats})")
-            shown = {k: page.inner_text(f"#live-{k}") for k in ("frames", "speaking", "first", "offset")}
-        finally:
-            browser.close()
+    with chromium(*args) as browser:
+        page = browser.new_page()
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+        page.goto(gateway_server.http_url + "/")
+        page.wait_for_function("window.lipsync && window.lipsync.ready === true", timeout=15_000)
+        page.select_option("#avatar", "demo")
+        page.click("#live-mic")
+        page.wait_for_function("window.lipsyncLive.stats.state === 'live'", timeout=15_000)
+        page.wait_for_function("window.lipsyncLive.stats.frames >= 200", timeout=150_000)
+        page.click("#live-stop")
+        page.wait_for_function("window.lipsyncLive.stats.state === 'closed'", timeout=150_000)
+        stats = page.evaluate("() => ({...window.lipsyncLive.stats})")
+        shown = {k: page.inner_text(f"#live-{k}") for k in ("frames", "speaking", "first", "offset")}
     settled_counts(triton_server.grpc_url, UNET, at_least=unet_before[0] + stats["speaking"])
     frames_after, compute_after = compute_totals(triton_server.grpc_url, UNET)
     frames_run, compute_s = frames_after - unet_before[0], compute_after - unet_before[1]
