@@ -39,6 +39,18 @@ class GatewaySettings(BaseSettings):
         "auto", description="chroma subsampling; auto = 4:4:4 at quality >= 90, else 4:2:0"
     )
     jpeg_threads: int = Field(2, ge=1, le=64, description="thread-pool size for paste-back + JPEG")
+    jpeg_splice: bool = Field(
+        True,
+        description="spliced partial JPEG (gateway.compositor): per frame, encode only the face "
+        "rectangle's restart-aligned rectangle and splice it into the video frame's JPEG built at "
+        "load (byte-identical to OpenCV's full encode with restart markers); false: paste into "
+        "a copy of the frame and encode all of it with jpeg_encoder",
+    )
+    jpeg_restart_px: int = Field(
+        128, ge=8, le=4096,
+        description="target width (px) of one restart interval of spliced JPEGs: R = the divisor "
+        "of the MCU row nearest it",
+    )
 
     # --- admission (robustness) ---------------------------------------------------------------
     max_in_flight_per_connection: int = Field(

@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.compositor import Compositor, JpegMode
 from gateway.config import GatewaySettings
 from gateway.inference import GuardedInference
-from gateway.jpeg import make_encoder
+from gateway.jpeg import RestartIntervalEncoder, make_encoder
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
@@ -82,7 +83,12 @@ class GatewayContext:
             client, probe_interval_s=settings.triton_poll_interval_s, load_models=settings.triton_load_models
         )
         lifecycle.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
-        store = AvatarStore(settings.packages_root, lifecycle)
+        compositor = Compositor(
+            make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling),
+            RestartIntervalEncoder(settings.jpeg_quality, settings.jpeg_subsampling, settings.jpeg_restart_px),
+            splice=settings.jpeg_splice,
+        )
+        store = AvatarStore(settings.packages_root, lifecycle, compositor.backgrounds)
         try:
             await lifecycle.start()
             await store.load_all()
@@ -92,13 +98,12 @@ class GatewayContext:
             await client.close()
             raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
-        encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
         inference = GuardedInference(client, lifecycle)
         pipeline = FramePipeline(
             store,
             inference,
             AudioFeatureExtractor(inference, settings.audio_encoder_model),
-            encoder,
+            compositor,
             executor,
             AdmissionControl(settings.max_in_flight_total, metrics),
             metrics,
@@ -116,10 +121,11 @@ class GatewayContext:
         ctx._last_ready = ctx.ready()
         lifecycle.subscribe(ctx._state_changed)
         store.subscribe(lambda: ctx._state_changed(lifecycle.snapshot()))
+        encoder = compositor.encoder
         log.info(
-            "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
-            ctx.ready(), len(store), ", ".join(store.names()) or "none",
-            settings.triton_url, encoder.name, settings.jpeg_quality, encoder.subsampling,
+            "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s (%s) q%d %s",
+            ctx.ready(), len(store), ", ".join(store.names()) or "none", settings.triton_url,
+            compositor.mode.mode, encoder.name, settings.jpeg_quality, encoder.subsampling,
         )
         return ctx
 
@@ -146,6 +152,10 @@ class GatewayContext:
         self._last_ready = ready
         for watcher in list(self._ready_watchers):
             watcher(ready)
+
+    def jpeg_mode(self) -> JpegMode:
+        """How full frames are encoded now (``spliced`` or ``full`` and why; `gateway.compositor`)."""
+        return self.pipeline.compositor.mode
 
     def uptime_s(self) -> float:
         """Seconds since the context was created."""

@@ -15,6 +15,10 @@ from gateway.audio_features import LiveAudio
 WireProtocol = Literal["grpc", "ws", "http"]
 """The protocol a request came in on (the ``protocol`` label of the gateway's metrics)."""
 
+OutputKind = Literal["full", "crop"]
+"""What a request asks for: the full composited frame, or only the face rectangle's pixels
+(crop output, opt-in; `gateway.compositor`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class FrameRequest:
@@ -25,8 +29,10 @@ class FrameRequest:
         frame_id: the output frame, ``0 <= frame_id < M`` with the package's audio; with live
             audio any ``frame_id >= 0`` (it only picks the video frame, ping-pong).
         audio: the frame's live audio, or None to use the package's feature rows.
+        output: ``full`` (default) or ``crop``.
     """
 
     avatar: str
     frame_id: int
     audio: LiveAudio | None = None
+    output: OutputKind = "full"

@@ -5,7 +5,9 @@ Routes (one port, `GatewaySettings.http_port`):
 ==========================================  =================================================
 ``GET /``                                    the web page (``gateway/static/index.html``)
 ``GET /static/...``                          its script and style sheet
-``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
+``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`;
+                                             ``/ws?output=crop``: crop output (face rectangle
+                                             only + video frame index, opt-in)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
                                              else 503; JSON with the reason
@@ -13,6 +15,8 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /api/avatars/{name}``                  one avatar (404 JSON if unknown)
 ``GET /api/avatars/{name}/audio.wav``        the avatar package's 16 kHz mono WAV
 ``GET /api/avatars/{name}/frames/{id}.jpg``  one rendered frame as JPEG (debugging, curl)
+``GET /api/avatars/{name}/backgrounds/{v}.jpg`` video frame ``v`` as JPEG, what crop-output
+                                             clients draw the face on (cacheable: ETag)
 ``GET /api/stats``                           per-avatar request counts and inference times
 ``GET /metrics``                             Prometheus exposition of the gateway registry
 ==========================================  =================================================
@@ -53,13 +57,14 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.audio_features import WindowChunks
-from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
-from gateway.frame_request import FrameRequest
+from gateway.errors import BadRequest, FrameOutOfRange, GatewayError, Overloaded, UnknownAvatar
+from gateway.frame_request import FrameRequest, OutputKind
 from gateway.model_lifecycle import ModelPhase
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
     ProtocolError,
     decode_request,
+    encode_crop_reply,
     encode_error_reply,
     encode_frame_reply,
 )
@@ -85,10 +90,14 @@ WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_ope
 
 
 class _WsConnection:
-    """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
+    """One WebSocket connection: decode, admit (per-connection limit), render, reply.
 
-    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext) -> None:
+    ``output`` is what every frame of the connection asks for (``crop``: crop replies).
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, ctx: GatewayContext, output: OutputKind) -> None:
         self.ws = ws
+        self.output = output
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
         self.limiter = ctx.new_connection_limiter()
@@ -141,7 +150,9 @@ class _WsConnection:
         except ProtocolError as exc:
             await self._refuse(exc, frame_id=exc.frame_id, started=started)
             return
-        request = FrameRequest(wire.avatar, wire.frame_id, WindowChunks(wire.audio) if wire.audio else None)
+        request = FrameRequest(
+            wire.avatar, wire.frame_id, WindowChunks(wire.audio) if wire.audio else None, self.output
+        )
         try:
             await self.limiter.acquire(wait=False)
         except Overloaded as exc:
@@ -165,7 +176,11 @@ class _WsConnection:
         finally:
             self.limiter.release()
         elapsed_ms = (time.perf_counter() - started) * 1e3
-        await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
+        if frame.output == "crop":
+            reply = encode_crop_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect, frame.video_frame)
+        else:
+            reply = encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect)
+        await self._send(reply)
 
     async def _refuse(self, exc: GatewayError, *, frame_id: int, started: float) -> None:
         """Count a message refused before the pipeline and send its error reply."""
@@ -186,8 +201,15 @@ class _WsConnection:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    """``GET /ws``: serve one WebSocket connection (see the module docstring)."""
+    """``GET /ws``: serve one WebSocket connection (see the module docstring).
+
+    Raises:
+        BadRequest: ``output`` other than ``full`` or ``crop`` (400 before the upgrade).
+    """
     ctx = request.app[CONTEXT_KEY]
+    output = request.query.get("output", "full")
+    if output not in ("full", "crop"):
+        raise BadRequest(f"output={output!r}: choose full (default) or crop")
     ws = web.WebSocketResponse(
         max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
         heartbeat=30.0,
@@ -198,7 +220,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     open_ws.add(ws)
     ctx.metrics.ws_connections.inc()
     try:
-        await _WsConnection(ws, ctx).serve()
+        await _WsConnection(ws, ctx, "crop" if output == "crop" else "full").serve()
     finally:
         open_ws.discard(ws)
         ctx.metrics.ws_connections.dec()
@@ -239,8 +261,18 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
             "unet_onnx_sha256": weights.unet.onnx_sha256,
         },
         "audio_url": f"/api/avatars/{quote(avatar.name, safe='')}/audio.wav",
+        "backgrounds_url": _backgrounds_url(avatar),
         "init_ms": round(avatar.init_ms, 1),
     }
+
+
+def _backgrounds_url(avatar: Avatar) -> str | None:
+    """URL template of the avatar's background JPEGs (``{video_frame}`` to fill in), versioned by
+    their ETag so a client may cache them for good; None when the gateway has none."""
+    if avatar.backgrounds is None:
+        return None
+    version = avatar.backgrounds.etag.strip('"')
+    return f"/api/avatars/{quote(avatar.name, safe='')}/backgrounds/{{video_frame}}.jpg?v={version}"
 
 
 def _json_error(exc: GatewayError) -> web.Response:
@@ -275,6 +307,8 @@ async def readyz(request: web.Request) -> web.Response:
     The body gives the Triton endpoint's state as the model lifecycle last published it:
     ``server`` (unknown | live | down) and each model's phase (``model_states``);
     ``server_ready`` and ``models`` (model -> ready) are the older, boolean form of the same.
+    ``jpeg`` says how full frames are encoded (``mode``: spliced | full) and, for ``full``, why
+    (``reason``: splicing off, or the start-up self-test's finding; `gateway.compositor`).
     """
     ctx = request.app[CONTEXT_KEY]
     snapshot = ctx.lifecycle.snapshot()
@@ -294,6 +328,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not avatars:
         reasons.append(f"no avatar loaded from {ctx.store.packages_root}")
     ready = ctx.ready() and not reasons
+    jpeg = ctx.jpeg_mode()
     if not ready and not reasons:
         reasons.append("gateway not ready")
     body = {
@@ -307,6 +342,7 @@ async def readyz(request: web.Request) -> web.Response:
             "model_states": {m: s.phase.value for m, s in snapshot.models.items()},
         },
         "avatars": avatars,
+        "jpeg": {"mode": jpeg.mode, "reason": jpeg.reason},
     }
     return web.json_response(body, status=200 if ready else 503)
 
@@ -354,6 +390,42 @@ async def avatar_frame(request: web.Request) -> web.Response:
             "X-Bounds": ",".join(f"{b:g}" for b in frame.rect),
         },
     )
+
+
+async def avatar_background(request: web.Request) -> web.Response:
+    """``GET /api/avatars/{name}/backgrounds/{video_frame}.jpg``: the JPEG of one video frame, what a
+    crop-output client draws the face rectangle on (`gateway.ws_protocol`, crop output).
+
+    Caching: ``ETag`` (of the avatar's background set and the frame; ``If-None-Match`` gets 304);
+    ``Cache-Control: immutable`` for a versioned URL (``?v=`` of ``backgrounds_url`` in the avatar's
+    JSON) that is current, ``no-cache`` (revalidate) otherwise.
+
+    Raises:
+        UnknownAvatar: no such avatar, or one without backgrounds (404).
+        BadRequest: a frame that is not an integer; FrameOutOfRange: outside ``0 .. N-1`` (400).
+    """
+    avatar = request.app[CONTEXT_KEY].store.get(request.match_info["name"])
+    backgrounds = avatar.backgrounds
+    if backgrounds is None:
+        raise UnknownAvatar(f"avatar {avatar.name!r} has no background frames")
+    raw = request.match_info["video_frame"]
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadRequest(f"video frame {raw!r} is not an integer") from None
+    if not 0 <= v < len(backgrounds.frames):
+        raise FrameOutOfRange(
+            f"video frame {v} is out of range for avatar {avatar.name!r} (valid: 0..{len(backgrounds.frames) - 1})"
+        )
+    version = backgrounds.etag.strip('"')
+    etag = f'"{version}-{v}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "public, max-age=31536000, immutable" if request.query.get("v") == version else "no-cache",
+    }
+    if etag in (t.strip() for t in request.headers.get("If-None-Match", "").split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=backgrounds.jpeg(v), content_type="image/jpeg", headers=headers)
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -411,6 +483,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.router.add_get("/api/avatars/{name}", get_avatar)
     app.router.add_get("/api/avatars/{name}/audio.wav", avatar_audio)
     app.router.add_get("/api/avatars/{name}/frames/{frame_id}.jpg", avatar_frame)
+    app.router.add_get("/api/avatars/{name}/backgrounds/{video_frame}.jpg", avatar_background)
     app.router.add_get("/api/stats", stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_static("/static/", STATIC_DIR, show_index=False)

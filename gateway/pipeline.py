@@ -14,10 +14,11 @@ recorded time covers:
    encoder for raw chunks).
 3. **inference** (``inference_ms``): one async Triton call; calls from all streams run
    concurrently so Triton's dynamic batcher batches them.
-4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode, run in a
-   `ThreadPoolExecutor` so the event loop never blocks; it is the wall time of that step,
-   thread-pool wait included; the ``paste`` and ``jpeg`` histograms split it (measured in the
-   thread).
+4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode
+   (`gateway.compositor.Compositor`: spliced or full, the whole frame or the face rectangle
+   alone), one call run in a `ThreadPoolExecutor` so the event loop never blocks; it is the
+   wall time of that step, thread-pool wait included; the ``paste`` and ``jpeg`` histograms
+   split it (measured in the thread).
 
 ``total_ms`` is the wall time of the whole call. Each stage goes to the Prometheus histograms
 of `gateway.metrics`, and the outcome (ok or the error code) is counted there exactly once per
@@ -43,13 +44,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.compositor import Compositor
 from gateway.errors import GatewayError, Overloaded
-from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.frame_request import FrameRequest, OutputKind, WireProtocol
 from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
 from gateway.triton_client import InferenceClient
-from lipsync.frames import audio_window, paste_back
+from lipsync.frames import audio_window
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,12 @@ class RenderedFrame:
     Attributes:
         avatar: avatar name.
         frame_id: the requested output frame.
-        jpeg: JPEG of the full composited frame (BGR source).
+        jpeg: JPEG of the full composited frame, or with ``output == "crop"`` of the face
+            rectangle alone (``rect``'s size).
         rect: crop rectangle ``(x1, y1, x2, y2)`` px of the video frame shown.
         width, height: frame size (px).
+        video_frame: the video frame shown (ping-pong index of ``frame_id``).
+        output: ``full`` or ``crop``, as requested.
         prepare_ms, inference_ms, composite_ms, total_ms: stage times (ms), see module doc.
     """
 
@@ -76,6 +81,8 @@ class RenderedFrame:
     rect: tuple[float, float, float, float]
     width: int
     height: int
+    video_frame: int
+    output: OutputKind
     prepare_ms: float
     inference_ms: float
     composite_ms: float
@@ -168,7 +175,7 @@ class FramePipeline:
         store: the loaded avatars.
         inference: where the UNet runs (the gateway's `gateway.inference.GuardedInference`).
         audio: turns a request's live audio into its window.
-        encoder: the JPEG encoder (quality fixed in it).
+        compositor: paste back + JPEG (quality fixed in it).
         executor: thread pool for paste back + JPEG.
         admission: the global in-flight cap.
         metrics: Prometheus series.
@@ -179,7 +186,7 @@ class FramePipeline:
         store: AvatarStore,
         inference: InferenceClient,
         audio: AudioFeatureExtractor,
-        encoder: JpegEncoder,
+        compositor: Compositor,
         executor: ThreadPoolExecutor,
         admission: AdmissionControl,
         metrics: GatewayMetrics,
@@ -187,7 +194,7 @@ class FramePipeline:
         self.store = store
         self.inference = inference
         self.audio = audio
-        self.encoder = encoder
+        self.compositor = compositor
         self.executor = executor
         self.admission = admission
         self.metrics = metrics
@@ -207,19 +214,16 @@ class FramePipeline:
         """Count a request an adapter refused before it became a `FrameRequest` (module doc)."""
         self.metrics.record_outcome(protocol, error.code)
 
+    @property
+    def encoder(self) -> JpegEncoder:
+        """The encoder whose JPEG of a whole composited frame equals a full-frame answer, byte
+        for byte (`gateway.compositor.Compositor.encoder`)."""
+        return self.compositor.encoder
+
     async def encode(self, image: NDArray[np.uint8]) -> bytes:
-        """JPEG-encode a uint8 ``[H, W, 3]`` BGR image in the thread pool."""
+        """JPEG-encode a uint8 ``[H, W, 3]`` BGR image in the thread pool (as `encoder`)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.encoder.encode, image)
-
-    def _composite(self, avatar: Avatar, v: int, pred: NDArray[np.uint8]) -> tuple[bytes, float, float]:
-        """Paste back + JPEG of video frame ``v`` (worker thread); also the two times (ms)."""
-        t0 = time.perf_counter()
-        frame = paste_back(avatar.frames[v], avatar.rects[v], avatar.crops[v], pred)
-        t1 = time.perf_counter()
-        jpeg = self.encoder.encode(frame)
-        t2 = time.perf_counter()
-        return jpeg, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
     async def render(self, request: FrameRequest, *, protocol: WireProtocol) -> RenderedFrame:
         """Render one frame as a composited JPEG and count its outcome (module doc).
@@ -256,19 +260,21 @@ class FramePipeline:
                 # inference
                 pred = await self.inference.infer_unet(avatar.model, crop, window[None])
                 t2 = time.perf_counter()
-                # composite: paste back + JPEG in the thread pool
+                # composite: paste back + JPEG in the thread pool, one hop
                 loop = asyncio.get_running_loop()
-                jpeg, paste_ms, jpeg_ms = await loop.run_in_executor(
-                    self.executor, self._composite, avatar, v, pred[0]
+                done = await loop.run_in_executor(
+                    self.executor, self.compositor.composite, avatar, v, pred[0], request.output
                 )
                 t3 = time.perf_counter()
             frame = RenderedFrame(
                 avatar=avatar.name,
                 frame_id=request.frame_id,
-                jpeg=jpeg,
+                jpeg=done.jpeg,
                 rect=avatar.rect(v),
                 width=avatar.width,
                 height=avatar.height,
+                video_frame=v,
+                output=request.output,
                 prepare_ms=(t1 - t0) * 1e3,
                 inference_ms=(t2 - t1) * 1e3,
                 composite_ms=(t3 - t2) * 1e3,
@@ -291,8 +297,8 @@ class FramePipeline:
                     avatar.stats.record_error()
         avatar.stats.record(frame.inference_ms)
         for stage, ms in (
-            ("prepare", frame.prepare_ms), ("inference", frame.inference_ms), ("paste", paste_ms),
-            ("jpeg", jpeg_ms), ("composite", frame.composite_ms), ("total", frame.total_ms),
+            ("prepare", frame.prepare_ms), ("inference", frame.inference_ms), ("paste", done.paste_ms),
+            ("jpeg", done.jpeg_ms), ("composite", frame.composite_ms), ("total", frame.total_ms),
         ):
             self.metrics.observe_stage(stage, ms)
         return frame

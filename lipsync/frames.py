@@ -10,6 +10,7 @@ package builder, the tests and the baseline, so all of them agree on the referen
 - `paste_back`:    step 8, ``crop[4:324, 4:324] = pred``, resize back with ``INTER_CUBIC``, write
                    into a copy of F;
 - `paste_back_region`: step 8 into a copy of one region of F only (the spliced-JPEG path);
+- `face_patch`:    step 8's pixels of the face rectangle alone (crop output);
 - `pingpong_index`: step 9, 0, 1, ..., N-1, N-2, ..., 1, 0, 1, ...
 
 Images are BGR ``uint8`` ``[H, W, 3]``; rectangles are ``(x1, y1, x2, y2)`` in pixels with
@@ -160,15 +161,28 @@ def paste_back(
     _check_frame(frame)
     x1, y1, x2, y2 = _check_rect(frame, rect)
     out = frame.copy()
-    out[y1:y2, x1:x2] = _face_patch(crop328, pred320, x2 - x1, y2 - y1)
+    out[y1:y2, x1:x2] = face_patch(crop328, pred320, x2 - x1, y2 - y1)
     return out
 
 
-def _face_patch(
+def face_patch(
     crop328: NDArray[np.uint8], pred320: NDArray[np.uint8], width: int, height: int
 ) -> NDArray[np.uint8]:
-    """``crop328`` with ``pred320`` written at ``[4:324, 4:324]``, resized (``INTER_CUBIC``) to
-    ``width x height`` px: the pixels paste back writes into the face rectangle."""
+    """The pixels paste back writes into the face rectangle (REFERENCE.md s.2 step 8): ``crop328``
+    with ``pred320`` written at ``[4:324, 4:324]``, resized (``INTER_CUBIC``) to ``width x height``
+    px.
+
+    Args:
+        crop328: the frame's uint8 ``[328, 328, 3]`` crop (not modified).
+        pred320: the model output, uint8 ``[320, 320, 3]`` BGR.
+        width, height: the face rectangle's size (px).
+
+    Returns:
+        A new uint8 ``[height, width, 3]`` array.
+
+    Raises:
+        ValueError: wrong shapes or dtypes.
+    """
     if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
         raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
     if pred320.shape != (INNER_SIZE, INNER_SIZE, 3) or pred320.dtype != np.uint8:
@@ -214,7 +228,7 @@ def paste_back_region(
             f"region (x0={rx0}, y0={ry0}, x1={rx1}, y1={ry1}) does not contain the face "
             f"rectangle (x1={x1}, y1={y1}, x2={x2}, y2={y2})"
         )
-    patch = _face_patch(crop328, pred320, x2 - x1, y2 - y1)
+    patch = face_patch(crop328, pred320, x2 - x1, y2 - y1)
     out = frame[ry0:ry1, rx0:rx1].copy()
     out[y1 - ry0 : y2 - ry0, x1 - rx0 : x2 - rx0] = patch
     return out
