@@ -85,6 +85,11 @@ class GatewaySettings(BaseSettings):
         f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}=<key>; unset: none sent",
     )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
+    triton_coalesce: bool = Field(
+        True,
+        description="send the single-frame UNet calls that are ready in the same event-loop "
+        "iteration as one batched request per model (gateway.batching); false: one request per frame",
+    )
 
     # --- message size limits -------------------------------------------------------------------
     grpc_max_receive_bytes: int = Field(

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.batching import CoalescingInference
 from gateway.compositor import Compositor, JpegMode
 from gateway.config import GatewaySettings
 from gateway.inference import GuardedInference
@@ -23,7 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
-from gateway.triton_client import TritonClient, TritonGrpcClient
+from gateway.triton_client import InferenceClient, TritonClient, TritonGrpcClient
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,12 @@ class GatewayContext:
             raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
         inference = GuardedInference(client, lifecycle)
+        unet: InferenceClient = (
+            CoalescingInference(inference, lifecycle.max_batch_size) if settings.triton_coalesce else inference
+        )
         pipeline = FramePipeline(
             store,
-            inference,
+            unet,
             AudioFeatureExtractor(inference, settings.audio_encoder_model),
             compositor,
             executor,
