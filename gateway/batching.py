@@ -114,7 +114,7 @@ class CoalescingInference:
             for w in batch:
                 w.answer.cancel()
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every frame of the batch gets it, as it would alone
             for w in batch:
                 if not w.answer.done():
                     w.answer.set_exception(exc)
