@@ -85,6 +85,12 @@ class GatewaySettings(BaseSettings):
         f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}=<key>; unset: none sent",
     )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
+    triton_shm: Literal["system", "none"] = Field(
+        "system",
+        description="how UNet tensors reach Triton: system = POSIX shared memory registered with "
+        "Triton when it shares this host's /dev/shm (else gRPC, logged; gateway.triton_shm); "
+        "none = inside the gRPC messages",
+    )
     triton_coalesce: bool = Field(
         True,
         description="send the single-frame UNet calls that are ready in the same event-loop "

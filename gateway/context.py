@@ -25,6 +25,7 @@ from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
 from gateway.triton_client import InferenceClient, TritonClient, TritonGrpcClient
+from gateway.triton_shm import SharedMemoryUnet
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class GatewayContext:
         pipeline: the frame renderer (the one entry point for frames).
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
+        triton_shm: the UNet's shared-memory transport (`gateway.triton_shm`), None when off.
     """
 
     settings: GatewaySettings
@@ -54,6 +56,7 @@ class GatewayContext:
     pipeline: FramePipeline
     executor: ThreadPoolExecutor
     started_at: float
+    triton_shm: SharedMemoryUnet | None = None
     _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
     _last_ready: bool = field(default=False, init=False, repr=False)
 
@@ -71,6 +74,7 @@ class GatewayContext:
                 ``settings.triton_url``; the fast tests pass an in-process fake).
         """
         metrics = GatewayMetrics()
+        own_client = client is None
         if client is None:
             key = settings.triton_control_key
             client = TritonGrpcClient(
@@ -99,7 +103,8 @@ class GatewayContext:
             await client.close()
             raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
-        inference = GuardedInference(client, lifecycle)
+        triton_shm = _shared_memory_unet(settings, client) if own_client else None
+        inference = GuardedInference(triton_shm or client, lifecycle)
         unet: InferenceClient = (
             CoalescingInference(inference, lifecycle.max_batch_size) if settings.triton_coalesce else inference
         )
@@ -121,6 +126,7 @@ class GatewayContext:
             pipeline=pipeline,
             executor=executor,
             started_at=time.time(),
+            triton_shm=triton_shm,
         )
         ctx._last_ready = ctx.ready()
         lifecycle.subscribe(ctx._state_changed)
@@ -172,5 +178,26 @@ class GatewayContext:
     async def close(self) -> None:
         """Stop the lifecycle's probe, close the channel, shut the thread pool down."""
         await self.lifecycle.close()
+        if self.triton_shm is not None:
+            await self.triton_shm.close()
         await self.client.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+SHM_SPARE_CELLS = 8
+"""Frame cells of the shared-memory arena beyond ``max_in_flight_total`` (room for fragmentation)."""
+
+
+def _shared_memory_unet(settings: GatewaySettings, client: TritonClient) -> SharedMemoryUnet | None:
+    """The UNet's shared-memory transport when ``triton_shm`` is ``system`` and ``/dev/shm``
+    allows it (else None: plain gRPC, logged)."""
+    if settings.triton_shm != "system":
+        return None
+    try:
+        return SharedMemoryUnet(
+            client, settings.triton_url, cells=settings.max_in_flight_total + SHM_SPARE_CELLS,
+            timeout_s=settings.triton_timeout_s,
+        )
+    except OSError as exc:
+        log.warning("no shared memory for Triton (%s): UNet tensors go over gRPC", exc)
+        return None

@@ -1,0 +1,268 @@
+"""`SharedMemoryUnet`: UNet calls with their tensors in system shared memory (issue 9 item 4).
+
+Over plain gRPC every UNet frame's tensors travel inside the messages: 300 KiB of crop and
+32 KiB of window out, 300 KiB of prediction back, each copied several times on both sides
+(tritonclient's ``tobytes``, the protobuf message, its serialization, gRPC's slices). Measured
+with the identity UNet on this machine, that is most of the gateway's cost of a Triton call
+(`perf/results/capacity.md`). When the gateway and Triton share a host (and ``/dev/shm``: same
+machine, or containers sharing an IPC namespace), Triton's system shared memory extension
+carries them instead: the gateway writes the inputs into one POSIX shared-memory object that
+Triton has registered, the request names offsets in it, and Triton writes the prediction
+there too, so each message is a few hundred bytes.
+
+Layout (`FrameArena`): the object holds ``cells`` frame cells in three parallel areas, crops
+uint8 ``[cells, 320, 320, 3]``, windows float32 ``[cells, 16, 512]`` and predictions uint8
+``[cells, 320, 320, 3]``, so a batch of ``n`` frames in ``n`` consecutive cells has contiguous
+input and output tensors. Cells are taken per call (first fit) and given back when the
+prediction the call returned is garbage collected (``weakref.finalize`` on its array): the
+prediction is a view into shared memory, valid as long as anyone references it, and the cells
+are not reused before. With no free run of ``n`` cells (more frames in flight than cells) a
+call goes over plain gRPC instead.
+
+Registration with Triton (``RegisterSystemSharedMemory``) happens at the first call and again
+after Triton lost it (a restart: the call fails naming the region; that call is retried over
+plain gRPC at once). If Triton cannot open the object (it runs on another host, or in a
+container without the gateway's ``/dev/shm``), every call goes over plain gRPC and the reason is
+logged; registration is tried again every `RETRY_REGISTER_S`.
+
+CUDA shared memory (a GPU host, Triton's CUDA shared-memory extension with
+``tritonclient.utils.cuda_shared_memory``: inputs written to device memory the gateway
+allocated, the prediction read back) would spare Triton's host-to-device copies too; it is not
+built here: the gateway has no CUDA context and this machine no GPU (docs/ARCHITECTURE.md).
+
+Setting: ``LIPSYNC_TRITON_SHM=system`` (default) or ``none`` (`GatewaySettings.triton_shm`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import weakref
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
+
+from gateway.errors import TritonUnavailable
+from gateway.triton_client import InferenceClient, describe
+from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED
+
+log = logging.getLogger(__name__)
+
+RETRY_REGISTER_S = 30.0
+"""After Triton refused the region, plain gRPC for this long before trying again (s)."""
+
+
+class FrameArena:
+    """Frame cells in one POSIX shared-memory object (module doc).
+
+    Args:
+        cells: how many frames the object holds at once.
+        name: the object's name (``/dev/shm/<name>``); unique per gateway process.
+
+    Raises:
+        OSError: the object cannot be created (no ``/dev/shm``, out of space).
+    """
+
+    def __init__(self, cells: int, name: str) -> None:
+        if cells < 1:
+            raise ValueError(f"need at least one frame cell, got {cells}")
+        self.cells = cells
+        self.crop_bytes = int(np.prod(UNET_CROP.dims)) * np.dtype(UNET_CROP.dtype).itemsize
+        self.window_bytes = int(np.prod(UNET_AUDIO.dims)) * np.dtype(UNET_AUDIO.dtype).itemsize
+        self.pred_bytes = int(np.prod(UNET_PRED.dims)) * np.dtype(UNET_PRED.dtype).itemsize
+        self.window_at = cells * self.crop_bytes
+        self.pred_at = self.window_at + cells * self.window_bytes
+        self.byte_size = self.pred_at + cells * self.pred_bytes
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=self.byte_size)
+        self.key = "/" + self._shm.name.lstrip("/")
+        """The key Triton opens (``shm_open`` name)."""
+        buf = self._shm.buf
+        self.crops: NDArray[np.uint8] = np.ndarray((cells, *UNET_CROP.dims), UNET_CROP.dtype, buffer=buf)
+        self.windows: NDArray[np.float32] = np.ndarray(
+            (cells, *UNET_AUDIO.dims), UNET_AUDIO.dtype, buffer=buf, offset=self.window_at
+        )
+        self._buf = buf
+        self._free = np.ones(cells, dtype=bool)
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> int | None:
+        """The first cell of ``n`` free consecutive cells, now taken; None when there is no run."""
+        with self._lock:
+            if n > self.cells:
+                return None
+            # runs of n free cells: a window sum of n over the free flags
+            sums = np.convolve(self._free.astype(np.int16), np.ones(n, np.int16), "valid")
+            starts = np.flatnonzero(sums == n)
+            if len(starts) == 0:
+                return None
+            first = int(starts[0])
+            self._free[first : first + n] = False
+            return first
+
+    def give_back(self, first: int, n: int) -> None:
+        """Free cells ``first .. first + n - 1`` (any thread)."""
+        with self._lock:
+            self._free[first : first + n] = True
+
+    def prediction(self, first: int, n: int) -> NDArray[np.uint8]:
+        """uint8 ``[n, 320, 320, 3]``, a view of cells ``first ..``'s prediction area; the cells go
+        back to the arena when it (and every view of it) is garbage collected."""
+        view: NDArray[np.uint8] = np.ndarray(
+            (n, *UNET_PRED.dims), UNET_PRED.dtype, buffer=self._buf, offset=self.pred_at + first * self.pred_bytes
+        )
+        weakref.finalize(view, self.give_back, first, n)
+        return view
+
+    @property
+    def free_cells(self) -> int:
+        """Cells not taken now."""
+        with self._lock:
+            return int(self._free.sum())
+
+    def close(self) -> None:
+        """Unmap and unlink the object (views still referenced keep their pages alive)."""
+        self.crops, self.windows = np.empty(0, np.uint8), np.empty(0, np.float32)
+        self._buf = memoryview(b"")
+        try:
+            self._shm.close()
+        except BufferError:  # a prediction view is still referenced: the mapping stays for it
+            pass
+        self._shm.unlink()
+
+
+class SharedMemoryUnet:
+    """`InferenceClient` sending UNet tensors through system shared memory (module doc).
+
+    Args:
+        plain: the endpoint's plain gRPC client (`TritonGrpcClient`): the audio encoder, and the
+            UNet whenever shared memory is not usable.
+        url: the Triton gRPC endpoint ``host:port``.
+        cells: frame cells of the arena (frames in Triton or being composited at once).
+        timeout_s: deadline of one inference call (s).
+
+    Create it inside the running event loop; `close` it at the end.
+
+    Raises:
+        OSError: the shared-memory object cannot be created.
+    """
+
+    def __init__(self, plain: InferenceClient, url: str, *, cells: int, timeout_s: float = 30.0) -> None:
+        self.plain = plain
+        self.timeout_s = timeout_s
+        self.region = f"lipsync_gateway_{secrets.token_hex(6)}"
+        self.arena = FrameArena(cells, self.region)
+        self._client = grpcclient.InferenceServerClient(url)
+        self._registered = False
+        self._refused_at: float | None = None
+        self._register_lock = asyncio.Lock()
+        self.status = "not registered yet"
+        """Why calls go over plain gRPC, or ``registered``."""
+
+    async def infer_unet(
+        self, model: str, crop: NDArray[np.uint8], window: NDArray[np.float32]
+    ) -> NDArray[np.uint8]:
+        """`InferenceClient.infer_unet` through shared memory when usable, else plain gRPC.
+
+        Returns:
+            uint8 ``[N, 320, 320, 3]``, a view into shared memory (module doc) or an array.
+
+        Raises:
+            TritonUnavailable: as `InferenceClient.infer_unet`.
+        """
+        n = len(crop)
+        if window.shape[1:] != UNET_AUDIO.dims or not await self._ready():
+            return await self.plain.infer_unet(model, crop, window)
+        first = self.arena.take(n)
+        if first is None:  # more frames in flight than cells
+            return await self.plain.infer_unet(model, crop, window)
+        pred = self.arena.prediction(first, n)  # owns the cells from here: freed with it
+        try:
+            self.arena.crops[first : first + n] = crop
+            self.arena.windows[first : first + n] = window
+            await self._infer(model, first, n)
+        except _RegionLost:
+            del pred
+            return await self.plain.infer_unet(model, crop, window)
+        except BaseException:
+            del pred  # not kept alive by the traceback
+            raise
+        return pred
+
+    async def infer_audio_encoder(self, model: str, mel: NDArray[np.float32]) -> NDArray[np.float32]:
+        """`InferenceClient.infer_audio_encoder` over plain gRPC (32 KiB per row: no gain)."""
+        return await self.plain.infer_audio_encoder(model, mel)
+
+    async def _infer(self, model: str, first: int, n: int) -> None:
+        arena = self.arena
+        crop = grpcclient.InferInput(UNET_CROP.name, list(UNET_CROP.batch_shape(n)), UNET_CROP.triton_dtype)
+        crop.set_shared_memory(self.region, n * arena.crop_bytes, first * arena.crop_bytes)
+        window = grpcclient.InferInput(UNET_AUDIO.name, list(UNET_AUDIO.batch_shape(n)), UNET_AUDIO.triton_dtype)
+        window.set_shared_memory(self.region, n * arena.window_bytes, arena.window_at + first * arena.window_bytes)
+        pred = grpcclient.InferRequestedOutput(UNET_PRED.name)
+        pred.set_shared_memory(self.region, n * arena.pred_bytes, arena.pred_at + first * arena.pred_bytes)
+        try:
+            await self._client.infer(model, [crop, window], outputs=[pred], client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            message = describe(exc)
+            if "shared memory" in message.lower():  # Triton restarted and lost the registration
+                self._registered = False
+                self.status = f"lost: {message}"
+                log.warning("Triton lost the shared-memory region %s (%s); registering again", self.region, message)
+                raise _RegionLost from exc
+            raise TritonUnavailable(f"Triton inference on {model!r} failed: {message}") from exc
+        except Exception as exc:  # grpc.aio internals on a closing channel
+            raise TritonUnavailable(f"Triton inference on {model!r} failed: {exc!r}") from exc
+
+    async def _ready(self) -> bool:
+        """Whether the region is registered with Triton; registers it when due."""
+        if self._registered:
+            return True
+        if self._refused_at is not None and time.monotonic() - self._refused_at < RETRY_REGISTER_S:
+            return False
+        async with self._register_lock:
+            if self._registered:
+                return True
+            try:
+                await self._client.unregister_system_shared_memory(self.region, client_timeout=self.timeout_s)
+                await self._client.register_system_shared_memory(
+                    self.region, self.arena.key, self.arena.byte_size, client_timeout=self.timeout_s
+                )
+            except InferenceServerException as exc:
+                self._refused_at = time.monotonic()
+                self.status = f"refused by Triton: {describe(exc)}"
+                log.warning(
+                    "Triton cannot use the gateway's shared memory %s (%s): UNet tensors go over "
+                    "gRPC; is Triton on another host or without this /dev/shm?",
+                    self.arena.key, describe(exc),
+                )
+                return False
+            self._registered, self._refused_at, self.status = True, None, "registered"
+            log.info(
+                "UNet tensors through system shared memory %s (%d frame cells, %.0f MiB)",
+                self.arena.key, self.arena.cells, self.arena.byte_size / 2**20,
+            )
+            return True
+
+    def state(self) -> dict[str, Any]:
+        """``{"mode": "system", "status": ..., "cells": ..., "free_cells": ...}`` for reports."""
+        return {"mode": "system", "status": self.status, "cells": self.arena.cells, "free_cells": self.arena.free_cells}
+
+    async def close(self) -> None:
+        """Unregister the region (best effort), close the channel, unlink the object."""
+        if self._registered:
+            try:
+                await self._client.unregister_system_shared_memory(self.region, client_timeout=2.0)
+            except InferenceServerException as exc:
+                log.debug("unregistering %s failed: %s", self.region, describe(exc))
+        await self._client.close()
+        self.arena.close()
+
+
+class _RegionLost(Exception):
+    """Triton no longer knows the region; the call is sent again over plain gRPC."""
