@@ -19,6 +19,11 @@ prediction is a view into shared memory, valid as long as anyone references it, 
 are not reused before. With no free run of ``n`` cells (more frames in flight than cells) a
 call goes over plain gRPC instead.
 
+Each request is a ``ModelInferRequest`` (Triton's protobuf, from ``tritonclient.grpc``) naming
+the cells' offsets, serialized once per (model, frames, first cell) and kept, and sent on the
+gateway's own gRPC channel as bytes: no per-frame protobuf building, and no ``InferResult``
+parsing beyond the answer's output shape, which is checked.
+
 Registration with Triton (``RegisterSystemSharedMemory``) happens at the first call and again
 after Triton lost it (a restart: the call fails naming the region; that call is retried over
 plain gRPC at once). If Triton cannot open the object (it runs on another host, or in a
@@ -43,13 +48,13 @@ import weakref
 from multiprocessing import shared_memory
 from typing import Any
 
+import grpc
 import numpy as np
-import tritonclient.grpc.aio as grpcclient
 from numpy.typing import NDArray
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.errors import TritonUnavailable
-from gateway.triton_client import InferenceClient, describe
+from gateway.errors import TritonDeadline, TritonUnavailable
+from gateway.triton_client import InferenceClient
 from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED
 
 log = logging.getLogger(__name__)
@@ -136,6 +141,22 @@ class FrameArena:
         self._shm.unlink()
 
 
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+_CHANNEL_ARGS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
+
+def _describe(exc: grpc.aio.AioRpcError) -> str:
+    """``"<status>: <details>"`` of a failed call."""
+    return f"{exc.code()}: {exc.details()}"
+
+
+def _shm_parameters(params: Any, region: str, byte_size: int, offset: int) -> None:
+    """Fill a tensor's ``parameters`` map with Triton's shared-memory keys."""
+    params["shared_memory_region"].string_param = region
+    params["shared_memory_byte_size"].int64_param = byte_size
+    params["shared_memory_offset"].int64_param = offset
+
+
 class SharedMemoryUnet:
     """`InferenceClient` sending UNet tensors through system shared memory (module doc).
 
@@ -157,7 +178,12 @@ class SharedMemoryUnet:
         self.timeout_s = timeout_s
         self.region = f"lipsync_gateway_{secrets.token_hex(6)}"
         self.arena = FrameArena(cells, self.region)
-        self._client = grpcclient.InferenceServerClient(url)
+        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_ARGS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._infer_bytes: Any = self._channel.unary_unary(
+            _MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
+        self._requests: dict[tuple[str, int, int], bytes] = {}
         self._registered = False
         self._refused_at: float | None = None
         self._register_lock = asyncio.Lock()
@@ -198,26 +224,43 @@ class SharedMemoryUnet:
         """`InferenceClient.infer_audio_encoder` over plain gRPC (32 KiB per row: no gain)."""
         return await self.plain.infer_audio_encoder(model, mel)
 
+    def _request(self, model: str, first: int, n: int) -> bytes:
+        """The serialized ``ModelInferRequest`` of ``n`` frames from cell ``first`` (cached)."""
+        key = (model, first, n)
+        found = self._requests.get(key)
+        if found is None:
+            arena = self.arena
+            request = service_pb2.ModelInferRequest(model_name=model)
+            for spec, at, size in (
+                (UNET_CROP, 0, arena.crop_bytes), (UNET_AUDIO, arena.window_at, arena.window_bytes)
+            ):
+                tensor = request.inputs.add(name=spec.name, datatype=spec.triton_dtype, shape=spec.batch_shape(n))
+                _shm_parameters(tensor.parameters, self.region, n * size, at + first * size)
+            output = request.outputs.add(name=UNET_PRED.name)
+            _shm_parameters(output.parameters, self.region, n * arena.pred_bytes, arena.pred_at + first * arena.pred_bytes)
+            found = self._requests[key] = request.SerializeToString()
+        return found
+
     async def _infer(self, model: str, first: int, n: int) -> None:
-        arena = self.arena
-        crop = grpcclient.InferInput(UNET_CROP.name, list(UNET_CROP.batch_shape(n)), UNET_CROP.triton_dtype)
-        crop.set_shared_memory(self.region, n * arena.crop_bytes, first * arena.crop_bytes)
-        window = grpcclient.InferInput(UNET_AUDIO.name, list(UNET_AUDIO.batch_shape(n)), UNET_AUDIO.triton_dtype)
-        window.set_shared_memory(self.region, n * arena.window_bytes, arena.window_at + first * arena.window_bytes)
-        pred = grpcclient.InferRequestedOutput(UNET_PRED.name)
-        pred.set_shared_memory(self.region, n * arena.pred_bytes, arena.pred_at + first * arena.pred_bytes)
         try:
-            await self._client.infer(model, [crop, window], outputs=[pred], client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
-            message = describe(exc)
+            answer = await self._infer_bytes(self._request(model, first, n), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            message = _describe(exc)
             if "shared memory" in message.lower():  # Triton restarted and lost the registration
                 self._registered = False
                 self.status = f"lost: {message}"
                 log.warning("Triton lost the shared-memory region %s (%s); registering again", self.region, message)
                 raise _RegionLost from exc
-            raise TritonUnavailable(f"Triton inference on {model!r} failed: {message}") from exc
+            kind = TritonDeadline if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else TritonUnavailable
+            raise kind(f"Triton inference on {model!r} failed: {message}") from exc
         except Exception as exc:  # grpc.aio internals on a closing channel
             raise TritonUnavailable(f"Triton inference on {model!r} failed: {exc!r}") from exc
+        shapes = [list(o.shape) for o in answer.outputs if o.name == UNET_PRED.name]
+        if shapes != [list(UNET_PRED.batch_shape(n))]:
+            raise TritonUnavailable(
+                f"model {model!r} answered outputs {[(o.name, list(o.shape)) for o in answer.outputs]}, "
+                f"expected {UNET_PRED.name} {list(UNET_PRED.batch_shape(n))}"
+            )
 
     async def _ready(self) -> bool:
         """Whether the region is registered with Triton; registers it when due."""
@@ -229,17 +272,22 @@ class SharedMemoryUnet:
             if self._registered:
                 return True
             try:
-                await self._client.unregister_system_shared_memory(self.region, client_timeout=self.timeout_s)
-                await self._client.register_system_shared_memory(
-                    self.region, self.arena.key, self.arena.byte_size, client_timeout=self.timeout_s
+                await self._stub.SystemSharedMemoryUnregister(
+                    service_pb2.SystemSharedMemoryUnregisterRequest(name=self.region), timeout=self.timeout_s
                 )
-            except InferenceServerException as exc:
+                await self._stub.SystemSharedMemoryRegister(
+                    service_pb2.SystemSharedMemoryRegisterRequest(
+                        name=self.region, key=self.arena.key, offset=0, byte_size=self.arena.byte_size
+                    ),
+                    timeout=self.timeout_s,
+                )
+            except grpc.aio.AioRpcError as exc:
                 self._refused_at = time.monotonic()
-                self.status = f"refused by Triton: {describe(exc)}"
+                self.status = f"refused by Triton: {_describe(exc)}"
                 log.warning(
                     "Triton cannot use the gateway's shared memory %s (%s): UNet tensors go over "
                     "gRPC; is Triton on another host or without this /dev/shm?",
-                    self.arena.key, describe(exc),
+                    self.arena.key, _describe(exc),
                 )
                 return False
             self._registered, self._refused_at, self.status = True, None, "registered"
@@ -257,10 +305,12 @@ class SharedMemoryUnet:
         """Unregister the region (best effort), close the channel, unlink the object."""
         if self._registered:
             try:
-                await self._client.unregister_system_shared_memory(self.region, client_timeout=2.0)
-            except InferenceServerException as exc:
-                log.debug("unregistering %s failed: %s", self.region, describe(exc))
-        await self._client.close()
+                await self._stub.SystemSharedMemoryUnregister(
+                    service_pb2.SystemSharedMemoryUnregisterRequest(name=self.region), timeout=2.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.debug("unregistering %s failed: %s", self.region, _describe(exc))
+        await self._channel.close()
         self.arena.close()
 
 
