@@ -51,12 +51,23 @@ from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
 from gateway.triton_client import InferenceClient
+from lipsync.contract import WINDOW_BEFORE, WINDOW_ROWS
 from lipsync.frames import audio_window
 
 log = logging.getLogger(__name__)
 
 _CANCELLED = "cancelled"
 """Not an outcome: the frame's client went away; nothing is counted."""
+
+
+def package_window(features: NDArray[np.float32], frame_id: int) -> NDArray[np.float32]:
+    """The window of ``frame_id`` from the package's feature rows (docs/REFERENCE.md s.2 step 6):
+    float32 ``[16, 512]``, a view of rows ``frame_id - 8 .. frame_id + 7`` when all exist (no copy
+    per frame), else `lipsync.frames.audio_window` (zeros outside)."""
+    lo = frame_id - WINDOW_BEFORE
+    if 0 <= lo and lo + WINDOW_ROWS <= len(features):
+        return features[lo : lo + WINDOW_ROWS]
+    return audio_window(features, frame_id)
 
 
 @dataclass(frozen=True)
@@ -253,7 +264,7 @@ class FramePipeline:
                 v = avatar.video_index(request.frame_id)
                 crop = avatar.inners[v : v + 1]  # [1, 320, 320, 3] contiguous view
                 if request.audio is None:
-                    window = audio_window(avatar.features, request.frame_id)
+                    window = package_window(avatar.features, request.frame_id)
                 else:
                     window = await self.audio.window(request.audio)
                 t1 = time.perf_counter()
