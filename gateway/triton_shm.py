@@ -63,6 +63,9 @@ RETRY_REGISTER_S = 30.0
 """After Triton refused the region, plain gRPC for this long before trying again (s)."""
 
 
+_FREE, _TAKEN = b"\x01", b"\x00"
+
+
 class FrameArena:
     """Frame cells in one POSIX shared-memory object (module doc).
 
@@ -93,27 +96,23 @@ class FrameArena:
             (cells, *UNET_AUDIO.dims), UNET_AUDIO.dtype, buffer=buf, offset=self.window_at
         )
         self._buf = buf
-        self._free = np.ones(cells, dtype=bool)
+        self._free = bytearray(_FREE * cells)
+        """One byte per cell: `_FREE` or `_TAKEN` (a run of free cells is a substring search)."""
         self._lock = threading.Lock()
 
     def take(self, n: int) -> int | None:
         """The first cell of ``n`` free consecutive cells, now taken; None when there is no run."""
         with self._lock:
-            if n > self.cells:
+            first = self._free.find(_FREE * n)
+            if first < 0:
                 return None
-            # runs of n free cells: a window sum of n over the free flags
-            sums = np.convolve(self._free.astype(np.int16), np.ones(n, np.int16), "valid")
-            starts = np.flatnonzero(sums == n)
-            if len(starts) == 0:
-                return None
-            first = int(starts[0])
-            self._free[first : first + n] = False
+            self._free[first : first + n] = _TAKEN * n
             return first
 
     def give_back(self, first: int, n: int) -> None:
         """Free cells ``first .. first + n - 1`` (any thread)."""
         with self._lock:
-            self._free[first : first + n] = True
+            self._free[first : first + n] = _FREE * n
 
     def prediction(self, first: int, n: int) -> NDArray[np.uint8]:
         """uint8 ``[n, 320, 320, 3]``, a view of cells ``first ..``'s prediction area; the cells go
@@ -128,7 +127,7 @@ class FrameArena:
     def free_cells(self) -> int:
         """Cells not taken now."""
         with self._lock:
-            return int(self._free.sum())
+            return self._free.count(_FREE)
 
     def close(self) -> None:
         """Unmap and unlink the object (views still referenced keep their pages alive)."""
