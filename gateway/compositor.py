@@ -112,6 +112,18 @@ class Compositor:
         )
         return built
 
+    def video_frame_jpeg(self, avatar: Avatar, v: int) -> bytes | None:
+        """Video frame ``v`` unchanged as JPEG, byte for byte what `encoder` makes of it, when
+        that is the background built at load (``spliced`` mode); None otherwise.
+
+        Raises:
+            IndexError: no such video frame.
+        """
+        backgrounds = avatar.backgrounds
+        if self.mode.mode != "spliced" or backgrounds is None:
+            return None
+        return backgrounds.jpeg(v)
+
     def composite(self, avatar: Avatar, v: int, pred: NDArray[np.uint8], output: OutputKind) -> Composited:
         """Paste back the prediction of video frame ``v`` and encode the result (blocking, CPU).
 

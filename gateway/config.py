@@ -1,7 +1,8 @@
 """`GatewaySettings`: the one configuration object of the gateway.
 
 Every field can be set by an environment variable with the prefix ``LIPSYNC_`` (for example
-``LIPSYNC_TRITON_URL=triton:8001``, ``LIPSYNC_JPEG_QUALITY=90``), from a ``.env`` file, or by
+``LIPSYNC_TRITON_URL=triton:8001``, ``LIPSYNC_JPEG_QUALITY=90``; nested fields with ``__``:
+``LIPSYNC_LIVE__MARGIN_S=1.0``), from a ``.env`` file, or by
 the CLI (``gateway/cli.py`` passes keyword arguments, which win over the environment).
 """
 from __future__ import annotations
@@ -12,15 +13,23 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.live.settings import LiveSettings
 from gateway.triton_client import CONTROL_KEY_HEADER
-from lipsync.contract import AUDIO_ENCODER_MODEL, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, TRITON_GRPC_PORT
+from lipsync.contract import (
+    AUDIO_ENCODER_MODEL,
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    TRITON_GRPC_PORT,
+)
 from lipsync.paths import PACKAGES_DIR
 
 
 class GatewaySettings(BaseSettings):
     """Gateway configuration (env prefix ``LIPSYNC_``). Units are in the field names/docs."""
 
-    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LIPSYNC_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
 
     # --- where things are -------------------------------------------------------------------
     triton_url: str = Field(f"localhost:{TRITON_GRPC_PORT}", description="Triton gRPC endpoint host:port")
@@ -109,4 +118,11 @@ class GatewaySettings(BaseSettings):
     )
     max_batch_frames: int = Field(
         256, ge=1, description="most frames one GenerateBatch* request may ask for"
+    )
+
+    # --- live sessions (issue 10) -----------------------------------------------------------
+    live: LiveSettings = Field(
+        default_factory=LiveSettings,
+        description="live sessions: pacing margin, deadlines, voice activity (env "
+        "LIPSYNC_LIVE__<FIELD>, e.g. LIPSYNC_LIVE__MARGIN_S=1.0)",
     )

@@ -20,6 +20,8 @@ from gateway.compositor import Compositor, JpegMode
 from gateway.config import GatewaySettings
 from gateway.inference import GuardedInference
 from gateway.jpeg import RestartIntervalEncoder, make_encoder
+from gateway.live_render import TritonAudioEncoder
+from gateway.live_service import LiveSessions
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot, ModelLifecycle
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
@@ -43,6 +45,7 @@ class GatewayContext:
         lifecycle: Triton's server and model states.
         store: loaded avatars.
         pipeline: the frame renderer (the one entry point for frames).
+        live: the live sessions (issue 10), served by both transports.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
         triton_shm: the UNet's shared-memory transport (`gateway.triton_shm`), None when off.
@@ -54,6 +57,7 @@ class GatewayContext:
     lifecycle: ModelLifecycle
     store: AvatarStore
     pipeline: FramePipeline
+    live: LiveSessions
     executor: ThreadPoolExecutor
     started_at: float
     triton_shm: SharedMemoryUnet | None = None
@@ -117,6 +121,13 @@ class GatewayContext:
             AdmissionControl(settings.max_in_flight_total, metrics),
             metrics,
         )
+        live = LiveSessions(
+            store,
+            pipeline,
+            TritonAudioEncoder(inference, settings.audio_encoder_model, settings.live.encoder_timeout_s),
+            settings.live,
+            metrics,
+        )
         ctx = cls(
             settings=settings,
             metrics=metrics,
@@ -124,6 +135,7 @@ class GatewayContext:
             lifecycle=lifecycle,
             store=store,
             pipeline=pipeline,
+            live=live,
             executor=executor,
             started_at=time.time(),
             triton_shm=triton_shm,

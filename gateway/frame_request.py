@@ -12,8 +12,9 @@ from typing import Literal
 
 from gateway.audio_features import LiveAudio
 
-WireProtocol = Literal["grpc", "ws", "http"]
-"""The protocol a request came in on (the ``protocol`` label of the gateway's metrics)."""
+WireProtocol = Literal["grpc", "ws", "http", "live"]
+"""The protocol a request came in on (the ``protocol`` label of the gateway's metrics); ``live``:
+a speaking slot of a live session (`gateway.live_render`), over either of its transports."""
 
 OutputKind = Literal["full", "crop"]
 """What a request asks for: the full composited frame, or only the face rectangle's pixels

@@ -19,9 +19,10 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   feature row mapping (computed once per request); frame ``k`` shows video frame
   ``start_frame_id + k`` (ping-pong) with the window of rows ``k .. k+15``.
 
-Also served: ``grpc.health.v1.Health`` (overall and ``optimized_lipsyncsrv.OptimizedLipSyncService``:
-SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed on every change) and server
-reflection.
+Also served: ``lipsync.live.v1.LiveLipSync`` (live sessions, `gateway.live_grpc`),
+``grpc.health.v1.Health`` (overall, ``optimized_lipsyncsrv.OptimizedLipSyncService`` and
+``lipsync.live.v1.LiveLipSync``: SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed
+on every change) and server reflection.
 """
 from __future__ import annotations
 
@@ -40,10 +41,13 @@ from gateway.audio_features import LiveAudio
 from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
 from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.live_grpc import SERVICE_NAME as LIVE_SERVICE_NAME
+from gateway.live_grpc import LiveLipSyncService
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
 from lipsync.frames import mask_inner
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from proto import live_pb2_grpc as live_pbg
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         async with limiter.slot(wait=True):
             return await self._render(request)
 
-    async def GenerateInference(self, request: pb.OptimizedInferenceRequest, context: grpc.aio.ServicerContext) -> pb.OptimizedInferenceResponse:  # noqa: N802
+    async def GenerateInference(self, request: pb.OptimizedInferenceRequest, context: grpc.aio.ServicerContext) -> pb.OptimizedInferenceResponse:
         """One frame (in-band errors)."""
         return await self._render(FrameRequest(request.model_name, request.frame_id))
 
@@ -149,7 +153,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             )
         )
 
-    async def GenerateBatchInference(self, request: pb.BatchInferenceRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:  # noqa: N802
+    async def GenerateBatchInference(self, request: pb.BatchInferenceRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
         """Several frames rendered concurrently (per-call limit); answers in request order."""
         t0 = time.perf_counter()
         ids = list(request.frame_ids)
@@ -160,7 +164,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             return self._batch_response([error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0)
         return self._batch_response(await self._render_batch(request.model_name, ids), t0)
 
-    async def GenerateBatchWithAudio(self, request: pb.BatchInferenceWithAudioRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:  # noqa: N802
+    async def GenerateBatchWithAudio(self, request: pb.BatchInferenceWithAudioRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
         """Frames driven by the request's audio chunks (see module doc)."""
         t0 = time.perf_counter()
         avatar, start, frames = request.model_name, request.start_frame_id, request.frame_count
@@ -182,7 +186,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         ids = [start + k for k in range(frames)]
         return self._batch_response(await self._render_batch(avatar, ids, windows), t0)
 
-    async def StreamInference(  # noqa: N802
+    async def StreamInference(
         self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.OptimizedInferenceResponse]:
         """Bidirectional stream: answers in request order, frames pipelined (module doc)."""
@@ -218,7 +222,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     task.cancel()
 
     # ------------------------------------------------------------------ packages & info
-    async def LoadPackage(self, request: pb.LoadPackageRequest, context: grpc.aio.ServicerContext) -> pb.LoadPackageResponse:  # noqa: N802
+    async def LoadPackage(self, request: pb.LoadPackageRequest, context: grpc.aio.ServicerContext) -> pb.LoadPackageResponse:
         """Load or reload a package from inside the packages root (in-band errors)."""
         t0 = time.perf_counter()
         try:
@@ -253,7 +257,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             memory_mapped_audio=isinstance(avatar.features, np.memmap),
         )
 
-    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:  # noqa: N802
+    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         """Per-avatar rendered-frame count and inference ms (all avatars when the name is empty)."""
         if request.model_name:
             try:
@@ -278,12 +282,12 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             optimizations_active=list(OPTIMIZATIONS),
         )
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:  # noqa: N802
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Names of the loaded avatars."""
         names = self.ctx.store.names()
         return pb.ListModelsResponse(loaded_models=names, count=len(names))
 
-    async def HealthCheck(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:  # noqa: N802
+    async def HealthCheck(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         """Healthy when Triton is ready with every avatar model loaded."""
         ready = self.ctx.ready()
         if ready:
@@ -299,7 +303,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             uptime_seconds=int(self.ctx.uptime_s()),
         )
 
-    async def GetVideoFrame(self, request: pb.GetVideoFrameRequest, context: grpc.aio.ServicerContext) -> pb.GetVideoFrameResponse:  # noqa: N802
+    async def GetVideoFrame(self, request: pb.GetVideoFrameRequest, context: grpc.aio.ServicerContext) -> pb.GetVideoFrameResponse:
         """The source video frame of ``frame_id`` (ping-pong) as JPEG, no inference."""
         try:
             avatar = self.pipeline.validate(request.model_name, request.frame_id)
@@ -320,7 +324,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             )
         return pb.GetVideoFrameResponse(success=True, frame_data=data, frame_id=request.frame_id, video_type=kind)
 
-    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.GetModelMetadataResponse:  # noqa: N802
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.GetModelMetadataResponse:
         """Frame-id range, video types, audio path and every video frame's rectangle
         (``bounds`` = x1, y1, x2, y2 per video frame, in video-frame order)."""
         try:
@@ -362,7 +366,7 @@ class HealthReporter:
         if ready == self._published:
             return
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, LIVE_SERVICE_NAME):
             await self.servicer.set(service, status)
         self._published = ready
 
@@ -407,10 +411,16 @@ def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthRepor
         ]
     )
     pbg.add_OptimizedLipSyncServiceServicer_to_server(LipSyncService(ctx), server)
+    live_pbg.add_LiveLipSyncServicer_to_server(LiveLipSyncService(ctx.live), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            LIVE_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     return server, HealthReporter(ctx, health_servicer)

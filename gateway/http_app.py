@@ -8,6 +8,7 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`;
                                              ``/ws?output=crop``: crop output (face rectangle
                                              only + video frame index, opt-in)
+``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
                                              else 503; JSON with the reason
@@ -59,6 +60,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.audio_features import WindowChunks
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError, Overloaded, UnknownAvatar
 from gateway.frame_request import FrameRequest, OutputKind
+from gateway.live_ws import serve_live_websocket
 from gateway.model_lifecycle import ModelPhase
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
@@ -225,6 +227,12 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         open_ws.discard(ws)
         ctx.metrics.ws_connections.dec()
     return ws
+
+
+async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    """``GET /live``: one live session (`gateway.live_ws`)."""
+    ctx = request.app[CONTEXT_KEY]
+    return await serve_live_websocket(request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY])
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -477,6 +485,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/live", live_websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/avatars", list_avatars)

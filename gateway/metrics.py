@@ -16,18 +16,34 @@ Series (all names prefixed ``lipsync_gateway_``):
   subscriber of `gateway.model_lifecycle.ModelLifecycle`);
 - ``ws_connections``: open WebSocket connections;
 - ``ws_messages_total{kind}``: WebSocket messages received, kind = binary | text | oversized
-  (answered with an error) | too_big (over the transport cap: connection closed with 1009).
+  (answered with an error) | too_big (over the transport cap: connection closed with 1009);
+- ``live_sessions{transport}``: open live sessions (issue 10), transport grpc | ws;
+- ``live_slots_total{transport, kind}``: live frames sent, kind = speaking | idle | late (a
+  speaking slot sent idle because its audio encoding or render failed or missed its deadline);
+  their speaking renders also count in ``requests_total{protocol="live"}``;
+- ``live_first_frame_seconds``: from a session's accepted ``start`` to its first frame sent;
+- ``live_audio_to_frame_seconds{kind}``: from the arrival of a slot's own 40 ms of audio to its
+  frame being sent (slots that carry audio), kind as above.
 
 Outcomes are counted by `gateway.pipeline.FramePipeline`, once per request.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
 )
 """Histogram bucket bounds (s): fine below the 40 ms frame slot, coarse for CPU inference."""
+
+_LIVE_LATENCY_BUCKETS_S = (0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+"""Audio-to-frame bounds (s): a speaking slot cannot go out before its 412.5 ms of lookahead."""
 
 STAGES = ("prepare", "inference", "paste", "jpeg", "composite", "total")
 
@@ -76,6 +92,29 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.live_sessions = Gauge(
+            "lipsync_gateway_live_sessions", "Open live sessions, by transport", ["transport"],
+            registry=self.registry,
+        )
+        self.live_slots = Counter(
+            "lipsync_gateway_live_slots",
+            "Live-session frames sent, by transport and kind (speaking | idle | late)",
+            ["transport", "kind"],
+            registry=self.registry,
+        )
+        self.live_first_frame = Histogram(
+            "lipsync_gateway_live_first_frame_seconds",
+            "Live sessions: accepted start to first frame sent (s)",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.live_audio_to_frame = Histogram(
+            "lipsync_gateway_live_audio_to_frame_seconds",
+            "Live sessions: a slot's own audio arrived to its frame sent (s), by kind",
+            ["kind"],
+            buckets=_LIVE_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
         # labelled children bound once: a label lookup per frame costs more than the update
         self._stage_children = {stage: self.stage_latency.labels(stage=stage) for stage in STAGES}
         self._ok_children: dict[str, Counter] = {}

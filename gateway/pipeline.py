@@ -1,7 +1,8 @@
 """`FramePipeline`: the one entry point from a `FrameRequest` to a composited JPEG.
 
 The protocol adapters decode their wire format into a `gateway.frame_request.FrameRequest` and
-call `FramePipeline.render`, which runs these stages (docs/REFERENCE.md s.2), with what each
+call `FramePipeline.render`, which runs these stages (live sessions call
+`FramePipeline.render_window` with the avatar, the video frame and their own audio window) (docs/REFERENCE.md s.2), with what each
 recorded time covers:
 
 1. **validate**: a global in-flight slot is free (`Overloaded`), the avatar exists
@@ -36,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
 from gateway.triton_client import InferenceClient
-from lipsync.contract import WINDOW_BEFORE, WINDOW_ROWS
+from lipsync.contract import FEATURE_DIM, WINDOW_BEFORE, WINDOW_ROWS
 from lipsync.frames import audio_window
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,16 @@ class FramePipeline:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.encoder.encode, image)
 
+    async def encode_video_frame(self, avatar: Avatar, v: int) -> bytes:
+        """Video frame ``v`` of ``avatar`` unchanged, as `encode` would give it: its background
+        JPEG built at load when the compositor splices (no encoding), else encoded now.
+
+        Raises:
+            IndexError: no such video frame.
+        """
+        found = self.compositor.video_frame_jpeg(avatar, v)
+        return found if found is not None else await self.encode(avatar.frames[v])
+
     async def render(self, request: FrameRequest, *, protocol: WireProtocol) -> RenderedFrame:
         """Render one frame as a composited JPEG and count its outcome (module doc).
 
@@ -252,21 +263,74 @@ class FramePipeline:
             Overloaded, UnknownAvatar, FrameOutOfRange, BadRequest (live audio of a wrong
             length), TritonUnavailable: all `gateway.errors.GatewayError`.
         """
+
+        async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
+            avatar.check_frame_id(request.frame_id, live_audio=request.audio is not None)
+            v = avatar.video_index(request.frame_id)
+            if request.audio is None:
+                return v, package_window(avatar.features, request.frame_id)
+            return v, await self.audio.window(request.audio)
+
+        return await self._render(
+            request.avatar, request.frame_id, self.store.get, prepare, protocol, request.output
+        )
+
+    async def render_window(
+        self, avatar: Avatar, video_index: int, window: NDArray[np.float32], *, protocol: WireProtocol
+    ) -> RenderedFrame:
+        """Render video frame ``video_index`` of ``avatar`` with a caller's audio window.
+
+        The live sessions' entry point (`gateway.live_render`): the session computed the window
+        itself (feature rows ``k-8 .. k+7`` of its own audio) and chose the video frame (its
+        ping-pong walk); admission, Triton, composite, timings and the outcome count are those
+        of `render`. Cancelling the call (the slot's deadline passed) cancels the Triton call
+        and counts nothing.
+
+        Args:
+            avatar: a loaded avatar (`AvatarStore.get`).
+            video_index: ``0 <= video_index < N``.
+            window: float32 ``[16, 512]``.
+            protocol: the metrics label (``live``).
+
+        Returns:
+            A `RenderedFrame` whose ``frame_id`` is ``video_index``.
+
+        Raises:
+            Overloaded, TritonUnavailable: `gateway.errors.GatewayError`.
+            ValueError: ``video_index`` or the window's shape is wrong (a caller's bug).
+        """
+        if not 0 <= video_index < avatar.video_frames:
+            raise ValueError(f"video_index {video_index} outside 0..{avatar.video_frames - 1}")
+        if window.shape != (WINDOW_ROWS, FEATURE_DIM):
+            raise ValueError(f"window must be [{WINDOW_ROWS}, {FEATURE_DIM}], got {list(window.shape)}")
+
+        async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
+            return video_index, np.asarray(window, dtype=np.float32)
+
+        return await self._render(avatar.name, video_index, lambda name: avatar, prepare, protocol, "full")
+
+    async def _render(
+        self,
+        name: str,
+        frame_id: int,
+        lookup: Callable[[str], Avatar],
+        prepare: Callable[[Avatar], Awaitable[tuple[int, NDArray[np.float32]]]],
+        protocol: WireProtocol,
+        output: OutputKind,
+    ) -> RenderedFrame:
+        """Admission, ``lookup(name)``, ``prepare(avatar)`` (video frame, window), Triton,
+        composite (``output``: full frame or face rectangle), metrics (a failure after the lookup
+        also counts in the avatar's stats)."""
         t_start = time.perf_counter()
         avatar: Avatar | None = None
         outcome: str | None = GatewayError.code  # the error code ("internal" for a bug); None once rendered
         try:
             with self.admission.slot():
-                avatar = self.store.get(request.avatar)
-                avatar.check_frame_id(request.frame_id, live_audio=request.audio is not None)
+                avatar = lookup(name)
                 # prepare
                 t0 = time.perf_counter()
-                v = avatar.video_index(request.frame_id)
+                v, window = await prepare(avatar)
                 crop = avatar.inners[v : v + 1]  # [1, 320, 320, 3] contiguous view
-                if request.audio is None:
-                    window = package_window(avatar.features, request.frame_id)
-                else:
-                    window = await self.audio.window(request.audio)
                 t1 = time.perf_counter()
                 # inference
                 pred = await self.inference.infer_unet(avatar.model, crop, window[None])
@@ -274,18 +338,18 @@ class FramePipeline:
                 # composite: paste back + JPEG in the thread pool, one hop
                 loop = asyncio.get_running_loop()
                 done = await loop.run_in_executor(
-                    self.executor, self.compositor.composite, avatar, v, pred[0], request.output
+                    self.executor, self.compositor.composite, avatar, v, pred[0], output
                 )
                 t3 = time.perf_counter()
             frame = RenderedFrame(
                 avatar=avatar.name,
-                frame_id=request.frame_id,
+                frame_id=frame_id,
                 jpeg=done.jpeg,
                 rect=avatar.rect(v),
                 width=avatar.width,
                 height=avatar.height,
                 video_frame=v,
-                output=request.output,
+                output=output,
                 prepare_ms=(t1 - t0) * 1e3,
                 inference_ms=(t2 - t1) * 1e3,
                 composite_ms=(t3 - t2) * 1e3,
@@ -299,7 +363,7 @@ class FramePipeline:
             outcome = _CANCELLED
             raise
         except Exception:
-            log.exception("rendering frame %s of %r failed", request.frame_id, request.avatar)
+            log.exception("rendering frame %s of %r failed", frame_id, name)
             raise
         finally:
             if outcome != _CANCELLED:

@@ -38,6 +38,8 @@ class StreamSpec:
         pace_fps: frames per second to pace at (25); 0 = as fast as possible.
         window: most frames in flight at once on this stream (>= 1).
         timeout_s: a reply later than this after its request aborts the stream (s).
+        sample_every: keep the JPEG of every k-th frame of the stream (seq 0, k, 2k, ...) in
+            its record for verification; 0 = keep none.
     """
 
     stream: int
@@ -46,6 +48,7 @@ class StreamSpec:
     pace_fps: float
     window: int
     timeout_s: float
+    sample_every: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ class Reply:
         error: error text ("" when ok).
         server_ms: processing time the server reported (ms), NaN if none.
         jpeg_bytes: size of the returned JPEG (bytes).
+        jpeg: the returned JPEG itself (a reference, not a copy); None on error.
     """
 
     frame_id: int | None
@@ -65,6 +69,7 @@ class Reply:
     error: str = ""
     server_ms: float = float("nan")
     jpeg_bytes: int = 0
+    jpeg: bytes | None = None
 
 
 class Transport(Protocol):
@@ -126,9 +131,8 @@ class GrpcTransport:
             return None
         if not resp.success:
             return Reply(resp.frame_id, False, resp.error or "success=false without error")
-        return Reply(
-            resp.frame_id, True, "", float(resp.processing_time_ms), len(resp.prediction_data)
-        )
+        jpeg = resp.prediction_data
+        return Reply(resp.frame_id, True, "", float(resp.processing_time_ms), len(jpeg), jpeg)
 
     async def finish(self) -> None:
         """Half-close: no more requests."""
@@ -192,7 +196,8 @@ class WsTransport:
             raise StreamAborted(f"undecodable reply: {exc}") from exc
         if isinstance(reply, ws_protocol.ErrorReply):
             return Reply(reply.frame_id, False, reply.message, float(reply.processing_ms))
-        return Reply(reply.frame_id, True, "", float(reply.processing_ms), len(reply.jpeg))
+        return Reply(reply.frame_id, True, "", float(reply.processing_ms), len(reply.jpeg),
+                     reply.jpeg)
 
     async def finish(self) -> None:
         """Nothing to half-close on a WebSocket."""
@@ -257,6 +262,8 @@ async def drive_stream(
             error=error or (reply.error if reply else "no reply"),
             server_ms=reply.server_ms if reply else float("nan"),
             jpeg_bytes=reply.jpeg_bytes if reply else 0,
+            sample=reply.jpeg if reply and spec.sample_every and p.seq % spec.sample_every == 0
+            else None,
         )
         records[p.seq] = rec
         window.release()

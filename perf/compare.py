@@ -24,8 +24,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,8 @@ from rich.console import Console
 
 from perf import report
 from perf.loadgen import LoadConfig, run_load
+from perf.procstat import CLOCK_TICKS_PER_S, PROC, parse_stat
+from perf.servers import child_process, start_gateway
 from perf.stats import RunSummary, ratio
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ def process_cpu_s(pid: int) -> float:
     Raises:
         OSError: no such process (or no /proc).
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+    return parse_stat((PROC / str(pid) / "stat").read_text()).cpu_ticks / CLOCK_TICKS_PER_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,62 +163,6 @@ def write_compare(rows: Sequence[Row], out_md: Path, out_json: Path, setup: Sequ
 # ----------------------------------------------------------------------------- processes
 
 
-def _wait_http_ok(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def _process(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a child in its own process group; SIGTERM (then SIGKILL) it on exit."""
-    with log_path.open("wb") as fh:
-        proc = subprocess.Popen(list(cmd), env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path,
-                  timeout_s: float) -> Iterator[tuple[str, int]]:
-    """Our gateway (`lipsync gateway`) on free ports; yields its gRPC address and pid."""
-    from lipsync.triton_local import free_ports
-
-    grpc_port, http_port = free_ports(2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
-    env.update({
-        "LIPSYNC_TRITON_URL": triton_grpc, "LIPSYNC_HOST": "127.0.0.1",
-        "LIPSYNC_GRPC_PORT": str(grpc_port), "LIPSYNC_HTTP_PORT": str(http_port),
-        "LIPSYNC_PACKAGES_ROOT": str(packages_root),
-        # a loaded 2-core machine can take > 1.5 s for a batch of 8: measure, do not time out
-        "LIPSYNC_TRITON_TIMEOUT_S": str(timeout_s),
-        "LIPSYNC_LOG_LEVEL": "WARNING",
-    })
-    log_path = workdir / "gateway.log"
-    with _process([sys.executable, "-m", "lipsync", "gateway"], env, log_path) as proc:
-        _wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", proc, 180, log_path)
-        yield f"127.0.0.1:{grpc_port}", proc.pid
-
-
 @contextlib.contextmanager
 def start_baseline(package: Path, workdir: Path) -> Iterator[tuple[str, int]]:
     """The baseline server on a free port; yields its gRPC address and pid."""
@@ -228,7 +170,7 @@ def start_baseline(package: Path, workdir: Path) -> Iterator[tuple[str, int]]:
     log_path = workdir / "baseline.log"
     cmd = [sys.executable, "-m", "perf.baseline_server", "--package", str(package), "--port", "0",
            "--ready-file", str(ready)]
-    with _process(cmd, dict(os.environ), log_path) as proc:
+    with child_process(cmd, os.environ, log_path) as proc:
         deadline = time.monotonic() + 300
         while not ready.exists():
             if proc.poll() is not None:
@@ -335,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = work / "packages"
             root.mkdir()
             shutil.copytree(pkg.root, root / pkg.name)
-            ours, ours_pid = stack.enter_context(start_gateway(triton_url, root, work, args.timeout))
+            gateway = stack.enter_context(start_gateway(triton_url, root, work, args.timeout))
+            ours, ours_pid = gateway.grpc_address, gateway.pid
         baseline, baseline_pid = args.baseline_address, None
         if baseline is None:
             baseline, baseline_pid = stack.enter_context(start_baseline(pkg.root, work))

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -31,7 +34,14 @@ from rich.progress import (
 
 from lipsync.contract import GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT
 from perf import report
-from perf.clients import GrpcTransport, StreamAborted, StreamSpec, Transport, WsTransport, drive_stream
+from perf.clients import (
+    GrpcTransport,
+    StreamAborted,
+    StreamSpec,
+    Transport,
+    WsTransport,
+    drive_stream,
+)
 from perf.stats import FrameRecord, RunSummary, summarize
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,9 @@ class LoadConfig:
         timeout_s: a reply later than this aborts the stream (s).
         ws_path: path of the WebSocket endpoint when `address` is host:port.
         label: name of the run in reports.
+        verify_every: decode the JPEG of every k-th frame of each stream after the run and
+            count a reply that does not decode (or has the wrong size) as an error; 0 = none.
+        expect_size: ``(width, height)`` px the verified frames must have; None = any size.
     """
 
     target: str
@@ -71,6 +84,8 @@ class LoadConfig:
     timeout_s: float = 30.0
     ws_path: str = "/ws"
     label: str = ""
+    verify_every: int = 0
+    expect_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.target not in ("grpc", "ws"):
@@ -82,6 +97,8 @@ class LoadConfig:
             )
         if self.pace_fps < 0:
             raise ValueError(f"pace must be >= 0 fps (0 = as fast as possible), got {self.pace_fps}")
+        if self.verify_every < 0:
+            raise ValueError(f"verify_every must be >= 0 (0 = no check), got {self.verify_every}")
 
     @property
     def effective_window(self) -> int:
@@ -128,17 +145,107 @@ def _progress(console: Console | None, enabled: bool) -> Progress:
     )
 
 
+async def drive_load(
+    config: LoadConfig, on_record: Callable[[FrameRecord], None] | None = None
+) -> list[FrameRecord]:
+    """Run `config.streams` streams concurrently; every frame record (N x F), unverified.
+
+    Args:
+        config: the load.
+        on_record: called with each record as it completes (progress display).
+    """
+    async def one(stream: int, t0: float) -> list[FrameRecord]:
+        spec = StreamSpec(
+            stream=stream,
+            avatar=config.avatar,
+            frame_ids=config.stream_frame_ids(stream),
+            pace_fps=config.pace_fps,
+            window=config.effective_window,
+            timeout_s=config.timeout_s,
+            sample_every=config.verify_every,
+        )
+        try:
+            transport = await open_transport(config)
+        except StreamAborted as exc:
+            now = time.perf_counter()
+            lost = [
+                FrameRecord(stream, k, f, now, now, now, False, f"not sent: {exc}")
+                for k, f in enumerate(spec.frame_ids)
+            ]
+            for rec in lost:
+                if on_record is not None:
+                    on_record(rec)
+            return lost
+        try:
+            return await drive_stream(spec, transport, on_record, t0=t0)
+        finally:
+            await transport.close()
+
+    t0 = time.perf_counter() + 0.05
+    parts = await asyncio.gather(*(one(s, t0) for s in range(config.streams)))
+    return [rec for part in parts for rec in part]
+
+
+def check_jpeg(data: bytes, expect_size: tuple[int, int] | None) -> str:
+    """Why `data` is not a good frame ("" when it is): it must decode as a colour JPEG of
+    `expect_size` = ``(width, height)`` px (any size when None)."""
+    if data[:2] != b"\xff\xd8":
+        return "bad JPEG: no SOI marker"
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        return "bad JPEG: does not decode"
+    height, width = image.shape[:2]
+    if expect_size is not None and (width, height) != tuple(expect_size):
+        return f"bad JPEG: {width}x{height} px, expected {expect_size[0]}x{expect_size[1]}"
+    return ""
+
+
+def verify_records(
+    records: Sequence[FrameRecord], expect_size: tuple[int, int] | None
+) -> tuple[list[FrameRecord], int]:
+    """Decode the sampled replies (`FrameRecord.sample`); a bad one becomes a failed record.
+
+    Returns:
+        The records without their samples (a failed check as ``ok=False`` with the reason)
+        and the number of samples checked.
+    """
+    out: list[FrameRecord] = []
+    checked = 0
+    for rec in records:
+        if rec.sample is None:
+            out.append(rec)
+            continue
+        checked += 1
+        problem = check_jpeg(rec.sample, expect_size)
+        out.append(dataclasses.replace(
+            rec, sample=None, ok=rec.ok and not problem, error=problem or rec.error))
+    return out, checked
+
+
+def finish_load(config: LoadConfig, records: Sequence[FrameRecord]) -> tuple[RunSummary, list[FrameRecord]]:
+    """Verify the sampled frames (`verify_records`) and summarise a run's records."""
+    checked_records, checked = verify_records(records, config.expect_size)
+    summary = summarize(
+        checked_records,
+        label=config.label or f"{config.target} x{config.streams}",
+        streams=config.streams,
+        frames_per_stream=config.frames,
+        pace_fps=config.pace_fps,
+        verified=checked,
+    )
+    return summary, checked_records
+
+
 async def run_load(
     config: LoadConfig, *, progress: bool = True, console: Console | None = None
 ) -> tuple[RunSummary, list[FrameRecord]]:
-    """Run `config.streams` streams concurrently and summarise them.
+    """Run `config.streams` streams concurrently, verify the samples and summarise them.
 
     Returns:
         The run's summary and every frame record (N x F).
     """
     label = config.label or f"{config.target} x{config.streams}"
     total = config.streams * config.frames
-    records: list[FrameRecord] = []
     errors = 0
     done = 0
     started = time.perf_counter()
@@ -152,42 +259,8 @@ async def run_load(
             elapsed = max(time.perf_counter() - started, 1e-6)
             bar.update(task, advance=1, fps=(done - errors) / elapsed, errors=errors)
 
-        async def one(stream: int, t0: float) -> list[FrameRecord]:
-            spec = StreamSpec(
-                stream=stream,
-                avatar=config.avatar,
-                frame_ids=config.stream_frame_ids(stream),
-                pace_fps=config.pace_fps,
-                window=config.effective_window,
-                timeout_s=config.timeout_s,
-            )
-            try:
-                transport = await open_transport(config)
-            except StreamAborted as exc:
-                now = time.perf_counter()
-                lost = [
-                    FrameRecord(stream, k, f, now, now, now, False, f"not sent: {exc}")
-                    for k, f in enumerate(spec.frame_ids)
-                ]
-                for rec in lost:
-                    on_record(rec)
-                return lost
-            try:
-                return await drive_stream(spec, transport, on_record, t0=t0)
-            finally:
-                await transport.close()
-
-        t0 = time.perf_counter() + 0.05
-        for part in await asyncio.gather(*(one(s, t0) for s in range(config.streams))):
-            records.extend(part)
-    summary = summarize(
-        records,
-        label=label,
-        streams=config.streams,
-        frames_per_stream=config.frames,
-        pace_fps=config.pace_fps,
-    )
-    return summary, records
+        records = await drive_load(config, on_record)
+    return finish_load(config, records)
 
 
 def summary_row(summary: RunSummary, target: str) -> list[object]:
@@ -219,6 +292,8 @@ def write_reports(
                 "target": config.target, "address": config.address, "avatar": config.avatar,
                 "streams": config.streams, "frames": config.frames, "pace_fps": config.pace_fps,
                 "window": config.effective_window, "frame_range": config.frame_range,
+                "verify_every": config.verify_every,
+                "expect_size": list(config.expect_size) if config.expect_size else None,
             },
             "summary": summary.to_dict(),
         }
@@ -235,6 +310,17 @@ def write_reports(
         if summary.error_samples:
             lines += ["", "Errors seen:", *[f"- `{e}`" for e in summary.error_samples]]
         report.write_text(markdown_path, lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``"880x720"`` -> ``(880, 720)`` (argparse type)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 880x720, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"frame size must be positive, got {text!r}")
+    return width, height
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds without a reply before a stream is aborted")
     p.add_argument("--label", default="", help="name of the run in the reports")
+    p.add_argument("--verify-every", type=int, default=0, metavar="K",
+                   help="decode every K-th reply of each stream after the run; a bad one "
+                        "counts as an error (default 0 = no check)")
+    p.add_argument("--expect-size", type=_size, default=None, metavar="WxH",
+                   help="with --verify-every: the frame size the JPEGs must have, e.g. 880x720")
     p.add_argument("--json", type=Path, default=None, help="write the summary as JSON here")
     p.add_argument("--raw", action="store_true", help="include every frame in the JSON")
     p.add_argument("--markdown", type=Path, default=None, help="write a markdown table here")
@@ -276,7 +367,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         target=args.target, address=address, avatar=args.avatar, streams=args.streams,
         frames=args.frames, pace_fps=args.pace, window=args.window,
         frame_range=args.frame_range, timeout_s=args.timeout, ws_path=args.ws_path,
-        label=args.label,
+        label=args.label, verify_every=args.verify_every, expect_size=args.expect_size,
     )
 
 

@@ -34,6 +34,7 @@ class FrameRecord:
         error: the error text for a failed frame ("" when ok).
         server_ms: processing time the server reported (ms), NaN if none.
         jpeg_bytes: size of the returned JPEG (bytes), 0 on error.
+        sample: the returned JPEG, kept on sampled frames for verification (else None).
     """
 
     stream: int
@@ -46,6 +47,7 @@ class FrameRecord:
     error: str = ""
     server_ms: float = float("nan")
     jpeg_bytes: int = 0
+    sample: bytes | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -73,6 +75,8 @@ class RunSummary:
         server_p50_ms: median server-reported processing time (ms), NaN if none reported.
         mean_jpeg_kb: mean JPEG size (KiB).
         error_samples: up to 5 distinct error texts.
+        verified: sampled replies whose JPEG was decoded and checked (see
+            `perf.loadgen.verify_records`); a failed check is counted in `errors`.
     """
 
     label: str
@@ -94,6 +98,7 @@ class RunSummary:
     server_p50_ms: float
     mean_jpeg_kb: float
     error_samples: list[str] = field(default_factory=list)
+    verified: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable dict (NaN stays NaN; `json.dumps` writes it as NaN)."""
@@ -121,12 +126,13 @@ def summarize(
     frames_per_stream: int,
     pace_fps: float,
     slot_ms: float = SLOT_MS_25FPS,
+    verified: int = 0,
 ) -> RunSummary:
     """Summarise a run's frame records.
 
     Args:
         records: every frame of every stream (successes and failures).
-        label, streams, frames_per_stream, pace_fps: copied into the summary.
+        label, streams, frames_per_stream, pace_fps, verified: copied into the summary.
         slot_ms: the display slot for counting late frames (ms); 40 at 25 fps.
 
     Raises:
@@ -170,6 +176,7 @@ def summarize(
         server_p50_ms=float(np.median(server)) if server else float("nan"),
         mean_jpeg_kb=float(np.mean([r.jpeg_bytes for r in ok])) / 1024.0 if ok else 0.0,
         error_samples=samples,
+        verified=verified,
     )
 
 

@@ -305,3 +305,54 @@ def test_a_long_session_keeps_a_bounded_state(speech_3s) -> None:
         check_stream(h.frames, 5)
 
     run(body)
+
+
+class SlowRenderer(RecordingRenderer):
+    """Renders one speaking frame at a time, `seconds` each on the simulated clock: a Triton
+    slower than real time."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+        self.lock = asyncio.Lock()
+
+    async def render_speaking(self, slot: int, video_frame: int, window: np.ndarray) -> object:  # type: ignore[override]
+        self.speaking_calls.append((slot, video_frame))
+        async with self.lock:
+            await self.clock.sleep_until(self.clock.now() + self.seconds)
+        from gateway.live.types import RenderedFrame
+
+        return RenderedFrame(f"speaking:{slot}".encode(), (1.0, 2.0, 3.0, 4.0))
+
+
+def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(speech_3s) -> None:
+    """Renders take 0.1 s each, one at a time (10 fps for 25 fps of speech): the frames do not
+    lag further and further behind the wall clock; the slots that cannot make it are sent idle
+    and late, most of them without any render."""
+    async def body() -> None:
+        settings = LiveSettings(render_timeout_s=0.5)
+        h = Harness(NumpyEncoder(), RecordingRenderer(), settings)
+        renderer = SlowRenderer(h.clock, 0.1)
+        h.renderer = renderer
+        h.session.start(16000, renderer)
+        t0 = h.clock.t
+        for piece in chunks(speech_3s.astype("<i2").tobytes(), 640):
+            h.session.push_pcm(piece)
+            await h.run_for(0.02)
+        h.session.end_input()
+        await h.run_for(3.0)
+        assert h.done
+        frames = h.frames
+        assert [f.seq for f in frames] == list(range(len(frames)))
+        late = [f for f in frames if f.late]
+        speaking = [f for f in frames if f.speaking]
+        # Triton's pace (10 frames/s) is used: about 0.4 of the speech slots are speaking, and
+        # few renders are started only to be thrown away (26 of 36 here; FIFO without the
+        # service-time estimate: 11 of 61)
+        assert len(speaking) >= 0.3 * (len(speaking) + len(late)) and len(late) > 10
+        assert len(renderer.speaking_calls) <= len(speaking) + 15
+        # each frame went out by its pts + lookahead + render timeout (+ one 10 ms step)
+        worst = max(h.sent_at[f.seq] - (t0 + f.pts_s) for f in frames)
+        assert worst <= 0.4525 + 0.5 + 0.1 + 0.01 + 1e-6, worst
+
+    run(body)

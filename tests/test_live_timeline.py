@@ -290,3 +290,14 @@ def test_every_refused_event_is_reported(state: State, speech: bytes) -> None:
         item = tl.poll(T0)
         error = item.error if isinstance(item, (Notice, SlotPlan)) else ""
         assert (f"{event.value} refused" in error) != allowed, (state, event, error)
+
+
+def test_end_after_a_lag_still_sends_the_idle_slots_due_before_it(speech: bytes) -> None:
+    """Rendering lagged (nothing planned for 3 s), then end of input: the slots of the audio and
+    the idle slots due before the end all come, the same stream a fast server would send."""
+    tl = started()
+    tl.push_pcm(speech[: 2 * 16000], T0)  # 1 s of audio at once
+    tl.end_input(T0 + 3.0)
+    plans, end = drain(tl, T0 + 3.0)
+    check_order(plans)
+    assert end == Closed() and len(plans) == 75  # slots due at T0 .. T0 + 2.96

@@ -4,18 +4,28 @@ baseline's per-frame work. No timing is asserted: speed is measured in perf/, no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
 from lipsync.contract import UNET_AUDIO, UNET_CROP
 from perf import report
 from perf.compare import BatchStats, Row, compare_rows, write_compare
-from perf.loadgen import LoadConfig, build_parser, config_from_args, run_load, write_reports
+from perf.loadgen import (
+    LoadConfig,
+    build_parser,
+    check_jpeg,
+    config_from_args,
+    run_load,
+    verify_records,
+    write_reports,
+)
 from perf.pa_tools import (
     pa_table,
     perf_analyzer_args,
@@ -130,8 +140,14 @@ def test_loadgen_arguments() -> None:
     assert (cfg.target, cfg.address, cfg.streams, cfg.frames, cfg.pace_fps) == ("ws", "localhost:8085", 4, 60, 0)
     assert cfg.ws_url == "ws://localhost:8085/ws" and cfg.effective_window == 1
     assert config_from_args(build_parser().parse_args([])).address == "localhost:50051"
+    checked = config_from_args(build_parser().parse_args(["--verify-every", "5", "--expect-size", "880x720"]))
+    assert (checked.verify_every, checked.expect_size) == (5, (880, 720))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--target", "http"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--expect-size", "880"])
+    with pytest.raises(ValueError, match="verify_every"):
+        LoadConfig(target="grpc", address="x", verify_every=-1)
     with pytest.raises(ValueError, match="pace must be >= 0"):
         LoadConfig(target="grpc", address="x", pace_fps=-1)
     with pytest.raises(ValueError, match="must be >= 1"):
@@ -203,11 +219,20 @@ def test_perf_analyzer_input_matches_the_contract(demo_package: Any, tmp_path: P
 @pytest.mark.parametrize("target", ["grpc", "ws"])
 def test_loadgen_drives_the_real_gateway(gateway_server: Any, demo_package: Any, target: str) -> None:
     address = gateway_server.grpc_address if target == "grpc" else gateway_server.http_url.replace("http://", "")
+    size = (demo_package.manifest.width, demo_package.manifest.height)
     cfg = LoadConfig(target=target, address=address, avatar="demo", streams=2, frames=3,
-                     pace_fps=0, frame_range=demo_package.feature_rows, timeout_s=60)
+                     pace_fps=0, frame_range=demo_package.feature_rows, timeout_s=60,
+                     verify_every=2, expect_size=size)
     summary, records = asyncio.run(run_load(cfg, progress=False))
     assert summary.errors == 0, summary.error_samples
     assert summary.frames_ok == 6 and len(records) == 6
+    assert summary.verified == 4  # seq 0 and 2 of each stream, decoded at the avatar's size
+    assert all(r.sample is None for r in records)  # samples are dropped once checked
+    # the same replies checked against a wrong size: every sampled frame becomes an error
+    wrong = dataclasses.replace(cfg, expect_size=(size[0] + 16, size[1]))
+    summary, records = asyncio.run(run_load(wrong, progress=False))
+    assert summary.verified == 4 and summary.errors == 4 and summary.frames_ok == 2
+    assert f"expected {size[0] + 16}x{size[1]}" in summary.error_samples[0]
     assert all(r.jpeg_bytes > 0 and r.done_s >= r.sent_s >= r.due_s for r in records)
     assert sorted((r.stream, r.seq) for r in records) == [(s, k) for s in range(2) for k in range(3)]
 
@@ -219,6 +244,19 @@ def test_loadgen_counts_in_band_errors(gateway_server: Any) -> None:
     summary, _ = asyncio.run(run_load(cfg, progress=False))
     assert summary.frames_ok == 0 and summary.errors == 2
     assert "no_such_avatar" in summary.error_samples[0]
+
+
+def test_check_jpeg_decodes_and_checks_the_size() -> None:
+    ok, data = cv2.imencode(".jpg", np.full((144, 176, 3), 128, np.uint8))
+    assert ok
+    assert check_jpeg(data.tobytes(), (176, 144)) == ""
+    assert check_jpeg(data.tobytes(), None) == ""
+    assert "expected 880x720" in check_jpeg(data.tobytes(), (880, 720))
+    assert check_jpeg(b"not a jpeg", None) == "bad JPEG: no SOI marker"
+    assert check_jpeg(data.tobytes()[:40], None) == "bad JPEG: does not decode"
+    rec = FrameRecord(0, 0, 0, 0.0, 0.0, 0.01, True, sample=b"\xff\xd8junk")
+    checked, n = verify_records([rec, FrameRecord(0, 1, 1, 0.0, 0.0, 0.01, True)], None)
+    assert n == 1 and not checked[0].ok and checked[0].sample is None and checked[1].ok
 
 
 def test_loadgen_reports_an_unreachable_server() -> None:

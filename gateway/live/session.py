@@ -5,12 +5,29 @@ The transport's reader calls the input methods (`start`, `push_pcm`, `flush`, `i
 iterates `frames()` and sends each item. Inside `frames()`:
 
 1. the timeline plans the next slots (up to `max_in_flight` unsent at once);
-2. the feature rows the speaking ones need are encoded in one `AudioEncoder.encode` call
-   (Triton's dynamic batcher merges the calls of concurrent sessions);
-3. each slot is rendered as its own task (`render_speaking`, or `idle_frame` without inference);
+2. the feature rows the speaking ones need are encoded in one `AudioEncoder.encode` call per
+   segment, started at once and not awaited here (Triton's dynamic batcher merges the calls
+   of concurrent sessions; rows already being encoded for an earlier batch are not asked
+   again), so idle slots keep flowing while the encoder works;
+3. each slot is its own task: a speaking one waits for its rows, builds its window and renders
+   (`render_speaking`), an idle one is `idle_frame` (no inference). A yielded slot releases
+   what only earlier slots needed (bounded state);
 4. frames are yielded strictly in slot order. A speaking slot whose encoder call or render
-   failed, or whose render is not done by its deadline (`max(planned_at, due_at) +
-   render_timeout_s`), is sent as the idle frame of the same video frame, `late = True`;
+   failed, or whose render is not done by its deadline, is sent as the idle frame of the same
+   video frame, `late = True`. The deadline is `max(ready, due_at) + render_timeout_s`, `ready`
+   being when the slot could first be planned: its planning time, but at most its own audio's
+   arrival + `WINDOW_LOOKAHEAD_S` (0.45 s). So a slot planned late only because the session's
+   earlier renders held it back (Triton slower than real time) is not given a fresh timeout:
+   once its deadline has passed at planning it is sent idle and late without a Triton call,
+   and the stream catches up with the wall clock instead of lagging more and more. Nor is a
+   render started that is expected to miss its deadline: the session keeps a moving average
+   of the service time of its renders (the time from a render's start, or the previous
+   render's completion if later, to its completion: the interval at which Triton completes
+   this session's frames) and sends a slot idle and late at once when
+   `now + (renders in flight + 1) * service time > deadline`. Without that, every render of an
+   overloaded session would queue behind renders doomed to miss and miss in turn; with it the
+   session shows as many speaking frames as Triton renders in time. A slot past its deadline
+   has its render cancelled at once, head of the queue or not;
 5. `interrupt` turns every slot not yet yielded into an idle frame at once (not late).
 
 No slot is ever skipped or repeated: `seq` runs 0, 1, 2, ... until the timeline closes.
@@ -18,20 +35,28 @@ No slot is ever skipped or repeated: `seq` runs 0, 1, 2, ... until the timeline 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.errors import GatewayError
 from gateway.live.clock import Clock
-from gateway.live.features import AudioEncoder
+from gateway.live.features import AudioEncoder, SegmentFeatures, window_feature_indices
 from gateway.live.segment import AudioSegment
 from gateway.live.settings import LiveSettings
-from gateway.live.timeline import Closed, Notice, SessionTimeline, SlotPlan, Wait
+from gateway.live.timeline import (
+    WINDOW_LOOKAHEAD_S,
+    Closed,
+    Notice,
+    SessionTimeline,
+    SlotPlan,
+    Wait,
+)
 from gateway.live.types import RenderedFrame, Renderer, SessionNotice, SlotFrame
 
 logger = logging.getLogger(__name__)
@@ -65,7 +90,12 @@ class LiveSession:
         self._renderer: Renderer | None = None
         self._slots: deque[_Slot] = deque()
         self._input = asyncio.Event()
-        self._interrupts = 0  # interrupts so far: a batch planned before one is sent idle
+        self._encoding: dict[tuple[int, int], asyncio.Future[None]] = {}  # (segment, row) -> call
+        self.sent = 0
+        """Slots yielded by `frames()` so far (the next one is slot `sent`)."""
+        self._service_s = 0.0  # moving average of the service time of speaking renders (s)
+        self._rendering = 0  # speaking renders in flight
+        self._completed_at = float("-inf")  # clock time of the last successful render
 
     # ------------------------------------------------------------------------- input side
     def start(self, sample_rate_hz: int, renderer: Renderer) -> None:
@@ -94,7 +124,6 @@ class LiveSession:
     def interrupt(self) -> None:
         """Drop audio not yet rendered; every frame not yet sent becomes idle."""
         self.timeline.interrupt(self._clock.now())
-        self._interrupts += 1
         if self._renderer is not None:
             for slot in self._slots:
                 if slot.speaking:
@@ -121,8 +150,11 @@ class LiveSession:
             closed = False
             while True:
                 now = self._clock.now()
-                if self._slots and (self._slots[0].task.done() or now >= self._slots[0].deadline):
-                    yield await self._finish(self._slots.popleft())
+                self._give_up_overdue(now)
+                if self._slots and self._slots[0].task.done():
+                    frame = await self._finish(self._slots.popleft())
+                    self.sent = frame.seq + 1
+                    yield frame
                     continue
                 self._input.clear()
                 plans: list[SlotPlan] = []
@@ -139,7 +171,7 @@ class LiveSession:
                     elif isinstance(item, Closed):
                         closed = True
                 if plans:
-                    await self._launch(plans)
+                    self._launch(plans)
                     continue
                 if closed and not self._slots:
                     return
@@ -148,10 +180,22 @@ class LiveSession:
             for slot in self._slots:
                 slot.task.cancel()
 
+    def _give_up_overdue(self, now: float) -> None:
+        """Send idle (late) every speaking slot whose deadline has passed, head or not: its
+        render is cancelled so it takes no more of Triton's time."""
+        for slot in self._slots:
+            if slot.speaking and now >= slot.deadline and not self._render_ok(slot):
+                logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
+                self._to_idle(slot, late=True)
+
+    @staticmethod
+    def _render_ok(slot: _Slot) -> bool:
+        return slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None
+
     async def _wait(self, until: float | None) -> None:
-        """Until new input, the head slot's render or deadline, or clock time `until`."""
+        """Until new input, the head slot's render, a slot's deadline, or clock time `until`."""
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._input.wait())]
-        times = [t for t in (until, self._slots[0].deadline if self._slots else None) if t is not None]
+        times = [t for t in (until, *(s.deadline for s in self._slots)) if t is not None]
         if times and min(times) != float("inf"):
             waiters.append(asyncio.ensure_future(self._clock.sleep_until(min(times))))
         watched: set[asyncio.Future[object]] = set(waiters)
@@ -163,61 +207,94 @@ class LiveSession:
             for w in waiters:
                 w.cancel()
 
-    async def _launch(self, plans: list[SlotPlan]) -> None:
-        """Encode the rows the speaking plans need (one call), then start every slot's task."""
-        interrupts = self._interrupts
-        windows = await self._windows([p for p in plans if p.speaking])
-        last: dict[int, tuple[AudioSegment, int]] = {}
-        for plan in plans:  # later slots never need what the batch's slots were the last to use
-            if plan.segment is not None:
-                last[id(plan.segment)] = (plan.segment, plan.local_slot)
-        for segment, local_slot in last.values():
-            segment.release_before(local_slot)
-        if self._interrupts != interrupts:  # interrupted while encoding: no speaking frame
-            windows = {}
-            plans = [replace(p, speaking=False) for p in plans]
+    def _launch(self, plans: list[SlotPlan]) -> None:
+        """Start every plan's task: speaking ones wait for their feature rows (encoded in one
+        call per segment, shared with the slots that need the same rows) and then render."""
+        rows = self._encode([p for p in plans if p.speaking])
         renderer = self._require_renderer()
+        now = self._clock.now()
         for plan in plans:
-            window = windows.get(plan.seq)
-            if plan.speaking and window is not None:
-                deadline = max(plan.planned_at, plan.due_at) + self.settings.render_timeout_s
-                task = asyncio.ensure_future(renderer.render_speaking(plan.seq, plan.video_frame, window))
+            deadline = self._deadline(plan)
+            expected = now + self._rendering * self._service_s
+            if plan.speaking and deadline > expected:
+                task = asyncio.ensure_future(self._speak(renderer, plan, rows[plan.seq]))
+                self._rendering += 1
+                task.add_done_callback(functools.partial(self._render_done, now))
                 self._slots.append(_Slot(plan, task, True, deadline))
             else:
                 task = asyncio.ensure_future(renderer.idle_frame(plan.seq, plan.video_frame))
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
 
-    async def _windows(self, plans: list[SlotPlan]) -> dict[int, NDArray[np.float32]]:
-        """Audio windows f32[16, 512] of speaking plans by seq, the missing feature rows of each
-        segment encoded in one call; the plans of a segment whose encoding failed have none."""
-        out: dict[int, NDArray[np.float32]] = {}
+    async def _speak(self, renderer: Renderer, plan: SlotPlan, rows: list[asyncio.Future[None]]) -> RenderedFrame:
+        """A speaking slot: once the encoder calls holding its rows are done, its window
+        f32[16, 512] and the render. A failed call fails the slot (sent idle, late)."""
+        for call in rows:
+            await asyncio.shield(call)  # shared with other slots: a cancelled slot leaves it running
+        assert plan.segment is not None
+        window = plan.segment.features.window(plan.local_slot)
+        return await renderer.render_speaking(plan.seq, plan.video_frame, window)
+
+    def _encode(self, plans: list[SlotPlan]) -> dict[int, list[asyncio.Future[None]]]:
+        """Start the encoder calls the speaking plans need, one per segment for the rows no call
+        has yet; return, by seq, the calls each plan waits for (its own and earlier ones)."""
+        out: dict[int, list[asyncio.Future[None]]] = {}
         by_segment: dict[int, tuple[AudioSegment, list[SlotPlan]]] = {}
         for plan in plans:
             assert plan.segment is not None
             by_segment.setdefault(id(plan.segment), (plan.segment, []))[1].append(plan)
-        for segment, group in by_segment.values():
+        for key, (segment, group) in by_segment.items():
             features = segment.features
-            indices = sorted({i for p in group for i in features.missing(p.local_slot)})
-            try:
-                if indices:
-                    features.store(indices, await self._encoder.encode(features.mel_windows(indices)))
-                for plan in group:
-                    out[plan.seq] = features.window(plan.local_slot)
-            except Exception as exc:  # noqa: BLE001 - any encoder failure makes the slots late
-                logger.warning("live: audio encoder failed for slots %s: %s", [p.seq for p in group], exc)
+            indices = sorted({i for p in group for i in features.missing(p.local_slot)} - {
+                i for (k, i) in self._encoding if k == key})
+            if indices:
+                call = asyncio.ensure_future(self._encode_rows(key, features, indices, features.mel_windows(indices)))
+                for i in indices:
+                    self._encoding[(key, i)] = call
+            for plan in group:
+                calls = {self._encoding.get((key, i)) for i in window_feature_indices(plan.local_slot)}
+                out[plan.seq] = [c for c in calls if c is not None]
         return out
+
+    async def _encode_rows(self, key: int, features: SegmentFeatures, indices: list[int], mel: NDArray[np.float32]) -> None:
+        """One encoder call: rows `indices` of a segment from their mel windows f32[n, 80, 16]."""
+        try:
+            features.store(indices, await self._encoder.encode(mel))
+        except Exception as exc:
+            logger.warning("live: audio encoder failed for %d feature rows: %s", len(indices), exc)
+            raise
+        finally:
+            for i in indices:
+                self._encoding.pop((key, i), None)
+
+    def _render_done(self, started: float, task: asyncio.Task[RenderedFrame]) -> None:
+        """A speaking render ended: a successful one updates the service time (module doc, 4;
+        a failed or given-up one says nothing about Triton's pace). With no render in flight
+        the next one always starts, so the estimate cannot lock the session out."""
+        self._rendering -= 1
+        if task.cancelled() or task.exception() is not None:
+            return
+        now = self._clock.now()
+        took = now - max(started, self._completed_at)
+        self._completed_at = now
+        self._service_s = 0.7 * self._service_s + 0.3 * took
+
+    def _deadline(self, plan: SlotPlan) -> float:
+        """Clock time (s) after which a speaking slot's render is given up (module doc, 4)."""
+        ready = plan.planned_at
+        if plan.audio_at is not None:
+            ready = min(ready, plan.audio_at + WINDOW_LOOKAHEAD_S)
+        return max(ready, plan.due_at) + self.settings.render_timeout_s
 
     async def _finish(self, slot: _Slot) -> SlotFrame:
         """The head slot's frame: its render, or the idle frame (late) when that failed."""
-        if slot.speaking and not (slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None):
-            if not slot.task.done():
-                logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
-            else:
-                logger.warning("live: slot %d render failed, sent idle: %s", slot.plan.seq,
-                               "cancelled" if slot.task.cancelled() else slot.task.exception())
+        if slot.speaking and not self._render_ok(slot):  # done: it failed
+            logger.warning("live: slot %d render failed, sent idle: %s", slot.plan.seq,
+                           "cancelled" if slot.task.cancelled() else slot.task.exception())
             self._to_idle(slot, late=True)
         frame = await slot.task
         plan = slot.plan
+        if plan.segment is not None:  # later slots need nothing before this one's window
+            plan.segment.release_before(plan.local_slot + 1)
         return SlotFrame(
             seq=plan.seq, pts_s=plan.pts_s, frame=frame, speaking=slot.speaking,
             video_frame=plan.video_frame, error=plan.error, late=slot.late, audio_at=plan.audio_at,

@@ -1,7 +1,7 @@
 """`LiveSettings`: the tunables of live sessions, with their units and why they are what they are.
 
-A pydantic model so the gateway's `GatewaySettings` can hold it as one field (environment
-`LIPSYNC_LIVE__*` with a nested delimiter) once the transports are wired in.
+A pydantic model held by the gateway's `GatewaySettings` as its field ``live`` (environment
+``LIPSYNC_LIVE__MARGIN_S=1.0``, ``LIPSYNC_LIVE__VAD__HANGOVER_SLOTS=5``, ...).
 """
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ class LiveSettings(BaseModel):
         default=1.0, gt=0.0, le=60.0,
         description="a speaking slot not rendered this long after it was planned, or after its "
         "own pts on the wall clock if that is later (s), is sent as an idle frame marked late",
+    )
+    encoder_timeout_s: float = Field(
+        default=1.0, gt=0.0, le=60.0,
+        description="deadline of one call to the audio encoder (s): a session encodes a few "
+        "feature rows at a time (about 6 ms each on an idle 2-core CPU, but 0.5 s and more "
+        "while the CPU UNet runs beside it); a call past it fails, and the slots waiting for "
+        "those rows are sent as idle frames marked late. The session sends nothing while it "
+        "waits for the encoder, so this bounds that pause too",
     )
     max_in_flight: int = Field(
         default=8, ge=1, le=64, description="slots of one session being rendered at once"

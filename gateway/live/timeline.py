@@ -17,7 +17,9 @@ to this session and changes nothing):
     streaming ------interrupt-> streaming   (drops audio not yet planned; the next slot is idle)
     streaming ------end-----> draining      (seals the open segment)
     draining -------interrupt-> draining    (drops audio not yet planned, closes sooner)
-    draining -------drained-> closed        (every slot of the received audio is planned)
+    draining -------drained-> closed        (every slot of the received audio is planned, and
+                                             every slot due before the end of input: the idle time
+                                             before the end is sent even when rendering lagged)
 
 Slot `k` is planned, in this order of precedence:
 
@@ -164,6 +166,7 @@ class SessionTimeline:
         self._first_free = 0  # first slot a new segment may start at (interrupt: next + 1)
         self._segments: list[AudioSegment] = []  # in timeline order; only the last may be open
         self._errors: list[str] = []
+        self._ended_at = float("-inf")  # clock time of end of input
 
     @property
     def state(self) -> State:
@@ -239,6 +242,7 @@ class SessionTimeline:
         """End of input: the slots of all audio received are still planned, then `Closed`."""
         if self._allowed(Event.END):
             self._seal_open(now)
+            self._ended_at = now
             self._fire(Event.END)
 
     def report(self, error: GatewayError) -> None:
@@ -272,7 +276,7 @@ class SessionTimeline:
         due = self._t0 + k * SLOT_S
         if segment is None:
             if self._state is State.DRAINING:
-                if self._errors:  # errors after end of input still get a frame
+                if self._errors or due < self._ended_at:  # errors after end still get a frame
                     return self._plan(None, 0, False, now)
                 self._fire(Event.DRAINED)
                 return Closed()

@@ -1,0 +1,523 @@
+"""Capacity benchmark: how many frames/s one gateway process composites, and what each frame
+costs in CPU, with the UNet replaced by an identity graph so only the gateway's own work
+counts (issue 9's yardstick). Gateway variants, each a set of ``LIPSYNC_*`` settings, are
+measured side by side in the same run.
+
+    python -m perf.capacity                                  # ~8 min per variant on 2 cores
+    python -m perf.capacity --quick                          # ~1 min: checks the harness
+    python -m perf.capacity --variant old: --variant new:LIPSYNC_JPEG_SPLICE=1,LIPSYNC_WORKERS=2
+
+What one run does:
+
+1. **Avatars**: the 176x144 demo (`packages/demo`, built if missing) and the demo clip built
+   at 720p (880x720, `perf.micro_720p.ensure_avatar`, cached under ``.cache/perf/micro720/``),
+   hard-linked into a scratch packages root (``.cache/perf/capacity/packages/``).
+2. **Triton**: the real CPU `tritonserver` on a scratch model repository holding the identity
+   UNet (`perf.identity_unet`: ``pred = crop`` with the real tensor contract) under each
+   avatar's model name, plus the real ``audio_encoder``.
+3. **Gateways**: one `python -m lipsync gateway` process per variant, all running at once, on
+   free ports, each with the harness's settings plus its variant's environment; ready when
+   ``/readyz`` answers 200. With ``--thread-names`` (default) each is started with the hook
+   of ``perf/threadnames/`` so its Python threads carry their names in /proc.
+4. **Load**: for each round, each cell (avatar x protocol x streams), each variant in turn:
+   the load generator (`perf.loadgen`, in this process) drives N streams over gRPC
+   ``StreamInference`` or the WebSocket, as fast as possible with ``--window`` frames in
+   flight per stream, for ``--frames`` frames in all; every ``--verify-every``-th reply of a
+   stream is decoded after the window and must be a JPEG of the avatar's size.
+   Around the window it reads /proc: the CPU of the gateway's process tree per thread
+   (`perf.procstat`), of tritonserver and its Python-backend stubs, of this process (the
+   load generator), and the machine's, plus Triton's batch counters.
+5. **Report**: ``perf/results/capacity.md`` and ``.json`` (`perf.capacity_report`): per
+   avatar size a table of frames/s, p50/p95 latency, errors, gateway CPU ms/frame split by
+   thread, Triton and load-generator CPU ms/frame, Triton's mean batch, other processes'
+   load; with several variants, each one's ratios to the first, cell by cell.
+
+Adding a variant for an improvement: give the gateway a ``LIPSYNC_*`` setting that turns it
+on (a `gateway.config.GatewaySettings` field) and pass ``--variant NAME:LIPSYNC_X=1``; the
+first variant is the reference of the ratio tables.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from perf import report
+from perf.capacity_report import (
+    Cell,
+    Measurement,
+    Variant,
+    aggregate,
+    check_variants,
+    parse_variant,
+    plan,
+    render_markdown,
+    to_json,
+)
+from perf.loadgen import LoadConfig, drive_load, finish_load
+from perf.procstat import (
+    CLOCK_TICKS_PER_S,
+    ProcessTree,
+    cpu_between,
+    machine_cpu,
+    parent_map,
+    self_cpu_s,
+    thread_name_env,
+)
+from perf.servers import GatewayHandle, start_gateway
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = REPO_ROOT / ".cache" / "perf" / "capacity"
+"""Scratch root of a run: packages/, model_repository/, the servers' logs (replaced per run)."""
+
+SMALL_AVATAR = "demo"
+"""The 176x144 demo avatar (`export.demo`)."""
+
+TARGETS = ("grpc", "ws")
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """What to measure and how much.
+
+    Attributes:
+        avatars: avatar names, in report order.
+        targets: protocols (``grpc``, ``ws``).
+        streams: stream counts.
+        frames: frames per cell, per variant, per round (all streams together).
+        rounds: times each cell is measured per variant.
+        window: frames in flight per stream.
+        verify_every: decode every k-th reply of each stream.
+        warmup_frames: frames per (variant, avatar, protocol) before the first round.
+    """
+
+    avatars: tuple[str, ...]
+    targets: tuple[str, ...]
+    streams: tuple[int, ...]
+    frames: int
+    rounds: int
+    window: int
+    verify_every: int
+    warmup_frames: int
+
+    def cells(self) -> list[Cell]:
+        """Every cell: by avatar, then protocol, then streams."""
+        return [Cell(a, t, n) for a in self.avatars for t in self.targets for n in self.streams]
+
+    def frames_per_stream(self, streams: int) -> int:
+        """``ceil(frames / streams)``: each stream's share of a cell's frames."""
+        return max(1, math.ceil(self.frames / streams))
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How much a run measures (see `Grid` for the meaning of each)."""
+
+    streams: tuple[int, ...]
+    frames: int
+    rounds: int
+    warmup_frames: int
+
+
+QUICK = Budget(streams=(1, 8), frames=240, rounds=1, warmup_frames=16)
+"""``--quick``: the harness checked end to end in ~1 minute (two variants); too short for
+figures to compare (an A/A run of two identical variants differs by up to ~40% in frames/s)."""
+FULL = Budget(streams=(1, 4, 8, 16), frames=1500, rounds=3, warmup_frames=48)
+"""The default run: ~8 minutes per variant on 2 shared cores (~15 for old + new)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AvatarInfo:
+    """What the harness needs to know of an avatar: size (px) and servable frames."""
+
+    name: str
+    width: int
+    height: int
+    feature_rows: int
+
+    @property
+    def label(self) -> str:
+        """Table heading, e.g. ``880x720 (demo720)``."""
+        return f"{self.width}x{self.height} (`{self.name}`)"
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a folder with hard links (plain copies across file systems)."""
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def audio_encoder_onnx(repos: Sequence[Path]) -> Path | None:
+    """The served ``audio_encoder`` ONNX of the first model repository holding one, or None."""
+    from export.model_repo import served_version
+    from lipsync.contract import AUDIO_ENCODER_MODEL
+
+    for repo in repos:
+        served = served_version(repo, AUDIO_ENCODER_MODEL)
+        if served is not None and served.onnx_path.is_file():
+            return served.onnx_path
+    return None
+
+
+def prepare_avatars(scratch: Path, names: Sequence[str]) -> tuple[Path, dict[str, AvatarInfo]]:
+    """Build what is missing (the demo; the 720p avatar, cached) and link the packages into
+    ``scratch/packages``.
+
+    Returns:
+        The packages root and each avatar's `AvatarInfo`.
+
+    Raises:
+        ValueError: an unknown avatar name.
+    """
+    from export.demo import ensure_demo
+    from lipsync.contract import MANIFEST_NAME
+    from lipsync.package import PackageManifest
+    from perf import micro_720p
+
+    builders = {SMALL_AVATAR: lambda: ensure_demo(progress=False),
+                micro_720p.AVATAR: lambda: micro_720p.ensure_avatar(micro_720p.SCRATCH)}
+    unknown = sorted(set(names) - set(builders))
+    if unknown:
+        raise ValueError(f"unknown avatar(s) {', '.join(unknown)}; choose from {', '.join(builders)}")
+    root = scratch / "packages"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    infos: dict[str, AvatarInfo] = {}
+    for name in names:
+        _link_tree(builders[name](), root / name)
+        m = PackageManifest.model_validate_json((root / name / MANIFEST_NAME).read_text())
+        infos[name] = AvatarInfo(name, m.width, m.height, m.feature_rows)
+    return root, infos
+
+
+def unknown_settings(variant: Variant) -> list[str]:
+    """The variant's keys that today's `gateway.config.GatewaySettings` has no field for (the
+    gateway ignores those silently; ``LIPSYNC_LOG_LEVEL`` is read by `lipsync.log`)."""
+    from gateway.config import GatewaySettings
+
+    fields = {f"LIPSYNC_{name.upper()}" for name in GatewaySettings.model_fields} | {"LIPSYNC_LOG_LEVEL"}
+    return [k for k, _ in variant.env if k not in fields]
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True, slots=True)
+class Servers:
+    """The processes under measurement."""
+
+    triton_pid: int
+    triton_metrics_url: str
+    gateways: Mapping[str, GatewayHandle]
+
+
+def _triton_counters(servers: Servers, model: str) -> tuple[float, float]:
+    from perf.compare import read_triton_counters
+
+    try:
+        return read_triton_counters(servers.triton_metrics_url, model)
+    except OSError as exc:
+        log.warning("Triton metrics unreadable: %s", exc)
+        return float("nan"), float("nan")
+
+
+def load_config(gw: GatewayHandle, avatar: AvatarInfo, target: str, streams: int,
+                frames_per_stream: int, grid: Grid, timeout_s: float, label: str,
+                verify_every: int) -> LoadConfig:
+    """The load generator's settings for one run against `gw`: as fast as possible,
+    `grid.window` frames in flight per stream, every reply checked for the avatar's size on a
+    sample of one in `verify_every`."""
+    return LoadConfig(
+        target=target, address=gw.grpc_address if target == "grpc" else gw.http_address,
+        avatar=avatar.name, streams=streams, frames=frames_per_stream, pace_fps=0.0,
+        window=grid.window, frame_range=avatar.feature_rows, timeout_s=timeout_s, label=label,
+        verify_every=verify_every, expect_size=(avatar.width, avatar.height))
+
+
+def measure(cell: Cell, variant: str, round_: int, grid: Grid, avatar: AvatarInfo,
+            servers: Servers, timeout_s: float) -> Measurement:
+    """Measure one cell for one variant (module docstring, step 4)."""
+    from lipsync.contract import avatar_model_name
+
+    gw = servers.gateways[variant]
+    config = load_config(gw, avatar, cell.target, cell.streams, grid.frames_per_stream(cell.streams),
+                         grid, timeout_s, f"{variant} {cell.avatar} {cell.target} x{cell.streams}",
+                         grid.verify_every)
+    model = avatar_model_name(cell.avatar)
+    roots = [servers.triton_pid, *(g.pid for g in servers.gateways.values())]
+    counters0 = _triton_counters(servers, model)
+    parents = parent_map()
+    trees = {pid: ProcessTree(pid) for pid in roots}
+    before = {pid: tree.snapshot(parents) for pid, tree in trees.items()}
+    machine0 = machine_cpu()
+    self0 = self_cpu_s()
+    t0 = time.perf_counter()
+    records = asyncio.run(drive_load(config))
+    window_s = time.perf_counter() - t0
+    self1 = self_cpu_s()
+    machine1 = machine_cpu()
+    parents = parent_map()
+    after = {pid: tree.snapshot(parents) for pid, tree in trees.items()}
+    counters1 = _triton_counters(servers, model)
+    summary, checked = finish_load(config, records)
+    usage = {pid: cpu_between(before[pid], after[pid]) for pid in roots}
+    ours_s = sum(u.total_s for u in usage.values()) + (self1 - self0)
+    busy_s = (machine1.busy_ticks - machine0.busy_ticks) / CLOCK_TICKS_PER_S
+    return Measurement(
+        round=round_, cell=cell, variant=variant, summary=summary,
+        latencies_ms=tuple(r.latency_ms for r in checked if r.ok),
+        window_s=window_s, gateway=usage[gw.pid], triton=usage[servers.triton_pid],
+        loadgen_cpu_s=self1 - self0,
+        foreign_cores=max(busy_s - ours_s, 0.0) / window_s if window_s > 0 else float("nan"),
+        triton_inferences=counters1[0] - counters0[0],
+        triton_executions=counters1[1] - counters0[1],
+    )
+
+
+def warm_up(grid: Grid, variants: Sequence[Variant], avatars: Mapping[str, AvatarInfo],
+            servers: Servers, timeout_s: float) -> None:
+    """Send each variant's gateway `grid.warmup_frames` frames per avatar and protocol (4
+    streams, every reply verified), so first-call costs stay out of the measurements.
+
+    Raises:
+        RuntimeError: a warm-up frame failed (the gateway does not work: no point measuring).
+    """
+    from perf.loadgen import run_load
+
+    for v in variants:
+        gw = servers.gateways[v.name]
+        for a in avatars.values():
+            for target in grid.targets:
+                config = load_config(gw, a, target, 4, max(1, grid.warmup_frames // 4), grid,
+                                     timeout_s, f"warm-up {v.name} {a.name} {target}", 1)
+                summary, _ = asyncio.run(run_load(config, progress=False))
+                if summary.errors:
+                    raise RuntimeError(
+                        f"warm-up of variant {v.name!r} ({a.name}, {target}) failed: "
+                        f"{summary.errors} errors, e.g. {summary.error_samples[:2]}; "
+                        f"see {gw.log_path}")
+
+
+@contextlib.contextmanager
+def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
+                  encoder_onnx: Path | None, variants: Sequence[Variant], *, max_in_flight: int,
+                  timeout_s: float, thread_names: bool) -> Iterator[Servers]:
+    """Triton on the identity repository, then one gateway per variant (module docstring)."""
+    from lipsync.triton_local import TritonServer, free_ports
+    from perf.identity_unet import write_identity_repository
+
+    repo = scratch / "model_repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    write_identity_repository(repo, avatars, encoder_onnx)
+    http, grpc_port, metrics = free_ports(3)
+    base_env = thread_name_env(os.environ) if thread_names else dict(os.environ)
+    with contextlib.ExitStack() as stack:
+        triton = TritonServer(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+                              log_file=scratch / "triton.log")
+        triton.start(timeout_s=300)
+        stack.callback(triton.stop)
+        assert triton.pid is not None
+        gateways: dict[str, GatewayHandle] = {}
+        for v in variants:
+            env = {"LIPSYNC_MAX_IN_FLIGHT_TOTAL": str(max_in_flight), **dict(v.env)}
+            gateways[v.name] = stack.enter_context(start_gateway(
+                triton.grpc_url, packages_root, scratch, timeout_s, extra_env=env,
+                name=f"gateway-{v.name}", base_env=base_env, ready_timeout_s=300))
+            log.info("variant %s: gateway pid %d, gRPC %s, HTTP %s", v.name,
+                     gateways[v.name].pid, gateways[v.name].grpc_address,
+                     gateways[v.name].http_address)
+        yield Servers(triton.pid, triton.metrics_url, gateways)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m perf.capacity` argument parser."""
+    from perf import micro_720p
+
+    p = argparse.ArgumentParser(
+        prog="python -m perf.capacity",
+        description="Gateway capacity with an identity UNet: frames/s and CPU per frame, "
+                    "variants side by side.",
+        epilog="Variant: NAME:KEY=VALUE,KEY=VALUE with LIPSYNC_* gateway settings (NAME: = "
+               "defaults); the first is the reference of the ratios. Default: --variant old:",
+    )
+    p.add_argument("--variant", dest="variants", action="append", type=parse_variant, default=None,
+                   metavar="NAME:ENV", help="a gateway variant (repeat; see below)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short run to check the harness: streams {list(QUICK.streams)}, "
+                        f"{QUICK.frames} frames per cell, {QUICK.rounds} round")
+    p.add_argument("--avatars", nargs="+", default=[SMALL_AVATAR, micro_720p.AVATAR],
+                   choices=[SMALL_AVATAR, micro_720p.AVATAR], help="avatar sizes to measure")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,
+                   help="protocols to measure")
+    p.add_argument("--streams", type=int, nargs="+", default=None,
+                   help=f"stream counts (default {list(FULL.streams)})")
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"frames per cell per variant per round, all streams together "
+                        f"(default {FULL.frames})")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"measurements of each cell per variant (default {FULL.rounds})")
+    p.add_argument("--window", type=int, default=1,
+                   help="frames in flight per stream (default 1: N streams = N requests in flight)")
+    p.add_argument("--verify-every", type=int, default=10,
+                   help="decode every K-th reply of each stream (default 10)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="per-reply timeout and the gateway's Triton deadline (s)")
+    p.add_argument("--no-thread-names", dest="thread_names", action="store_false",
+                   help="do not start the gateways with the perf/threadnames hook (their "
+                        "Python threads then all show the process name)")
+    p.add_argument("--scratch", type=Path, default=SCRATCH, help="scratch folder of the run")
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "capacity.md",
+                   help="markdown report (the JSON goes next to it)")
+    return p
+
+
+def grid_from_args(args: argparse.Namespace) -> Grid:
+    """The `Grid` of the parsed arguments (``--quick`` or full defaults, options win).
+
+    Raises:
+        ValueError: a count below 1.
+    """
+    base = QUICK if args.quick else FULL
+    grid = Grid(
+        avatars=tuple(dict.fromkeys(args.avatars)), targets=tuple(dict.fromkeys(args.targets)),
+        streams=tuple(args.streams or base.streams), frames=args.frames or base.frames,
+        rounds=args.rounds or base.rounds, window=args.window,
+        verify_every=args.verify_every, warmup_frames=base.warmup_frames,
+    )
+    if min(grid.streams) < 1 or grid.frames < 1 or grid.rounds < 1 or grid.window < 1:
+        raise ValueError("streams, frames, rounds and window must be >= 1")
+    if grid.verify_every < 1:
+        raise ValueError("--verify-every must be >= 1: frames are always checked on a sample")
+    return grid
+
+
+def _gateway_defaults() -> str:
+    """Today's defaults of the gateway settings that shape a frame's cost."""
+    from gateway.config import GatewaySettings
+
+    fields = GatewaySettings.model_fields
+    return ", ".join(f"{k} {fields[k].default}" for k in
+                     ("jpeg_encoder", "jpeg_quality", "jpeg_subsampling", "jpeg_threads") if k in fields)
+
+
+def _setup_lines(grid: Grid, avatars: Mapping[str, AvatarInfo], load: tuple[float, ...],
+                 load_end: tuple[float, ...], thread_names: bool, elapsed_s: float) -> list[str]:
+    return [
+        (f"- load average (1/5/15 min) at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end "
+        f"{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}; run took {elapsed_s / 60:.1f} min"),
+        ("- model: identity UNet (`perf/identity_unet.py`, pred = crop, real tensor contract) in "
+        "the real CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching), one model "
+        "per avatar, plus the real `audio_encoder`"),
+        (f"- avatars: {', '.join(a.label for a in avatars.values())}; gateway: the defaults of "
+         f"`GatewaySettings` ({_gateway_defaults()}) plus each variant's environment"),
+        (f"- load: `perf.loadgen` in the harness process, streams as fast as possible with "
+        f"{grid.window} frame(s) in flight each, {grid.frames} frames per cell per variant per "
+        f"round (split over the streams), {grid.rounds} round(s), variants back to back per cell "
+        f"(order rotating); every {grid.verify_every}th reply of each stream decoded and checked "
+        "for its size after the window (errors / verified)"),
+        ("- frames/s = successful frames / time from first send to last reply, pooled over rounds; "
+        "p50/p95 = latency of every successful frame (send to reply)"),
+        "- CPU ms/frame = utime + stime from /proc over the window / successful frames: the "
+        "gateway's process tree (workers included), split by thread: event loop = each "
+        "process's main thread, pool = `composite_*` (paste back + JPEG), gRPC core = gRPC's "
+        "C++ threads and grpc.aio's poller, other = the rest and threads that exited; Triton = "
+        "tritonserver + its Python-backend stubs; loadgen = the harness process"
+        + ("" if thread_names else " (thread-name hook off: Python threads show the process "
+                                   "name and fall under other)"),
+        ("- Triton batch = inferences / executions of the avatar's model over the window; other "
+        "load = CPU other processes on the machine used during the window (cores)"),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write the report; exit 1 when any frame failed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    variants: list[Variant] = args.variants or [parse_variant("old:")]
+    try:
+        check_variants(variants)
+        grid = grid_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    command = report.command_line(["python", "-m", "perf.capacity",
+                                   *(sys.argv[1:] if argv is None else argv)])
+    started = time.monotonic()
+    load_start = os.getloadavg()
+    scratch: Path = args.scratch
+    scratch.mkdir(parents=True, exist_ok=True)
+    packages_root, avatars = prepare_avatars(scratch, grid.avatars)
+    from lipsync.paths import MODEL_REPOSITORY_CPU
+    from perf import micro_720p
+
+    encoder = audio_encoder_onnx([MODEL_REPOSITORY_CPU, micro_720p.SCRATCH / "model_repo_cpu"])
+    if encoder is None:
+        log.warning("no audio_encoder ONNX found: the gateways will serve without it")
+    ignored = {v.name: unknown_settings(v) for v in variants}
+    for name, keys in ignored.items():
+        if keys:
+            log.warning("variant %s: %s unknown to this gateway's settings (ignored by it)",
+                        name, ", ".join(keys))
+    steps = plan(grid.cells(), variants, grid.rounds)
+    measurements: list[Measurement] = []
+    with start_servers(scratch, packages_root, list(avatars), encoder, variants,
+                       max_in_flight=max(64, max(grid.streams) * grid.window),
+                       timeout_s=args.timeout, thread_names=args.thread_names) as servers:
+        pids = {"triton": servers.triton_pid,
+                **{f"gateway-{name}": g.pid for name, g in servers.gateways.items()}}
+        warm_up(grid, variants, avatars, servers, args.timeout)
+        for i, (r, cell, v) in enumerate(steps, 1):
+            m = measure(cell, v.name, r, grid, avatars[cell.avatar], servers, args.timeout)
+            measurements.append(m)
+            log.info("[%d/%d] round %d %s %s x%d %s: %.1f frames/s, gateway %.2f ms/frame, "
+                     "p95 %.1f ms, errors %d", i, len(steps), r + 1, cell.avatar, cell.target,
+                     cell.streams, v.name, m.summary.fps,
+                     m.gateway.total_s * 1000 / max(m.summary.frames_ok, 1), m.summary.p95_ms,
+                     m.summary.errors)
+    load_end = os.getloadavg()
+    elapsed = time.monotonic() - started
+    results = aggregate(measurements)
+    setup = _setup_lines(grid, avatars, load_start, load_end, args.thread_names, elapsed)
+    labels = {a.name: a.label for a in avatars.values()}
+    notes = {name: f"not settings of this gateway (ignored by it): {', '.join(keys)}"
+             for name, keys in ignored.items() if keys}
+    report.write_text(args.out, render_markdown(results, variants, labels, setup, command, notes))
+    report.write_json(args.out.with_suffix(".json"), to_json(results, measurements, variants, {
+        "machine": report.machine_line(), "command": command, "date": report.utc_now(),
+        "load_average_start": list(load_start), "load_average_end": list(load_end),
+        "elapsed_s": elapsed,
+        "grid": {"avatars": list(grid.avatars), "targets": list(grid.targets),
+                 "streams": list(grid.streams), "frames": grid.frames, "rounds": grid.rounds,
+                 "window": grid.window, "verify_every": grid.verify_every},
+        "avatars": {a.name: {"width": a.width, "height": a.height,
+                             "feature_rows": a.feature_rows} for a in avatars.values()},
+        "thread_names": args.thread_names, "variant_notes": notes, "processes": pids,
+    }))
+    log.info("wrote %s (%.1f min)", args.out, elapsed / 60)
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

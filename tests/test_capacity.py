@@ -1,0 +1,366 @@
+"""The capacity benchmark's own logic (`perf.capacity`, `perf.capacity_report`,
+`perf.procstat`, `perf.identity_unet`, the thread-name hook): /proc parsing and thread
+classification on real processes (this one and a child), the variant parser, the measurement
+plan, pooling and the report tables; plus one end-to-end smoke of the harness (demo avatar,
+1 stream, 20 frames per protocol: ~10-30 s) against the real tritonserver and gateway.
+No speed is asserted."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from perf import procstat
+from perf.capacity_report import (
+    RATIO_HEADERS,
+    TABLE_HEADERS,
+    Cell,
+    Measurement,
+    Variant,
+    aggregate,
+    cell_rows,
+    check_variants,
+    parse_variant,
+    plan,
+    ratio_rows,
+    render_markdown,
+    to_json,
+)
+from perf.procstat import (
+    EVENT_LOOP,
+    EXITED,
+    GRPC_CORE,
+    OTHER,
+    POOL,
+    CpuUsage,
+    ProcessSample,
+    ProcessTree,
+    TreeSnapshot,
+    classify_thread,
+    cpu_between,
+    descendants,
+    parse_proc_stat_cpu,
+    parse_stat,
+)
+from perf.stats import FrameRecord, summarize
+
+HZ = procstat.CLOCK_TICKS_PER_S
+
+
+# ----------------------------------------------------------------------------- /proc parsing
+
+
+def test_parse_stat_reads_this_process_and_names_with_parentheses() -> None:
+    own = parse_stat(Path(f"/proc/{os.getpid()}/stat").read_text())
+    assert own.id == os.getpid() and own.ppid == os.getppid() and own.cpu_ticks >= 0
+    # comm may hold spaces and ')' : the name runs to the LAST ')'
+    line = "4242 (a) b (c)) S 7 1 1 0 -1 0 0 0 0 0 123 45 0 0 20 0 1 0 0 0 0"
+    st = parse_stat(line)
+    assert (st.id, st.comm, st.ppid, st.cpu_ticks) == (4242, "a) b (c)", 7, 168)
+    with pytest.raises(ValueError, match="not a /proc stat line"):
+        parse_stat("garbage")
+
+
+def test_machine_cpu_line_parsing() -> None:
+    m = parse_proc_stat_cpu("cpu  10 1 5 100 4 2 3 1 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert m.busy_ticks == 10 + 1 + 5 + 2 + 3 + 1 and m.total_ticks == m.busy_ticks + 100 + 4
+    real = procstat.machine_cpu()
+    assert 0 < real.busy_ticks <= real.total_ticks
+    with pytest.raises(ValueError):
+        parse_proc_stat_cpu("intr 1 2 3\n")
+
+
+def test_descendants_walk_the_tree() -> None:
+    parents = {1: 0, 10: 1, 11: 10, 12: 10, 13: 12, 20: 1, 30: 99}
+    assert descendants(10, parents) == [10, 11, 12, 13]
+    assert descendants(30, parents) == [30]
+
+
+def test_process_tree_counts_a_child_process_and_its_cpu() -> None:
+    code = ("import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+            "while time.process_time() < 0.3: pass\nprint('done', flush=True)\ntime.sleep(30)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        tree = ProcessTree(os.getpid())
+        assert child.pid in tree.pids()
+        before = tree.snapshot()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        after = tree.snapshot()
+        usage = cpu_between(before, after)
+        assert usage.processes >= 2
+        # the child used >= 0.3 s of CPU since start, most of it between the snapshots
+        child_s = (after.processes[child.pid].total_ticks - before.processes[child.pid].total_ticks) / HZ
+        assert child_s >= 0.15 and usage.total_s >= child_s
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_threads_of_this_process_are_split_by_category() -> None:
+    tree = ProcessTree(os.getpid())
+    spun, stop = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        while time.thread_time() < 0.2:
+            pass
+        spun.set()
+        stop.wait(30)
+
+    worker = threading.Thread(target=busy)
+    before = tree.snapshot()
+    worker.start()
+    assert spun.wait(30)
+    mid = tree.snapshot()
+    stop.set()
+    worker.join()
+    after = tree.snapshot()
+    live = cpu_between(before, mid)
+    # without the hook a Python thread shows the process name: not main, matches no rule
+    assert worker.native_id is not None
+    name = mid.processes[os.getpid()].threads[worker.native_id][0]
+    assert classify_thread(os.getpid(), worker.native_id, name) == OTHER
+    assert classify_thread(os.getpid(), os.getpid(), name) == EVENT_LOOP
+    assert live.by_category[OTHER] >= 0.15  # the worker's 0.2 s, give or take the ticks
+    assert live.by_thread  # per-name detail is filled
+    # categories add up to the total (exited threads included), up to reading skew
+    assert sum(live.by_category.values()) == pytest.approx(live.total_s, abs=5 / HZ)
+    # once the thread exited, its time from `mid` on is only in the process total
+    gone = cpu_between(mid, after)
+    assert worker.native_id not in after.processes[os.getpid()].threads
+    assert gone.by_category[EXITED] >= 0
+
+
+def test_thread_name_hook_names_python_threads_in_a_child() -> None:
+    code = (
+        "import threading, time\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "def spin():\n"
+        "    end = time.time() + 0.4\n"
+        "    while time.time() < end: pass\n"
+        "pool = ThreadPoolExecutor(1, thread_name_prefix='composite')\n"
+        "pool.submit(spin).result()\n"
+        "def idle():\n"
+        "    time.sleep(30)\n"
+        "threading.Thread(target=idle, daemon=True).start()\n"
+        "print(threading.get_native_id(), flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    env = procstat.thread_name_env(os.environ)
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        sample = procstat.sample_process(child.pid)
+        assert sample is not None
+        names = {name for name, _ in sample.threads.values()}
+        assert "composite_0" in names, names
+        assert "idle" in names, names  # an unnamed Thread-N (idle) is named after its target
+        cats = {classify_thread(child.pid, tid, name) for tid, (name, _) in sample.threads.items()}
+        assert {EVENT_LOOP, POOL} <= cats
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_classification_rules() -> None:
+    pid = 100
+    assert classify_thread(pid, 100, "python") == EVENT_LOOP
+    assert classify_thread(pid, 101, "composite_1") == POOL
+    for name in ("grpc_global_tim", "event_engine", "default-executo", "resolver-execut",
+                 "_poll_wrapper", "timer_manager"):
+        assert classify_thread(pid, 102, name) == GRPC_CORE, name
+    assert classify_thread(pid, 103, "asyncio_0") == OTHER
+    assert classify_thread(pid, 103, "splice_0", rules=((POOL, r"^splice"),)) == POOL
+
+
+def test_cpu_between_on_synthetic_snapshots() -> None:
+    before = TreeSnapshot({1: ProcessSample(1, "gw", 100, {1: ("gw", 50), 2: ("composite_0", 30),
+                                                           3: ("temp", 20)}),
+                           9: ProcessSample(9, "gone", 5, {9: ("gone", 5)})})
+    after = TreeSnapshot({1: ProcessSample(1, "gw", 200, {1: ("gw", 90), 2: ("composite_0", 60),
+                                                          4: ("event_engine", 10)}),
+                          7: ProcessSample(7, "new", 50, {7: ("new", 50)})})
+    u = cpu_between(before, after)
+    assert u.processes == 1  # 9 left, 7 is new: neither counts
+    assert u.total_s == pytest.approx(100 / HZ)
+    assert u.by_category[EVENT_LOOP] == pytest.approx(40 / HZ)
+    assert u.by_category[POOL] == pytest.approx(30 / HZ)
+    assert u.by_category[GRPC_CORE] == pytest.approx(10 / HZ)  # started in between: from 0
+    assert u.by_category[EXITED] == pytest.approx(20 / HZ)     # 100 - (40 + 30 + 10)
+    assert u.ms_per(10)["total"] == pytest.approx(100 / HZ * 100)
+    assert u.by_thread["gw/composite_0"] == pytest.approx(30 / HZ)
+
+
+# ----------------------------------------------------------------------------- variants and plan
+
+
+def test_parse_variant() -> None:
+    assert parse_variant("old:") == Variant("old", ())
+    v = parse_variant("new:LIPSYNC_JPEG_SPLICE=1, LIPSYNC_WORKERS=2")
+    assert v.name == "new" and dict(v.env) == {"LIPSYNC_JPEG_SPLICE": "1", "LIPSYNC_WORKERS": "2"}
+    assert v.env_text == "LIPSYNC_JPEG_SPLICE=1,LIPSYNC_WORKERS=2"
+    assert Variant("old").env_text == "(defaults)"
+    for bad, match in (("old", "expected NAME:"), (":LIPSYNC_X=1", "name"),
+                       ("a b:", "name"), ("new:LIPSYNC_X", "not KEY=VALUE"),
+                       ("new:lipsync_x=1", "not a gateway setting"), ("new:PATH=/x", "not a gateway"),
+                       ("new:LIPSYNC_GRPC_PORT=1", "set by the harness"),
+                       ("new:LIPSYNC_X=1,LIPSYNC_X=2", "given twice")):
+        with pytest.raises(ValueError, match=match):
+            parse_variant(bad)
+    with pytest.raises(ValueError, match="given twice"):
+        check_variants([Variant("a"), Variant("a", (("LIPSYNC_X", "1"),))])
+    with pytest.raises(ValueError, match="no variant"):
+        check_variants([])
+
+
+def test_capacity_cli_parses_variants_and_grid() -> None:
+    from perf.capacity import QUICK, build_parser, grid_from_args
+
+    args = build_parser().parse_args(["--quick", "--variant", "old:", "--variant",
+                                      "w2:LIPSYNC_WORKERS=2", "--avatars", "demo"])
+    assert [v.name for v in args.variants] == ["old", "w2"]
+    grid = grid_from_args(args)
+    assert grid.streams == QUICK.streams and grid.avatars == ("demo",)
+    assert grid.frames_per_stream(8) * 8 >= grid.frames
+    assert [c.target for c in grid.cells()] == ["grpc"] * len(grid.streams) + ["ws"] * len(grid.streams)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--variant", "bad"])
+
+
+def test_plan_interleaves_variants_and_rotates_who_goes_first() -> None:
+    cells = [Cell("demo", "grpc", n) for n in (1, 4, 8, 16)]
+    variants = [Variant("old"), Variant("new"), Variant("x")]
+    steps = plan(cells, variants, rounds=2)
+    assert len(steps) == 2 * 4 * 3
+    assert len({(r, c, v.name) for r, c, v in steps}) == len(steps)
+    # the variants of a cell run back to back
+    for k in range(0, len(steps), 3):
+        assert len({(r, c) for r, c, _ in steps[k:k + 3]}) == 1
+    firsts = [steps[k][2].name for k in range(0, len(steps), 3)]
+    counts = [firsts.count(n) for n in ("old", "new", "x")]
+    assert max(counts) - min(counts) <= 1  # 8 cells over 3 variants: 3, 3, 2
+    with pytest.raises(ValueError):
+        plan(cells, variants, rounds=0)
+
+
+# ----------------------------------------------------------------------------- pooling and report
+
+
+def _measurement(cell: Cell, variant: str, round_: int, frames: int, wall: float, gw_s: float,
+                 loop_s: float, lat_ms: float, errors: int = 0) -> Measurement:
+    recs = [FrameRecord(0, k, k, k * wall / frames, k * wall / frames,
+                        k * wall / frames + lat_ms / 1000, True) for k in range(frames)]
+    recs += [FrameRecord(0, frames + k, 0, 0.0, 0.0, 0.0, False, "overloaded: x") for k in range(errors)]
+    summary = summarize(recs, label="t", streams=cell.streams, frames_per_stream=frames,
+                        pace_fps=0, verified=frames // 10)
+    cats = dict.fromkeys(procstat.CATEGORIES, 0.0)
+    cats[EVENT_LOOP], cats[POOL] = loop_s, gw_s - loop_s
+    return Measurement(round_, cell, variant, summary, tuple(r.latency_ms for r in recs if r.ok),
+                       wall, CpuUsage(gw_s, cats, {"gw/python (main)": loop_s}, 1),
+                       CpuUsage(0.5, dict.fromkeys(procstat.CATEGORIES, 0.0)), 0.2, 0.3,
+                       float(frames), frames / 2)
+
+
+def test_aggregate_pools_rounds_and_ratios_compare_the_same_cell(tmp_path: Path) -> None:
+    c8 = Cell("demo720", "grpc", 8)
+    c1 = Cell("demo", "ws", 1)
+    ms = [
+        _measurement(c8, "old", 0, 100, 1.0, 0.6, 0.2, 30.0),
+        _measurement(c8, "new", 0, 100, 0.5, 0.15, 0.05, 10.0),
+        _measurement(c8, "new", 1, 100, 0.5, 0.15, 0.05, 10.0),
+        _measurement(c8, "old", 1, 100, 1.0, 0.6, 0.2, 30.0, errors=2),
+        _measurement(c1, "old", 0, 50, 1.0, 0.1, 0.1, 5.0),
+    ]
+    results = aggregate(ms)
+    old8 = next(r for r in results if r.cell == c8 and r.variant == "old")
+    assert old8.rounds == 2 and old8.frames_ok == 200 and old8.errors == 2 and old8.verified == 20
+    assert old8.fps == pytest.approx(200 / sum(m.summary.wall_s for m in ms if m.cell == c8 and m.variant == "old"))
+    assert old8.gateway_ms["total"] == pytest.approx(1.2 * 1000 / 200)
+    assert old8.gateway_ms[EVENT_LOOP] == pytest.approx(0.4 * 1000 / 200)
+    assert old8.triton_ms == pytest.approx(1.0 * 1000 / 200) and old8.loadgen_ms == pytest.approx(2.0)
+    assert old8.triton_batch == pytest.approx(2.0)
+    assert old8.p50_ms == pytest.approx(30.0)
+
+    rows = cell_rows(results, "demo720", ["old", "new"])
+    assert [r[2] for r in rows] == ["old", "new"] and all(len(r) == len(TABLE_HEADERS) for r in rows)
+    ratios = ratio_rows(results, "demo720", "old", ["old", "new"])
+    assert len(ratios) == 1 and len(ratios[0]) == len(RATIO_HEADERS)
+    new8 = next(r for r in results if r.cell == c8 and r.variant == "new")
+    assert ratios[0][3] == f"{new8.fps / old8.fps:.2f}x"
+    assert ratios[0][4] == "0.25x"  # 0.15 s vs 0.6 s of gateway CPU for the same frames
+    assert ratio_rows(results, "demo", "old") == []  # nothing to compare there
+
+    variants = [Variant("old"), Variant("new", (("LIPSYNC_X", "1"),))]
+    lines = render_markdown(results, variants, {"demo": "176x144 (`demo`)", "demo720": "880x720 (`demo720`)"},
+                            ["- setup"], "python -m perf.capacity", {"new": "note here"})
+    text = "\n".join(lines)
+    assert "## 176x144 (`demo`)" in text and "## 880x720 (`demo720`)" in text
+    assert "`LIPSYNC_X=1`" in text and "note here" in text and "Ratios to `old`" in text
+    assert "overloaded: x" in text
+    payload = to_json(results, ms, variants, {"machine": "m"})
+    back = json.loads(json.dumps(payload))
+    assert back["machine"] == "m" and len(back["measurements"]) == 5 and len(back["cells"]) == 3
+    assert back["variants"][1] == {"name": "new", "env": {"LIPSYNC_X": "1"}}
+
+
+# ----------------------------------------------------------------------------- identity model
+
+
+def test_identity_unet_has_the_contract_and_returns_the_crop(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from export.model_repo import read_model_spec
+    from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED
+    from perf.identity_unet import write_identity_onnx, write_identity_repository
+
+    path = write_identity_onnx(tmp_path / "id.onnx")
+    spec = read_model_spec(path)
+    assert [(t.name, t.dims) for t in spec.inputs] == [(UNET_CROP.name, UNET_CROP.dims),
+                                                      (UNET_AUDIO.name, UNET_AUDIO.dims)]
+    assert [(t.name, t.dims) for t in spec.outputs] == [(UNET_PRED.name, UNET_PRED.dims)]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    crop = np.random.default_rng(0).integers(0, 256, UNET_CROP.batch_shape(3), dtype=np.uint8)
+    (pred,) = sess.run([UNET_PRED.name], {UNET_CROP.name: crop,
+                                          UNET_AUDIO.name: np.zeros(UNET_AUDIO.batch_shape(3), np.float32)})
+    assert pred.dtype == np.uint8 and np.array_equal(pred, crop)
+    names = write_identity_repository(tmp_path / "repo", ["demo", "demo720"])
+    assert names == ["lipsync_demo", "lipsync_demo720"]
+    assert all((tmp_path / "repo" / n / "config.pbtxt").is_file() for n in names)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.triton
+def test_capacity_smoke_run(demo_package: Any, tmp_path: Path) -> None:
+    """The whole harness once, tiny: demo avatar, 1 stream, 20 frames per protocol, one round."""
+    from perf.capacity import main
+
+    out = tmp_path / "capacity.md"
+    rc = main(["--avatars", "demo", "--streams", "1", "--frames", "20", "--rounds", "1",
+               "--verify-every", "5", "--scratch", str(tmp_path / "scratch"), "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [m["cell"]["target"] for m in data["measurements"]] == ["grpc", "ws"]
+    for cell in data["cells"]:
+        assert cell["frames_ok"] == 20 and cell["errors"] == 0 and cell["verified"] == 4
+        assert cell["gateway_ms"]["total"] > 0 and cell["triton_ms"] > 0
+    text = out.read_text()
+    assert "## 176x144 (`demo`)" in text and "| grpc | 1 | old |" in text
+    # every server it started is gone
+    assert set(data["processes"]) == {"triton", "gateway-old"}
+    for pid in data["processes"].values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
