@@ -6,6 +6,7 @@ measured side by side in the same run.
     python -m perf.capacity                                  # ~8 min per variant on 2 cores
     python -m perf.capacity --quick                          # ~1 min: checks the harness
     python -m perf.capacity --variant old: --variant new:LIPSYNC_JPEG_SPLICE=1,LIPSYNC_WORKERS=2
+    python -m perf.capacity --preset issue9 --avatars demo720 --streams 8   # each improvement
 
 What one run does:
 
@@ -34,7 +35,9 @@ What one run does:
 
 Adding a variant for an improvement: give the gateway a ``LIPSYNC_*`` setting that turns it
 on (a `gateway.config.GatewaySettings` field) and pass ``--variant NAME:LIPSYNC_X=1``; the
-first variant is the reference of the ratio tables.
+first variant is the reference of the ratio tables. ``--preset NAME`` runs a named list of
+variants (`PRESETS`), e.g. ``issue9``: the gateway before issue 9 and each of its improvements
+added in turn.
 """
 from __future__ import annotations
 
@@ -209,6 +212,21 @@ def prepare_avatars(scratch: Path, names: Sequence[str]) -> tuple[Path, dict[str
     return root, infos
 
 
+PRESETS: dict[str, tuple[str, ...]] = {
+    "issue9": (
+        "old:LIPSYNC_JPEG_SPLICE=0,LIPSYNC_TRITON_SHM=none,LIPSYNC_TRITON_COALESCE=0",
+        "splice:LIPSYNC_TRITON_SHM=none,LIPSYNC_TRITON_COALESCE=0",
+        "shm:LIPSYNC_TRITON_COALESCE=0",
+        "new:",
+    ),
+}
+"""Named variant lists (``--preset``). ``issue9``: ``old`` = the gateway before issue 9 (full
+frames with simplejpeg, tensors inside the gRPC messages, one Triton request per frame);
+``splice`` + spliced partial JPEG (`gateway.compositor`); ``shm`` + UNet tensors in system shared
+memory (`gateway.triton_shm`); ``new`` + coalesced Triton requests (`gateway.batching`): today's
+defaults."""
+
+
 def unknown_settings(variant: Variant) -> list[str]:
     """The variant's keys that today's `gateway.config.GatewaySettings` has no field for (the
     gateway ignores those silently; ``LIPSYNC_LOG_LEVEL`` is read by `lipsync.log`)."""
@@ -360,10 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gateway capacity with an identity UNet: frames/s and CPU per frame, "
                     "variants side by side.",
         epilog="Variant: NAME:KEY=VALUE,KEY=VALUE with LIPSYNC_* gateway settings (NAME: = "
-               "defaults); the first is the reference of the ratios. Default: --variant old:",
+               "defaults); the first is the reference of the ratios. Default: --variant defaults:",
     )
     p.add_argument("--variant", dest="variants", action="append", type=parse_variant, default=None,
                    metavar="NAME:ENV", help="a gateway variant (repeat; see below)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named list of variants, before any --variant: "
+                        + "; ".join(f"{k}: {', '.join(v.split(':')[0] for v in vs)}" for k, vs in PRESETS.items()))
     p.add_argument("--quick", action="store_true",
                    help=f"a short run to check the harness: streams {list(QUICK.streams)}, "
                         f"{QUICK.frames} frames per cell, {QUICK.rounds} round")
@@ -456,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    variants: list[Variant] = args.variants or [parse_variant("old:")]
+    variants: list[Variant] = [parse_variant(v) for v in PRESETS.get(args.preset or "", ())]
+    variants += args.variants or ([] if variants else [parse_variant("defaults:")])
     try:
         check_variants(variants)
         grid = grid_from_args(args)

@@ -240,6 +240,20 @@ def test_capacity_cli_parses_variants_and_grid() -> None:
         build_parser().parse_args(["--variant", "bad"])
 
 
+def test_issue9_preset_turns_each_improvement_on_in_turn() -> None:
+    from gateway.config import GatewaySettings
+    from perf.capacity import PRESETS, unknown_settings
+
+    variants = [parse_variant(v) for v in PRESETS["issue9"]]
+    assert [v.name for v in variants] == ["old", "splice", "shm", "new"]
+    assert all(unknown_settings(v) == [] for v in variants), "every key is a gateway setting"
+    defaults = GatewaySettings()
+    assert (defaults.jpeg_splice, defaults.triton_shm, defaults.triton_coalesce) == (True, "system", True)
+    off = {"LIPSYNC_JPEG_SPLICE": "0", "LIPSYNC_TRITON_SHM": "none", "LIPSYNC_TRITON_COALESCE": "0"}
+    assert [len(v.env) for v in variants] == [3, 2, 1, 0], "one improvement more per variant"
+    assert all(dict(v.env).items() <= off.items() for v in variants)
+
+
 def test_plan_interleaves_variants_and_rotates_who_goes_first() -> None:
     cells = [Cell("demo", "grpc", n) for n in (1, 4, 8, 16)]
     variants = [Variant("old"), Variant("new"), Variant("x")]
