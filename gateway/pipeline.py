@@ -64,10 +64,14 @@ _CANCELLED = "cancelled"
 def package_window(features: NDArray[np.float32], frame_id: int) -> NDArray[np.float32]:
     """The window of ``frame_id`` from the package's feature rows (docs/REFERENCE.md s.2 step 6):
     float32 ``[16, 512]``, a view of rows ``frame_id - 8 .. frame_id + 7`` when all exist (no copy
-    per frame), else `lipsync.frames.audio_window` (zeros outside)."""
+    per frame), else `lipsync.frames.audio_window` (zeros outside).
+
+    The view is a plain ndarray even when ``features`` is the package's memmap: every view of a
+    memmap runs ``numpy.memmap.__array_finalize__`` in Python, and the window is sliced again on
+    its way to Triton."""
     lo = frame_id - WINDOW_BEFORE
     if 0 <= lo and lo + WINDOW_ROWS <= len(features):
-        return features[lo : lo + WINDOW_ROWS]
+        return np.asarray(features)[lo : lo + WINDOW_ROWS]
     return audio_window(features, frame_id)
 
 
