@@ -116,12 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"fewer bytes in all after {break_even:,.0f} frames ({break_even / 25:.1f} s at 25 fps).",
     ]
     command = report.command_line(["python", "-m", "perf.crop_bytes", *(sys.argv[1:] if argv is None else argv)])
-    text = "\n".join([
+    report.write_text(args.out, [
         "# Bytes per 720p frame: full frames vs crop output", "", "_Written by the tool; do not edit by hand._", "",
         f"- machine: {report.machine_line()}", f"- command: `{command}`", f"- date: {report.utc_now()}", "",
-        *lines, "",
+        *lines,
     ])
-    report.write_text(args.out, text)
     report.write_json(args.out.with_suffix(".json"), {
         "command": command, "date": report.utc_now(), "quality": QUALITY, "rows": [asdict(r) for r in rows],
         "background_bytes": background, "video_frames": n, "break_even_frames": break_even,
