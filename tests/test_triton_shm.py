@@ -63,7 +63,7 @@ def test_unet_through_shared_memory_survives_a_triton_restart(
 ) -> None:
     triton = start_triton(MODEL_REPOSITORY_CPU, model_control_mode="explicit", load_models=("lipsync_demo",))
     shm_gw = start_gateway(triton.grpc_url, gateway_packages_root)
-    plain_gw = start_gateway(triton.grpc_url, gateway_packages_root, triton_shm="none", jpeg_splice=False)
+    plain_gw = start_gateway(triton.grpc_url, gateway_packages_root, triton_shm="none")
     transport = shm_gw.ctx.triton_shm
     assert transport is not None and plain_gw.ctx.triton_shm is None
     key = transport.arena.key.lstrip("/")
@@ -79,7 +79,8 @@ def test_unet_through_shared_memory_survives_a_triton_restart(
     first = render(shm_gw, 5)
     assert transport.status == "registered"
     same = render(plain_gw, 5)
-    assert np.abs(decoded(first.jpeg) - decoded(same.jpeg)).mean() < 1.0, "shared memory carried the same prediction"
+    # same JPEG path on both: any difference is the prediction's (ONNX Runtime on one frame)
+    assert np.abs(decoded(first.jpeg) - decoded(same.jpeg)).mean() < 0.25, "shared memory carried the same prediction"
 
     triton.kill()
     triton.start(180.0)
