@@ -25,10 +25,11 @@ gateway's own gRPC channel as bytes: no per-frame protobuf building, and no ``In
 parsing beyond the answer's output shape, which is checked.
 
 Registration with Triton (``RegisterSystemSharedMemory``) happens at the first call and again
-after Triton lost it (a restart: the call fails naming the region; that call is retried over
-plain gRPC at once). If Triton cannot open the object (it runs on another host, or in a
-container without the gateway's ``/dev/shm``), every call goes over plain gRPC and the reason is
-logged; registration is tried again every `RETRY_REGISTER_S`.
+after Triton lost it (a restart: the call fails naming the region, or unreachable while this
+channel reconnects; that call is retried over plain gRPC at once). If Triton cannot open the
+object (it runs on another host, or in a container without the gateway's ``/dev/shm``), every
+call goes over plain gRPC and the reason is logged; registration is tried again every
+`RETRY_REGISTER_S`.
 
 CUDA shared memory (a GPU host, Triton's CUDA shared-memory extension with
 ``tritonclient.utils.cuda_shared_memory``: inputs written to device memory the gateway
@@ -54,7 +55,7 @@ from numpy.typing import NDArray
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.errors import TritonDeadline, TritonUnavailable
-from gateway.triton_client import InferenceClient
+from gateway.triton_client import CHANNEL_ARGS, InferenceClient
 from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,6 @@ class FrameArena:
 
 
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-_CHANNEL_ARGS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
 
 def _describe(exc: grpc.aio.AioRpcError) -> str:
@@ -177,7 +177,7 @@ class SharedMemoryUnet:
         self.timeout_s = timeout_s
         self.region = f"lipsync_gateway_{secrets.token_hex(6)}"
         self.arena = FrameArena(cells, self.region)
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_ARGS)
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)  # the plain client's reconnect pace
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._infer_bytes: Any = self._channel.unary_unary(
             _MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
@@ -245,10 +245,12 @@ class SharedMemoryUnet:
             answer = await self._infer_bytes(self._request(model, first, n), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             message = _describe(exc)
-            if "shared memory" in message.lower():  # Triton restarted and lost the registration
+            # Triton restarted (it lost the registration, or this channel has not reconnected
+            # yet): this call goes over plain gRPC, the next registers again
+            if "shared memory" in message.lower() or exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._registered = False
                 self.status = f"lost: {message}"
-                log.warning("Triton lost the shared-memory region %s (%s); registering again", self.region, message)
+                log.warning("shared-memory call to Triton failed (%s); plain gRPC, then registering again", message)
                 raise _RegionLost from exc
             kind = TritonDeadline if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else TritonUnavailable
             raise kind(f"Triton inference on {model!r} failed: {message}") from exc
@@ -281,6 +283,9 @@ class SharedMemoryUnet:
                     timeout=self.timeout_s,
                 )
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.status = f"Triton unreachable: {_describe(exc)}"  # try again next call
+                    return False
                 self._refused_at = time.monotonic()
                 self.status = f"refused by Triton: {_describe(exc)}"
                 log.warning(
