@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 RETRY_REGISTER_S = 30.0
 """After Triton refused the region, plain gRPC for this long before trying again (s)."""
 
-
 _FREE, _TAKEN = b"\x01", b"\x00"
 
 
@@ -75,6 +74,7 @@ class FrameArena:
         name: the object's name (``/dev/shm/<name>``); unique per gateway process.
 
     Raises:
+        ValueError: ``cells < 1``.
         OSError: the object cannot be created (no ``/dev/shm``, out of space).
     """
 
@@ -300,10 +300,6 @@ class SharedMemoryUnet:
                 self.arena.key, self.arena.cells, self.arena.byte_size / 2**20,
             )
             return True
-
-    def state(self) -> dict[str, Any]:
-        """``{"mode": "system", "status": ..., "cells": ..., "free_cells": ...}`` for reports."""
-        return {"mode": "system", "status": self.status, "cells": self.arena.cells, "free_cells": self.arena.free_cells}
 
     async def close(self) -> None:
         """Unregister the region (best effort), close the channel, unlink the object."""
