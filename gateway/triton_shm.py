@@ -41,6 +41,7 @@ Setting: ``LIPSYNC_TRITON_SHM=system`` (default) or ``none`` (`GatewaySettings.t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -138,7 +139,8 @@ class FrameArena:
             self._shm.close()
         except BufferError:  # a prediction view is still referenced: the mapping stays for it
             pass
-        self._shm.unlink()
+        with contextlib.suppress(FileNotFoundError):  # someone removed the name already
+            self._shm.unlink()
 
 
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -286,12 +288,14 @@ class SharedMemoryUnet:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.status = f"Triton unreachable: {_describe(exc)}"  # try again next call
                     return False
+                first_refusal = not self.status.startswith("refused")
                 self._refused_at = time.monotonic()
                 self.status = f"refused by Triton: {_describe(exc)}"
-                log.warning(
+                log.log(
+                    logging.WARNING if first_refusal else logging.DEBUG,
                     "Triton cannot use the gateway's shared memory %s (%s): UNet tensors go over "
-                    "gRPC; is Triton on another host or without this /dev/shm?",
-                    self.arena.key, _describe(exc),
+                    "gRPC (asked again every %.0f s); is Triton on another host or without this /dev/shm?",
+                    self.arena.key, _describe(exc), RETRY_REGISTER_S,
                 )
                 return False
             self._registered, self._refused_at, self.status = True, None, "registered"

@@ -94,3 +94,36 @@ def test_unet_through_shared_memory_survives_a_triton_restart(
     assert transport.status == "registered", "registered again after the restart"
     shm_gw.stop()
     assert not (SHM / key).exists(), "the gateway unlinked its shared memory"
+
+
+@pytest.mark.triton
+def test_a_triton_that_cannot_open_the_memory_gets_plain_grpc(triton_server: Any, demo_package: Any) -> None:
+    """Triton on another host cannot open the gateway's object: emulated by unlinking its name
+    before the first call; the UNet answers over plain gRPC, the same prediction."""
+    import asyncio
+
+    from gateway.triton_client import TritonGrpcClient
+    from gateway.triton_shm import SharedMemoryUnet
+    from lipsync.frames import audio_window, crop_328, inner_320
+
+    crop = inner_320(crop_328(demo_package.frames[0], demo_package.rects[0]))[None].copy()
+    window = audio_window(np.asarray(demo_package.features), 0)[None]
+    model = demo_package.manifest.model_name
+
+    async def run() -> tuple[Any, Any, str, Any]:
+        plain = TritonGrpcClient(triton_server.grpc_url)
+        shm = SharedMemoryUnet(plain, triton_server.grpc_url, cells=4)
+        try:
+            (SHM / shm.arena.key.lstrip("/")).unlink()
+            refused = np.array(await shm.infer_unet(model, crop, window))
+            status = shm.status
+            expected = await plain.infer_unet(model, crop, window)
+            return refused, expected, status, shm.arena.free_cells
+        finally:
+            await shm.close()
+            await plain.close()
+
+    refused, expected, status, free = asyncio.run(run())
+    assert status.startswith("refused by Triton"), status
+    assert np.abs(refused.astype(np.int16) - expected.astype(np.int16)).max() <= 1
+    assert free == 4, "no cell was taken for a call that went over gRPC"
