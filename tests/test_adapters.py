@@ -20,7 +20,7 @@ from gateway.server import GatewayServer
 from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_request
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
-from tests.fake_gateway import fake_settings
+from tests.fake_gateway import on_fake_server
 from tests.fake_triton import FakeTriton, fake_triton, identity_composite
 
 T = TypeVar("T")
@@ -34,15 +34,7 @@ def on_server(
     root = make_package(name=AVATAR, frames=frames).parent
     fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
 
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
+    return on_fake_server(root, fake, body, **settings)
 
 
 def requests_counted(server: GatewayServer, protocol: str) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from gateway.batching import CoalescingInference
 from gateway.context import GatewayContext
 from gateway.errors import TritonUnavailable
 from gateway.frame_request import FrameRequest
-from tests.fake_gateway import fake_context
+from tests.fake_gateway import on_fake_context
 from tests.fake_triton import FakeTriton, fake_triton, identity_composite
 
 T = TypeVar("T")
@@ -28,16 +28,7 @@ def on_fake(make_package: Callable[..., Path], body: Callable[[GatewayContext, F
             **settings: Any) -> T:
     frames = np.random.default_rng(1).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
     root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(MODEL, loaded=("audio_encoder",))
-
-    async def run() -> T:
-        ctx = await fake_context(root, fake, **settings)
-        try:
-            return await body(ctx, fake)
-        finally:
-            await ctx.close()
-
-    return asyncio.run(run())
+    return on_fake_context(root, fake_triton(MODEL, loaded=("audio_encoder",)), body, **settings)
 
 
 async def render_all(ctx: GatewayContext, frame_ids: list[int]) -> list[Any]:

@@ -21,7 +21,7 @@ from gateway.live.session import LiveSession
 from gateway.server import GatewayServer
 from lipsync.frames import pingpong_index
 from perf.live_clients import Audio, Command, Pause, SessionRecord, Step, run_session
-from tests.fake_gateway import fake_settings
+from tests.fake_gateway import on_fake_server
 from tests.fake_triton import FakeTriton, fake_triton
 from tests.fixtures_live import speech_paths, speech_pcm16
 
@@ -35,15 +35,7 @@ def on_server(make_package: Callable[..., Path], body: Callable[[GatewayServer, 
     root = make_package(name=AVATAR, frames=frames).parent
     fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder", f"lipsync_{AVATAR}"))
 
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
+    return on_fake_server(root, fake, body, **settings)
 
 
 def address(server: GatewayServer, transport: str) -> str:

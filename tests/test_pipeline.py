@@ -29,7 +29,7 @@ from gateway.errors import (
     UnknownAvatar,
 )
 from gateway.frame_request import FrameRequest
-from tests.fake_gateway import fake_context
+from tests.fake_gateway import on_fake_context
 from tests.fake_triton import FakeTriton, fake_triton, identity_composite, slice_encoder
 
 T = TypeVar("T")
@@ -68,14 +68,7 @@ def on_fake(
     root = make_package(name=AVATAR, frames=frames).parent
     fake = fake_triton(MODEL, loaded=("audio_encoder",))
 
-    async def run() -> T:
-        ctx = await fake_context(root, fake, **settings)
-        try:
-            return await body(ctx, fake)
-        finally:
-            await ctx.close()
-
-    return asyncio.run(run())
+    return on_fake_context(root, fake, body, **settings)
 
 
 def test_render_composites_the_identity_prediction(make_package: Callable[..., Path]) -> None:

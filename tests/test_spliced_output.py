@@ -12,7 +12,6 @@ way back from Triton.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from gateway.ws_protocol import (
     encode_request,
 )
 from lipsync.jpeg_splice import read_header
-from tests.fake_gateway import fake_settings
+from tests.fake_gateway import on_fake_server
 from tests.fake_triton import FakeTriton, fake_triton, identity_composite
 
 T = TypeVar("T")
@@ -83,17 +82,7 @@ def on_server(
         np.random.default_rng(v).uniform(r[:2], r[2:], size=(68, 2)) for v, r in enumerate(RECTS)
     ]).astype(np.float32)
     root = make_package(name=AVATAR, frames=frames, rects=RECTS, landmarks=landmarks).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
-
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
+    return on_fake_server(root, fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",)), body, **settings)
 
 
 async def readyz_jpeg(server: GatewayServer) -> dict[str, Any]:
