@@ -14,15 +14,23 @@ i.e. 640 samples = 1280 bytes. Mapping (the documented contract of this gateway)
    clip (which that function does not emit) get the shifted-back window.
 3. The ``C`` mel windows go through Triton's ``audio_encoder`` -> ``[C, 512]``: one feature row
    per chunk. There is no ``[first, ..., last]`` padding here: row ``c`` *is* chunk ``c``.
-4. Frame ``k`` of a request for F frames (k = 0 .. F-1, C = 8 + F + 7 chunks) uses rows
-   ``k .. k+15`` as its window: the 8 chunks before its own chunk ``k+8`` as past context, its
-   own chunk, and 7 chunks of lookahead, the same centring as the package's rows ``i-8 .. i+7``
-   (docs/REFERENCE.md s.2 step 6).
+4. The chunks of a request for frames ``s .. s+F-1`` (``s`` = ``start_frame_id``) are the
+   audio of chunks ``max(0, s-8) .. s+F+6`` of the clip, i.e. ``P + F + 7`` chunks with
+   ``P = min(s, 8)`` chunks of past (`chunks_for_frames`): 8 before frame ``s`` as a rule, and
+   at the start of a clip (``s < 8``) the ``s`` chunks that exist. Frame ``s+k`` uses as its
+   window the rows of chunks ``s+k-8 .. s+k+7``, the same centring as the package's rows
+   ``i-8 .. i+7``; window positions before the clip's first chunk are zeros, as rows outside
+   the feature array are in the offline window (docs/REFERENCE.md s.2 step 6). With
+   ``s >= 8`` that is rows ``k .. k+15`` of the request's chunks.
+5. A gRPC request may carry more chunks than that (the original server accepted any count
+   ``>= P + F + 7``): the extra chunks at the end are ignored, unread and unchecked, so the
+   frames are those of the request without them.
 
 A request carries live audio in one of two forms (`LiveAudio`), both made here so the window's
 shape holds by construction:
 
-- `WindowChunks`: the 16 chunks of one frame's window (a WebSocket request, F = 1); the
+- `WindowChunks`: the 16 chunks of one frame's window (a WebSocket request, F = 1; for a
+  ``frame_id`` below 8 also the start-of-clip form of step 4, ``frame_id + 8`` chunks); the
   pipeline turns them into a window with `AudioFeatureExtractor.window`, checking them first;
 - `FeatureWindow`: a window already computed, from `AudioFeatureExtractor.batch_windows`
   (gRPC ``GenerateBatchWithAudio``: the encoder runs once per request, not per frame).
@@ -30,6 +38,8 @@ shape holds by construction:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,62 +59,111 @@ CHUNK_BYTES = CHUNK_SAMPLES * 2
 """1280 bytes of int16 PCM per chunk."""
 
 
-def chunks_for_frames(frames: int) -> int:
-    """Chunks a request for ``frames`` output frames needs: ``8 + frames + 7``."""
-    return WINDOW_BEFORE + frames + WINDOW_AFTER
+def past_chunks(start_frame_id: int) -> int:
+    """Chunks of past before frame ``start_frame_id`` a request carries: ``min(s, 8)`` (module
+    doc, step 4); fewer than 8 only at the start of a clip."""
+    return min(max(start_frame_id, 0), WINDOW_BEFORE)
 
 
-WINDOW_CHUNKS = chunks_for_frames(1)
-"""Chunks behind one frame's window: 16."""
+def chunks_for_frames(frames: int, start_frame_id: int) -> int:
+    """Chunks a request for frames ``s .. s+frames-1`` needs: ``min(s, 8) + frames + 7``."""
+    return past_chunks(start_frame_id) + frames + WINDOW_AFTER
+
+
+WINDOW_CHUNKS = chunks_for_frames(1, WINDOW_BEFORE)
+"""Chunks behind one frame's whole window: 16."""
 WINDOW_CHUNK_BYTES = WINDOW_CHUNKS * CHUNK_BYTES
-"""PCM bytes behind one frame's window: 16 x 1280 = 20480 (a WebSocket live-audio request)."""
+"""PCM bytes behind one frame's whole window: 16 x 1280 = 20480 (a WebSocket live-audio request)."""
 
 
-def check_chunks(chunks: list[bytes], frames: int) -> bytes:
-    """Check the chunk count and sizes of a request for ``frames`` frames; join the chunks.
+def check_chunks(chunks: Sequence[bytes], frames: int, start_frame_id: int) -> bytes:
+    """Check the chunks of a request for frames ``s .. s+frames-1``; join the ones it uses.
+
+    Args:
+        chunks: the request's chunks, 1280 bytes each (module doc, steps 4-5).
+        frames: F, the number of frames asked for.
+        start_frame_id: s, the first frame asked for (``>= 0``).
 
     Returns:
-        The PCM of all chunks (``len(chunks) * 1280`` bytes).
+        The PCM of the first ``chunks_for_frames(frames, s)`` chunks; extra chunks after them
+        are ignored (not checked).
 
     Raises:
-        BadRequest: ``frames < 1``, a wrong number of chunks (the message gives the expected
-            count), or a chunk that is not 1280 bytes.
+        BadRequest: ``frames < 1``, fewer chunks than needed (the message gives the count and
+            the start-of-clip rule), or a used chunk that is not 1280 bytes.
     """
     if frames < 1:
         raise BadRequest(f"frame_count must be >= 1, got {frames}")
-    need = chunks_for_frames(frames)
-    if len(chunks) != need:
+    past = past_chunks(start_frame_id)
+    need = chunks_for_frames(frames, start_frame_id)
+    if len(chunks) < need:
         raise BadRequest(
-            f"expected {need} audio chunks for frame_count={frames} "
-            f"(8 past + {frames} + 7 lookahead, each 40 ms = {CHUNK_BYTES} bytes of "
-            f"16 kHz mono int16 PCM), got {len(chunks)}"
+            f"expected {need} audio chunks for start_frame_id={start_frame_id}, "
+            f"frame_count={frames}: {past} past + {frames} + {WINDOW_AFTER} lookahead, each "
+            f"40 ms = {CHUNK_BYTES} bytes of 16 kHz mono int16 PCM (the past is the "
+            f"{WINDOW_BEFORE} chunks before start_frame_id, or at the start of a clip, "
+            f"start_frame_id < {WINDOW_BEFORE}, the start_frame_id chunks since it began); "
+            f"got {len(chunks)}"
         )
-    for idx, chunk in enumerate(chunks):
+    for idx, chunk in enumerate(chunks[:need]):
         if len(chunk) != CHUNK_BYTES:
             raise BadRequest(
                 f"audio chunk {idx} has {len(chunk)} bytes; each chunk must be 40 ms of 16 kHz "
                 f"mono int16 PCM = {CHUNK_BYTES} bytes"
             )
-    return b"".join(chunks)
+    return b"".join(chunks[:need])
 
 
-def check_window_chunks(pcm: bytes) -> None:
+def window_chunk_counts(frame_id: int) -> tuple[int, ...]:
+    """Chunk counts a WebSocket live-audio request for ``frame_id`` may carry.
+
+    16, the whole window (chunks ``frame_id-8 .. frame_id+7``), for any frame; at the start of
+    a clip (``frame_id < 8``) also ``frame_id + 8``, the chunks since the clip began (its
+    missing past is zeros, module doc step 4).
+    """
+    start_of_clip = chunks_for_frames(1, frame_id)
+    return (WINDOW_CHUNKS,) if start_of_clip == WINDOW_CHUNKS else (start_of_clip, WINDOW_CHUNKS)
+
+
+def is_window_length(n_bytes: int, frame_id: int) -> bool:
+    """Whether ``n_bytes`` of PCM are a live-audio window for ``frame_id`` (`window_chunk_counts`)."""
+    n, rest = divmod(n_bytes, CHUNK_BYTES)
+    return rest == 0 and n in window_chunk_counts(frame_id)
+
+
+def check_window_chunks(pcm: bytes, frame_id: int) -> int:
     """Check the audio of one frame's window (a WebSocket live-audio request).
 
-    It must be ``8 + 1 + 7 = 16`` chunks of 40 ms, 20480 bytes in all: 8 chunks before the
-    frame's own chunk, the chunk itself, 7 chunks of lookahead (docs/REFERENCE.md s.2 step 6,
-    s.4; the mapping of `chunks_for_frames` with one frame).
+    Returns:
+        The number of chunks it carries, one of `window_chunk_counts` ``(frame_id)``.
 
     Raises:
-        BadRequest: any other length, with the expected one in the message.
+        BadRequest: any other length, with the lengths accepted in the message.
     """
-    if len(pcm) != WINDOW_CHUNK_BYTES:
-        raise BadRequest(
-            f"audio_len={len(pcm)}: live audio must be {WINDOW_CHUNKS} chunks of 40 ms "
-            f"16 kHz mono int16 PCM ({CHUNK_BYTES} bytes each) = {WINDOW_CHUNK_BYTES} bytes "
-            "(8 past + the frame's own + 7 lookahead); send audio_len=0 to use the avatar's "
-            "own audio"
+    if not is_window_length(len(pcm), frame_id):
+        counts = window_chunk_counts(frame_id)
+        start_of_clip = (
+            f", or {counts[0] * CHUNK_BYTES} bytes at the start of a clip (frame_id < "
+            f"{WINDOW_BEFORE}): the {counts[0]} chunks since it began"
+            if len(counts) > 1 else ""
         )
+        raise BadRequest(
+            f"audio_len={len(pcm)}: live audio for frame_id={frame_id} must be "
+            f"{WINDOW_CHUNK_BYTES} bytes, the frame's window of {WINDOW_CHUNKS} chunks of 40 ms "
+            f"16 kHz mono int16 PCM ({CHUNK_BYTES} bytes each: {WINDOW_BEFORE} past + the "
+            f"frame's own + {WINDOW_AFTER} lookahead){start_of_clip}; send audio_len=0 to use "
+            "the avatar's own audio"
+        )
+    return len(pcm) // CHUNK_BYTES
+
+
+def _windows(rows: NDArray[np.float32], start_frame_id: int, frames: int) -> list[NDArray[np.float32]]:
+    """The ``frames`` windows over ``rows`` (the feature rows of the request's used chunks):
+    zeros for the missing past at the start of a clip, then rows ``k .. k+15`` (module doc)."""
+    missing = WINDOW_BEFORE - past_chunks(start_frame_id)
+    if missing:
+        rows = np.concatenate([np.zeros((missing, rows.shape[1]), np.float32), rows])
+    return [rows[k : k + WINDOW_ROWS] for k in range(frames)]
 
 
 def chunk_mel_windows(mel: NDArray[np.float32], n_chunks: int) -> NDArray[np.float32]:
@@ -142,9 +201,16 @@ def pcm_mel_windows(pcm: bytes, n_chunks: int) -> NDArray[np.float32]:
 
 @dataclass(frozen=True, slots=True)
 class WindowChunks:
-    """The raw PCM of one frame's window, as a WebSocket request carries it (unchecked)."""
+    """The raw PCM of one frame's window, as a WebSocket request carries it (unchecked).
+
+    Attributes:
+        pcm: the chunks, int16 LE 16 kHz mono (`check_window_chunks` says what is accepted).
+        frame_id: the frame whose window it is (below 8 a shorter, start-of-clip form is
+            accepted).
+    """
 
     pcm: bytes
+    frame_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +228,16 @@ class AudioFeatureExtractor:
     """Turns 40 ms PCM chunks into feature rows with the audio encoder.
 
     Args:
-        inference: where the encoder runs (the gateway's `gateway.inference.GuardedInference`).
+        inference: where the encoder runs (the gateway's `gateway.endpoint_pool.EndpointPool`).
         model: the encoder's Triton model name (``audio_encoder``).
+        executor: where the mel spectrograms are computed (the gateway's bounded pool for work
+            beside frame rendering, `gateway.limits.AuxiliaryWork`); None: the loop's default.
     """
 
-    def __init__(self, inference: InferenceClient, model: str) -> None:
+    def __init__(self, inference: InferenceClient, model: str, executor: Executor | None = None) -> None:
         self.inference = inference
         self.model = model
+        self.executor = executor
 
     async def features(self, pcm: bytes, n_chunks: int) -> NDArray[np.float32]:
         """Feature rows of ``n_chunks`` chunks of checked PCM: float32 ``[n_chunks, 512]``.
@@ -177,18 +246,23 @@ class AudioFeatureExtractor:
             BadRequest: audio too short for one mel window.
             TritonUnavailable: the encoder model is not served.
         """
-        mel = await asyncio.to_thread(pcm_mel_windows, pcm, n_chunks)
+        loop = asyncio.get_running_loop()
+        mel = await loop.run_in_executor(self.executor, pcm_mel_windows, pcm, n_chunks)
         return await self.inference.infer_audio_encoder(self.model, mel)
 
-    async def batch_windows(self, chunks: list[bytes], frames: int) -> list[FeatureWindow]:
-        """The windows of a request for ``frames`` frames: frame ``k`` gets rows ``k .. k+15``.
+    async def batch_windows(
+        self, chunks: Sequence[bytes], frames: int, start_frame_id: int
+    ) -> list[FeatureWindow]:
+        """The windows of a request for frames ``s .. s+frames-1`` (module doc, steps 4-5):
+        the encoder runs once over the chunks used.
 
         Raises:
-            BadRequest: wrong chunk count or size (`check_chunks`).
+            BadRequest: too few chunks or a used chunk of a wrong size (`check_chunks`).
             TritonUnavailable: the encoder model is not served.
         """
-        rows = await self.features(check_chunks(chunks, frames), len(chunks))
-        return [FeatureWindow(rows[k : k + WINDOW_ROWS]) for k in range(frames)]
+        pcm = check_chunks(chunks, frames, start_frame_id)
+        rows = await self.features(pcm, len(pcm) // CHUNK_BYTES)
+        return [FeatureWindow(w) for w in _windows(rows, start_frame_id, frames)]
 
     async def window(self, audio: LiveAudio) -> NDArray[np.float32]:
         """The float32 ``[16, 512]`` window of one frame's live audio.
@@ -199,5 +273,7 @@ class AudioFeatureExtractor:
         """
         if isinstance(audio, FeatureWindow):
             return audio.rows
-        check_window_chunks(audio.pcm)
-        return await self.features(audio.pcm, WINDOW_CHUNKS)
+        n = check_window_chunks(audio.pcm, audio.frame_id)
+        rows = await self.features(audio.pcm, n)
+        start = audio.frame_id if n < WINDOW_CHUNKS else WINDOW_BEFORE
+        return _windows(rows, start, 1)[0]

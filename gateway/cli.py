@@ -37,6 +37,7 @@ from lipsync.contract import (
 if TYPE_CHECKING:
     from gateway.config import GatewaySettings
     from lipsync.cli import Subparsers
+    from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ e.g. LIPSYNC_TRITON_URL=triton:{TRITON_GRPC_PORT}, LIPSYNC_JPEG_QUALITY=90,
 LIPSYNC_HTTP_PORT={GATEWAY_HTTP_PORT}; an option given on the command line wins. Port 0 picks a
 free port.
 
-Endpoints: http://HOST:HTTP_PORT/ (web page), /ws (binary WebSocket), /healthz, /readyz,
+Endpoints: http://HOST:HTTP_PORT/ (web page; a WebSocket there is the original clients'
+endpoint), /ws (binary WebSocket, full frames), /healthz, /readyz,
 /api/avatars, /api/stats, /metrics (Prometheus); gRPC service
 optimized_lipsyncsrv.OptimizedLipSyncService on GRPC_PORT (+ grpc.health.v1, reflection).
 """
@@ -82,7 +84,8 @@ def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bo
     if with_triton_url:
         g.add_argument(
             "--triton-url",
-            help=f"Triton gRPC endpoint host:port (default localhost:{TRITON_GRPC_PORT})",
+            help=f"Triton gRPC endpoints host:port[,host:port...]; a host name is spread over all "
+            f"its addresses (default localhost:{TRITON_GRPC_PORT})",
         )
     g.add_argument("--host", help="interface to bind (default 0.0.0.0)")
     g.add_argument(
@@ -251,7 +254,11 @@ def sigterm_as_keyboard_interrupt() -> Iterator[None]:
 
 
 async def serve_gateway(
-    settings: GatewaySettings, *, wait_ready_s: float = 0.0, banner: str = ""
+    settings: GatewaySettings,
+    *,
+    wait_ready_s: float = 0.0,
+    banner: str = "",
+    supervisor: SupervisorView | None = None,
 ) -> None:
     """Start `gateway.server.GatewayServer`, log its addresses, serve until SIGINT/SIGTERM.
 
@@ -259,6 +266,8 @@ async def serve_gateway(
         settings: the gateway configuration.
         wait_ready_s: if > 0, wait up to this long (s) for readiness and log the outcome.
         banner: extra lines logged with the addresses (``lipsync up`` adds Triton's).
+        supervisor: the supervisor of the gateway's tritonserver (``lipsync up``); None for
+            ``lipsync gateway``.
 
     Raises:
         StartupError: a port could not be bound.
@@ -269,7 +278,7 @@ async def serve_gateway(
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = GatewayServer(settings)
+    server = GatewayServer(settings, supervisor=supervisor)
     try:
         try:
             await server.start()
@@ -407,7 +416,9 @@ def run_up_command(args: argparse.Namespace) -> int:
                 return 1
             settings = settings_from_args(args, triton_url=triton.grpc_url)
             banner = f"  Triton {triton.grpc_url} (gRPC), {triton.metrics_url} (metrics)"
-            gateway = serve_gateway(settings, wait_ready_s=READY_TIMEOUT_S, banner=banner)
+            gateway = serve_gateway(
+                settings, wait_ready_s=READY_TIMEOUT_S, banner=banner, supervisor=supervisor
+            )
             asyncio.run(serve_until_given_up(gateway, supervisor))
         except TritonGaveUp as exc:
             log.error("%s; stopped the gateway", exc)

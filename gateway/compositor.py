@@ -16,10 +16,11 @@ JPEG modes (`JpegMode`, shown in ``/readyz`` as ``jpeg``):
   checked at load (`lipsync.jpeg_splice.check_splice`); a mismatch switches the gateway to
   ``full`` for good, logs the reason and shows it in ``/readyz``.
 
-Output kinds (`gateway.frame_request.OutputKind`, per request): ``full`` frames as above, or ``crop``: only the face
-rectangle's pixels (`lipsync.frames.face_patch`, the rectangle's size), encoded standalone with the
-configured encoder; the client draws it at the rectangle over the video frame's background JPEG
-(``AvatarBackgrounds.jpeg``, served over HTTP), see `gateway.ws_protocol`.
+Outputs (`gateway.frame_request.FrameOutput`, per request): ``composite`` frames as above, or
+``face``: only the crop rectangle's pixels (`lipsync.frames.face_patch`, the rectangle's size),
+encoded standalone with the configured encoder; the client draws it into the rectangle over the
+video frame it shows (the original clients on ``/``; crop output over the background JPEG
+``AvatarBackgrounds.jpeg`` served over HTTP), see `gateway.ws_protocol`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.backgrounds import AvatarBackgrounds
-from gateway.frame_request import OutputKind
+from gateway.frame_request import FrameOutput
 from gateway.jpeg import JpegEncoder, RestartIntervalEncoder
 from gateway.store import Avatar
 from lipsync.frames import face_patch, paste_back, paste_back_region
@@ -80,7 +81,9 @@ class Compositor:
     def __init__(self, encoder: JpegEncoder, restart: RestartIntervalEncoder, *, splice: bool) -> None:
         self.plain = encoder
         self.restart = restart
-        self.mode = JpegMode("spliced") if splice else JpegMode("full", "splicing is off (LIPSYNC_JPEG_SPLICE=0)")
+        self.mode = (
+            JpegMode("spliced") if splice else JpegMode("full", "splicing is off (LIPSYNC_JPEG_SPLICE=0)")
+        )
 
     @property
     def encoder(self) -> JpegEncoder:
@@ -103,12 +106,19 @@ class Compositor:
             x1, y1, x2, y2 = (int(c) for c in avatar.rects[0])
             reason = check_splice(built.frames[0], avatar.frames[0], (x1, y1, x2, y2), settings)
             if reason is not None:
-                self.mode = JpegMode("full", f"spliced JPEG self-test failed on avatar {avatar.name!r}: {reason}")
+                self.mode = JpegMode(
+                    "full", f"spliced JPEG self-test failed on avatar {avatar.name!r}: {reason}"
+                )
                 log.error("%s; encoding full frames from now on", self.mode.reason)
         log.info(
             "avatar %r: %d background JPEGs (q%d %s, restart every %d MCUs), %.1f MiB, %.0f ms",
-            avatar.name, len(built.frames), settings.quality, settings.subsampling,
-            settings.restart_mcus, built.nbytes / 2**20, built.build_ms,
+            avatar.name,
+            len(built.frames),
+            settings.quality,
+            settings.subsampling,
+            settings.restart_mcus,
+            built.nbytes / 2**20,
+            built.build_ms,
         )
         return built
 
@@ -124,21 +134,21 @@ class Compositor:
             return None
         return backgrounds.jpeg(v)
 
-    def composite(self, avatar: Avatar, v: int, pred: NDArray[np.uint8], output: OutputKind) -> Composited:
+    def composite(self, avatar: Avatar, v: int, pred: NDArray[np.uint8], output: FrameOutput) -> Composited:
         """Paste back the prediction of video frame ``v`` and encode the result (blocking, CPU).
 
         Args:
             avatar: the avatar.
             v: video frame index.
             pred: uint8 ``[320, 320, 3]`` BGR prediction.
-            output: ``full`` (the whole frame) or ``crop`` (the face rectangle alone).
+            output: ``composite`` (the whole frame) or ``face`` (the crop rectangle alone).
 
         Raises:
             ValueError: wrong shapes (a bug upstream).
         """
         t0 = time.perf_counter()
         backgrounds = avatar.backgrounds
-        if output == "crop":
+        if output == "face":
             x1, y1, x2, y2 = (int(c) for c in avatar.rects[v])
             patch = face_patch(avatar.crops[v], pred, x2 - x1, y2 - y1)
             t1 = time.perf_counter()

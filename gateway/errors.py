@@ -69,3 +69,21 @@ class TritonDeadline(TritonUnavailable):
     Same code as `TritonUnavailable` for callers; the model lifecycle tells it apart because a
     slow answer from a busy server is not an outage (`gateway.model_lifecycle`).
     """
+
+
+class TritonEndpointDown(TritonUnavailable):
+    """The Triton endpoint itself failed the call: connection refused or lost (gRPC
+    ``UNAVAILABLE``, which Triton also answers when it cannot take the request now), or the
+    endpoint went down while the call was in flight (`gateway.inference.GuardedInference`).
+
+    Same code as `TritonUnavailable` for callers; `gateway.endpoint_pool.EndpointPool` retries
+    such a call once on another endpoint (inference is idempotent), never a call that got an
+    answer (an error or a bad tensor) or ran past its deadline.
+    """
+
+
+class OriginNotAllowed(GatewayError):
+    """A browser page of another origin tried to open a WebSocket (``ws_allowed_origins``)."""
+
+    code = "origin_not_allowed"
+    http_status = 403

@@ -16,9 +16,12 @@ WireProtocol = Literal["grpc", "ws", "http", "live"]
 """The protocol a request came in on (the ``protocol`` label of the gateway's metrics); ``live``:
 a speaking slot of a live session (`gateway.live_render`), over either of its transports."""
 
-OutputKind = Literal["full", "crop"]
-"""What a request asks for: the full composited frame, or only the face rectangle's pixels
-(crop output, opt-in; `gateway.compositor`)."""
+FrameOutput = Literal["composite", "face"]
+"""What a rendered frame's JPEG shows: ``composite``, the whole video frame with the prediction
+pasted back (docs/GLOSSARY.md); ``face``, the crop rectangle's pixels of that composite only
+(`lipsync.frames.face_patch`), which a client draws into the rectangle over the video frame it
+already shows (the original WebSocket clients and crop output, `gateway.ws_protocol`). Both are
+made by `gateway.compositor.Compositor.composite`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +33,10 @@ class FrameRequest:
         frame_id: the output frame, ``0 <= frame_id < M`` with the package's audio; with live
             audio any ``frame_id >= 0`` (it only picks the video frame, ping-pong).
         audio: the frame's live audio, or None to use the package's feature rows.
-        output: ``full`` (default) or ``crop``.
+        output: what the JPEG shows (`FrameOutput`).
     """
 
     avatar: str
     frame_id: int
     audio: LiveAudio | None = None
-    output: OutputKind = "full"
+    output: FrameOutput = "composite"

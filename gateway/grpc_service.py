@@ -15,14 +15,22 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   of one stream are rendered concurrently (pipelined); beyond that the stream's next request
   is not read until the oldest answer is sent (back-pressure, bounded memory).
 - ``GenerateBatchInference`` renders its frames concurrently under the same per-call limit.
+- Per client (`gateway.limits`): all frames of one caller address (``context.peer()`` without
+  the port) count against ``max_in_flight_per_peer``: ``GenerateInference`` is refused
+  ``overloaded`` at once past it, streams and batches wait for a slot. ``GetVideoFrame``'s JPEG
+  and ``GenerateBatchWithAudio``'s audio features take one of the ``max_aux_in_flight`` slots
+  of work beside rendering (``overloaded`` at once when none is free) and run on its own pool.
 - ``GenerateBatchWithAudio``: see `gateway.audio_features` for the chunk -> mel window ->
-  feature row mapping (computed once per request); frame ``k`` shows video frame
-  ``start_frame_id + k`` (ping-pong) with the window of rows ``k .. k+15``.
+  feature row mapping (computed once per request) and the chunk contract: ``min(s, 8) +
+  frame_count + 7`` chunks for ``s = start_frame_id`` (8 of past, or at the start of a clip the
+  ``s`` that exist, the missing past being zeros), extra chunks at the end ignored; frame ``k``
+  shows video frame ``s + k`` (ping-pong) with the window of chunks ``s+k-8 .. s+k+7``.
 
 Also served: ``lipsync.live.v1.LiveLipSync`` (live sessions, `gateway.live_grpc`),
 ``grpc.health.v1.Health`` (overall, ``optimized_lipsyncsrv.OptimizedLipSyncService`` and
 ``lipsync.live.v1.LiveLipSync``: SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed
-on every change) and server reflection.
+on every change) and server reflection. A request message that does not decode gets
+``INVALID_ARGUMENT`` naming the method, from any of them (`gateway.grpc_decode_guard`).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -41,6 +50,8 @@ from gateway.audio_features import LiveAudio
 from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
 from gateway.frame_request import FrameRequest, WireProtocol
+from gateway.grpc_decode_guard import DecodeGuard
+from gateway.limits import grpc_server_options, peer_address
 from gateway.live_grpc import SERVICE_NAME as LIVE_SERVICE_NAME
 from gateway.live_grpc import LiveLipSyncService
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
@@ -64,10 +75,12 @@ OPTIMIZATIONS = (
 PROTOCOL: WireProtocol = "grpc"
 INT32_MAX = 2**31 - 1
 """Largest ``frame_id`` the proto's int32 fields can carry."""
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+"""A servicer method's call context (the methods only abort through it)."""
 
 
 def _ms(value: float) -> int:
-    return int(round(value))
+    return round(value)
 
 
 def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
@@ -118,15 +131,32 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             return error_response(request.avatar, request.frame_id, exc, t0)
         return frame_response(frame)
 
-    async def _render_limited(self, limiter: ConnectionLimiter, request: FrameRequest) -> pb.OptimizedInferenceResponse:
+    async def _render_limited(
+        self, limiter: ConnectionLimiter, request: FrameRequest
+    ) -> pb.OptimizedInferenceResponse:
         async with limiter.slot(wait=True):
             return await self._render(request)
 
-    async def GenerateInference(self, request: pb.OptimizedInferenceRequest, context: grpc.aio.ServicerContext) -> pb.OptimizedInferenceResponse:
-        """One frame (in-band errors)."""
-        return await self._render(FrameRequest(request.model_name, request.frame_id))
+    async def GenerateInference(
+        self, request: pb.OptimizedInferenceRequest, context: Context
+    ) -> pb.OptimizedInferenceResponse:
+        """One frame (in-band errors); refused ``overloaded`` at once when the caller's address
+        has ``max_in_flight_per_peer`` frames in flight."""
+        t0 = time.perf_counter()
+        limiter = self.ctx.new_connection_limiter(peer_address(context.peer()))
+        try:
+            await limiter.acquire(wait=False)
+        except GatewayError as exc:
+            self.pipeline.record_refused(PROTOCOL, exc)
+            return error_response(request.model_name, request.frame_id, exc, t0)
+        try:
+            return await self._render(FrameRequest(request.model_name, request.frame_id))
+        finally:
+            limiter.release()
 
-    def _batch_response(self, responses: list[pb.OptimizedInferenceResponse], t0: float) -> pb.BatchInferenceResponse:
+    def _batch_response(
+        self, responses: list[pb.OptimizedInferenceResponse], t0: float
+    ) -> pb.BatchInferenceResponse:
         total_ms = (time.perf_counter() - t0) * 1e3
         return pb.BatchInferenceResponse(
             responses=responses,
@@ -140,10 +170,11 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             raise BadRequest(f"a batch must ask for 1..{limit} frames, got {n}")
 
     async def _render_batch(
-        self, avatar: str, frame_ids: list[int], audio: Sequence[LiveAudio] | None = None
+        self, avatar: str, frame_ids: list[int], audio: Sequence[LiveAudio] | None = None, *, peer: str
     ) -> list[pb.OptimizedInferenceResponse]:
-        """Frames rendered concurrently under one per-call limit; answers in request order."""
-        limiter = self.ctx.new_connection_limiter()
+        """Frames rendered concurrently under one per-call limit and the caller's per-peer limit
+        (``peer``, waited for); answers in request order."""
+        limiter = self.ctx.new_connection_limiter(peer)
         return list(
             await asyncio.gather(
                 *(
@@ -153,7 +184,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             )
         )
 
-    async def GenerateBatchInference(self, request: pb.BatchInferenceRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
+    async def GenerateBatchInference(
+        self, request: pb.BatchInferenceRequest, context: Context
+    ) -> pb.BatchInferenceResponse:
         """Several frames rendered concurrently (per-call limit); answers in request order."""
         t0 = time.perf_counter()
         ids = list(request.frame_ids)
@@ -161,10 +194,15 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             self._check_batch_size(len(ids))
         except GatewayError as exc:
             self.pipeline.record_refused(PROTOCOL, exc)
-            return self._batch_response([error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0)
-        return self._batch_response(await self._render_batch(request.model_name, ids), t0)
+            return self._batch_response(
+                [error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0
+            )
+        peer = peer_address(context.peer())
+        return self._batch_response(await self._render_batch(request.model_name, ids, peer=peer), t0)
 
-    async def GenerateBatchWithAudio(self, request: pb.BatchInferenceWithAudioRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
+    async def GenerateBatchWithAudio(
+        self, request: pb.BatchInferenceWithAudioRequest, context: Context
+    ) -> pb.BatchInferenceResponse:
         """Frames driven by the request's audio chunks (see module doc)."""
         t0 = time.perf_counter()
         avatar, start, frames = request.model_name, request.start_frame_id, request.frame_count
@@ -177,20 +215,22 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     f"start_frame_id {start} + frame_count {frames} runs past the largest "
                     f"frame_id {INT32_MAX} (int32)"
                 )
-            windows = await self.pipeline.audio.batch_windows(list(request.audio_chunks), frames)
+            with self.ctx.aux.slot("GenerateBatchWithAudio's audio features"):
+                windows = await self.pipeline.audio.batch_windows(request.audio_chunks, frames, start)
         except GatewayError as exc:
             # one error answer per asked frame, as far as its frame_id fits the int32 field
             n = min(max(frames, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)
             self.pipeline.record_refused(PROTOCOL, exc)
             return self._batch_response([error_response(avatar, start + k, exc, t0) for k in range(n)], t0)
         ids = [start + k for k in range(frames)]
-        return self._batch_response(await self._render_batch(avatar, ids, windows), t0)
+        peer = peer_address(context.peer())
+        return self._batch_response(await self._render_batch(avatar, ids, windows, peer=peer), t0)
 
     async def StreamInference(
-        self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: Context
     ) -> AsyncIterator[pb.OptimizedInferenceResponse]:
         """Bidirectional stream: answers in request order, frames pipelined (module doc)."""
-        limiter = self.ctx.new_connection_limiter()
+        limiter = self.ctx.new_connection_limiter(peer_address(context.peer()))
         pending: asyncio.Queue[asyncio.Task[pb.OptimizedInferenceResponse] | None] = asyncio.Queue()
 
         async def reader() -> None:
@@ -222,7 +262,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     task.cancel()
 
     # ------------------------------------------------------------------ packages & info
-    async def LoadPackage(self, request: pb.LoadPackageRequest, context: grpc.aio.ServicerContext) -> pb.LoadPackageResponse:
+    async def LoadPackage(self, request: pb.LoadPackageRequest, context: Context) -> pb.LoadPackageResponse:
         """Load or reload a package from inside the packages root (in-band errors)."""
         t0 = time.perf_counter()
         try:
@@ -257,14 +297,13 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             memory_mapped_audio=isinstance(avatar.features, np.memmap),
         )
 
-    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+    async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
         """Per-avatar rendered-frame count and inference ms (all avatars when the name is empty)."""
         if request.model_name:
             try:
                 avatars = [self.ctx.store.get(request.model_name)]
             except GatewayError as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-                raise AssertionError("unreachable")  # abort raises
         else:
             avatars = self.ctx.store.avatars()
         total = sum(a.stats.total_requests for a in avatars)
@@ -282,12 +321,12 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             optimizations_active=list(OPTIMIZATIONS),
         )
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         """Names of the loaded avatars."""
         names = self.ctx.store.names()
         return pb.ListModelsResponse(loaded_models=names, count=len(names))
 
-    async def HealthCheck(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+    async def HealthCheck(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
         """Healthy when Triton is ready with every avatar model loaded."""
         ready = self.ctx.ready()
         if ready:
@@ -303,7 +342,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             uptime_seconds=int(self.ctx.uptime_s()),
         )
 
-    async def GetVideoFrame(self, request: pb.GetVideoFrameRequest, context: grpc.aio.ServicerContext) -> pb.GetVideoFrameResponse:
+    async def GetVideoFrame(
+        self, request: pb.GetVideoFrameRequest, context: Context
+    ) -> pb.GetVideoFrameResponse:
         """The source video frame of ``frame_id`` (ping-pong) as JPEG, no inference."""
         try:
             avatar = self.pipeline.validate(request.model_name, request.frame_id)
@@ -317,14 +358,19 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                 image = mask_inner(avatar.inners[v])
             else:
                 raise BadRequest(f"unknown video_type {kind!r}; choose one of {', '.join(VIDEO_TYPES)}")
-            data = await self.pipeline.encode(image)
+            with self.ctx.aux.slot("GetVideoFrame"):
+                data = await self.ctx.aux.run(self.pipeline.encoder.encode, image)
         except GatewayError as exc:
             return pb.GetVideoFrameResponse(
                 success=False, error=str(exc), frame_id=request.frame_id, video_type=request.video_type
             )
-        return pb.GetVideoFrameResponse(success=True, frame_data=data, frame_id=request.frame_id, video_type=kind)
+        return pb.GetVideoFrameResponse(
+            success=True, frame_data=data, frame_id=request.frame_id, video_type=kind
+        )
 
-    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.GetModelMetadataResponse:
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: Context
+    ) -> pb.GetModelMetadataResponse:
         """Frame-id range, video types, audio path and every video frame's rectangle
         (``bounds`` = x1, y1, x2, y2 per video frame, in video-frame order)."""
         try:
@@ -365,7 +411,9 @@ class HealthReporter:
         ready = self._wanted
         if ready == self._published:
             return
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SERVICE_NAME, LIVE_SERVICE_NAME):
             await self.servicer.set(service, status)
         self._published = ready
@@ -399,16 +447,24 @@ class HealthReporter:
 def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthReporter]:
     """A ``grpc.aio`` server with the lipsync service, health and reflection (not started).
 
-    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``.
+    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``; calls
+    open in the whole server are capped by ``grpc_max_concurrent_rpcs`` (one more is answered
+    RESOURCE_EXHAUSTED); connection limits (streams per connection, keepalive, idle, age) are
+    `gateway.limits.grpc_server_options`. A request message that does not decode is answered
+    ``INVALID_ARGUMENT`` by every method of every service added to it
+    (`gateway.grpc_decode_guard.DecodeGuard`).
     The caller adds the port and starts it (see `gateway.server`).
     """
     s = ctx.settings
     server = grpc.aio.server(
+        interceptors=[DecodeGuard(ctx.malformed)],  # every method: undecodable -> INVALID_ARGUMENT
         options=[
             ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
             ("grpc.max_send_message_length", s.grpc_max_send_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+            *grpc_server_options(s),
+        ],
+        maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,
     )
     pbg.add_OptimizedLipSyncServiceServicer_to_server(LipSyncService(ctx), server)
     live_pbg.add_LiveLipSyncServicer_to_server(LiveLipSyncService(ctx.live), server)

@@ -12,9 +12,9 @@ Each call:
    `gateway.model_lifecycle`), never after the 30 s call deadline;
 4. on failure, wakes the lifecycle so it probes at once instead of at its next tick.
 
-Several endpoints (issue 12) fit behind the same `InferenceClient` protocol: one
-client + lifecycle pair per endpoint, a router that sends each call to an endpoint whose
-`LifecycleSnapshot.model_ready` holds, and retries it once on another.
+A call aborted by the outage signal raises `TritonEndpointDown`, as does the client for a
+refused or lost connection: `gateway.endpoint_pool.EndpointPool`, which holds one
+`GuardedInference` per Triton endpoint, retries those on another endpoint.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.errors import TritonUnavailable
+from gateway.errors import TritonEndpointDown, TritonUnavailable
 from gateway.model_lifecycle import ModelLifecycle
 from gateway.triton_client import InferenceClient
 
@@ -56,7 +56,9 @@ class GuardedInference:
 
     async def infer_audio_encoder(self, model: str, mel: NDArray[np.float32]) -> NDArray[np.float32]:
         """`InferenceClient.infer_audio_encoder`, guarded and split (module doc)."""
-        return await self._split(model, len(mel), lambda lo, hi: self.client.infer_audio_encoder(model, mel[lo:hi]))
+        return await self._split(
+            model, len(mel), lambda lo, hi: self.client.infer_audio_encoder(model, mel[lo:hi])
+        )
 
     async def _split(
         self, model: str, n: int, call: Callable[[int, int], Awaitable[NDArray[T]]]
@@ -66,7 +68,10 @@ class GuardedInference:
         if step >= n:
             return await self._guarded(model, functools.partial(call, 0, n))
         parts = await asyncio.gather(
-            *(self._guarded(model, functools.partial(call, lo, min(lo + step, n))) for lo in range(0, n, step))
+            *(
+                self._guarded(model, functools.partial(call, lo, min(lo + step, n)))
+                for lo in range(0, n, step)
+            )
         )
         return np.concatenate(parts, axis=0)
 
@@ -74,7 +79,8 @@ class GuardedInference:
         """Send ``request()`` if the lifecycle admits ``model``; abort it if Triton goes down first.
 
         Raises:
-            TritonUnavailable: not admitted, the request failed, or Triton went down meanwhile.
+            TritonUnavailable: not admitted, or the request failed (`TritonEndpointDown` when
+                its connection failed or Triton went down meanwhile).
         """
         outage = self.lifecycle.admit(model)
         call = asyncio.ensure_future(request())
@@ -82,7 +88,7 @@ class GuardedInference:
             await asyncio.wait((call, outage), return_when=asyncio.FIRST_COMPLETED)
             if not call.done():
                 call.cancel()
-                raise TritonUnavailable(f"Triton went down while {model!r} was inferring: {outage.result()}")
+                raise TritonEndpointDown(f"Triton went down while {model!r} was inferring: {outage.result()}")
             return call.result()
         except TritonUnavailable:
             self.lifecycle.wake()

@@ -2,12 +2,14 @@
 restart markers (`RestartIntervalEncoder`), the encoder of the spliced path.
 
 All take uint8 ``[H, W, 3]`` **BGR** (OpenCV order) and produce a baseline JPEG with the same
-quality scaling and chroma subsampling, so a decoder gives back the same colours either way. Subsampling ``auto``
-means 4:4:4 at quality >= 90 and 4:2:0 below: asking for >= 90 means asking for fidelity, and
-4:2:0 alone caps a natural frame near 39 dB PSNR (measured on the demo clip at q95: 4:2:0
-38.8 dB, 4:2:2 40.4 dB, 4:4:4 41.2 dB), while 4:2:0 keeps frames small at the default q85. The gateway runs the
-encoder in its thread pool (see `gateway.pipeline`); both libraries release the GIL.
+quality scaling and chroma subsampling, so a decoder gives back the same colours either way.
+Subsampling ``auto`` means 4:4:4 at quality >= 90 and 4:2:0 below: asking for >= 90 means
+asking for fidelity, and 4:2:0 alone caps a natural frame near 39 dB PSNR (measured on the demo
+clip at q95: 4:2:0 38.8 dB, 4:2:2 40.4 dB, 4:4:4 41.2 dB), while 4:2:0 keeps frames small at
+the default q85. The gateway runs the encoder in its thread pool (see `gateway.pipeline`); both
+libraries release the GIL.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Protocol, cast
@@ -87,8 +89,10 @@ class OpenCvJpegEncoder:
         self.quality = quality
         self.subsampling = resolve_subsampling(subsampling, quality)
         self._params = [
-            cv2.IMWRITE_JPEG_QUALITY, quality,
-            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _CV_SAMPLING[self.subsampling],
+            cv2.IMWRITE_JPEG_QUALITY,
+            quality,
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+            _CV_SAMPLING[self.subsampling],
         ]
 
     def encode(self, bgr: NDArray[np.uint8]) -> bytes:

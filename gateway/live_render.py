@@ -3,9 +3,10 @@
 `gateway.live` is pure (no Triton, no sockets); it asks two interfaces for what it cannot compute:
 
 - `gateway.live.features.AudioEncoder`: `TritonAudioEncoder`, Triton's ``audio_encoder`` through
-  the gateway's `GuardedInference` (so a Triton outage fails at once), each call bounded by
-  `LiveSettings.encoder_timeout_s`: a failed or slow call makes its slots late idle frames,
-  it never stalls the stream. Concurrent sessions' calls meet in Triton's dynamic batcher.
+  the gateway's `gateway.endpoint_pool.EndpointPool` (so a Triton outage fails at once; sessions
+  keep no state in Triton, so any endpoint with the encoder ready serves any session), each call
+  bounded by `LiveSettings.encoder_timeout_s`: a failed or slow call makes its slots late idle
+  frames, it never stalls the stream. Concurrent sessions' calls meet in Triton's dynamic batcher.
 - `gateway.live.types.Renderer`: `AvatarRenderer`, one avatar. Speaking slots go through
   `FramePipeline.render_window` (admission, UNet, composite, JPEG; metrics label ``live``);
   idle slots are the avatar's own video frames from `IdleFrames`, no Triton call.
@@ -25,10 +26,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.frame_request import WireProtocol
-from gateway.inference import GuardedInference
 from gateway.live.types import RenderedFrame
 from gateway.pipeline import FramePipeline
 from gateway.store import Avatar
+from gateway.triton_client import InferenceClient
 
 PROTOCOL: WireProtocol = "live"
 """The pipeline's metrics label of speaking slots (either transport)."""
@@ -38,12 +39,12 @@ class TritonAudioEncoder:
     """`AudioEncoder` on Triton's ``audio_encoder`` (module doc).
 
     Args:
-        inference: the gateway's guarded Triton client.
+        inference: the gateway's Triton endpoints (lifecycle-aware `InferenceClient`).
         model: the encoder's Triton model name (``GatewaySettings.audio_encoder_model``).
         timeout_s: deadline of one call (s).
     """
 
-    def __init__(self, inference: GuardedInference, model: str, timeout_s: float) -> None:
+    def __init__(self, inference: InferenceClient, model: str, timeout_s: float) -> None:
         self.inference = inference
         self.model = model
         self.timeout_s = timeout_s
@@ -84,7 +85,9 @@ class IdleFrames:
             self._cache[avatar.name] = entry
         futures = entry[1]
         if not 0 <= video_index < len(futures):
-            raise IndexError(f"video frame {video_index} outside 0..{len(futures) - 1} of avatar {avatar.name!r}")
+            raise IndexError(
+                f"video frame {video_index} outside 0..{len(futures) - 1} of avatar {avatar.name!r}"
+            )
         future = futures[video_index]
         if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
             future = asyncio.ensure_future(self._pipeline.encode_video_frame(avatar, video_index))
@@ -115,7 +118,9 @@ class AvatarRenderer:
         self._pipeline = pipeline
         self._idle = idle
 
-    async def render_speaking(self, slot: int, video_frame: int, window: NDArray[np.float32]) -> RenderedFrame:
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         """Video frame ``video_frame`` lip-synced with ``window`` float32 ``[16, 512]``.
 
         Raises:

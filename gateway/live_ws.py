@@ -10,44 +10,61 @@ connection that goes away ends the session (its renders are cancelled).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.errors import BadRequest, GatewayError
 from gateway.live_service import LiveInput, LiveSessions, Pcm, Refused
 from gateway.live_ws_protocol import End, decode_text, encode_output
+from gateway.malformed import MalformedInput
+from gateway.ws_limits import WsGate
 
 log = logging.getLogger(__name__)
 
 
-async def _inputs(ws: web.WebSocketResponse, max_bytes: int) -> AsyncIterator[LiveInput]:
-    """The connection's messages as session inputs, until ``end`` or the close."""
+PATH = "/live"
+
+
+async def _inputs(
+    ws: web.WebSocketResponse, max_bytes: int, malformed: Callable[[str], None]
+) -> AsyncIterator[LiveInput]:
+    """The connection's messages as session inputs, until ``end`` or the close; input that
+    does not follow the protocol also goes to ``malformed`` (`gateway.malformed`)."""
     async for msg in ws:
         if msg.type == WSMsgType.BINARY:
             if len(msg.data) > max_bytes:
-                yield Refused(BadRequest(
+                refused = BadRequest(
                     f"PCM message of {len(msg.data)} bytes exceeds the limit of {max_bytes} bytes "
                     "(LIPSYNC_WS_MAX_MESSAGE_BYTES); send smaller pieces"
-                ))
+                )
+                malformed(refused.message)
+                yield Refused(refused)
             else:
                 yield Pcm(msg.data)
         elif msg.type == WSMsgType.TEXT:
             try:
                 item = decode_text(msg.data)
             except GatewayError as exc:
+                if isinstance(exc, BadRequest):
+                    malformed(exc.message)
                 yield Refused(exc)
                 continue
             if isinstance(item, End):
                 return
             yield item
-        elif msg.type == WSMsgType.ERROR:
-            log.warning("live WebSocket closed: %s", msg.data)
+        elif msg.type == WSMsgType.ERROR:  # aiohttp closed it (protocol error, too big)
+            malformed(f"connection closed: {msg.data}")
             return
 
 
 async def serve_live_websocket(
-    request: web.Request, live: LiveSessions, max_message_bytes: int, open_ws: set[web.WebSocketResponse]
+    request: web.Request,
+    live: LiveSessions,
+    max_message_bytes: int,
+    open_ws: set[web.WebSocketResponse],
+    malformed: MalformedInput,
+    gate: WsGate,
 ) -> web.WebSocketResponse:
     """Serve one ``/live`` connection (module doc).
 
@@ -57,21 +74,33 @@ async def serve_live_websocket(
         max_message_bytes: largest PCM message accepted (``ws_max_message_bytes``); up to 4x
             that gets an error, beyond aiohttp closes with 1009.
         open_ws: the app's open WebSockets (closed with 1001 when the gateway stops).
+        malformed: where a refused handshake and messages that do not follow the protocol are
+            reported (counted, one log line per peer per interval).
+        gate: the WebSocket limits; frames go out within its send budget, and a client that
+            does not take them is closed with 1013 (`gateway.ws_limits`), ending its session.
+
+    Raises:
+        web.HTTPException: a handshake aiohttp refused (answered 400).
     """
+
+    def report(detail: str) -> None:
+        malformed.report("ws", PATH, request.remote, detail)
+
     ws = web.WebSocketResponse(max_msg_size=max_message_bytes * 4, heartbeat=30.0, compress=False)
-    await ws.prepare(request)
-    open_ws.add(ws)
     try:
-        async for item in live.serve(_inputs(ws, max_message_bytes), "ws"):
-            if ws.closed:
-                break
-            try:
-                await ws.send_bytes(encode_output(item))
-            except (ConnectionError, RuntimeError) as exc:
-                log.debug("live WebSocket gone: %s", exc)
-                break
+        await ws.prepare(request)
+    except web.HTTPException as exc:
+        report(f"handshake refused: {exc.text}")
+        raise
+    open_ws.add(ws)
+    sender = gate.sender(ws, request)
+    try:
+        async for item in live.serve(_inputs(ws, max_message_bytes, report), "ws"):
+            if not await sender.send(encode_output(item)):
+                break  # the client is gone or fell behind (then closed with 1013)
         else:
             await ws.close(code=WSCloseCode.OK, message=b"session ended")
     finally:
         open_ws.discard(ws)
+        await sender.wait_closed()
     return ws

@@ -12,11 +12,32 @@ Series (all names prefixed ``lipsync_gateway_``):
 - ``stage_latency_seconds{stage}``: histogram per stage: prepare | inference | paste | jpeg |
   composite (= paste + jpeg) | total;
 - ``in_flight``: frames currently being rendered;
-- ``triton_ready``: 1 when Triton is live and every avatar's model is ready, else 0 (set by a
-  subscriber of `gateway.model_lifecycle.ModelLifecycle`);
+- ``triton_ready``: 1 when every avatar's model is ready on at least one live Triton endpoint,
+  else 0 (set by a subscriber of `gateway.endpoint_pool.EndpointPool`);
+- per Triton endpoint (label ``endpoint="host:port"``, from `gateway.endpoint_pool`; an
+  endpoint's series are removed when it leaves the pool):
+  ``triton_calls_total{endpoint}`` (calls sent, each possibly split into several requests),
+  ``triton_errors_total{endpoint, kind}`` (failed calls; kind = down: connection refused or
+  lost, or the endpoint went down during the call, retried on another endpoint | deadline |
+  error: any other failure, a bad answer included), ``triton_retries_total{endpoint}`` (calls
+  that failed there as down and were sent to another endpoint), ``triton_call_seconds{endpoint}``
+  (latency histogram of successful calls), ``triton_endpoint_ready{endpoint}`` (1 when live
+  with every avatar's model ready), ``triton_endpoint_in_flight{endpoint}``;
 - ``ws_connections``: open WebSocket connections;
 - ``ws_messages_total{kind}``: WebSocket messages received, kind = binary | text | oversized
   (answered with an error) | too_big (over the transport cap: connection closed with 1009);
+- ``malformed_requests_total{protocol, method}``: client input that did not decode, by
+  protocol and the gRPC method, WebSocket path or HTTP route it was sent to
+  (`gateway.malformed`);
+- under ``lipsync up`` only: ``triton_restarts_total``, ``triton_supervisor_state`` and
+  ``triton_last_exit_info``, added by `gateway.triton_supervision`;
+- ``ws_refused_total{reason}``: WebSocket upgrades refused (`gateway.ws_limits`), reason =
+  connections (``max_ws_connections`` open: 503) | origin (Origin not allowed: 403);
+- ``ws_closed_slow_total{reason}``: WebSocket connections the gateway closed with 1013 because
+  the client did not take its replies (`gateway.ws_limits.WsSender`), reason = send_buffer |
+  send_timeout;
+- ``limit_refusals_total{limit}``: requests refused ``overloaded`` by a per-client limit of
+  `gateway.limits`, limit = peer | aux;
 - ``live_sessions{transport}``: open live sessions (issue 10), transport grpc | ws;
 - ``live_slots_total{transport, kind}``: live frames sent, kind = speaking | idle | late (a
   speaking slot sent idle because its audio encoding or render failed or missed its deadline);
@@ -28,6 +49,8 @@ Series (all names prefixed ``lipsync_gateway_``):
 Outcomes are counted by `gateway.pipeline.FramePipeline`, once per request.
 """
 from __future__ import annotations
+
+import contextlib
 
 from prometheus_client import (
     CollectorRegistry,
@@ -46,6 +69,8 @@ _LIVE_LATENCY_BUCKETS_S = (0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 1.0, 1.
 """Audio-to-frame bounds (s): a speaking slot cannot go out before its 412.5 ms of lookahead."""
 
 STAGES = ("prepare", "inference", "paste", "jpeg", "composite", "total")
+TRITON_ERROR_KINDS = ("down", "deadline", "error")
+"""Values of the ``kind`` label of ``triton_errors_total`` (module doc)."""
 
 
 class GatewayMetrics:
@@ -82,6 +107,43 @@ class GatewayMetrics:
             "1 when Triton is ready with every avatar model loaded, else 0",
             registry=self.registry,
         )
+        self.triton_calls = Counter(
+            "lipsync_gateway_triton_calls",
+            "Calls sent to each Triton endpoint",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.triton_errors = Counter(
+            "lipsync_gateway_triton_errors",
+            "Failed calls per Triton endpoint, by kind (down | deadline | error)",
+            ["endpoint", "kind"],
+            registry=self.registry,
+        )
+        self.triton_retries = Counter(
+            "lipsync_gateway_triton_retries",
+            "Calls that failed on this endpoint as down and were retried on another",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.triton_call_latency = Histogram(
+            "lipsync_gateway_triton_call_seconds",
+            "Latency of successful calls per Triton endpoint (s)",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.triton_endpoint_ready = Gauge(
+            "lipsync_gateway_triton_endpoint_ready",
+            "1 when the Triton endpoint is live with every avatar model ready, else 0",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.triton_endpoint_in_flight = Gauge(
+            "lipsync_gateway_triton_endpoint_in_flight",
+            "Calls in flight on each Triton endpoint",
+            ["endpoint"],
+            registry=self.registry,
+        )
         self.ws_connections = Gauge(
             "lipsync_gateway_ws_connections", "Open WebSocket connections", registry=self.registry
         )
@@ -91,7 +153,32 @@ class GatewayMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.malformed_requests = Counter(
+            "lipsync_gateway_malformed_requests",
+            "Client input that did not decode, by protocol and method (gRPC method, WebSocket "
+            "path or HTTP route)",
+            ["protocol", "method"],
+            registry=self.registry,
+        )
 
+        self.ws_refused = Counter(
+            "lipsync_gateway_ws_refused",
+            "WebSocket upgrades refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ws_closed_slow = Counter(
+            "lipsync_gateway_ws_closed_slow",
+            "WebSocket connections closed (1013) because the client did not take its replies",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.limit_refusals = Counter(
+            "lipsync_gateway_limit_refusals",
+            "Requests refused overloaded by a per-client limit",
+            ["limit"],
+            registry=self.registry,
+        )
         self.live_sessions = Gauge(
             "lipsync_gateway_live_sessions", "Open live sessions, by transport", ["transport"],
             registry=self.registry,
@@ -134,6 +221,36 @@ class GatewayMetrics:
         else:
             self.requests.labels(protocol=protocol, outcome="error").inc()
             self.errors.labels(protocol=protocol, code=error_code).inc()
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        """Remove every series of a Triton endpoint that left the pool (a Kubernetes pod's
+        address is not reused, so its series would only accumulate)."""
+        for metric in (
+            self.triton_calls, self.triton_retries, self.triton_call_latency,
+            self.triton_endpoint_ready, self.triton_endpoint_in_flight,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(endpoint)
+        for kind in TRITON_ERROR_KINDS:
+            with contextlib.suppress(KeyError):
+                self.triton_errors.remove(endpoint, kind)
+
+    def endpoint_totals(self, endpoint: str) -> dict[str, int | float]:
+        """``calls``, ``errors`` (all kinds), ``retries`` and ``avg_call_ms`` (successful calls,
+        ms, 2 decimals) of one Triton endpoint, read back from its series (for ``/api/stats``)."""
+        value = self.registry.get_sample_value
+        label = {"endpoint": endpoint}
+        ok = value("lipsync_gateway_triton_call_seconds_count", label) or 0.0
+        seconds = value("lipsync_gateway_triton_call_seconds_sum", label) or 0.0
+        errors = (
+            value("lipsync_gateway_triton_errors_total", {**label, "kind": k}) for k in TRITON_ERROR_KINDS
+        )
+        return {
+            "calls": int(value("lipsync_gateway_triton_calls_total", label) or 0),
+            "errors": int(sum(e or 0.0 for e in errors)),
+            "retries": int(value("lipsync_gateway_triton_retries_total", label) or 0),
+            "avg_call_ms": round(seconds / ok * 1e3, 2) if ok else 0.0,
+        }
 
     def render(self) -> bytes:
         """The registry in Prometheus text exposition format."""

@@ -294,8 +294,11 @@ class ModelLifecycle:
 
     async def _monitor_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+            # arrives as the wake event is set, and `close` would then wait forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.probe_interval_s)
+                async with asyncio.timeout(self.probe_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.probe_once()
@@ -387,7 +390,9 @@ class ModelLifecycle:
             try:
                 max_batch = await self.control.max_batch_size(model)
             except TritonUnavailable as exc:
-                log.warning("could not read the config of %s (read again at the next probe): %s", model, exc.message)
+                log.warning(
+                    "could not read the config of %s (read again at the next probe): %s", model, exc.message
+                )
         status = self._models.get(model)
         if status is None or self._server is not ServerState.LIVE:
             return

@@ -2,8 +2,8 @@
 
 The protocol adapters decode their wire format into a `gateway.frame_request.FrameRequest` and
 call `FramePipeline.render`, which runs these stages (live sessions call
-`FramePipeline.render_window` with the avatar, the video frame and their own audio window) (docs/REFERENCE.md s.2), with what each
-recorded time covers:
+`FramePipeline.render_window` with the avatar, the video frame and their own audio window)
+(docs/REFERENCE.md s.2), with what each recorded time covers:
 
 1. **validate**: a global in-flight slot is free (`Overloaded`), the avatar exists
    (`UnknownAvatar`, looked up once), ``frame_id`` is in range (`FrameOutOfRange`, negatives
@@ -16,10 +16,11 @@ recorded time covers:
 3. **inference** (``inference_ms``): one async Triton call; calls from all streams run
    concurrently so Triton's dynamic batcher batches them.
 4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode
-   (`gateway.compositor.Compositor`: spliced or full, the whole frame or the face rectangle
-   alone), one call run in a `ThreadPoolExecutor` so the event loop never blocks; it is the
-   wall time of that step, thread-pool wait included; the ``paste`` and ``jpeg`` histograms
-   split it (measured in the thread).
+   (`gateway.compositor.Compositor`: spliced or full; of the whole frame, or of the crop
+   rectangle's pixels alone for ``FrameRequest.output == "face"``), one call run in a
+   `ThreadPoolExecutor` so the event loop never blocks; it is the wall time of that step,
+   thread-pool wait included; the ``paste`` and ``jpeg`` histograms split it (measured in the
+   thread).
 
 ``total_ms`` is the wall time of the whole call. Each stage goes to the Prometheus histograms
 of `gateway.metrics`, and the outcome (ok or the error code) is counted there exactly once per
@@ -47,7 +48,7 @@ from numpy.typing import NDArray
 from gateway.audio_features import AudioFeatureExtractor
 from gateway.compositor import Compositor
 from gateway.errors import GatewayError, Overloaded
-from gateway.frame_request import FrameRequest, OutputKind, WireProtocol
+from gateway.frame_request import FrameOutput, FrameRequest, WireProtocol
 from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
@@ -70,7 +71,7 @@ def package_window(features: NDArray[np.float32], frame_id: int) -> NDArray[np.f
     memmap runs ``numpy.memmap.__array_finalize__`` in Python, and the window is sliced again on
     its way to Triton."""
     lo = frame_id - WINDOW_BEFORE
-    if 0 <= lo and lo + WINDOW_ROWS <= len(features):
+    if lo >= 0 and lo + WINDOW_ROWS <= len(features):
         return np.asarray(features)[lo : lo + WINDOW_ROWS]
     return audio_window(features, frame_id)
 
@@ -82,12 +83,12 @@ class RenderedFrame:
     Attributes:
         avatar: avatar name.
         frame_id: the requested output frame.
-        jpeg: JPEG of the full composited frame, or with ``output == "crop"`` of the face
-            rectangle alone (``rect``'s size).
+        jpeg: JPEG of the full composited frame, or of its crop rectangle alone for a request
+            with ``output="face"`` (``rect``'s size).
         rect: crop rectangle ``(x1, y1, x2, y2)`` px of the video frame shown.
         width, height: frame size (px).
         video_frame: the video frame shown (ping-pong index of ``frame_id``).
-        output: ``full`` or ``crop``, as requested.
+        output: what the JPEG shows, as requested.
         prepare_ms, inference_ms, composite_ms, total_ms: stage times (ms), see module doc.
     """
 
@@ -98,7 +99,7 @@ class RenderedFrame:
     width: int
     height: int
     video_frame: int
-    output: OutputKind
+    output: FrameOutput
     prepare_ms: float
     inference_ms: float
     composite_ms: float
@@ -189,7 +190,8 @@ class FramePipeline:
 
     Args:
         store: the loaded avatars.
-        inference: where the UNet runs (the gateway's `gateway.inference.GuardedInference`).
+        inference: where the UNet runs (the gateway's `gateway.endpoint_pool.EndpointPool`, or a
+            `gateway.batching.CoalescingInference` over it).
         audio: turns a request's live audio into its window.
         compositor: paste back + JPEG (quality fixed in it).
         executor: thread pool for paste back + JPEG.
@@ -252,7 +254,7 @@ class FramePipeline:
         return found if found is not None else await self.encode(avatar.frames[v])
 
     async def render(self, request: FrameRequest, *, protocol: WireProtocol) -> RenderedFrame:
-        """Render one frame as a composited JPEG and count its outcome (module doc).
+        """Render one frame as a JPEG (``request.output``) and count its outcome (module doc).
 
         A frame cancelled because its client went away is neither ok nor an error: not counted.
 
@@ -311,7 +313,9 @@ class FramePipeline:
         async def prepare(avatar: Avatar) -> tuple[int, NDArray[np.float32]]:
             return video_index, np.asarray(window, dtype=np.float32)
 
-        return await self._render(avatar.name, video_index, lambda name: avatar, prepare, protocol, "full")
+        return await self._render(
+            avatar.name, video_index, lambda name: avatar, prepare, protocol, "composite"
+        )
 
     async def _render(
         self,
@@ -320,11 +324,11 @@ class FramePipeline:
         lookup: Callable[[str], Avatar],
         prepare: Callable[[Avatar], Awaitable[tuple[int, NDArray[np.float32]]]],
         protocol: WireProtocol,
-        output: OutputKind,
+        output: FrameOutput,
     ) -> RenderedFrame:
         """Admission, ``lookup(name)``, ``prepare(avatar)`` (video frame, window), Triton,
-        composite (``output``: full frame or face rectangle), metrics (a failure after the lookup
-        also counts in the avatar's stats)."""
+        composite (``output``), metrics (a failure after the lookup also counts in the
+        avatar's stats)."""
         t_start = time.perf_counter()
         avatar: Avatar | None = None
         outcome: str | None = GatewayError.code  # the error code ("internal" for a bug); None once rendered

@@ -18,8 +18,9 @@ from aiohttp import web
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.grpc_service import HealthReporter, build_grpc_server
-from gateway.http_app import create_app
+from gateway.http_app import AccessLog, ServerLog, create_app
 from gateway.triton_client import TritonClient
+from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,22 @@ class GatewayServer:
         grace_s: how long `stop` lets in-flight requests finish (s).
         triton_client: the Triton client (default: one on ``settings.triton_url``; the fast
             tests pass an in-process fake).
+        supervisor: the supervisor keeping that Triton running (``lipsync up``), None when
+            Triton is run by someone else (`GatewayContext.create`).
     """
 
     def __init__(
-        self, settings: GatewaySettings, *, grace_s: float = 2.0, triton_client: TritonClient | None = None
+        self,
+        settings: GatewaySettings,
+        *,
+        grace_s: float = 2.0,
+        triton_client: TritonClient | None = None,
+        supervisor: SupervisorView | None = None,
     ) -> None:
         self.settings = settings
         self.grace_s = grace_s
         self.triton_client = triton_client
+        self.supervisor = supervisor
         self.ctx: GatewayContext | None = None
         self.grpc_port: int = 0
         self.http_port: int = 0
@@ -68,10 +77,11 @@ class GatewayServer:
             OSError: a port cannot be bound.
         """
         s = self.settings
-        self.ctx = await GatewayContext.create(s, self.triton_client)
+        self.ctx = await GatewayContext.create(s, self.triton_client, self.supervisor)
         try:
             self._grpc, self._health = build_grpc_server(self.ctx)
-            self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in brackets
+            self.grpc_port = self._grpc.add_insecure_port(f"{host}:{s.grpc_port}")
             if self.grpc_port == 0:
                 raise OSError(f"cannot bind the gRPC port {s.host}:{s.grpc_port}")
             await self._grpc.start()
@@ -79,7 +89,13 @@ class GatewayServer:
 
             app = create_app(self.ctx)
             # HTTP handlers still running at stop get grace_s too (aiohttp's default: 60 s)
-            self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self.grace_s)
+            self._runner = web.AppRunner(
+                app,
+                handle_signals=False,
+                shutdown_timeout=self.grace_s,
+                logger=ServerLog(self.ctx.malformed),  # requests aiohttp could not parse
+                access_log_class=AccessLog,  # less the malformed ones
+            )
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.host, s.http_port)
             await site.start()

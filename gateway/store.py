@@ -19,8 +19,10 @@ A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame 
 ``pingpong_index(frame_id, N)`` (docs/REFERENCE.md s.2 step 9; words as in docs/GLOSSARY.md).
 
 The store also registers each avatar's Triton model (``manifest.model_name``) with the model
-lifecycle (`gateway.model_lifecycle`), which loads it (explicit model-control mode) and keeps it
-loaded across Triton restarts. A package whose model a live Triton cannot serve is refused.
+registry (`ModelRegistry`: the gateway's `gateway.endpoint_pool.EndpointPool`, which registers
+it on every Triton endpoint's `gateway.model_lifecycle.ModelLifecycle`), which loads it
+(explicit model-control mode) and keeps it loaded across Triton restarts. A package whose model
+no live Triton can serve is refused.
 """
 from __future__ import annotations
 
@@ -31,18 +33,39 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.backgrounds import AvatarBackgrounds
 from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
-from gateway.model_lifecycle import ModelLifecycle
+from gateway.model_lifecycle import LifecycleSnapshot
 from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME
 from lipsync.frames import crop_328, inner_320, pingpong_index
 from lipsync.package import AvatarPackage, PackageError, load_package
 
 log = logging.getLogger(__name__)
+
+
+class ModelRegistry(Protocol):
+    """What keeps the avatars' models loaded in Triton: `gateway.model_lifecycle.ModelLifecycle`
+    (one endpoint) or `gateway.endpoint_pool.EndpointPool` (every endpoint, combined state)."""
+
+    url: str
+    """The Triton endpoint(s), for messages."""
+
+    def snapshot(self) -> LifecycleSnapshot:
+        """The current state."""
+        ...
+
+    async def register(self, model: str, *, required: bool = True) -> LifecycleSnapshot:
+        """Keep ``model`` loaded from now on; returns the state after the attempt."""
+        ...
+
+    def unregister(self, model: str) -> None:
+        """Stop keeping ``model`` loaded."""
+        ...
 
 
 @dataclass
@@ -223,13 +246,12 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
 
 
 class AvatarStore:
-    """The loaded avatars, by name, plus their models' registration with the lifecycle.
+    """The loaded avatars, by name, plus their models' registration with Triton.
 
     Args:
         packages_root: folder holding one package folder per avatar; `LoadPackage` paths must
             resolve inside it.
-        lifecycle: the Triton endpoint's model lifecycle (None: no model registration, for
-            offline use).
+        lifecycle: the model registry (None: no model registration, for offline use).
         backgrounds: builds an avatar's `AvatarBackgrounds` in the loading thread (None: none
             built); a `ValueError` from it refuses the package.
     """
@@ -237,7 +259,7 @@ class AvatarStore:
     def __init__(
         self,
         packages_root: Path,
-        lifecycle: ModelLifecycle | None,
+        lifecycle: ModelRegistry | None,
         backgrounds: Callable[[Avatar], AvatarBackgrounds] | None = None,
     ) -> None:
         self.packages_root = Path(packages_root).resolve()
@@ -353,7 +375,7 @@ class AvatarStore:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
         return avatar
 
-    async def _register_model(self, lifecycle: ModelLifecycle, avatar: Avatar, path: Path) -> None:
+    async def _register_model(self, lifecycle: ModelRegistry, avatar: Avatar, path: Path) -> None:
         """Register the avatar's model; refuse the package if a live Triton cannot serve it.
 
         When Triton is down the avatar is accepted: the lifecycle loads the model once Triton

@@ -11,8 +11,9 @@ depend on behaviour, not on ``tritonclient``:
 
 `TritonGrpcClient` implements both (`TritonClient`) over ``tritonclient.grpc.aio``. It keeps no state besides
 its channel: no readiness, no retries, no batching policy. Every call carries its own deadline;
-a call past it raises `TritonDeadline`, any other failure `TritonUnavailable` (both
-`gateway.errors`), with Triton's status and message.
+a call past it raises `TritonDeadline`, a refused or lost connection (gRPC ``UNAVAILABLE``)
+`TritonEndpointDown`, any other failure `TritonUnavailable` (all `gateway.errors`), with
+Triton's status and message.
 
 Model-control calls (``load_model``) carry the key when one is set, for a Triton whose
 model-repository protocol is restricted with
@@ -29,7 +30,7 @@ import tritonclient.grpc.aio as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import TritonDeadline, TritonUnavailable
+from gateway.errors import TritonDeadline, TritonEndpointDown, TritonUnavailable
 from lipsync.contract import ENCODER_FEATURE, ENCODER_MEL, UNET_AUDIO, UNET_CROP, UNET_PRED, TensorSpec
 
 CONTROL_KEY_HEADER = "lipsync-model-control"
@@ -125,9 +126,17 @@ def describe(exc: InferenceServerException) -> str:
     return f"{status}: {exc.message()}" if status else str(exc.message())
 
 
+_ERROR_KINDS: dict[str, type[TritonUnavailable]] = {
+    "StatusCode.DEADLINE_EXCEEDED": TritonDeadline,
+    "StatusCode.UNAVAILABLE": TritonEndpointDown,
+}
+
+
 def _error(exc: InferenceServerException, what: str) -> TritonUnavailable:
-    """The gateway error for a failed call: `TritonDeadline` for ``DEADLINE_EXCEEDED``."""
-    kind = TritonDeadline if exc.status() == "StatusCode.DEADLINE_EXCEEDED" else TritonUnavailable
+    """The gateway error for a failed call: `TritonDeadline` for ``DEADLINE_EXCEEDED``,
+    `TritonEndpointDown` for ``UNAVAILABLE`` (refused or lost connection), else
+    `TritonUnavailable`."""
+    kind = _ERROR_KINDS.get(str(exc.status()), TritonUnavailable)
     return kind(f"{what}: {describe(exc)}")
 
 
@@ -173,7 +182,9 @@ class TritonGrpcClient:
         await self._client.close()
 
     # ------------------------------------------------------------------ data plane
-    async def _infer(self, model: str, inputs: list[grpcclient.InferInput], output: TensorSpec) -> NDArray[Any]:
+    async def _infer(
+        self, model: str, inputs: list[grpcclient.InferInput], output: TensorSpec
+    ) -> NDArray[Any]:
         try:
             result = await self._client.infer(
                 model,
@@ -206,7 +217,9 @@ class TritonGrpcClient:
         feature = await self._infer(model, [_input(ENCODER_MEL, mel)], ENCODER_FEATURE)
         expected = ENCODER_FEATURE.batch_shape(len(mel))
         if feature.shape != expected:
-            raise TritonUnavailable(f"model {model!r} answered {list(feature.shape)}, expected {list(expected)}")
+            raise TritonUnavailable(
+                f"model {model!r} answered {list(feature.shape)}, expected {list(expected)}"
+            )
         return feature.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ control plane

@@ -56,7 +56,7 @@ from numpy.typing import NDArray
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.errors import TritonDeadline, TritonUnavailable
-from gateway.triton_client import CHANNEL_ARGS, InferenceClient
+from gateway.triton_client import CHANNEL_ARGS, TritonClient
 from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,10 @@ class FrameArena:
         """uint8 ``[n, 320, 320, 3]``, a view of cells ``first ..``'s prediction area; the cells go
         back to the arena when it (and every view of it) is garbage collected."""
         view: NDArray[np.uint8] = np.ndarray(
-            (n, *UNET_PRED.dims), UNET_PRED.dtype, buffer=self._buf, offset=self.pred_at + first * self.pred_bytes
+            (n, *UNET_PRED.dims),
+            UNET_PRED.dtype,
+            buffer=self._buf,
+            offset=self.pred_at + first * self.pred_bytes,
         )
         weakref.finalize(view, self.give_back, first, n)
         return view
@@ -135,10 +138,8 @@ class FrameArena:
         """Unmap and unlink the object (views still referenced keep their pages alive)."""
         self.crops, self.windows = np.empty(0, np.uint8), np.empty(0, np.float32)
         self._buf = memoryview(b"")
-        try:
+        with contextlib.suppress(BufferError):  # a prediction view still referenced keeps the mapping
             self._shm.close()
-        except BufferError:  # a prediction view is still referenced: the mapping stays for it
-            pass
         with contextlib.suppress(FileNotFoundError):  # someone removed the name already
             self._shm.unlink()
 
@@ -159,11 +160,12 @@ def _shm_parameters(params: Any, region: str, byte_size: int, offset: int) -> No
 
 
 class SharedMemoryUnet:
-    """`InferenceClient` sending UNet tensors through system shared memory (module doc).
+    """`TritonClient` of one Triton endpoint sending UNet tensors through system shared memory
+    (module doc); each endpoint of `gateway.endpoint_pool.EndpointPool` has its own region.
 
     Args:
-        plain: the endpoint's plain gRPC client (`TritonGrpcClient`): the audio encoder, and the
-            UNet whenever shared memory is not usable.
+        plain: the endpoint's plain gRPC client (`TritonGrpcClient`): the control calls, the
+            audio encoder, and the UNet whenever shared memory is not usable. Closed by `close`.
         url: the Triton gRPC endpoint ``host:port``.
         cells: frame cells of the arena (frames in Triton or being composited at once).
         timeout_s: deadline of one inference call (s).
@@ -174,15 +176,20 @@ class SharedMemoryUnet:
         OSError: the shared-memory object cannot be created.
     """
 
-    def __init__(self, plain: InferenceClient, url: str, *, cells: int, timeout_s: float = 30.0) -> None:
+    def __init__(self, plain: TritonClient, url: str, *, cells: int, timeout_s: float = 30.0) -> None:
         self.plain = plain
+        self.url = url
         self.timeout_s = timeout_s
         self.region = f"lipsync_gateway_{secrets.token_hex(6)}"
         self.arena = FrameArena(cells, self.region)
-        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)  # the plain client's reconnect pace
+        self._channel = grpc.aio.insecure_channel(
+            url, options=CHANNEL_ARGS
+        )  # the plain client's reconnect pace
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._infer_bytes: Any = self._channel.unary_unary(
-            _MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
+            _MODEL_INFER,
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
         )
         self._requests: dict[tuple[str, int, int], bytes] = {}
         self._registered = False
@@ -225,6 +232,22 @@ class SharedMemoryUnet:
         """`InferenceClient.infer_audio_encoder` over plain gRPC (32 KiB per row: no gain)."""
         return await self.plain.infer_audio_encoder(model, mel)
 
+    async def server_live(self) -> bool:
+        """`ControlClient.server_live` of the plain client."""
+        return await self.plain.server_live()
+
+    async def model_ready(self, model: str) -> bool:
+        """`ControlClient.model_ready` of the plain client."""
+        return await self.plain.model_ready(model)
+
+    async def load_model(self, model: str) -> None:
+        """`ControlClient.load_model` of the plain client."""
+        await self.plain.load_model(model)
+
+    async def max_batch_size(self, model: str) -> int:
+        """`ControlClient.max_batch_size` of the plain client."""
+        return await self.plain.max_batch_size(model)
+
     def _request(self, model: str, first: int, n: int) -> bytes:
         """The serialized ``ModelInferRequest`` of ``n`` frames from cell ``first`` (cached)."""
         key = (model, first, n)
@@ -233,12 +256,17 @@ class SharedMemoryUnet:
             arena = self.arena
             request = service_pb2.ModelInferRequest(model_name=model)
             for spec, at, size in (
-                (UNET_CROP, 0, arena.crop_bytes), (UNET_AUDIO, arena.window_at, arena.window_bytes)
+                (UNET_CROP, 0, arena.crop_bytes),
+                (UNET_AUDIO, arena.window_at, arena.window_bytes),
             ):
-                tensor = request.inputs.add(name=spec.name, datatype=spec.triton_dtype, shape=spec.batch_shape(n))
+                tensor = request.inputs.add(
+                    name=spec.name, datatype=spec.triton_dtype, shape=spec.batch_shape(n)
+                )
                 _shm_parameters(tensor.parameters, self.region, n * size, at + first * size)
             output = request.outputs.add(name=UNET_PRED.name)
-            _shm_parameters(output.parameters, self.region, n * arena.pred_bytes, arena.pred_at + first * arena.pred_bytes)
+            _shm_parameters(
+                output.parameters, self.region, n * arena.pred_bytes, arena.pred_at + first * arena.pred_bytes
+            )
             found = self._requests[key] = request.SerializeToString()
         return found
 
@@ -252,7 +280,9 @@ class SharedMemoryUnet:
             if "shared memory" in message.lower() or exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._registered = False
                 self.status = f"lost: {message}"
-                log.warning("shared-memory call to Triton failed (%s); plain gRPC, then registering again", message)
+                log.warning(
+                    "shared-memory call to Triton failed (%s); plain gRPC, then registering again", message
+                )
                 raise _RegionLost from exc
             kind = TritonDeadline if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else TritonUnavailable
             raise kind(f"Triton inference on {model!r} failed: {message}") from exc
@@ -267,8 +297,11 @@ class SharedMemoryUnet:
 
     async def _ready(self) -> bool:
         """Whether the region is registered with Triton; registers it when due."""
-        if self._registered:
-            return True
+        return self._registered or await self._register()
+
+    async def _register(self) -> bool:
+        """Register the region unless Triton refused it less than `RETRY_REGISTER_S` ago;
+        whether it is registered now."""
         if self._refused_at is not None and time.monotonic() - self._refused_at < RETRY_REGISTER_S:
             return False
         async with self._register_lock:
@@ -295,18 +328,22 @@ class SharedMemoryUnet:
                     logging.WARNING if first_refusal else logging.DEBUG,
                     "Triton cannot use the gateway's shared memory %s (%s): UNet tensors go over "
                     "gRPC (asked again every %.0f s); is Triton on another host or without this /dev/shm?",
-                    self.arena.key, _describe(exc), RETRY_REGISTER_S,
+                    self.arena.key,
+                    _describe(exc),
+                    RETRY_REGISTER_S,
                 )
                 return False
             self._registered, self._refused_at, self.status = True, None, "registered"
             log.info(
                 "UNet tensors through system shared memory %s (%d frame cells, %.0f MiB)",
-                self.arena.key, self.arena.cells, self.arena.byte_size / 2**20,
+                self.arena.key,
+                self.arena.cells,
+                self.arena.byte_size / 2**20,
             )
             return True
 
     async def close(self) -> None:
-        """Unregister the region (best effort), close the channel, unlink the object."""
+        """Unregister the region (best effort), close both channels, unlink the object."""
         if self._registered:
             try:
                 await self._stub.SystemSharedMemoryUnregister(
@@ -316,6 +353,7 @@ class SharedMemoryUnet:
                 log.debug("unregistering %s failed: %s", self.region, _describe(exc))
         await self._channel.close()
         self.arena.close()
+        await self.plain.close()
 
 
 class _RegionLost(Exception):

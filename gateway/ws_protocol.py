@@ -10,9 +10,13 @@ Request (client -> server)::
 
 Success reply (server -> client)::
 
-    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][jpeg][n u32][n x float32 bounds]
+    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][jpeg][bounds_len u32 = 16][4 x float32]
 
-``bounds`` are the crop rectangle ``x1, y1, x2, y2`` in pixels of the full frame (n = 4).
+The four float32 are the crop rectangle ``x1, y1, x2, y2`` in pixels of the full frame, and
+``bounds_len`` is their length **in bytes** (16), as the original server wrote it
+(``struct.pack('<I', len(bounds_bytes))`` before the float32 bytes). Its clients read the field
+as a byte count, take ``new Uint8Array(data, offset, boundsLength)``, copy it into an aligned
+buffer and view that as a ``Float32Array``; `decode_reply` reads it the same way.
 
 Error reply (server -> client)::
 
@@ -21,20 +25,39 @@ Error reply (server -> client)::
 The message text is ``"<code>: <detail>"`` with a stable code from `gateway.errors`
 (``bad_request``, ``unknown_avatar``, ``frame_out_of_range``, ``overloaded``, ...).
 
-Crop output (opt-in, beyond the original protocol: ``/ws?output=crop``): requests and error
-replies as above; a success reply is the success reply above followed by the video frame shown::
+Two endpoints speak it (`gateway.http_app`), with the same layout and different images:
+
+- ``/`` (a WebSocket upgrade on the page's own path, where the original clients connect,
+  ``ws://HOST:8085``): the JPEG is the **face patch**, the crop rectangle's pixels of the
+  composited frame (`lipsync.frames.face_patch`: the 328 crop with the prediction pasted into
+  its inner 320, resized to the rectangle), so drawing it into the rectangle over the avatar's
+  video frame, as the original real-time client does (``drawImage(img, x, y, w, h)``, no
+  scaling since it has the rectangle's size), gives the composited frame. Audio in a request
+  is ignored unless it is exactly a live-audio window ``/ws`` accepts for that frame (then it is
+  used): the original clients send one 40 ms chunk at the browser's sample rate, which the
+  original server ignored too.
+- ``/ws``: the JPEG is the whole composited frame; audio of any other length than a live-audio
+  window is a ``bad_request`` (`gateway.audio_features.check_window_chunks`).
+
+Crop output (opt-in, beyond the original protocol: ``/ws?output=crop``): requests, audio rules
+and error replies as on ``/ws``; a success reply carries the same face patch as ``/``, followed
+by the video frame it belongs to::
 
     [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][face jpeg][bounds as above][video_frame u32]
 
-where the JPEG holds only the face rectangle's pixels (``x2 - x1`` x ``y2 - y1`` px, the
+where the JPEG holds only the crop rectangle's pixels (``x2 - x1`` x ``y2 - y1`` px, the
 bounds), and ``video_frame`` is the avatar's video frame the face belongs to (ping-pong index
 of ``frame_id``). The client composites: draw the background JPEG of ``video_frame``
 (``GET /api/avatars/{name}/backgrounds/{video_frame}.jpg``, fetched once per video frame and
 kept) and the face JPEG at ``(x1, y1)``. The picture equals the full frame's within JPEG noise;
-the face JPEG is a fifth of the full frame's bytes or less (``perf/results/``).
+the face JPEG is a fifth of the full frame's bytes or less (``perf/results/crop_bytes.md``).
 
 ``frame_id`` is unsigned on this wire, so there is no negative frame: a client that wraps -1
 sends 4294967295, which the gateway answers with ``frame_out_of_range``.
+
+A client must read its replies: the gateway queues a bounded amount for it and closes a
+connection whose client does not take them with WebSocket close code 1013 (try again later)
+and a reason (`gateway.ws_limits`); a client that reconnects is served again.
 
 Decoding checks every length field against the bytes actually present and against the limits
 given, and raises `ProtocolError` (a `gateway.errors.BadRequest`) with a precise message; it
@@ -57,6 +80,7 @@ MAX_NAME_BYTES = 256
 """Default limit on the avatar name's UTF-8 length in a request (bytes)."""
 
 _U32 = struct.Struct("<I")
+_FLOAT32_BYTES = 4
 _REPLY_HEAD = struct.Struct("<BIII")  # status, frame_id, processing_ms, payload length
 
 STATUS_ERROR = 0
@@ -98,7 +122,7 @@ class FrameReply:
     Attributes:
         frame_id: the frame this reply answers.
         processing_ms: server-side time for the frame (ms, integer).
-        jpeg: JPEG bytes of the full composited frame.
+        jpeg: JPEG bytes of the composited frame (``/ws``) or of the face patch (``/``).
         bounds: the crop rectangle ``(x1, y1, x2, y2)`` in px as float32 values.
     """
 
@@ -152,7 +176,7 @@ def _clamp_u32(value: float | int) -> int:
     if not isinstance(value, int):
         if math.isnan(value):
             return 0
-        value = int(round(value))
+        value = round(value)
     return max(0, min(U32_MAX, value))
 
 
@@ -218,7 +242,7 @@ def decode_request(
     try:
         avatar = bytes(buf[4 : 4 + name_len]).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"avatar name is not valid UTF-8: {exc.reason} at byte {exc.start}")
+        raise ProtocolError(f"avatar name is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
     offset = 4 + name_len
     (frame_id,) = _U32.unpack_from(buf, offset)
     (audio_len,) = _U32.unpack_from(buf, offset + 4)
@@ -253,12 +277,13 @@ def encode_frame_reply(
     Args:
         frame_id: the frame answered (u32).
         processing_ms: server-side time (ms); rounded and clamped into u32.
-        jpeg: JPEG bytes of the composited frame.
-        bounds: crop rectangle ``x1, y1, x2, y2`` (px), sent as float32.
+        jpeg: JPEG bytes (the composited frame, or the face patch on ``/``).
+        bounds: crop rectangle ``x1, y1, x2, y2`` (px), sent as float32 after their length in
+            bytes (16).
     """
     _check_u32("frame_id", frame_id)
     head = _REPLY_HEAD.pack(STATUS_OK, frame_id, _clamp_u32(processing_ms), len(jpeg))
-    tail = _U32.pack(len(bounds)) + struct.pack(f"<{len(bounds)}f", *bounds)
+    tail = _U32.pack(len(bounds) * _FLOAT32_BYTES) + struct.pack(f"<{len(bounds)}f", *bounds)
     return b"".join((head, jpeg, tail))
 
 
@@ -309,14 +334,16 @@ def decode_reply(data: bytes | bytearray | memoryview) -> FrameReply | ErrorRepl
     if status != STATUS_OK:
         raise ProtocolError(f"unknown reply status byte {status} (expected 0 or 1)", frame_id)
     if total - offset < 4:
-        raise ProtocolError("reply truncated: missing the bounds count", frame_id)
-    (n,) = _U32.unpack_from(buf, offset)
+        raise ProtocolError("reply truncated: missing the bounds length", frame_id)
+    (bounds_len,) = _U32.unpack_from(buf, offset)
     offset += 4
-    if n * 4 != total - offset:
+    if bounds_len != total - offset or bounds_len % _FLOAT32_BYTES:
         raise ProtocolError(
-            f"reply has n={n} bounds ({n * 4} bytes) but {total - offset} bytes follow", frame_id
+            f"reply has bounds_len={bounds_len} bytes of float32 bounds but "
+            f"{total - offset} bytes follow",
+            frame_id,
         )
-    bounds = struct.unpack_from(f"<{n}f", buf, offset)
+    bounds = struct.unpack_from(f"<{bounds_len // _FLOAT32_BYTES}f", buf, offset)
     return FrameReply(frame_id, processing_ms, payload, tuple(bounds))
 
 

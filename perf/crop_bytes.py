@@ -50,7 +50,9 @@ class Row:
         return self.crop_bytes / self.full_bytes
 
 
-def measure(avatar: object, compositor: object, preds: NDArray[np.uint8], frames: Sequence[int], label: str) -> Row:
+def measure(
+    avatar: object, compositor: object, preds: NDArray[np.uint8], frames: Sequence[int], label: str
+) -> Row:
     """Mean WebSocket reply bytes, full vs crop, over ``frames`` (video frame indices)."""
     from gateway.compositor import Compositor
     from gateway.store import Avatar
@@ -60,8 +62,8 @@ def measure(avatar: object, compositor: object, preds: NDArray[np.uint8], frames
     full, crop, area = [], [], []
     for k, v in enumerate(frames):
         rect = avatar.rect(v)
-        whole = compositor.composite(avatar, v, preds[k], "full").jpeg
-        face = compositor.composite(avatar, v, preds[k], "crop").jpeg
+        whole = compositor.composite(avatar, v, preds[k], "composite").jpeg
+        face = compositor.composite(avatar, v, preds[k], "face").jpeg
         full.append(len(encode_frame_reply(v, 0, whole, rect)))
         crop.append(len(encode_crop_reply(v, 0, face, rect, v)))
         area.append((rect[2] - rect[0]) * (rect[3] - rect[1]))
@@ -93,12 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if served is not None and args.real_frames > 0:
         count = min(args.real_frames, n)
         preds = real_predictions(served.onnx_path, avatar.inners, package.features, count)
-        rows.append(measure(avatar, compositor, preds, range(count), "real UNet, untrained (noise in the mouth)"))
+        rows.append(
+            measure(avatar, compositor, preds, range(count), "real UNet, untrained (noise in the mouth)")
+        )
     background = sum(len(avatar.backgrounds.jpeg(v)) for v in range(n))
     identity = rows[0]
     break_even = background / (identity.full_bytes - identity.crop_bytes)
     lines = [
-        f"- avatar: `{package.manifest.name}` built by `lipsync package build --height 720` from the demo clip "
+        f"- avatar: `{package.manifest.name}` built by `lipsync package build --height 720` "
+        "from the demo clip "
         f"({avatar.width}x{avatar.height}, {n} video frames, face rectangle "
         f"{int(np.sqrt(identity.face_px))} px on average); JPEG quality {QUALITY}, "
         f"{compositor.restart.subsampling}",
@@ -108,23 +113,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "| predictions | frames | full bytes/frame | crop bytes/frame | crop / full |",
         "|---|---|---|---|---|",
-        *(f"| {r.predictions} | {r.frames} | {r.full_bytes:,.0f} | {r.crop_bytes:,.0f} | {r.ratio:.3f} (1/{1 / r.ratio:.1f}) |"
-          for r in rows),
+        *(
+            f"| {r.predictions} | {r.frames} | {r.full_bytes:,.0f} | {r.crop_bytes:,.0f} "
+            f"| {r.ratio:.3f} (1/{1 / r.ratio:.1f}) |"
+            for r in rows
+        ),
         "",
         f"Background JPEGs a crop client fetches once: {background / 1024:,.0f} KiB for {n} video frames "
         f"({background / n / 1024:.1f} KiB each, cacheable); with the identity UNet crop output has sent "
         f"fewer bytes in all after {break_even:,.0f} frames ({break_even / 25:.1f} s at 25 fps).",
     ]
-    command = report.command_line(["python", "-m", "perf.crop_bytes", *(sys.argv[1:] if argv is None else argv)])
-    report.write_text(args.out, [
-        "# Bytes per 720p frame: full frames vs crop output", "", "_Written by the tool; do not edit by hand._", "",
-        f"- machine: {report.machine_line()}", f"- command: `{command}`", f"- date: {report.utc_now()}", "",
-        *lines,
-    ])
-    report.write_json(args.out.with_suffix(".json"), {
-        "command": command, "date": report.utc_now(), "quality": QUALITY, "rows": [asdict(r) for r in rows],
-        "background_bytes": background, "video_frames": n, "break_even_frames": break_even,
-    })
+    command = report.command_line(
+        ["python", "-m", "perf.crop_bytes", *(sys.argv[1:] if argv is None else argv)]
+    )
+    report.write_text(
+        args.out,
+        [
+            "# Bytes per 720p frame: full frames vs crop output",
+            "",
+            "_Written by the tool; do not edit by hand._",
+            "",
+            f"- machine: {report.machine_line()}",
+            f"- command: `{command}`",
+            f"- date: {report.utc_now()}",
+            "",
+            *lines,
+        ],
+    )
+    report.write_json(
+        args.out.with_suffix(".json"),
+        {
+            "command": command,
+            "date": report.utc_now(),
+            "quality": QUALITY,
+            "rows": [asdict(r) for r in rows],
+            "background_bytes": background,
+            "video_frames": n,
+            "break_even_frames": break_even,
+        },
+    )
     log.info("wrote %s", args.out)
     return 0
 

@@ -5,9 +5,11 @@ Its models are numpy functions (`identity_unet`: pred = crop; `slice_encoder`: t
 values of each mel window), so a test can compute the expected answer itself. The test controls
 the server: `mode` (live, not_live, refused, hung), load failures per model, readiness probes
 that time out (`slow_model_probes`), and calls held in flight (`hold_inference`, `hold_loads`).
-It raises what `TritonGrpcClient` raises (`TritonDeadline` for a deadline, `TritonUnavailable`
-otherwise) and records every call in `calls`. No sleeps: a "hung" Triton answers a probe with
-`TritonDeadline` at once, as the real client does when its deadline passes.
+It raises what `TritonGrpcClient` raises (`TritonDeadline` for a deadline, `TritonEndpointDown`
+for a refused or lost connection, `TritonUnavailable` otherwise) and records every call in
+`calls`. Several fakes, each with its own ``url``, stand for several Triton endpoints. No
+sleeps: a "hung" Triton answers a probe with `TritonDeadline` at once, as the real client does
+when its deadline passes.
 """
 from __future__ import annotations
 
@@ -16,11 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.errors import TritonDeadline, TritonUnavailable
+from gateway.errors import TritonDeadline, TritonEndpointDown, TritonUnavailable
 from lipsync.contract import AUDIO_ENCODER_MODEL, FEATURE_DIM
 
 Mode = Literal["live", "not_live", "refused", "hung"]
@@ -29,17 +30,6 @@ Mode = Literal["live", "not_live", "refused", "hung"]
 def identity_unet(crop: NDArray[np.uint8], window: NDArray[np.float32]) -> NDArray[np.uint8]:
     """A UNet whose prediction is its input crop: uint8 ``[N, 320, 320, 3]``."""
     return crop.copy()
-
-
-def identity_composite(frame: NDArray[np.uint8], rect: NDArray[np.int32]) -> NDArray[np.uint8]:
-    """The composite of `identity_unet`'s prediction, written out with OpenCV (docs/REFERENCE.md
-    s.2 steps 2-8, independently of `lipsync.frames`): uint8 ``[H, W, 3]`` BGR."""
-    x1, y1, x2, y2 = (int(v) for v in rect)
-    crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
-    crop[4:324, 4:324] = crop[4:324, 4:324].copy()  # the prediction pasted into the crop
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
-    return out
 
 
 def slice_encoder(mel: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -68,11 +58,13 @@ class FakeTriton:
     Args:
         models: the model repository, by Triton model name.
         loaded: models loaded at start (explicit model control loads nothing by itself).
+        url: its endpoint ``host:port``.
     """
 
-    url = "fake-triton:8001"
-
-    def __init__(self, models: dict[str, FakeModel], loaded: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, models: dict[str, FakeModel], loaded: tuple[str, ...] = (), url: str = "fake-triton:8001"
+    ) -> None:
+        self.url = url
         self.models = models
         self.loaded: set[str] = set(loaded)
         self.mode: Mode = "live"
@@ -81,6 +73,8 @@ class FakeTriton:
         self.hold_loads: asyncio.Event | None = None
         self.calls: list[tuple[str, str]] = []
         self.inputs: list[tuple[str, tuple[NDArray[Any], ...]]] = []
+        self.keep_inputs = True
+        """Copy every call's inputs into `inputs`; off for long runs (a UNet crop is 300 KB)."""
         self.closed = False
 
     def restart(self) -> None:
@@ -94,11 +88,14 @@ class FakeTriton:
 
     def _answer_control(self) -> None:
         if self.mode == "refused":
-            raise TritonUnavailable(
-                f"Triton at {self.url} unreachable: StatusCode.UNAVAILABLE: failed to connect (connection refused)"
+            raise TritonEndpointDown(
+                f"Triton at {self.url} unreachable: StatusCode.UNAVAILABLE: "
+                "failed to connect (connection refused)"
             )
         if self.mode == "hung":
-            raise TritonDeadline(f"Triton at {self.url} unreachable: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded")
+            raise TritonDeadline(
+                f"Triton at {self.url} unreachable: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded"
+            )
 
     # ------------------------------------------------------------------ ControlClient
     async def server_live(self) -> bool:
@@ -110,7 +107,9 @@ class FakeTriton:
         self.calls.append(("model_ready", model))
         self._answer_control()
         if self.slow_model_probes:
-            raise TritonDeadline(f"readiness of {model!r} unknown: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded")
+            raise TritonDeadline(
+                f"readiness of {model!r} unknown: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded"
+            )
         return model in self.loaded
 
     async def load_model(self, model: str) -> None:
@@ -139,11 +138,14 @@ class FakeTriton:
     # ------------------------------------------------------------------ InferenceClient
     async def _infer(self, model: str, *inputs: NDArray[Any]) -> NDArray[Any]:
         self.calls.append(("infer", model))
-        self.inputs.append((model, tuple(np.array(x) for x in inputs)))
+        if self.keep_inputs:
+            self.inputs.append((model, tuple(np.array(x) for x in inputs)))
         if self.hold_inference is not None:
             await self.hold_inference.wait()
         if self.mode != "live":
-            raise TritonUnavailable(f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed")
+            raise TritonEndpointDown(
+                f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed"
+            )
         if model not in self.loaded:
             raise TritonUnavailable(
                 f"Triton inference on {model!r} failed: StatusCode.NOT_FOUND: Request for unknown model"
@@ -162,9 +164,11 @@ class FakeTriton:
         return await self._infer(model, mel)
 
 
-def fake_triton(*avatar_models: str, loaded: tuple[str, ...] = ()) -> FakeTriton:
-    """A fake with an identity UNet per Triton model name in ``avatar_models`` and the audio
-    encoder (max batch 8 each)."""
+def fake_triton(
+    *avatar_models: str, loaded: tuple[str, ...] = (), url: str = "fake-triton:8001"
+) -> FakeTriton:
+    """A fake at ``url`` with an identity UNet per Triton model name in ``avatar_models`` and
+    the audio encoder (max batch 8 each)."""
     models = {m: FakeModel(identity_unet) for m in avatar_models}
     models[AUDIO_ENCODER_MODEL] = FakeModel(slice_encoder)
-    return FakeTriton(models, loaded=loaded)
+    return FakeTriton(models, loaded=loaded, url=url)

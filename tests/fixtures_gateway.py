@@ -33,14 +33,19 @@ _START_TIMEOUT_S = 180.0
 class RunningGateway:
     """A `GatewayServer` running on its own event loop in a daemon thread.
 
-    Attributes:
+    Args:
         settings: its `GatewaySettings` (ports as requested, usually 0).
+        server_options: more `GatewayServer` keyword arguments (``triton_client``,
+            ``supervisor``).
+
+    Attributes:
+        settings: its `GatewaySettings`.
         server: the `GatewayServer` (bound ports in ``server.grpc_port`` / ``http_port``).
     """
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, **server_options: Any) -> None:
         self.settings = settings
-        self.server = GatewayServer(settings, grace_s=0.5)
+        self.server = GatewayServer(settings, grace_s=0.5, **server_options)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True)
 
@@ -64,7 +69,7 @@ class RunningGateway:
         """Run ``fn()`` on the gateway's event loop and return its result."""
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout_s)
 
-    def start(self) -> "RunningGateway":
+    def start(self) -> RunningGateway:
         """Start the loop thread and the server; returns self."""
         self._thread.start()
         self.call(self.server.start, timeout_s=_START_TIMEOUT_S)

@@ -17,7 +17,8 @@ from gateway.context import GatewayContext
 from gateway.errors import TritonUnavailable
 from gateway.frame_request import FrameRequest
 from tests.fake_gateway import on_fake_context
-from tests.fake_triton import FakeTriton, fake_triton, identity_composite
+from tests.fake_triton import FakeTriton, fake_triton
+from tests.reference_frames import identity_composite
 
 T = TypeVar("T")
 AVATAR = "synthetic"
@@ -33,11 +34,14 @@ def on_fake(make_package: Callable[..., Path], body: Callable[[GatewayContext, F
 
 async def render_all(ctx: GatewayContext, frame_ids: list[int]) -> list[Any]:
     return await asyncio.gather(
-        *(ctx.pipeline.render(FrameRequest(AVATAR, i), protocol="grpc") for i in frame_ids), return_exceptions=True
+        *(ctx.pipeline.render(FrameRequest(AVATAR, i), protocol="grpc") for i in frame_ids),
+        return_exceptions=True,
     )
 
 
-def test_frames_rendered_together_share_one_request_and_get_their_own_rows(make_package: Callable[..., Path]) -> None:
+def test_frames_rendered_together_share_one_request_and_get_their_own_rows(
+    make_package: Callable[..., Path],
+) -> None:
     async def body(ctx: GatewayContext, fake: FakeTriton) -> None:
         assert isinstance(ctx.pipeline.inference, CoalescingInference)
         avatar = ctx.store.get(AVATAR)
@@ -49,7 +53,9 @@ def test_frames_rendered_together_share_one_request_and_get_their_own_rows(make_
             for frame_id, frame in zip(ids, frames, strict=True):
                 assert frame.frame_id == frame_id
                 v = frame.video_frame
-                assert frame.jpeg == ctx.pipeline.encoder.encode(identity_composite(avatar.frames[v], avatar.rects[v]))
+                assert frame.jpeg == ctx.pipeline.encoder.encode(
+                    identity_composite(avatar.frames[v], avatar.rects[v])
+                )
             # the request holds the frames' own crops, in the callers' order
             crops = np.concatenate([crop for crop, _ in sent])
             np.testing.assert_array_equal(crops, avatar.inners[[avatar.video_index(i) for i in ids]])
@@ -71,7 +77,10 @@ def test_a_failed_batch_fails_each_of_its_frames(make_package: Callable[..., Pat
 def test_a_cancelled_frame_does_not_hold_the_others(make_package: Callable[..., Path]) -> None:
     async def body(ctx: GatewayContext, fake: FakeTriton) -> None:
         fake.hold_inference = asyncio.Event()
-        tasks = [asyncio.create_task(ctx.pipeline.render(FrameRequest(AVATAR, i), protocol="ws")) for i in (1, 2, 3)]
+        tasks = [
+            asyncio.create_task(ctx.pipeline.render(FrameRequest(AVATAR, i), protocol="ws"))
+            for i in (1, 2, 3)
+        ]
         while fake.count("infer", MODEL) == 0:
             await asyncio.sleep(0)
         tasks[1].cancel()  # its client went away while the batch was in Triton

@@ -6,9 +6,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+
+from lipsync.audio import feature_rows_for_samples
+from lipsync.contract import FEATURE_DIM
+from lipsync.triton_supervisor import RestartPolicy, TritonSupervisor
+from tests.fake_gateway import fake_settings
+from tests.fake_supervised import FakeServer, TritonFollows
+from tests.fake_triton import fake_triton
+from tests.fixtures_gateway import RunningGateway
+from tests.fixtures_packages import synthetic_package_arrays
 
 pytestmark = [pytest.mark.browser, pytest.mark.triton]
 
@@ -43,7 +55,10 @@ def browser() -> Any:
 def test_page_plays_the_demo_avatar(browser: Any, gateway_server: Any, demo_package: Any) -> None:
     page = browser.new_page()
     problems: list[str] = []
-    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on(
+        "console",
+        lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None,
+    )
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
     try:
@@ -91,7 +106,7 @@ def test_page_plays_the_demo_avatar(browser: Any, gateway_server: Any, demo_pack
     assert stats["framesReceived"] >= stats["framesDrawn"]
     assert stats["requested"] > 4, "the page kept requesting frames while playing"
     assert stats["framesDrawn"] + stats["dropped"] >= 60, f"about 75 slots passed in 3 s: {stats}"
-    n, h, w, _ = demo_package.frames.shape
+    _, h, w, _ = demo_package.frames.shape
     assert (canvas["w"], canvas["h"]) == (w, h)
     assert canvas["std"] > 10, f"canvas looks blank: {canvas}"
     # the page shows live numbers: latency p50 / p95 and the dropped count
@@ -126,7 +141,10 @@ def test_page_output_modes_draw_the_full_frame_picture(
     page = browser.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on(
+        "console",
+        lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None,
+    )
     try:
         page.goto(f"{gateway_server.http_url}/?output={output}")
         page.wait_for_function("window.lipsync && window.lipsync.ready === true", timeout=15_000)
@@ -141,18 +159,24 @@ def test_page_output_modes_draw_the_full_frame_picture(
     assert not problems, problems
     assert stats["output"] == output and stats["errors"] == 0, stats
     frame_id = stats["lastDrawnFrame"]
-    with urllib.request.urlopen(f"{gateway_server.http_url}/api/avatars/demo/frames/{frame_id}.jpg", timeout=60) as resp:
+    with urllib.request.urlopen(
+        f"{gateway_server.http_url}/api/avatars/demo/frames/{frame_id}.jpg", timeout=60
+    ) as resp:
         full_jpeg = resp.read()
     full = cv2.imdecode(np.frombuffer(full_jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert canvas.shape == full.shape
     diff = np.abs(canvas.astype(np.int16) - full.astype(np.int16))
-    assert diff.mean() < 3.0, f"{output}: canvas differs from frame {frame_id} by {diff.mean():.2f} grey levels"
+    assert diff.mean() < 3.0, (
+        f"{output}: canvas differs from frame {frame_id} by {diff.mean():.2f} grey levels"
+    )
     n = demo_package.frames.shape[0]
     v = frame_id if frame_id < n else 2 * n - 2 - frame_id
     x1, y1, x2, y2 = (int(c) for c in demo_package.rects[v])
     face = diff[y1:y2, x1:x2].mean()
     assert face < 4.0, f"{output}: the face rectangle differs by {face:.2f} grey levels"
-    source = np.abs(demo_package.frames[v][y1:y2, x1:x2].astype(np.int16) - full[y1:y2, x1:x2].astype(np.int16)).mean()
+    source = np.abs(
+        demo_package.frames[v][y1:y2, x1:x2].astype(np.int16) - full[y1:y2, x1:x2].astype(np.int16)
+    ).mean()
     assert source > face + 5, "the check could not tell the UNet's face from the video frame's"
     per_frame = stats["replyBytes"] / stats["framesReceived"]
     if output == "crop":
@@ -160,3 +184,69 @@ def test_page_output_modes_draw_the_full_frame_picture(
         assert per_frame < len(full_jpeg), f"crop replies ({per_frame:.0f} B) not smaller than full frames"
     else:
         assert stats["backgroundBytes"] == 0
+
+
+def test_page_says_model_server_restarting_instead_of_a_wall_of_errors(
+    browser: Any, make_package: Callable[..., Path]
+) -> None:
+    """Issue 15: tritonserver is killed while the page plays (the real `TritonSupervisor` on an
+    in-process fake tritonserver, the gateway on the fake Triton that goes down and comes back
+    with it): the page shows one "model server restarting" notice, no error box, and plays on
+    when frames come back."""
+    speech = np.tile(synthetic_package_arrays()["audio_pcm16"], 20)  # 20 s: plays through it all
+    root = make_package(
+        name="synthetic",
+        audio_pcm16=speech,
+        features=np.random.default_rng(1)
+        .standard_normal((feature_rows_for_samples(speech.size), FEATURE_DIM))
+        .astype(np.float32),
+    ).parent
+    fake = fake_triton("lipsync_synthetic", loaded=("audio_encoder",))
+    process = FakeServer("run", "run")
+    supervisor = TritonSupervisor(process, RestartPolicy(backoff_initial_s=3.0), poll_interval_s=0.01)
+    running = RunningGateway(
+        fake_settings(root, fake, triton_poll_interval_s=0.1), triton_client=fake, supervisor=supervisor
+    )
+    follows = TritonFollows(supervisor, process, fake, running.loop)
+    supervisor.start()
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    try:
+        supervisor.wait_running()
+        running.start()
+        page.goto(running.http_url + "/")
+        page.wait_for_function("window.lipsync && window.lipsync.ready === true", timeout=15_000)
+        page.select_option("#avatar", "synthetic")
+        page.click("#play")
+        page.wait_for_function("window.lipsync.stats.framesDrawn >= 10", timeout=30_000)
+
+        follows.crash()
+        page.wait_for_function(
+            "(window.lipsync.stats.notice || '').startsWith('model server restarting')", timeout=15_000
+        )
+        page.wait_for_timeout(1_500)  # frames keep failing meanwhile
+        during = page.evaluate("() => ({...window.lipsync.stats})")
+        notice = page.inner_text("#notice")
+        error_box_shown = page.is_visible("#error")
+
+        drawn = during["framesDrawn"]
+        page.wait_for_function(
+            f"window.lipsync.stats.notice === null && window.lipsync.stats.framesDrawn > {drawn + 5}",
+            timeout=30_000,
+        )
+        after = page.evaluate("() => ({...window.lipsync.stats})")
+        page.click("#stop")
+    finally:
+        page.close()
+        running.stop()
+        supervisor.stop()
+
+    print("during:", json.dumps(during), "\nafter:", json.dumps(after))
+    assert "SIGKILL" in notice and "frames resume when it is back" in notice, notice
+    assert not error_box_shown, "no error box for the outage"
+    assert during["unavailable"] > 0 and during["lastError"].startswith("triton_unavailable: ")
+    assert after["playing"] and supervisor.status().restarts == 1
+    readyz_503 = "Failed to load resource: the server responded with a status of 503"
+    assert not [p for p in problems if readyz_503 not in p], problems

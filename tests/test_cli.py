@@ -24,7 +24,7 @@ from lipsync import contract
 from lipsync.cli import build_parser
 from lipsync.paths import REPO_ROOT
 from lipsync.triton_local import free_ports, port_in_use
-from tests.up_process import ENV, start_up
+from tests.up_process import ENV, start_gateway_process, start_up
 
 
 def lipsync(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -149,7 +149,7 @@ def test_busy_triton_port_is_a_clear_error(busy_port: int) -> None:
 
 def _get_json(url: str) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -175,7 +175,9 @@ def test_up_end_to_end_then_a_signal_stops_both(
             time.sleep(1.0)
         assert proc.poll() is None, log_path.read_text()
         assert ready and ready["ready"] is True, (ready, log_path.read_text())
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/api/avatars/demo/frames/0.jpg", timeout=30) as resp:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{http}/api/avatars/demo/frames/0.jpg", timeout=30
+        ) as resp:
             assert resp.status == 200 and resp.read(2) == b"\xff\xd8"
         assert port_in_use(t_grpc) and port_in_use(grpc_port)
 
@@ -196,29 +198,21 @@ def test_up_end_to_end_then_a_signal_stops_both(
 def test_gateway_command_serves_against_a_running_triton(
     triton_server: Any, gateway_packages_root: Path, tmp_path: Path
 ) -> None:
-    http, grpc_port = free_ports(2)
-    log_path = tmp_path / "gateway.log"
     env = {**ENV, "LIPSYNC_JPEG_QUALITY": "70", "LIPSYNC_HTTP_PORT": "1"}  # CLI wins over env
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lipsync", "gateway", "--host", "127.0.0.1",
-             "--triton-url", triton_server.grpc_url, "--http-port", str(http),
-             "--grpc-port", str(grpc_port), "--packages-root", str(gateway_packages_root)],
-            cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-        )
+    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root, env)
+    http, grpc_port, log_path = gateway.http, gateway.grpc_port, gateway.log_path
     try:
         deadline = time.monotonic() + 120
         status, ready = 0, None
-        while time.monotonic() < deadline and proc.poll() is None and status != 200:
+        while time.monotonic() < deadline and gateway.proc.poll() is None and status != 200:
             time.sleep(0.5)
             status, ready = _get_json(f"http://127.0.0.1:{http}/readyz")
-        assert status == 200 and ready["avatars"] == ["demo"], (ready, log_path.read_text())
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log_path.read_text()
+        assert status == 200 and ready is not None and ready["avatars"] == ["demo"], (
+            ready,
+            log_path.read_text(),
+        )
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert gateway.stop() == 0, log_path.read_text()
     text = log_path.read_text()
     assert "q70" in text, "LIPSYNC_JPEG_QUALITY from the environment (the context logs its JPEG quality)"
     assert f"web page http://127.0.0.1:{http}/" in text

@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audio_features import CHUNK_BYTES
 from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
+from tests.up_process import start_gateway_process
 
 AVATAR = "demo"
 
@@ -54,7 +59,12 @@ def _ok(stub: Any, frame_id: int = 2) -> None:
     ("name", "which", "code", "text"),
     [
         ("nobody", "zero", "unknown_avatar", "avatar 'nobody' is not loaded (loaded: demo"),
-        (AVATAR, "rows", "frame_out_of_range", "frame_id {M} is out of range for avatar 'demo' (valid: 0..{M1}"),
+        (
+            AVATAR,
+            "rows",
+            "frame_out_of_range",
+            "frame_id {M} is out of range for avatar 'demo' (valid: 0..{M1}",
+        ),
         (AVATAR, "huge", "frame_out_of_range", "(valid: 0..{M1};"),
         (AVATAR, "negative", "frame_out_of_range", "frame_id -1 is out of range"),
         ("", "zero", "unknown_avatar", "avatar '' is not loaded"),
@@ -77,8 +87,17 @@ def test_bad_frame_requests_get_clear_errors(
 def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
     ids = [1, -5, 2, 500, 3]
     names = [AVATAR, AVATAR, "ghost", AVATAR, AVATAR]
-    out = list(stub.StreamInference(iter(
-        [pb.OptimizedInferenceRequest(model_name=n, frame_id=i) for n, i in zip(names, ids)]), timeout=120))
+    out = list(
+        stub.StreamInference(
+            iter(
+                [
+                    pb.OptimizedInferenceRequest(model_name=n, frame_id=i)
+                    for n, i in zip(names, ids, strict=True)
+                ]
+            ),
+            timeout=120,
+        )
+    )
     assert [r.frame_id for r in out] == ids
     assert [r.success for r in out] == [True, False, False, False, True]
     assert "unknown_avatar" in out[2].error and "frame_out_of_range" in out[3].error
@@ -98,7 +117,9 @@ def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, pa
 
 
 @pytest.mark.triton
-def test_load_package_symlink_escaping_root_is_refused(stub: Any, gateway_server: Any, demo_package: Any) -> None:
+def test_load_package_symlink_escaping_root_is_refused(
+    stub: Any, gateway_server: Any, demo_package: Any
+) -> None:
     root = Path(gateway_server.settings.packages_root)
     link = root / "escape"
     link.symlink_to(Path(demo_package.root).resolve(), target_is_directory=True)  # a real package, outside
@@ -128,7 +149,9 @@ def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any, d
 
 
 @pytest.mark.triton
-def test_load_package_whose_model_triton_lacks_is_refused(stub: Any, gateway_server: Any, make_package: Any) -> None:
+def test_load_package_whose_model_triton_lacks_is_refused(
+    stub: Any, gateway_server: Any, make_package: Any
+) -> None:
     import shutil
 
     root = Path(gateway_server.settings.packages_root)
@@ -166,29 +189,33 @@ def test_connection_limiter_refuses_or_waits() -> None:
         assert limiter.in_flight == 2
 
         admission = AdmissionControl(1)
-        with admission.slot():
-            with pytest.raises(Overloaded, match=r"limit 1"):
-                with admission.slot():
-                    pass
+        with admission.slot(), pytest.raises(Overloaded, match=r"limit 1"), admission.slot():
+            pass
         assert admission.in_flight == 0
 
     asyncio.run(scenario())
 
 
 @pytest.mark.triton
-def test_global_in_flight_limit_answers_overloaded(start_gateway: Any, triton_server: Any, gateway_packages_root: Path) -> None:
+def test_global_in_flight_limit_answers_overloaded(
+    start_gateway: Any, triton_server: Any, gateway_packages_root: Path
+) -> None:
     gw = start_gateway(triton_server.grpc_url, gateway_packages_root, max_in_flight_total=2)
     channel, stub = _stub(gw.grpc_address)
     with channel:
         futures = [
-            stub.GenerateInference.future(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i), timeout=120)
+            stub.GenerateInference.future(
+                pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i), timeout=120
+            )
             for i in range(10)
         ]
         t0 = time.monotonic()
         results = [f.result() for f in futures]
         errors = [r.error for r in results if not r.success]
         assert sum(r.success for r in results) >= 2
-        assert errors and all(e.startswith("overloaded: the gateway already has 2 frames in flight (limit 2)") for e in errors), errors
+        assert errors and all(
+            e.startswith("overloaded: the gateway already has 2 frames in flight (limit 2)") for e in errors
+        ), errors
         assert time.monotonic() - t0 < 60
         _ok(stub)
 
@@ -252,7 +279,9 @@ def _own_stack(start_triton: Any, start_gateway: Any, root: Path) -> tuple[Any, 
 
 
 @pytest.mark.triton
-def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
+def test_triton_killed_mid_stream_then_recovers(
+    start_triton: Any, start_gateway: Any, gateway_packages_root: Path
+) -> None:
     triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
     channel, stub = _stub(gw.grpc_address)
     with channel:
@@ -273,7 +302,9 @@ def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway
         assert all(r.error.startswith("triton_unavailable: ") for _, r in failed), failed[0][1].error
         first_error_after = failed[0][0] - killed_at
         # every failed answer came promptly after its request was sent (or after the kill)
-        worst = max(t - max(stream.sent[i], killed_at) for i, (t, r) in enumerate(stream.answers) if not r.success)
+        worst = max(
+            t - max(stream.sent[i], killed_at) for i, (t, r) in enumerate(stream.answers) if not r.success
+        )
         assert first_error_after < 3.0 and worst < 3.0, (first_error_after, worst)
         assert not_ready_after < 3.0
         # grpc.health follows ctx.ready() as soon as it changes (pushed, no polling)
@@ -293,7 +324,9 @@ def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway
 
 
 @pytest.mark.triton
-def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
+def test_triton_hung_fails_fast_and_recovers(
+    start_triton: Any, start_gateway: Any, gateway_packages_root: Path
+) -> None:
     triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
     channel, stub = _stub(gw.grpc_address)
     with channel:
@@ -301,7 +334,9 @@ def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: A
         os.killpg(triton.pid, signal.SIGSTOP)  # tritonserver and its Python-backend stubs
         try:
             t0 = time.monotonic()
-            r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3), timeout=30)
+            r = stub.GenerateInference(
+                pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3), timeout=30
+            )
             took = time.monotonic() - t0
             assert not r.success and r.error.startswith("triton_unavailable: "), r.error
             # probe period 0.5 s + two probe deadlines of 1 s: about 3 s, never the 30 s deadline
@@ -332,7 +367,93 @@ def test_gateway_started_before_triton_becomes_ready_by_itself(
         assert not r.success and r.error.startswith("triton_unavailable: ") and "not ready" in r.error
         assert time.monotonic() - t0 < 1.0
         assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
-        start_triton(MODEL_REPOSITORY_CPU, grpc_port=port, model_control_mode="explicit", load_models=("audio_encoder",))
+        start_triton(
+            MODEL_REPOSITORY_CPU,
+            grpc_port=port,
+            model_control_mode="explicit",
+            load_models=("audio_encoder",),
+        )
         _wait(lambda: gw.ctx.ready(), 120)  # the gateway loaded lipsync_demo itself
         _ok(stub)
         _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 5)
+
+
+# ----------------------------------------------------------------------------- undecodable input
+@pytest.mark.triton
+def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
+    triton_server: Any, gateway_packages_root: Path, tmp_path: Path
+) -> None:
+    """Issue 16, as a user runs it: `lipsync gateway` (real Triton, demo avatar) gets 500
+    undecodable messages over every method reflection lists, unary and streaming, while a
+    well-behaved client streams frames: every answer is INVALID_ARGUMENT naming the method,
+    the process's log (Python and gRPC core, stdout and stderr) grows by fewer than 50 lines,
+    /metrics counts 500, and the well-behaved client gets every frame."""
+    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root)
+    http, grpc_port, log_path, proc = gateway.http, gateway.grpc_port, gateway.log_path, gateway.proc
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except OSError:
+            return 0, ""
+
+    async def flood() -> tuple[list[tuple[str, grpc.StatusCode, str]], list[bool], int]:
+        address = f"127.0.0.1:{grpc_port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            methods = await served_methods(channel)
+            assert_undecodable(methods)
+            done = asyncio.Event()
+            served: list[bool] = []
+
+            async def well_behaved() -> None:
+                async with grpc.aio.insecure_channel(address) as good:
+                    call = pbg.OptimizedLipSyncServiceStub(good).StreamInference()
+                    for i in range(10_000):
+                        if done.is_set() and i >= 5:
+                            break
+                        await call.write(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i % 50))
+                        served.append((await call.read()).success)
+                    await call.done_writing()
+
+            client = asyncio.create_task(well_behaved())
+            lines_before = len(log_path.read_text().splitlines())
+            sem = asyncio.Semaphore(16)
+
+            async def one(k: int) -> tuple[str, grpc.StatusCode, str]:
+                method, client_streaming, server_streaming, _ = methods[k % len(methods)]
+                async with sem:
+                    bad = UNDECODABLE[k % len(UNDECODABLE)]
+                    _, code, details = await send_undecodable(
+                        channel, method, client_streaming, server_streaming, bad, False
+                    )
+                return method, code, details
+
+            results = await asyncio.gather(*(one(k) for k in range(500)))
+            done.set()
+            await asyncio.wait_for(client, 120)
+            await asyncio.sleep(1.0)  # anything logged late is counted too
+            return results, served, len(log_path.read_text().splitlines()) - lines_before
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and get("/readyz")[0] != 200:
+            time.sleep(0.5)
+        assert get("/readyz")[0] == 200, log_path.read_text()
+        results, served, grew = asyncio.run(flood())
+        metrics = get("/metrics")[1]
+    finally:
+        gateway.stop()
+    for method, code, details in results:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+        assert details.startswith(f"{method}: the request message does not decode"), details
+    print(f"500 undecodable messages: the log grew by {grew} lines; {len(served)} frames served meanwhile")
+    assert grew < 50, log_path.read_text()
+    assert "Traceback" not in log_path.read_text()
+    counted = sum(
+        s.value for f in text_string_to_metric_families(metrics)
+        if f.name == "lipsync_gateway_malformed_requests"
+        for s in f.samples if s.name.endswith("_total") and s.labels["protocol"] == "grpc"
+    )
+    assert counted == 500
+    assert len(served) >= 5 and all(served), "the well-behaved client was served throughout"

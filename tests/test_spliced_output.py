@@ -35,8 +35,9 @@ from gateway.ws_protocol import (
     encode_request,
 )
 from lipsync.jpeg_splice import read_header
-from tests.fake_gateway import on_fake_server
-from tests.fake_triton import FakeTriton, fake_triton, identity_composite
+from tests.fake_gateway import serve_on_fake
+from tests.fake_triton import FakeTriton, fake_triton
+from tests.reference_frames import identity_composite
 
 T = TypeVar("T")
 AVATAR = "wide"
@@ -74,15 +75,17 @@ def decode(jpeg: bytes) -> NDArray[np.uint8]:
 
 
 def on_server(
-    make_package: Callable[..., Path], body: Callable[[GatewayServer, FakeTriton], Awaitable[T]], **settings: Any
+    make_package: Callable[..., Path],
+    body: Callable[[GatewayServer, FakeTriton], Awaitable[T]],
+    **settings: Any,
 ) -> T:
     """Run ``body(server, fake)`` on a gateway over the fake serving the 250x150 avatar."""
     frames = np.random.default_rng(3).integers(0, 256, (len(RECTS), HEIGHT, WIDTH, 3), dtype=np.uint8)
-    landmarks = np.stack([
-        np.random.default_rng(v).uniform(r[:2], r[2:], size=(68, 2)) for v, r in enumerate(RECTS)
-    ]).astype(np.float32)
+    landmarks = np.stack(
+        [np.random.default_rng(v).uniform(r[:2], r[2:], size=(68, 2)) for v, r in enumerate(RECTS)]
+    ).astype(np.float32)
     root = make_package(name=AVATAR, frames=frames, rects=RECTS, landmarks=landmarks).parent
-    return on_fake_server(root, fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",)), body, **settings)
+    return serve_on_fake(root, fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",)), body, **settings)
 
 
 async def readyz_jpeg(server: GatewayServer) -> dict[str, Any]:
@@ -110,16 +113,23 @@ def test_spliced_frames_equal_opencvs_encode_of_the_composited_frame(
             await ws.send_bytes(encode_request(AVATAR, 1))
             reply = decode_reply((await ws.receive(timeout=10)).data)
         assert isinstance(reply, FrameReply)
-        assert reply.jpeg == reference_jpeg(identity_composite(avatar.frames[1], avatar.rects[1]), quality, RESTART_MCUS[quality])
+        assert reply.jpeg == reference_jpeg(
+            identity_composite(avatar.frames[1], avatar.rects[1]), quality, RESTART_MCUS[quality]
+        )
 
     on_server(make_package, body, jpeg_quality=quality)
 
 
-def test_splicing_off_encodes_the_full_frame_with_the_configured_encoder(make_package: Callable[..., Path]) -> None:
+def test_splicing_off_encodes_the_full_frame_with_the_configured_encoder(
+    make_package: Callable[..., Path],
+) -> None:
     async def body(server: GatewayServer, fake: FakeTriton) -> None:
         assert server.ctx is not None
         avatar = server.ctx.store.get(AVATAR)
-        assert await readyz_jpeg(server) == {"mode": "full", "reason": "splicing is off (LIPSYNC_JPEG_SPLICE=0)"}
+        assert await readyz_jpeg(server) == {
+            "mode": "full",
+            "reason": "splicing is off (LIPSYNC_JPEG_SPLICE=0)",
+        }
         frame = await server.ctx.pipeline.render(FrameRequest(AVATAR, 2), protocol="grpc")
         expected = SimpleJpegEncoder(85).encode(identity_composite(avatar.frames[2], avatar.rects[2]))
         assert frame.jpeg == expected
@@ -135,7 +145,10 @@ def test_a_failed_self_test_falls_back_to_full_frames_and_says_why(
 
     def mismatch(background: Any, frame: Any, box: tuple[int, ...], settings: Any) -> str:
         checked.append(box)
-        return "quantization tables (DQT; a different JPEG quality?) differ between the background and the rectangle encoder"
+        return (
+            "quantization tables (DQT; a different JPEG quality?) differ between the background "
+            "and the rectangle encoder"
+        )
 
     monkeypatch.setattr(gateway.compositor, "check_splice", mismatch)
 
@@ -145,9 +158,13 @@ def test_a_failed_self_test_falls_back_to_full_frames_and_says_why(
         assert checked == [tuple(RECTS[0])], "the self-test ran on the avatar's first video frame"
         jpeg = await readyz_jpeg(server)
         assert jpeg["mode"] == "full"
-        assert jpeg["reason"].startswith("spliced JPEG self-test failed on avatar 'wide': quantization tables")
+        assert jpeg["reason"].startswith(
+            "spliced JPEG self-test failed on avatar 'wide': quantization tables"
+        )
         frame = await server.ctx.pipeline.render(FrameRequest(AVATAR, 1), protocol="grpc")
-        assert frame.jpeg == SimpleJpegEncoder(85).encode(identity_composite(avatar.frames[1], avatar.rects[1]))
+        assert frame.jpeg == SimpleJpegEncoder(85).encode(
+            identity_composite(avatar.frames[1], avatar.rects[1])
+        )
 
     with caplog.at_level(logging.ERROR, logger="gateway.compositor"):
         on_server(make_package, body, jpeg_quality=85)
@@ -190,10 +207,15 @@ def test_crop_output_over_the_backgrounds_gives_the_full_frame(make_package: Cal
             assert reply.bounds == (x1, y1, x2, y2)
             composite = identity_composite(avatar.frames[v], avatar.rects[v])
             # the face JPEG is the face rectangle of the composite, encoded alone
-            assert reply.jpeg == server.ctx.pipeline.compositor.plain.encode(np.ascontiguousarray(composite[y1:y2, x1:x2]))
+            assert reply.jpeg == server.ctx.pipeline.compositor.plain.encode(
+                np.ascontiguousarray(composite[y1:y2, x1:x2])
+            )
             picture = backgrounds[v].copy()
             picture[y1:y2, x1:x2] = decode(reply.jpeg)
-            diff = np.abs(picture.astype(np.int16) - decode(server.ctx.pipeline.encoder.encode(composite)).astype(np.int16))
+            diff = np.abs(
+                picture.astype(np.int16)
+                - decode(server.ctx.pipeline.encoder.encode(composite)).astype(np.int16)
+            )
             assert diff.mean() < 3.0, f"frame {frame_id}: mean difference {diff.mean():.2f} grey levels"
         last = replies[-1]
         assert isinstance(full_reply, FrameReply) and isinstance(last, CropReply)
@@ -215,7 +237,9 @@ def test_background_endpoint_caching_and_errors(make_package: Callable[..., Path
                 etag = resp.headers["ETag"]
                 body_bytes = await resp.read()
             assert body_bytes == avatar.backgrounds.jpeg(2)
-            np.testing.assert_allclose(decode(body_bytes), avatar.frames[2], atol=60)  # the video frame, JPEG noise aside
+            np.testing.assert_allclose(
+                decode(body_bytes), avatar.frames[2], atol=60
+            )  # the video frame, JPEG noise aside
             async with session.get(f"{base}/2.jpg", headers={"If-None-Match": etag}) as resp:
                 assert resp.status == 304 and resp.headers["ETag"] == etag and not await resp.read()
             async with session.get(f"{base}/3.jpg", headers={"If-None-Match": etag}) as resp:
@@ -244,7 +268,9 @@ class RecordingInference:
         self.inner = inner
         self.preds: list[NDArray[np.uint8]] = []
 
-    async def infer_unet(self, model: str, crop: NDArray[np.uint8], window: NDArray[np.float32]) -> NDArray[np.uint8]:
+    async def infer_unet(
+        self, model: str, crop: NDArray[np.uint8], window: NDArray[np.float32]
+    ) -> NDArray[np.uint8]:
         pred = await self.inner.infer_unet(model, crop, window)
         self.preds.append(np.array(pred))
         return pred
@@ -254,7 +280,9 @@ class RecordingInference:
         return result
 
 
-def reference_paste(frame: NDArray[np.uint8], rect: NDArray[np.int32], pred: NDArray[np.uint8]) -> NDArray[np.uint8]:
+def reference_paste(
+    frame: NDArray[np.uint8], rect: NDArray[np.int32], pred: NDArray[np.uint8]
+) -> NDArray[np.uint8]:
     """docs/REFERENCE.md s.2 steps 2, 3, 8 written out with OpenCV for a given prediction."""
     x1, y1, x2, y2 = (int(c) for c in rect)
     crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
@@ -281,6 +309,8 @@ def test_real_unet_spliced_frames_equal_opencvs_encode(
         v = frame.video_frame
         pred = recorder.preds[-1][0]
         expected = reference_paste(demo_package.frames[v], demo_package.rects[v], pred)
-        assert not np.array_equal(pred, running.ctx.store.get("demo").inners[v]), "the real UNet changed the mouth"
+        assert not np.array_equal(pred, running.ctx.store.get("demo").inners[v]), (
+            "the real UNet changed the mouth"
+        )
         assert frame.jpeg == reference_jpeg(expected, quality, 11), f"frame {frame_id}"
     assert running.ctx.jpeg_mode().mode == "spliced"

@@ -23,13 +23,14 @@ import asyncio
 import logging
 import os
 import signal
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient  # type: ignore[import-untyped]
+import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
 
 from lipsync.cli import build_parser
 from lipsync.triton_local import (
@@ -49,64 +50,10 @@ from lipsync.triton_supervisor import (
     restart_policy_from_args,
     serve_until_given_up,
 )
+from tests.fake_supervised import FakeServer
 from tests.fixtures_triton import group_gone, reaped
 
 S = SupervisorState
-
-
-# ------------------------------------------------------------------------------------ fake
-class FakeServer:
-    """`SupervisedServer` in process. Each `start` takes the next scripted outcome: "fail"
-    (raises like an early exit), "run" (ready until `crash()`), "hang" (loads until
-    cancelled); "fail" once the script is used up."""
-
-    def __init__(self, *outcomes: str, check_error: str | None = None) -> None:
-        self.outcomes = list(outcomes)
-        self.check_error = check_error
-        self.starts = 0
-        self.stops = 0
-        self.starting = threading.Event()
-        self._pid: int | None = None
-        self._code: int | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    def check(self) -> list[str]:
-        if self.check_error:
-            raise TritonStartError(self.check_error)
-        return ["model"]
-
-    def start(self, timeout_s: float = 1.0, *, cancel: threading.Event | None = None) -> None:
-        self.starts += 1
-        self._pid, self._code = 1000 + self.starts, None
-        outcome = self.outcomes.pop(0) if self.outcomes else "fail"
-        if outcome == "fail":
-            self._code = 1
-            raise TritonStartError(
-                "tritonserver exited with status 1 before it was ready.",
-                "E0101 failed to load 'model'",
-            )
-        if outcome == "hang":
-            self.starting.set()
-            assert cancel is not None and cancel.wait(30), "start was never cancelled"
-            self._code = -15
-            raise TritonStartCancelled("cancelled")
-
-    def crash(self, code: int = -9) -> None:
-        self._code = code
-
-    def poll(self) -> int | None:
-        return self._code
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        self.stops += 1
-        if self._code is None:
-            self._code = -15
-
-    def failure_report(self) -> str:
-        return "Its log ends with:\nI0101 last line"
 
 
 def _record(supervisor: TritonSupervisor) -> list[SupervisorStatus]:
@@ -264,15 +211,15 @@ def test_lipsync_up_restart_options(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ------------------------------------------------------------------------- real tritonserver
-def _server(repo: Path, tmp_path: Path, **kwargs: object) -> TritonServer:
+def _server(repo: Path, tmp_path: Path, **kwargs: Any) -> TritonServer:
     http_port, grpc_port, metrics_port = free_ports(3)
     return TritonServer(
         repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        log_file=tmp_path / "triton.log", **kwargs,  # type: ignore[arg-type]
+        log_file=tmp_path / "triton.log", **kwargs,
     )
 
 
-def _encode(url: str) -> np.ndarray:
+def _encode(url: str) -> NDArray[np.float32]:
     mel = np.zeros((1, 80, 16), dtype=np.float32)
     with grpcclient.InferenceServerClient(url) as client:
         mel_in = grpcclient.InferInput("mel", list(mel.shape), "FP32")

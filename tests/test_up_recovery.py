@@ -3,9 +3,8 @@ subprocess on free ports with the demo avatar.
 
 - SIGKILL of tritonserver while a gRPC `StreamInference` call and a WebSocket stream frames:
   both get `triton_unavailable` errors only while it is down, then frames again on the same
-  connections; the killed process is reaped (no zombie) and a new one runs on the same ports.
-  Phase 2 (gateway side, not built yet): the restart counted in /metrics; the test ends in
-  XFAIL at that last check until the gateway exports it.
+  connections; the killed process is reaped (no zombie) and a new one runs on the same ports;
+  the restart is counted in /metrics and /readyz gives the count and the last exit's reason.
 - A repository that makes tritonserver exit at start: the back-off is in the log, then the
   clear message, and `lipsync up` exits 1 leaving nothing behind.
 - Ctrl-C (or SIGTERM) while it waits to restart tritonserver: `lipsync up` exits at once
@@ -16,6 +15,7 @@ subprocess on free ports with the demo avatar.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -135,7 +135,7 @@ def _wait(predicate: Callable[[], object], timeout_s: float, what: str) -> float
 
 
 def _restarts_in_metrics(http: int) -> float | None:
-    """The gateway's Triton restart counter from /metrics, None when it has none (phase 2)."""
+    """The gateway's Triton restart counter from /metrics, None when it has none."""
     with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     for family in text_string_to_metric_families(text):
@@ -192,14 +192,15 @@ def test_streams_survive_a_sigkill_of_tritonserver(
     assert "Its log ends with:" in text
     assert "restarting it in 1.0 s (quick failure 1 in a row; gives up at 6)" in text
     restarts = _restarts_in_metrics(up.http)
+    with urllib.request.urlopen(f"http://127.0.0.1:{up.http}/readyz", timeout=10) as resp:
+        supervisor = json.loads(resp.read())["triton_supervisor"]
 
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(timeout=90) == 0, up.log()
     assert not any(port_in_use(p) for p in up.ports())
-    if restarts is None:
-        pytest.xfail("phase 2: the gateway does not export Triton restarts in /metrics yet "
-                     "(lipsync_gateway_triton_restarts_total)")
     assert restarts == 1
+    assert supervisor["restarts"] == 1 and supervisor["state"] == "running" and not supervisor["restarting"]
+    assert f"tritonserver (pid {old_pid}) was killed by SIGKILL" in supervisor["last_exit"]["reason"]
 
 
 def _up_on_broken_repo(tmp_path: Path, repo: Path, started: list[Up], *flags: str) -> Up:

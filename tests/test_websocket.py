@@ -10,14 +10,14 @@ import struct
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aiohttp
-import cv2
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audio_features import WINDOW_CHUNK_BYTES
@@ -32,6 +32,8 @@ from gateway.ws_protocol import (
 from lipsync.audio import float_to_pcm16, load_wav_16k_mono
 from lipsync.frames import pingpong_index
 from lipsync.paths import MODEL_REPOSITORY_CPU, SPEECH_DIR
+from tests.original_ws_client import OriginalClientFrame, draw_into_rectangle, parse_reply_as_original_client
+from tests.reference_frames import decode_jpeg, psnr
 
 pytestmark = pytest.mark.triton
 
@@ -39,17 +41,19 @@ T = TypeVar("T")
 REPLY_TIMEOUT_S = 30.0
 
 
-def run(fn: Callable[[], Awaitable[T]]) -> T:
+def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run an async test body on a fresh event loop (the gateway has its own loop/thread)."""
-    return asyncio.run(fn())  # type: ignore[arg-type]
+    return asyncio.run(fn())
 
 
 @asynccontextmanager
 async def connect(http_url: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
     """A WebSocket to the gateway's ``/ws`` (client side accepts big replies)."""
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{http_url}/ws", max_msg_size=64 * 2**20, **kwargs) as ws:
-            yield ws
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{http_url}/ws", max_msg_size=64 * 2**20, **kwargs) as ws,
+    ):
+        yield ws
 
 
 async def receive_reply(ws: aiohttp.ClientWebSocketResponse) -> FrameReply | ErrorReply:
@@ -63,18 +67,7 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, payload: bytes) -> FrameReply
     return await receive_reply(ws)
 
 
-def decode_jpeg(jpeg: bytes) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None, "reply is not a decodable JPEG"
-    return image
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def outside_mask(shape: tuple[int, ...], rect: np.ndarray, margin: int) -> np.ndarray:
+def outside_mask(shape: tuple[int, ...], rect: NDArray[np.int32], margin: int) -> NDArray[np.bool_]:
     """True outside the rectangle grown by ``margin`` px (away from JPEG blocks it touches)."""
     x1, y1, x2, y2 = (int(v) for v in rect)
     mask = np.ones(shape[:2], dtype=bool)
@@ -82,7 +75,7 @@ def outside_mask(shape: tuple[int, ...], rect: np.ndarray, margin: int) -> np.nd
     return mask
 
 
-def assert_valid_frame(reply: FrameReply | ErrorReply, frame_id: int, demo_package: Any) -> np.ndarray:
+def assert_valid_frame(reply: FrameReply | ErrorReply, frame_id: int, demo_package: Any) -> NDArray[np.uint8]:
     assert isinstance(reply, FrameReply), f"expected a frame, got error {reply}"
     assert reply.frame_id == frame_id
     image = decode_jpeg(reply.jpeg)
@@ -113,6 +106,49 @@ def test_valid_frame_returns_the_composited_full_frame(url: str, demo_package: A
     # Outside the crop rectangle the frame is the package's frame (only JPEG q95 loss).
     assert psnr(image[mask], demo_package.frames[v][mask]) >= 35.0
     assert isinstance(reply, FrameReply) and reply.processing_ms < 60_000
+
+
+def test_original_clients_on_the_root_path_composite_the_face_patch(url: str, demo_package: Any) -> None:
+    """Issue 14: a client of the original system on ``ws://HOST:PORT/`` (no path), parsing the
+    replies as it does, with and without its 40 ms 24 kHz chunk: each JPEG drawn into its
+    rectangle over the avatar's frame is the full frame ``/ws`` answers for that frame id."""
+    import soxr
+
+    speech = load_wav_16k_mono(sorted(SPEECH_DIR.glob("*.wav"))[0])[16_000:32_000]
+    at_24k = soxr.resample(speech, 16_000, 24_000)
+    chunk_24k = float_to_pcm16(at_24k[:960]).astype("<i2").tobytes()  # 40 ms at 24 kHz
+    assert len(chunk_24k) == 1920
+    frame_ids = [0, 7, 23, 40, 41]
+
+    async def body() -> tuple[list[Any], list[FrameReply | ErrorReply]]:
+        ws_url = f"{url.replace('http', 'ws', 1)}/"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=2**26) as ws:
+            root = []
+            for k, frame_id in enumerate(frame_ids):
+                await ws.send_bytes(encode_request("demo", frame_id, chunk_24k if k % 2 else b""))
+                msg = await ws.receive(timeout=REPLY_TIMEOUT_S)
+                assert msg.type == aiohttp.WSMsgType.BINARY
+                root.append(parse_reply_as_original_client(msg.data))
+        async with connect(url) as ws:
+            full = [await ask(ws, encode_request("demo", frame_id)) for frame_id in frame_ids]
+        return root, full
+
+    root, full = run(body)
+    for frame_id, reply, whole in zip(frame_ids, root, full, strict=True):
+        assert isinstance(reply, OriginalClientFrame), reply
+        assert reply.frame_id == frame_id
+        v = pingpong_index(frame_id, demo_package.frames.shape[0])
+        assert reply.bounds == tuple(float(x) for x in demo_package.rects[v]), "the crop rectangle"
+        patch = decode_jpeg(reply.jpeg)
+        x1, y1, x2, y2 = (int(x) for x in demo_package.rects[v])
+        assert patch.shape == (y2 - y1, x2 - x1, 3), "the face patch has the rectangle's size"
+        drawn = draw_into_rectangle(demo_package.frames[v], patch, reply.bounds)
+        expected = assert_valid_frame(whole, frame_id, demo_package)
+        mad = float(np.abs(drawn.astype(np.int16) - expected.astype(np.int16)).mean())
+        inside = psnr(drawn[y1:y2, x1:x2], expected[y1:y2, x1:x2])
+        print(f"frame {frame_id}: mean absolute difference {mad:.2f} grey levels, rectangle {inside:.1f} dB")
+        assert mad < 3.0, (frame_id, mad)
+        assert inside >= 30.0, (frame_id, inside)  # two JPEGs of the same pixels, nothing shifted
 
 
 def test_concurrent_requests_on_one_connection_are_all_answered(url: str, demo_package: Any) -> None:
@@ -152,7 +188,7 @@ def _bad_requests(rows: int) -> list[tuple[str, bytes, str, str]]:
         ("huge name_len", struct.pack("<I", 10**6) + b"x" * 16,
          "bad_request", "exceeds the limit of 256 bytes"),
         ("live audio of a wrong length", encode_request("demo", 1, b"\0" * 1000),
-         "bad_request", f"= {WINDOW_CHUNK_BYTES} bytes"),
+         "bad_request", f"live audio for frame_id=1 must be {WINDOW_CHUNK_BYTES} bytes"),
         ("live audio, unknown avatar", encode_request("nobody", 1, silence),
          "unknown_avatar", "'nobody' is not loaded"),
     ]
@@ -193,7 +229,7 @@ def test_bad_requests_get_clear_errors_and_the_connection_keeps_serving(
 
 def too_big_count(http_url: str) -> float:
     """The gateway's count of messages over the transport cap (connection closed)."""
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -303,7 +339,7 @@ def test_triton_killed_then_restarted_websocket_and_readyz(
 
     def readyz() -> tuple[int, dict[str, Any]]:
         try:
-            with urllib.request.urlopen(f"{gw.http_url}/readyz", timeout=10) as resp:  # noqa: S310
+            with urllib.request.urlopen(f"{gw.http_url}/readyz", timeout=10) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())

@@ -11,14 +11,15 @@ from gateway.ws_protocol import (
     U32_MAX,
     ErrorReply,
     FrameReply,
-    WsRequest,
     ProtocolError,
+    WsRequest,
     decode_reply,
     decode_request,
     encode_error_reply,
     encode_frame_reply,
     encode_request,
 )
+from tests.original_ws_client import OriginalClientFrame, parse_reply_as_original_client
 
 
 def test_request_layout_is_little_endian_as_the_original_system() -> None:
@@ -91,8 +92,9 @@ def test_frame_reply_layout_and_round_trip() -> None:
     raw = encode_frame_reply(5, 12.6, jpeg, (1.0, 2.5, 3.0, 4.0))
     assert raw[:13] == struct.pack("<BIII", 1, 5, 13, len(jpeg))
     assert raw[13 : 13 + len(jpeg)] == jpeg
-    assert raw[13 + len(jpeg) :] == struct.pack("<I4f", 4, 1.0, 2.5, 3.0, 4.0)
+    assert raw[13 + len(jpeg) :] == struct.pack("<I4f", 16, 1.0, 2.5, 3.0, 4.0), "bounds_len in bytes"
     assert decode_reply(raw) == FrameReply(5, 13, jpeg, (1.0, 2.5, 3.0, 4.0))
+    assert parse_reply_as_original_client(raw) == OriginalClientFrame(5, 13, jpeg, (1.0, 2.5, 3.0, 4.0))
 
 
 def test_error_reply_layout_and_round_trip() -> None:
@@ -109,14 +111,20 @@ def test_processing_ms_is_clamped_into_u32() -> None:
     assert decode_reply(encode_error_reply(1, float("nan"), "x")).processing_ms == 0
 
 
+ONE_BYTE_JPEG = struct.pack("<BIII", 1, 0, 0, 1) + b"j"
+"""The head of a success reply and its 1-byte "JPEG"."""
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
         (b"\x01\x00", "reply truncated"),
         (struct.pack("<BIII", 2, 0, 0, 0), "unknown reply status byte 2"),
         (struct.pack("<BIII", 1, 0, 0, 10) + b"abc", "payload length 10 but only 3"),
-        (struct.pack("<BIII", 1, 0, 0, 1) + b"j" + struct.pack("<I", 4) + b"\x00" * 8, "n=4"),
-        (struct.pack("<BIII", 1, 0, 0, 1) + b"j", "missing the bounds count"),
+        (ONE_BYTE_JPEG + struct.pack("<I", 16) + b"\x00" * 8, "bounds_len=16 bytes .* but 8"),
+        (ONE_BYTE_JPEG + struct.pack("<I", 4) + b"\x00" * 16, "bounds_len=4 bytes .* but 16"),
+        (ONE_BYTE_JPEG + struct.pack("<I", 6) + b"\x00" * 6, "bounds_len=6 bytes"),
+        (struct.pack("<BIII", 1, 0, 0, 1) + b"j", "missing the bounds length"),
     ],
 )
 def test_malformed_replies(raw: bytes, message: str) -> None:

@@ -3,7 +3,8 @@
 `start_up(tmp_path, packages_root, *flags)` starts it (log in ``tmp_path/up.log``, Triton's log
 in ``tmp_path/triton.log``); `Up.wait_ready()` waits for ``/readyz`` 200; `Up.children()`
 lists its child processes (to find, kill and check the tritonserver it supervises);
-`Up.stop()` is the teardown that leaves no process behind.
+`Up.stop()` is the teardown that leaves no process behind. `start_gateway_process` starts
+`lipsync gateway` the same way, against a running Triton.
 """
 from __future__ import annotations
 
@@ -98,3 +99,41 @@ def start_up(tmp_path: Path, packages_root: Path, *flags: str) -> Up:
             cwd=REPO_ROOT, env=ENV, stdout=log_file, stderr=subprocess.STDOUT, text=True,
         )
     return Up(proc, log_path, http, grpc_port, (t_http, t_grpc, t_metrics))
+
+
+@dataclass
+class GatewayProcess:
+    """A running `lipsync gateway` and its ports."""
+
+    proc: subprocess.Popen[str]
+    log_path: Path
+    http: int
+    grpc_port: int
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway_process(
+    tmp_path: Path, triton_url: str, packages_root: Path, env: dict[str, str] | None = None
+) -> GatewayProcess:
+    """Start ``lipsync gateway`` on loopback and free ports against ``triton_url``, serving
+    ``packages_root``, its output in ``tmp_path/gateway.log`` (environment: `ENV`)."""
+    http, grpc_port = free_ports(2)
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lipsync", "gateway", "--host", "127.0.0.1",
+             "--triton-url", triton_url, "--http-port", str(http),
+             "--grpc-port", str(grpc_port), "--packages-root", str(packages_root)],
+            cwd=REPO_ROOT, env=env or ENV, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+        )
+    return GatewayProcess(proc, log_path, http, grpc_port)

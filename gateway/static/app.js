@@ -6,9 +6,14 @@
 // `lead` follows the measured round-trip latency (p95), so a requested frame normally arrives
 // before its slot; at most MAX_IN_FLIGHT requests are outstanding. A slot whose frame is not
 // there when the clock passes it counts as dropped (late reply, skipped request or error).
+// Model server outage: a `triton_unavailable` error reply does not go to the error box (one per
+// frame would be a wall of errors); the page shows one notice, "model server restarting" when
+// /readyz says the supervisor is restarting Triton (`lipsync up`), else why it is unavailable,
+// checks /readyz every READYZ_POLL_MS while it lasts, and clears it at the next frame.
 // Protocol (little-endian), see gateway/ws_protocol.py:
 //   request  [name_len u32][name][frame_id u32][audio_len u32][audio]
-//   reply    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][jpeg][n u32][n x f32]
+//   reply    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][jpeg][bounds_len u32 = 16][4 x f32]
+//            (bounds_len is in bytes, as the original server wrote it)
 //   error    [0 u8][frame_id u32][processing_ms u32][len u32][utf-8 message]
 //
 // Crop output: when the avatar's JSON has `backgrounds_url` (and the page is not opened with
@@ -26,11 +31,14 @@ const LEAD_SAMPLES = 20;      // recent requests the lead follows
 const BUFFER_TIMEOUT_MS = 15000;  // longest wait for the first frames before playing
 const BACKGROUND_FETCHES = 6;     // background JPEGs fetched at once (crop output)
 const OUTPUT = new URLSearchParams(location.search).get("output");  // "crop", "full" or null
+const READYZ_POLL_MS = 1000;      // /readyz checks while the model server is unavailable
+const UNAVAILABLE = "triton_unavailable";  // the error code of a model server outage
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   avatar: $("avatar"), play: $("play"), stop: $("stop"), status: $("status"),
-  untrained: $("untrained"), error: $("error"), canvas: $("screen"), audio: $("audio"),
+  untrained: $("untrained"), error: $("error"), notice: $("notice"), canvas: $("screen"),
+  audio: $("audio"),
   fps: $("stat-fps"), latency: $("stat-latency"), server: $("stat-server"),
   drawn: $("stat-drawn"), dropped: $("stat-dropped"), errors: $("stat-errors"),
   inflight: $("stat-inflight"), frame: $("stat-frame"),
@@ -39,8 +47,8 @@ const ctx2d = ui.canvas.getContext("2d");
 
 // Public, read by the browser test: counters of the current/last playback.
 const stats = {
-  framesDrawn: 0, framesReceived: 0, dropped: 0, errors: 0, requested: 0,
-  lastError: null, playing: false, finished: false, clock: "none",
+  framesDrawn: 0, framesReceived: 0, dropped: 0, errors: 0, requested: 0, unavailable: 0,
+  lastError: null, notice: null, playing: false, finished: false, clock: "none",
   output: "none", lastDrawnFrame: -1, replyBytes: 0, backgroundBytes: 0,
 };
 window.lipsync = { stats, avatars: [], ready: false };
@@ -77,14 +85,14 @@ function decodeReply(buf, crop) {
     return { ok: false, frameId, processingMs, message: decoder.decode(new Uint8Array(buf, 13, len)) };
   }
   const jpeg = new Uint8Array(buf, 13, len);
-  if (crop) {
-    if (buf.byteLength !== 13 + len + 4 + 16 + 4) throw new Error("crop reply of a wrong length");
-    const bounds = [0, 1, 2, 3].map((i) => dv.getFloat32(17 + len + 4 * i, true));
-    return { ok: true, frameId, processingMs, jpeg, bounds, videoFrame: dv.getUint32(buf.byteLength - 4, true) };
+  const boundsLen = dv.getUint32(13 + len, true);  // bytes
+  const trailer = crop ? 4 : 0;  // the video frame
+  if (17 + len + boundsLen + trailer !== buf.byteLength || boundsLen % 4 !== 0 || (crop && boundsLen !== 16)) {
+    throw new Error(`reply has bounds_len ${boundsLen} but ${buf.byteLength - 17 - len} bytes follow`);
   }
-  const n = dv.getUint32(13 + len, true);
   const bounds = [];
-  for (let i = 0; i < n; i++) bounds.push(dv.getFloat32(17 + len + 4 * i, true));
+  for (let i = 0; i < boundsLen / 4; i++) bounds.push(dv.getFloat32(17 + len + 4 * i, true));
+  if (crop) return { ok: true, frameId, processingMs, jpeg, bounds, videoFrame: dv.getUint32(buf.byteLength - 4, true) };
   return { ok: true, frameId, processingMs, jpeg, bounds };
 }
 
@@ -117,6 +125,49 @@ function showError(text) {
 function clearError() {
   ui.error.hidden = true;
   ui.error.textContent = "";
+}
+
+// ------------------------------------------------------------------ model server outage
+
+const outage = { timer: null };
+
+function showNotice(text) {
+  stats.notice = text;
+  ui.notice.textContent = text;
+  ui.notice.hidden = false;
+}
+
+function clearNotice() {
+  if (outage.timer !== null) { clearTimeout(outage.timer); outage.timer = null; }
+  stats.notice = null;
+  ui.notice.hidden = true;
+  ui.notice.textContent = "";
+}
+
+// A frame failed with `triton_unavailable`: one notice, refreshed from /readyz while it lasts.
+function modelServerUnavailable() {
+  if (outage.timer !== null) return;
+  if (stats.notice === null) showNotice("model server unavailable; checking…");
+  const check = async () => {
+    outage.timer = null;
+    let body = null;
+    try {
+      body = await (await fetch("/readyz", { cache: "no-store" })).json();
+    } catch (err) {
+      showNotice(`model server unavailable (gateway not answering: ${err.message})`);
+    }
+    if (stats.notice === null) return;  // a frame came back meanwhile
+    if (body && body.ready) {
+      showNotice("model server back; frames resume");
+    } else if (body && body.triton_supervisor && body.triton_supervisor.restarting) {
+      const last = body.triton_supervisor.last_exit;
+      showNotice(`model server restarting${last ? ` (${last.reason})` : ""}; frames resume when it is back`);
+    } else if (body) {
+      showNotice(`model server unavailable: ${body.reason}`);
+    }
+    outage.timer = setTimeout(check, READYZ_POLL_MS);
+  };
+  outage.timer = setTimeout(check, 0);
 }
 
 function percentile(values, p) {
@@ -199,11 +250,12 @@ class Playback {
 
   async start() {
     Object.assign(stats, {
-      framesDrawn: 0, framesReceived: 0, dropped: 0, errors: 0, requested: 0,
+      framesDrawn: 0, framesReceived: 0, dropped: 0, errors: 0, requested: 0, unavailable: 0,
       lastError: null, playing: false, finished: false, clock: "none",
       output: "none", lastDrawnFrame: -1, replyBytes: 0, backgroundBytes: 0,
     });
     clearError();
+    clearNotice();
     stats.output = await this.chooseOutput();
     if (this.stopped) return;
     ui.status.textContent = "connecting…";
@@ -306,10 +358,16 @@ class Playback {
     if (!reply.ok) {
       stats.errors += 1;
       stats.lastError = reply.message;
-      showError(`frame ${reply.frameId}: ${reply.message}`);
+      if (reply.message.startsWith(`${UNAVAILABLE}:`)) {
+        stats.unavailable += 1;
+        modelServerUnavailable();
+      } else {
+        showError(`frame ${reply.frameId}: ${reply.message}`);
+      }
       this.checkBuffered();
       return;
     }
+    if (stats.notice !== null) clearNotice();
     stats.framesReceived += 1;
     stats.replyBytes += reply.jpeg.byteLength;
     this.serverMs.push(reply.processingMs);
@@ -404,6 +462,7 @@ class Playback {
     for (const bitmap of this.backgrounds || []) if (bitmap) bitmap.close();
     this.backgrounds = null;
     if (this.onBuffered) { this.onBuffered(); this.onBuffered = null; }
+    clearNotice();
     if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "stopped");
     ui.play.disabled = false;
     ui.stop.disabled = true;
