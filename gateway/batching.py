@@ -4,16 +4,17 @@ Every frame of every stream calls ``infer_unet`` with a batch of one. Each Trito
 gateway's event loop about as much Python as the rest of the frame together (tritonclient
 request building, grpc.aio call machinery, the answer's parsing: ``perf/results/capacity.md``),
 whatever its batch size. This `gateway.triton_client.InferenceClient` sits in front of the
-gateway's `gateway.inference.GuardedInference` and coalesces:
+gateway's `gateway.endpoint_pool.EndpointPool` and coalesces:
 
 1. A single-frame call is queued per model and a flush is scheduled with ``loop.call_soon``, so
    it runs once the callbacks that are ready now have run: every frame that reaches inference
    in the same event-loop iteration joins the batch. Nothing waits on a timer; latency grows by
    at most one loop iteration.
 2. The flush concatenates each model's queue into batches of at most the model's
-   ``max_batch_size`` (`ModelLifecycle.max_batch_size`; the whole queue when unknown) and sends
-   each as one request through the guarded client (admission, outage abort, splitting as
-   before).
+   ``max_batch_size`` (`EndpointPool.max_batch_size`: the smallest an endpoint reported; the
+   whole queue when unknown) and sends each as one request through the pool (routing to an
+   endpoint, one retry elsewhere if it dies, that endpoint's admission, outage abort and
+   splitting as before).
 3. Each caller gets its own row of the answer, uint8 ``[1, 320, 320, 3]`` (a view of the
    batch's answer), or the batch's exception. A caller cancelled meanwhile (its client went
    away) is skipped; the batch still completes for the others.
@@ -47,7 +48,7 @@ class CoalescingInference:
     """`InferenceClient` that coalesces single-frame UNet calls (module doc).
 
     Args:
-        inner: the client that sends the batches (the gateway's `GuardedInference`).
+        inner: the client that sends the batches (the gateway's `EndpointPool`).
         max_batch_size: ``max_batch_size(model)``, the most frames one request may hold (0:
             unknown, no limit here; ``inner`` splits if it knows better).
     """

@@ -171,8 +171,8 @@ class GatewaySettings(BaseSettings):
     triton_shm: Literal["system", "none"] = Field(
         "system",
         description="how UNet tensors reach Triton: system = POSIX shared memory registered with "
-        "Triton when it shares this host's /dev/shm (else gRPC, logged; gateway.triton_shm); "
-        "none = inside the gRPC messages",
+        "Triton when it shares this host's /dev/shm, one region per Triton endpoint (an endpoint "
+        "that cannot open it gets gRPC, logged; gateway.triton_shm); none = inside the gRPC messages",
     )
     triton_coalesce: bool = Field(
         True,

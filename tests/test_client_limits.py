@@ -263,6 +263,7 @@ def test_grpc_concurrent_calls_are_capped(make_package: Callable[..., Path]) -> 
     root = make_package(name=AVATAR).parent
 
     async def body(server: GatewayServer, fake: FakeTriton) -> None:
+        assert server.ctx is not None
         fake.hold_inference = asyncio.Event()
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = pbg.OptimizedLipSyncServiceStub(channel)
