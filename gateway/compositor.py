@@ -25,6 +25,7 @@ video frame it shows (the original clients on ``/``; crop output over the backgr
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +37,7 @@ from gateway.backgrounds import AvatarBackgrounds
 from gateway.frame_request import FrameOutput
 from gateway.jpeg import JpegEncoder, RestartIntervalEncoder
 from gateway.store import Avatar
+from lipsync.contract import CROP_SIZE
 from lipsync.frames import face_patch, paste_back, paste_back_region
 from lipsync.jpeg_splice import check_splice, encode_bgr
 
@@ -81,6 +83,7 @@ class Compositor:
     def __init__(self, encoder: JpegEncoder, restart: RestartIntervalEncoder, *, splice: bool) -> None:
         self.plain = encoder
         self.restart = restart
+        self._local = threading.local()  # per pool thread: the scratch crop of `composite`
         self.mode = (
             JpegMode("spliced") if splice else JpegMode("full", "splicing is off (LIPSYNC_JPEG_SPLICE=0)")
         )
@@ -148,14 +151,17 @@ class Compositor:
         """
         t0 = time.perf_counter()
         backgrounds = avatar.backgrounds
+        scratch = self._scratch()
         if output == "face":
             x1, y1, x2, y2 = (int(c) for c in avatar.rects[v])
-            patch = face_patch(avatar.crops[v], pred, x2 - x1, y2 - y1)
+            patch = face_patch(avatar.crops[v], pred, x2 - x1, y2 - y1, scratch=scratch)
             t1 = time.perf_counter()
             jpeg = self.plain.encode(patch)
         elif self.mode.mode == "spliced" and backgrounds is not None:
             plan = backgrounds.plans[v]
-            region = paste_back_region(avatar.frames[v], avatar.rects[v], avatar.crops[v], pred, plan.rect)
+            region = paste_back_region(
+                avatar.frames[v], avatar.rects[v], avatar.crops[v], pred, plan.rect, scratch=scratch
+            )
             t1 = time.perf_counter()
             jpeg = plan.apply(encode_bgr(region, backgrounds.settings))
         else:
@@ -164,3 +170,11 @@ class Compositor:
             jpeg = self.plain.encode(frame)
         t2 = time.perf_counter()
         return Composited(jpeg, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def _scratch(self) -> NDArray[np.uint8]:
+        """This thread's uint8 ``[328, 328, 3]`` buffer for `lipsync.frames.face_patch` (no
+        allocation and no copy of the whole crop per frame)."""
+        scratch: NDArray[np.uint8] | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = np.empty((CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        return scratch

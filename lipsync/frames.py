@@ -174,7 +174,12 @@ def paste_back(
 
 
 def face_patch(
-    crop328: NDArray[np.uint8], pred320: NDArray[np.uint8], width: int, height: int
+    crop328: NDArray[np.uint8],
+    pred320: NDArray[np.uint8],
+    width: int,
+    height: int,
+    *,
+    scratch: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.uint8]:
     """The pixels paste back writes into the crop rectangle (docs/REFERENCE.md s.2 step 8).
 
@@ -186,6 +191,9 @@ def face_patch(
         crop328: the frame's uint8 ``[328, 328, 3]`` crop (not modified).
         pred320: the model output, uint8 ``[320, 320, 3]`` BGR.
         width, height: the crop rectangle's size ``x2 - x1``, ``y2 - y1`` (px).
+        scratch: a uint8 ``[328, 328, 3]`` C-contiguous buffer to assemble the pasted crop in
+            (overwritten; a caller reuses one per thread), else a new one is allocated. Only
+            the crop's 4 px border is copied from ``crop328``, the inside is ``pred320``.
 
     Returns:
         A new uint8 ``[height, width, 3]`` array.
@@ -197,9 +205,18 @@ def face_patch(
     if pred320.dtype != np.uint8:
         raise ValueError(f"prediction must be uint8, got {pred320.dtype} {list(pred320.shape)}")
     _check_square(pred320, INNER_SIZE, "prediction")
-    crop = crop328.copy()
-    end = INNER_OFFSET + INNER_SIZE
-    crop[INNER_OFFSET:end, INNER_OFFSET:end] = pred320
+    if scratch is None:
+        crop = np.empty((CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    elif scratch.shape != (CROP_SIZE, CROP_SIZE, 3) or scratch.dtype != np.uint8:
+        raise ValueError(f"scratch must be uint8 [328, 328, 3], got {scratch.dtype} {list(scratch.shape)}")
+    else:
+        crop = scratch
+    lo, hi = INNER_OFFSET, INNER_OFFSET + INNER_SIZE
+    crop[:lo] = crop328[:lo]
+    crop[hi:] = crop328[hi:]
+    crop[lo:hi, :lo] = crop328[lo:hi, :lo]
+    crop[lo:hi, hi:] = crop328[lo:hi, hi:]
+    crop[lo:hi, lo:hi] = pred320
     return cast(NDArray[np.uint8], cv2.resize(crop, (width, height), interpolation=cv2.INTER_CUBIC))
 
 
@@ -209,6 +226,8 @@ def paste_back_region(
     crop328: NDArray[np.uint8],
     pred320: NDArray[np.uint8],
     region: tuple[int, int, int, int],
+    *,
+    scratch: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.uint8]:
     """Paste back (docs/REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
 
@@ -222,6 +241,7 @@ def paste_back_region(
         crop328: the frame's uint8 ``[328, 328, 3]`` crop (not modified).
         pred320: the model output, uint8 ``[320, 320, 3]`` BGR.
         region: ``(x0, y0, x1, y1)`` px, x1/y1 exclusive, inside the frame and containing `rect`.
+        scratch: as in `face_patch`.
 
     Returns:
         A new C-contiguous uint8 ``[y1 - y0, x1 - x0, 3]`` array.
@@ -238,7 +258,7 @@ def paste_back_region(
             f"region (x0={rx0}, y0={ry0}, x1={rx1}, y1={ry1}) does not contain the face "
             f"rectangle (x1={x1}, y1={y1}, x2={x2}, y2={y2})"
         )
-    patch = face_patch(crop328, pred320, x2 - x1, y2 - y1)
+    patch = face_patch(crop328, pred320, x2 - x1, y2 - y1, scratch=scratch)
     out = frame[ry0:ry1, rx0:rx1].copy()
     out[y1 - ry0 : y2 - ry0, x1 - rx0 : x2 - rx0] = patch
     return out
