@@ -64,6 +64,18 @@ class GatewaySettings(BaseSettings):
         "auto", description="chroma subsampling; auto = 4:4:4 at quality >= 90, else 4:2:0"
     )
     jpeg_threads: int = Field(2, ge=1, le=64, description="thread-pool size for paste-back + JPEG")
+    jpeg_splice: bool = Field(
+        True,
+        description="spliced partial JPEG (gateway.compositor): per frame, encode only the face "
+        "rectangle's restart-aligned rectangle and splice it into the video frame's JPEG built at "
+        "load (byte-identical to OpenCV's full encode with restart markers); false: paste into "
+        "a copy of the frame and encode all of it with jpeg_encoder",
+    )
+    jpeg_restart_px: int = Field(
+        128, ge=8, le=4096,
+        description="target width (px) of one restart interval of spliced JPEGs: R = the divisor "
+        "of the MCU row nearest it",
+    )
 
     # --- admission (robustness) ---------------------------------------------------------------
     max_in_flight_per_connection: int = Field(
@@ -164,6 +176,17 @@ class GatewaySettings(BaseSettings):
         "goes down",
     )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
+    triton_shm: Literal["system", "none"] = Field(
+        "system",
+        description="how UNet tensors reach Triton: system = POSIX shared memory registered with "
+        "Triton when it shares this host's /dev/shm, one region per Triton endpoint (an endpoint "
+        "that cannot open it gets gRPC, logged; gateway.triton_shm); none = inside the gRPC messages",
+    )
+    triton_coalesce: bool = Field(
+        True,
+        description="send the single-frame UNet calls that are ready in the same event-loop "
+        "iteration as one batched request per model (gateway.batching); false: one request per frame",
+    )
 
     # --- message size limits -------------------------------------------------------------------
     grpc_max_receive_bytes: int = Field(

@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.batching import CoalescingInference
+from gateway.compositor import Compositor, JpegMode
 from gateway.config import GatewaySettings
 from gateway.endpoint_pool import ClientFactory, EndpointPool
-from gateway.jpeg import make_encoder
+from gateway.jpeg import RestartIntervalEncoder, make_encoder
 from gateway.limits import AuxiliaryWork, ClientLimiter, PeerLimiter
 from gateway.live_render import TritonAudioEncoder
 from gateway.live_service import LiveSessions
@@ -27,7 +29,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
-from gateway.triton_client import TritonClient, TritonGrpcClient
+from gateway.triton_client import InferenceClient, TritonClient, TritonGrpcClient
+from gateway.triton_shm import SharedMemoryUnet
 from gateway.triton_supervision import TritonSupervision
 from gateway.triton_targets import Resolver, parse_targets, system_resolver
 from lipsync.triton_supervisor import SupervisorView
@@ -97,7 +100,8 @@ class GatewayContext:
             supervisor: the supervisor that keeps that Triton running (``lipsync up``), if any:
                 its restarts go to /metrics and /readyz (`gateway.triton_supervision`).
             connect: makes an endpoint's client from its ``host:port`` (default: a
-                `TritonGrpcClient` with the settings' deadlines and control key).
+                `TritonGrpcClient` with the settings' deadlines and control key, wrapped in a
+                `SharedMemoryUnet` of its own when ``triton_shm`` is ``system``).
             resolver: resolves the host names of ``triton_url`` (None: every target is one
                 endpoint as written).
         """
@@ -107,7 +111,7 @@ class GatewayContext:
             targets, resolver, connect = parse_targets(client.url), None, _given_client(client)
         pool = EndpointPool(
             targets,
-            connect or _grpc_client_factory(settings),
+            connect or _shared_memory_factory(settings, _grpc_client_factory(settings)),
             metrics,
             resolver=resolver,
             dns_interval_s=settings.triton_dns_interval_s,
@@ -116,7 +120,16 @@ class GatewayContext:
             load_models=settings.triton_load_models,
         )
         pool.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
-        store = AvatarStore(settings.packages_root, pool, settings.max_avatar_bytes)
+        compositor = Compositor(
+            make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling),
+            RestartIntervalEncoder(
+                settings.jpeg_quality, settings.jpeg_subsampling, settings.jpeg_restart_px
+            ),
+            splice=settings.jpeg_splice,
+        )
+        store = AvatarStore(
+            settings.packages_root, pool, settings.max_avatar_bytes, backgrounds=compositor.backgrounds
+        )
         try:
             await pool.start()
             await store.load_all()
@@ -125,13 +138,15 @@ class GatewayContext:
             await pool.close()
             raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
-        encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
         aux = AuxiliaryWork.create(settings.aux_threads, settings.max_aux_in_flight, metrics)
+        unet: InferenceClient = (
+            CoalescingInference(pool, pool.max_batch_size) if settings.triton_coalesce else pool
+        )
         pipeline = FramePipeline(
             store,
-            pool,
+            unet,
             AudioFeatureExtractor(pool, settings.audio_encoder_model, aux.executor),
-            encoder,
+            compositor,
             executor,
             AdmissionControl(settings.max_in_flight_total, metrics),
             metrics,
@@ -162,10 +177,17 @@ class GatewayContext:
         store.subscribe(lambda: ctx._state_changed(pool.snapshot()))
         if ctx.supervision is not None:
             ctx.watch_ready(ctx.supervision.note_ready)
+        encoder = compositor.encoder
         log.info(
-            "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s q%d %s",
-            ctx.ready(), len(store), ", ".join(store.names()) or "none",
-            settings.triton_url, encoder.name, settings.jpeg_quality, encoder.subsampling,
+            "gateway context ready=%s: %d avatars (%s), Triton %s, JPEG %s (%s) q%d %s",
+            ctx.ready(),
+            len(store),
+            ", ".join(store.names()) or "none",
+            settings.triton_url,
+            compositor.mode.mode,
+            encoder.name,
+            settings.jpeg_quality,
+            encoder.subsampling,
         )
         return ctx
 
@@ -193,6 +215,15 @@ class GatewayContext:
         self._last_ready = ready
         for watcher in list(self._ready_watchers):
             watcher(ready)
+
+    def jpeg_mode(self) -> JpegMode:
+        """How full frames are encoded now (``spliced`` or ``full`` and why; `gateway.compositor`)."""
+        return self.pipeline.compositor.mode
+
+    def shared_memory(self) -> list[SharedMemoryUnet]:
+        """The UNet's shared-memory transports, one per Triton endpoint (`gateway.triton_shm`;
+        empty when ``triton_shm`` is ``none`` or ``/dev/shm`` is unusable)."""
+        return [c for c in self.lifecycle.clients() if isinstance(c, SharedMemoryUnet)]
 
     def uptime_s(self) -> float:
         """Seconds since the context was created."""
@@ -241,3 +272,32 @@ def _grpc_client_factory(settings: GatewaySettings) -> ClientFactory:
 def _given_client(client: TritonClient) -> ClientFactory:
     """The factory of a pool whose one endpoint is ``client``."""
     return lambda url: client
+
+
+SHM_SPARE_CELLS = 8
+"""Frame cells of each endpoint's shared-memory arena beyond ``max_in_flight_total`` (room for
+fragmentation)."""
+
+
+def _shared_memory_factory(settings: GatewaySettings, connect: ClientFactory) -> ClientFactory:
+    """``connect`` whose clients carry the UNet's tensors through a shared-memory region of
+    their own (`SharedMemoryUnet`, one per endpoint) when ``triton_shm`` is ``system`` and
+    ``/dev/shm`` allows it; else ``connect`` itself (plain gRPC, logged). An endpoint on another
+    host refuses the region at the first call and gets plain gRPC from its `SharedMemoryUnet`."""
+    if settings.triton_shm != "system":
+        return connect
+
+    def connect_shm(url: str) -> TritonClient:
+        plain = connect(url)
+        try:
+            return SharedMemoryUnet(
+                plain,
+                url,
+                cells=settings.max_in_flight_total + SHM_SPARE_CELLS,
+                timeout_s=settings.triton_timeout_s,
+            )
+        except OSError as exc:
+            log.warning("no shared memory for Triton %s (%s): UNet tensors go over gRPC", url, exc)
+            return plain
+
+    return connect_shm

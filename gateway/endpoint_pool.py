@@ -311,6 +311,16 @@ class EndpointPool:
         """Each endpoint's state and calls in flight, in the order they joined."""
         return [EndpointStatus(e.lifecycle.snapshot(), e.in_flight) for e in self._endpoints.values()]
 
+    def clients(self) -> list[TritonClient]:
+        """Each endpoint's client, in the order they joined."""
+        return [e.client for e in self._endpoints.values()]
+
+    def max_batch_size(self, model: str) -> int:
+        """The smallest ``max_batch_size`` of ``model`` known on an endpoint (0 when none is
+        known or the model has no batch axis): a request this long fits every endpoint."""
+        sizes = [n for e in self._endpoints.values() if (n := e.lifecycle.max_batch_size(model)) > 0]
+        return min(sizes, default=0)
+
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Call ``subscriber(snapshot)`` with the combined state after every change of it.
 

@@ -20,7 +20,8 @@ FrameOutput = Literal["composite", "face"]
 """What a rendered frame's JPEG shows: ``composite``, the whole video frame with the prediction
 pasted back (docs/GLOSSARY.md); ``face``, the crop rectangle's pixels of that composite only
 (`lipsync.frames.face_patch`), which a client draws into the rectangle over the video frame it
-already shows (the original WebSocket clients, `gateway.ws_protocol`)."""
+already shows (the original WebSocket clients and crop output, `gateway.ws_protocol`). Both are
+made by `gateway.compositor.Compositor.composite`."""
 
 
 @dataclass(frozen=True, slots=True)

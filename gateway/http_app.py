@@ -8,7 +8,8 @@ Routes (one port, `GatewaySettings.http_port`):
                                              endpoint (face patches, see below)
 ``GET /static/{name}``                       its scripts and style sheet (the files of the folder)
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
-                                             (full composited frames)
+                                             (full composited frames); ``/ws?output=crop``:
+                                             crop output (face patch + video frame index, opt-in)
 ``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
 ``GET /healthz``                             liveness: 200 while the process serves
 ``GET /readyz``                              200 when Triton is ready and avatars are loaded,
@@ -18,6 +19,8 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /api/avatars/{name}``                  one avatar (404 JSON if unknown)
 ``GET /api/avatars/{name}/audio.wav``        the avatar package's 16 kHz mono WAV
 ``GET /api/avatars/{name}/frames/{id}.jpg``  one rendered frame as JPEG (debugging, curl)
+``GET /api/avatars/{name}/backgrounds/{v}.jpg`` video frame ``v`` as JPEG, what crop-output
+                                             clients draw the face on (cacheable: ETag)
 ``GET /api/stats``                           per-avatar request counts and inference times,
                                              per-Triton-endpoint calls, errors, latency
 ``GET /metrics``                             Prometheus exposition of the gateway registry
@@ -89,7 +92,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.audio_features import WindowChunks, is_window_length
 from gateway.auth import POLICY_KEY, TokenPolicy, auth_middleware, caller_authenticated, without_token
 from gateway.endpoint_pool import EndpointStatus
-from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar, unexpected
+from gateway.errors import BadRequest, FrameOutOfRange, GatewayError, Overloaded, UnknownAvatar, unexpected
 from gateway.frame_request import FrameOutput, FrameRequest
 from gateway.limits import peer_address
 from gateway.live_ws import serve_live_websocket
@@ -100,6 +103,7 @@ from gateway.ws_protocol import (
     ProtocolError,
     WsRequest,
     decode_request,
+    encode_crop_reply,
     encode_error_reply,
     encode_frame_reply,
 )
@@ -142,21 +146,28 @@ class WsEndpoint:
         ignore_other_audio: audio that is not a live-audio window is ignored (the original
             clients send a 40 ms chunk at the browser's rate with each frame) instead of
             refused as ``bad_request``.
+        with_video_frame: success replies end with the video frame shown (crop output,
+            `gateway.ws_protocol.encode_crop_reply`).
     """
 
     path: str
     output: FrameOutput
     ignore_other_audio: bool
+    with_video_frame: bool = False
 
 
 ORIGINAL_CLIENTS = WsEndpoint("/", "face", ignore_other_audio=True)
 """``ws://HOST:8085``, where the original system's browser clients connect."""
 FULL_FRAMES = WsEndpoint("/ws", "composite", ignore_other_audio=False)
 """``/ws``: full composited frames (the web page, the load generator)."""
+CROP_OUTPUT = WsEndpoint("/ws", "face", ignore_other_audio=False, with_video_frame=True)
+"""``/ws?output=crop``: face patches and the video frame each belongs to (crop output, opt-in;
+the web page when the avatar has background JPEGs)."""
 
 
 class _WsConnection:
-    """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
+    """One WebSocket connection on one `WsEndpoint`: decode, admit (per-connection limit),
+    render, reply."""
 
     def __init__(
         self, ws: web.WebSocketResponse, ctx: GatewayContext, endpoint: WsEndpoint, request: web.Request
@@ -259,7 +270,11 @@ class _WsConnection:
             await self._reply_error(unexpected(exc), request.frame_id, started)
             return
         elapsed_ms = (time.perf_counter() - started) * 1e3
-        await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
+        if self.endpoint.with_video_frame:
+            reply = encode_crop_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect, frame.video_frame)
+        else:
+            reply = encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect)
+        await self._send(reply)
 
     async def _refuse_malformed(self, exc: BadRequest, *, frame_id: int, started: float) -> None:
         """`_refuse` a message that does not follow the protocol, reported as malformed input
@@ -281,8 +296,16 @@ class _WsConnection:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    """``GET /ws``: serve one WebSocket connection, full frames (see the module docstring)."""
-    return await _serve_websocket(request, FULL_FRAMES)
+    """``GET /ws``: serve one WebSocket connection, full frames, or crop output with
+    ``?output=crop`` (see the module docstring).
+
+    Raises:
+        BadRequest: ``output`` other than ``full`` or ``crop`` (400 before the upgrade).
+    """
+    output = request.query.get("output", "full")
+    if output not in ("full", "crop"):
+        raise BadRequest(f"output={output!r}: choose full (default) or crop")
+    return await _serve_websocket(request, CROP_OUTPUT if output == "crop" else FULL_FRAMES)
 
 
 async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.WebSocketResponse:
@@ -358,8 +381,18 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
             "unet_onnx_sha256": weights.unet.onnx_sha256,
         },
         "audio_url": f"/api/avatars/{quote(avatar.name, safe='')}/audio.wav",
+        "backgrounds_url": _backgrounds_url(avatar),
         "init_ms": round(avatar.init_ms, 1),
     }
+
+
+def _backgrounds_url(avatar: Avatar) -> str | None:
+    """URL template of the avatar's background JPEGs (``{video_frame}`` to fill in), versioned by
+    their ETag so a client may cache them for good; None when the gateway has none."""
+    if avatar.backgrounds is None:
+        return None
+    version = avatar.backgrounds.etag.strip('"')
+    return f"/api/avatars/{quote(avatar.name, safe='')}/backgrounds/{{video_frame}}.jpg?v={version}"
 
 
 def _json_error(exc: GatewayError) -> web.Response:
@@ -472,6 +505,8 @@ async def readyz(request: web.Request) -> web.Response:
     Under ``lipsync up``, ``triton_supervisor`` gives the supervisor of tritonserver (state,
     ``restarts``, ``last_exit`` with its reason, ``restarting``), and while it restarts Triton
     the reason starts with "model server restarting" (`gateway.triton_supervision`).
+    ``jpeg`` says how full frames are encoded (``mode``: spliced | full) and, for ``full``, why
+    (``reason``: splicing off, or the start-up self-test's finding; `gateway.compositor`).
     """
     ctx = request.app[CONTEXT_KEY]
     snapshot = ctx.lifecycle.snapshot()
@@ -496,6 +531,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not avatars:
         reasons.append(("no_avatar", "no avatar loaded"))
     ready = gateway_ready and not reasons
+    jpeg = ctx.jpeg_mode()
     if not ready and not reasons:
         reasons.append(("not_ready", "gateway not ready"))
     status = 200 if ready else 503
@@ -514,6 +550,7 @@ async def readyz(request: web.Request) -> web.Response:
         },
         "endpoints": [_endpoint_json(e) for e in ctx.lifecycle.endpoints()],
         "avatars": avatars,
+        "jpeg": {"mode": jpeg.mode, "reason": jpeg.reason},
     }
     if ctx.supervision is not None:
         body["triton_supervisor"] = ctx.supervision.to_json(gateway_ready)
@@ -588,6 +625,45 @@ async def avatar_frame(request: web.Request) -> web.Response:
     )
 
 
+async def avatar_background(request: web.Request) -> web.Response:
+    """``GET /api/avatars/{name}/backgrounds/{video_frame}.jpg``: the JPEG of one video frame, what a
+    crop-output client draws the face rectangle on (`gateway.ws_protocol`, crop output).
+
+    Caching: ``ETag`` (of the avatar's background set and the frame; ``If-None-Match`` gets 304);
+    ``Cache-Control: immutable`` for a versioned URL (``?v=`` of ``backgrounds_url`` in the avatar's
+    JSON) that is current, ``no-cache`` (revalidate) otherwise.
+
+    Raises:
+        UnknownAvatar: no such avatar, or one without backgrounds (404).
+        BadRequest: a frame that is not an integer; FrameOutOfRange: outside ``0 .. N-1`` (400).
+    """
+    avatar = request.app[CONTEXT_KEY].store.get(request.match_info["name"])
+    backgrounds = avatar.backgrounds
+    if backgrounds is None:
+        raise UnknownAvatar(f"avatar {avatar.name!r} has no background frames")
+    raw = request.match_info["video_frame"]
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadRequest(f"video frame {raw!r} is not an integer") from None
+    if not 0 <= v < len(backgrounds.frames):
+        raise FrameOutOfRange(
+            f"video frame {v} is out of range for avatar {avatar.name!r} "
+            f"(valid: 0..{len(backgrounds.frames) - 1})"
+        )
+    version = backgrounds.etag.strip('"')
+    etag = f'"{version}-{v}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "public, max-age=31536000, immutable"
+        if request.query.get("v") == version
+        else "no-cache",
+    }
+    if etag in (t.strip() for t in request.headers.get("If-None-Match", "").split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=backgrounds.jpeg(v), content_type="image/jpeg", headers=headers)
+
+
 async def stats(request: web.Request) -> web.Response:
     """``GET /api/stats``: uptime, in-flight frames, per-avatar counts and inference ms, and per
     Triton endpoint its state (`_endpoint_json`) with ``calls``, ``errors``, ``retries`` (calls
@@ -659,6 +735,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.router.add_get("/api/avatars/{name}", get_avatar)
     app.router.add_get("/api/avatars/{name}/audio.wav", avatar_audio)
     app.router.add_get("/api/avatars/{name}/frames/{frame_id}.jpg", avatar_frame)
+    app.router.add_get("/api/avatars/{name}/backgrounds/{video_frame}.jpg", avatar_background)
     app.router.add_get("/api/stats", stats)
     app.router.add_get("/static/{name}", static_file)
     return app

@@ -1,21 +1,26 @@
-"""JPEG encoding of BGR frames: simplejpeg (libjpeg-turbo, fastest) or OpenCV.
+"""JPEG encoding of BGR frames: simplejpeg (libjpeg-turbo, fastest) or OpenCV, and OpenCV with
+restart markers (`RestartIntervalEncoder`), the encoder of the spliced path.
 
-Both take uint8 ``[H, W, 3]`` **BGR** (OpenCV order) and produce a baseline JPEG with the same
-chroma subsampling, so a decoder gives back the same colours either way. Subsampling ``auto``
-means 4:4:4 at quality >= 90 and 4:2:0 below: asking for >= 90 means asking for fidelity, and
-4:2:0 alone caps a natural frame near 39 dB PSNR (measured on the demo clip at q95: 4:2:0
-38.8 dB, 4:2:2 40.4 dB, 4:4:4 41.2 dB), while 4:2:0 keeps frames small at the default q85. The
-gateway runs the encoder in its thread pool (see `gateway.pipeline`); both libraries release
-the GIL.
+All take uint8 ``[H, W, 3]`` **BGR** (OpenCV order) and produce a baseline JPEG with the same
+quality scaling and chroma subsampling, so a decoder gives back the same colours either way.
+Subsampling ``auto`` means 4:4:4 at quality >= 90 and 4:2:0 below: asking for >= 90 means
+asking for fidelity, and 4:2:0 alone caps a natural frame near 39 dB PSNR (measured on the demo
+clip at q95: 4:2:0 38.8 dB, 4:2:2 40.4 dB, 4:4:4 41.2 dB), while 4:2:0 keeps frames small at
+the default q85. The gateway runs the encoder in its thread pool (see `gateway.pipeline`); both
+libraries release the GIL.
 """
+
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import cv2
 import numpy as np
 import simplejpeg
 from numpy.typing import NDArray
+
+from lipsync import jpeg_splice
+from lipsync.jpeg_splice import SpliceSettings, restart_mcus_for
 
 EncoderName = Literal["simplejpeg", "opencv"]
 Subsampling = Literal["auto", "420", "422", "444"]
@@ -84,8 +89,10 @@ class OpenCvJpegEncoder:
         self.quality = quality
         self.subsampling = resolve_subsampling(subsampling, quality)
         self._params = [
-            cv2.IMWRITE_JPEG_QUALITY, quality,
-            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _CV_SAMPLING[self.subsampling],
+            cv2.IMWRITE_JPEG_QUALITY,
+            quality,
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+            _CV_SAMPLING[self.subsampling],
         ]
 
     def encode(self, bgr: NDArray[np.uint8]) -> bytes:
@@ -94,6 +101,42 @@ class OpenCvJpegEncoder:
         if not ok:
             raise ValueError("OpenCV failed to encode the frame as JPEG")
         return buf.tobytes()
+
+
+class RestartIntervalEncoder:
+    """`cv2.imencode` with a restart marker every ``R`` MCUs (`lipsync.jpeg_splice`): baseline,
+    standard Huffman tables, ``R`` chosen per frame width by
+    `lipsync.jpeg_splice.restart_mcus_for` (the divisor of the MCU row nearest
+    ``restart_px``). A full frame encoded here is, byte for byte, what the gateway's spliced
+    path (`gateway.compositor`) sends for that frame.
+
+    Args:
+        quality: JPEG quality 1..100.
+        subsampling: as `resolve_subsampling`.
+        restart_px: target width of one restart interval (px).
+    """
+
+    name = "opencv-restart"
+
+    def __init__(self, quality: int = 85, subsampling: Subsampling = "auto", restart_px: int = 128) -> None:
+        self.quality = quality
+        self.subsampling = resolve_subsampling(subsampling, quality)
+        self.restart_px = restart_px
+        self._by_width: dict[int, SpliceSettings] = {}
+
+    def settings_for(self, width: int) -> SpliceSettings:
+        """The encoder settings of a ``width`` px wide frame (quality, subsampling, ``R``)."""
+        found = self._by_width.get(width)
+        if found is None:
+            sub = cast(jpeg_splice.Subsampling, self.subsampling)
+            found = SpliceSettings(self.quality, sub, restart_mcus_for(width, sub, self.restart_px))
+            self._by_width[width] = found
+        return found
+
+    def encode(self, bgr: NDArray[np.uint8]) -> bytes:
+        """Encode uint8 ``[H, W, 3]`` BGR to JPEG bytes (with restart markers)."""
+        image = _check(bgr)
+        return jpeg_splice.encode_bgr(image, self.settings_for(image.shape[1]))
 
 
 def make_encoder(

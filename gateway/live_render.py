@@ -13,7 +13,8 @@
 
 `IdleFrames` holds the JPEG of each video frame of each avatar, encoded once, lazily (the first
 time a slot shows that frame), at the serving JPEG quality (the pipeline's encoder, in its
-thread pool); a reloaded avatar (a new `Avatar` object under the same name) starts afresh.
+thread pool; with spliced JPEG it is the background built at load, `gateway.backgrounds`); a
+reloaded avatar (a new `Avatar` object under the same name) starts afresh.
 Memory: N JPEGs per avatar (100 x ~8 KB for the 176 x 144 demo; ~250 x 100 KB for a 10 s
 720p avatar).
 """
@@ -89,7 +90,7 @@ class IdleFrames:
             )
         future = futures[video_index]
         if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
-            future = asyncio.ensure_future(self._pipeline.encode(avatar.frames[video_index]))
+            future = asyncio.ensure_future(self._pipeline.encode_video_frame(avatar, video_index))
             futures[video_index] = future
         return await asyncio.shield(future)  # a cancelled caller leaves the encoding to the others
 

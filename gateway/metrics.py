@@ -202,15 +202,22 @@ class GatewayMetrics:
             buckets=_LIVE_LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        # labelled children bound once: a label lookup per frame costs more than the update
+        self._stage_children = {stage: self.stage_latency.labels(stage=stage) for stage in STAGES}
+        self._ok_children: dict[str, Counter] = {}
 
     def observe_stage(self, stage: str, ms: float) -> None:
         """Record one stage duration given in milliseconds."""
-        self.stage_latency.labels(stage=stage).observe(ms / 1000.0)
+        child = self._stage_children.get(stage) or self.stage_latency.labels(stage=stage)
+        child.observe(ms / 1000.0)
 
     def record_outcome(self, protocol: str, error_code: str | None) -> None:
         """Count one finished frame request; ``error_code`` None means success."""
         if error_code is None:
-            self.requests.labels(protocol=protocol, outcome="ok").inc()
+            ok = self._ok_children.get(protocol)
+            if ok is None:
+                ok = self._ok_children[protocol] = self.requests.labels(protocol=protocol, outcome="ok")
+            ok.inc()
         else:
             self.requests.labels(protocol=protocol, outcome="error").inc()
             self.errors.labels(protocol=protocol, code=error_code).inc()

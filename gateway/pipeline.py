@@ -15,8 +15,9 @@ call `FramePipeline.render`, which runs these stages (live sessions call
    encoder for raw chunks).
 3. **inference** (``inference_ms``): one async Triton call; calls from all streams run
    concurrently so Triton's dynamic batcher batches them.
-4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode (of the whole
-   frame, or of the crop rectangle's pixels alone for ``FrameRequest.output == "face"``), run in a
+4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode
+   (`gateway.compositor.Compositor`: spliced or full; of the whole frame, or of the crop
+   rectangle's pixels alone for ``FrameRequest.output == "face"``), one call run in a
    `ThreadPoolExecutor` so the event loop never blocks; it is the wall time of that step,
    thread-pool wait included; the ``paste`` and ``jpeg`` histograms split it (measured in the
    thread).
@@ -45,19 +46,34 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.compositor import Compositor
 from gateway.errors import GatewayError, Overloaded
 from gateway.frame_request import FrameOutput, FrameRequest, WireProtocol
 from gateway.jpeg import JpegEncoder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Avatar, AvatarStore
 from gateway.triton_client import InferenceClient
-from lipsync.contract import FEATURE_DIM, WINDOW_ROWS
-from lipsync.frames import audio_window, face_patch, paste_back
+from lipsync.contract import FEATURE_DIM, WINDOW_BEFORE, WINDOW_ROWS
+from lipsync.frames import audio_window
 
 log = logging.getLogger(__name__)
 
 _CANCELLED = "cancelled"
 """Not an outcome: the frame's client went away; nothing is counted."""
+
+
+def package_window(features: NDArray[np.float32], frame_id: int) -> NDArray[np.float32]:
+    """The window of ``frame_id`` from the package's feature rows (docs/REFERENCE.md s.2 step 6):
+    float32 ``[16, 512]``, a view of rows ``frame_id - 8 .. frame_id + 7`` when all exist (no copy
+    per frame), else `lipsync.frames.audio_window` (zeros outside).
+
+    The view is a plain ndarray even when ``features`` is the package's memmap: every view of a
+    memmap runs ``numpy.memmap.__array_finalize__`` in Python, and the window is sliced again on
+    its way to Triton."""
+    lo = frame_id - WINDOW_BEFORE
+    if lo >= 0 and lo + WINDOW_ROWS <= len(features):
+        return np.asarray(features)[lo : lo + WINDOW_ROWS]
+    return audio_window(features, frame_id)
 
 
 @dataclass(frozen=True)
@@ -68,9 +84,11 @@ class RenderedFrame:
         avatar: avatar name.
         frame_id: the requested output frame.
         jpeg: JPEG of the full composited frame, or of its crop rectangle alone for a request
-            with ``output="face"`` (BGR source).
+            with ``output="face"`` (``rect``'s size).
         rect: crop rectangle ``(x1, y1, x2, y2)`` px of the video frame shown.
         width, height: frame size (px).
+        video_frame: the video frame shown (ping-pong index of ``frame_id``).
+        output: what the JPEG shows, as requested.
         prepare_ms, inference_ms, composite_ms, total_ms: stage times (ms), see module doc.
     """
 
@@ -80,6 +98,8 @@ class RenderedFrame:
     rect: tuple[float, float, float, float]
     width: int
     height: int
+    video_frame: int
+    output: FrameOutput
     prepare_ms: float
     inference_ms: float
     composite_ms: float
@@ -170,9 +190,10 @@ class FramePipeline:
 
     Args:
         store: the loaded avatars.
-        inference: where the UNet runs (the gateway's `gateway.endpoint_pool.EndpointPool`).
+        inference: where the UNet runs (the gateway's `gateway.endpoint_pool.EndpointPool`, or a
+            `gateway.batching.CoalescingInference` over it).
         audio: turns a request's live audio into its window.
-        encoder: the JPEG encoder (quality fixed in it).
+        compositor: paste back + JPEG (quality fixed in it).
         executor: thread pool for paste back + JPEG.
         admission: the global in-flight cap.
         metrics: Prometheus series.
@@ -183,7 +204,7 @@ class FramePipeline:
         store: AvatarStore,
         inference: InferenceClient,
         audio: AudioFeatureExtractor,
-        encoder: JpegEncoder,
+        compositor: Compositor,
         executor: ThreadPoolExecutor,
         admission: AdmissionControl,
         metrics: GatewayMetrics,
@@ -191,7 +212,7 @@ class FramePipeline:
         self.store = store
         self.inference = inference
         self.audio = audio
-        self.encoder = encoder
+        self.compositor = compositor
         self.executor = executor
         self.admission = admission
         self.metrics = metrics
@@ -211,26 +232,26 @@ class FramePipeline:
         """Count a request an adapter refused before it became a `FrameRequest` (module doc)."""
         self.metrics.record_outcome(protocol, error.code)
 
+    @property
+    def encoder(self) -> JpegEncoder:
+        """The encoder whose JPEG of a whole composited frame equals a full-frame answer, byte
+        for byte (`gateway.compositor.Compositor.encoder`)."""
+        return self.compositor.encoder
+
     async def encode(self, image: NDArray[np.uint8]) -> bytes:
-        """JPEG-encode a uint8 ``[H, W, 3]`` BGR image in the thread pool."""
+        """JPEG-encode a uint8 ``[H, W, 3]`` BGR image in the thread pool (as `encoder`)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.encoder.encode, image)
 
-    def _composite(
-        self, avatar: Avatar, v: int, pred: NDArray[np.uint8], output: FrameOutput
-    ) -> tuple[bytes, float, float]:
-        """Paste back + JPEG of video frame ``v``, the whole frame or its crop rectangle alone
-        (``output``), in a worker thread; also the two times (ms)."""
-        t0 = time.perf_counter()
-        if output == "face":
-            x1, y1, x2, y2 = (int(c) for c in avatar.rects[v])
-            image = face_patch(avatar.crops[v], pred, x2 - x1, y2 - y1)
-        else:
-            image = paste_back(avatar.frames[v], avatar.rects[v], avatar.crops[v], pred)
-        t1 = time.perf_counter()
-        jpeg = self.encoder.encode(image)
-        t2 = time.perf_counter()
-        return jpeg, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    async def encode_video_frame(self, avatar: Avatar, v: int) -> bytes:
+        """Video frame ``v`` of ``avatar`` unchanged, as `encode` would give it: its background
+        JPEG built at load when the compositor splices (no encoding), else encoded now.
+
+        Raises:
+            IndexError: no such video frame.
+        """
+        found = self.compositor.video_frame_jpeg(avatar, v)
+        return found if found is not None else await self.encode(avatar.frames[v])
 
     async def render(self, request: FrameRequest, *, protocol: WireProtocol) -> RenderedFrame:
         """Render one frame as a JPEG (``request.output``) and count its outcome (module doc).
@@ -253,7 +274,7 @@ class FramePipeline:
             avatar.check_frame_id(request.frame_id, live_audio=request.audio is not None)
             v = avatar.video_index(request.frame_id)
             if request.audio is None:
-                return v, audio_window(avatar.features, request.frame_id)
+                return v, package_window(avatar.features, request.frame_id)
             return v, await self.audio.window(request.audio)
 
         return await self._render(
@@ -322,19 +343,21 @@ class FramePipeline:
                 # inference
                 pred = await self.inference.infer_unet(avatar.model, crop, window[None])
                 t2 = time.perf_counter()
-                # composite: paste back + JPEG in the thread pool
+                # composite: paste back + JPEG in the thread pool, one hop
                 loop = asyncio.get_running_loop()
-                jpeg, paste_ms, jpeg_ms = await loop.run_in_executor(
-                    self.executor, self._composite, avatar, v, pred[0], output
+                done = await loop.run_in_executor(
+                    self.executor, self.compositor.composite, avatar, v, pred[0], output
                 )
                 t3 = time.perf_counter()
             frame = RenderedFrame(
                 avatar=avatar.name,
                 frame_id=frame_id,
-                jpeg=jpeg,
+                jpeg=done.jpeg,
                 rect=avatar.rect(v),
                 width=avatar.width,
                 height=avatar.height,
+                video_frame=v,
+                output=output,
                 prepare_ms=(t1 - t0) * 1e3,
                 inference_ms=(t2 - t1) * 1e3,
                 composite_ms=(t3 - t2) * 1e3,
@@ -357,8 +380,8 @@ class FramePipeline:
                     avatar.stats.record_error()
         avatar.stats.record(frame.inference_ms)
         for stage, ms in (
-            ("prepare", frame.prepare_ms), ("inference", frame.inference_ms), ("paste", paste_ms),
-            ("jpeg", jpeg_ms), ("composite", frame.composite_ms), ("total", frame.total_ms),
+            ("prepare", frame.prepare_ms), ("inference", frame.inference_ms), ("paste", done.paste_ms),
+            ("jpeg", done.jpeg_ms), ("composite", frame.composite_ms), ("total", frame.total_ms),
         ):
             self.metrics.observe_stage(stage, ms)
         return frame

@@ -10,6 +10,10 @@ At start the store loads every package folder under the packages root with
   model input, ready to send to Triton without copying;
 - ``rects[v]``:  ``(x1, y1, x2, y2)`` px.
 
+- ``backgrounds``: each video frame's JPEG split for splicing, and its splice plan
+  (`gateway.backgrounds.AvatarBackgrounds`), when the store was given a builder (the gateway's
+  `gateway.compositor.Compositor.backgrounds`).
+
 The audio features (``aud_ave.npy``, float32 ``[M, 512]``) stay the package's read-only memmap.
 A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame shown is
 ``pingpong_index(frame_id, N)`` (docs/REFERENCE.md s.2 step 9; words as in docs/GLOSSARY.md).
@@ -42,6 +46,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway.backgrounds import AvatarBackgrounds
 from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
 from gateway.model_lifecycle import LifecycleSnapshot
 from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME, NAME_PATTERN, is_avatar_name
@@ -136,6 +141,7 @@ class Avatar:
         features: float32 ``[M, 512]`` read-only memmap (padded ``aud_ave.npy``).
         init_ms: time spent loading and precomputing (ms).
         stats: its rendered-frame counters.
+        backgrounds: the video frames' JPEGs split for splicing (None: not built).
     """
 
     name: str
@@ -147,6 +153,7 @@ class Avatar:
     features: NDArray[np.float32]
     init_ms: float
     stats: AvatarStats = field(default_factory=AvatarStats)
+    backgrounds: AvatarBackgrounds | None = None
 
     @property
     def frames(self) -> NDArray[np.uint8]:
@@ -279,14 +286,22 @@ class AvatarStore:
             resolve inside it.
         lifecycle: the model registry (None: no model registration, for offline use).
         max_avatar_bytes: cap on `Avatar.held_bytes` summed over the avatars (None: no cap).
+        backgrounds: builds an avatar's `AvatarBackgrounds` in the loading thread (None: none
+            built); a `ValueError` from it refuses the package.
     """
 
     def __init__(
-        self, packages_root: Path, lifecycle: ModelRegistry | None, max_avatar_bytes: int | None = None
+        self,
+        packages_root: Path,
+        lifecycle: ModelRegistry | None,
+        max_avatar_bytes: int | None = None,
+        *,
+        backgrounds: Callable[[Avatar], AvatarBackgrounds] | None = None,
     ) -> None:
         self.packages_root = Path(packages_root).resolve()
         self.max_avatar_bytes = max_avatar_bytes
         self._lifecycle = lifecycle
+        self._backgrounds = backgrounds
         self._avatars: dict[str, Avatar] = {}
         self._aliases: dict[str, str] = {}
         self._subscribers: list[Callable[[], None]] = []
@@ -399,7 +414,13 @@ class AvatarStore:
                 package = load_package(path, cancel=cancel)
                 if package.manifest != manifest:
                     raise PackageError("the package changed while it was loaded; load it again")
-                return prepare_avatar(package, name or manifest.name, cancel)
+                avatar = prepare_avatar(package, name or manifest.name, cancel)
+                if self._backgrounds is not None:
+                    try:
+                        avatar.backgrounds = self._backgrounds(avatar)
+                    except ValueError as exc:
+                        raise PackageError(f"background JPEGs failed: {exc}") from exc
+                return avatar
 
             try:
                 manifest = await asyncio.to_thread(read_manifest, path)

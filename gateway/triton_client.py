@@ -40,7 +40,7 @@ GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
 """What Triton's gRPC front end puts before a restricted key name to get the metadata key."""
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-_CHANNEL_ARGS = [
+CHANNEL_ARGS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     # a restarted Triton is seen within about a second
@@ -180,7 +180,7 @@ class TritonGrpcClient:
             {GRPC_RESTRICTED_PREFIX + CONTROL_KEY_HEADER: control_key} if control_key else None
         )
         self._client = grpcclient.InferenceServerClient(
-            url, ssl=tls, root_certificates=tls_ca, channel_args=_CHANNEL_ARGS
+            url, ssl=tls, root_certificates=tls_ca, channel_args=CHANNEL_ARGS
         )
 
     async def close(self) -> None:

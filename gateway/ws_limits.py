@@ -207,7 +207,9 @@ class WsSender:
             )
             return False
         try:
-            await asyncio.wait_for(self.ws.send_bytes(payload), self.timeout_s)
+            # asyncio.timeout, not wait_for: no task and no waiter future per reply (issue 9)
+            async with asyncio.timeout(self.timeout_s):
+                await self.ws.send_bytes(payload)
         except TimeoutError:
             # written, but the client took none of it in time
             self._fall_behind("send_timeout", f"client took no reply for {self.timeout_s:g} s")

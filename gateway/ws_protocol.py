@@ -39,6 +39,19 @@ Two endpoints speak it (`gateway.http_app`), with the same layout and different 
 - ``/ws``: the JPEG is the whole composited frame; audio of any other length than a live-audio
   window is a ``bad_request`` (`gateway.audio_features.check_window_chunks`).
 
+Crop output (opt-in, beyond the original protocol: ``/ws?output=crop``): requests, audio rules
+and error replies as on ``/ws``; a success reply carries the same face patch as ``/``, followed
+by the video frame it belongs to::
+
+    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][face jpeg][bounds as above][video_frame u32]
+
+where the JPEG holds only the crop rectangle's pixels (``x2 - x1`` x ``y2 - y1`` px, the
+bounds), and ``video_frame`` is the avatar's video frame the face belongs to (ping-pong index
+of ``frame_id``). The client composites: draw the background JPEG of ``video_frame``
+(``GET /api/avatars/{name}/backgrounds/{video_frame}.jpg``, fetched once per video frame and
+kept) and the face JPEG at ``(x1, y1)``. The picture equals the full frame's within JPEG noise;
+the face JPEG is a fifth of the full frame's bytes or less (``perf/results/crop_bytes.md``).
+
 ``frame_id`` is unsigned on this wire, so there is no negative frame: a client that wraps -1
 sends 4294967295, which the gateway answers with ``frame_out_of_range``.
 
@@ -56,6 +69,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from gateway.errors import BadRequest
 
@@ -116,6 +130,25 @@ class FrameReply:
     processing_ms: int
     jpeg: bytes
     bounds: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CropReply:
+    """A decoded crop-output success reply (module doc).
+
+    Attributes:
+        frame_id: the frame this reply answers.
+        processing_ms: server-side time for the frame (ms, integer).
+        jpeg: JPEG bytes of the face rectangle alone (``x2 - x1`` x ``y2 - y1`` px).
+        bounds: the face rectangle ``(x1, y1, x2, y2)`` in px of the full frame, float32 values.
+        video_frame: the video frame whose background the face goes on.
+    """
+
+    frame_id: int
+    processing_ms: int
+    jpeg: bytes
+    bounds: tuple[float, ...]
+    video_frame: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +287,18 @@ def encode_frame_reply(
     return b"".join((head, jpeg, tail))
 
 
+def encode_crop_reply(
+    frame_id: int, processing_ms: float, jpeg: bytes, bounds: Sequence[float], video_frame: int
+) -> bytes:
+    """Encode a crop-output success reply (module doc): `encode_frame_reply` + ``video_frame`` u32.
+
+    Raises:
+        ValueError: ``frame_id`` or ``video_frame`` outside the u32 range.
+    """
+    _check_u32("video_frame", video_frame)
+    return encode_frame_reply(frame_id, processing_ms, jpeg, bounds) + _U32.pack(video_frame)
+
+
 def encode_error_reply(frame_id: int, processing_ms: float, message: str) -> bytes:
     """Encode an error reply; ``message`` should be ``"<code>: <detail>"`` (``str(err)``)."""
     text = message.encode("utf-8")
@@ -300,3 +345,19 @@ def decode_reply(data: bytes | bytearray | memoryview) -> FrameReply | ErrorRepl
         )
     bounds = struct.unpack_from(f"<{bounds_len // _FLOAT32_BYTES}f", buf, offset)
     return FrameReply(frame_id, processing_ms, payload, tuple(bounds))
+
+
+def decode_crop_reply(data: bytes | bytearray | memoryview) -> CropReply | ErrorReply:
+    """Decode a reply of a crop-output connection (client side).
+
+    Raises:
+        ProtocolError: as `decode_reply`, or a success reply without its ``video_frame``.
+    """
+    buf = memoryview(data)
+    if len(buf) < 1 or buf[0] != STATUS_OK:
+        return cast(ErrorReply, decode_reply(buf))  # an error reply, or ProtocolError
+    if len(buf) < _REPLY_HEAD.size + 8:
+        raise ProtocolError(f"crop reply truncated: {len(buf)} bytes")
+    frame = cast(FrameReply, decode_reply(buf[:-4]))  # status OK: a frame, or ProtocolError
+    (video_frame,) = _U32.unpack_from(buf, len(buf) - 4)
+    return CropReply(frame.frame_id, frame.processing_ms, frame.jpeg, frame.bounds, video_frame)

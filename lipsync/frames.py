@@ -10,7 +10,8 @@ package builder, the tests and the baseline, so all of them agree on the referen
 - `paste_back`:    step 8, ``crop[4:324, 4:324] = pred``, resize back with ``INTER_CUBIC``, write
                    into a copy of F;
 - `paste_back_region`: step 8 into a copy of one region of F only (the spliced-JPEG path);
-- `face_patch`:    step 8's pixels of the crop rectangle alone (what paste back writes there);
+- `face_patch`:    step 8's pixels of the crop rectangle alone (what paste back writes there;
+                   the ``face`` output);
 - `pingpong_index`: step 9, 0, 1, ..., N-1, N-2, ..., 1, 0, 1, ...
 
 Images are BGR ``uint8`` ``[H, W, 3]``; rectangles are ``(x1, y1, x2, y2)`` in pixels with
@@ -173,9 +174,14 @@ def paste_back(
 
 
 def face_patch(
-    crop328: NDArray[np.uint8], pred320: NDArray[np.uint8], width: int, height: int
+    crop328: NDArray[np.uint8],
+    pred320: NDArray[np.uint8],
+    width: int,
+    height: int,
+    *,
+    scratch: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.uint8]:
-    """The pixels paste back writes into the crop rectangle (REFERENCE.md s.2 step 8).
+    """The pixels paste back writes into the crop rectangle (docs/REFERENCE.md s.2 step 8).
 
     ``crop328`` with ``pred320`` written at ``[4:324, 4:324]``, resized (``INTER_CUBIC``) to
     ``width x height`` px. Written into the rectangle of the video frame (no resize: it has
@@ -185,6 +191,9 @@ def face_patch(
         crop328: the frame's uint8 ``[328, 328, 3]`` crop (not modified).
         pred320: the model output, uint8 ``[320, 320, 3]`` BGR.
         width, height: the crop rectangle's size ``x2 - x1``, ``y2 - y1`` (px).
+        scratch: a uint8 ``[328, 328, 3]`` C-contiguous buffer to assemble the pasted crop in
+            (overwritten; a caller reuses one per thread), else a new one is allocated. Only
+            the crop's 4 px border is copied from ``crop328``, the inside is ``pred320``.
 
     Returns:
         A new uint8 ``[height, width, 3]`` array.
@@ -196,9 +205,18 @@ def face_patch(
     if pred320.dtype != np.uint8:
         raise ValueError(f"prediction must be uint8, got {pred320.dtype} {list(pred320.shape)}")
     _check_square(pred320, INNER_SIZE, "prediction")
-    crop = crop328.copy()
-    end = INNER_OFFSET + INNER_SIZE
-    crop[INNER_OFFSET:end, INNER_OFFSET:end] = pred320
+    if scratch is None:
+        crop = np.empty((CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    elif scratch.shape != (CROP_SIZE, CROP_SIZE, 3) or scratch.dtype != np.uint8:
+        raise ValueError(f"scratch must be uint8 [328, 328, 3], got {scratch.dtype} {list(scratch.shape)}")
+    else:
+        crop = scratch
+    lo, hi = INNER_OFFSET, INNER_OFFSET + INNER_SIZE
+    crop[:lo] = crop328[:lo]
+    crop[hi:] = crop328[hi:]
+    crop[lo:hi, :lo] = crop328[lo:hi, :lo]
+    crop[lo:hi, hi:] = crop328[lo:hi, hi:]
+    crop[lo:hi, lo:hi] = pred320
     return cast(NDArray[np.uint8], cv2.resize(crop, (width, height), interpolation=cv2.INTER_CUBIC))
 
 
@@ -208,6 +226,8 @@ def paste_back_region(
     crop328: NDArray[np.uint8],
     pred320: NDArray[np.uint8],
     region: tuple[int, int, int, int],
+    *,
+    scratch: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.uint8]:
     """Paste back (docs/REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
 
@@ -221,6 +241,7 @@ def paste_back_region(
         crop328: the frame's uint8 ``[328, 328, 3]`` crop (not modified).
         pred320: the model output, uint8 ``[320, 320, 3]`` BGR.
         region: ``(x0, y0, x1, y1)`` px, x1/y1 exclusive, inside the frame and containing `rect`.
+        scratch: as in `face_patch`.
 
     Returns:
         A new C-contiguous uint8 ``[y1 - y0, x1 - x0, 3]`` array.
@@ -237,7 +258,7 @@ def paste_back_region(
             f"region (x0={rx0}, y0={ry0}, x1={rx1}, y1={ry1}) does not contain the face "
             f"rectangle (x1={x1}, y1={y1}, x2={x2}, y2={y2})"
         )
-    patch = face_patch(crop328, pred320, x2 - x1, y2 - y1)
+    patch = face_patch(crop328, pred320, x2 - x1, y2 - y1, scratch=scratch)
     out = frame[ry0:ry1, rx0:rx1].copy()
     out[y1 - ry0 : y2 - ry0, x1 - rx0 : x2 - rx0] = patch
     return out

@@ -6,6 +6,7 @@ measured side by side in the same run.
     python -m perf.capacity                                  # ~8 min per variant on 2 cores
     python -m perf.capacity --quick                          # ~1 min: checks the harness
     python -m perf.capacity --variant old: --variant new:LIPSYNC_JPEG_SPLICE=1,LIPSYNC_WORKERS=2
+    python -m perf.capacity --preset issue9 --avatars demo720 --streams 8   # each improvement
 
 What one run does:
 
@@ -34,7 +35,9 @@ What one run does:
 
 Adding a variant for an improvement: give the gateway a ``LIPSYNC_*`` setting that turns it
 on (a `gateway.config.GatewaySettings` field) and pass ``--variant NAME:LIPSYNC_X=1``; the
-first variant is the reference of the ratio tables.
+first variant is the reference of the ratio tables. ``--preset NAME`` runs a named list of
+variants (`PRESETS`), e.g. ``issue9``: the gateway before issue 9 and each of its improvements
+added in turn.
 """
 from __future__ import annotations
 
@@ -209,6 +212,21 @@ def prepare_avatars(scratch: Path, names: Sequence[str]) -> tuple[Path, dict[str
     return root, infos
 
 
+PRESETS: dict[str, tuple[str, ...]] = {
+    "issue9": (
+        "old:LIPSYNC_JPEG_SPLICE=0,LIPSYNC_TRITON_SHM=none,LIPSYNC_TRITON_COALESCE=0",
+        "splice:LIPSYNC_TRITON_SHM=none,LIPSYNC_TRITON_COALESCE=0",
+        "shm:LIPSYNC_TRITON_COALESCE=0",
+        "new:",
+    ),
+}
+"""Named variant lists (``--preset``). ``issue9``: ``old`` = the gateway before issue 9 (full
+frames with simplejpeg, tensors inside the gRPC messages, one Triton request per frame);
+``splice`` + spliced partial JPEG (`gateway.compositor`); ``shm`` + UNet tensors in system shared
+memory (`gateway.triton_shm`); ``new`` + coalesced Triton requests (`gateway.batching`): today's
+defaults."""
+
+
 def unknown_settings(variant: Variant) -> list[str]:
     """The variant's keys that today's `gateway.config.GatewaySettings` has no field for (the
     gateway ignores those silently; ``LIPSYNC_LOG_LEVEL`` is read by `lipsync.log`)."""
@@ -360,36 +378,70 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gateway capacity with an identity UNet: frames/s and CPU per frame, "
                     "variants side by side.",
         epilog="Variant: NAME:KEY=VALUE,KEY=VALUE with LIPSYNC_* gateway settings (NAME: = "
-               "defaults); the first is the reference of the ratios. Default: --variant old:",
+               "defaults); the first is the reference of the ratios. Default: --variant defaults:",
     )
     p.add_argument("--variant", dest="variants", action="append", type=parse_variant, default=None,
                    metavar="NAME:ENV", help="a gateway variant (repeat; see below)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a short run to check the harness: streams {list(QUICK.streams)}, "
-                        f"{QUICK.frames} frames per cell, {QUICK.rounds} round")
-    p.add_argument("--avatars", nargs="+", default=[SMALL_AVATAR, micro_720p.AVATAR],
-                   choices=[SMALL_AVATAR, micro_720p.AVATAR], help="avatar sizes to measure")
-    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,
-                   help="protocols to measure")
-    p.add_argument("--streams", type=int, nargs="+", default=None,
-                   help=f"stream counts (default {list(FULL.streams)})")
-    p.add_argument("--frames", type=int, default=None,
-                   help=f"frames per cell per variant per round, all streams together "
-                        f"(default {FULL.frames})")
-    p.add_argument("--rounds", type=int, default=None,
-                   help=f"measurements of each cell per variant (default {FULL.rounds})")
-    p.add_argument("--window", type=int, default=1,
-                   help="frames in flight per stream (default 1: N streams = N requests in flight)")
-    p.add_argument("--verify-every", type=int, default=10,
-                   help="decode every K-th reply of each stream (default 10)")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="per-reply timeout and the gateway's Triton deadline (s)")
-    p.add_argument("--no-thread-names", dest="thread_names", action="store_false",
-                   help="do not start the gateways with the perf/threadnames hook (their "
-                        "Python threads then all show the process name)")
+    presets = "; ".join(f"{k}: {', '.join(v.split(':')[0] for v in vs)}" for k, vs in PRESETS.items())
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"a named list of variants, before any --variant: {presets}")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run to check the harness: streams {list(QUICK.streams)}, "
+        f"{QUICK.frames} frames per cell, {QUICK.rounds} round",
+    )
+    p.add_argument(
+        "--avatars",
+        nargs="+",
+        default=[SMALL_AVATAR, micro_720p.AVATAR],
+        choices=[SMALL_AVATAR, micro_720p.AVATAR],
+        help="avatar sizes to measure",
+    )
+    p.add_argument(
+        "--targets", nargs="+", default=list(TARGETS), choices=TARGETS, help="protocols to measure"
+    )
+    p.add_argument(
+        "--streams", type=int, nargs="+", default=None, help=f"stream counts (default {list(FULL.streams)})"
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help=f"frames per cell per variant per round, all streams together (default {FULL.frames})",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"measurements of each cell per variant (default {FULL.rounds})",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="frames in flight per stream (default 1: N streams = N requests in flight)",
+    )
+    p.add_argument(
+        "--verify-every", type=int, default=10, help="decode every K-th reply of each stream (default 10)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="per-reply timeout and the gateway's Triton deadline (s)"
+    )
+    p.add_argument(
+        "--no-thread-names",
+        dest="thread_names",
+        action="store_false",
+        help="do not start the gateways with the perf/threadnames hook (their "
+        "Python threads then all show the process name)",
+    )
     p.add_argument("--scratch", type=Path, default=SCRATCH, help="scratch folder of the run")
-    p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "capacity.md",
-                   help="markdown report (the JSON goes next to it)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=report.RESULTS_DIR / "capacity.md",
+        help="markdown report (the JSON goes next to it)",
+    )
     return p
 
 
@@ -401,10 +453,14 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
     """
     base = QUICK if args.quick else FULL
     grid = Grid(
-        avatars=tuple(dict.fromkeys(args.avatars)), targets=tuple(dict.fromkeys(args.targets)),
-        streams=tuple(args.streams or base.streams), frames=args.frames or base.frames,
-        rounds=args.rounds or base.rounds, window=args.window,
-        verify_every=args.verify_every, warmup_frames=base.warmup_frames,
+        avatars=tuple(dict.fromkeys(args.avatars)),
+        targets=tuple(dict.fromkeys(args.targets)),
+        streams=tuple(args.streams or base.streams),
+        frames=args.frames or base.frames,
+        rounds=args.rounds or base.rounds,
+        window=args.window,
+        verify_every=args.verify_every,
+        warmup_frames=base.warmup_frames,
     )
     if min(grid.streams) < 1 or grid.frames < 1 or grid.rounds < 1 or grid.window < 1:
         raise ValueError("streams, frames, rounds and window must be >= 1")
@@ -418,36 +474,60 @@ def _gateway_defaults() -> str:
     from gateway.config import GatewaySettings
 
     fields = GatewaySettings.model_fields
-    return ", ".join(f"{k} {fields[k].default}" for k in
-                     ("jpeg_encoder", "jpeg_quality", "jpeg_subsampling", "jpeg_threads") if k in fields)
+    return ", ".join(
+        f"{k} {fields[k].default}"
+        for k in ("jpeg_encoder", "jpeg_quality", "jpeg_subsampling", "jpeg_threads")
+        if k in fields
+    )
 
 
-def _setup_lines(grid: Grid, avatars: Mapping[str, AvatarInfo], load: tuple[float, ...],
-                 load_end: tuple[float, ...], thread_names: bool, elapsed_s: float) -> list[str]:
+def _setup_lines(
+    grid: Grid,
+    avatars: Mapping[str, AvatarInfo],
+    load: tuple[float, ...],
+    load_end: tuple[float, ...],
+    thread_names: bool,
+    elapsed_s: float,
+) -> list[str]:
     return [
-        (f"- load average (1/5/15 min) at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end "
-        f"{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}; run took {elapsed_s / 60:.1f} min"),
-        ("- model: identity UNet (`perf/identity_unet.py`, pred = crop, real tensor contract) in "
-        "the real CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching), one model "
-        "per avatar, plus the real `audio_encoder`"),
-        (f"- avatars: {', '.join(a.label for a in avatars.values())}; gateway: the defaults of "
-         f"`GatewaySettings` ({_gateway_defaults()}) plus each variant's environment"),
-        (f"- load: `perf.loadgen` in the harness process, streams as fast as possible with "
-        f"{grid.window} frame(s) in flight each, {grid.frames} frames per cell per variant per "
-        f"round (split over the streams), {grid.rounds} round(s), variants back to back per cell "
-        f"(order rotating); every {grid.verify_every}th reply of each stream decoded and checked "
-        "for its size after the window (errors / verified)"),
-        ("- frames/s = successful frames / time from first send to last reply, pooled over rounds; "
-        "p50/p95 = latency of every successful frame (send to reply)"),
+        (
+            f"- load average (1/5/15 min) at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end "
+            f"{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}; run took {elapsed_s / 60:.1f} min"
+        ),
+        (
+            "- model: identity UNet (`perf/identity_unet.py`, pred = crop, real tensor contract) in "
+            "the real CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching), one model "
+            "per avatar, plus the real `audio_encoder`"
+        ),
+        (
+            f"- avatars: {', '.join(a.label for a in avatars.values())}; gateway: the defaults of "
+            f"`GatewaySettings` ({_gateway_defaults()}) plus each variant's environment"
+        ),
+        (
+            f"- load: `perf.loadgen` in the harness process, streams as fast as possible with "
+            f"{grid.window} frame(s) in flight each, {grid.frames} frames per cell per variant per "
+            f"round (split over the streams), {grid.rounds} round(s), variants back to back per cell "
+            f"(order rotating); every {grid.verify_every}th reply of each stream decoded and checked "
+            "for its size after the window (errors / verified)"
+        ),
+        (
+            "- frames/s = successful frames / time from first send to last reply, pooled over rounds; "
+            "p50/p95 = latency of every successful frame (send to reply)"
+        ),
         "- CPU ms/frame = utime + stime from /proc over the window / successful frames: the "
         "gateway's process tree (workers included), split by thread: event loop = each "
         "process's main thread, pool = `composite_*` (paste back + JPEG), gRPC core = gRPC's "
         "C++ threads and grpc.aio's poller, other = the rest and threads that exited; Triton = "
         "tritonserver + its Python-backend stubs; loadgen = the harness process"
-        + ("" if thread_names else " (thread-name hook off: Python threads show the process "
-                                   "name and fall under other)"),
-        ("- Triton batch = inferences / executions of the avatar's model over the window; other "
-        "load = CPU other processes on the machine used during the window (cores)"),
+        + (
+            ""
+            if thread_names
+            else " (thread-name hook off: Python threads show the process name and fall under other)"
+        ),
+        (
+            "- Triton batch = inferences / executions of the avatar's model over the window; other "
+            "load = CPU other processes on the machine used during the window (cores)"
+        ),
     ]
 
 
@@ -456,14 +536,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    variants: list[Variant] = args.variants or [parse_variant("old:")]
+    variants: list[Variant] = [parse_variant(v) for v in PRESETS.get(args.preset or "", ())]
+    variants += args.variants or ([] if variants else [parse_variant("defaults:")])
     try:
         check_variants(variants)
         grid = grid_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    command = report.command_line(["python", "-m", "perf.capacity",
-                                   *(sys.argv[1:] if argv is None else argv)])
+    command = report.command_line(
+        ["python", "-m", "perf.capacity", *(sys.argv[1:] if argv is None else argv)]
+    )
     started = time.monotonic()
     load_start = os.getloadavg()
     scratch: Path = args.scratch
@@ -478,43 +560,86 @@ def main(argv: Sequence[str] | None = None) -> int:
     ignored = {v.name: unknown_settings(v) for v in variants}
     for name, keys in ignored.items():
         if keys:
-            log.warning("variant %s: %s unknown to this gateway's settings (ignored by it)",
-                        name, ", ".join(keys))
+            log.warning(
+                "variant %s: %s unknown to this gateway's settings (ignored by it)", name, ", ".join(keys)
+            )
     steps = plan(grid.cells(), variants, grid.rounds)
     measurements: list[Measurement] = []
-    with start_servers(scratch, packages_root, list(avatars), encoder, variants,
-                       max_in_flight=max(64, max(grid.streams) * grid.window),
-                       timeout_s=args.timeout, thread_names=args.thread_names) as servers:
-        pids = {"triton": servers.triton_pid,
-                **{f"gateway-{name}": g.pid for name, g in servers.gateways.items()}}
+    with start_servers(
+        scratch,
+        packages_root,
+        list(avatars),
+        encoder,
+        variants,
+        max_in_flight=max(64, max(grid.streams) * grid.window),
+        timeout_s=args.timeout,
+        thread_names=args.thread_names,
+    ) as servers:
+        pids = {
+            "triton": servers.triton_pid,
+            **{f"gateway-{name}": g.pid for name, g in servers.gateways.items()},
+        }
         warm_up(grid, variants, avatars, servers, args.timeout)
         for i, (r, cell, v) in enumerate(steps, 1):
             m = measure(cell, v.name, r, grid, avatars[cell.avatar], servers, args.timeout)
             measurements.append(m)
-            log.info("[%d/%d] round %d %s %s x%d %s: %.1f frames/s, gateway %.2f ms/frame, "
-                     "p95 %.1f ms, errors %d", i, len(steps), r + 1, cell.avatar, cell.target,
-                     cell.streams, v.name, m.summary.fps,
-                     m.gateway.total_s * 1000 / max(m.summary.frames_ok, 1), m.summary.p95_ms,
-                     m.summary.errors)
+            log.info(
+                "[%d/%d] round %d %s %s x%d %s: %.1f frames/s, gateway %.2f ms/frame, p95 %.1f ms, errors %d",
+                i,
+                len(steps),
+                r + 1,
+                cell.avatar,
+                cell.target,
+                cell.streams,
+                v.name,
+                m.summary.fps,
+                m.gateway.total_s * 1000 / max(m.summary.frames_ok, 1),
+                m.summary.p95_ms,
+                m.summary.errors,
+            )
     load_end = os.getloadavg()
     elapsed = time.monotonic() - started
     results = aggregate(measurements)
     setup = _setup_lines(grid, avatars, load_start, load_end, args.thread_names, elapsed)
     labels = {a.name: a.label for a in avatars.values()}
-    notes = {name: f"not settings of this gateway (ignored by it): {', '.join(keys)}"
-             for name, keys in ignored.items() if keys}
+    notes = {
+        name: f"not settings of this gateway (ignored by it): {', '.join(keys)}"
+        for name, keys in ignored.items()
+        if keys
+    }
     report.write_text(args.out, render_markdown(results, variants, labels, setup, command, notes))
-    report.write_json(args.out.with_suffix(".json"), to_json(results, measurements, variants, {
-        "machine": report.machine_line(), "command": command, "date": report.utc_now(),
-        "load_average_start": list(load_start), "load_average_end": list(load_end),
-        "elapsed_s": elapsed,
-        "grid": {"avatars": list(grid.avatars), "targets": list(grid.targets),
-                 "streams": list(grid.streams), "frames": grid.frames, "rounds": grid.rounds,
-                 "window": grid.window, "verify_every": grid.verify_every},
-        "avatars": {a.name: {"width": a.width, "height": a.height,
-                             "feature_rows": a.feature_rows} for a in avatars.values()},
-        "thread_names": args.thread_names, "variant_notes": notes, "processes": pids,
-    }))
+    report.write_json(
+        args.out.with_suffix(".json"),
+        to_json(
+            results,
+            measurements,
+            variants,
+            {
+                "machine": report.machine_line(),
+                "command": command,
+                "date": report.utc_now(),
+                "load_average_start": list(load_start),
+                "load_average_end": list(load_end),
+                "elapsed_s": elapsed,
+                "grid": {
+                    "avatars": list(grid.avatars),
+                    "targets": list(grid.targets),
+                    "streams": list(grid.streams),
+                    "frames": grid.frames,
+                    "rounds": grid.rounds,
+                    "window": grid.window,
+                    "verify_every": grid.verify_every,
+                },
+                "avatars": {
+                    a.name: {"width": a.width, "height": a.height, "feature_rows": a.feature_rows}
+                    for a in avatars.values()
+                },
+                "thread_names": args.thread_names,
+                "variant_notes": notes,
+                "processes": pids,
+            },
+        ),
+    )
     log.info("wrote %s (%.1f min)", args.out, elapsed / 60)
     return 1 if any(r.errors for r in results) else 0
 

@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-metrics-url", default=None, help="its metrics URL (for the batch column)")
     p.add_argument("--gateway-address", default=None, help="use this running gateway (gRPC host:port)")
     p.add_argument("--baseline-address", default=None, help="use this running baseline (gRPC host:port)")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="LIPSYNC_X=VALUE",
+                   help="a gateway setting for the gateway started here (repeat), e.g. the settings "
+                        "of perf.capacity's issue9 'old' variant to measure the gateway before issue 9")
     p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "compare.md")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -259,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.avatar = pkg.name
     model = pkg.manifest.model_name
     frame_range = pkg.feature_rows
+    gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
+    if any(not k.startswith("LIPSYNC_") for k in gateway_env):
+        parser.error("--gateway-env takes LIPSYNC_*=VALUE")
     load_start = os.getloadavg()
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lipsync-compare-")))
@@ -277,23 +283,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = work / "packages"
             root.mkdir()
             shutil.copytree(pkg.root, root / pkg.name)
-            gateway = stack.enter_context(start_gateway(triton_url, root, work, args.timeout))
+            gateway = stack.enter_context(
+                start_gateway(triton_url, root, work, args.timeout, extra_env=gateway_env)
+            )
             ours, ours_pid = gateway.grpc_address, gateway.pid
         baseline, baseline_pid = args.baseline_address, None
         if baseline is None:
             baseline, baseline_pid = stack.enter_context(start_baseline(pkg.root, work))
-        rows = run_compare(args, ours, baseline, metrics_url, model, frame_range, console,
-                           ours_pid, baseline_pid)
+        rows = run_compare(
+            args, ours, baseline, metrics_url, model, frame_range, console, ours_pid, baseline_pid
+        )
     load_end = os.getloadavg()
     setup = [
         f"- avatar: `{pkg.name}` ({pkg.manifest.width}x{pkg.manifest.height}, {frame_range} frames, "
         f"weights trained: {pkg.manifest.weights.trained}); JPEG quality 85 on both",
-        "- ours: CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching) + gateway, "
-        "gRPC `StreamInference`; baseline: `perf/baseline_server.py` (PyTorch eager, one frame "
+        "- ours: CPU `tritonserver` (Python backend + ONNX Runtime, dynamic batching) + gateway"
+        + (f" ({', '.join(f'{k}={v}' for k, v in gateway_env.items())})" if gateway_env else "")
+        + ", gRPC `StreamInference`; baseline: `perf/baseline_server.py` (PyTorch eager, one frame "
         "at a time under a lock), same RPC",
         f"- load: {args.frames} frames per stream, "
-        + ("as fast as possible, one frame in flight per stream" if args.pace == 0
-           else f"paced at {args.pace:g} fps") + "; latency and late frames as in `perf/stats.py` "
+        + (
+            "as fast as possible, one frame in flight per stream"
+            if args.pace == 0
+            else f"paced at {args.pace:g} fps"
+        )
+        + "; latency and late frames as in `perf/stats.py` "
         "(late = more than 40 ms)",
         "- CPU ms/frame: CPU time (user + system, all threads) of the gateway process and of the "
         "baseline process per answered frame, from /proc (Triton's own CPU time is not in the "
@@ -302,8 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f}: other work on this machine "
         f"shares its cores and affects both sides",
     ]
-    write_compare(rows, args.out, args.out.with_suffix(".json"), setup,
-                  ["python", "-m", "perf.compare", *(sys.argv[1:] if argv is None else argv)])
+    write_compare(
+        rows,
+        args.out,
+        args.out.with_suffix(".json"),
+        setup,
+        ["python", "-m", "perf.compare", *(sys.argv[1:] if argv is None else argv)],
+    )
     console.print(f"wrote {args.out}")
     return 1 if any(r.ours.errors or r.baseline.errors for r in rows) else 0
 

@@ -2,7 +2,8 @@
 real store (packages from `make_package`), lifecycle, pipeline, JPEG encoder, metrics and
 protocol adapters; only Triton is the fake.
 
-- `fake_settings` / `fake_context`: in the test's own event loop;
+- `fake_settings` / `fake_context`: in the test's own event loop; `on_fake_context`: a context in
+  a loop of its own, running a test body;
 - `on_fake_server` / `serve_on_fake`: a real `GatewayServer` on loopback ports in a loop of
   its own, running a test body;
 - `FakeGatewayProcess` (``python -m tests.fake_gateway PACKAGES_ROOT HOST``): the same gateway in a
@@ -79,7 +80,6 @@ def serve_on_fake(
 
     return asyncio.run(run())
 
-
 def fake_settings(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewaySettings:
     """Settings for a gateway on the fake: loopback, free ports, JPEG q95, no periodic probe
     (tests call `ModelLifecycle.probe_once` themselves), plus ``overrides``."""
@@ -99,6 +99,21 @@ def fake_settings(packages_root: Path, fake: FakeTriton, **overrides: Any) -> Ga
 async def fake_context(packages_root: Path, fake: FakeTriton, **overrides: Any) -> GatewayContext:
     """`GatewayContext.create` on the fake (inside the running loop; `close` it at the end)."""
     return await GatewayContext.create(fake_settings(packages_root, fake, **overrides), fake)
+
+
+def on_fake_context(
+    root: Path, fake: FakeTriton, body: Callable[[GatewayContext, FakeTriton], Awaitable[T]], **overrides: Any
+) -> T:
+    """Run ``body(ctx, fake)`` on a fresh event loop with a context over the fake; closed after."""
+
+    async def run() -> T:
+        ctx = await fake_context(root, fake, **overrides)
+        try:
+            return await body(ctx, fake)
+        finally:
+            await ctx.close()
+
+    return asyncio.run(run())
 
 
 def fake_triton_for(packages_root: Path) -> FakeTriton:

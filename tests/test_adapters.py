@@ -110,7 +110,7 @@ def test_root_websocket_speaks_the_original_format(make_package: Callable[..., P
             assert reply.bounds == avatar.rect(v)
             x1, y1, x2, y2 = avatar.rects[v]
             patch = identity_composite(avatar.frames[v], avatar.rects[v])[y1:y2, x1:x2]
-            assert reply.jpeg == server.ctx.pipeline.encoder.encode(patch)
+            assert reply.jpeg == server.ctx.pipeline.compositor.plain.encode(patch)
         # the browser's chunk was ignored; the two live-audio windows were used (a mel window a chunk)
         assert sum(len(x[0]) for model, x in fake.inputs if model == "audio_encoder") == 10 + 16
         assert requests_counted(server, "ws") == (4.0, 1.0)

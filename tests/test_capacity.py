@@ -240,6 +240,21 @@ def test_capacity_cli_parses_variants_and_grid() -> None:
         build_parser().parse_args(["--variant", "bad"])
 
 
+def test_issue9_preset_turns_each_improvement_on_in_turn() -> None:
+    from gateway.config import GatewaySettings
+    from perf.capacity import PRESETS, unknown_settings
+
+    variants = [parse_variant(v) for v in PRESETS["issue9"]]
+    assert [v.name for v in variants] == ["old", "splice", "shm", "new"]
+    assert all(unknown_settings(v) == [] for v in variants), "every key is a gateway setting"
+    fields = GatewaySettings.model_fields
+    defaults = [fields[k].default for k in ("jpeg_splice", "triton_shm", "triton_coalesce")]
+    assert defaults == [True, "system", True]
+    off = {"LIPSYNC_JPEG_SPLICE": "0", "LIPSYNC_TRITON_SHM": "none", "LIPSYNC_TRITON_COALESCE": "0"}
+    assert [len(v.env) for v in variants] == [3, 2, 1, 0], "one improvement more per variant"
+    assert all(dict(v.env).items() <= off.items() for v in variants)
+
+
 def test_plan_interleaves_variants_and_rotates_who_goes_first() -> None:
     cells = [Cell("demo", "grpc", n) for n in (1, 4, 8, 16)]
     variants = [Variant("old"), Variant("new"), Variant("x")]
@@ -361,8 +376,8 @@ def test_capacity_smoke_run(demo_package: Any, tmp_path: Path) -> None:
         assert cell["frames_ok"] == 20 and cell["errors"] == 0 and cell["verified"] == 4
         assert cell["gateway_ms"]["total"] > 0 and cell["triton_ms"] > 0
     text = out.read_text()
-    assert "## 176x144 (`demo`)" in text and "| grpc | 1 | old |" in text
+    assert "## 176x144 (`demo`)" in text and "| grpc | 1 | defaults |" in text
     # every server it started is gone
-    assert set(data["processes"]) == {"triton", "gateway-old"}
+    assert set(data["processes"]) == {"triton", "gateway-defaults"}
     for pid in data["processes"].values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

@@ -229,16 +229,17 @@ def test_grpc_one_client_cannot_take_every_slot(make_package: Callable[..., Path
             other = pbg.OptimizedLipSyncServiceStub(other_channel)
             calls = [asyncio.ensure_future(greedy.GenerateInference(
                 request(i % 20))) for i in range(64)]
-            await wait_until(lambda: sum(c.done() for c in calls) + fake.count("infer") >= 64,
+            admission = server.ctx.pipeline.admission  # frames, however Triton calls coalesce them
+            await wait_until(lambda: sum(c.done() for c in calls) + admission.in_flight >= 64,
                              what="the greedy client's calls to be taken or refused")
-            in_flight = server.ctx.pipeline.admission.in_flight
+            in_flight = admission.in_flight
             mine = asyncio.ensure_future(other.GenerateInference(
                 request(3)))
             stream = other.StreamInference(iter(
                 [request(i) for i in (5, 6, 7)]))
             stream_answers = asyncio.ensure_future(_collect(stream))
             await wait_until(  # the other client's frames in flight (or answered at once)
-                lambda: fake.count("infer") >= in_flight + 2 or (mine.done() and stream_answers.done()),
+                lambda: admission.in_flight >= in_flight + 2 or (mine.done() and stream_answers.done()),
                 what="the other client's frames",
             )
             fake.hold_inference.set()
@@ -263,12 +264,14 @@ def test_grpc_concurrent_calls_are_capped(make_package: Callable[..., Path]) -> 
     root = make_package(name=AVATAR).parent
 
     async def body(server: GatewayServer, fake: FakeTriton) -> None:
+        assert server.ctx is not None
         fake.hold_inference = asyncio.Event()
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = pbg.OptimizedLipSyncServiceStub(channel)
             calls = [asyncio.ensure_future(stub.GenerateInference(
                 request(i))) for i in range(6)]
-            await wait_until(lambda: fake.count("infer") + sum(c.done() for c in calls) >= 6)
+            admission = server.ctx.pipeline.admission  # frames, however Triton calls coalesce them
+            await wait_until(lambda: admission.in_flight + sum(c.done() for c in calls) >= 6)
             fake.hold_inference.set()
             results = await asyncio.gather(*calls, return_exceptions=True)
         codes = sorted(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
@@ -392,4 +395,6 @@ def test_video_frame_flood_is_refused_and_streams_keep_their_rate(make_package: 
         # measured on a loaded 2-core machine: before, 5 % of its rate; with the limits 23-37 %
         assert during >= 0.15 * alone, f"the stream kept {during / alone:.0%} of its frame rate"
 
-    on_server(root, body)
+    # the stream's frames encoded whole, as the flood's are: with spliced JPEGs (issue 9) a
+    # stream frame costs a fraction of a GetVideoFrame encode and the ratio compares unlike work
+    on_server(root, body, jpeg_splice=False)

@@ -177,6 +177,25 @@ def test_calls_go_only_where_the_model_is_ready_and_alternate() -> None:
     run(body)
 
 
+def test_coalesced_batches_fit_the_smallest_max_batch_size_of_the_endpoints() -> None:
+    """`EndpointPool.max_batch_size` (what `gateway.batching.CoalescingInference` fills a request
+    up to): the smallest an endpoint's config gave, so a batch fits whichever gets it."""
+
+    async def body() -> None:
+        fleet = Fleet(A, B)
+        fleet[B].models[UNET].max_batch_size = 3
+        assert fleet.pool.max_batch_size(UNET) == 0, "unknown before any endpoint answered"
+        pool = await fleet.start(UNET)
+        assert pool.max_batch_size(UNET) == 3 and pool.max_batch_size("lipsync_nobody") == 0
+        assert pool.clients() == [fleet[A], fleet[B]]
+        crop, window = unet_inputs()
+        batch = await pool.infer_unet(UNET, np.repeat(crop, 3, axis=0), np.repeat(window, 3, axis=0))
+        assert batch.shape[0] == 3
+        await pool.close()
+
+    run(body)
+
+
 @pytest.mark.parametrize("how", ["connection lost", "outage signal"])
 @pytest.mark.parametrize("kind", ["unet", "audio_encoder"])
 def test_a_call_whose_endpoint_dies_is_retried_once_on_another(how: str, kind: str) -> None:

@@ -9,6 +9,7 @@ from numpy.typing import NDArray
 from lipsync.frames import (
     audio_window,
     crop_328,
+    face_patch,
     inner_320,
     mask_inner,
     paste_back,
@@ -155,6 +156,25 @@ def test_paste_back_region_equals_the_full_paste_back_cut_to_the_region(
     assert not np.shares_memory(out, frame)
     np.testing.assert_array_equal(out, paste_back(frame, rect, crop, pred)[y0:y1, x0:x1])
     np.testing.assert_array_equal(frame, original)  # input untouched
+
+
+def test_a_reused_scratch_crop_gives_the_same_pixels_as_a_fresh_one() -> None:
+    """The compositor's per-thread scratch (no whole-crop copy per frame): stale pixels of an
+    earlier frame never leak into the next one."""
+    scratch = _noise((328, 328, 3), seed=10)  # an earlier frame's leftovers
+    frame = _noise((144, 176, 3), seed=11)
+    for rect, region in [((40, 30, 120, 110), (32, 16, 128, 112)), ((0, 0, 90, 70), (0, 0, 96, 80))]:
+        crop = crop_328(frame, rect)
+        pred = _noise((320, 320, 3), seed=rect[2])
+        expected = paste_back(frame, rect, crop, pred)
+        x0, y0, x1, y1 = region
+        out = paste_back_region(frame, rect, crop, pred, region, scratch=scratch)
+        np.testing.assert_array_equal(out, expected[y0:y1, x0:x1])
+        w, h = rect[2] - rect[0], rect[3] - rect[1]
+        reused = face_patch(crop, pred, w, h, scratch=scratch)
+        np.testing.assert_array_equal(reused, face_patch(crop, pred, w, h))
+    with pytest.raises(ValueError, match="scratch must be uint8"):
+        face_patch(crop, pred, 10, 10, scratch=np.empty((320, 320, 3), np.uint8))
 
 
 @pytest.mark.parametrize("region", [(48, 16, 128, 112), (32, 16, 119, 112), (0, 0, 177, 144)])

@@ -29,7 +29,7 @@ from gateway.errors import (
 )
 from gateway.frame_request import FrameRequest
 from lipsync.contract import avatar_model_name
-from tests.fake_gateway import SYNTHETIC_AVATAR, fake_context, synthetic_avatar
+from tests.fake_gateway import SYNTHETIC_AVATAR, on_fake_context, synthetic_avatar
 from tests.fake_triton import FakeTriton, slice_encoder
 from tests.reference_frames import identity_composite, reference_window
 
@@ -69,14 +69,7 @@ def on_fake(
     """Run ``body(ctx, fake)`` on a gateway context over the fake with the synthetic package."""
     root, fake = synthetic_avatar(make_package)
 
-    async def run() -> T:
-        ctx = await fake_context(root, fake, **settings)
-        try:
-            return await body(ctx, fake)
-        finally:
-            await ctx.close()
-
-    return asyncio.run(run())
+    return on_fake_context(root, fake, body, **settings)
 
 
 def test_render_composites_the_identity_prediction(make_package: Callable[..., Path]) -> None:

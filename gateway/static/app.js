@@ -15,6 +15,12 @@
 //   reply    [1 u8][frame_id u32][processing_ms u32][jpeg_len u32][jpeg][bounds_len u32 = 16][4 x f32]
 //            (bounds_len is in bytes, as the original server wrote it)
 //   error    [0 u8][frame_id u32][processing_ms u32][len u32][utf-8 message]
+//
+// Crop output: when the avatar's JSON has `backgrounds_url` (and the page is not opened with
+// ?output=full), the page fetches the avatar's background JPEGs once, connects to
+// /ws?output=crop and gets only the face rectangle's JPEG per frame plus the video frame it
+// belongs to (the reply above + [video_frame u32]); it draws the background of that video frame
+// and the face at the rectangle (x1, y1). ?output=crop|full forces a mode.
 "use strict";
 
 const FPS = 25;
@@ -23,6 +29,8 @@ const EXTRA_WINDOW = 3;       // slots requested beyond the minimum lead
 const LATENCY_SAMPLES = 100;  // sliding window for the p50/p95 shown (requests)
 const LEAD_SAMPLES = 20;      // recent requests the lead follows
 const BUFFER_TIMEOUT_MS = 15000;  // longest wait for the first frames before playing
+const BACKGROUND_FETCHES = 6;     // background JPEGs fetched at once (crop output)
+const OUTPUT = new URLSearchParams(location.search).get("output");  // "crop", "full" or null
 const READYZ_POLL_MS = 1000;      // /readyz checks while the model server is unavailable
 const UNAVAILABLE = "triton_unavailable";  // the error code of a model server outage
 
@@ -41,6 +49,7 @@ const ctx2d = ui.canvas.getContext("2d");
 const stats = {
   framesDrawn: 0, framesReceived: 0, dropped: 0, errors: 0, requested: 0, unavailable: 0,
   lastError: null, notice: null, playing: false, finished: false, clock: "none",
+  output: "none", lastDrawnFrame: -1, replyBytes: 0, backgroundBytes: 0,
 };
 window.lipsync = { stats, avatars: [], ready: false };
 
@@ -63,7 +72,8 @@ function encodeRequest(name, frameId) {
   return buf;
 }
 
-function decodeReply(buf) {
+// `crop`: a reply of a crop-output connection: 4 bounds, then the video frame (u32, last).
+function decodeReply(buf, crop) {
   const dv = new DataView(buf);
   if (buf.byteLength < 13) throw new Error(`reply truncated (${buf.byteLength} bytes)`);
   const status = dv.getUint8(0);
@@ -76,12 +86,35 @@ function decodeReply(buf) {
   }
   const jpeg = new Uint8Array(buf, 13, len);
   const boundsLen = dv.getUint32(13 + len, true);  // bytes
-  if (17 + len + boundsLen !== buf.byteLength || boundsLen % 4 !== 0) {
+  const trailer = crop ? 4 : 0;  // the video frame
+  if (17 + len + boundsLen + trailer !== buf.byteLength || boundsLen % 4 !== 0 || (crop && boundsLen !== 16)) {
     throw new Error(`reply has bounds_len ${boundsLen} but ${buf.byteLength - 17 - len} bytes follow`);
   }
   const bounds = [];
   for (let i = 0; i < boundsLen / 4; i++) bounds.push(dv.getFloat32(17 + len + 4 * i, true));
+  if (crop) return { ok: true, frameId, processingMs, jpeg, bounds, videoFrame: dv.getUint32(buf.byteLength - 4, true) };
   return { ok: true, frameId, processingMs, jpeg, bounds };
+}
+
+// Every background JPEG of an avatar as ImageBitmaps (index = video frame), at most
+// BACKGROUND_FETCHES requests at once; rejects on the first failure.
+async function fetchBackgrounds(avatar) {
+  const bitmaps = new Array(avatar.frame_count);
+  let next = 0;
+  async function worker() {
+    while (next < avatar.frame_count) {
+      const v = next++;
+      const resp = await fetch(avatar.backgrounds_url.replace("{video_frame}", String(v)), {
+        headers: window.lipsyncAuth.headers(),
+      });
+      if (!resp.ok) throw new Error(`background ${v}: HTTP ${resp.status}`);
+      const blob = await resp.blob();
+      stats.backgroundBytes += blob.size;
+      bitmaps[v] = await createImageBitmap(blob);
+    }
+  }
+  await Promise.all(Array.from({ length: BACKGROUND_FETCHES }, worker));
+  return bitmaps;
 }
 
 // ------------------------------------------------------------------ helpers
@@ -206,19 +239,37 @@ class Playback {
     this.ws = null;
     this.timer = null;
     this.statsTimer = null;
+    this.backgrounds = null;                // crop output: ImageBitmap per video frame
+  }
+
+  // Crop output when the gateway offers it and the page was not asked for full frames: fetch
+  // the backgrounds first (a failure falls back to full frames).
+  async chooseOutput() {
+    if (!this.avatar.backgrounds_url || OUTPUT === "full") return "full";
+    ui.status.textContent = "fetching background frames…";
+    try {
+      this.backgrounds = await fetchBackgrounds(this.avatar);
+      return "crop";
+    } catch (err) {
+      console.warn(`crop output unavailable, using full frames: ${err.message}`);
+      return "full";
+    }
   }
 
   async start() {
     Object.assign(stats, {
       framesDrawn: 0, framesReceived: 0, dropped: 0, errors: 0, requested: 0, unavailable: 0,
       lastError: null, playing: false, finished: false, clock: "none",
+      output: "none", lastDrawnFrame: -1, replyBytes: 0, backgroundBytes: 0,
     });
     clearError();
     clearNotice();
+    stats.output = await this.chooseOutput();
+    if (this.stopped) return;
     ui.status.textContent = "connecting…";
     const audioLoaded = this.loadAudio();  // loads while the first frames are rendered
     audioLoaded.catch(() => {});  // awaited below; no "unhandled rejection" meanwhile
-    this.ws = new WebSocket(window.lipsyncAuth.wsUrl("/ws"));
+    this.ws = new WebSocket(window.lipsyncAuth.wsUrl(stats.output === "crop" ? "/ws?output=crop" : "/ws"));
     this.ws.binaryType = "arraybuffer";
     this.ws.onmessage = (ev) => this.onMessage(ev);
     this.ws.onclose = (ev) => {
@@ -316,7 +367,7 @@ class Playback {
     const now = performance.now();
     let reply;
     try {
-      reply = decodeReply(ev.data);
+      reply = decodeReply(ev.data, stats.output === "crop");
     } catch (err) {
       stats.errors += 1;
       showError(`bad reply from the server: ${err.message}`);
@@ -342,12 +393,13 @@ class Playback {
     }
     if (stats.notice !== null) clearNotice();
     stats.framesReceived += 1;
+    stats.replyBytes += reply.jpeg.byteLength;
     this.serverMs.push(reply.processingMs);
     if (this.serverMs.length > LATENCY_SAMPLES) this.serverMs.shift();
     if (this.stopped || reply.frameId <= this.lastSlot) return;  // too late: its slot passed
     const bitmap = await createImageBitmap(new Blob([reply.jpeg], { type: "image/jpeg" }));
     if (this.stopped || reply.frameId <= this.lastSlot) { bitmap.close(); this.checkBuffered(); return; }
-    this.ready.set(reply.frameId, bitmap);
+    this.ready.set(reply.frameId, { bitmap, bounds: reply.bounds, videoFrame: reply.videoFrame });
     this.checkBuffered();
   }
 
@@ -363,15 +415,16 @@ class Playback {
     if (slot > this.lastSlot) {
       // Account for every slot the clock passed since the last tick.
       for (let k = this.lastSlot + 1; k < slot; k++) {
-        if (this.ready.has(k)) { this.ready.get(k).close(); this.ready.delete(k); }
+        if (this.ready.has(k)) { this.ready.get(k).bitmap.close(); this.ready.delete(k); }
         stats.dropped += 1;
       }
-      const bitmap = this.ready.get(slot);
-      if (bitmap) {
-        ctx2d.drawImage(bitmap, 0, 0, ui.canvas.width, ui.canvas.height);
-        bitmap.close();
+      const frame = this.ready.get(slot);
+      if (frame) {
+        this.draw(frame);
+        frame.bitmap.close();
         this.ready.delete(slot);
         stats.framesDrawn += 1;
+        stats.lastDrawnFrame = slot;
         this.drawTimes.push(performance.now());
       } else {
         stats.dropped += 1;
@@ -380,6 +433,18 @@ class Playback {
       ui.frame.textContent = `${slot} / ${this.total}`;
     }
     this.fill(slot);
+  }
+
+  // Full output: the frame fills the canvas. Crop output: the video frame's background, then
+  // the face JPEG at its rectangle (its own size: x2 - x1 by y2 - y1 px).
+  draw(frame) {
+    if (stats.output !== "crop") {
+      ctx2d.drawImage(frame.bitmap, 0, 0, ui.canvas.width, ui.canvas.height);
+      return;
+    }
+    const [x1, y1, x2, y2] = frame.bounds;
+    ctx2d.drawImage(this.backgrounds[frame.videoFrame], 0, 0);
+    ctx2d.drawImage(frame.bitmap, x1, y1, x2 - x1, y2 - y1);
   }
 
   renderStats() {
@@ -416,8 +481,10 @@ class Playback {
     clearInterval(this.statsTimer);
     this.renderStats();
     ui.audio.pause();
-    for (const bitmap of this.ready.values()) bitmap.close();
+    for (const frame of this.ready.values()) frame.bitmap.close();
     this.ready.clear();
+    for (const bitmap of this.backgrounds || []) if (bitmap) bitmap.close();
+    this.backgrounds = null;
     if (this.onBuffered) { this.onBuffered(); this.onBuffered = null; }
     clearNotice();
     if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "stopped");

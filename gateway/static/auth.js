@@ -28,7 +28,8 @@
     wsUrl(path) {
       const scheme = location.protocol === "https:" ? "wss" : "ws";
       const token = auth.token();
-      return `${scheme}://${location.host}${path}` + (token ? `?token=${encodeURIComponent(token)}` : "");
+      const query = token ? `${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : "";
+      return `${scheme}://${location.host}${path}${query}`;
     },
     // the gateway refused the token (or there was none): ask the user for one
     ask() {
