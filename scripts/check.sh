@@ -2,7 +2,9 @@
 # The fast loop while developing: lint (ruff), types (mypy) and the fast tier of the tests
 # (pytest -m "not slow": no tritonserver, no demo build, no ONNX export, no Chromium; the gateway
 # runs against the in-process fake Triton of tests/fake_triton.py). Extra arguments go to
-# pytest, e.g. scripts/check.sh -k pipeline -x
+# pytest, e.g. scripts/check.sh -k pipeline -x. The fast tier runs on two pytest-xdist processes
+# (LIPSYNC_TEST_PROCESSES, 0 = in this process): most of its time is tests waiting on real
+# timers (paced live slots, connection limits), which overlap.
 # Assumes scripts/setup.sh has run; without a .venv it runs it first, without the Debian
 # packages (LIPSYNC_SKIP_APT=1), which the fast tier does not need.
 set -euo pipefail
@@ -15,4 +17,4 @@ echo "check: ruff check"
 echo "check: mypy"
 .venv/bin/python -m mypy
 echo "check: pytest -m 'not slow'"
-exec .venv/bin/python -m pytest -m "not slow" "$@"
+exec .venv/bin/python -m pytest -m "not slow" -n "${LIPSYNC_TEST_PROCESSES:-2}" "$@"
