@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,13 @@ def test_page_plays_over_https_and_wss_with_the_token(
     assert stats["errors"] == 0, stats.get("lastError")
     assert stats["clock"] == "audio", "the WAV was fetched with the token and played"
     assert stats["framesDrawn"] >= 3 and stats["requested"] > 4, stats
-    assert sockets and all(s.startswith("wss://") and "/ws?token=" in s for s in sockets), sockets
+    # the page's WebSocket (crop output when offered: /ws?output=crop) carries the token
+    assert sockets and all(
+        (u := urllib.parse.urlsplit(s)).scheme == "wss" and u.path == "/ws"
+        and urllib.parse.parse_qs(u.query).get("token") == [TOKEN]
+        for s in sockets
+    ), sockets
+    assert stats["output"] == "crop" and stats["backgroundBytes"] > 0, "backgrounds fetched with the token"
 
     page = pinned_browser.new_page()
     try:
