@@ -22,7 +22,7 @@ from lipsync.contract import (
     GATEWAY_HTTP_PORT,
     TRITON_GRPC_PORT,
 )
-from lipsync.paths import PACKAGES_DIR
+from lipsync.paths import CACHE_DIR, PACKAGES_DIR
 
 
 class GatewaySettings(BaseSettings):
@@ -44,6 +44,21 @@ class GatewaySettings(BaseSettings):
     http_port: int = Field(GATEWAY_HTTP_PORT, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)")
     packages_root: Path = Field(PACKAGES_DIR, description="folder holding one folder per avatar")
     device: str = Field("triton", description="label reported as `device` in gRPC answers")
+    crop_cache_dir: Path | None = Field(
+        CACHE_DIR / "crops",
+        description="folder where each avatar's face crops are computed once and memory-mapped "
+        "from, shared by the workers (gateway/crop_cache.py); empty: computed into each process's RAM",
+    )
+
+    # --- processes --------------------------------------------------------------------------
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="gateway worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), "
+        "started and restarted by a supervisor (gateway/workers.py); 1 = one process, no "
+        "supervisor. How many per GPU: docs/ARCHITECTURE.md",
+    )
 
     # --- output ---------------------------------------------------------------------------------
     jpeg_quality: int = Field(85, ge=1, le=100, description="JPEG quality of returned frames")
@@ -60,7 +75,10 @@ class GatewaySettings(BaseSettings):
         8, ge=1, description="frames one WebSocket/gRPC stream may have in flight at once"
     )
     max_in_flight_total: int = Field(
-        64, ge=1, description="frames in flight in the whole gateway; more -> Overloaded at once"
+        64,
+        ge=1,
+        description="frames in flight in one gateway process (each worker with workers > 1); "
+        "more -> Overloaded at once",
     )
 
     # --- Triton ---------------------------------------------------------------------------------
@@ -118,6 +136,11 @@ class GatewaySettings(BaseSettings):
         description="live sessions: pacing margin, deadlines, voice activity (env "
         "LIPSYNC_LIVE__<FIELD>, e.g. LIPSYNC_LIVE__MARGIN_S=1.0)",
     )
+
+    @field_validator("crop_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("triton_url")
     @classmethod

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
 from gateway.config import GatewaySettings
+from gateway.crop_cache import CropCache
 from gateway.endpoint_pool import ClientFactory, EndpointPool
 from gateway.jpeg import make_encoder
 from gateway.live_render import TritonAudioEncoder
@@ -111,7 +112,8 @@ class GatewayContext:
             load_models=settings.triton_load_models,
         )
         pool.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
-        store = AvatarStore(settings.packages_root, pool)
+        crop_cache = CropCache(settings.crop_cache_dir) if settings.crop_cache_dir is not None else None
+        store = AvatarStore(settings.packages_root, pool, crop_cache)
         try:
             await pool.start()
             await store.load_all()
@@ -144,7 +146,7 @@ class GatewayContext:
             store=store,
             pipeline=pipeline,
             malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
-            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.registry),
+            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.scrape_registry),
             live=live,
             executor=executor,
             started_at=time.time(),

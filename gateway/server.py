@@ -35,6 +35,8 @@ class GatewayServer:
             tests pass an in-process fake).
         supervisor: the supervisor keeping that Triton running (``lipsync up``), None when
             Triton is run by someone else (`GatewayContext.create`).
+        reuse_port: bind both ports with ``SO_REUSEPORT`` (a worker of several sharing them,
+            `gateway.worker`); the ports must then be given, not 0.
     """
 
     def __init__(
@@ -44,8 +46,10 @@ class GatewayServer:
         grace_s: float = 2.0,
         triton_client: TritonClient | None = None,
         supervisor: SupervisorView | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self.grace_s = grace_s
         self.triton_client = triton_client
         self.supervisor = supervisor
@@ -79,7 +83,7 @@ class GatewayServer:
         s = self.settings
         self.ctx = await GatewayContext.create(s, self.triton_client, self.supervisor)
         try:
-            self._grpc, self._health = build_grpc_server(self.ctx)
+            self._grpc, self._health = build_grpc_server(self.ctx, reuse_port=self.reuse_port)
             self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
             if self.grpc_port == 0:
                 raise OSError(f"cannot bind the gRPC port {s.host}:{s.grpc_port}")
@@ -96,7 +100,7 @@ class GatewayServer:
                 access_log_class=AccessLog,  # less the malformed ones
             )
             await self._runner.setup()
-            site = web.TCPSite(self._runner, s.host, s.http_port)
+            site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=self.reuse_port or None)
             await site.start()
             addresses = self._runner.addresses  # bound (host, port, ...) tuples
             self.http_port = int(addresses[0][1]) if addresses else s.http_port

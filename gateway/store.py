@@ -10,6 +10,10 @@ At start the store loads every package folder under the packages root with
   model input, ready to send to Triton without copying;
 - ``rects[v]``:  ``(x1, y1, x2, y2)`` px.
 
+The video frames (``frames.npy``) are the package's read-only memmap; with a `CropCache` the
+crops and inners are memory-mapped too (`gateway.crop_cache`), so gateway workers serving the
+same package share one copy of all three in the page cache.
+
 The audio features (``aud_ave.npy``, float32 ``[M, 512]``) stay the package's read-only memmap.
 A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame shown is
 ``pingpong_index(frame_id, N)`` (docs/REFERENCE.md s.2 step 9; words as in docs/GLOSSARY.md).
@@ -24,20 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway.crop_cache import CropCache, FaceCrops, compute_crops
 from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
 from gateway.model_lifecycle import LifecycleSnapshot
-from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME
-from lipsync.frames import crop_328, inner_320, pingpong_index
+from lipsync.contract import MANIFEST_NAME
+from lipsync.frames import pingpong_index
 from lipsync.package import AvatarPackage, PackageError, load_package
 
 log = logging.getLogger(__name__)
@@ -64,41 +68,6 @@ class ModelRegistry(Protocol):
 
 
 @dataclass
-class AvatarStats:
-    """Per-avatar counters for ``GetStats``: rendered frames and Triton inference time (ms)."""
-
-    total_requests: int = 0
-    errors: int = 0
-    inference_ms_sum: float = 0.0
-    inference_ms_min: float = float("inf")
-    inference_ms_max: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record(self, inference_ms: float) -> None:
-        """Count one rendered frame and its inference time (ms)."""
-        with self._lock:
-            self.total_requests += 1
-            self.inference_ms_sum += inference_ms
-            self.inference_ms_min = min(self.inference_ms_min, inference_ms)
-            self.inference_ms_max = max(self.inference_ms_max, inference_ms)
-
-    def record_error(self) -> None:
-        """Count one failed frame."""
-        with self._lock:
-            self.errors += 1
-
-    @property
-    def avg_inference_ms(self) -> float:
-        """Mean inference time (ms); 0 before the first frame."""
-        return self.inference_ms_sum / self.total_requests if self.total_requests else 0.0
-
-    @property
-    def min_inference_ms(self) -> float:
-        """Smallest inference time (ms); 0 before the first frame."""
-        return self.inference_ms_min if self.total_requests else 0.0
-
-
-@dataclass
 class Avatar:
     """One preloaded avatar.
 
@@ -111,7 +80,6 @@ class Avatar:
         rects: int32 ``[N, 4]`` crop rectangles ``(x1, y1, x2, y2)`` px.
         features: float32 ``[M, 512]`` read-only memmap (padded ``aud_ave.npy``).
         init_ms: time spent loading and precomputing (ms).
-        stats: its rendered-frame counters.
     """
 
     name: str
@@ -122,7 +90,6 @@ class Avatar:
     rects: NDArray[np.int32]
     features: NDArray[np.float32]
     init_ms: float
-    stats: AvatarStats = field(default_factory=AvatarStats)
 
     @property
     def frames(self) -> NDArray[np.uint8]:
@@ -192,37 +159,25 @@ class Avatar:
         return (x1, y1, x2, y2)
 
 
-def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
-    """Precompute the per-frame crops of a loaded package (CPU work, no Triton).
+def prepare_avatar(package: AvatarPackage, name: str | None = None, crops: FaceCrops | None = None) -> Avatar:
+    """Make an `Avatar` of a loaded package with its per-frame crops (CPU work, no Triton).
 
     Args:
         package: a package from `load_package`.
         name: name to serve it under (default: ``manifest.name``).
+        crops: its crops from a `gateway.crop_cache.CropCache` (default: computed here,
+            `gateway.crop_cache.compute_crops`).
 
     Returns:
         An `Avatar` with ``crops`` uint8 ``[N, 328, 328, 3]`` and ``inners`` uint8
         ``[N, 320, 320, 3]``.
 
     Raises:
-        PackageRejected: no frames, or rectangles the crop math refuses.
+        PackageRejected: no frames, rectangles the crop math refuses, or no feature rows.
     """
     t0 = time.perf_counter()
-    frames = package.frames
-    rects = np.asarray(package.rects, dtype=np.int32)
-    n = int(frames.shape[0])
-    if n == 0 or rects.shape != (n, 4):
-        raise PackageRejected(
-            f"package {package.root} has {n} frames and rects of shape {list(rects.shape)}; "
-            f"need at least one frame and rects [N, 4]"
-        )
-    crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-    inners = np.empty((n, INNER_SIZE, INNER_SIZE, 3), dtype=np.uint8)
-    for v in range(n):
-        try:
-            crops[v] = crop_328(frames[v], rects[v])
-        except ValueError as exc:
-            raise PackageRejected(f"package {package.root}, frame {v}: {exc}") from exc
-        inners[v] = inner_320(crops[v])
+    if crops is None:
+        crops = compute_crops(package)
     features = package.features
     if features.ndim != 2 or features.shape[0] == 0:
         raise PackageRejected(f"package {package.root} has features of shape {list(features.shape)}")
@@ -230,12 +185,23 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None) -> Avatar:
         name=name or package.manifest.name,
         model=package.manifest.model_name,
         package=package,
-        crops=crops,
-        inners=inners,
-        rects=rects,
+        crops=crops.crops,
+        inners=crops.inners,
+        rects=np.asarray(package.rects, dtype=np.int32),
         features=features,
         init_ms=(time.perf_counter() - t0) * 1e3,
     )
+
+
+class LoadSharing(Protocol):
+    """Where a store reports the packages loaded on request (`AvatarStore.share_loads`): the
+    link of a gateway worker to its supervisor, which has every other worker load them too
+    (`gateway.worker`)."""
+
+    async def loaded(self, package_dir: Path, name: str | None) -> None:
+        """``package_dir`` (resolved) was loaded under ``name`` (None: its manifest's); returns
+        once the other workers have it too."""
+        ...
 
 
 class AvatarStore:
@@ -245,11 +211,17 @@ class AvatarStore:
         packages_root: folder holding one package folder per avatar; `LoadPackage` paths must
             resolve inside it.
         lifecycle: the model registry (None: no model registration, for offline use).
+        crop_cache: where the avatars' crops are computed once and memory-mapped from (None:
+            each avatar's crops are computed into this process's RAM).
     """
 
-    def __init__(self, packages_root: Path, lifecycle: ModelRegistry | None) -> None:
+    def __init__(
+        self, packages_root: Path, lifecycle: ModelRegistry | None, crop_cache: CropCache | None = None
+    ) -> None:
         self.packages_root = Path(packages_root).resolve()
         self._lifecycle = lifecycle
+        self._crop_cache = crop_cache
+        self._sharing: LoadSharing | None = None
         self._avatars: dict[str, Avatar] = {}
         self._aliases: dict[str, str] = {}
         self._subscribers: list[Callable[[], None]] = []
@@ -257,6 +229,10 @@ class AvatarStore:
     def subscribe(self, subscriber: Callable[[], None]) -> None:
         """Call ``subscriber()`` after every change of the set of avatars."""
         self._subscribers.append(subscriber)
+
+    def share_loads(self, sharing: LoadSharing) -> None:
+        """From now on, tell ``sharing`` of every `load` with ``share=True`` (the default)."""
+        self._sharing = sharing
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> Avatar:
@@ -307,7 +283,7 @@ class AvatarStore:
             raise PackageRejected(f"{resolved} is not an avatar package (no {MANIFEST_NAME})")
         return resolved
 
-    async def load(self, package_dir: str | Path, name: str | None = None) -> Avatar:
+    async def load(self, package_dir: str | Path, name: str | None = None, *, share: bool = True) -> Avatar:
         """Load (or reload) one package and register its model with Triton.
 
         Loading and precomputation run in a worker thread; the event loop keeps serving.
@@ -315,6 +291,9 @@ class AvatarStore:
         Args:
             package_dir: path of the package, absolute or relative to the packages root.
             name: name to serve it under (default: the manifest's name).
+            share: tell the `LoadSharing` given to `share_loads`, if any, and wait until the
+                other workers have the package too (False for what every worker loads by
+                itself: `load_all`, and the loads another worker shared).
 
         Returns:
             The new `Avatar`, serving when this returns (if Triton is down, its model is
@@ -332,15 +311,13 @@ class AvatarStore:
                 package = load_package(path)
             except PackageError as exc:
                 raise PackageRejected(f"package {path} rejected: {exc}") from exc
-            return prepare_avatar(package, name)
+            crops = self._crop_cache.crops(package) if self._crop_cache is not None else None
+            return prepare_avatar(package, name, crops)
 
         avatar = await asyncio.to_thread(_load)
         if self._lifecycle is not None:
             await self._register_model(self._lifecycle, avatar, path)
         avatar.init_ms = (time.perf_counter() - t0) * 1e3
-        old = self._avatars.get(avatar.name)
-        if old is not None:
-            avatar.stats = old.stats
         self._avatars[avatar.name] = avatar
         self._aliases[avatar.model] = avatar.name
         for subscriber in self._subscribers:
@@ -352,6 +329,8 @@ class AvatarStore:
         )
         if not avatar.trained:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
+        if share and self._sharing is not None:
+            await self._sharing.loaded(path, name)
         return avatar
 
     async def _register_model(self, lifecycle: ModelRegistry, avatar: Avatar, path: Path) -> None:
@@ -394,7 +373,7 @@ class AvatarStore:
             if not (child / MANIFEST_NAME).is_file():
                 continue
             try:
-                loaded.append(await self.load(child))
+                loaded.append(await self.load(child, share=False))
             except PackageRejected as exc:
                 log.error("skipping %s: %s", child, exc.message)
         if not loaded:
