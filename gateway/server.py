@@ -11,6 +11,7 @@ Ports 0 pick free ports; the bound ones are in ``grpc_port`` / ``http_port`` aft
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 from aiohttp import web
@@ -37,6 +38,8 @@ class GatewayServer:
             Triton is run by someone else (`GatewayContext.create`).
         reuse_port: bind both ports with ``SO_REUSEPORT`` (a worker of several sharing them,
             `gateway.worker`); the ports must then be given, not 0.
+        before_serving: awaited with the context once it is built, before the ports are bound
+            (a worker loads there the packages the other workers loaded on request).
     """
 
     def __init__(
@@ -47,9 +50,11 @@ class GatewayServer:
         triton_client: TritonClient | None = None,
         supervisor: SupervisorView | None = None,
         reuse_port: bool = False,
+        before_serving: Callable[[GatewayContext], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.reuse_port = reuse_port
+        self.before_serving = before_serving
         self.grace_s = grace_s
         self.triton_client = triton_client
         self.supervisor = supervisor
@@ -83,6 +88,8 @@ class GatewayServer:
         s = self.settings
         self.ctx = await GatewayContext.create(s, self.triton_client, self.supervisor)
         try:
+            if self.before_serving is not None:
+                await self.before_serving(self.ctx)
             self._grpc, self._health = build_grpc_server(self.ctx, reuse_port=self.reuse_port)
             self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
             if self.grpc_port == 0:

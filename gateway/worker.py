@@ -38,6 +38,7 @@ from lipsync.triton_supervisor import StatusCallback, SupervisorStatus
 
 if TYPE_CHECKING:
     from gateway.config import GatewaySettings
+    from gateway.context import GatewayContext
     from gateway.store import AvatarStore
 
 log = logging.getLogger(__name__)
@@ -301,8 +302,18 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     link = SupervisorLink(conn, stop.set, spec.triton_status, spec.settings.triton_load_timeout_s)
+
+    async def load_shared(ctx: GatewayContext) -> None:
+        """Before the ports are bound: what the others loaded on request before we started."""
+        for shared in spec.loads:
+            try:
+                await ctx.store.load(shared.package_dir, shared.name, share=False)
+            except GatewayError as exc:
+                log.warning("shared load of %s failed: %s", shared.package_dir, exc)
+
     server = GatewayServer(
-        spec.settings, grace_s=spec.grace_s, supervisor=link.supervisor_view, reuse_port=True
+        spec.settings, grace_s=spec.grace_s, supervisor=link.supervisor_view, reuse_port=True,
+        before_serving=load_shared,
     )
     try:
         try:
@@ -311,14 +322,8 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> int:
             link.send(StartFailed(f"worker {spec.index} could not start: {exc}"))
             return START_FAILED_EXIT
         assert server.ctx is not None
-        store = server.ctx.store
-        for shared in spec.loads:  # what the others loaded on request before we started
-            try:
-                await store.load(shared.package_dir, shared.name, share=False)
-            except GatewayError as exc:
-                log.warning("shared load of %s failed: %s", shared.package_dir, exc)
-        store.share_loads(link)
-        link.apply_loads(store)
+        server.ctx.store.share_loads(link)
+        link.apply_loads(server.ctx.store)
         server.ctx.watch_ready(lambda ready: link.send(Readiness(ready)))
         link.send(Serving(os.getpid()))
         await stop.wait()

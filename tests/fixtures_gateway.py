@@ -5,6 +5,10 @@
   measure the pipeline, not the encoder).
 - `start_gateway` (function): a factory for tests that need their own gateway (for instance
   against their own Triton from `start_triton`, to kill it); stopped at teardown.
+- `served_gateway` (session, parametrized ``1worker`` / ``2workers``): the protocol tests'
+  gateway, once as `gateway_server` (one process, in this one) and once as ``lipsync gateway
+  --workers 2`` in a subprocess with the same settings (`WorkersGateway`), so every test that
+  uses it runs against both. Tests that inspect the gateway's context use `gateway_server`.
 
 The gateway runs in a background thread with its own event loop, so tests can use blocking
 gRPC/HTTP clients; `RunningGateway.call(coro_fn)` runs a coroutine on the gateway's loop to
@@ -13,8 +17,12 @@ inspect its context.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +32,7 @@ import pytest
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.server import GatewayServer
+from tests.up_process import GatewayProcess, start_gateway_process, worker_pids
 
 T = TypeVar("T")
 
@@ -55,6 +64,11 @@ class RunningGateway:
         return self.server.grpc_address
 
     @property
+    def workers(self) -> int:
+        """Gateway processes serving (1: this one)."""
+        return 1
+
+    @property
     def http_url(self) -> str:
         """``http://127.0.0.1:PORT`` of the aiohttp app."""
         return self.server.http_url
@@ -69,7 +83,7 @@ class RunningGateway:
         """Run ``fn()`` on the gateway's event loop and return its result."""
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout_s)
 
-    def start(self) -> "RunningGateway":
+    def start(self) -> RunningGateway:
         """Start the loop thread and the server; returns self."""
         self._thread.start()
         self.call(self.server.start, timeout_s=_START_TIMEOUT_S)
@@ -138,4 +152,116 @@ def start_gateway() -> Iterator[Callable[..., RunningGateway]]:
 
     yield _start
     for running in reversed(started):
+        running.stop()
+
+
+class WorkersGateway:
+    """``lipsync gateway --workers N`` as a subprocess, with the attributes the protocol tests
+    use of a `RunningGateway` (``grpc_address``, ``http_url``, ``settings``, ``workers``).
+
+    Args:
+        process: the running ``lipsync gateway``.
+        settings: the settings it runs with (its ports included).
+    """
+
+    def __init__(self, process: GatewayProcess, settings: GatewaySettings) -> None:
+        self.process = process
+        self.settings = settings
+
+    @property
+    def workers(self) -> int:
+        """Worker processes it runs."""
+        return self.settings.workers
+
+    @property
+    def grpc_address(self) -> str:
+        """``127.0.0.1:PORT`` of the shared gRPC port."""
+        return f"127.0.0.1:{self.process.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the shared HTTP port."""
+        return f"http://127.0.0.1:{self.process.http}"
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of its workers now."""
+        return worker_pids(self.process.proc.pid)
+
+    def stats(self) -> dict[str, Any]:
+        """``/api/stats`` on a new connection (so from whichever worker the kernel picks)."""
+        with urllib.request.urlopen(f"{self.http_url}/api/stats", timeout=10) as resp:
+            return dict(json.load(resp))
+
+    def wait_ready(self, timeout_s: float = _START_TIMEOUT_S) -> list[int]:
+        """Wait until every worker has answered ``/api/stats`` as ready; returns their pids.
+
+        Raises:
+            AssertionError: it exited, or not every worker was ready in time (with its log).
+        """
+        deadline = time.monotonic() + timeout_s
+        ready: set[int] = set()
+        while time.monotonic() < deadline and self.process.proc.poll() is None:
+            pids = set(self.worker_pids())
+            if len(pids) == self.workers and pids <= ready:
+                return sorted(pids)
+            try:
+                stats = self.stats()
+                if stats["ready"]:
+                    ready.add(stats["worker"]["pid"])
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        log = self.process.log_path.read_text()
+        raise AssertionError(f"not every worker ready (exit {self.process.proc.poll()}, ready {ready}):\n{log}")
+
+    def stop(self) -> int:
+        """SIGTERM it; returns its exit status (no worker is left: asserted)."""
+        pids = self.worker_pids()
+        code = self.process.stop()
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        assert not alive, f"workers left behind: {alive}"
+        return code
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "gone"
+
+
+def start_workers_gateway(tmp_path: Path, triton_url: str, packages_root: Path, workers: int) -> WorkersGateway:
+    """Start ``lipsync gateway --workers N`` with `gateway_settings` (free ports, JPEG quality
+    95) and wait until every worker is ready."""
+    process = start_gateway_process(
+        tmp_path, triton_url, packages_root, None, "--workers", str(workers), "--jpeg-quality", "95"
+    )
+    settings = gateway_settings(
+        triton_url, packages_root, grpc_port=process.grpc_port, http_port=process.http, workers=workers
+    )
+    running = WorkersGateway(process, settings)
+    try:
+        running.wait_ready()
+    except BaseException:
+        process.stop()
+        raise
+    return running
+
+
+@pytest.fixture(scope="session", params=[1, 2], ids=["1worker", "2workers"])
+def served_gateway(
+    request: pytest.FixtureRequest,
+    triton_server: Any,
+    gateway_packages_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningGateway | WorkersGateway]:
+    """The gateway of the protocol tests: `gateway_server`, then ``--workers 2`` (module doc)."""
+    if request.param == 1:
+        yield request.getfixturevalue("gateway_server")
+        return
+    running = start_workers_gateway(
+        tmp_path_factory.mktemp("workers"), triton_server.grpc_url, gateway_packages_root, request.param
+    )
+    try:
+        yield running
+    finally:
         running.stop()

@@ -58,8 +58,8 @@ def ws_frames(http_url: str, frame_ids: list[int]) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def url(gateway_server: Any) -> str:
-    return gateway_server.http_url
+def url(served_gateway: Any) -> str:
+    return served_gateway.http_url
 
 
 def test_health_and_readiness(url: str) -> None:

@@ -1,0 +1,237 @@
+"""``lipsync gateway --workers 2`` against the real CPU tritonserver and the demo avatar: the
+kernel spreads connections of both protocols over both workers, metrics and stats add up over
+them, a package loaded on request is served by every worker (a restarted one included), a
+killed worker is restarted and the counts survive it, SIGTERM leaves no process behind.
+
+The protocol tests themselves run against two workers through `served_gateway`
+(`tests/fixtures_gateway.py`)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.ws_protocol import FrameReply, decode_reply, encode_request
+from proto import lipsync_pb2 as pb
+from proto import lipsync_pb2_grpc as pbg
+from tests.fixtures_gateway import (
+    WorkersGateway,
+    gateway_settings,
+    make_packages_root,
+    start_workers_gateway,
+)
+from tests.up_process import GatewayProcess, start_up
+
+pytestmark = pytest.mark.triton
+
+AVATAR = "demo"
+CONNECTIONS = 16
+"""Connections per protocol: all on one of two workers with probability 2 / 2**16."""
+
+
+def metric_samples(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def requests_ok(samples: dict[Any, float], protocol: str) -> float:
+    return samples.get(("lipsync_gateway_requests_total", (("outcome", "ok"), ("protocol", protocol))), 0.0)
+
+
+def established(pid: int, port: int) -> int:
+    """Established TCP connections process ``pid`` holds on local ``port`` (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def stats_of_every_worker(gw: WorkersGateway, timeout_s: float = 60.0) -> dict[int, dict[str, Any]]:
+    """``/api/stats`` as each worker answers it (new connections until each answered)."""
+    pids = set(gw.worker_pids())
+    seen: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while set(seen) != pids:
+        assert time.monotonic() < deadline, f"not every worker answered: {sorted(seen)} of {sorted(pids)}"
+        stats = gw.stats()
+        seen[stats["worker"]["pid"]] = stats
+    return seen
+
+
+@pytest.fixture
+def workers_gateway(triton_server: Any, demo_package: Any, tmp_path: Path) -> Iterator[WorkersGateway]:
+    """Its own ``--workers 2`` gateway (tests here kill its workers), private packages root."""
+    root = make_packages_root(Path(demo_package.root), tmp_path / "packages")
+    gw = start_workers_gateway(tmp_path, triton_server.grpc_url, root, 2)
+    try:
+        yield gw
+    finally:
+        if gw.process.proc.poll() is None:
+            gw.stop()
+
+
+def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gateway: WorkersGateway) -> None:
+    gw = workers_gateway
+    pids = gw.worker_pids()
+    before = metric_samples(gw.http_url)
+    stats_before = gw.stats()["avatars"][AVATAR]["total_requests"]
+    # a local subchannel pool each: channels to one address would share one connection
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(gw.grpc_address, options=own) for _ in range(CONNECTIONS)]
+    try:
+        for k, channel in enumerate(channels):  # 3 frames on each of 16 connections
+            stub = pbg.OptimizedLipSyncServiceStub(channel)
+            replies = list(stub.StreamInference(
+                iter([pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=k + i) for i in range(3)]), timeout=120
+            ))
+            assert all(r.success for r in replies), [r.error for r in replies]
+
+        async def websockets() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                sockets = [await session.ws_connect(f"{gw.http_url}/ws") for _ in range(CONNECTIONS)]
+                for k, ws in enumerate(sockets):  # 2 frames on each of 16 connections
+                    for i in range(2):
+                        await ws.send_bytes(encode_request(AVATAR, k + i))
+                        reply = decode_reply((await ws.receive(timeout=60)).data)
+                        assert isinstance(reply, FrameReply), reply
+                per_worker = [established(pid, gw.process.http) for pid in pids]
+                open_ws = metric_samples(gw.http_url)[("lipsync_gateway_ws_connections", ())]
+                for ws in sockets:
+                    await ws.close()
+                return [*per_worker, int(open_ws)]
+
+        grpc_per_worker = [established(pid, gw.process.grpc_port) for pid in pids]
+        *ws_per_worker, open_ws = asyncio.run(websockets())
+    finally:
+        for channel in channels:
+            channel.close()
+
+    assert sum(grpc_per_worker) == CONNECTIONS and min(grpc_per_worker) > 0, grpc_per_worker
+    assert sum(ws_per_worker) >= CONNECTIONS and min(ws_per_worker) > 0, ws_per_worker
+    assert open_ws == CONNECTIONS, "open WebSockets summed over the workers"
+    after = metric_samples(gw.http_url)
+    assert requests_ok(after, "grpc") - requests_ok(before, "grpc") == 3 * CONNECTIONS
+    assert requests_ok(after, "ws") - requests_ok(before, "ws") == 2 * CONNECTIONS
+    frames = 5 * CONNECTIONS
+    stage = ("lipsync_gateway_stage_latency_seconds_count", (("stage", "total"),))
+    assert after[stage] - before.get(stage, 0.0) == frames
+    assert after[("lipsync_gateway_triton_ready", ())] == 1.0
+    # GetStats and /api/stats answer for the whole gateway, whichever worker answers
+    for stats in stats_of_every_worker(gw).values():
+        assert stats["avatars"][AVATAR]["total_requests"] - stats_before == frames
+        assert stats["worker"]["workers"] == 2
+    with grpc.insecure_channel(gw.grpc_address) as channel:
+        totals = pbg.OptimizedLipSyncServiceStub(channel).GetStats(pb.StatsRequest(model_name=AVATAR))
+    assert totals.total_requests - stats_before == frames
+    assert 0 < totals.min_inference_time_ms <= totals.avg_inference_time_ms <= totals.max_inference_time_ms
+
+
+def test_a_loaded_package_and_the_counts_survive_a_killed_worker(workers_gateway: WorkersGateway) -> None:
+    gw = workers_gateway
+    root = gw.settings.packages_root
+    shutil.copytree(root / AVATAR, root / "extra")  # not there at start: only LoadPackage loads it
+    with grpc.insecure_channel(gw.grpc_address) as channel:
+        stub = pbg.OptimizedLipSyncServiceStub(channel)
+        loaded = stub.LoadPackage(pb.LoadPackageRequest(package_name="extra", package_dir="extra"), timeout=120)
+        assert loaded.success, loaded.error
+        for i in range(4):
+            assert stub.GenerateInference(pb.OptimizedInferenceRequest(model_name="extra", frame_id=i), timeout=60).success
+    # every worker serves it as soon as LoadPackage returned
+    for pid, stats in stats_of_every_worker(gw).items():
+        assert "extra" in stats["avatars"], f"worker {pid} lacks the loaded package"
+    counted = requests_ok(metric_samples(gw.http_url), "grpc")
+
+    victim = gw.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while victim in gw.worker_pids() or len(gw.worker_pids()) < 2:
+        assert time.monotonic() < deadline, gw.process.log_path.read_text()
+        time.sleep(0.2)
+    pids = gw.wait_ready()
+    assert victim not in pids
+    while "serving again" not in gw.process.log_path.read_text():  # logged as it answers
+        assert time.monotonic() < deadline, gw.process.log_path.read_text()
+        time.sleep(0.2)
+    log = gw.process.log_path.read_text()
+    assert f"(pid {victim}) was killed by SIGKILL after serving" in log and "restarting it in 1.0 s" in log
+
+    # the dead worker's counts stay in the totals; the restarted worker loaded "extra" too
+    assert requests_ok(metric_samples(gw.http_url), "grpc") == counted
+    for pid, stats in stats_of_every_worker(gw).items():
+        assert "extra" in stats["avatars"], f"worker {pid} (restarted?) lacks the loaded package"
+        assert stats["avatars"]["extra"]["total_requests"] == 4
+    with grpc.insecure_channel(gw.grpc_address) as channel:
+        stub = pbg.OptimizedLipSyncServiceStub(channel)
+        assert stub.GenerateInference(pb.OptimizedInferenceRequest(model_name="extra", frame_id=9), timeout=60).success
+    assert gw.stop() == 0, "SIGTERM: every worker stopped gracefully, exit status 0"
+    assert "gateway workers stopped" in gw.process.log_path.read_text()
+
+
+def test_up_with_two_workers_relays_the_triton_supervisor(demo_package: Any, tmp_path: Path) -> None:
+    """``lipsync up --workers 2``: both workers show the Triton supervisor (its restarts counted
+    once, not once per worker) and follow it when tritonserver is killed and restarted; SIGTERM
+    stops the workers, then Triton, and leaves nothing behind."""
+    root = make_packages_root(Path(demo_package.root), tmp_path / "packages")
+    up = start_up(tmp_path, root, "--workers", "2", "--skip-demo")
+    try:
+        up.wait_ready()
+        gw = WorkersGateway(GatewayProcess(up.proc, up.log_path, up.http, up.grpc_port), gateway_settings(
+            "unused:1", root, workers=2, grpc_port=up.grpc_port, http_port=up.http))
+        pids = gw.wait_ready()
+        samples = metric_samples(gw.http_url)
+        assert samples[("lipsync_gateway_triton_restarts_total", ())] == 0
+        running = ("lipsync_gateway_triton_supervisor_state", (("lipsync_gateway_triton_supervisor_state", "running"),))
+        assert samples[running] == 1
+
+        triton = next(p for p in up.children() if p.name == "tritonserver")
+        os.kill(triton.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 240
+        while True:  # each worker follows the relayed status: one restart, ready again
+            assert time.monotonic() < deadline, up.log()
+            seen = stats_of_every_worker(gw)
+            samples = metric_samples(gw.http_url)
+            if all(s["ready"] for s in seen.values()) and samples.get(
+                ("lipsync_gateway_triton_restarts_total", ())
+            ) == 1:
+                break
+            time.sleep(1.0)
+        assert sorted(seen) == pids, "the workers themselves were not restarted"
+        with urllib.request.urlopen(f"{gw.http_url}/readyz", timeout=10) as resp:
+            supervisor = json.load(resp)["triton_supervisor"]
+        assert supervisor["restarts"] == 1 and supervisor["state"] == "running"
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(timeout=90) == 0, up.log()
+    finally:
+        up.stop()
+    log = up.log()
+    assert log.index("gateway workers stopped") < log.index("Triton stopped"), "workers first, then Triton"
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()], "no worker left behind"
