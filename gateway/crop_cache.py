@@ -152,7 +152,7 @@ class CropCache:
                 if path.stat().st_size != recorded["size_bytes"] or sha256_file(path) != recorded["sha256"]:
                     raise ValueError(f"{path.name} does not match {_META}")
                 arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("crop cache entry %s is not intact (%s): computing it again", entry, exc)
