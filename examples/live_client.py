@@ -22,14 +22,16 @@ from pathlib import Path
 import av
 import grpc
 import numpy as np
+from numpy.typing import NDArray
 
+from lipsync.contract import GATEWAY_GRPC_PORT
 from proto import live_pb2 as pb
 from proto import live_pb2_grpc as pbg
 
 SLOT_S = 0.04  # one frame per 40 ms slot (25 fps); slot k has pts_s = k * 0.04
 
 
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
+def read_wav(path: Path) -> tuple[NDArray[np.int16], int]:
     """int16 mono samples and the rate (Hz) of a 16-bit PCM WAV."""
     with wave.open(str(path), "rb") as wav:
         if wav.getsampwidth() != 2:
@@ -38,7 +40,9 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         return pcm.mean(axis=1).astype(np.int16), wav.getframerate()
 
 
-def stream(gateway: str, avatar: str, pcm: np.ndarray, rate: int, burst: bool) -> tuple[list[pb.LiveFrame], int]:
+def stream(
+    gateway: str, avatar: str, pcm: NDArray[np.int16], rate: int, burst: bool
+) -> tuple[list[pb.LiveFrame], int]:
     """Run the session; return its frames and the slot the audio started at."""
     sent: list[float] = []
 
@@ -69,12 +73,18 @@ def decode_jpeg(data: bytes) -> av.VideoFrame:
         return next(image.decode(video=0))
 
 
-def write_mp4(out: Path, frames: list[pb.LiveFrame], pcm: np.ndarray, rate: int, audio_slot: int) -> None:
+def write_mp4(
+    out: Path, frames: list[pb.LiveFrame], pcm: NDArray[np.int16], rate: int, audio_slot: int
+) -> None:
     """Frames as H.264 at 25 fps, the audio as AAC delayed to its slot."""
     with av.open(str(out), "w") as mp4:
         first = decode_jpeg(frames[0].jpeg)
         video = mp4.add_stream("libx264", rate=25)
-        video.width, video.height, video.pix_fmt = first.width - first.width % 2, first.height - first.height % 2, "yuv420p"
+        video.width, video.height, video.pix_fmt = (
+            first.width - first.width % 2,
+            first.height - first.height % 2,
+            "yuv420p",
+        )
         audio = mp4.add_stream("aac", rate=rate)
         audio.layout = "mono"
         for frame in frames:
@@ -93,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("wav", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--gateway", default="localhost:50051", help="gRPC host:port")
+    parser.add_argument("--gateway", default=f"localhost:{GATEWAY_GRPC_PORT}", help="gRPC host:port")
     parser.add_argument("--avatar", default="demo")
-    parser.add_argument("--burst", action="store_true", help="send the audio at once (TTS) instead of in real time")
+    parser.add_argument(
+        "--burst", action="store_true", help="send the audio at once (TTS) instead of in real time"
+    )
     args = parser.parse_args(argv)
     pcm, rate = read_wav(args.wav)
     frames, audio_slot = stream(args.gateway, args.avatar, pcm, rate, args.burst)
@@ -103,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no frames came back")
     write_mp4(args.out, frames, pcm, rate, audio_slot)
     speaking = sum(f.speaking for f in frames)
-    print(f"{args.out}: {len(frames)} frames ({speaking} speaking, {sum(f.late for f in frames)} late), audio at slot {audio_slot}")
+    print(
+        f"{args.out}: {len(frames)} frames ({speaking} speaking, {sum(f.late for f in frames)} late), "
+        f"audio at slot {audio_slot}"
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Loading SyncTalk_2D checkpoints into `UNet328` / `AudioEncoder`, or a seeded untrained init.
 
-Checkpoints are accepted as users have them (REFERENCE.md section 1): a plain state dict, one
+Checkpoints are accepted as users have them (docs/REFERENCE.md section 1): a plain state dict, one
 nested under `state_dict` or `model`, keys prefixed `module.` (DataParallel) or `_orig_mod.`
 (torch.compile). The audio encoder also accepts SyncTalk_2D's `audio_visual_encoder.pth`, whose
 keys lack the `audio_encoder.` prefix. Loading is strict: any missing, unexpected or mis-shaped
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from export.models.audio_encoder import AudioEncoder
-from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_MODES, AudioMode, UNet328
-from lipsync.contract import INNER_SIZE, MEL_BANDS, MEL_WINDOW
+from export.models.unet import AUDIO_BRANCH_SHAPES, UNet328
+from lipsync.contract import AUDIO_MODES, INNER_SIZE, MEL_BANDS, MEL_WINDOW, AudioMode
 from lipsync.package import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {checkpoint} does not exist or is not a file")
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt files raise anything (IndexError, ...)
+    except Exception as exc:
         raise CheckpointError(
             f"cannot read checkpoint {checkpoint} with torch.load(weights_only=True): {exc}"
         ) from exc
@@ -114,9 +114,9 @@ def _shape_table(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _mode_shapes(mode: str) -> dict[str, tuple[int, ...]]:
+def _mode_shapes(mode: AudioMode) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        return _shape_table(UNet328(mode))  # type: ignore[arg-type]
+        return _shape_table(UNet328(mode))
 
 
 def _mismatch(
@@ -182,7 +182,7 @@ def _calibrate_batchnorm(model: nn.Module, *inputs: torch.Tensor) -> None:
         bn.momentum = None  # cumulative average: one batch sets the stats exactly
     model.train()
     model(*inputs)
-    for bn, momentum in zip(norms, momenta):
+    for bn, momentum in zip(norms, momenta, strict=True):
         bn.momentum = momentum
     model.eval()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lipsync import paths
+from lipsync.contract import AUDIO_MODES
 
 if TYPE_CHECKING:  # imported for annotations only: registering must not import torch/onnx
     from export.model_repo import Profile
@@ -23,9 +24,6 @@ if TYPE_CHECKING:  # imported for annotations only: registering must not import 
     from lipsync.cli import Subparsers
 
 logger = logging.getLogger(__name__)
-
-_AUDIO_MODES = ("ave", "hubert", "wenet")
-
 
 def register(subparsers: Subparsers) -> None:
     """Add `lipsync export unet | audio-encoder | model-repo`."""
@@ -61,7 +59,7 @@ def _register_unet(export_sub: Subparsers) -> None:
     )
     _add_common(parser)
     parser.add_argument(
-        "--mode", choices=_AUDIO_MODES, default="ave", help="audio features (default ave)"
+        "--mode", choices=AUDIO_MODES, default="ave", help="audio features (default ave)"
     )
     parser.add_argument(
         "--no-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch smoke check"

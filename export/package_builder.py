@@ -3,7 +3,7 @@
 Steps: decode the video and resample it to 25 fps (optionally rescale, `export.video`); find the
 face and 68 landmarks in every frame and derive smoothed square crop rectangles
 (`export.face`); convert the audio to 16 kHz mono, compute the mel spectrogram and the 25-fps
-mel windows (`lipsync.audio`, REFERENCE.md s.4), run the exported audio encoder with ONNX
+mel windows (`lipsync.audio`, docs/REFERENCE.md s.4), run the exported audio encoder with ONNX
 Runtime and pad the features (`aud_ave.npy`); export the avatar's UNet and the audio encoder to
 ONNX (`export.onnx_export`); write the package (`lipsync.package.write_package`) into a
 temporary folder next to the destination and check it with the loader. Then, holding the
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 from export.model_repo import (
@@ -99,7 +100,7 @@ class BuildSummary:
     trained: bool
 
 
-def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, int]:
+def read_audio_16k_mono(path: Path) -> tuple[NDArray[np.int16], int]:
     """Read any audio file libsndfile reads (WAV, FLAC, OGG, MP3, ...) as 16 kHz mono int16.
 
     Returns:
@@ -122,7 +123,9 @@ def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, int]:
     return float_to_pcm16(to_mono_16k(samples, rate)), int(rate)
 
 
-def encode_audio(encoder_onnx: Path, pcm16: np.ndarray, *, progress: bool = True) -> np.ndarray:
+def encode_audio(
+    encoder_onnx: Path, pcm16: NDArray[np.int16], *, progress: bool = True
+) -> NDArray[np.float32]:
     """Audio features for a 16 kHz recording with the exported AVE encoder (ONNX Runtime).
 
     Args:
@@ -187,7 +190,7 @@ def build_package(
         packages_root: where packages live.
         checkpoint: SyncTalk_2D UNet checkpoint (`ave` mode); None -> seeded UNTRAINED weights.
         audio_encoder: AVE audio-encoder checkpoint; None -> seeded UNTRAINED weights.
-        fps: output frame rate (fps); only 25 is accepted (SyncTalk_2D's rate, REFERENCE.md s.4).
+        fps: output frame rate (fps); only 25 is accepted (SyncTalk_2D's rate, docs/REFERENCE.md s.4).
         height: rescale frames to this height (px), keeping the aspect ratio; None keeps it.
         model_repo_cpu, model_repo_gpu: model repositories to write (None skips one).
         overwrite: replace an existing package of the same name.
@@ -213,7 +216,7 @@ def build_package(
     if fps != VIDEO_FPS:
         raise BuildError(
             f"--fps must be {VIDEO_FPS}: the ave audio features and the UNet's 16-row audio window "
-            f"are defined per {VIDEO_FPS}-fps frame (REFERENCE.md s.4), got {fps}"
+            f"are defined per {VIDEO_FPS}-fps frame (docs/REFERENCE.md s.4), got {fps}"
         )
     packages_root = Path(packages_root)
     dest = packages_root / name

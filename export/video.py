@@ -12,9 +12,11 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class DecodedVideo:
         source_width, source_height: source frame size (px).
     """
 
-    frames: np.ndarray
+    frames: NDArray[np.uint8]
     fps: float
     source_fps: float
     source_frames: int
@@ -56,7 +58,7 @@ class DecodedVideo:
 
 def source_index(j: int, source_fps: float, fps: float) -> int:
     """Source frame shown at output frame `j`: `round(j * source_fps / fps)` (half up)."""
-    return int(math.floor(j * source_fps / fps + 0.5))
+    return math.floor(j * source_fps / fps + 0.5)
 
 
 def scaled_size(width: int, height: int, target_height: int | None) -> tuple[int, int]:
@@ -69,7 +71,7 @@ def scaled_size(width: int, height: int, target_height: int | None) -> tuple[int
         return width, height
     if target_height < 16:
         raise VideoError(f"--height must be at least 16 px, got {target_height}")
-    new_w = int(round(width * target_height / height / 2.0)) * 2
+    new_w = round(width * target_height / height / 2.0) * 2
     return max(2, new_w), int(target_height)
 
 
@@ -110,21 +112,21 @@ def decode_video(
         )
         out_w, out_h = scaled_size(src_w, src_h, height)
         interp = cv2.INTER_AREA if out_h < src_h else cv2.INTER_CUBIC
-        frames: list[np.ndarray] = []
+        frames: list[NDArray[np.uint8]] = []
         k = 0
-        last: np.ndarray | None = None
+        last: NDArray[np.uint8] | None = None
 
-        def resize(frame: np.ndarray) -> np.ndarray:
+        def resize(frame: NDArray[np.uint8]) -> NDArray[np.uint8]:
             if (out_w, out_h) == (src_w, src_h):
                 return frame
-            return cv2.resize(frame, (out_w, out_h), interpolation=interp)
+            return cast(NDArray[np.uint8], cv2.resize(frame, (out_w, out_h), interpolation=interp))
 
         with tqdm(total=total, desc="decode video", unit="frame", disable=not progress) as bar:
             while True:
-                ok, frame = cap.read()
+                ok, decoded = cap.read()
                 if not ok:
                     break
-                last = frame
+                frame = last = cast(NDArray[np.uint8], decoded)  # 8-bit BGR
                 if source_index(len(frames), source_fps, fps) == k:  # resize only kept frames
                     kept = resize(frame)
                     while source_index(len(frames), source_fps, fps) == k:
@@ -136,7 +138,7 @@ def decode_video(
     if k == 0 or last is None:
         raise VideoError(f"{path}: no frames could be decoded")
     # one output frame per 1/fps inside the clip's duration (k / source_fps seconds)
-    target = max(1, int(math.floor(k * fps / source_fps + 1e-9)))
+    target = max(1, math.floor(k * fps / source_fps + 1e-9))
     if len(frames) < target:
         frames.extend([resize(last)] * (target - len(frames)))
     del frames[target:]

@@ -377,7 +377,10 @@ async def _wait_workers_ready(workers: Any, timeout_s: float, stop: asyncio.Even
         await asyncio.sleep(0.5)
     host = _display_host(workers.settings.host)
     if workers.all_ready():
-        log.info("ready: %d workers; open http://%s:%d/ and press Play", len(workers.slots), host, workers.http_port)
+        log.info(
+            "ready: %d workers; open http://%s:%d/ and press Play",
+            len(workers.slots), host, workers.http_port,
+        )
     elif not stop.is_set() and workers.gave_up_message is None:
         log.warning("not every worker is ready after %.0f s; see /readyz", timeout_s)
 

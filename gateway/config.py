@@ -41,7 +41,9 @@ class GatewaySettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="interface the gRPC and HTTP servers bind")
     grpc_port: int = Field(GATEWAY_GRPC_PORT, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
-    http_port: int = Field(GATEWAY_HTTP_PORT, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)")
+    http_port: int = Field(
+        GATEWAY_HTTP_PORT, ge=0, le=65535, description="HTTP/WebSocket port (0 = free one)"
+    )
     packages_root: Path = Field(PACKAGES_DIR, description="folder holding one folder per avatar")
     device: str = Field("triton", description="label reported as `device` in gRPC answers")
     crop_cache_dir: Path | None = Field(
@@ -106,7 +108,10 @@ class GatewaySettings(BaseSettings):
         f"--grpc-restricted-protocol=model-repository:{CONTROL_KEY_HEADER}=<key>; unset: none sent",
     )
     triton_dns_interval_s: float = Field(
-        10.0, gt=0, description="period of resolving Triton host names again (s); also at once when an endpoint goes down"
+        10.0,
+        gt=0,
+        description="period of resolving Triton host names again (s); also at once when an endpoint "
+        "goes down",
     )
     audio_encoder_model: str = Field(AUDIO_ENCODER_MODEL, description="Triton model for live audio")
 

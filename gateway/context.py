@@ -139,6 +139,7 @@ class GatewayContext:
             settings.live,
             metrics,
         )
+        supervision = None if supervisor is None else TritonSupervision(supervisor, metrics.scrape_registry)
         ctx = cls(
             settings=settings,
             metrics=metrics,
@@ -146,7 +147,7 @@ class GatewayContext:
             store=store,
             pipeline=pipeline,
             malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
-            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.scrape_registry),
+            supervision=supervision,
             live=live,
             executor=executor,
             started_at=time.time(),

@@ -50,6 +50,7 @@ failed to load one model and B another; the lost redundancy shows per endpoint i
 no endpoint admits fails with that endpoint's own refusal, and a failed call has nowhere to be
 retried: the pool behaves exactly as one `GuardedInference`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -113,19 +114,25 @@ def combine_states(
         return states[0]
     if not states:
         return LifecycleSnapshot(
-            url, ServerState.UNKNOWN, f"no Triton endpoint: {no_endpoint}",
+            url,
+            ServerState.UNKNOWN,
+            f"no Triton endpoint: {no_endpoint}",
             {m: ModelStatus(m, required) for m, required in models.items()},
         )
     live = [s for s in states if s.live]
     if live:
         server, error = ServerState.LIVE, None
     else:
-        server = ServerState.DOWN if any(s.server is ServerState.DOWN for s in states) else ServerState.UNKNOWN
+        server = (
+            ServerState.DOWN if any(s.server is ServerState.DOWN for s in states) else ServerState.UNKNOWN
+        )
         error = "; ".join(f"{s.url}: {s.server_error or 'not probed yet'}" for s in states)
     combined: dict[str, ModelStatus] = {}
     for model, required in models.items():
         found = [s.models[model] for s in (live or states) if model in s.models]
-        combined[model] = max(found, key=lambda m: _PHASE_RANK[m.phase]) if found else ModelStatus(model, required)
+        combined[model] = (
+            max(found, key=lambda m: _PHASE_RANK[m.phase]) if found else ModelStatus(model, required)
+        )
     return LifecycleSnapshot(url, server, error, combined)
 
 
@@ -161,7 +168,9 @@ class Endpoint:
         metrics: the gateway's series (labelled ``endpoint=url`` here).
     """
 
-    def __init__(self, url: str, client: TritonClient, lifecycle: ModelLifecycle, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, url: str, client: TritonClient, lifecycle: ModelLifecycle, metrics: GatewayMetrics
+    ) -> None:
         self.url = url
         self.client = client
         self.lifecycle = lifecycle
@@ -292,7 +301,10 @@ class EndpointPool:
     def snapshot(self) -> LifecycleSnapshot:
         """The combined state (readiness rule in the module doc)."""
         return combine_states(
-            self.url, [e.lifecycle.snapshot() for e in self._endpoints.values()], self._models, self._no_endpoint()
+            self.url,
+            [e.lifecycle.snapshot() for e in self._endpoints.values()],
+            self._models,
+            self._no_endpoint(),
         )
 
     def endpoints(self) -> list[EndpointStatus]:
@@ -427,7 +439,9 @@ class EndpointPool:
         except (OSError, TimeoutError) as exc:
             error = str(exc) or type(exc).__name__
             if self._dns_errors.get(target) != error:
-                log.warning("Triton target %s does not resolve (%s): endpoints kept as they are", target, error)
+                log.warning(
+                    "Triton target %s does not resolve (%s): endpoints kept as they are", target, error
+                )
             self._dns_errors[target] = error
             return
         self._dns_errors.pop(target, None)
@@ -442,18 +456,24 @@ class EndpointPool:
 
     def _join(self, url: str) -> asyncio.Task[None]:
         client = self._connect(url)
-        lifecycle = ModelLifecycle(client, probe_interval_s=self._probe_interval_s, load_models=self._load_models)
+        lifecycle = ModelLifecycle(
+            client, probe_interval_s=self._probe_interval_s, load_models=self._load_models
+        )
         endpoint = Endpoint(url, client, lifecycle, self._metrics)
         self._endpoints[url] = endpoint
         lifecycle.subscribe(lambda state: self._endpoint_changed(endpoint, state))
-        endpoint.starting = asyncio.create_task(endpoint.start(dict(self._models)), name=f"triton-start-{url}")
+        endpoint.starting = asyncio.create_task(
+            endpoint.start(dict(self._models)), name=f"triton-start-{url}"
+        )
         log.info("Triton endpoint %s joined (%d endpoints)", url, len(self._endpoints))
         return endpoint.starting
 
     def _leave(self, url: str) -> None:
         endpoint = self._endpoints.pop(url)
         log.info(
-            "Triton endpoint %s left (no longer in DNS; %d calls in flight finish there)", url, endpoint.in_flight
+            "Triton endpoint %s left (no longer in DNS; %d calls in flight finish there)",
+            url,
+            endpoint.in_flight,
         )
         task = asyncio.create_task(self._retire(endpoint), name=f"triton-leave-{url}")
         self._leaving.add(task)

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -68,10 +69,12 @@ OPTIMIZATIONS = (
 PROTOCOL: WireProtocol = "grpc"
 INT32_MAX = 2**31 - 1
 """Largest ``frame_id`` the proto's int32 fields can carry."""
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+"""A servicer method's call context (the methods only abort through it)."""
 
 
 def _ms(value: float) -> int:
-    return int(round(value))
+    return round(value)
 
 
 def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
@@ -122,15 +125,21 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             return error_response(request.avatar, request.frame_id, exc, t0)
         return frame_response(frame)
 
-    async def _render_limited(self, limiter: ConnectionLimiter, request: FrameRequest) -> pb.OptimizedInferenceResponse:
+    async def _render_limited(
+        self, limiter: ConnectionLimiter, request: FrameRequest
+    ) -> pb.OptimizedInferenceResponse:
         async with limiter.slot(wait=True):
             return await self._render(request)
 
-    async def GenerateInference(self, request: pb.OptimizedInferenceRequest, context: grpc.aio.ServicerContext) -> pb.OptimizedInferenceResponse:
+    async def GenerateInference(
+        self, request: pb.OptimizedInferenceRequest, context: Context
+    ) -> pb.OptimizedInferenceResponse:
         """One frame (in-band errors)."""
         return await self._render(FrameRequest(request.model_name, request.frame_id))
 
-    def _batch_response(self, responses: list[pb.OptimizedInferenceResponse], t0: float) -> pb.BatchInferenceResponse:
+    def _batch_response(
+        self, responses: list[pb.OptimizedInferenceResponse], t0: float
+    ) -> pb.BatchInferenceResponse:
         total_ms = (time.perf_counter() - t0) * 1e3
         return pb.BatchInferenceResponse(
             responses=responses,
@@ -157,7 +166,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             )
         )
 
-    async def GenerateBatchInference(self, request: pb.BatchInferenceRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
+    async def GenerateBatchInference(
+        self, request: pb.BatchInferenceRequest, context: Context
+    ) -> pb.BatchInferenceResponse:
         """Several frames rendered concurrently (per-call limit); answers in request order."""
         t0 = time.perf_counter()
         ids = list(request.frame_ids)
@@ -165,10 +176,14 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             self._check_batch_size(len(ids))
         except GatewayError as exc:
             self.pipeline.record_refused(PROTOCOL, exc)
-            return self._batch_response([error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0)
+            return self._batch_response(
+                [error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0
+            )
         return self._batch_response(await self._render_batch(request.model_name, ids), t0)
 
-    async def GenerateBatchWithAudio(self, request: pb.BatchInferenceWithAudioRequest, context: grpc.aio.ServicerContext) -> pb.BatchInferenceResponse:
+    async def GenerateBatchWithAudio(
+        self, request: pb.BatchInferenceWithAudioRequest, context: Context
+    ) -> pb.BatchInferenceResponse:
         """Frames driven by the request's audio chunks (see module doc)."""
         t0 = time.perf_counter()
         avatar, start, frames = request.model_name, request.start_frame_id, request.frame_count
@@ -191,7 +206,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         return self._batch_response(await self._render_batch(avatar, ids, windows), t0)
 
     async def StreamInference(
-        self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: Context
     ) -> AsyncIterator[pb.OptimizedInferenceResponse]:
         """Bidirectional stream: answers in request order, frames pipelined (module doc)."""
         limiter = self.ctx.new_connection_limiter()
@@ -226,7 +241,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     task.cancel()
 
     # ------------------------------------------------------------------ packages & info
-    async def LoadPackage(self, request: pb.LoadPackageRequest, context: grpc.aio.ServicerContext) -> pb.LoadPackageResponse:
+    async def LoadPackage(self, request: pb.LoadPackageRequest, context: Context) -> pb.LoadPackageResponse:
         """Load or reload a package from inside the packages root (in-band errors)."""
         t0 = time.perf_counter()
         try:
@@ -261,7 +276,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             memory_mapped_audio=isinstance(avatar.features, np.memmap),
         )
 
-    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+    async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
         """Per-avatar rendered-frame count and inference ms (all avatars when the name is empty),
         counted by every worker of the gateway (`gateway.metrics.GatewayMetrics.avatar_totals`)."""
         if request.model_name:
@@ -269,7 +284,6 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                 avatars = [self.ctx.store.get(request.model_name)]
             except GatewayError as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-                raise AssertionError("unreachable")  # abort raises
         else:
             avatars = self.ctx.store.avatars()
         snapshot = self.ctx.metrics.snapshot()  # the whole gateway: every worker's counts
@@ -289,12 +303,12 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             optimizations_active=list(OPTIMIZATIONS),
         )
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         """Names of the loaded avatars."""
         names = self.ctx.store.names()
         return pb.ListModelsResponse(loaded_models=names, count=len(names))
 
-    async def HealthCheck(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+    async def HealthCheck(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
         """Healthy when Triton is ready with every avatar model loaded."""
         ready = self.ctx.ready()
         if ready:
@@ -310,7 +324,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             uptime_seconds=int(self.ctx.uptime_s()),
         )
 
-    async def GetVideoFrame(self, request: pb.GetVideoFrameRequest, context: grpc.aio.ServicerContext) -> pb.GetVideoFrameResponse:
+    async def GetVideoFrame(
+        self, request: pb.GetVideoFrameRequest, context: Context
+    ) -> pb.GetVideoFrameResponse:
         """The source video frame of ``frame_id`` (ping-pong) as JPEG, no inference."""
         try:
             avatar = self.pipeline.validate(request.model_name, request.frame_id)
@@ -329,9 +345,13 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             return pb.GetVideoFrameResponse(
                 success=False, error=str(exc), frame_id=request.frame_id, video_type=request.video_type
             )
-        return pb.GetVideoFrameResponse(success=True, frame_data=data, frame_id=request.frame_id, video_type=kind)
+        return pb.GetVideoFrameResponse(
+            success=True, frame_data=data, frame_id=request.frame_id, video_type=kind
+        )
 
-    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.GetModelMetadataResponse:
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: Context
+    ) -> pb.GetModelMetadataResponse:
         """Frame-id range, video types, audio path and every video frame's rectangle
         (``bounds`` = x1, y1, x2, y2 per video frame, in video-frame order)."""
         try:
@@ -372,7 +392,9 @@ class HealthReporter:
         ready = self._wanted
         if ready == self._published:
             return
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SERVICE_NAME, LIVE_SERVICE_NAME):
             await self.servicer.set(service, status)
         self._published = ready
@@ -403,7 +425,9 @@ class HealthReporter:
             self._task = None
 
 
-def build_grpc_server(ctx: GatewayContext, *, reuse_port: bool = False) -> tuple[grpc.aio.Server, HealthReporter]:
+def build_grpc_server(
+    ctx: GatewayContext, *, reuse_port: bool = False
+) -> tuple[grpc.aio.Server, HealthReporter]:
     """A ``grpc.aio`` server with the lipsync service, health and reflection (not started).
 
     ``reuse_port``: bind with ``SO_REUSEPORT``, so several worker processes share the port

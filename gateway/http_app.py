@@ -225,7 +225,7 @@ class _WsConnection:
         except GatewayError as exc:
             await self._reply_error(exc, request.frame_id, started)
             return
-        except Exception as exc:  # a bug (the pipeline logged it): answer, keep the connection
+        except Exception as exc:  # noqa: BLE001 - a bug (the pipeline logged it): answer, keep the connection
             await self._reply_error(
                 GatewayError(f"{type(exc).__name__}: {exc}"), request.frame_id, started
             )

@@ -56,7 +56,9 @@ class GuardedInference:
 
     async def infer_audio_encoder(self, model: str, mel: NDArray[np.float32]) -> NDArray[np.float32]:
         """`InferenceClient.infer_audio_encoder`, guarded and split (module doc)."""
-        return await self._split(model, len(mel), lambda lo, hi: self.client.infer_audio_encoder(model, mel[lo:hi]))
+        return await self._split(
+            model, len(mel), lambda lo, hi: self.client.infer_audio_encoder(model, mel[lo:hi])
+        )
 
     async def _split(
         self, model: str, n: int, call: Callable[[int, int], Awaitable[NDArray[T]]]
@@ -66,7 +68,10 @@ class GuardedInference:
         if step >= n:
             return await self._guarded(model, functools.partial(call, 0, n))
         parts = await asyncio.gather(
-            *(self._guarded(model, functools.partial(call, lo, min(lo + step, n))) for lo in range(0, n, step))
+            *(
+                self._guarded(model, functools.partial(call, lo, min(lo + step, n)))
+                for lo in range(0, n, step)
+            )
         )
         return np.concatenate(parts, axis=0)
 

@@ -4,8 +4,9 @@ Both take uint8 ``[H, W, 3]`` **BGR** (OpenCV order) and produce a baseline JPEG
 chroma subsampling, so a decoder gives back the same colours either way. Subsampling ``auto``
 means 4:4:4 at quality >= 90 and 4:2:0 below: asking for >= 90 means asking for fidelity, and
 4:2:0 alone caps a natural frame near 39 dB PSNR (measured on the demo clip at q95: 4:2:0
-38.8 dB, 4:2:2 40.4 dB, 4:4:4 41.2 dB), while 4:2:0 keeps frames small at the default q85. The gateway runs the
-encoder in its thread pool (see `gateway.pipeline`); both libraries release the GIL.
+38.8 dB, 4:2:2 40.4 dB, 4:4:4 41.2 dB), while 4:2:0 keeps frames small at the default q85. The
+gateway runs the encoder in its thread pool (see `gateway.pipeline`); both libraries release
+the GIL.
 """
 from __future__ import annotations
 

@@ -14,8 +14,7 @@ Registered beside ``optimized_lipsyncsrv.OptimizedLipSyncService`` by
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-
-import grpc
+from typing import TYPE_CHECKING
 
 from gateway.errors import BadRequest
 from gateway.live.types import SessionNotice, SlotFrame
@@ -30,6 +29,9 @@ from gateway.live_service import (
 )
 from proto import live_pb2 as pb
 from proto import live_pb2_grpc as pbg
+
+if TYPE_CHECKING:  # gateway.grpc_service imports this module
+    from gateway.grpc_service import Context
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LiveLipSync"].full_name
 """``lipsync.live.v1.LiveLipSync``."""
@@ -80,7 +82,7 @@ class LiveLipSyncService(pbg.LiveLipSyncServicer):
         self.live = live
 
     async def Stream(
-        self, request_iterator: AsyncIterator[pb.LiveRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.LiveRequest], context: Context
     ) -> AsyncIterator[pb.LiveFrame]:
         """One live session (module doc)."""
 

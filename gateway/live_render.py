@@ -84,7 +84,9 @@ class IdleFrames:
             self._cache[avatar.name] = entry
         futures = entry[1]
         if not 0 <= video_index < len(futures):
-            raise IndexError(f"video frame {video_index} outside 0..{len(futures) - 1} of avatar {avatar.name!r}")
+            raise IndexError(
+                f"video frame {video_index} outside 0..{len(futures) - 1} of avatar {avatar.name!r}"
+            )
         future = futures[video_index]
         if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
             future = asyncio.ensure_future(self._pipeline.encode(avatar.frames[video_index]))
@@ -115,7 +117,9 @@ class AvatarRenderer:
         self._pipeline = pipeline
         self._idle = idle
 
-    async def render_speaking(self, slot: int, video_frame: int, window: NDArray[np.float32]) -> RenderedFrame:
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         """Video frame ``video_frame`` lip-synced with ``window`` float32 ``[16, 512]``.
 
         Raises:

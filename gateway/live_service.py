@@ -117,7 +117,9 @@ class LiveSessions:
         self.idle = IdleFrames(pipeline)
         self.open = 0
 
-    async def serve(self, inputs: AsyncIterator[LiveInput], transport: Transport) -> AsyncIterator[LiveOutput]:
+    async def serve(
+        self, inputs: AsyncIterator[LiveInput], transport: Transport
+    ) -> AsyncIterator[LiveOutput]:
         """One session: read ``inputs`` (back-pressured), yield its frames (module doc).
 
         Ends once the session has closed (end of input and every slot sent). Closing the
@@ -149,7 +151,9 @@ class LiveSessions:
             gauge.dec()
             self.open -= 1
 
-    async def _read(self, session: LiveSession, inputs: AsyncIterator[LiveInput], started: list[float]) -> None:
+    async def _read(
+        self, session: LiveSession, inputs: AsyncIterator[LiveInput], started: list[float]
+    ) -> None:
         """The reader (module doc); the end of ``inputs``, or a failure reading it, ends input."""
         renderer: AvatarRenderer | None = None
         iterator = aiter(inputs)

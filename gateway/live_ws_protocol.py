@@ -72,7 +72,9 @@ def decode_text(text: str) -> LiveInput | End:
     try:
         message = json.loads(text)
     except ValueError as exc:
-        raise BadRequest(f"text message is not JSON ({exc}); send {{\"type\": \"start\" | \"flush\" | \"interrupt\" | \"end\"}}") from None
+        raise BadRequest(
+            f'text message is not JSON ({exc}); send {{"type": "start" | "flush" | "interrupt" | "end"}}'
+        ) from None
     if not isinstance(message, dict):
         raise BadRequest("a text message must be a JSON object with a \"type\"")
     kind = message.get("type")
@@ -100,11 +102,22 @@ def encode_output(item: LiveOutput) -> bytes:
     error = item.error.encode()
     jpeg = item.frame.jpeg
     flags = (FLAG_SPEAKING if item.speaking else 0) | (FLAG_LATE if item.late else 0)
-    return b"".join((
-        HEADER.pack(KIND_FRAME, flags, item.seq, item.pts_s, item.video_frame, *item.frame.bounds, len(error), len(jpeg)),
-        error,
-        jpeg,
-    ))
+    return b"".join(
+        (
+            HEADER.pack(
+                KIND_FRAME,
+                flags,
+                item.seq,
+                item.pts_s,
+                item.video_frame,
+                *item.frame.bounds,
+                len(error),
+                len(jpeg),
+            ),
+            error,
+            jpeg,
+        )
+    )
 
 
 def decode_output(data: bytes) -> LiveOutput:

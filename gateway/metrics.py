@@ -384,7 +384,10 @@ class GatewayMetrics:
         value = snapshot.value
         ok = value("lipsync_gateway_triton_call_seconds_count", endpoint=endpoint) or 0.0
         seconds = value("lipsync_gateway_triton_call_seconds_sum", endpoint=endpoint) or 0.0
-        errors = (value("lipsync_gateway_triton_errors_total", endpoint=endpoint, kind=k) for k in TRITON_ERROR_KINDS)
+        errors = (
+            value("lipsync_gateway_triton_errors_total", endpoint=endpoint, kind=k)
+            for k in TRITON_ERROR_KINDS
+        )
         return {
             "calls": int(value("lipsync_gateway_triton_calls_total", endpoint=endpoint) or 0),
             "errors": int(sum(e or 0.0 for e in errors)),
@@ -395,14 +398,15 @@ class GatewayMetrics:
     @staticmethod
     def avatar_totals(name: str, snapshot: MetricsSnapshot) -> AvatarTotals:
         """Avatar ``name``'s counters read back from its series in ``snapshot``."""
-        value = snapshot.value
-        frames = value("lipsync_gateway_avatar_frames_total", avatar=name, outcome="ok") or 0.0
+        def value(series: str, **labels: str) -> float:
+            return snapshot.value(f"lipsync_gateway_avatar_{series}", avatar=name, **labels) or 0.0
+
         return AvatarTotals(
-            frames=int(frames),
-            errors=int(value("lipsync_gateway_avatar_frames_total", avatar=name, outcome="error") or 0),
-            inference_ms_sum=(value("lipsync_gateway_avatar_inference_seconds_total", avatar=name) or 0.0) * 1e3,
-            inference_ms_min=(value("lipsync_gateway_avatar_inference_min_seconds", avatar=name) or 0.0) * 1e3,
-            inference_ms_max=(value("lipsync_gateway_avatar_inference_max_seconds", avatar=name) or 0.0) * 1e3,
+            frames=int(value("frames_total", outcome="ok")),
+            errors=int(value("frames_total", outcome="error")),
+            inference_ms_sum=value("inference_seconds_total") * 1e3,
+            inference_ms_min=value("inference_min_seconds") * 1e3,
+            inference_ms_max=value("inference_max_seconds") * 1e3,
         )
 
     def render(self) -> bytes:

@@ -390,7 +390,9 @@ class ModelLifecycle:
             try:
                 max_batch = await self.control.max_batch_size(model)
             except TritonUnavailable as exc:
-                log.warning("could not read the config of %s (read again at the next probe): %s", model, exc.message)
+                log.warning(
+                    "could not read the config of %s (read again at the next probe): %s", model, exc.message
+                )
         status = self._models.get(model)
         if status is None or self._server is not ServerState.LIVE:
             return

@@ -2,8 +2,8 @@
 
 The protocol adapters decode their wire format into a `gateway.frame_request.FrameRequest` and
 call `FramePipeline.render`, which runs these stages (live sessions call
-`FramePipeline.render_window` with the avatar, the video frame and their own audio window) (docs/REFERENCE.md s.2), with what each
-recorded time covers:
+`FramePipeline.render_window` with the avatar, the video frame and their own audio window)
+(docs/REFERENCE.md s.2), with what each recorded time covers:
 
 1. **validate**: a global in-flight slot is free (`Overloaded`), the avatar exists
    (`UnknownAvatar`, looked up once), ``frame_id`` is in range (`FrameOutOfRange`, negatives

@@ -182,7 +182,9 @@ class TritonGrpcClient:
         await self._client.close()
 
     # ------------------------------------------------------------------ data plane
-    async def _infer(self, model: str, inputs: list[grpcclient.InferInput], output: TensorSpec) -> NDArray[Any]:
+    async def _infer(
+        self, model: str, inputs: list[grpcclient.InferInput], output: TensorSpec
+    ) -> NDArray[Any]:
         try:
             result = await self._client.infer(
                 model,
@@ -215,7 +217,9 @@ class TritonGrpcClient:
         feature = await self._infer(model, [_input(ENCODER_MEL, mel)], ENCODER_FEATURE)
         expected = ENCODER_FEATURE.batch_shape(len(mel))
         if feature.shape != expected:
-            raise TritonUnavailable(f"model {model!r} answered {list(feature.shape)}, expected {list(expected)}")
+            raise TritonUnavailable(
+                f"model {model!r} answered {list(feature.shape)}, expected {list(expected)}"
+            )
         return feature.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ control plane

@@ -22,6 +22,7 @@ SIGINT is ignored, so Ctrl-C in a terminal stops the workers once, through the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -265,10 +266,8 @@ class SupervisorLink:
         """Stop reading and applying."""
         if self._applier is not None:
             self._applier.cancel()
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._loop.remove_reader(self._conn.fileno())
-        except (OSError, ValueError):
-            pass
 
 
 # ------------------------------------------------------------------------------- entry
@@ -278,7 +277,7 @@ def use_metrics_dir(folder: str) -> None:
     os.environ[MULTIPROC_ENV] = folder
     values = sys.modules.get("prometheus_client.values")
     if values is not None:  # it chose its value class at import: choose again
-        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]  # a module's attribute
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:

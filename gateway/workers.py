@@ -78,7 +78,7 @@ WORKER_RESTART_POLICY = RestartPolicy(
 """Restart limits of the workers (module doc)."""
 
 
-class WorkerState(str, enum.Enum):
+class WorkerState(enum.StrEnum):
     """Where one worker slot is (module doc: the transitions)."""
 
     STARTING = "starting"
@@ -88,7 +88,7 @@ class WorkerState(str, enum.Enum):
     STOPPED = "stopped"
 
 
-class SupervisorPhase(str, enum.Enum):
+class SupervisorPhase(enum.StrEnum):
     """Where the supervisor is (module doc)."""
 
     STARTING = "starting"
@@ -340,7 +340,8 @@ class WorkerSupervisor:
                 slot.failures_in_a_row = 0
             slot.failures_in_a_row += 1
             code = slot.process.exitcode if slot.process is not None else None
-            how = f"worker {slot.index} (pid {slot.pid}) {describe_exit(code) if code is not None else 'exited'}"
+            ended = describe_exit(code) if code is not None else "exited"
+            how = f"worker {slot.index} (pid {slot.pid}) {ended}"
             how += f" after serving {ran_s:.1f} s" if ran_s is not None else " before it served"
             if slot.start_error:
                 how += f" ({slot.start_error})"
@@ -434,7 +435,9 @@ class WorkerSupervisor:
         if isinstance(message, Serving):
             slot.state, slot.serving_at = WorkerState.SERVING, time.monotonic()
             if slot.restarts:
-                log.info("worker %d serving again (pid %d, restart %d)", slot.index, message.pid, slot.restarts)
+                log.info(
+                    "worker %d serving again (pid %d, restart %d)", slot.index, message.pid, slot.restarts
+                )
         elif isinstance(message, Readiness):
             slot.ready = message.ready
         elif isinstance(message, StartFailed):

@@ -139,7 +139,7 @@ def _clamp_u32(value: float | int) -> int:
     if not isinstance(value, int):
         if math.isnan(value):
             return 0
-        value = int(round(value))
+        value = round(value)
     return max(0, min(U32_MAX, value))
 
 
@@ -205,7 +205,7 @@ def decode_request(
     try:
         avatar = bytes(buf[4 : 4 + name_len]).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"avatar name is not valid UTF-8: {exc.reason} at byte {exc.start}")
+        raise ProtocolError(f"avatar name is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
     offset = 4 + name_len
     (frame_id,) = _U32.unpack_from(buf, offset)
     (audio_len,) = _U32.unpack_from(buf, offset + 4)

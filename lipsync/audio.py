@@ -1,10 +1,10 @@
 """Audio features of the "ave" audio branch: 16 kHz mono PCM -> mel spectrogram -> mel windows.
 
-Everything here follows REFERENCE.md section 4 (the SyncTalk_2D / Wav2Lip audio front end) and
+Everything here follows docs/REFERENCE.md section 4 (the SyncTalk_2D / Wav2Lip audio front end) and
 runs on numpy alone, so the gateway can compute features from live audio without librosa.
 Resampling (only needed for WAVs that are not already 16 kHz) imports scipy lazily.
 
-Pipeline (REFERENCE.md s.4):
+Pipeline (docs/REFERENCE.md s.4):
 
 1. pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` (`y[0] = x[0]`, what `lfilter([1, -0.97], [1], x)`
    computes);
@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from lipsync.contract import FEATURE_DIM, MEL_BANDS, MEL_WINDOW, SAMPLE_RATE, VIDEO_FPS
 
@@ -47,7 +49,7 @@ class AudioError(ValueError):
     """Audio that cannot be turned into features (wrong format, too short, empty)."""
 
 
-def pcm16_to_float(data: bytes) -> np.ndarray:
+def pcm16_to_float(data: bytes) -> NDArray[np.float32]:
     """Convert little-endian signed 16-bit PCM bytes to float32 samples.
 
     Args:
@@ -64,14 +66,14 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def float_to_pcm16(wav: np.ndarray) -> np.ndarray:
+def float_to_pcm16(wav: ArrayLike) -> NDArray[np.int16]:
     """Convert float samples in [-1, 1] to int16 (clipped, rounded): i16[n]."""
-    return np.clip(np.round(np.asarray(wav, dtype=np.float64) * 32768.0), -32768, 32767).astype(
-        np.int16
-    )
+    samples = np.round(np.asarray(wav, dtype=np.float64) * 32768.0)
+    clipped: NDArray[np.float64] = np.clip(samples, -32768, 32767)
+    return clipped.astype(np.int16)
 
 
-def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+def to_mono_16k(samples: ArrayLike, sample_rate: int) -> NDArray[np.float32]:
     """Down-mix to mono and resample to 16 kHz.
 
     Args:
@@ -99,11 +101,11 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     from scipy.signal import resample_poly  # lazy: only the offline side resamples
 
     g = gcd(int(sample_rate), SAMPLE_RATE)
-    y = resample_poly(x, SAMPLE_RATE // g, int(sample_rate) // g)
+    y: NDArray[np.float64] = resample_poly(x, SAMPLE_RATE // g, int(sample_rate) // g)
     return y.astype(np.float32)
 
 
-def load_wav_16k_mono(path: Path | str) -> np.ndarray:
+def load_wav_16k_mono(path: Path | str) -> NDArray[np.float32]:
     """Read a 16-bit PCM WAV file as 16 kHz mono float32.
 
     Uses the standard-library `wave` reader (no extra dependency); other rates are resampled
@@ -137,7 +139,7 @@ def load_wav_16k_mono(path: Path | str) -> np.ndarray:
     return to_mono_16k(x if channels > 1 else x[:, 0], rate)
 
 
-def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
+def _hz_to_mel_slaney(hz: ArrayLike) -> NDArray[np.float64]:
     """Slaney's Auditory Toolbox mel scale: linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
     f_sp = 200.0 / 3.0  # 66.67 Hz per mel on the linear part
@@ -148,7 +150,7 @@ def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
     return mel
 
 
-def _mel_to_hz_slaney(mel: np.ndarray) -> np.ndarray:
+def _mel_to_hz_slaney(mel: ArrayLike) -> NDArray[np.float64]:
     """Inverse of `_hz_to_mel_slaney`."""
     mel = np.asarray(mel, dtype=np.float64)
     f_sp = 200.0 / 3.0
@@ -165,7 +167,7 @@ def mel_filterbank(
     n_mels: int = MEL_BANDS,
     fmin: float = FMIN_HZ,
     fmax: float = FMAX_HZ,
-) -> np.ndarray:
+) -> NDArray[np.float64]:
     """Slaney-style mel filterbank (what `librosa.filters.mel(htk=False, norm="slaney")` builds).
 
     `n_mels + 2` points equally spaced on Slaney's mel scale between `fmin` and `fmax` give
@@ -185,7 +187,7 @@ def mel_filterbank(
     ramps = hz_pts[:, None] - fft_hz[None, :]
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights: NDArray[np.float64] = np.maximum(0.0, np.minimum(lower, upper))
     weights *= (2.0 / (hz_pts[2:] - hz_pts[:-2]))[:, None]
     return weights
 
@@ -194,8 +196,8 @@ _MEL_BASIS = mel_filterbank()
 _WINDOW = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)  # periodic Hann
 
 
-def preemphasis(x: np.ndarray, previous: float = 0.0) -> np.ndarray:
-    """Pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` (REFERENCE.md s.4 step 1).
+def preemphasis(x: ArrayLike, previous: float = 0.0) -> NDArray[np.float64]:
+    """Pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` (docs/REFERENCE.md s.4 step 1).
 
     Args:
         x: f32/f64[n] samples.
@@ -214,7 +216,7 @@ def preemphasis(x: np.ndarray, previous: float = 0.0) -> np.ndarray:
     return y
 
 
-def centered_frames(y: np.ndarray) -> np.ndarray:
+def centered_frames(y: ArrayLike) -> NDArray[np.float64]:
     """The STFT frames of a whole signal: `n_fft // 2` zeros padded at both ends, hop 200.
 
     Args:
@@ -228,8 +230,8 @@ def centered_frames(y: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
 
 
-def log_mel_frames(frames: np.ndarray) -> np.ndarray:
-    """Steps 2-5 of REFERENCE.md s.4 on STFT frames already cut from the pre-emphasised signal.
+def log_mel_frames(frames: ArrayLike) -> NDArray[np.float32]:
+    """Steps 2-5 of docs/REFERENCE.md s.4 on STFT frames already cut from the pre-emphasised signal.
 
     Each frame is multiplied by the periodic Hann window, its |rfft| (401 bins) is mapped onto
     the 80 Slaney mel filters, converted to dB minus the 20 dB reference, normalised and
@@ -246,11 +248,12 @@ def log_mel_frames(frames: np.ndarray) -> np.ndarray:
     mel = _MEL_BASIS @ magnitude
     s_db = 20.0 * np.log10(np.maximum(1e-5, mel)) - REF_LEVEL_DB
     norm = 2 * MAX_ABS_VALUE * (s_db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB) - MAX_ABS_VALUE
-    return np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+    clipped: NDArray[np.float64] = np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE)
+    return clipped.astype(np.float32)
 
 
-def mel_spectrogram(wav: np.ndarray) -> np.ndarray:
-    """Normalised log-mel spectrogram exactly as REFERENCE.md s.4.
+def mel_spectrogram(wav: ArrayLike) -> NDArray[np.float32]:
+    """Normalised log-mel spectrogram exactly as docs/REFERENCE.md s.4.
 
     Args:
         wav: f32[n] mono 16 kHz samples in [-1, 1].
@@ -275,7 +278,7 @@ def mel_frame_count(n_samples: int) -> int:
 def video_frame_count(n_mel: int) -> int:
     """Number of 25-fps windows for `n_mel` mel frames: `int((n_mel - 16) / 80 * 25) + 2`.
 
-    Computed in floating point exactly as the reference writes it (REFERENCE.md s.4), so the
+    Computed in floating point exactly as the reference writes it (docs/REFERENCE.md s.4), so the
     count equals SyncTalk_2D's even where the exact quotient is an integer and the float
     expression lands just below it.
 
@@ -294,8 +297,8 @@ def feature_rows_for_samples(n_samples: int) -> int:
     return video_frame_count(mel_frame_count(n_samples)) + 2
 
 
-def mel_windows(mel: np.ndarray) -> np.ndarray:
-    """Cut one 80 x 16 mel window per 25-fps video frame (REFERENCE.md s.4).
+def mel_windows(mel: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Cut one 80 x 16 mel window per 25-fps video frame (docs/REFERENCE.md s.4).
 
     Window i starts at mel frame `int(80 * i / 25)`; a window running past the end is shifted
     back to end at the last mel frame.
@@ -318,8 +321,8 @@ def mel_windows(mel: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mel[:, idx].transpose(1, 0, 2), dtype=np.float32)
 
 
-def pad_features(feats: np.ndarray) -> np.ndarray:
-    """Pad encoder features at both ends by repeating the first and last rows (REFERENCE.md s.4).
+def pad_features(feats: NDArray[Any]) -> NDArray[np.float32]:
+    """Pad encoder features at both ends by repeating the first and last rows (docs/REFERENCE.md s.4).
 
     Args:
         feats: f32[F, 512], F >= 1.
@@ -331,5 +334,6 @@ def pad_features(feats: np.ndarray) -> np.ndarray:
         AudioError: wrong shape or no rows.
     """
     if feats.ndim != 2 or feats.shape[0] == 0:
-        raise AudioError(f"expected features of shape [F>=1, 512], got {feats.shape}")
-    return np.concatenate([feats[:1], feats, feats[-1:]], axis=0).astype(np.float32)
+        raise AudioError(f"expected features of shape [F>=1, {FEATURE_DIM}], got {feats.shape}")
+    padded: NDArray[Any] = np.concatenate([feats[:1], feats, feats[-1:]], axis=0)
+    return padded.astype(np.float32)

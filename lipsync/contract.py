@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, get_args
 
 import numpy as np
 
@@ -40,13 +40,13 @@ INNER_SIZE: Final[int] = 320
 # --------------------------------------------------------------------------- audio timing
 VIDEO_FPS: Final[int] = 25
 """Output frame rate (fps): one feature row and one 40 ms audio chunk per frame (s.2 step 9, s.4)."""
-SAMPLE_RATE: Final[int] = 16_000
+SAMPLE_RATE: Final = 16_000
 """Sample rate of every audio signal the model sees (Hz), s.4."""
 MEL_BANDS: Final[int] = 80
 """Mel bands of the spectrogram (s.4)."""
 MEL_WINDOW: Final[int] = 16
 """Mel frames per audio-encoder window (16 frames = 200 ms at 80 mel frames/s), s.4."""
-FEATURE_DIM: Final[int] = 512
+FEATURE_DIM: Final = 512
 """Width of one audio feature row (the AVE encoder's output), s.4."""
 WINDOW_ROWS: Final[int] = 16
 """Feature rows in one frame's audio window: rows ``i-8 .. i+7`` (s.2 step 6)."""
@@ -54,6 +54,13 @@ WINDOW_BEFORE: Final[int] = 8
 """Rows of past context in the window (rows ``i-8 .. i-1``)."""
 WINDOW_AFTER: Final[int] = WINDOW_ROWS - WINDOW_BEFORE - 1
 """Rows of lookahead in the window (rows ``i+1 .. i+7``): 7, i.e. 280 ms of future audio."""
+
+
+AudioMode = Literal["ave", "hubert", "wenet"]
+"""The audio-feature family a UNet was trained with; the UNet contract's `UNET_AUDIO` is the
+``ave`` one (the others' window widths: `export.models.unet.AUDIO_WINDOW_SHAPES`)."""
+AUDIO_MODES: Final[tuple[AudioMode, ...]] = get_args(AudioMode)
+"""Every `AudioMode`, ``ave`` first (the default)."""
 
 
 # --------------------------------------------------------------------------- tensors

@@ -1,4 +1,4 @@
-"""Pure frame math of one lip-sync frame (REFERENCE.md section 2), on numpy arrays.
+"""Pure frame math of one lip-sync frame (docs/REFERENCE.md section 2), on numpy arrays.
 
 Every function here is deterministic, touches no disk, and is shared by the gateway, the
 package builder, the tests and the baseline, so all of them agree on the reference semantics:
@@ -18,7 +18,7 @@ x2/y2 exclusive (numpy slice bounds).
 """
 from __future__ import annotations
 
-from typing import Final, cast
+from typing import Any, Final, TypeAlias, cast
 
 import cv2
 import numpy as np
@@ -31,7 +31,10 @@ MASK_X1: Final[int] = 314
 MASK_Y0: Final[int] = 5
 MASK_Y1: Final[int] = 309
 """Inclusive bounds of the blacked-out mouth rectangle in the inner crop (px); what
-``cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)`` fills (REFERENCE.md s.2 step 4)."""
+``cv2.rectangle(img, (5, 5, 310, 305), (0, 0, 0), -1)`` fills (docs/REFERENCE.md s.2 step 4)."""
+
+RectLike: TypeAlias = tuple[int, int, int, int] | NDArray[np.integer[Any]]
+"""A crop rectangle ``(x1, y1, x2, y2)`` in px: a tuple, or a row of an avatar's i32[N, 4] rects."""
 
 
 def _check_frame(frame: NDArray[np.uint8]) -> None:
@@ -41,7 +44,13 @@ def _check_frame(frame: NDArray[np.uint8]) -> None:
         )
 
 
-def _check_rect(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray) -> tuple[int, int, int, int]:
+def _check_square(image: NDArray[np.uint8], side: int, what: str) -> None:
+    """Raise ValueError unless `image` is ``[side, side, 3]``."""
+    if image.shape != (side, side, 3):
+        raise ValueError(f"{what} must be [{side}, {side}, 3], got {list(image.shape)}")
+
+
+def _check_rect(frame: NDArray[np.uint8], rect: RectLike) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = (int(v) for v in rect)
     h, w = frame.shape[:2]
     if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
@@ -49,8 +58,8 @@ def _check_rect(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDAr
     return x1, y1, x2, y2
 
 
-def crop_328(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray) -> NDArray[np.uint8]:
-    """Cut the face rectangle out of a frame and resize it to 328 x 328 (REFERENCE.md s.2 step 2).
+def crop_328(frame: NDArray[np.uint8], rect: RectLike) -> NDArray[np.uint8]:
+    """Cut the face rectangle out of a frame and resize it to 328 x 328 (docs/REFERENCE.md s.2 step 2).
 
     Args:
         frame: full frame, uint8 ``[H, W, 3]`` BGR.
@@ -69,7 +78,7 @@ def crop_328(frame: NDArray[np.uint8], rect: tuple[int, int, int, int] | NDArray
 
 
 def inner_320(crop328: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Return the model's inner crop ``crop328[4:324, 4:324]`` (REFERENCE.md s.2 step 3).
+    """Return the model's inner crop ``crop328[4:324, 4:324]`` (docs/REFERENCE.md s.2 step 3).
 
     Args:
         crop328: uint8 ``[328, 328, 3]`` BGR.
@@ -81,14 +90,13 @@ def inner_320(crop328: NDArray[np.uint8]) -> NDArray[np.uint8]:
     Raises:
         ValueError: the input is not ``[328, 328, 3]``.
     """
-    if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
-        raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
+    _check_square(crop328, CROP_SIZE, "crop")
     end = INNER_OFFSET + INNER_SIZE
     return crop328[INNER_OFFSET:end, INNER_OFFSET:end]
 
 
 def mask_inner(inner: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Black out the mouth rectangle of an inner crop (REFERENCE.md s.2 step 4).
+    """Black out the mouth rectangle of an inner crop (docs/REFERENCE.md s.2 step 4).
 
     Args:
         inner: uint8 ``[320, 320, 3]`` BGR.
@@ -101,15 +109,14 @@ def mask_inner(inner: NDArray[np.uint8]) -> NDArray[np.uint8]:
     Raises:
         ValueError: the input is not ``[320, 320, 3]``.
     """
-    if inner.shape != (INNER_SIZE, INNER_SIZE, 3):
-        raise ValueError(f"inner crop must be [320, 320, 3], got {list(inner.shape)}")
+    _check_square(inner, INNER_SIZE, "inner crop")
     masked = inner.copy()
     masked[MASK_Y0 : MASK_Y1 + 1, MASK_X0 : MASK_X1 + 1] = 0
     return masked
 
 
 def audio_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
-    """The 16-row audio feature window of frame ``i`` (REFERENCE.md s.2 step 6).
+    """The 16-row audio feature window of frame ``i`` (docs/REFERENCE.md s.2 step 6).
 
     Args:
         features: float32 ``[M, 512]`` (the padded ``aud_ave.npy``, possibly a memmap).
@@ -136,11 +143,11 @@ def audio_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
 
 def paste_back(
     frame: NDArray[np.uint8],
-    rect: tuple[int, int, int, int] | NDArray,
+    rect: RectLike,
     crop328: NDArray[np.uint8],
     pred320: NDArray[np.uint8],
 ) -> NDArray[np.uint8]:
-    """Composite the model output into the full frame (REFERENCE.md s.2 step 8).
+    """Composite the model output into the full frame (docs/REFERENCE.md s.2 step 8).
 
     ``crop = crop328.copy(); crop[4:324, 4:324] = pred320``; the crop is resized back to
     ``(x2-x1, y2-y1)`` with ``cv2.INTER_CUBIC`` and written into a copy of ``frame`` at the
@@ -185,10 +192,10 @@ def face_patch(
     Raises:
         ValueError: wrong shapes or dtypes.
     """
-    if crop328.shape != (CROP_SIZE, CROP_SIZE, 3):
-        raise ValueError(f"crop must be [328, 328, 3], got {list(crop328.shape)}")
-    if pred320.shape != (INNER_SIZE, INNER_SIZE, 3) or pred320.dtype != np.uint8:
-        raise ValueError(f"prediction must be uint8 [320, 320, 3], got {pred320.dtype} {list(pred320.shape)}")
+    _check_square(crop328, CROP_SIZE, "crop")
+    if pred320.dtype != np.uint8:
+        raise ValueError(f"prediction must be uint8, got {pred320.dtype} {list(pred320.shape)}")
+    _check_square(pred320, INNER_SIZE, "prediction")
     crop = crop328.copy()
     end = INNER_OFFSET + INNER_SIZE
     crop[INNER_OFFSET:end, INNER_OFFSET:end] = pred320
@@ -197,12 +204,12 @@ def face_patch(
 
 def paste_back_region(
     frame: NDArray[np.uint8],
-    rect: tuple[int, int, int, int] | NDArray,
+    rect: RectLike,
     crop328: NDArray[np.uint8],
     pred320: NDArray[np.uint8],
     region: tuple[int, int, int, int],
 ) -> NDArray[np.uint8]:
-    """Paste back (REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
+    """Paste back (docs/REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
 
     The result equals ``paste_back(frame, rect, crop328, pred320)[y0:y1, x0:x1]`` exactly; it
     copies only the region (e.g. the MCU-aligned rectangle of `lipsync.jpeg_splice.aligned_rect`

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import cv2
 import numpy as np
@@ -226,7 +226,7 @@ def restart_mcus_for(width: int, subsampling: Subsampling, target_px: int = 128)
     return min(divisors, key=lambda d: (abs(d * mw - target_px), d))
 
 
-def aligned_rect(box: Rect | NDArray, grid: McuGrid) -> Rect:
+def aligned_rect(box: Rect | NDArray[np.integer[Any]], grid: McuGrid) -> Rect:
     """The smallest rectangle around `box` that is a union of whole restart intervals.
 
     Without wrapping (``R`` divides ``cols``): x rounded out to multiples of ``R * mcu_width``
@@ -676,7 +676,10 @@ def check_splice(
     except ValueError as exc:  # JpegSpliceError included
         return f"splicing failed: {exc}"
     if spliced != full:
-        diff = next((i for i, (p, q) in enumerate(zip(spliced, full)) if p != q), min(len(spliced), len(full)))
+        diff = next(
+            (i for i, (p, q) in enumerate(zip(spliced, full, strict=False)) if p != q),
+            min(len(spliced), len(full)),
+        )
         return (f"spliced JPEG differs from the full-frame encode at byte {diff} "
                 f"({len(spliced)} vs {len(full)} bytes): the background was encoded differently")
     return None

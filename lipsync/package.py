@@ -9,7 +9,7 @@ with no per-frame disk I/O or parsing (the format is written down in `packages/R
 | `frames.npy`    | u8[N, H, W, 3] BGR full video frames at `fps`, memory-mapped read-only   |
 | `rects.npy`     | i32[N, 4] crop rectangles (x1, y1, x2, y2) in px, square, inside the frame |
 | `landmarks.npy` | f32[N, 68, 2] face landmarks (x, y) in px (dlib 68-point scheme)         |
-| `aud_ave.npy`   | f32[M, 512] padded audio features (REFERENCE.md s.4), memory-mapped     |
+| `aud_ave.npy`   | f32[M, 512] padded audio features (docs/REFERENCE.md s.4), memory-mapped     |
 | `audio.wav`     | the source audio, 16 kHz mono PCM16                                      |
 
 `load_package` validates everything (schema, file presence, confinement to the folder, sizes,
@@ -30,9 +30,10 @@ import re
 import wave
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Final, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lipsync import __version__
@@ -49,8 +50,8 @@ from lipsync.contract import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-LANDMARK_POINTS = 68
+FORMAT_VERSION: Final = 1
+LANDMARK_POINTS: Final = 68
 
 DEFAULT_FILES: dict[str, str] = {
     "frames": "frames.npy",
@@ -124,7 +125,7 @@ class PackageManifest(_Strict):
 
     Frame counts: `frame_count` (N) video frames are stored; the avatar serves `feature_rows`
     (M) frames, one per audio feature row, walking the N video frames ping-pong
-    (REFERENCE.md s.2 step 9). `duration_s = feature_rows / fps`.
+    (docs/REFERENCE.md s.2 step 9). `duration_s = feature_rows / fps`.
     """
 
     format_version: Literal[1]
@@ -134,7 +135,7 @@ class PackageManifest(_Strict):
     height: int = Field(ge=1, description="frame height (px)")
     frame_count: int = Field(ge=1, description="N, rows of frames/rects/landmarks")
     feature_rows: int = Field(ge=1, description="M, rows of aud_ave.npy (servable frames)")
-    feature_dim: Literal[512] = 512
+    feature_dim: Literal[512] = FEATURE_DIM
     landmark_points: Literal[68] = LANDMARK_POINTS
     landmark_scheme: Literal["dlib68"] = "dlib68"
     audio_sample_rate: Literal[16000] = SAMPLE_RATE
@@ -153,7 +154,7 @@ class PackageManifest(_Strict):
         if value != VIDEO_FPS:
             raise ValueError(
                 f"fps must be {VIDEO_FPS}: the ave audio features are cut per 25-fps frame "
-                f"(REFERENCE.md s.4), got {value}"
+                f"(docs/REFERENCE.md s.4), got {value}"
             )
         return value
 
@@ -182,10 +183,10 @@ class AvatarPackage:
 
     root: Path
     manifest: PackageManifest
-    frames: np.ndarray
-    rects: np.ndarray
-    landmarks: np.ndarray
-    features: np.ndarray
+    frames: NDArray[np.uint8]
+    rects: NDArray[np.int32]
+    landmarks: NDArray[np.float32]
+    features: NDArray[np.float32]
     audio_path: Path
 
     @property
@@ -217,7 +218,9 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 # validation helpers shared by the writer and the loader
 
 
-def check_rects(rects: np.ndarray, width: int, height: int, *, where: str = "rects.npy") -> None:
+def check_rects(
+    rects: NDArray[np.integer[Any]], width: int, height: int, *, where: str = "rects.npy"
+) -> None:
     """Check crop rectangles: i32[N, 4] (x1, y1, x2, y2), square, non-empty, inside W x H.
 
     Raises:
@@ -244,7 +247,9 @@ def check_rects(rects: np.ndarray, width: int, height: int, *, where: str = "rec
             )
 
 
-def _check_array(where: str, arr: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+def _check_array(
+    where: str, arr: NDArray[np.generic], dtype: np.dtype[np.generic], shape: tuple[int, ...]
+) -> None:
     if arr.dtype != dtype:
         raise PackageError(
             f"{where}: expected dtype {np.dtype(dtype).name}, found {arr.dtype.name}"
@@ -253,7 +258,7 @@ def _check_array(where: str, arr: np.ndarray, dtype: np.dtype, shape: tuple[int,
         raise PackageError(f"{where}: expected shape {list(shape)}, found {list(arr.shape)}")
 
 
-def _expected_shapes(m: PackageManifest) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+def _expected_shapes(m: PackageManifest) -> dict[str, tuple[np.dtype[np.generic], tuple[int, ...]]]:
     return {
         "frames": (np.dtype(np.uint8), (m.frame_count, m.height, m.width, 3)),
         "rects": (np.dtype(np.int32), (m.frame_count, 4)),
@@ -371,7 +376,7 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
     (no absolute path, no `..`, no symlink leading out); every file exists with the recorded
     size and sha256 (`verify_checksums`); each array has the dtype and shape the manifest
     implies; rectangles are square and inside the frame; `feature_rows` equals the rows the
-    audio length gives (REFERENCE.md s.4: `int((T - 16) / 80 * 25) + 2 + 2`, T = mel frames);
+    audio length gives (docs/REFERENCE.md s.4: `int((T - 16) / 80 * 25) + 2 + 2`, T = mel frames);
     features are finite; the WAV is 16 kHz mono PCM16 with `audio_samples` samples.
 
     Args:
@@ -412,10 +417,10 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
     if m.feature_rows != expected_rows:
         raise PackageError(
             f"{MANIFEST_NAME}: feature_rows is {m.feature_rows} but {m.audio_samples} audio samples "
-            f"give {expected_rows} rows (REFERENCE.md s.4)"
+            f"give {expected_rows} rows (docs/REFERENCE.md s.4)"
         )
 
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, NDArray[Any]] = {}
     for key, (dtype, shape) in _expected_shapes(m).items():
         where = getattr(m.files, key).path
         try:
@@ -456,7 +461,7 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
 # writer
 
 
-def _write_wav(path: Path, pcm16: np.ndarray) -> None:
+def _write_wav(path: Path, pcm16: NDArray[np.int16]) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -468,11 +473,11 @@ def write_package(
     folder: Path,
     *,
     name: str,
-    frames: np.ndarray,
-    rects: np.ndarray,
-    landmarks: np.ndarray,
-    features: np.ndarray,
-    audio_pcm16: np.ndarray,
+    frames: NDArray[np.uint8],
+    rects: NDArray[np.integer[Any]],
+    landmarks: NDArray[np.floating[Any]],
+    features: NDArray[np.floating[Any]],
+    audio_pcm16: NDArray[np.int16],
     weights: WeightsManifest,
     source: SourceMedia,
     model_name: str | None = None,
@@ -496,7 +501,7 @@ def write_package(
         weights: weights the avatar's model was exported with.
         source: source media description.
         model_name: Triton model name, default `lipsync_<name>`.
-        fps: frame rate of frames and features (fps); must be 25 (REFERENCE.md s.4).
+        fps: frame rate of frames and features (fps); must be 25 (docs/REFERENCE.md s.4).
         builder: tool/version string, default `lipsync <version>`.
 
     Returns:

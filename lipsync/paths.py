@@ -30,11 +30,8 @@ CACHE_DIR: Path = Path(os.environ.get("LIPSYNC_CACHE_DIR", REPO_ROOT / ".cache")
 """Scratch space for generated artefacts (ONNX files, Triton backend folder), git-ignored."""
 
 REFERENCE_DIR: Path = REPO_ROOT / "tests" / "data" / "reference"
-"""State-dict key listings (key, shape, dtype) of real SyncTalk_2D checkpoints: the repository's
-copy of the team's `../shared/reference/*.tsv` (a test checks the copy is identical)."""
-
-SHARED_REFERENCE_DIR: Path = REPO_ROOT.parent / "shared" / "reference"
-"""The team's shared original of `REFERENCE_DIR`, next to the repository when present."""
+"""State-dict key listings (key, shape, dtype) of real SyncTalk_2D checkpoints, one
+`<model>.state_dict.tsv` per model (docs/REFERENCE.md s.1, s.4)."""
 
 SPEECH_DIR: Path = Path("/usr/share/pocketsphinx/test/data/librivox")
 """Public-domain LibriVox speech (16 kHz mono WAV) from Debian's `pocketsphinx-testdata`."""

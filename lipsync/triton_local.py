@@ -4,7 +4,7 @@
 ONNX Runtime, written by `export/model_repo.py`), waits until it is ready, streams its log, and
 stops it. `lipsync triton` runs it in the foreground until Ctrl-C / SIGTERM.
 
-How the wheel's server is made to run (ARCHITECTURE.md "Two serving profiles"):
+How the wheel's server is made to run (docs/ARCHITECTURE.md "Two serving profiles"):
 - binary `pytriton/tritonserver/bin/tritonserver`, its shared libraries in the wheel's
   `nvidia_pytriton.libs/` (put on `LD_LIBRARY_PATH`);
 - a backend folder (`CACHE_DIR/triton_backends/python/`) holding the wheel's
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib.util
 import logging
 import os
@@ -39,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 from lipsync import paths
 
@@ -411,11 +412,11 @@ class TritonServer:
                     "tritonserver?); stop that process or choose another port"
                 )
 
-    def _pump_log(self, stream: object) -> None:
+    def _pump_log(self, stream: IO[bytes]) -> None:
         """Reader thread: Triton's stdout+stderr -> tail buffer, log file, logger."""
         log_handle = self.log_file.open("a", encoding="utf-8") if self.log_file else None
         try:
-            for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
+            for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", errors="replace").rstrip()
                 if not line:
                     continue
@@ -547,10 +548,8 @@ class TritonServer:
     def _signal_group(self, sig: signal.Signals) -> None:
         """Send `sig` to Triton's process group (tritonserver and its backend stubs)."""
         assert self._process is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self._process.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _reap(self) -> None:
         """After tritonserver exited: SIGKILL what is left of its process group (stubs), once."""

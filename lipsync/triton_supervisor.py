@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-class SupervisorState(str, enum.Enum):
+class SupervisorState(enum.StrEnum):
     """Where the supervisor is (module docstring: the transitions)."""
 
     STARTING = "starting"

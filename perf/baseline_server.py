@@ -7,7 +7,7 @@ preloaded in RAM (frames, 328 crops, rectangles; features memory-mapped), the mo
 the model so frames from concurrent streams run one after the other, in a thread pool of 10
 (the seeds' ``THREAD_POOL_SIZE``). The per-frame work is the same as ours: the
 `export.onnx_export.UnetWithPrePost` graph (uint8 crop + f32 audio window in, uint8 pred out,
-REFERENCE.md s.2 steps 3-7), `lipsync.frames.paste_back` (step 8) and the gateway's JPEG
+docs/REFERENCE.md s.2 steps 3-7), `lipsync.frames.paste_back` (step 8) and the gateway's JPEG
 encoder (simplejpeg, quality 85), so only the architecture differs.
 
     python -m perf.baseline_server --package packages/demo --port 50061
@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -41,6 +42,9 @@ from gateway.jpeg import make_encoder
 from lipsync.frames import audio_window, crop_328, paste_back, pingpong_index
 from lipsync.package import AvatarPackage, load_package
 from proto import lipsync_pb2, lipsync_pb2_grpc
+
+if TYPE_CHECKING:
+    from gateway.grpc_service import Context
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,9 @@ class BaselineServicer(lipsync_pb2_grpc.OptimizedLipSyncServiceServicer):
         self.pool = pool
         self.started = time.monotonic()
 
-    async def _infer(self, request: lipsync_pb2.OptimizedInferenceRequest) -> lipsync_pb2.OptimizedInferenceResponse:
+    async def _infer(
+        self, request: lipsync_pb2.OptimizedInferenceRequest
+    ) -> lipsync_pb2.OptimizedInferenceResponse:
         if request.model_name != self.engine.name:
             return lipsync_pb2.OptimizedInferenceResponse(
                 success=False, model_name=request.model_name, frame_id=request.frame_id,
@@ -143,7 +149,7 @@ class BaselineServicer(lipsync_pb2_grpc.OptimizedLipSyncServiceServicer):
             success=True,
             prediction_data=out.jpeg,
             bounds=list(out.bounds),
-            processing_time_ms=int(round(out.total_ms)),
+            processing_time_ms=round(out.total_ms),
             model_name=request.model_name,
             frame_id=request.frame_id,
             prediction_shape=f"{self.engine.frames.shape[1]}x{self.engine.frames.shape[2]}x3",
@@ -153,23 +159,31 @@ class BaselineServicer(lipsync_pb2_grpc.OptimizedLipSyncServiceServicer):
             optimizations=["pytorch-eager", "preloaded-crops", "no-batching"],
         )
 
-    async def GenerateInference(self, request, context):  # noqa: N802 (gRPC method name)
+    async def GenerateInference(
+        self, request: lipsync_pb2.OptimizedInferenceRequest, context: Context
+    ) -> lipsync_pb2.OptimizedInferenceResponse:
         """One frame."""
         return await self._infer(request)
 
-    async def StreamInference(self, request_iterator, context) -> AsyncIterator:  # noqa: N802
+    async def StreamInference(
+        self, request_iterator: AsyncIterator[lipsync_pb2.OptimizedInferenceRequest], context: Context
+    ) -> AsyncIterator[lipsync_pb2.OptimizedInferenceResponse]:
         """Bidirectional stream: each request answered in order, one at a time."""
         async for request in request_iterator:
             yield await self._infer(request)
 
-    async def HealthCheck(self, request, context):  # noqa: N802
+    async def HealthCheck(
+        self, request: lipsync_pb2.HealthRequest, context: Context
+    ) -> lipsync_pb2.HealthResponse:
         """Always healthy once serving."""
         return lipsync_pb2.HealthResponse(
             healthy=True, status="SERVING", loaded_models=1,
             uptime_seconds=int(time.monotonic() - self.started),
         )
 
-    async def ListModels(self, request, context):  # noqa: N802
+    async def ListModels(
+        self, request: lipsync_pb2.ListModelsRequest, context: Context
+    ) -> lipsync_pb2.ListModelsResponse:
         """The one avatar."""
         return lipsync_pb2.ListModelsResponse(loaded_models=[self.engine.name], count=1)
 

@@ -178,8 +178,14 @@ def build_cost(frames: NDArray[np.uint8], rects: NDArray[np.int32], settings: Sp
                      float(np.mean([b.starts.nbytes for b in built])))
 
 
-def bench_frame_set(frames: NDArray[np.uint8], rects: NDArray[np.int32], preds: NDArray[np.uint8],
-                    restarts: Sequence[int], iterations: int, label: str) -> tuple[list[PathResult], list[BuildCost]]:
+def bench_frame_set(
+    frames: NDArray[np.uint8],
+    rects: NDArray[np.int32],
+    preds: NDArray[np.uint8],
+    restarts: Sequence[int],
+    iterations: int,
+    label: str,
+) -> tuple[list[PathResult], list[BuildCost]]:
     """Time every path round-robin on one frame set; check byte identity; time the builds."""
     from gateway.jpeg import OpenCvJpegEncoder, SimpleJpegEncoder
 
@@ -192,7 +198,9 @@ def bench_frame_set(frames: NDArray[np.uint8], rects: NDArray[np.int32], preds: 
     for r in restarts:
         settings = SpliceSettings(QUALITY, SUBSAMPLING, r)
         backgrounds = [SplicedBackground.encode(f, settings) for f in frames]
-        plans = [SplicePlan.of(b, aligned_rect(rect, b.grid)) for b, rect in zip(backgrounds, rects, strict=True)]
+        plans = [
+            SplicePlan.of(b, aligned_rect(rect, b.grid)) for b, rect in zip(backgrounds, rects, strict=True)
+        ]
         areas = sorted({(x1 - x0, y1 - y0) for x0, y0, x1, y1 in (p.rect for p in plans)},
                        key=lambda wh: -wh[0] * wh[1])
         result = PathResult(label, f"spliced, R={r}", r, backgrounds[0].grid.wraps,
@@ -294,8 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     inners = np.stack([inner_320(crop_328(f, r)) for f, r in zip(frames, rects, strict=True)])
     preds = real_predictions(onnx_path, np.ascontiguousarray(inners), pkg.features, 8)
     h, w = frames.shape[1:3]
-    results, builds = bench_frame_set(frames, rects, preds, restart_choices(args.restarts, w), args.iterations,
-                                      f"{w}x{h} (the clip at 720p, aspect kept)")
+    results, builds = bench_frame_set(
+        frames,
+        rects,
+        preds,
+        restart_choices(args.restarts, w),
+        args.iterations,
+        f"{w}x{h} (the clip at 720p, aspect kept)",
+    )
     wide, wide_rects = pillarbox(frames, rects, 1280)
     more = bench_frame_set(wide, wide_rects, preds, restart_choices(args.restarts, 1280), args.iterations,
                            "1280x720 (same frames pillarboxed)")

@@ -28,12 +28,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from lipsync.contract import UNET_AUDIO, UNET_CROP, UNET_PRED, avatar_model_name
+from lipsync.contract import AUDIO_MODES, UNET_AUDIO, UNET_CROP, UNET_PRED, AudioMode, avatar_model_name
 from perf.report import RESULTS_DIR, header, markdown_table, write_json, write_text
 from perf.stats import percentiles
+
+if TYPE_CHECKING:  # torch is imported by the benchmarks that need it
+    from export.models.unet import UNet328
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +86,10 @@ class Point:
         ]
 
 
-def _inputs(batch: int, mode: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(batch: int, mode: AudioMode, seed: int = 0) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
     from export.onnx_export import example_unet_inputs
 
-    return example_unet_inputs(mode, batch=batch, seed=seed)  # type: ignore[arg-type]
+    return example_unet_inputs(mode, batch=batch, seed=seed)
 
 
 def _timed_loop(point: Point, call: Callable[[], int], seconds: float) -> Point:
@@ -103,7 +108,7 @@ def _timed_loop(point: Point, call: Callable[[], int], seconds: float) -> Point:
     return point
 
 
-def bench_onnxruntime(onnx_path: Path, mode: str, seconds: float) -> list[Point]:
+def bench_onnxruntime(onnx_path: Path, mode: AudioMode, seconds: float) -> list[Point]:
     """In-process ONNX Runtime (CPU provider, intra-op threads = all cores) at each batch."""
     import onnxruntime as ort
 
@@ -114,7 +119,7 @@ def bench_onnxruntime(onnx_path: Path, mode: str, seconds: float) -> list[Point]
     for batch in ORT_BATCHES:
         crop, audio = _inputs(batch, mode)
 
-        def call(crop: np.ndarray = crop, audio: np.ndarray = audio) -> int:
+        def call(crop: NDArray[np.uint8] = crop, audio: NDArray[np.float32] = audio) -> int:
             session.run([UNET_PRED.name], {UNET_CROP.name: crop, UNET_AUDIO.name: audio})
             return crop.shape[0]
 
@@ -123,14 +128,14 @@ def bench_onnxruntime(onnx_path: Path, mode: str, seconds: float) -> list[Point]
     return points
 
 
-def bench_eager(unet: object, mode: str, seconds: float) -> Point:
+def bench_eager(unet: UNet328, mode: AudioMode, seconds: float) -> Point:
     """PyTorch eager, batch 1, `torch.no_grad`, intra-op threads = all cores."""
     import torch
 
     from export.onnx_export import UnetWithPrePost
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model = UnetWithPrePost(unet).eval()  # type: ignore[arg-type]
+    model = UnetWithPrePost(unet).eval()
     crop, audio = (torch.from_numpy(a) for a in _inputs(1, mode))
 
     def call() -> int:
@@ -143,12 +148,13 @@ def bench_eager(unet: object, mode: str, seconds: float) -> Point:
     return point
 
 
-def _triton_counts(client: object) -> tuple[int, int]:
-    stats = client.get_inference_statistics(model_name=MODEL_NAME).model_stats[0]  # type: ignore[attr-defined]
+def _triton_counts(client: Any) -> tuple[int, int]:
+    """`client`: a `tritonclient.grpc.InferenceServerClient` (tritonclient ships no types)."""
+    stats = client.get_inference_statistics(model_name=MODEL_NAME).model_stats[0]
     return int(stats.inference_count), int(stats.execution_count)
 
 
-def _unet_infer_inputs(crop: np.ndarray, audio: np.ndarray) -> list[object]:
+def _unet_infer_inputs(crop: NDArray[np.uint8], audio: NDArray[np.float32]) -> list[object]:
     import tritonclient.grpc as grpcclient
 
     inputs = []
@@ -162,7 +168,7 @@ def _unet_infer_inputs(crop: np.ndarray, audio: np.ndarray) -> list[object]:
 def _closed_loop(
     grpc_url: str,
     concurrency: int,
-    mode: str,
+    mode: AudioMode,
     seconds: float,
     counters: Callable[[], tuple[int, int]],
 ) -> Point:
@@ -204,7 +210,7 @@ def _closed_loop(
     return point
 
 
-def bench_triton(onnx_path: Path, mode: str, seconds: float, workdir: Path) -> list[Point]:
+def bench_triton(onnx_path: Path, mode: AudioMode, seconds: float, workdir: Path) -> list[Point]:
     """The CPU profile through the real tritonserver, closed loop at each concurrency, with
     Triton's inference/execution counters over each timed window."""
     import tritonclient.grpc as grpcclient
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="SyncTalk_2D UNet checkpoint (default: untrained seed 0)",
     )
-    parser.add_argument("--mode", choices=("ave", "hubert", "wenet"), default="ave")
+    parser.add_argument("--mode", choices=AUDIO_MODES, default="ave")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_unet.md")
     args = parser.parse_args(argv)
 

@@ -8,6 +8,7 @@ soon as the window allows and is due when sent. Every frame becomes a `perf.stat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -136,10 +137,8 @@ class GrpcTransport:
 
     async def finish(self) -> None:
         """Half-close: no more requests."""
-        try:
+        with contextlib.suppress(grpc.aio.AioRpcError):
             await self._call.done_writing()
-        except grpc.aio.AioRpcError:
-            pass
 
     async def close(self) -> None:
         """Cancel the call if still open and close the channel."""
@@ -340,10 +339,8 @@ async def drive_stream(
     await recv_task
     if abort:
         send_task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await send_task
-    except asyncio.CancelledError:
-        pass
     reason = abort[0] if abort else "no reply"
     for p in list(pending):
         complete(p, None, reason)

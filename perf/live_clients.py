@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 import grpc
@@ -94,7 +94,7 @@ class SessionRecord:
 
 async def _play(
     script: Sequence[Step], sample_rate_hz: int, chunk_ms: float, record: SessionRecord,
-    send_pcm: Callable[[bytes], object], send_command: Callable[[str], object],
+    send_pcm: Callable[[bytes], Awaitable[object]], send_command: Callable[[str], Awaitable[object]],
 ) -> None:
     """Run the script through ``send_pcm`` / ``send_command`` (awaitables), pacing audio."""
     chunk_bytes = max(2, int(sample_rate_hz * chunk_ms / 1000) * 2)
@@ -106,9 +106,9 @@ async def _play(
             await asyncio.sleep(max(0.0, schedule - time.monotonic()))
         elif isinstance(step, Command):
             record.commands_at[step.command] = time.monotonic()
-            await send_command(step.command)  # type: ignore[misc]
+            await send_command(step.command)
         elif not step.paced:
-            await send_pcm(step.pcm)  # type: ignore[misc]
+            await send_pcm(step.pcm)
             samples += len(step.pcm) // 2
             record.pcm_sent.append((time.monotonic(), samples))
             schedule = time.monotonic()
@@ -117,7 +117,7 @@ async def _play(
             for i in range(0, len(step.pcm), chunk_bytes):
                 piece = step.pcm[i : i + chunk_bytes]
                 await asyncio.sleep(max(0.0, schedule - time.monotonic()))
-                await send_pcm(piece)  # type: ignore[misc]
+                await send_pcm(piece)
                 samples += len(piece) // 2
                 record.pcm_sent.append((time.monotonic(), samples))
                 schedule += len(piece) / 2 / sample_rate_hz
@@ -136,8 +136,9 @@ def frame_from_proto(message: pb.LiveFrame) -> SlotFrame | SessionNotice:
 
     if not message.jpeg:
         return SessionNotice(message.error)
+    x1, y1, x2, y2 = message.bounds
     return SlotFrame(
-        seq=message.seq, pts_s=message.pts_s, frame=RenderedFrame(message.jpeg, tuple(message.bounds)),  # type: ignore[arg-type]
+        seq=message.seq, pts_s=message.pts_s, frame=RenderedFrame(message.jpeg, (x1, y1, x2, y2)),
         speaking=message.speaking, video_frame=message.video_frame, error=message.error,
         late=message.late, audio_at=None,
     )
@@ -165,7 +166,9 @@ async def run_grpc(
         value = pb.LiveControl.FLUSH if command == "flush" else pb.LiveControl.INTERRUPT
         queue.put_nowait(pb.LiveRequest(control=pb.LiveControl(command=value)))
 
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
         call = pbg.LiveLipSyncStub(channel).Stream(requests(), timeout=timeout_s)
         record.started_at = time.monotonic()
         if start:
@@ -211,7 +214,9 @@ async def run_ws(
             for message in first:
                 await send(message)
             if start:
-                await ws.send_str(json.dumps({"type": "start", "avatar": avatar, "sample_rate_hz": sample_rate_hz}))
+                await ws.send_str(
+                    json.dumps({"type": "start", "avatar": avatar, "sample_rate_hz": sample_rate_hz})
+                )
             await _play(script, sample_rate_hz, chunk_ms, record, ws.send_bytes, send_command)
             record.ended_at = time.monotonic()
             await ws.send_str(json.dumps({"type": "end"}))
@@ -238,9 +243,14 @@ async def run_ws(
 
 
 async def run_session(
-    transport: Transport, address: str, avatar: str, sample_rate_hz: int, script: Sequence[Step], **kwargs: object
+    transport: Transport,
+    address: str,
+    avatar: str,
+    sample_rate_hz: int,
+    script: Sequence[Step],
+    **kwargs: Any,
 ) -> SessionRecord:
     """`run_grpc` (``address`` = ``host:port``) or `run_ws` (``address`` = ``http://host:port``)."""
     if transport == "grpc":
-        return await run_grpc(address, avatar, sample_rate_hz, script, **kwargs)  # type: ignore[arg-type]
-    return await run_ws(address, avatar, sample_rate_hz, script, **kwargs)  # type: ignore[arg-type]
+        return await run_grpc(address, avatar, sample_rate_hz, script, **kwargs)
+    return await run_ws(address, avatar, sample_rate_hz, script, **kwargs)

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from gateway.live.timeline import WINDOW_LOOKAHEAD_S
 from gateway.live.types import SLOT_S, SLOT_SAMPLES
@@ -54,7 +55,7 @@ RATE = SAMPLE_RATE
 """The sessions' PCM rate (Hz): 16 kHz, the LibriVox recordings' own."""
 
 
-def speech_16k() -> np.ndarray:
+def speech_16k() -> NDArray[np.int16]:
     """All LibriVox test recordings, concatenated: int16 mono 16 kHz."""
     from lipsync.audio import float_to_pcm16, load_wav_16k_mono
     from lipsync.paths import SPEECH_DIR
@@ -65,7 +66,7 @@ def speech_16k() -> np.ndarray:
     return np.concatenate([float_to_pcm16(load_wav_16k_mono(w)) for w in wavs])
 
 
-def microphone(speech: np.ndarray, seconds: float, talk: float, cycle_s: float, phase: float) -> bytes:
+def microphone(speech: NDArray[np.int16], seconds: float, talk: float, cycle_s: float, phase: float) -> bytes:
     """``seconds`` of a speaker: talk for ``talk * cycle_s`` of each cycle, silence otherwise,
     the cycle shifted by ``phase`` (0..1); speech taken in order from ``speech``."""
     n = int(seconds * RATE)
@@ -128,23 +129,32 @@ def batch_counts(url: str, model: str) -> dict[int, int]:
     """Executions per batch size of ``model`` so far (Triton's statistics over gRPC)."""
     import tritonclient.grpc as triton_grpc
 
-    stats = triton_grpc.InferenceServerClient(url).get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
+    stats = triton_grpc.InferenceServerClient(url).get_inference_statistics(model, as_json=True)[
+        "model_stats"
+    ][0]
+    return {
+        int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])
+    }
 
 
 def _diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {b: c - before.get(b, 0) for b, c in sorted(after.items()) if c - before.get(b, 0)}
 
 
-async def run_sessions(address: str, avatar: str, n: int, args: argparse.Namespace, speech: np.ndarray) -> list[SessionRecord]:
+async def run_sessions(
+    address: str, avatar: str, n: int, args: argparse.Namespace, speech: NDArray[np.int16]
+) -> list[SessionRecord]:
     """N sessions at once over gRPC (module doc)."""
     scripts: list[list[Step]] = [
-        [Audio(microphone(speech[i * 7 * RATE :], args.seconds, args.talk, args.cycle_s, i / n))] for i in range(n)
+        [Audio(microphone(speech[i * 7 * RATE :], args.seconds, args.talk, args.cycle_s, i / n))]
+        for i in range(n)
     ]
     return list(await asyncio.gather(*(run_grpc(address, avatar, RATE, s, chunk_ms=20.0) for s in scripts)))
 
 
-def measure(address: str, triton_url: str, unet: str, n: int, args: argparse.Namespace, speech: np.ndarray) -> RunResult:
+def measure(
+    address: str, triton_url: str, unet: str, n: int, args: argparse.Namespace, speech: NDArray[np.int16]
+) -> RunResult:
     """One run of N sessions and its figures."""
     before = batch_counts(triton_url, unet), batch_counts(triton_url, AUDIO_ENCODER_MODEL)
     records = asyncio.run(run_sessions(address, args.avatar, n, args, speech))
@@ -169,7 +179,11 @@ def measure(address: str, triton_url: str, unet: str, n: int, args: argparse.Nam
         if record.frames:
             firsts.append(record.frames[0].at - record.started_at)
     late_share = (late_server + late_clock) / slots if slots else 1.0
-    p = (lambda q: float(np.percentile(latencies, q)) * 1e3) if latencies else (lambda q: float("nan"))
+
+    def p(q: float) -> float:
+        """The q-th percentile of the latencies (ms); NaN without any."""
+        return float(np.percentile(latencies, q)) * 1e3 if latencies else float("nan")
+
     return RunResult(
         sessions=n, slots=slots, speaking=speaking, idle=idle, late_server=late_server, late_clock=late_clock,
         late_share=late_share, audio_to_frame_p50_ms=p(50), audio_to_frame_p95_ms=p(95),
@@ -190,23 +204,32 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
         f"- command: `python -m perf.live_load {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}",
         *setup,
-        (f"- each session: {args.seconds:g} s of microphone at 16 kHz in 20 ms chunks, real time; talk "
-         f"{args.talk:.0%} of each {args.cycle_s:g} s cycle (LibriVox speech), silence otherwise; "
-         "cycles staggered across sessions"),
-        (f"- late (clock): received after start + pts + {budget:.2f} s (0.45 s lookahead + "
-         f"{args.render_budget_s:g} s render budget); late (server): speaking slots sent idle "
-         f"(`LiveFrame.late`); sustained: both together <= {args.sustain_late:.0%} of the slots and no error"),
+        (
+            f"- each session: {args.seconds:g} s of microphone at 16 kHz in 20 ms chunks, real time; talk "
+            f"{args.talk:.0%} of each {args.cycle_s:g} s cycle (LibriVox speech), silence otherwise; "
+            "cycles staggered across sessions"
+        ),
+        (
+            f"- late (clock): received after start + pts + {budget:.2f} s (0.45 s lookahead + "
+            f"{args.render_budget_s:g} s render budget); late (server): speaking slots sent idle "
+            f"(`LiveFrame.late`); sustained: both together <= {args.sustain_late:.0%} of the slots "
+            "and no error"
+        ),
         "",
-        ("| sessions | slots | speaking | idle share | late (server) | late (clock) | audio-to-frame p50 / p95 (ms) "
-         "| first frame (ms) | UNet batches (size: executions) | mean UNet batch | encoder batches | sustained |"),
+        (
+            "| sessions | slots | speaking | idle share | late (server) | late (clock) "
+            "| audio-to-frame p50 / p95 (ms) | first frame (ms) | UNet batches (size: executions) "
+            "| mean UNet batch | encoder batches | sustained |"
+        ),
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | :---: |",
     ]
     for r in results:
         batches = ", ".join(f"{b}: {c}" for b, c in r.unet_batches.items()) or "-"
         enc = ", ".join(f"{b}: {c}" for b, c in r.encoder_batches.items()) or "-"
         lines.append(
-            f"| {r.sessions} | {r.slots} | {r.speaking} | {r.idle_share:.0%} | {r.late_server} | {r.late_clock} "
-            f"| {r.audio_to_frame_p50_ms:.0f} / {r.audio_to_frame_p95_ms:.0f} | {r.first_frame_ms:.0f} | {batches} "
+            f"| {r.sessions} | {r.slots} | {r.speaking} | {r.idle_share:.0%} | {r.late_server} "
+            f"| {r.late_clock} | {r.audio_to_frame_p50_ms:.0f} / {r.audio_to_frame_p95_ms:.0f} "
+            f"| {r.first_frame_ms:.0f} | {batches} "
             f"| {r.mean_unet_batch:.2f} | {enc} | {'yes' if r.sustained else 'no'} |"
         )
     sustained = [r.sessions for r in results if r.sustained]
@@ -219,17 +242,29 @@ def markdown(results: Sequence[RunResult], args: argparse.Namespace, setup: Sequ
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gateway", help="gRPC host:port of a running gateway (default: start CPU Triton + gateway)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--gateway", help="gRPC host:port of a running gateway (default: start CPU Triton + gateway)"
+    )
     p.add_argument("--triton-url", help="Triton gRPC host:port (with --gateway; for batch statistics)")
     p.add_argument("--avatar", default="demo")
-    p.add_argument("--sessions", default="1,2", help="comma-separated session counts to run, one after the other")
+    p.add_argument(
+        "--sessions", default="1,2", help="comma-separated session counts to run, one after the other"
+    )
     p.add_argument("--seconds", type=float, default=20.0, help="audio per session (s)")
     p.add_argument("--talk", type=float, default=0.5, help="talk share of each cycle, 0..1")
     p.add_argument("--cycle-s", type=float, default=4.0, help="talk + silence period (s)")
-    p.add_argument("--render-budget-s", type=float, default=0.25, help="render time allowed after the lookahead (s)")
+    p.add_argument(
+        "--render-budget-s", type=float, default=0.25, help="render time allowed after the lookahead (s)"
+    )
     p.add_argument("--sustain-late", type=float, default=0.01, help="late share still called sustained")
-    p.add_argument("--live", type=json.loads, help='LiveSettings for the started gateway, JSON, e.g. \'{"render_timeout_s": 3}\'')
+    p.add_argument(
+        "--live",
+        type=json.loads,
+        help="LiveSettings for the started gateway, JSON, e.g. '{\"render_timeout_s\": 3}'",
+    )
     p.add_argument("--markdown", type=Path)
     p.add_argument("--json", type=Path)
     return p
@@ -253,8 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if address is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lipsync-live-load-")))
             http, grpc_port, metrics = free_ports(3)
-            server = TritonServer(MODEL_REPOSITORY_CPU, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                                  load_models=(unet, AUDIO_ENCODER_MODEL), log_file=work / "triton.log")
+            server = TritonServer(
+                MODEL_REPOSITORY_CPU,
+                http_port=http,
+                grpc_port=grpc_port,
+                metrics_port=metrics,
+                load_models=(unet, AUDIO_ENCODER_MODEL),
+                log_file=work / "triton.log",
+            )
             server.start(timeout_s=180)
             stack.callback(server.stop)
             triton_url = server.grpc_url
@@ -262,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             root.mkdir()
             shutil.copytree(pkg.root, root / pkg.name)
             env = {f"LIPSYNC_LIVE__{k.upper()}": str(v) for k, v in (args.live or {}).items()}
-            address = stack.enter_context(start_gateway(triton_url, root, work, 30.0, extra_env=env)).grpc_address
+            address = stack.enter_context(
+                start_gateway(triton_url, root, work, 30.0, extra_env=env)
+            ).grpc_address
         if triton_url is None:
             raise SystemExit("--triton-url is needed with --gateway (batch statistics)")
         for n in (int(x) for x in args.sessions.split(",")):
@@ -271,17 +314,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({**asdict(result), "mean_unet_batch": result.mean_unet_batch}), flush=True)
     load_end = os.getloadavg()
     setup = [
-        (f"- stack: CPU `tritonserver` (Python backend + ONNX Runtime) + one gateway, live settings "
-         f"{args.live or 'default'}; avatar `{pkg.name}` {pkg.manifest.width}x{pkg.manifest.height}, gRPC `LiveLipSync/Stream`"),
-        (f"- load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
-         f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (other work shares these cores)"),
+        (
+            f"- stack: CPU `tritonserver` (Python backend + ONNX Runtime) + one gateway, live settings "
+            f"{args.live or 'default'}; avatar `{pkg.name}` {pkg.manifest.width}x{pkg.manifest.height}, "
+            "gRPC `LiveLipSync/Stream`"
+        ),
+        (
+            "- load average (1/5/15 min) at start "
+            f"{load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
+            f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} (other work shares these cores)"
+        ),
     ]
     text = markdown(results, args, setup)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps([{**asdict(r), "mean_unet_batch": r.mean_unet_batch} for r in results], indent=2))
+        args.json.write_text(
+            json.dumps([{**asdict(r), "mean_unet_batch": r.mean_unet_batch} for r in results], indent=2)
+        )
     return 0
 
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,6 +39,7 @@ from gateway.live.pcm import PcmResampler
 from gateway.live.types import SLOT_SAMPLES
 from gateway.live.vad import SlotVad, SpeechGate, VadParams
 from lipsync.audio import load_wav_16k_mono
+from lipsync.contract import SAMPLE_RATE
 from lipsync.paths import SPEECH_DIR
 from perf import report
 
@@ -94,20 +96,27 @@ def measure(params: VadParams, speech: list[NDArray[np.float32]]) -> VadRow:
     noise = {lvl: decisions(params, (rng.standard_normal(48000) * 10 ** (lvl / 20)).astype(np.float32)).mean()
              for lvl in (-60, -45)}
     return VadRow(
-        params.aggressiveness, params.min_voiced_frames, params.onset_slots, params.hangover_slots,
-        100 * float(np.mean(share)), 100 * float(np.mean(recall)), float(np.mean(flicker)),
-        int(tail[-(-len(speech[1]) // SLOT_SAMPLES):].sum()), 100 * float(noise[-60]), 100 * float(noise[-45]),
+        params.aggressiveness,
+        params.min_voiced_frames,
+        params.onset_slots,
+        params.hangover_slots,
+        100 * float(np.mean(share)),
+        100 * float(np.mean(recall)),
+        float(np.mean(flicker)),
+        int(tail[-(-len(speech[1]) // SLOT_SAMPLES) :].sum()),
+        100 * float(noise[-60]),
+        100 * float(noise[-45]),
         int(decisions(params, np.zeros(32000, np.float32)).sum()),
     )
 
 
 def front_end_cost(speech: NDArray[np.float32], repeats: int = 3) -> dict[str, float]:
     """CPU ms per second of audio of each per-session stage, fed in 20 ms chunks."""
-    import soxr  # type: ignore[import-untyped]
+    import soxr
 
-    at48 = soxr.resample(speech, 16000, 48000).astype(np.float32)
-    seconds = len(speech) / 16000
-    stages = {
+    at48 = soxr.resample(speech, SAMPLE_RATE, 48000).astype(np.float32)
+    seconds = len(speech) / SAMPLE_RATE
+    stages: dict[str, tuple[Callable[[], _Stage], NDArray[np.float32], int]] = {
         "resample 48 -> 16 kHz": (lambda: PcmResampler(48000), at48, 960),
         "VAD (webrtcvad + gate)": (lambda: _VadStage(VadParams()), speech, 320),
         "incremental mel": (IncrementalMel, speech, 320),
@@ -123,6 +132,12 @@ def front_end_cost(speech: NDArray[np.float32], repeats: int = 3) -> dict[str, f
             best = min(best, time.process_time() - started)
         out[name] = 1000 * best / seconds
     return out
+
+
+class _Stage(Protocol):
+    """One per-session stage of the live audio front end, fed chunk by chunk."""
+
+    def push(self, samples: NDArray[np.float32], /) -> object: ...
 
 
 class _VadStage:
@@ -145,14 +160,38 @@ def write(rows: list[VadRow], cost: dict[str, float], out: Path, argv: Sequence[
         is_default = (r.aggressiveness, r.min_voiced_frames, r.onset_slots, r.hangover_slots) == (
             default.aggressiveness, default.min_voiced_frames, default.onset_slots, default.hangover_slots)
         mark = (lambda s: f"**{s}**") if is_default else str
-        table.append([mark(str(v)) for v in (r.aggressiveness, r.min_voiced_frames, r.onset_slots, r.hangover_slots)]
-                     + [report.fmt(r.speaking_pct), report.fmt(r.energetic_recall_pct), report.fmt(r.runs_per_10s),
-                        r.after_end_slots, report.fmt(r.noise_60_pct), report.fmt(r.noise_45_pct), r.silence_slots])
+        table.append(
+            [mark(str(v)) for v in (r.aggressiveness, r.min_voiced_frames, r.onset_slots, r.hangover_slots)]
+            + [
+                report.fmt(r.speaking_pct),
+                report.fmt(r.energetic_recall_pct),
+                report.fmt(r.runs_per_10s),
+                r.after_end_slots,
+                report.fmt(r.noise_60_pct),
+                report.fmt(r.noise_45_pct),
+                r.silence_slots,
+            ]
+        )
     lines += report.markdown_table(
-        ["mode", "voiced frames/slot", "onset slots", "hangover slots", "speaking %", "energetic recall %",
-         "runs / 10 s", "after end (slots)", "noise -60 dBFS %", "noise -45 dBFS %", "silence (slots)"], table)
+        [
+            "mode",
+            "voiced frames/slot",
+            "onset slots",
+            "hangover slots",
+            "speaking %",
+            "energetic recall %",
+            "runs / 10 s",
+            "after end (slots)",
+            "noise -60 dBFS %",
+            "noise -45 dBFS %",
+            "silence (slots)",
+        ],
+        table,
+    )
     lines += ["", "CPU per second of audio, one session, 20 ms chunks (best of 3):", ""]
-    lines += report.markdown_table(["stage", "CPU ms / s of audio"], [[k, report.fmt(v, 2)] for k, v in cost.items()])
+    lines += report.markdown_table(
+        ["stage", "CPU ms / s of audio"], [[k, report.fmt(v, 2)] for k, v in cost.items()]
+    )
     report.write_text(out, lines)
     report.write_json(out.with_suffix(".json"), {
         "machine": report.machine_line(), "command": report.command_line(argv), "date": report.utc_now(),

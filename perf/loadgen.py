@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -43,6 +44,9 @@ from perf.clients import (
     drive_stream,
 )
 from perf.stats import FrameRecord, RunSummary, summarize
+
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +195,8 @@ def check_jpeg(data: bytes, expect_size: tuple[int, int] | None) -> str:
     `expect_size` = ``(width, height)`` px (any size when None)."""
     if data[:2] != b"\xff\xd8":
         return "bad JPEG: no SOI marker"
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
+    image: MatLike | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:  # OpenCV returns None for undecodable data (its stubs do not say so)
         return "bad JPEG: does not decode"
     height, width = image.shape[:2]
     if expect_size is not None and (width, height) != tuple(expect_size):

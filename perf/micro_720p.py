@@ -1,5 +1,5 @@
 """Per-frame CPU micro-benchmark of the gateway's own work at 720p: prepare, composite
-(paste back, REFERENCE.md s.2 step 8) and JPEG with each available encoder, full frame vs
+(paste back, docs/REFERENCE.md s.2 step 8) and JPEG with each available encoder, full frame vs
 face crop only. Inference is not part of it (Triton's job); the predictions pasted are real
 ONNX Runtime outputs of the avatar's UNet.
 
@@ -72,8 +72,10 @@ class TurboJpegEncoder:
 
     def encode(self, bgr: NDArray[np.uint8]) -> bytes:
         """Encode uint8 [H, W, 3] BGR to JPEG bytes."""
-        return self._tj.encode(np.ascontiguousarray(bgr), quality=self.quality,
-                               pixel_format=self._pf, jpeg_subsample=self._ss)
+        jpeg: bytes = self._tj.encode(
+            np.ascontiguousarray(bgr), quality=self.quality, pixel_format=self._pf, jpeg_subsample=self._ss
+        )
+        return jpeg
 
 
 def available_encoders(quality: int = JPEG_QUALITY) -> dict[str, JpegEncoder]:
@@ -142,10 +144,13 @@ def real_predictions(onnx_path: Path, inners: NDArray[np.uint8], features: NDArr
     crops = np.stack([inners[pingpong_index(i, n)] for i in range(count)])
     audio = np.stack([audio_window(features, i) for i in range(count)])
     feeds = {UNET_CROP.name: crops, UNET_AUDIO.name: audio}
-    return sess.run([UNET_PRED.name], feeds)[0]
+    preds: NDArray[np.uint8] = sess.run([UNET_PRED.name], feeds)[0]
+    return preds
 
 
-def pillarbox(frames: NDArray[np.uint8], rects: NDArray[np.int32], width: int) -> tuple[NDArray[np.uint8], NDArray[np.int32]]:
+def pillarbox(
+    frames: NDArray[np.uint8], rects: NDArray[np.int32], width: int
+) -> tuple[NDArray[np.uint8], NDArray[np.int32]]:
     """Centre frames u8 [N, H, W0, 3] in black frames of `width` px; rects shifted in x.
 
     Raises:
@@ -292,14 +297,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings += benchmark(wide, wide_rects, pkg.features, preds, encoders, args.iterations,
                              "1280x720 (same frames pillarboxed)")
         noisy = add_sensor_noise(wide, sigma=args.noise_sigma)
-        timings += benchmark(noisy, wide_rects, pkg.features, preds, encoders, args.iterations,
-                             f"1280x720 pillarboxed + sensor-like noise (sigma {args.noise_sigma:g}, synthetic)")
+        timings += benchmark(
+            noisy,
+            wide_rects,
+            pkg.features,
+            preds,
+            encoders,
+            args.iterations,
+            f"1280x720 pillarboxed + sensor-like noise (sigma {args.noise_sigma:g}, synthetic)",
+        )
     side = rects[:, 2] - rects[:, 0]
     setup = [
         f"- avatar: `{pkg.name}` built by `lipsync package build --height 720` from the demo clip "
         f"(176x144 upscaled: smoother than camera 720p, so JPEG sizes and times are on the low side); "
         f"{pkg.frame_count} video frames, face rectangle {int(side.min())}-{int(side.max())} px",
-        f"- predictions: real ONNX Runtime outputs of its UNet (weights trained: {pkg.manifest.weights.trained})",
+        "- predictions: real ONNX Runtime outputs of its UNet "
+        f"(weights trained: {pkg.manifest.weights.trained})",
         f"- JPEG quality {JPEG_QUALITY}, 4:2:0; encoders available: {', '.join(encoders)}; "
         f"OpenCV threads 1; {args.iterations} timed calls per row",
         "- prepare = the gateway's work before the Triton call; composite = `lipsync.frames.paste_back`; "

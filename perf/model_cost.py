@@ -24,7 +24,6 @@ from pathlib import Path
 
 from perf import report
 
-
 FUSED_OPS = frozenset({"Relu", "Add", "Sigmoid", "Floor", "Mul", "Div", "Cast"})
 """Ops whose outputs TensorRT typically never writes to memory (fused epilogues/elementwise)."""
 
@@ -97,7 +96,7 @@ def model_cost(onnx_path: Path) -> ModelCost:
             if w is None or out is None or any(d <= 0 for d in out):
                 raise ValueError(f"cannot resolve the shapes of Conv {node.name!r}")
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            cout, cin_g, kh, kw = w
+            _cout, cin_g, kh, kw = w
             if group > 1 and cin_g == 1:
                 depthwise += 1
             flops += 2.0 * out[1] * out[2] * out[3] * cin_g * kh * kw

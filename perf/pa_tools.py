@@ -8,7 +8,7 @@ report of its CSV output.
 `input` writes perf_analyzer's *directory* input format: one raw row-major file per model input,
 named after the input, holding one batch-1 tensor of the UNet's Triton contract
 (`lipsync.contract`): ``UNET_CROP`` (the package's inner crop of a real video frame, BGR) and
-``UNET_AUDIO`` (the frame's feature window, REFERENCE.md s.2 step 6); it prints the
+``UNET_AUDIO`` (the frame's feature window, docs/REFERENCE.md s.2 step 6); it prints the
 perf_analyzer arguments that go with them, one per line (model, input folder, shapes).
 """
 from __future__ import annotations

@@ -16,11 +16,14 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from perf import report
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,17 +91,23 @@ def estimate(gpu: Gpu, gflop: float, activation_mib: float, gateway_ms: float,
     `gateway_ms`).
     """
     traffic = a.traffic_factor * activation_mib * 2**20
-    comp = tuple(gpu.fp16_tflops * 1e12 * e / (gflop * 1e9) for e in a.compute_eff)
-    band = tuple(gpu.dram_tb_s * 1e12 * e / traffic for e in a.bandwidth_eff)
+    comp = _pair(gpu.fp16_tflops * 1e12 * e / (gflop * 1e9) for e in a.compute_eff)
+    band = _pair(gpu.dram_tb_s * 1e12 * e / traffic for e in a.bandwidth_eff)
     fps = (min(comp[0], band[0]), min(comp[1], band[1]))
-    streams = tuple(int(f * a.gpu_headroom / a.fps) for f in fps)
-    cores = tuple(s * a.fps * gateway_ms / 1000.0 / a.cpu_headroom for s in streams)
+    streams = _pair(int(f * a.gpu_headroom / a.fps) for f in fps)
+    cores = _pair(s * a.fps * gateway_ms / 1000.0 / a.cpu_headroom for s in streams)
     loop_ms = gateway_ms if overhead_ms is None else overhead_ms
-    procs = tuple(max(1, math.ceil(s * a.fps * loop_ms / 1000.0 / a.cpu_headroom)) for s in streams)
-    return GpuEstimate(gpu.name, comp, band, fps, streams, cores, procs)  # type: ignore[arg-type]
+    procs = _pair(max(1, math.ceil(s * a.fps * loop_ms / 1000.0 / a.cpu_headroom)) for s in streams)
+    return GpuEstimate(gpu.name, comp, band, fps, streams, cores, procs)
 
 
-def gateway_ms_per_frame(micro: dict, compare: dict) -> tuple[float, float, float]:
+def _pair(values: Iterable[T]) -> tuple[T, T]:
+    """The (low, high) of a range computed element-wise (ValueError unless exactly two)."""
+    low, high = values
+    return low, high
+
+
+def gateway_ms_per_frame(micro: dict[str, Any], compare: dict[str, Any]) -> tuple[float, float, float]:
     """(pixel work at 1280x720, per-frame process overhead, total) in CPU ms per frame.
 
     Pixel work: the medians of composite (full frame) and the fastest full-frame JPEG encoder

@@ -7,8 +7,9 @@ the server: `mode` (live, not_live, refused, hung), load failures per model, rea
 that time out (`slow_model_probes`), and calls held in flight (`hold_inference`, `hold_loads`).
 It raises what `TritonGrpcClient` raises (`TritonDeadline` for a deadline, `TritonEndpointDown`
 for a refused or lost connection, `TritonUnavailable` otherwise) and records every call in
-`calls`. Several fakes, each with its own ``url``, stand for several Triton endpoints. No sleeps: a "hung" Triton answers a probe with
-`TritonDeadline` at once, as the real client does when its deadline passes.
+`calls`. Several fakes, each with its own ``url``, stand for several Triton endpoints. No
+sleeps: a "hung" Triton answers a probe with `TritonDeadline` at once, as the real client does
+when its deadline passes.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
@@ -30,17 +30,6 @@ Mode = Literal["live", "not_live", "refused", "hung"]
 def identity_unet(crop: NDArray[np.uint8], window: NDArray[np.float32]) -> NDArray[np.uint8]:
     """A UNet whose prediction is its input crop: uint8 ``[N, 320, 320, 3]``."""
     return crop.copy()
-
-
-def identity_composite(frame: NDArray[np.uint8], rect: NDArray[np.int32]) -> NDArray[np.uint8]:
-    """The composite of `identity_unet`'s prediction, written out with OpenCV (docs/REFERENCE.md
-    s.2 steps 2-8, independently of `lipsync.frames`): uint8 ``[H, W, 3]`` BGR."""
-    x1, y1, x2, y2 = (int(v) for v in rect)
-    crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
-    crop[4:324, 4:324] = crop[4:324, 4:324].copy()  # the prediction pasted into the crop
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
-    return out
 
 
 def slice_encoder(mel: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -98,10 +87,13 @@ class FakeTriton:
     def _answer_control(self) -> None:
         if self.mode == "refused":
             raise TritonEndpointDown(
-                f"Triton at {self.url} unreachable: StatusCode.UNAVAILABLE: failed to connect (connection refused)"
+                f"Triton at {self.url} unreachable: StatusCode.UNAVAILABLE: "
+                "failed to connect (connection refused)"
             )
         if self.mode == "hung":
-            raise TritonDeadline(f"Triton at {self.url} unreachable: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded")
+            raise TritonDeadline(
+                f"Triton at {self.url} unreachable: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded"
+            )
 
     # ------------------------------------------------------------------ ControlClient
     async def server_live(self) -> bool:
@@ -113,7 +105,9 @@ class FakeTriton:
         self.calls.append(("model_ready", model))
         self._answer_control()
         if self.slow_model_probes:
-            raise TritonDeadline(f"readiness of {model!r} unknown: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded")
+            raise TritonDeadline(
+                f"readiness of {model!r} unknown: StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded"
+            )
         return model in self.loaded
 
     async def load_model(self, model: str) -> None:
@@ -146,7 +140,9 @@ class FakeTriton:
         if self.hold_inference is not None:
             await self.hold_inference.wait()
         if self.mode != "live":
-            raise TritonEndpointDown(f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed")
+            raise TritonEndpointDown(
+                f"Triton inference on {model!r} failed: StatusCode.UNAVAILABLE: Socket closed"
+            )
         if model not in self.loaded:
             raise TritonUnavailable(
                 f"Triton inference on {model!r} failed: StatusCode.NOT_FOUND: Request for unknown model"
@@ -165,7 +161,9 @@ class FakeTriton:
         return await self._infer(model, mel)
 
 
-def fake_triton(*avatar_models: str, loaded: tuple[str, ...] = (), url: str = "fake-triton:8001") -> FakeTriton:
+def fake_triton(
+    *avatar_models: str, loaded: tuple[str, ...] = (), url: str = "fake-triton:8001"
+) -> FakeTriton:
     """A fake at ``url`` with an identity UNet per Triton model name in ``avatar_models`` and
     the audio encoder (max batch 8 each)."""
     models = {m: FakeModel(identity_unet) for m in avatar_models}

@@ -211,7 +211,8 @@ class WorkersGateway:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
         log = self.process.log_path.read_text()
-        raise AssertionError(f"not every worker ready (exit {self.process.proc.poll()}, ready {ready}):\n{log}")
+        code = self.process.proc.poll()
+        raise AssertionError(f"not every worker ready (exit {code}, ready {ready}):\n{log}")
 
     def stop(self) -> int:
         """SIGTERM it; returns its exit status (no worker is left: asserted)."""
@@ -229,7 +230,9 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-def start_workers_gateway(tmp_path: Path, triton_url: str, packages_root: Path, workers: int) -> WorkersGateway:
+def start_workers_gateway(
+    tmp_path: Path, triton_url: str, packages_root: Path, workers: int
+) -> WorkersGateway:
     """Start ``lipsync gateway --workers N`` with `gateway_settings` (free ports, JPEG quality
     95) and wait until every worker is ready."""
     process = start_gateway_process(

@@ -64,7 +64,9 @@ class RecordingRenderer:
         hang: slots whose `render_speaking` never returns (until cancelled).
     """
 
-    def __init__(self, video_frames: int = 5, fail: set[int] | None = None, hang: set[int] | None = None) -> None:
+    def __init__(
+        self, video_frames: int = 5, fail: set[int] | None = None, hang: set[int] | None = None
+    ) -> None:
         self.video_frames = video_frames
         self.fail = fail or set()
         self.hang = hang or set()
@@ -73,7 +75,9 @@ class RecordingRenderer:
         self.idle_calls: list[tuple[int, int]] = []
         self.cancelled: list[int] = []
 
-    async def render_speaking(self, slot: int, video_frame: int, window: NDArray[np.float32]) -> RenderedFrame:
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         self.speaking_calls.append((slot, video_frame))
         self.windows[slot] = window
         if slot in self.fail:

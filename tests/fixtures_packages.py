@@ -6,6 +6,7 @@
 - `make_package` (function): a factory writing a small synthetic but valid package with the
   same writer the builder uses (`lipsync.package.write_package`), for tests that need a package
   without the demo build. Its audio is one second of real LibriVox speech.
+- `served_version_number(repo, model)`: the version Triton would serve (the test fails if none).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
+from export.model_repo import served_version
 from lipsync.audio import feature_rows_for_samples, float_to_pcm16, load_wav_16k_mono
 from lipsync.contract import FEATURE_DIM
 from lipsync.package import (
@@ -32,7 +35,14 @@ from lipsync.paths import SPEECH_DIR
 MakePackage = Callable[..., Path]
 
 
-def _speech_pcm16(seconds: float) -> np.ndarray:
+def served_version_number(repo: Path, model: str) -> int:
+    """The version of `model` Triton would serve from `repo`; fails the test when there is none."""
+    served = served_version(repo, model)
+    assert served is not None, f"{repo} serves no version of {model}"
+    return served.version
+
+
+def _speech_pcm16(seconds: float) -> NDArray[np.int16]:
     wavs = sorted(SPEECH_DIR.glob("*.wav"))
     if not wavs:
         pytest.skip(f"no speech WAVs in {SPEECH_DIR} (install pocketsphinx-testdata)")

@@ -5,13 +5,12 @@ once, and readiness is pushed to grpc.health and /readyz without polling."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -20,38 +19,23 @@ from gateway.server import GatewayServer
 from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_request
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
-from tests.fake_gateway import fake_settings
-from tests.fake_triton import FakeTriton, fake_triton, identity_composite
+from tests.fake_gateway import SYNTHETIC_AVATAR, on_fake_server
+from tests.fake_triton import FakeTriton
 from tests.original_ws_client import OriginalClientFrame, parse_reply_as_original_client
+from tests.reference_frames import identity_composite
 
-T = TypeVar("T")
-AVATAR = "synthetic"
+AVATAR = SYNTHETIC_AVATAR
 
-
-def on_server(
-    make_package: Callable[..., Path], body: Callable[[GatewayServer, FakeTriton], Awaitable[T]], **settings: Any
-) -> T:
-    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
-    root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
-
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
 
 
 def requests_counted(server: GatewayServer, protocol: str) -> tuple[float, float]:
     assert server.ctx is not None
     value = server.ctx.metrics.registry.get_sample_value
-    return tuple(  # type: ignore[return-value]
-        value("lipsync_gateway_requests_total", {"protocol": protocol, "outcome": o}) or 0.0 for o in ("ok", "error")
+    ok, error = (
+        value("lipsync_gateway_requests_total", {"protocol": protocol, "outcome": o}) or 0.0
+        for o in ("ok", "error")
     )
+    return ok, error
 
 
 async def ws_exchange(url: str, messages: list[bytes | str]) -> list[FrameReply | ErrorReply]:
@@ -81,7 +65,9 @@ def test_websocket_frames_and_errors(make_package: Callable[..., Path]) -> None:
         ])
         ok = replies[0]
         assert isinstance(ok, FrameReply) and ok.frame_id == 3
-        assert ok.jpeg == server.ctx.pipeline.encoder.encode(identity_composite(avatar.frames[3], avatar.rects[3]))
+        assert ok.jpeg == server.ctx.pipeline.encoder.encode(
+            identity_composite(avatar.frames[3], avatar.rects[3])
+        )
         assert ok.bounds == avatar.rect(3)
         codes = [(r.frame_id, r.code) for r in replies[1:6] if isinstance(r, ErrorReply)]
         assert codes == [(0, "unknown_avatar"), (m, "frame_out_of_range"), (1, "bad_request"),
@@ -93,7 +79,7 @@ def test_websocket_frames_and_errors(make_package: Callable[..., Path]) -> None:
         assert value("lipsync_gateway_ws_messages_total", {"kind": "binary"}) == 7
         assert value("lipsync_gateway_ws_messages_total", {"kind": "text"}) == 1
 
-    on_server(make_package, body)
+    on_fake_server(make_package, body)
 
 
 def test_root_websocket_speaks_the_original_format(make_package: Callable[..., Path]) -> None:
@@ -129,7 +115,7 @@ def test_root_websocket_speaks_the_original_format(make_package: Callable[..., P
         assert sum(len(x[0]) for model, x in fake.inputs if model == "audio_encoder") == 10 + 16
         assert requests_counted(server, "ws") == (4.0, 1.0)
 
-    on_server(make_package, body)
+    on_fake_server(make_package, body)
 
 
 def test_websocket_connection_limit_answers_overloaded_at_once(make_package: Callable[..., Path]) -> None:
@@ -144,7 +130,7 @@ def test_websocket_connection_limit_answers_overloaded_at_once(make_package: Cal
             assert isinstance(decode_reply((await ws.receive(timeout=10)).data), FrameReply)
         assert requests_counted(server, "ws") == (1.0, 1.0)
 
-    on_server(make_package, body, max_in_flight_per_connection=1)
+    on_fake_server(make_package, body, max_in_flight_per_connection=1)
 
 
 def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., Path]) -> None:
@@ -152,7 +138,9 @@ def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., P
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = pbg.OptimizedLipSyncServiceStub(channel)
             r = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=2))
-            assert r.success and r.frame_id == 2 and r.model_name == AVATAR and r.prediction_shape == "48x64x3"
+            assert (
+                r.success and r.frame_id == 2 and r.model_name == AVATAR and r.prediction_shape == "48x64x3"
+            )
             bad = await stub.GenerateInference(pb.OptimizedInferenceRequest(model_name="nobody", frame_id=2))
             assert not bad.success and bad.error.startswith("unknown_avatar: ")
 
@@ -169,15 +157,20 @@ def test_grpc_frames_batches_with_audio_and_stream(make_package: Callable[..., P
             assert expected in r.responses[0].error
             r = await stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
                 model_name=AVATAR, start_frame_id=-1, frame_count=1, audio_chunks=chunks[:16]))
-            assert r.responses[0].error.startswith("frame_out_of_range: frame_id -1") and "valid: >= 0" in r.responses[0].error
+            assert (
+                r.responses[0].error.startswith("frame_out_of_range: frame_id -1")
+                and "valid: >= 0" in r.responses[0].error
+            )
 
             ids = [4, 1, 9, 0]
-            stream = stub.StreamInference(iter(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i) for i in ids))
+            stream = stub.StreamInference(
+                iter(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i) for i in ids)
+            )
             assert [x.frame_id async for x in stream] == ids
         # 1 + 3 + 4 frames rendered; 1 frame and 2 batches refused, each counted once
         assert requests_counted(server, "grpc") == (8.0, 3.0)
 
-    on_server(make_package, body)
+    on_fake_server(make_package, body)
 
 
 def test_readiness_is_pushed_to_grpc_health_and_readyz(make_package: Callable[..., Path]) -> None:
@@ -207,7 +200,11 @@ def test_readiness_is_pushed_to_grpc_health_and_readyz(make_package: Callable[..
                 await asyncio.sleep(0)
             assert await health() == health_pb2.HealthCheckResponse.NOT_SERVING
             status, body_down = await readyz()
-            assert status == 503 and body_down["triton"]["server"] == "down" and not body_down["triton"]["server_ready"]
+            assert (
+                status == 503
+                and body_down["triton"]["server"] == "down"
+                and not body_down["triton"]["server_ready"]
+            )
             assert "Triton at fake-triton:8001 is not ready" in body_down["reason"]
             assert server.ctx.metrics.registry.get_sample_value("lipsync_gateway_triton_ready") == 0.0
 
@@ -221,7 +218,7 @@ def test_readiness_is_pushed_to_grpc_health_and_readyz(make_package: Callable[..
             assert await health() == health_pb2.HealthCheckResponse.SERVING
             assert (await readyz())[0] == 200
 
-    on_server(make_package, body)
+    on_fake_server(make_package, body)
 
 
 @pytest.mark.parametrize(("path", "status"), [("3.jpg", 200), ("x.jpg", 400), ("99999.jpg", 400)])
@@ -232,7 +229,7 @@ def test_http_frame_route(make_package: Callable[..., Path], path: str, status: 
         ) as resp:
             return resp.status, dict(resp.headers), await resp.read()
 
-    got, headers, _ = on_server(make_package, body)
+    got, headers, _ = on_fake_server(make_package, body)
     assert got == status
     if status == 200:
         assert headers["Content-Type"] == "image/jpeg" and headers["X-Bounds"] == "20,12,44,36"

@@ -1,4 +1,4 @@
-"""Audio features (lipsync/audio.py) against librosa on real speech (REFERENCE.md s.4)."""
+"""Audio features (lipsync/audio.py) against librosa on real speech (docs/REFERENCE.md s.4)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import librosa
 import numpy as np
 import pytest
 import soundfile
+from numpy.typing import NDArray
 
 from lipsync import audio
 from lipsync.paths import SPEECH_DIR
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _librosa_mel(wav: np.ndarray) -> np.ndarray:
+def _librosa_mel(wav: NDArray[np.float32]) -> NDArray[np.float64]:
     """The reference computation with librosa (Wav2Lip / SyncTalk_2D `audio.py` parameters)."""
     emphasized = np.concatenate([wav[:1], wav[1:] - 0.97 * wav[:-1]])
     spec = np.abs(librosa.stft(y=emphasized, n_fft=800, hop_length=200, win_length=800))
@@ -79,7 +80,9 @@ def test_load_wav_errors(tmp_path: Path) -> None:
         audio.load_wav_16k_mono(bogus)
     eight_bit = tmp_path / "u8.wav"
     with wave.open(str(eight_bit), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(1), w.setframerate(16000)
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(16000)
         w.writeframes(bytes(range(256)))
     with pytest.raises(audio.AudioError, match="expected 16-bit PCM, found 8-bit"):
         audio.load_wav_16k_mono(eight_bit)

@@ -25,7 +25,11 @@ from tests.fake_triton import fake_triton, slice_encoder
 
 
 def speechlike(chunks: int, seed: int = 0) -> list[bytes]:
-    pcm = (np.random.default_rng(seed).standard_normal(chunks * CHUNK_BYTES // 2) * 3000).astype("<i2").tobytes()
+    pcm = (
+        (np.random.default_rng(seed).standard_normal(chunks * CHUNK_BYTES // 2) * 3000)
+        .astype("<i2")
+        .tobytes()
+    )
     return [pcm[i : i + CHUNK_BYTES] for i in range(0, len(pcm), CHUNK_BYTES)]
 
 

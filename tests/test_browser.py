@@ -55,7 +55,10 @@ def browser() -> Any:
 def test_page_plays_the_demo_avatar(browser: Any, served_gateway: Any, demo_package: Any) -> None:
     page = browser.new_page()
     problems: list[str] = []
-    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on(
+        "console",
+        lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None,
+    )
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
     try:
@@ -103,7 +106,7 @@ def test_page_plays_the_demo_avatar(browser: Any, served_gateway: Any, demo_pack
     assert stats["framesReceived"] >= stats["framesDrawn"]
     assert stats["requested"] > 4, "the page kept requesting frames while playing"
     assert stats["framesDrawn"] + stats["dropped"] >= 60, f"about 75 slots passed in 3 s: {stats}"
-    n, h, w, _ = demo_package.frames.shape
+    _, h, w, _ = demo_package.frames.shape
     assert (canvas["w"], canvas["h"]) == (w, h)
     assert canvas["std"] > 10, f"canvas looks blank: {canvas}"
     # the page shows live numbers: latency p50 / p95 and the dropped count

@@ -287,7 +287,9 @@ def test_aggregate_pools_rounds_and_ratios_compare_the_same_cell(tmp_path: Path)
     results = aggregate(ms)
     old8 = next(r for r in results if r.cell == c8 and r.variant == "old")
     assert old8.rounds == 2 and old8.frames_ok == 200 and old8.errors == 2 and old8.verified == 20
-    assert old8.fps == pytest.approx(200 / sum(m.summary.wall_s for m in ms if m.cell == c8 and m.variant == "old"))
+    assert old8.fps == pytest.approx(
+        200 / sum(m.summary.wall_s for m in ms if m.cell == c8 and m.variant == "old")
+    )
     assert old8.gateway_ms["total"] == pytest.approx(1.2 * 1000 / 200)
     assert old8.gateway_ms[EVENT_LOOP] == pytest.approx(0.4 * 1000 / 200)
     assert old8.triton_ms == pytest.approx(1.0 * 1000 / 200) and old8.loadgen_ms == pytest.approx(2.0)

@@ -98,7 +98,9 @@ def test_wrong_key_is_named(tmp_path: Path, ave_state: dict[str, torch.Tensor]) 
 def test_shape_mismatch_is_named(tmp_path: Path, ave_state: dict[str, torch.Tensor]) -> None:
     state = dict(ave_state)
     state["outc.conv.weight"] = torch.zeros(4, 16, 1, 1)
-    with pytest.raises(CheckpointError, match=r"outc\.conv\.weight: checkpoint \[4, 16, 1, 1\] vs model \[3, 16, 1, 1\]"):
+    with pytest.raises(
+        CheckpointError, match=r"outc\.conv\.weight: checkpoint \[4, 16, 1, 1\] vs model \[3, 16, 1, 1\]"
+    ):
         load_unet(_save(state, tmp_path / "shape.pth"), mode="ave")
 
 
@@ -124,7 +126,7 @@ def test_ave_checkpoint_loaded_as_wenet_names_ave_and_hubert(
 
 
 def test_ave_and_hubert_are_indistinguishable_by_state_dict() -> None:
-    # They differ only in audio_model.conv3's stride (REFERENCE.md s.1): --mode has to decide.
+    # They differ only in audio_model.conv3's stride (docs/REFERENCE.md s.1): --mode has to decide.
     assert fitting_modes(state_dict_from_tsv("unet_328_hubert")) == ["ave", "hubert"]
     assert fitting_modes(state_dict_from_tsv("unet_328_wenet")) == ["wenet"]
 
@@ -196,5 +198,7 @@ def test_audio_encoder_accepts_synctalk_layout(tmp_path: Path) -> None:
 def test_audio_encoder_wrong_key(tmp_path: Path) -> None:
     state = state_dict_from_tsv("audio_encoder")
     state["audio_encoder.13.conv_block.0.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"1 unexpected keys \(audio_encoder\.13\.conv_block\.0\.weight\)"):
+    with pytest.raises(
+        CheckpointError, match=r"1 unexpected keys \(audio_encoder\.13\.conv_block\.0\.weight\)"
+    ):
         load_audio_encoder(_save(state, tmp_path / "enc.pth"))

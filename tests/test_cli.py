@@ -149,7 +149,7 @@ def test_busy_triton_port_is_a_clear_error(busy_port: int) -> None:
 
 def _get_json(url: str) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -175,7 +175,9 @@ def test_up_end_to_end_then_a_signal_stops_both(
             time.sleep(1.0)
         assert proc.poll() is None, log_path.read_text()
         assert ready and ready["ready"] is True, (ready, log_path.read_text())
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/api/avatars/demo/frames/0.jpg", timeout=30) as resp:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{http}/api/avatars/demo/frames/0.jpg", timeout=30
+        ) as resp:
             assert resp.status == 200 and resp.read(2) == b"\xff\xd8"
         assert port_in_use(t_grpc) and port_in_use(grpc_port)
 
@@ -205,7 +207,10 @@ def test_gateway_command_serves_against_a_running_triton(
         while time.monotonic() < deadline and gateway.proc.poll() is None and status != 200:
             time.sleep(0.5)
             status, ready = _get_json(f"http://127.0.0.1:{http}/readyz")
-        assert status == 200 and ready["avatars"] == ["demo"], (ready, log_path.read_text())
+        assert status == 200 and ready is not None and ready["avatars"] == ["demo"], (
+            ready,
+            log_path.read_text(),
+        )
     finally:
         assert gateway.stop() == 0, log_path.read_text()
     text = log_path.read_text()

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from dockerfile_parse import DockerfileParser
 
 from gateway.config import GatewaySettings
 from lipsync.paths import REPO_ROOT
+from perf.servers import child_process
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 COMPOSE_PERF = REPO_ROOT / "docker" / "compose.perf.yml"
@@ -436,7 +436,7 @@ def test_image_command_serves_with_runtime_dependencies_only(
     parser = dockerfile()
     stage = final_stage(instructions())
     cmd = json.loads([i["value"] for i in stage if i["instruction"] == "CMD"][-1])
-    health = [i["value"] for i in stage if i["instruction"] == "HEALTHCHECK"][0]
+    health = next(i["value"] for i in stage if i["instruction"] == "HEALTHCHECK")
     health_cmd = json.loads(health[health.index("CMD") + 3:].strip())
     grpc_port, http_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
@@ -453,10 +453,8 @@ def test_image_command_serves_with_runtime_dependencies_only(
     assert cmd[0] == "lipsync"
     launcher = BLOCKER + "from lipsync.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     log_path = tmp_path / "gateway.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", launcher, *cmd[1:]], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    launch = [sys.executable, "-c", launcher, *cmd[1:]]
+    with child_process(launch, env, log_path, cwd=tmp_path) as proc:
         base = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 120
         while True:
@@ -476,13 +474,6 @@ def test_image_command_serves_with_runtime_dependencies_only(
             assert resp.status == 200 and resp.read(3) == b"\xff\xd8\xff"
         text = log_path.read_text()
         assert "is not a runtime dependency" not in text
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     # the healthcheck fails once the gateway is gone
     gone = subprocess.run([sys.executable, *health_cmd[1:]], env=env, capture_output=True, timeout=30)
     assert gone.returncode != 0

@@ -5,6 +5,7 @@ deadline), rejoining after recovery, DNS changes adding and removing endpoints, 
 rule, per-endpoint metrics; and `gateway.triton_targets` (parsing, the system resolver).
 No server, no sleeps beyond the DNS gap of one test; periodic probes are off (each test probes).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,7 +58,10 @@ class Fleet:
     """
 
     def __init__(
-        self, *urls: str, url: str | None = None, dns: dict[str, list[str]] | None = None,
+        self,
+        *urls: str,
+        url: str | None = None,
+        dns: dict[str, list[str]] | None = None,
         models: tuple[str, ...] = (UNET, OTHER),
     ) -> None:
         self.fakes = {u: fake_triton(*models, loaded=(ENCODER,), url=u) for u in urls}
@@ -65,8 +69,13 @@ class Fleet:
         self.metrics = GatewayMetrics()
         self.resolutions = 0
         self.pool = EndpointPool(
-            parse_targets(url or ",".join(urls)), self.connect, self.metrics,
-            resolver=self.resolve, dns_interval_s=3600.0, drain_timeout_s=5.0, probe_interval_s=3600.0,
+            parse_targets(url or ",".join(urls)),
+            self.connect,
+            self.metrics,
+            resolver=self.resolve,
+            dns_interval_s=3600.0,
+            drain_timeout_s=5.0,
+            probe_interval_s=3600.0,
         )
 
     def __getitem__(self, url: str) -> FakeTriton:
@@ -105,7 +114,9 @@ async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0
 # ----------------------------------------------------------------------------- targets
 def test_targets_parse_and_refuse_precisely() -> None:
     assert parse_targets(" triton:8001 , 10.0.0.5:8001,[fd00::5]:8002,triton:8001") == (
-        Target("triton", 8001), Target("10.0.0.5", 8001), Target("fd00::5", 8002),
+        Target("triton", 8001),
+        Target("10.0.0.5", 8001),
+        Target("fd00::5", 8002),
     )
     assert [t.is_address for t in parse_targets("triton:1,10.0.0.5:1,[::1]:1")] == [False, True, True]
     assert str(Target("fd00::5", 8002)) == "[fd00::5]:8002" and Target("h", 1).endpoint("::1") == "[::1]:1"
@@ -176,7 +187,8 @@ def test_a_call_whose_endpoint_dies_is_retried_once_on_another(how: str, kind: s
         crop, window = unet_inputs()
         mel = np.random.default_rng(0).standard_normal((3, 80, 16)).astype(np.float32)
         sent, expected = (
-            (pool.infer_unet(UNET, crop, window), crop) if kind == "unet"
+            (pool.infer_unet(UNET, crop, window), crop)
+            if kind == "unet"
             else (pool.infer_audio_encoder(ENCODER, mel), mel.reshape(3, -1)[:, :512])
         )
         call: asyncio.Task[NDArray[Any]] = asyncio.create_task(sent)
@@ -280,8 +292,16 @@ def test_ready_when_every_model_is_ready_on_some_live_endpoint() -> None:
         await pool.probe_once()
         snap = pool.snapshot()
         assert snap.live and not snap.ready
-        assert snap.reason() == f"model {OTHER!r} is not loaded in Triton (load_model({OTHER!r}) failed: StatusCode.INTERNAL: bad ONNX)"
-        with pytest.raises(TritonUnavailable, match=rf"no Triton endpoint can serve model '{OTHER}': {A} has not loaded it \(.*bad ONNX\); {B} not ready \(.*connection refused\)"):
+        assert (
+            snap.reason()
+            == f"model {OTHER!r} is not loaded in Triton "
+            f"(load_model({OTHER!r}) failed: StatusCode.INTERNAL: bad ONNX)"
+        )
+        with pytest.raises(
+            TritonUnavailable,
+            match=rf"no Triton endpoint can serve model '{OTHER}': {A} has not loaded it \(.*bad ONNX\); "
+            rf"{B} not ready \(.*connection refused\)",
+        ):
             await pool.infer_unet(OTHER, crop, window)
         fleet[A].mode = "refused"
         await pool.probe_once()
@@ -318,7 +338,10 @@ def test_a_pool_of_one_is_its_endpoint() -> None:
                 await client.infer_unet(UNET, crop, window)
             messages.append(str(info.value))
         assert messages[0] == messages[1] and f"Triton at {A} is not ready" in messages[0]
-        assert pool.snapshot() == pool.endpoints()[0].state and pool.snapshot().reason() == alone.snapshot().reason()
+        assert (
+            pool.snapshot() == pool.endpoints()[0].state
+            and pool.snapshot().reason() == alone.snapshot().reason()
+        )
         await alone.close()
         await pool.close()
 
@@ -329,7 +352,10 @@ def test_combined_state_of_no_endpoint() -> None:
     snap = combine_states("triton:8001", [], {UNET: True, ENCODER: False}, "triton:8001 does not resolve (x)")
     assert snap.server is ServerState.UNKNOWN and not snap.ready
     assert snap.models[UNET].phase is ModelPhase.UNKNOWN and not snap.models[ENCODER].required
-    assert snap.reason() == "Triton at triton:8001 is not ready (no Triton endpoint: triton:8001 does not resolve (x))"
+    assert (
+        snap.reason()
+        == "Triton at triton:8001 is not ready (no Triton endpoint: triton:8001 does not resolve (x))"
+    )
 
 
 # ----------------------------------------------------------------------------- DNS
@@ -379,7 +405,9 @@ def test_a_name_that_does_not_resolve_yet_joins_when_it_does() -> None:
         fleet = Fleet(A, url="triton:8001")
         pool = await fleet.start()
         assert pool.endpoints() == [] and not pool.snapshot().ready
-        with pytest.raises(TritonUnavailable, match=r"no Triton endpoint: triton:8001 does not resolve \(.*not known\)"):
+        with pytest.raises(
+            TritonUnavailable, match=r"no Triton endpoint: triton:8001 does not resolve \(.*not known\)"
+        ):
             await pool.infer_unet(UNET, *unet_inputs())
         fleet.dns["triton"] = ["10.0.0.1"]
         await pool.refresh()
@@ -429,9 +457,13 @@ def test_readyz_stats_and_metrics_show_each_endpoint(make_package: Callable[...,
                 status, ready = await get("/readyz")
                 assert status == 200 and ready["triton"]["url"] == f"{A},{B}"
                 assert [(e["url"], e["server"], e["ready"]) for e in ready["endpoints"]] == [
-                    (A, "live", True), (B, "live", True),
+                    (A, "live", True),
+                    (B, "live", True),
                 ]
-                assert ready["endpoints"][1]["model_states"] == {"lipsync_synthetic": "ready", ENCODER: "ready"}
+                assert ready["endpoints"][1]["model_states"] == {
+                    "lipsync_synthetic": "ready",
+                    ENCODER: "ready",
+                }
                 for frame_id in range(3):
                     await ctx.pipeline.render(FrameRequest("synthetic", frame_id), protocol="http")
                 assert fleet.infers() == {A: 2, B: 1}
@@ -440,11 +472,17 @@ def test_readyz_stats_and_metrics_show_each_endpoint(make_package: Callable[...,
                 await ctx.lifecycle.probe_once()
                 status, ready = await get("/readyz")
                 assert status == 200 and ctx.ready(), "A serves every avatar"
-                assert [(e["server"], e["ready"]) for e in ready["endpoints"]] == [("live", True), ("down", False)]
+                assert [(e["server"], e["ready"]) for e in ready["endpoints"]] == [
+                    ("live", True),
+                    ("down", False),
+                ]
                 assert "connection refused" in ready["endpoints"][1]["server_error"]
                 _, stats = await get("/api/stats")
-                assert [(e["url"], e["calls"], e["errors"], e["retries"]) for e in stats["triton_endpoints"]] == [
-                    (A, 2, 0, 0), (B, 1, 0, 0),
+                assert [
+                    (e["url"], e["calls"], e["errors"], e["retries"]) for e in stats["triton_endpoints"]
+                ] == [
+                    (A, 2, 0, 0),
+                    (B, 1, 0, 0),
                 ]
                 assert stats["triton_endpoints"][0]["avg_call_ms"] > 0
                 metrics = (await (await http.get("/metrics")).read()).decode()

@@ -1,9 +1,10 @@
-"""Unit tests of `lipsync.frames` (REFERENCE.md s.2) with hand-checkable cases."""
+"""Unit tests of `lipsync.frames` (docs/REFERENCE.md s.2) with hand-checkable cases."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from lipsync.frames import (
     audio_window,
@@ -16,7 +17,7 @@ from lipsync.frames import (
 )
 
 
-def _noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+def _noise(shape: tuple[int, ...], seed: int = 0) -> NDArray[np.uint8]:
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
 
@@ -163,7 +164,7 @@ def test_paste_back_region_refuses_a_region_that_cuts_the_face_or_leaves_the_fra
     frame = _noise((144, 176, 3), seed=9)
     rect = (40, 30, 120, 110)
     crop = crop_328(frame, rect)
-    with pytest.raises(ValueError, match="does not contain the face|not inside the 176x144 frame"):
+    with pytest.raises(ValueError, match=r"does not contain the face|not inside the 176x144 frame"):
         paste_back_region(frame, rect, crop, _noise((320, 320, 3)), region)
 
 

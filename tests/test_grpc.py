@@ -1,7 +1,7 @@
 """gRPC service tests against the real CPU tritonserver and the demo avatar.
 
 The image checks compare the gateway's JPEG with a composite computed here, independently of
-the gateway code: ONNX Runtime on the avatar's own `model.onnx` and the REFERENCE.md s.2 steps
+the gateway code: ONNX Runtime on the avatar's own `model.onnx` and the docs/REFERENCE.md s.2 steps
 written out with OpenCV/numpy (not `lipsync.frames`). The gateway runs at JPEG quality 95.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import cv2
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from numpy.typing import NDArray
 
 from gateway.audio_features import CHUNK_BYTES, chunk_mel_windows
 from gateway.jpeg import OpenCvJpegEncoder, SimpleJpegEncoder
@@ -27,46 +27,13 @@ from lipsync import audio as lipsync_audio
 from lipsync.paths import MODEL_REPOSITORY_CPU, REPO_ROOT, SPEECH_DIR
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.reference_frames import decode_jpeg, psnr, reference_composite, reference_window
 from tests.triton_stats import settled_counts
 
 AVATAR = "demo"
 
 
 # ----------------------------------------------------------------------------- helpers
-def decode_bgr(jpeg: bytes) -> np.ndarray:
-    """JPEG bytes -> uint8 [H, W, 3] BGR (OpenCV)."""
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None, f"not a decodable JPEG ({len(jpeg)} bytes)"
-    return image
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of two uint8 arrays of the same shape; inf when equal."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-
-
-def reference_window(features: np.ndarray, i: int) -> np.ndarray:
-    """Rows i-8 .. i+7 of ``features``, zeros outside (REFERENCE.md s.2 step 6)."""
-    out = np.zeros((16, features.shape[1]), np.float32)
-    for r in range(16):
-        src = i - 8 + r
-        if 0 <= src < len(features):
-            out[r] = features[src]
-    return out
-
-
-def reference_composite(frame: np.ndarray, rect: np.ndarray, pred_fn: Any, window: np.ndarray) -> np.ndarray:
-    """REFERENCE.md s.2 steps 2-8 written out with OpenCV; ``pred_fn(inner, window)`` is the model."""
-    x1, y1, x2, y2 = (int(v) for v in rect)
-    crop = cv2.resize(frame[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
-    pred = pred_fn(np.ascontiguousarray(crop[4:324, 4:324]), window)
-    crop[4:324, 4:324] = pred
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
-    return out
-
-
 @pytest.fixture(scope="module")
 def ort_unet(demo_package: Any) -> Any:
     """``pred_fn(inner u8[320,320,3], window f32[16,512]) -> u8[320,320,3]`` via ONNX Runtime
@@ -79,7 +46,7 @@ def ort_unet(demo_package: Any) -> Any:
     assert served is not None
     sess = ort.InferenceSession(str(served.onnx_path), providers=["CPUExecutionProvider"])
 
-    def pred_fn(inner: np.ndarray, window: np.ndarray) -> np.ndarray:
+    def pred_fn(inner: NDArray[np.uint8], window: NDArray[np.float32]) -> NDArray[np.uint8]:
         (out,) = sess.run(["pred"], {"crop": inner[None], "audio": window[None].astype(np.float32)})
         return out[0]
 
@@ -93,7 +60,9 @@ def stub(served_gateway: Any) -> Any:
 
 
 def infer(stub: Any, frame_id: int, name: str = AVATAR) -> pb.OptimizedInferenceResponse:
-    return stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=name, frame_id=frame_id), timeout=60)
+    return stub.GenerateInference(
+        pb.OptimizedInferenceRequest(model_name=name, frame_id=frame_id), timeout=60
+    )
 
 
 def speech_pcm(seconds: float) -> bytes:
@@ -139,7 +108,7 @@ def test_proto_wire_contract() -> None:
 
 def test_chunk_windows_follow_the_reference_rule() -> None:
     """Per-chunk mel windows equal `lipsync.audio.mel_windows` where it has a window, and the
-    last chunks get the window shifted back to the end (REFERENCE.md s.4)."""
+    last chunks get the window shifted back to the end (docs/REFERENCE.md s.4)."""
     n_chunks = 8 + 5 + 7
     pcm = speech_pcm(n_chunks * 0.04)
     mel = lipsync_audio.mel_spectrogram(lipsync_audio.pcm16_to_float(pcm))
@@ -161,7 +130,7 @@ def test_jpeg_encoders_take_bgr(encoder: Any) -> None:
     img[:, :32] = (255, 0, 0)    # blue in BGR
     img[:, 32:64] = (0, 255, 0)  # green
     img[:, 64:] = (0, 0, 255)    # red
-    out = decode_bgr(encoder.encode(img))
+    out = decode_jpeg(encoder.encode(img))
     assert out.shape == img.shape
     # compare away from the colour edges (4:2:0 chroma blurs them)
     for lo, hi in ((4, 28), (36, 60), (68, 92)):
@@ -172,7 +141,9 @@ def test_jpeg_encoders_take_bgr(encoder: Any) -> None:
 # ----------------------------------------------------------------------------- frames
 @pytest.mark.triton
 @pytest.mark.parametrize("which", ["first", "middle", "pingpong"])
-def test_generate_inference_matches_reference(stub: Any, demo_package: Any, ort_unet: Any, which: str) -> None:
+def test_generate_inference_matches_reference(
+    stub: Any, demo_package: Any, ort_unet: Any, which: str
+) -> None:
     n, m = demo_package.frames.shape[0], demo_package.features.shape[0]
     assert m > n + 10, "the demo's audio must outlast its video so ping-pong is exercised"
     frame_id = {"first": 0, "middle": n // 2 - 13, "pingpong": n + 10}[which]
@@ -186,7 +157,7 @@ def test_generate_inference_matches_reference(stub: Any, demo_package: Any, ort_
     assert r.prediction_shape == f"{h}x{w}x3"
     assert list(r.bounds) == [float(x) for x in rect]
     assert r.inference_time_ms > 0 and r.composite_time_ms > 0 and r.prepare_time_ms >= 0
-    got = decode_bgr(r.prediction_data)
+    got = decode_jpeg(r.prediction_data)
     assert got.shape == (h, w, 3)
 
     x1, y1, x2, y2 = (int(x) for x in rect)
@@ -194,7 +165,9 @@ def test_generate_inference_matches_reference(stub: Any, demo_package: Any, ort_
     outside[y1:y2, x1:x2] = False
     assert psnr(got[outside], frame[outside]) >= 40.0
 
-    expected = reference_composite(frame, rect, ort_unet, reference_window(np.asarray(demo_package.features), frame_id))
+    expected = reference_composite(
+        frame, rect, ort_unet, reference_window(np.asarray(demo_package.features), frame_id)
+    )
     inside_got, inside_exp = got[y1:y2, x1:x2], expected[y1:y2, x1:x2]
     p_model = psnr(inside_got, inside_exp)
     assert p_model >= 35.0, f"mouth region differs from the ONNX Runtime reference: {p_model:.1f} dB"
@@ -211,11 +184,13 @@ def test_stream_inference_answers_50_frames_in_order(stub: Any, demo_package: An
     ))
     assert [r.frame_id for r in responses] == ids
     assert all(r.success for r in responses), [r.error for r in responses if not r.success][:3]
-    assert all(decode_bgr(r.prediction_data).shape == demo_package.frames.shape[1:] for r in responses[:5])
+    assert all(decode_jpeg(r.prediction_data).shape == demo_package.frames.shape[1:] for r in responses[:5])
 
 
 @pytest.mark.triton
-def test_eight_concurrent_streams_are_answered_and_batched(served_gateway: Any, triton_server: Any, demo_package: Any) -> None:
+def test_eight_concurrent_streams_are_answered_and_batched(
+    served_gateway: Any, triton_server: Any, demo_package: Any
+) -> None:
     model = demo_package.manifest.model_name
     inf0, exe0 = settled_counts(triton_server.grpc_url, model)
     per_stream = 6
@@ -225,8 +200,13 @@ def test_eight_concurrent_streams_are_answered_and_batched(served_gateway: Any, 
     def run(s: int) -> None:
         try:
             with grpc.insecure_channel(served_gateway.grpc_address) as ch:
-                reqs = [pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=s * 10 + k) for k in range(per_stream)]
-                results[s] = list(pbg.OptimizedLipSyncServiceStub(ch).StreamInference(iter(reqs), timeout=300))
+                reqs = [
+                    pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=s * 10 + k)
+                    for k in range(per_stream)
+                ]
+                results[s] = list(
+                    pbg.OptimizedLipSyncServiceStub(ch).StreamInference(iter(reqs), timeout=300)
+                )
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -248,7 +228,9 @@ def test_eight_concurrent_streams_are_answered_and_batched(served_gateway: Any, 
 @pytest.mark.triton
 def test_batch_inference_in_band_errors(stub: Any, demo_package: Any) -> None:
     m = demo_package.features.shape[0]
-    r = stub.GenerateBatchInference(pb.BatchInferenceRequest(model_name=AVATAR, frame_ids=[3, -1, 4, m]), timeout=120)
+    r = stub.GenerateBatchInference(
+        pb.BatchInferenceRequest(model_name=AVATAR, frame_ids=[3, -1, 4, m]), timeout=120
+    )
     assert [x.frame_id for x in r.responses] == [3, -1, 4, m]
     assert [x.success for x in r.responses] == [True, False, True, False]
     assert "frame_out_of_range" in r.responses[1].error and f"0..{m - 1}" in r.responses[3].error
@@ -265,15 +247,17 @@ def _chunks(pcm: bytes) -> list[bytes]:
 def test_batch_with_audio_speech_differs_from_silence(stub: Any, demo_package: Any) -> None:
     frames = 3
     n_chunks = 8 + frames + 7
-    speech = _chunks(speech_pcm(n_chunks * 0.04 + 1.0)[CHUNK_BYTES * 25 :][: n_chunks * CHUNK_BYTES])  # skip 1 s lead-in
+    speech = _chunks(
+        speech_pcm(n_chunks * 0.04 + 1.0)[CHUNK_BYTES * 25 :][: n_chunks * CHUNK_BYTES]
+    )  # skip 1 s lead-in
     silence = [bytes(CHUNK_BYTES)] * n_chunks
 
-    def run(chunks: list[bytes]) -> list[np.ndarray]:
+    def run(chunks: list[bytes]) -> list[NDArray[np.uint8]]:
         r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
             model_name=AVATAR, start_frame_id=10, frame_count=frames, audio_chunks=chunks), timeout=120)
         assert [x.frame_id for x in r.responses] == [10, 11, 12]
         assert all(x.success for x in r.responses), [x.error for x in r.responses]
-        return [decode_bgr(x.prediction_data) for x in r.responses]
+        return [decode_jpeg(x.prediction_data) for x in r.responses]
 
     with_speech, with_silence = run(speech), run(silence)
     for k in range(frames):
@@ -312,7 +296,7 @@ def test_batch_with_audio_matches_reference_mapping(stub: Any, demo_package: Any
     assert len(demo_package.frames) > video
     frame, rect = demo_package.frames[video], demo_package.rects[video]
     expected = reference_composite(frame, rect, ort_unet, feats[k : k + 16])
-    got = decode_bgr(r.responses[k].prediction_data)
+    got = decode_jpeg(r.responses[k].prediction_data)
     x1, y1, x2, y2 = (int(v) for v in demo_package.rects[video])
     assert psnr(got[y1:y2, x1:x2], expected[y1:y2, x1:x2]) >= 35.0
 
@@ -329,7 +313,7 @@ def seed_client_chunks(clip: bytes, start: int, frames: int, extra: int = 0) -> 
 def full_context_rows(n_chunks: int) -> list[int]:
     """Rows (chunks) of an n-chunk clip whose mel window lies inside the clip: chunk r's 16 mel
     frames start at int(80 r / 25), mel frame t covers samples [200 t - 400, 200 t + 400)
-    (REFERENCE.md s.4), so the rows after these depend on where the clip ends."""
+    (docs/REFERENCE.md s.4), so the rows after these depend on where the clip ends."""
     return [r for r in range(n_chunks) if 200 * (int(80 * r / 25) + 15) + 400 <= 640 * n_chunks]
 
 
@@ -414,8 +398,12 @@ def test_batch_with_audio_refuses_wrong_chunk_size(stub: Any) -> None:
 @pytest.mark.triton
 def test_batch_with_audio_frame_ids_past_int32_are_refused_in_band(stub: Any) -> None:
     top = 2**31 - 1
-    r = stub.GenerateBatchWithAudio(pb.BatchInferenceWithAudioRequest(
-        model_name=AVATAR, start_frame_id=top, frame_count=3, audio_chunks=[bytes(CHUNK_BYTES)] * 18), timeout=60)
+    r = stub.GenerateBatchWithAudio(
+        pb.BatchInferenceWithAudioRequest(
+            model_name=AVATAR, start_frame_id=top, frame_count=3, audio_chunks=[bytes(CHUNK_BYTES)] * 18
+        ),
+        timeout=60,
+    )
     assert [x.frame_id for x in r.responses] == [top]
     assert not r.responses[0].success
     assert r.responses[0].error.startswith("frame_out_of_range: ") and str(top) in r.responses[0].error
@@ -426,10 +414,12 @@ def test_batch_with_audio_frame_ids_past_int32_are_refused_in_band(stub: Any) ->
 def test_video_frames_metadata_stats_list_health(stub: Any, served_gateway: Any, demo_package: Any) -> None:
     v = 7
     full = stub.GetVideoFrame(pb.GetVideoFrameRequest(model_name=AVATAR, frame_id=v, video_type="full_body"))
-    assert full.success and psnr(decode_bgr(full.frame_data), demo_package.frames[v]) >= 40.0
-    face = stub.GetVideoFrame(pb.GetVideoFrameRequest(model_name=AVATAR, frame_id=v, video_type="face_regions"))
-    assert face.success and decode_bgr(face.frame_data).shape == (328, 328, 3)
-    masked = decode_bgr(stub.GetVideoFrame(pb.GetVideoFrameRequest(
+    assert full.success and psnr(decode_jpeg(full.frame_data), demo_package.frames[v]) >= 40.0
+    face = stub.GetVideoFrame(
+        pb.GetVideoFrameRequest(model_name=AVATAR, frame_id=v, video_type="face_regions")
+    )
+    assert face.success and decode_jpeg(face.frame_data).shape == (328, 328, 3)
+    masked = decode_jpeg(stub.GetVideoFrame(pb.GetVideoFrameRequest(
         model_name=AVATAR, frame_id=v, video_type="masked_regions")).frame_data)
     assert masked.shape == (320, 320, 3)
     assert masked[20:290, 20:300].max() <= 8 and masked[312:, :].mean() > 10  # mouth box black, rest not
@@ -444,7 +434,10 @@ def test_video_frames_metadata_stats_list_health(stub: Any, served_gateway: Any,
 
     infer(stub, 1)
     stats = stub.GetStats(pb.StatsRequest(model_name=AVATAR))
-    assert stats.total_requests >= 1 and 0 < stats.min_inference_time_ms <= stats.avg_inference_time_ms <= stats.max_inference_time_ms
+    assert (
+        stats.total_requests >= 1
+        and 0 < stats.min_inference_time_ms <= stats.avg_inference_time_ms <= stats.max_inference_time_ms
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.GetStats(pb.StatsRequest(model_name="nobody"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -458,6 +451,8 @@ def test_video_frames_metadata_stats_list_health(stub: Any, served_gateway: Any,
         std = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
         assert std.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-        answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        answer = next(
+            refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
         names = {s.name for s in answer.list_services_response.service}
         assert {"optimized_lipsyncsrv.OptimizedLipSyncService", "grpc.health.v1.Health"} <= names

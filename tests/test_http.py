@@ -24,7 +24,7 @@ pytestmark = pytest.mark.triton
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
     """GET ``url``; returns (status, headers, body) for any status."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(url, timeout=30) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
@@ -160,7 +160,9 @@ def test_metrics_and_stats_move_with_traffic(url: str) -> None:
     demo_after = stats_after["avatars"]["demo"]
     assert demo_after["total_requests"] - demo_before["total_requests"] == 3
     assert demo_after["errors"] - demo_before["errors"] == 1
-    assert 0 < demo_after["min_inference_ms"] <= demo_after["avg_inference_ms"] <= demo_after["max_inference_ms"]
+    assert (
+        0 < demo_after["min_inference_ms"] <= demo_after["avg_inference_ms"] <= demo_after["max_inference_ms"]
+    )
     assert stats_after["ready"] is True
 
 

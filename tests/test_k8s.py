@@ -241,7 +241,9 @@ def test_triton_model_control_needs_the_key_from_a_secret(overlay: str) -> None:
     # the gateway reads the same Secret key; no other pod does
     gateway = env_of(container(overlay, "gateway"))[CONTROL_KEY_VAR]
     assert gateway["valueFrom"] == env_of(c)[CONTROL_KEY_VAR]["valueFrom"]
-    holders = [name for name, spec in pod_specs(overlay) if SECRET_ENV[CONTROL_KEY_VAR][0] in json.dumps(spec)]
+    holders = [
+        name for name, spec in pod_specs(overlay) if SECRET_ENV[CONTROL_KEY_VAR][0] in json.dumps(spec)
+    ]
     assert sorted(holders) == ["gateway", "triton"]
 
 
@@ -461,7 +463,9 @@ def test_engine_cache_is_mounted_where_the_gpu_profile_caches_engines() -> None:
     assert one("gpu", "PersistentVolumeClaim", claim)
     models = volumes["models"]["persistentVolumeClaim"]
     assert models["readOnly"] and one("gpu", "PersistentVolumeClaim", models["claimName"])
-    assert mounts["models"] == "/models" and "--model-repository=/models" in container("gpu", "triton")["args"]
+    assert (
+        mounts["models"] == "/models" and "--model-repository=/models" in container("gpu", "triton")["args"]
+    )
 
 
 def test_cpu_demo_needs_no_storage_class_and_gets_the_demo_from_an_image() -> None:
@@ -483,7 +487,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(overlay: str) -> N
     [namespace] = objects(overlay, "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     tools = yaml.safe_load((K8S / "tools" / "publisher.yaml").read_text())
-    specs = list(pod_specs(overlay)) + [("publisher", tools["spec"])]
+    specs = [*pod_specs(overlay), ("publisher", tools["spec"])]
     for name, spec in specs:
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] and pod["runAsUser"] > 0, name

@@ -5,9 +5,12 @@ recordings, compared with the offline functions of `lipsync.audio` on the whole 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soxr
+from numpy.typing import NDArray
 from scipy.signal import resample_poly
 
 from gateway.errors import BadRequest
@@ -19,7 +22,7 @@ from lipsync.audio import load_wav_16k_mono, mel_spectrogram, pcm16_to_float
 from tests.fixtures_live import speech_paths, speech_pcm16
 
 
-def pieces(x: np.ndarray, size: int) -> list[np.ndarray]:
+def pieces(x: NDArray[np.float32], size: int) -> list[NDArray[np.float32]]:
     return [x[i : i + size] for i in range(0, len(x), size)]
 
 
@@ -31,7 +34,7 @@ def test_accepted_sample_rates(rate: int) -> None:
 
 @pytest.mark.parametrize("rate", [0, 7999, 48001, 96000])
 def test_refused_sample_rates_name_the_range(rate: int) -> None:
-    with pytest.raises(BadRequest, match="8000..48000 Hz") as info:
+    with pytest.raises(BadRequest, match=r"8000\.\.48000 Hz") as info:
         check_sample_rate(rate)
     assert str(info.value).startswith("bad_request: ")
 
@@ -39,11 +42,11 @@ def test_refused_sample_rates_name_the_range(rate: int) -> None:
 def test_odd_byte_count_is_refused_whole() -> None:
     assert decode_pcm16(b"").size == 0
     assert decode_pcm16(np.array([-32768, 0, 32767], "<i2").tobytes()).tolist() == [-1.0, 0.0, 32767 / 32768]
-    with pytest.raises(BadRequest, match="odd|even number of bytes"):
+    with pytest.raises(BadRequest, match=r"odd|even number of bytes"):
         decode_pcm16(b"\x00\x01\x02")
 
 
-def test_16k_input_passes_through_unchanged(speech_path) -> None:
+def test_16k_input_passes_through_unchanged(speech_path: Path) -> None:
     pcm = speech_pcm16(speech_path)
     x = pcm16_to_float(pcm.tobytes())
     r = PcmResampler(16000)
@@ -52,7 +55,7 @@ def test_16k_input_passes_through_unchanged(speech_path) -> None:
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
-def test_resampled_speech_matches_the_16k_original(rate: int, speech_path) -> None:
+def test_resampled_speech_matches_the_16k_original(rate: int, speech_path: Path) -> None:
     """A client at another rate: the 16 kHz LibriVox speech, converted to `rate` (scipy), streamed
     in odd-sized chunks, comes back as the original (within the resamplers' passbands)."""
     original = pcm16_to_float(speech_pcm16(speech_path).tobytes()).astype(np.float64)
@@ -83,7 +86,7 @@ def test_drain_restarts_the_stream() -> None:
 
 # ----------------------------------------------------------------------------- mel
 @pytest.mark.parametrize("size", [1, 320, 999, 16000])
-def test_incremental_mel_equals_the_whole_signal_spectrogram(size: int, speech_path) -> None:
+def test_incremental_mel_equals_the_whole_signal_spectrogram(size: int, speech_path: Path) -> None:
     x = pcm16_to_float(speech_pcm16(speech_path).tobytes())
     offline = mel_spectrogram(x)  # [80, 1 + n // 200]
     mel = IncrementalMel()
@@ -99,7 +102,7 @@ def test_incremental_mel_equals_the_whole_signal_spectrogram(size: int, speech_p
     assert np.max(np.abs(live - offline[:, : live.shape[1]])) < 1e-5
 
 
-def test_mel_of_appended_silence_differs_only_at_the_end(speech_path) -> None:
+def test_mel_of_appended_silence_differs_only_at_the_end(speech_path: Path) -> None:
     """A flushed segment pads with silence: the frames touching the end differ from the
     offline end padding, the others are the same."""
     x = pcm16_to_float(speech_pcm16(speech_path).tobytes())
@@ -111,7 +114,7 @@ def test_mel_of_appended_silence_differs_only_at_the_end(speech_path) -> None:
 
 
 # ----------------------------------------------------------------------------- VAD
-def run_vad(x: np.ndarray, params: VadParams | None = None) -> tuple[list[bool], list[bool]]:
+def run_vad(x: NDArray[np.float32], params: VadParams | None = None) -> tuple[list[bool], list[bool]]:
     """Voiced flags and gate decisions for the whole signal (the gate's tail closed with
     unvoiced slots, as the silence padding of a flush does)."""
     params = params or VadParams()
@@ -133,7 +136,7 @@ def test_vad_keeps_digital_silence_idle() -> None:
     assert not any(flags) and not any(speaking)
 
 
-def test_vad_stops_after_speech_within_the_hangover(speech_path) -> None:
+def test_vad_stops_after_speech_within_the_hangover(speech_path: Path) -> None:
     speech = load_wav_16k_mono(speech_path)
     flags, speaking = run_vad(np.concatenate([speech, np.zeros(32000, np.float32)]))
     speech_slots = len(speech) // SLOT_SAMPLES
@@ -145,14 +148,18 @@ def test_vad_stops_after_speech_within_the_hangover(speech_path) -> None:
     assert not any(speaking[last_voiced + hang + 1 :])  # then idle: 2 s of silence stay idle
 
 
+def _slots(pattern: str) -> list[bool]:
+    """One flag per slot: ``x`` voiced / speaking, ``.`` not (``"x.."`` -> [True, False, False])."""
+    return [c == "x" for c in pattern]
+
+
 def test_gate_needs_an_onset_run_and_holds_the_hangover() -> None:
     params = VadParams(onset_slots=3, hangover_slots=2)
-    T, F = True, False
-    flags = [T, T, F, F] + [T, T, T, F, T, F, F, F] + [T, F, F, F]
+    flags = _slots("xx..") + _slots("xxx.x...") + _slots("x...")
     out = SpeechGate(params).push(flags)
     assert len(out) == len(flags) - 2  # decisions trail the flags by onset_slots - 1
     assert out == (
-        [F, F, F, F]  # a 2-slot burst does not start speech
-        + [T, T, T, T, T, T, T, F]  # a 3-slot run does; the gap within the hangover is bridged
-        + [F, F]  # a lone voiced slot after the hangover ran out does not restart it
+        _slots("....")  # a 2-slot burst does not start speech
+        + _slots("xxxxxxx.")  # a 3-slot run does; the gap within the hangover is bridged
+        + _slots("..")  # a lone voiced slot after the hangover ran out does not restart it
     )

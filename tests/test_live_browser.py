@@ -43,7 +43,9 @@ def test_live_mode_with_a_fake_microphone(
 
     # long deadlines: the 2-core CPU renders ~10 fps, the test checks behaviour, not speed
     gateway_server = start_gateway(
-        triton_server.grpc_url, gateway_packages_root, live=LiveSettings(render_timeout_s=30.0, encoder_timeout_s=30.0)
+        triton_server.grpc_url,
+        gateway_packages_root,
+        live=LiveSettings(render_timeout_s=30.0, encoder_timeout_s=30.0),
     )
     wav = fake_microphone_wav(tmp_path)
     args = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",

@@ -14,7 +14,9 @@ from tests.fixtures_live import speech_paths, speech_pcm16
 pytestmark = pytest.mark.triton
 
 
-def test_example_writes_an_mp4_with_every_frame_and_the_audio(gateway_server: Any, tmp_path: Path, capsys: Any) -> None:
+def test_example_writes_an_mp4_with_every_frame_and_the_audio(
+    gateway_server: Any, tmp_path: Path, capsys: Any
+) -> None:
     from examples.live_client import main
 
     wav = tmp_path / "speech.wav"
@@ -34,4 +36,4 @@ def test_example_writes_an_mp4_with_every_frame_and_the_audio(gateway_server: An
         decoded = list(container.decode(video=0))
         assert len(decoded) == frames
         assert (video.codec_context.width, video.codec_context.height) == (176, 144)
-        assert float(container.duration / av.time_base) >= 2.0
+        assert container.duration is not None and float(container.duration / av.time_base) >= 2.0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from export.package_builder import encode_audio
 from gateway.live.features import (
@@ -30,18 +31,20 @@ from lipsync.contract import WINDOW_AFTER
 from lipsync.frames import audio_window
 from tests.fixtures_live import OrtEncoder, chunks, speech_pcm16
 
+Reference = tuple[NDArray[np.int16], NDArray[np.float32]]
+"""(i16[n] PCM, f32[M, 512] `aud_ave.npy`) of one recording."""
 TOLERANCE = 1e-4
 END_SLOTS_EXCEPTED = 8
 
 
 @pytest.fixture(scope="module")
-def reference(audio_encoder_onnx: Path, speech_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def reference(audio_encoder_onnx: Path, speech_path: Path) -> Reference:
     """(i16[n] PCM, f32[M, 512] `aud_ave.npy`) as the package builder computes them."""
     pcm = speech_pcm16(speech_path)
     return pcm, encode_audio(audio_encoder_onnx, pcm, progress=False)
 
 
-def encode_all(features: SegmentFeatures, slots: int, encoder: OrtEncoder) -> np.ndarray:
+def encode_all(features: SegmentFeatures, slots: int, encoder: OrtEncoder) -> NDArray[np.float32]:
     """Windows f32[slots, 16, 512] of every slot, rows encoded as the session does."""
     out = []
     for j in range(slots):
@@ -53,7 +56,9 @@ def encode_all(features: SegmentFeatures, slots: int, encoder: OrtEncoder) -> np
 
 
 @pytest.mark.parametrize("chunk_samples", [1, 320, 999, 16000])
-def test_live_rows_equal_the_package_rows(chunk_samples: int, reference, ort_encoder: OrtEncoder) -> None:
+def test_live_rows_equal_the_package_rows(
+    chunk_samples: int, reference: Reference, ort_encoder: OrtEncoder
+) -> None:
     pcm, aud_ave = reference
     segment = AudioSegment(0, 16000, VadParams(), now=0.0)
     started = time.perf_counter()
@@ -81,7 +86,9 @@ def test_live_rows_equal_the_package_rows(chunk_samples: int, reference, ort_enc
     assert np.abs(aud_ave).max() > 0.1  # the comparison is between real, non-zero features
 
 
-def test_rows_are_encoded_once_and_forgotten_when_passed(reference, ort_encoder: OrtEncoder) -> None:
+def test_rows_are_encoded_once_and_forgotten_when_passed(
+    reference: Reference, ort_encoder: OrtEncoder
+) -> None:
     pcm, _ = reference
     features = SegmentFeatures()
     x = decode_pcm16(pcm.astype("<i2").tobytes())
@@ -91,7 +98,9 @@ def test_rows_are_encoded_once_and_forgotten_when_passed(reference, ort_encoder:
     assert features.window_ready(20)
     # slot 20 needs f[11] .. f[26] (rows 12 .. 27); slot 21 one more
     assert features.missing(20) == window_feature_indices(20) == list(range(11, 27))
-    features.store(features.missing(20), asyncio.run(ort_encoder.encode(features.mel_windows(features.missing(20)))))
+    features.store(
+        features.missing(20), asyncio.run(ort_encoder.encode(features.mel_windows(features.missing(20))))
+    )
     assert features.missing(20) == []
     features.push(x[samples_for_window(20) : samples_for_window(21)])
     assert features.missing(21) == [27]

@@ -6,12 +6,13 @@ service's stubs must keep importing beside the live ones (one process serves bot
 from __future__ import annotations
 
 from google.protobuf import descriptor_pool
+from google.protobuf.message import Message
 
 from proto import lipsync_pb2, lipsync_pb2_grpc, live_pb2, live_pb2_grpc
 
 
-def fields(message: type) -> dict[str, int]:
-    return {f.name: f.number for f in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]
+def fields(message: type[Message]) -> dict[str, int]:
+    return {f.name: f.number for f in message.DESCRIPTOR.fields}
 
 
 def test_live_and_seed_stubs_import_side_by_side() -> None:
@@ -20,7 +21,9 @@ def test_live_and_seed_stubs_import_side_by_side() -> None:
     assert pool.FindServiceByName("optimized_lipsyncsrv.OptimizedLipSyncService")
     assert live_pb2.DESCRIPTOR.package == "lipsync.live.v1"
     assert lipsync_pb2.DESCRIPTOR.package == "optimized_lipsyncsrv"
-    assert hasattr(live_pb2_grpc, "LiveLipSyncStub") and hasattr(live_pb2_grpc, "add_LiveLipSyncServicer_to_server")
+    assert hasattr(live_pb2_grpc, "LiveLipSyncStub") and hasattr(
+        live_pb2_grpc, "add_LiveLipSyncServicer_to_server"
+    )
     assert hasattr(lipsync_pb2_grpc, "OptimizedLipSyncServiceStub")
 
 
@@ -33,10 +36,18 @@ def test_stream_is_bidirectional() -> None:
 
 def test_live_field_numbers() -> None:
     assert fields(live_pb2.LiveRequest) == {"start": 1, "pcm": 2, "control": 3}
-    assert [f.name for f in live_pb2.LiveRequest.DESCRIPTOR.oneofs_by_name["kind"].fields] == ["start", "pcm", "control"]
+    assert [f.name for f in live_pb2.LiveRequest.DESCRIPTOR.oneofs_by_name["kind"].fields] == [
+        "start",
+        "pcm",
+        "control",
+    ]
     assert fields(live_pb2.LiveStart) == {"avatar": 1, "sample_rate_hz": 2}
     assert fields(live_pb2.LiveControl) == {"command": 1}
-    assert dict(live_pb2.LiveControl.Command.items()) == {"COMMAND_UNSPECIFIED": 0, "FLUSH": 1, "INTERRUPT": 2}
+    assert dict(live_pb2.LiveControl.Command.items()) == {
+        "COMMAND_UNSPECIFIED": 0,
+        "FLUSH": 1,
+        "INTERRUPT": 2,
+    }
     frame = fields(live_pb2.LiveFrame)
     assert {k: v for k, v in frame.items() if v <= 7} == {
         "seq": 1, "pts_s": 2, "jpeg": 3, "bounds": 4, "speaking": 5, "video_frame": 6, "error": 7,

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from export.package_builder import encode_audio
 from gateway.errors import UnknownAvatar
-from gateway.live.features import samples_for_window
+from gateway.live.features import AudioEncoder, samples_for_window
 from gateway.live.session import LiveSession
 from gateway.live.settings import LiveSettings
-from gateway.live.types import SessionNotice, SlotFrame
+from gateway.live.types import RenderedFrame, SessionNotice, SlotFrame
 from lipsync.frames import audio_window, pingpong_index
 from tests.fixtures_live import (
     FakeClock,
@@ -34,10 +35,12 @@ from tests.fixtures_live import (
 class Harness:
     """A session with its output collected by a consumer task."""
 
-    def __init__(self, encoder: object, renderer: RecordingRenderer, settings: LiveSettings | None = None) -> None:
+    def __init__(
+        self, encoder: AudioEncoder, renderer: RecordingRenderer, settings: LiveSettings | None = None
+    ) -> None:
         self.clock = FakeClock()
         self.renderer = renderer
-        self.session = LiveSession(encoder, self.clock, settings)  # type: ignore[arg-type]
+        self.session = LiveSession(encoder, self.clock, settings)
         self.out: list[SlotFrame | SessionNotice] = []
         self.sent_at: dict[int, float] = {}  # seq -> clock time the frame came out
         self.done = False
@@ -67,7 +70,7 @@ class NumpyEncoder:
         self.fail = fail
         self.calls = 0
 
-    async def encode(self, mel: np.ndarray) -> np.ndarray:
+    async def encode(self, mel: NDArray[np.float32]) -> NDArray[np.float32]:
         self.calls += 1
         if self.fail:
             raise RuntimeError("triton_unavailable: audio_encoder")
@@ -88,11 +91,13 @@ def check_stream(frames: list[SlotFrame], n_video: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def speech_3s(speech_path: Path) -> np.ndarray:
+def speech_3s(speech_path: Path) -> NDArray[np.int16]:
     return speech_pcm16(speech_path)[: 3 * 16000]
 
 
-def test_speech_in_real_time_then_silence_then_end(speech_3s, ort_encoder: OrtEncoder, audio_encoder_onnx: Path) -> None:
+def test_speech_in_real_time_then_silence_then_end(
+    speech_3s: NDArray[np.int16], ort_encoder: OrtEncoder, audio_encoder_onnx: Path
+) -> None:
     """3 s of speech in 20 ms chunks in real time, 2 s of nothing, end of input: slots 0.. with
     no gap, speaking frames while the speech plays, idle after, the stream ends; every speaking
     frame got the package's window for its slot."""
@@ -163,7 +168,7 @@ def test_idle_frames_in_real_time_before_any_audio() -> None:
     run(body)
 
 
-def test_failed_or_hung_renders_are_sent_idle_and_late(speech_3s) -> None:
+def test_failed_or_hung_renders_are_sent_idle_and_late(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         renderer = RecordingRenderer(fail={20}, hang={21})
         h = Harness(NumpyEncoder(), renderer, LiveSettings(render_timeout_s=1.0))
@@ -175,14 +180,14 @@ def test_failed_or_hung_renders_are_sent_idle_and_late(speech_3s) -> None:
         frames = h.frames
         check_stream(frames, 5)
         by_seq = {f.seq: f for f in frames}
-        assert (20, 21) == tuple(s for s, f in by_seq.items() if f.late)
+        assert tuple(s for s, f in by_seq.items() if f.late) == (20, 21)
         assert not by_seq[20].speaking and not by_seq[21].speaking and by_seq[22].speaking
         assert renderer.cancelled == [21]
 
     run(body)
 
 
-def test_a_hung_render_holds_the_stream_only_until_its_deadline(speech_3s) -> None:
+def test_a_hung_render_holds_the_stream_only_until_its_deadline(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         renderer = RecordingRenderer(hang=set(range(75)))  # Triton never answers
         h = Harness(NumpyEncoder(), renderer, LiveSettings(render_timeout_s=0.3, margin_s=0.5))
@@ -204,7 +209,7 @@ def test_a_hung_render_holds_the_stream_only_until_its_deadline(speech_3s) -> No
     run(body)
 
 
-def test_encoder_failure_sends_the_speaking_slots_late(speech_3s) -> None:
+def test_encoder_failure_sends_the_speaking_slots_late(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         h = Harness(NumpyEncoder(fail=True), RecordingRenderer())
         h.session.start(16000, h.renderer)
@@ -219,7 +224,7 @@ def test_encoder_failure_sends_the_speaking_slots_late(speech_3s) -> None:
     run(body)
 
 
-def test_interrupt_makes_the_next_frame_idle(speech_3s) -> None:
+def test_interrupt_makes_the_next_frame_idle(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         renderer = RecordingRenderer(hang=set(range(10, 40)))  # renders in flight when it comes
         h = Harness(NumpyEncoder(), renderer, LiveSettings(margin_s=2.0, render_timeout_s=5.0))
@@ -242,7 +247,7 @@ def test_interrupt_makes_the_next_frame_idle(speech_3s) -> None:
     run(body)
 
 
-def test_errors_before_and_after_start_reach_this_session_only(speech_3s) -> None:
+def test_errors_before_and_after_start_reach_this_session_only(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         good = Harness(NumpyEncoder(), RecordingRenderer())
         bad = Harness(NumpyEncoder(), RecordingRenderer())
@@ -251,7 +256,7 @@ def test_errors_before_and_after_start_reach_this_session_only(speech_3s) -> Non
         good.session.start(16000, good.renderer)
         await settle()
         assert [n.error.split(":")[0] for n in bad.out] == ["bad_request"]  # one notice, both errors
-        assert "unknown_avatar: no avatar 'nobody'" in bad.out[0].error  # type: ignore[union-attr]
+        assert "unknown_avatar: no avatar 'nobody'" in (bad.out[0].error or "")
         bad.session.start(16000, bad.renderer)
         bad.session.push_pcm(b"\x00\x00\x00")
         for piece in chunks(speech_3s.astype("<i2").tobytes(), 640):
@@ -268,7 +273,7 @@ def test_errors_before_and_after_start_reach_this_session_only(speech_3s) -> Non
     run(body)
 
 
-def test_back_pressure_waits_until_the_buffer_has_played(speech_3s) -> None:
+def test_back_pressure_waits_until_the_buffer_has_played(speech_3s: NDArray[np.int16]) -> None:
     async def body() -> None:
         h = Harness(NumpyEncoder(), RecordingRenderer(), LiveSettings(margin_s=0.5))
         h.session.start(16000, h.renderer)
@@ -284,7 +289,7 @@ def test_back_pressure_waits_until_the_buffer_has_played(speech_3s) -> None:
     run(body)
 
 
-def test_a_long_session_keeps_a_bounded_state(speech_3s) -> None:
+def test_a_long_session_keeps_a_bounded_state(speech_3s: NDArray[np.int16]) -> None:
     """20 s of a microphone (speech and pauses) in real time: what the session holds stays the
     size of the lookahead, not of the stream."""
     async def body() -> None:
@@ -316,16 +321,18 @@ class SlowRenderer(RecordingRenderer):
         self.clock, self.seconds = clock, seconds
         self.lock = asyncio.Lock()
 
-    async def render_speaking(self, slot: int, video_frame: int, window: np.ndarray) -> object:  # type: ignore[override]
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
         self.speaking_calls.append((slot, video_frame))
         async with self.lock:
             await self.clock.sleep_until(self.clock.now() + self.seconds)
-        from gateway.live.types import RenderedFrame
-
         return RenderedFrame(f"speaking:{slot}".encode(), (1.0, 2.0, 3.0, 4.0))
 
 
-def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(speech_3s) -> None:
+def test_a_session_slower_than_real_time_catches_up_with_late_idle_frames(
+    speech_3s: NDArray[np.int16],
+) -> None:
     """Renders take 0.1 s each, one at a time (10 fps for 25 fps of speech): the frames do not
     lag further and further behind the wall clock; the slots that cannot make it are sent idle
     and late, most of them without any render."""

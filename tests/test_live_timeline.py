@@ -7,6 +7,8 @@ clock, interrupt, errors on the session's own next frame.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -262,14 +264,17 @@ def test_errors_ride_on_the_next_slot_and_keep_the_order(speech: bytes) -> None:
     assert len(errors) == 1
     assert errors[0].error == (
         "bad_request: start refused: the session has already started; "
-        "bad_request: PCM message of 3 bytes refused: 16-bit PCM needs an even number of bytes (whole samples)"
+        "bad_request: PCM message of 3 bytes refused: "
+        "16-bit PCM needs an even number of bytes (whole samples)"
     )
-    assert [(p.seq, p.speaking, p.local_slot) for p in clean] == [(p.seq, p.speaking, p.local_slot) for p in bad]
+    assert [(p.seq, p.speaking, p.local_slot) for p in clean] == [
+        (p.seq, p.speaking, p.local_slot) for p in bad
+    ]
 
 
 @pytest.mark.parametrize("state", [State.AWAITING_START, State.STREAMING, State.DRAINING])
 def test_every_refused_event_is_reported(state: State, speech: bytes) -> None:
-    calls = {
+    calls: dict[Event, Callable[[SessionTimeline], object]] = {
         Event.START: lambda tl: tl.start(16000, N_VIDEO, T0),
         Event.PCM: lambda tl: tl.push_pcm(b"\x00\x00", T0),
         Event.FLUSH: lambda tl: tl.flush(T0),

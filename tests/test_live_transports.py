@@ -7,46 +7,38 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.live.session import LiveSession
 from gateway.server import GatewayServer
+from lipsync.contract import avatar_model_name
 from lipsync.frames import pingpong_index
-from perf.live_clients import Audio, Command, Pause, SessionRecord, Step, run_session
-from tests.fake_gateway import fake_settings
-from tests.fake_triton import FakeTriton, fake_triton
+from perf.live_clients import Audio, Command, Pause, SessionRecord, Step, Transport, run_session
+from tests.fake_gateway import SYNTHETIC_AVATAR, on_fake_server
+from tests.fake_triton import FakeTriton
 from tests.fixtures_live import speech_paths, speech_pcm16
 
 T = TypeVar("T")
-AVATAR = "synthetic"
-TRANSPORTS = ["grpc", "ws"]
+AVATAR = SYNTHETIC_AVATAR
+TRANSPORTS: list[Transport] = ["grpc", "ws"]
 
 
-def on_server(make_package: Callable[..., Path], body: Callable[[GatewayServer, FakeTriton], Awaitable[T]], **settings: Any) -> T:
-    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
-    root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder", f"lipsync_{AVATAR}"))
-
-    async def run() -> T:
-        server = GatewayServer(fake_settings(root, fake, **settings), grace_s=0.5, triton_client=fake)
-        await server.start()
-        try:
-            return await body(server, fake)
-        finally:
-            await server.stop()
-
-    return asyncio.run(run())
+def on_server(
+    make_package: Callable[..., Path],
+    body: Callable[[GatewayServer, FakeTriton], Awaitable[T]],
+    **settings: Any,
+) -> T:
+    return on_fake_server(make_package, body, unet_loaded=True, **settings)
 
 
-def address(server: GatewayServer, transport: str) -> str:
+def address(server: GatewayServer, transport: Transport) -> str:
     return server.grpc_address if transport == "grpc" else server.http_url
 
 
@@ -69,11 +61,11 @@ def metric(server: GatewayServer, name: str, **labels: str) -> float:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_speech_then_end_gives_every_slot_speaking_through_the_unet_idle_from_the_cache(
-    make_package: Callable[..., Path], transport: str
+    make_package: Callable[..., Path], transport: Transport
 ) -> None:
     async def body(server: GatewayServer, fake: FakeTriton) -> None:
         assert server.ctx is not None
-        unet = f"lipsync_{AVATAR}"
+        unet = avatar_model_name(AVATAR)
         script: list[Step] = [Audio(speech(1.5)), Pause(0.5)]
         record = await run_session(transport, address(server, transport), AVATAR, 16000, script)
         assert not record.error and not record.notices
@@ -82,7 +74,9 @@ def test_speech_then_end_gives_every_slot_speaking_through_the_unet_idle_from_th
         speaking = [f for f in slots if f.speaking]
         assert len(slots) >= 50 and len(speaking) > 15 and not any(f.late or f.error for f in slots)
         assert not slots[0].speaking and not slots[-1].speaking
-        assert fake.count("infer", unet) == len(speaking), "one UNet call per speaking slot, none per idle slot"
+        assert fake.count("infer", unet) == len(speaking), (
+            "one UNet call per speaking slot, none per idle slot"
+        )
         avatar = server.ctx.store.get(AVATAR)
         for f in slots:
             assert f.frame.bounds == avatar.rect(f.video_frame)
@@ -93,16 +87,22 @@ def test_speech_then_end_gives_every_slot_speaking_through_the_unet_idle_from_th
         kinds = {k: metric(server, "lipsync_gateway_live_slots_total", transport=transport, kind=k)
                  for k in ("speaking", "idle", "late")}
         assert kinds == {"speaking": len(speaking), "idle": len(slots) - len(speaking), "late": 0}
-        assert metric(server, "lipsync_gateway_requests_total", protocol="live", outcome="ok") == len(speaking)
+        assert metric(server, "lipsync_gateway_requests_total", protocol="live", outcome="ok") == len(
+            speaking
+        )
         assert metric(server, "lipsync_gateway_live_first_frame_seconds_count") == 1
-        assert metric(server, "lipsync_gateway_live_audio_to_frame_seconds_count", kind="speaking") == len(speaking)
+        assert metric(server, "lipsync_gateway_live_audio_to_frame_seconds_count", kind="speaking") == len(
+            speaking
+        )
         assert metric(server, "lipsync_gateway_live_sessions", transport=transport) == 0
 
     on_server(make_package, body)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_errors_reach_their_session_which_goes_on(make_package: Callable[..., Path], transport: str) -> None:
+def test_errors_reach_their_session_which_goes_on(
+    make_package: Callable[..., Path], transport: Transport
+) -> None:
     """Audio before start, an unknown avatar, a bad rate; then a good start, an odd byte count
     (and over gRPC a second start, a bad command, an empty request): each error reaches this
     session, whose slots stay unbroken, and a session beside it sees none."""
@@ -110,8 +110,11 @@ def test_errors_reach_their_session_which_goes_on(make_package: Callable[..., Pa
         addr = address(server, transport)
         bad_then_good: list[Step] = [Pause(0.1), Audio(b"\x00\x01\x02", paced=False), Pause(0.2)]
         if transport == "ws":
-            first: list[bytes | str] = [b"\x00\x00", json.dumps({"type": "start", "avatar": "nobody", "sample_rate_hz": 16000}),
-                                        json.dumps({"type": "start", "avatar": AVATAR, "sample_rate_hz": 100})]
+            first: list[bytes | str] = [
+                b"\x00\x00",
+                json.dumps({"type": "start", "avatar": "nobody", "sample_rate_hz": 16000}),
+                json.dumps({"type": "start", "avatar": AVATAR, "sample_rate_hz": 100}),
+            ]
             record, good = await asyncio.gather(
                 run_session("ws", addr, AVATAR, 16000, bad_then_good, first=first),
                 run_session("ws", addr, AVATAR, 16000, [Audio(speech(1.0)), Pause(0.3)]),
@@ -131,7 +134,9 @@ def test_errors_reach_their_session_which_goes_on(make_package: Callable[..., Pa
         assert "3 bytes refused" in errors
         check_slots(record)
         check_slots(good)
-        assert not good.notices and not any(f.error for f in good.slots) and any(f.speaking for f in good.slots)
+        assert (
+            not good.notices and not any(f.error for f in good.slots) and any(f.speaking for f in good.slots)
+        )
 
     on_server(make_package, body)
 
@@ -156,7 +161,7 @@ async def grpc_session_with_errors(addr: str) -> SessionRecord:
         pb.LiveRequest(),
     ]
 
-    async def gen():  # type: ignore[no-untyped-def]
+    async def gen() -> AsyncIterator[pb.LiveRequest]:
         for r in requests:
             yield r
         await asyncio.sleep(0.3)
@@ -172,7 +177,9 @@ async def grpc_session_with_errors(addr: str) -> SessionRecord:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_interrupt_makes_the_next_frame_idle(make_package: Callable[..., Path], transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_makes_the_next_frame_idle(
+    make_package: Callable[..., Path], transport: Transport, monkeypatch: pytest.MonkeyPatch
+) -> None:
     read_at: list[int] = []
     original = LiveSession.interrupt
 
@@ -212,11 +219,14 @@ def test_live_service_in_health_and_reflection(make_package: Callable[..., Path]
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 
-            async def ask():  # type: ignore[no-untyped-def]
+            async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
                 yield reflection_pb2.ServerReflectionRequest(list_services="")
 
             async for reply in stub.ServerReflectionInfo(ask()):
                 names = {s.name for s in reply.list_services_response.service}
-                assert {"lipsync.live.v1.LiveLipSync", "optimized_lipsyncsrv.OptimizedLipSyncService"} <= names
+                assert {
+                    "lipsync.live.v1.LiveLipSync",
+                    "optimized_lipsyncsrv.OptimizedLipSyncService",
+                } <= names
 
     on_server(make_package, body)

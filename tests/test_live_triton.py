@@ -21,7 +21,7 @@ from gateway.live.session import LiveSession
 from gateway.live.settings import LiveSettings
 from lipsync.frames import pingpong_index
 from lipsync.package import write_package
-from perf.live_clients import Audio, Command, Pause, SessionRecord, Step, run_session
+from perf.live_clients import Audio, Command, Pause, SessionRecord, Step, Transport, run_session
 from tests.fixtures_gateway import RunningGateway, gateway_settings, make_packages_root
 from tests.fixtures_live import speech_paths, speech_pcm16
 from tests.fixtures_packages import synthetic_package_arrays, untrained_weights
@@ -35,7 +35,9 @@ OTHER = "other"
 
 
 @pytest.fixture(scope="module")
-def live_gateway(triton_server: Any, demo_package: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+def live_gateway(
+    triton_server: Any, demo_package: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
     from lipsync.package import SourceMedia
 
     root = make_packages_root(Path(demo_package.root), tmp_path_factory.mktemp("live_packages"))
@@ -46,7 +48,11 @@ def live_gateway(triton_server: Any, demo_package: Any, tmp_path_factory: pytest
                            video_frames=10, video_width=64, video_height=48, audio_sample_rate=16000),
         **arrays,
     )
-    running = RunningGateway(gateway_settings(triton_server.grpc_url, root, live=LiveSettings(render_timeout_s=30.0, encoder_timeout_s=30.0))).start()
+    running = RunningGateway(
+        gateway_settings(
+            triton_server.grpc_url, root, live=LiveSettings(render_timeout_s=30.0, encoder_timeout_s=30.0)
+        )
+    ).start()
     try:
         yield running
     finally:
@@ -86,13 +92,17 @@ def unet_count(triton: Any) -> int:
 
 
 @pytest.mark.parametrize("transport", ["grpc", "ws"])
-def test_speech_then_nothing_then_end(live_gateway: RunningGateway, triton_server: Any, transport: str) -> None:
+def test_speech_then_nothing_then_end(
+    live_gateway: RunningGateway, triton_server: Any, transport: Transport
+) -> None:
     """3 s of speech in 20 ms chunks (48 kHz over the WebSocket, as a browser sends), 2 s of
     nothing, end of input."""
     rate = 16000 if transport == "grpc" else 48000
     before = unet_count(triton_server)
     script: list[Step] = [Audio(speech(3.0, rate)), Pause(2.0)]
-    record = asyncio.run(run_session(transport, address(live_gateway, transport), "demo", rate, script, chunk_ms=20))
+    record = asyncio.run(
+        run_session(transport, address(live_gateway, transport), "demo", rate, script, chunk_ms=20)
+    )
     check_slots(record, 100)
     slots = record.slots
     assert len(slots) >= 75 and not record.notices
@@ -106,7 +116,9 @@ def test_speech_then_nothing_then_end(live_gateway: RunningGateway, triton_serve
     assert unet_count(triton_server) - before == len(speaking), "one UNet inference per speaking frame"
 
 
-def test_digital_silence_is_all_idle_without_inference(live_gateway: RunningGateway, triton_server: Any) -> None:
+def test_digital_silence_is_all_idle_without_inference(
+    live_gateway: RunningGateway, triton_server: Any
+) -> None:
     before = unet_count(triton_server)
     record = asyncio.run(run_session("ws", live_gateway.http_url, "demo", 16000, [Audio(bytes(64000))]))
     check_slots(record, 100)
@@ -131,7 +143,9 @@ def test_interrupt_during_speech(live_gateway: RunningGateway, monkeypatch: pyte
     record = asyncio.run(run_session("grpc", live_gateway.grpc_address, "demo", 16000, script))
     check_slots(record, 100)
     assert len(read_at) == 1
-    assert speaking_in_flight[0] > 0 or any(f.speaking for f in record.slots[: read_at[0]]), "it interrupted speech"
+    assert speaking_in_flight[0] > 0 or any(f.speaking for f in record.slots[: read_at[0]]), (
+        "it interrupted speech"
+    )
     after = record.slots[read_at[0] :]
     assert after and not after[0].speaking, "the next frame after the server read the interrupt is idle"
     assert not any(f.speaking for f in after)

@@ -19,8 +19,16 @@ from gateway.live_ws_protocol import (
 
 
 def test_frame_layout_is_little_endian_with_fixed_offsets() -> None:
-    frame = SlotFrame(seq=2**33 + 5, pts_s=(2**33 + 5) * 0.04, frame=RenderedFrame(b"\xff\xd8JPEG\xff\xd9", (1.5, 2.0, 30.0, 40.25)),
-                      speaking=False, video_frame=77, error="bad_request: x", late=True, audio_at=12.0)
+    frame = SlotFrame(
+        seq=2**33 + 5,
+        pts_s=(2**33 + 5) * 0.04,
+        frame=RenderedFrame(b"\xff\xd8JPEG\xff\xd9", (1.5, 2.0, 30.0, 40.25)),
+        speaking=False,
+        video_frame=77,
+        error="bad_request: x",
+        late=True,
+        audio_at=12.0,
+    )
     data = encode_output(frame)
     assert HEADER.size == 46 and len(data) == 46 + 14 + 8
     assert data[0] == 1 and data[1] == 0b10  # frame; late, not speaking
@@ -38,11 +46,17 @@ def test_speaking_flag_and_notice() -> None:
     frame = SlotFrame(0, 0.0, RenderedFrame(b"J", (0.0, 0.0, 1.0, 1.0)), True, 0, "", False, None)
     assert encode_output(frame)[1] == 0b01
     notice = encode_output(SessionNotice("unknown_avatar: avatar 'x' is not loaded"))
-    assert notice[0] == 2 and notice[42:46] == bytes(4) and len(notice) == 46 + len("unknown_avatar: avatar 'x' is not loaded")
+    assert (
+        notice[0] == 2
+        and notice[42:46] == bytes(4)
+        and len(notice) == 46 + len("unknown_avatar: avatar 'x' is not loaded")
+    )
     assert decode_output(notice) == SessionNotice("unknown_avatar: avatar 'x' is not loaded")
 
 
-@pytest.mark.parametrize("data", [b"", bytes(45), encode_output(SessionNotice("abc"))[:-1], b"\x03" + bytes(45)])
+@pytest.mark.parametrize(
+    "data", [b"", bytes(45), encode_output(SessionNotice("abc"))[:-1], b"\x03" + bytes(45)]
+)
 def test_decoding_refuses_what_does_not_add_up(data: bytes) -> None:
     with pytest.raises(ValueError):
         decode_output(data)

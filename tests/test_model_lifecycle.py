@@ -6,8 +6,8 @@ injects the clock of the load back-off.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -22,15 +22,15 @@ from gateway.model_lifecycle import (
     ServerState,
     load_retry_delay,
 )
-from tests.fake_triton import FakeModel, FakeTriton, fake_triton, identity_unet
+from tests.fake_triton import FakeModel, FakeTriton, Mode, fake_triton, identity_unet
 
 T = TypeVar("T")
 UNET = "lipsync_a"
 ENCODER = "audio_encoder"
 
 
-def run(body: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(body())  # type: ignore[arg-type]
+def run(body: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(body())
 
 
 class Clock:
@@ -56,8 +56,8 @@ class Recorder:
         return [s.models[model].phase for s in self.snapshots if model in s.models]
 
 
-def lifecycle(fake: FakeTriton, clock: Clock | None = None, **kwargs: object) -> ModelLifecycle:
-    return ModelLifecycle(fake, clock=clock or Clock(), **kwargs)  # type: ignore[arg-type]
+def lifecycle(fake: FakeTriton, clock: Clock | None = None, **kwargs: Any) -> ModelLifecycle:
+    return ModelLifecycle(fake, clock=clock or Clock(), **kwargs)
 
 
 def unet_inputs(n: int = 1) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
@@ -89,13 +89,13 @@ def test_unknown_to_live_loads_the_registered_model_and_publishes_each_step() ->
     ("mode", "reason"),
     [("refused", "connection refused"), ("not_live", "reports not live")],
 )
-def test_live_to_down_at_once_aborts_calls_and_resets_models(mode: str, reason: str) -> None:
+def test_live_to_down_at_once_aborts_calls_and_resets_models(mode: Mode, reason: str) -> None:
     async def body() -> None:
         fake = fake_triton(UNET)
         lc = lifecycle(fake)
         await lc.register(UNET)
         outage = lc.admit(UNET)
-        fake.mode = mode  # type: ignore[assignment]
+        fake.mode = mode
         await lc.probe_once()  # one probe is enough
         snap = lc.snapshot()
         assert snap.server is ServerState.DOWN and reason in (snap.server_error or "")
@@ -127,7 +127,9 @@ def test_one_probe_deadline_is_not_an_outage_two_in_a_row_are() -> None:
         await lc.probe_once()
         assert lc.snapshot().server is ServerState.LIVE
         await lc.probe_once()  # second deadline in a row
-        assert lc.snapshot().server is ServerState.DOWN and "DEADLINE_EXCEEDED" in (lc.snapshot().server_error or "")
+        assert lc.snapshot().server is ServerState.DOWN and "DEADLINE_EXCEEDED" in (
+            lc.snapshot().server_error or ""
+        )
         assert outage.done()
         assert fake.count("load_model") == 1, "a slow server never gets a reload"
 
@@ -285,7 +287,7 @@ def test_back_off_resets_when_triton_restarts_and_on_registering_again() -> None
     run(body)
 
 
-def test_load_answered_but_model_not_ready_is_a_failed_load() -> None:
+def test_load_answered_but_model_not_ready_is_a_failed_load(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body() -> None:
         fake = fake_triton(UNET)
         real_load = fake.load_model
@@ -294,10 +296,12 @@ def test_load_answered_but_model_not_ready_is_a_failed_load() -> None:
             await real_load(model)
             fake.loaded.discard(model)
 
-        fake.load_model = load_without_effect  # type: ignore[method-assign]
+        monkeypatch.setattr(fake, "load_model", load_without_effect)
         state = await lifecycle(fake).register(UNET)
         status = state.models[UNET]
-        assert status.phase is ModelPhase.UNAVAILABLE and "answered but the model is not ready" in (status.error or "")
+        assert status.phase is ModelPhase.UNAVAILABLE and "answered but the model is not ready" in (
+            status.error or ""
+        )
 
     run(body)
 
@@ -331,7 +335,7 @@ def test_optional_models_do_not_count_for_ready_and_unregister_forgets() -> None
     run(body)
 
 
-def test_max_batch_size_unreadable_is_read_again_later() -> None:
+def test_max_batch_size_unreadable_is_read_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body() -> None:
         fake = fake_triton(UNET)
         real = fake.max_batch_size
@@ -343,7 +347,7 @@ def test_max_batch_size_unreadable_is_read_again_later() -> None:
                 raise error
             return await real(model)
 
-        fake.max_batch_size = flaky  # type: ignore[method-assign]
+        monkeypatch.setattr(fake, "max_batch_size", flaky)
         lc = lifecycle(fake)
         state = await lc.register(UNET)
         assert state.model_ready(UNET) and state.models[UNET].max_batch_size is None
@@ -368,7 +372,9 @@ def test_guarded_call_in_flight_is_aborted_promptly_on_outage() -> None:
         assert not call.done()
         fake.mode = "refused"
         await lc.probe_once()
-        with pytest.raises(TritonUnavailable, match=r"Triton went down while 'lipsync_a' was inferring: .*refused"):
+        with pytest.raises(
+            TritonUnavailable, match=r"Triton went down while 'lipsync_a' was inferring: .*refused"
+        ):
             await asyncio.wait_for(call, 1.0)
 
     run(body)

@@ -12,7 +12,9 @@ import fcntl
 import hashlib
 import shutil
 import threading
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -24,6 +26,8 @@ from export.model_repo import (
     ENGINE_CACHE_ROOT,
     PYTHON_BACKEND_MODEL,
     ModelRepoError,
+    ModelVersion,
+    Profile,
     read_config,
     served_version,
     weights_digest,
@@ -42,6 +46,7 @@ from lipsync.contract import (
     TensorSpec,
     avatar_model_name,
 )
+from tests.fixtures_packages import served_version_number
 from tests.fixtures_triton import UntrainedOnnx
 
 MODEL = avatar_model_name("a")
@@ -51,8 +56,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _io(config_tensors: object) -> dict[str, tuple[int, list[int]]]:
-    return {t.name: (t.data_type, list(t.dims)) for t in config_tensors}  # type: ignore[attr-defined]
+def _io(config_tensors: Iterable[Any]) -> dict[str, tuple[int, list[int]]]:
+    """`ModelInput`s or `ModelOutput`s of a config (tritonclient ships no types)."""
+    return {t.name: (t.data_type, list(t.dims)) for t in config_tensors}
 
 
 def _expected_io(*specs: TensorSpec) -> dict[str, tuple[int, list[int]]]:
@@ -155,12 +161,12 @@ def test_gpu_profile(untrained_onnx: UntrainedOnnx, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_audio_encoder_model(untrained_onnx: UntrainedOnnx, tmp_path: Path, profile: str) -> None:
-    written = write_audio_encoder_model(tmp_path, untrained_onnx.audio_encoder, profile)  # type: ignore[arg-type]
+def test_audio_encoder_model(untrained_onnx: UntrainedOnnx, tmp_path: Path, profile: Profile) -> None:
+    written = write_audio_encoder_model(tmp_path, untrained_onnx.audio_encoder, profile)
     assert written.folder.name == AUDIO_ENCODER_MODEL
     config = read_config(written.folder)
     assert config.name == AUDIO_ENCODER_MODEL
-    assert config.max_batch_size == BATCHING[("audio_encoder", profile)].max_batch_size  # type: ignore[index]
+    assert config.max_batch_size == BATCHING[("audio_encoder", profile)].max_batch_size
     assert _io(config.input) == _expected_io(ENCODER_MEL)
     assert _io(config.output) == _expected_io(ENCODER_FEATURE)
     assert config.HasField("dynamic_batching")
@@ -220,7 +226,7 @@ def test_each_write_is_a_new_version_and_the_served_one_is_untouched(
 def test_concurrent_writers_each_publish_a_whole_version(tmp_path: Path) -> None:
     graphs = [_tiny_unet(tmp_path / f"g{i}.onnx", f"g{i}") for i in range(4)]
     repo = tmp_path / "repo"
-    results: dict[int, object] = {}
+    results: dict[int, ModelVersion | Exception] = {}
 
     def write(i: int) -> None:
         try:
@@ -235,9 +241,9 @@ def test_concurrent_writers_each_publish_a_whole_version(tmp_path: Path) -> None
         thread.join(timeout=120)
     errors = {i: r for i, r in results.items() if isinstance(r, Exception)}
     assert not errors and len(results) == len(graphs), results
-    versions = sorted(r.version for r in results.values())  # type: ignore[attr-defined]
+    versions = sorted(r.version for r in results.values() if not isinstance(r, Exception))
     assert versions == [1, 2, 3, 4]
-    assert served_version(repo, MODEL).version == 4  # type: ignore[union-attr]
+    assert served_version_number(repo, MODEL) == 4
     for name in _version_folders(repo / MODEL):
         assert sorted(p.name for p in (repo / MODEL / name).iterdir()) == ["model.onnx", "model.py"]
 
@@ -275,7 +281,7 @@ def test_a_new_model_is_assembled_outside_the_repository(
     assert seen
     for target in seen:
         top = target.relative_to(repo).parts[0] if target.is_relative_to(repo) else None
-        assert top is None or top == MODEL and target.parent.name.isdigit(), target
+        assert top is None or (top == MODEL and target.parent.name.isdigit()), target
 
 
 def test_the_audio_encoder_is_not_replaced_by_other_weights(
@@ -367,7 +373,7 @@ def test_contract_violations_are_refused(untrained_onnx: UntrainedOnnx, tmp_path
     with pytest.raises(ModelRepoError, match="cannot read ONNX file"):
         write_avatar_model(tmp_path, MODEL, tmp_path / "garbage.onnx", "cpu")
     with pytest.raises(ModelRepoError, match="unknown profile 'tpu'"):
-        write_avatar_model(tmp_path, MODEL, untrained_onnx.unet, "tpu")  # type: ignore[arg-type]
+        write_avatar_model(tmp_path, MODEL, untrained_onnx.unet, "tpu")  # type: ignore[arg-type]  # on purpose
     with pytest.raises(ModelRepoError, match=r"'x' is not lipsync_<avatar name>"):
         write_avatar_model(tmp_path, "x", untrained_onnx.unet, "cpu")
     # Nothing half-written was left behind by the refusals.
@@ -405,9 +411,9 @@ def test_cli_writes_both_profiles(untrained_onnx: UntrainedOnnx, tmp_path: Path)
     other = str(untrained_onnx.other_audio_encoder)
     args = ("--avatar", "cli", "--onnx", unet, "--audio-encoder-onnx", other, "--profile", "cpu")
     assert _model_repo_cli(*args, "--repo", f"{repo}/cpu") == 2
-    assert served_version(tmp_path / "cpu", AUDIO_ENCODER_MODEL).version == 1  # type: ignore[union-attr]
+    assert served_version_number(tmp_path / "cpu", AUDIO_ENCODER_MODEL) == 1
     assert _model_repo_cli(*args, "--repo", f"{repo}/cpu", "--replace-audio-encoder") == 0
-    assert served_version(tmp_path / "cpu", AUDIO_ENCODER_MODEL).version == 2  # type: ignore[union-attr]
+    assert served_version_number(tmp_path / "cpu", AUDIO_ENCODER_MODEL) == 2
 
 
 def test_every_generated_config_names_a_served_version(demo_package: object) -> None:

@@ -8,6 +8,7 @@ ports, gets its models from the gateway and serves again without a gateway resta
 CPU Triton takes ~100 ms per frame on 2 cores: the load is 4 callers of one frame each, and
 every phase ends as soon as its condition holds (bounded waits, no fixed frame counts).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ class Load:
         while not self.stop_event.is_set():
             sent = time.monotonic()
             try:
-                r = self.stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i % 50), timeout=60)
+                r = self.stub.GenerateInference(
+                    pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i % 50), timeout=60
+                )
                 error = None if r.success else r.error
             except grpc.RpcError as exc:
                 error = f"rpc {exc.code()}: {exc.details()}"
@@ -118,14 +121,21 @@ def test_two_tritons_share_frames_survive_a_kill_and_the_killed_one_rejoins(
     dead = f"127.0.0.1:{first.grpc_port}"  # localhost resolves to its IPv4 address
     body = readyz(gw.http_url)
     assert body["ready"] and [e["url"] for e in body["endpoints"]] == [dead, f"127.0.0.1:{second.grpc_port}"]
-    assert all(e["ready"] and e["model_states"] == {MODEL: "ready", "audio_encoder": "ready"} for e in body["endpoints"])
+    assert all(
+        e["ready"] and e["model_states"] == {MODEL: "ready", "audio_encoder": "ready"}
+        for e in body["endpoints"]
+    )
 
     channel = grpc.insecure_channel(gw.grpc_address)
     load = Load(pbg.OptimizedLipSyncServiceStub(channel))
     load.start()
     try:
         # 1. frames flow through both
-        wait_for(lambda: inferences(first.grpc_url) > 0 and inferences(second.grpc_url) > 0, "both Tritons infer", 120)
+        wait_for(
+            lambda: inferences(first.grpc_url) > 0 and inferences(second.grpc_url) > 0,
+            "both Tritons infer",
+            120,
+        )
         assert load.failed() == []
 
         # 2. SIGKILL the first while it has frames in flight; count them at that instant (on the
@@ -144,12 +154,17 @@ def test_two_tritons_share_frames_survive_a_kill_and_the_killed_one_rejoins(
             time.sleep(0.01)
         killed_at = time.monotonic()
         first.kill()  # reap it
-        wait_for(lambda: readyz(gw.http_url)["endpoints"][0]["server"] == "down", "the gateway sees it down", 10)
+        wait_for(
+            lambda: readyz(gw.http_url)["endpoints"][0]["server"] == "down", "the gateway sees it down", 10
+        )
         wait_for(lambda: load.ok_since(killed_at) >= 12, "frames after the kill", 120)
         ok_after_kill = load.ok_since(killed_at)
         assert gw.ctx.ready(), "the other Triton serves every avatar: the gateway stays ready"
         # the other served everything: every frame since the kill was inferred there
-        assert settled_counts(second.grpc_url, MODEL, at_least=before_second + ok_after_kill)[0] >= before_second + ok_after_kill
+        assert (
+            settled_counts(second.grpc_url, MODEL, at_least=before_second + ok_after_kill)[0]
+            >= before_second + ok_after_kill
+        )
         failed_by_kill = len(load.failed())
         assert failed_by_kill <= in_flight_at_kill, (failed_by_kill, in_flight_at_kill, load.failed())
 
@@ -164,9 +179,13 @@ def test_two_tritons_share_frames_survive_a_kill_and_the_killed_one_rejoins(
     failed = load.failed()
     assert len(failed) <= in_flight_at_kill, failed
     assert all(a.error is not None and a.error.startswith("triton_unavailable: ") for a in failed), failed
-    retries = gw.ctx.metrics.registry.get_sample_value("lipsync_gateway_triton_retries_total", {"endpoint": dead}) or 0
+    retries = (
+        gw.ctx.metrics.registry.get_sample_value("lipsync_gateway_triton_retries_total", {"endpoint": dead})
+        or 0
+    )
     print(
-        f"\nframes: {len(load.answers)} answered, {len(failed)} failed; in flight on the killed Triton at the kill: "
-        f"{in_flight_at_kill}; calls retried on the other: {retries:.0f}; frames after the kill before its restart: "
+        f"\nframes: {len(load.answers)} answered, {len(failed)} failed; "
+        f"in flight on the killed Triton at the kill: {in_flight_at_kill}; "
+        f"calls retried on the other: {retries:.0f}; frames after the kill before its restart: "
         f"{ok_after_kill}"
     )

@@ -1,7 +1,8 @@
 """ONNX export: the graph contract (`lipsync.contract`: names, dtypes, dims; dynamic batch,
 opset, metadata), parity of ONNX Runtime with PyTorch on the same weights (<= 1 LSB on >= 99.9%
-of values, never more than 2), the in-graph preprocessing against an independent numpy/OpenCV implementation of
-REFERENCE.md section 2 steps 3-7, and `lipsync export unet|audio-encoder` end to end."""
+of values, never more than 2), the in-graph preprocessing against an independent numpy/OpenCV
+implementation of docs/REFERENCE.md section 2 steps 3-7, and `lipsync export unet|audio-encoder`
+end to end."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from numpy.typing import NDArray
 from onnx import helper
 
 from export.checkpoint import load_audio_encoder, load_unet
@@ -39,6 +41,7 @@ from lipsync.contract import (
     UNET_CROP,
     UNET_PRED,
     WINDOW_ROWS,
+    AudioMode,
     TensorSpec,
 )
 from lipsync.paths import REPO_ROOT, SPEECH_DIR
@@ -50,7 +53,9 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _pred(session: ort.InferenceSession, crop: np.ndarray, audio: np.ndarray) -> np.ndarray:
+def _pred(
+    session: ort.InferenceSession, crop: NDArray[np.uint8], audio: NDArray[np.float32]
+) -> NDArray[np.uint8]:
     """The graph's `pred` for one batch of `crop` and `audio`."""
     return session.run([UNET_PRED.name], {UNET_CROP.name: crop, UNET_AUDIO.name: audio})[0]
 
@@ -60,12 +65,12 @@ def _graph_type(spec: TensorSpec) -> tuple[int, list[int | str]]:
     return helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), ["batch", *spec.dims]
 
 
-def _torch_pred(unet: UNet328, crop: np.ndarray, audio: np.ndarray) -> np.ndarray:
+def _torch_pred(unet: UNet328, crop: NDArray[np.uint8], audio: NDArray[np.float32]) -> NDArray[np.uint8]:
     with torch.no_grad():
         return UnetWithPrePost(unet).eval()(torch.from_numpy(crop), torch.from_numpy(audio)).numpy()
 
 
-def _assert_parity(expected: np.ndarray, actual: np.ndarray) -> None:
+def _assert_parity(expected: NDArray[np.uint8], actual: NDArray[np.uint8]) -> None:
     report = compare_pred(expected, actual)
     assert report.max_abs_lsb <= 2, report
     assert report.fraction_within_1 >= 0.999, report
@@ -134,8 +139,8 @@ def _carphone_clip() -> Path | None:
     return clip if clip.is_file() else None
 
 
-def _real_inputs(encoder: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """Face crops from the carphone clip (REFERENCE.md s.6) and audio windows from real speech
+def _real_inputs(encoder: torch.nn.Module) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
+    """Face crops from the carphone clip (docs/REFERENCE.md s.6) and audio windows from real speech
     through the audio encoder, as the package builder would make them."""
     from lipsync.audio import load_wav_16k_mono, mel_spectrogram, mel_windows, pad_features
 
@@ -170,8 +175,10 @@ def test_unet_parity_on_real_media(
     _assert_parity(_torch_pred(unet, crop, audio), _pred(_session(path), crop, audio))
 
 
-def _numpy_reference_input(crop: np.ndarray, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """REFERENCE.md s.2 steps 3-6 written independently: cv2.rectangle mask, [reference, masked]
+def _numpy_reference_input(
+    crop: NDArray[np.uint8], audio: NDArray[np.float32]
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """docs/REFERENCE.md s.2 steps 3-6 written independently: cv2.rectangle mask, [reference, masked]
     channels, /255, NCHW; audio window reshaped row-major to 32 x 16 x 16."""
     images = []
     for inner in crop:
@@ -187,7 +194,7 @@ def test_in_graph_preprocessing_matches_reference_steps(unet_onnx: tuple[UNet328
     crop, audio = example_unet_inputs("ave", batch=BATCH, seed=11)
     x_ref, a_ref = _numpy_reference_input(crop, audio)
 
-    captured: dict[str, np.ndarray] = {}
+    captured: dict[str, NDArray[np.float32]] = {}
 
     def grab(_module: torch.nn.Module, args: tuple[torch.Tensor, torch.Tensor]) -> None:
         captured["x"], captured["audio"] = args[0].numpy().copy(), args[1].numpy().copy()
@@ -226,17 +233,17 @@ def test_unet_dynamic_batch(unet_onnx: tuple[UNet328, Path]) -> None:
 
 
 @pytest.mark.parametrize("mode", ["hubert", "wenet"])
-def test_other_modes_export_with_their_window(mode: str, tmp_path: Path) -> None:
+def test_other_modes_export_with_their_window(mode: AudioMode, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    unet = UNet328(mode).eval()  # type: ignore[arg-type]
+    unet = UNet328(mode).eval()
     from export.checkpoint import WeightsInfo
 
     result = export_unet_module(unet, WeightsInfo(False, "test", None), tmp_path / f"{mode}.onnx")
     io = _io(onnx.load(str(result.path)))
     rows, width = AUDIO_WINDOW_SHAPES[mode]
     assert io[UNET_AUDIO.name] == (onnx.TensorProto.FLOAT, ["batch", rows, width])
-    assert (rows, width) == {"hubert": (16, 2048), "wenet": (16, 8192)}[mode]  # REFERENCE.md s.1
-    crop, audio = example_unet_inputs(mode, batch=1, seed=2)  # type: ignore[arg-type]
+    assert (rows, width) == {"hubert": (16, 2048), "wenet": (16, 8192)}[mode]  # docs/REFERENCE.md s.1
+    crop, audio = example_unet_inputs(mode, batch=1, seed=2)
     _assert_parity(_torch_pred(unet, crop, audio), _pred(_session(result.path), crop, audio))
     assert read_onnx_metadata(result.path)["mode"] == mode
 

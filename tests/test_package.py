@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from lipsync.contract import FEATURE_DIM, MANIFEST_NAME, avatar_model_name
 from lipsync.package import AvatarPackage, PackageError, load_package, sha256_file
@@ -23,7 +24,7 @@ def _save_manifest(folder: Path, data: dict[str, Any]) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
 
 
-def _replace_array(folder: Path, key: str, array: np.ndarray) -> None:
+def _replace_array(folder: Path, key: str, array: NDArray[Any]) -> None:
     """Overwrite one array file and update its size and checksum, so only the content is wrong."""
     data = _manifest(folder)
     path = folder / data["files"][key]["path"]

@@ -137,7 +137,13 @@ def test_compare_table_ratios(tmp_path: Path) -> None:
 def test_loadgen_arguments() -> None:
     cfg = config_from_args(build_parser().parse_args(
         ["--target", "ws", "--streams", "4", "--pace", "0", "--frames", "60", "--avatar", "demo"]))
-    assert (cfg.target, cfg.address, cfg.streams, cfg.frames, cfg.pace_fps) == ("ws", "localhost:8085", 4, 60, 0)
+    assert (cfg.target, cfg.address, cfg.streams, cfg.frames, cfg.pace_fps) == (
+        "ws",
+        "localhost:8085",
+        4,
+        60,
+        0,
+    )
     assert cfg.ws_url == "ws://localhost:8085/ws" and cfg.effective_window == 1
     assert config_from_args(build_parser().parse_args([])).address == "localhost:50051"
     checked = config_from_args(build_parser().parse_args(["--verify-every", "5", "--expect-size", "880x720"]))
@@ -157,7 +163,7 @@ def test_loadgen_arguments() -> None:
 def test_stream_frame_ids_stay_in_range_and_differ_between_streams() -> None:
     cfg = LoadConfig(target="grpc", address="x", streams=4, frames=30, frame_range=50)
     ids = [cfg.stream_frame_ids(s) for s in range(4)]
-    assert all(len(i) == 30 and 0 <= min(i) and max(i) < 50 for i in ids)
+    assert all(len(i) == 30 and min(i) >= 0 and max(i) < 50 for i in ids)
     assert len({i[0] for i in ids}) == 4
     assert all(np.all(np.diff(i) % 50 == 1) for i in ids)  # consecutive, wrapping
 
@@ -218,7 +224,9 @@ def test_perf_analyzer_input_matches_the_contract(demo_package: Any, tmp_path: P
 @pytest.mark.triton
 @pytest.mark.parametrize("target", ["grpc", "ws"])
 def test_loadgen_drives_the_real_gateway(gateway_server: Any, demo_package: Any, target: str) -> None:
-    address = gateway_server.grpc_address if target == "grpc" else gateway_server.http_url.replace("http://", "")
+    address = (
+        gateway_server.grpc_address if target == "grpc" else gateway_server.http_url.replace("http://", "")
+    )
     size = (demo_package.manifest.width, demo_package.manifest.height)
     cfg = LoadConfig(target=target, address=address, avatar="demo", streams=2, frames=3,
                      pace_fps=0, frame_range=demo_package.feature_rows, timeout_s=60,
@@ -295,7 +303,7 @@ def test_model_cost_matches_the_reference_flops(demo_package: Any) -> None:
     from perf.model_cost import demo_unet_onnx, model_cost
 
     cost = model_cost(demo_unet_onnx())
-    assert cost.conv_gflop == pytest.approx(9.8, rel=0.03)  # REFERENCE.md s.1: ~9.8 GFLOP/frame
+    assert cost.conv_gflop == pytest.approx(9.8, rel=0.03)  # docs/REFERENCE.md s.1: ~9.8 GFLOP/frame
     assert cost.parameters_m == pytest.approx(12.19, rel=0.02)  # 12,186,935 (BN folded or not)
     assert 0 < cost.depthwise_count < cost.conv_count
     # the largest activation alone (320x320x64, FP16) is 12.5 MiB: the sum must exceed it
@@ -315,13 +323,20 @@ def test_sizing_estimate_follows_its_formula() -> None:
     assert slow.gateway_processes[0] == max(1, math.ceil(slow.streams[0] * 25 * 4.0 / 1000 / 0.7))
     split = estimate(Gpu("b", 100.0, 3.0), 10.0, 200.0, 4.0, a, overhead_ms=1.0)
     assert split.gateway_processes[1] <= fast.gateway_processes[1]
-    micro = {"timings": [
-        {"frame": "1280x720 x", "stage": "prepare", "variant": "v", "median_ms": 0.01},
-        {"frame": "1280x720 x", "stage": "composite", "variant": "paste back into full frame", "median_ms": 0.3},
-        {"frame": "1280x720 x", "stage": "jpeg", "variant": "a, full frame", "median_ms": 2.0},
-        {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, full frame", "median_ms": 1.5},
-        {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, face crop only", "median_ms": 0.1},
-    ]}
+    micro = {
+        "timings": [
+            {"frame": "1280x720 x", "stage": "prepare", "variant": "v", "median_ms": 0.01},
+            {
+                "frame": "1280x720 x",
+                "stage": "composite",
+                "variant": "paste back into full frame",
+                "median_ms": 0.3,
+            },
+            {"frame": "1280x720 x", "stage": "jpeg", "variant": "a, full frame", "median_ms": 2.0},
+            {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, full frame", "median_ms": 1.5},
+            {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, face crop only", "median_ms": 0.1},
+        ]
+    }
     compare = {"rows": [{"streams": 1, "gateway_cpu_ms_per_frame": 9.0},
                         {"streams": 8, "gateway_cpu_ms_per_frame": 3.0}]}
     assert gateway_ms_per_frame(micro, compare) == pytest.approx((1.81, 3.0, 4.81))

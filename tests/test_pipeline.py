@@ -1,6 +1,6 @@
 """`gateway.pipeline.FramePipeline` through the in-process fake Triton (identity UNet): the
 composited JPEG, the window it sends, precise errors, admission, live audio, and outcome metrics
-counted once per frame. The reference composite (`tests.fake_triton.identity_composite`) is
+counted once per frame. The reference composite (`tests.reference_frames.identity_composite`) is
 written out with OpenCV (docs/REFERENCE.md s.2 steps 2-8), independently of `lipsync.frames`.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from numpy.typing import NDArray
 
 from gateway.audio_features import (
     WINDOW_CHUNK_BYTES,
@@ -29,21 +28,14 @@ from gateway.errors import (
     UnknownAvatar,
 )
 from gateway.frame_request import FrameRequest
-from tests.fake_gateway import fake_context
-from tests.fake_triton import FakeTriton, fake_triton, identity_composite, slice_encoder
+from lipsync.contract import avatar_model_name
+from tests.fake_gateway import SYNTHETIC_AVATAR, fake_context, synthetic_avatar
+from tests.fake_triton import FakeTriton, slice_encoder
+from tests.reference_frames import identity_composite, reference_window
 
 T = TypeVar("T")
-AVATAR = "synthetic"
-MODEL = f"lipsync_{AVATAR}"
-
-
-def reference_window(features: NDArray[np.float32], i: int) -> NDArray[np.float32]:
-    """Rows i-8 .. i+7 of ``features``, zeros outside (docs/REFERENCE.md s.2 step 6)."""
-    out = np.zeros((16, features.shape[1]), np.float32)
-    for r in range(16):
-        if 0 <= i - 8 + r < len(features):
-            out[r] = features[i - 8 + r]
-    return out
+AVATAR = SYNTHETIC_AVATAR
+MODEL = avatar_model_name(AVATAR)
 
 
 def counted(ctx: GatewayContext, protocol: str = "grpc") -> dict[str, float]:
@@ -54,19 +46,28 @@ def counted(ctx: GatewayContext, protocol: str = "grpc") -> dict[str, float]:
         out[outcome] = registry.get_sample_value(
             "lipsync_gateway_requests_total", {"protocol": protocol, "outcome": outcome}
         ) or 0.0
-    for code in ("unknown_avatar", "frame_out_of_range", "bad_request", "overloaded", "triton_unavailable", "internal"):
-        out[code] = registry.get_sample_value("lipsync_gateway_errors_total", {"protocol": protocol, "code": code}) or 0.0
+    for code in (
+        "unknown_avatar",
+        "frame_out_of_range",
+        "bad_request",
+        "overloaded",
+        "triton_unavailable",
+        "internal",
+    ):
+        out[code] = (
+            registry.get_sample_value("lipsync_gateway_errors_total", {"protocol": protocol, "code": code})
+            or 0.0
+        )
     return out
 
 
 def on_fake(
-    make_package: Callable[..., Path], body: Callable[[GatewayContext, FakeTriton], Awaitable[T]], **settings: Any
+    make_package: Callable[..., Path],
+    body: Callable[[GatewayContext, FakeTriton], Awaitable[T]],
+    **settings: Any,
 ) -> T:
     """Run ``body(ctx, fake)`` on a gateway context over the fake with the synthetic package."""
-    # noise, so that the resize round trip of the composite changes pixels (a gradient would not)
-    frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
-    root = make_package(name=AVATAR, frames=frames).parent
-    fake = fake_triton(MODEL, loaded=("audio_encoder",))
+    root, fake = synthetic_avatar(make_package)
 
     async def run() -> T:
         ctx = await fake_context(root, fake, **settings)
@@ -109,21 +110,37 @@ def test_bad_requests_get_precise_errors_counted_once(make_package: Callable[...
         avatar = ctx.store.get(AVATAR)
         m, n = avatar.feature_rows, avatar.video_frames
         cases: list[tuple[FrameRequest, type[Exception], str]] = [
-            (FrameRequest("nobody", 0), UnknownAvatar, r"avatar 'nobody' is not loaded \(loaded: synthetic\)"),
-            (FrameRequest(AVATAR, m), FrameOutOfRange,
-             rf"frame_id {m} is out of range for avatar 'synthetic' \(valid: 0..{m - 1}; {m} audio feature rows, {n} video frames"),
+            (
+                FrameRequest("nobody", 0),
+                UnknownAvatar,
+                r"avatar 'nobody' is not loaded \(loaded: synthetic\)",
+            ),
+            (
+                FrameRequest(AVATAR, m),
+                FrameOutOfRange,
+                rf"frame_id {m} is out of range for avatar 'synthetic' "
+                rf"\(valid: 0..{m - 1}; {m} audio feature rows, {n} video frames",
+            ),
             (FrameRequest(AVATAR, -1), FrameOutOfRange, r"frame_id -1 is out of range"),
-            (FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES), -1)), FrameOutOfRange,
-             r"valid: >= 0;"),
-            (FrameRequest(AVATAR, 1, WindowChunks(bytes(1000), 1)), BadRequest,
-             rf"audio_len=1000: live audio for frame_id=1 must be {WINDOW_CHUNK_BYTES} bytes"),
+            (
+                FrameRequest(AVATAR, -1, WindowChunks(bytes(WINDOW_CHUNK_BYTES), -1)),
+                FrameOutOfRange,
+                r"valid: >= 0;",
+            ),
+            (
+                FrameRequest(AVATAR, 1, WindowChunks(bytes(1000), 1)),
+                BadRequest,
+                rf"audio_len=1000: live audio for frame_id=1 must be {WINDOW_CHUNK_BYTES} bytes",
+            ),
         ]
         for request, error, message in cases:
             with pytest.raises(error, match=message):
                 await ctx.pipeline.render(request, protocol="grpc")
         fake.mode = "refused"
         await ctx.lifecycle.probe_once()
-        with pytest.raises(TritonUnavailable, match=r"Triton at fake-triton:8001 is not ready \(.*connection refused"):
+        with pytest.raises(
+            TritonUnavailable, match=r"Triton at fake-triton:8001 is not ready \(.*connection refused"
+        ):
             await ctx.pipeline.render(FrameRequest(AVATAR, 2), protocol="grpc")
         assert fake.count("infer") == 0, "no request reached Triton"
         assert counted(ctx) == {
@@ -136,7 +153,9 @@ def test_bad_requests_get_precise_errors_counted_once(make_package: Callable[...
     on_fake(make_package, body)
 
 
-def test_admission_refuses_at_once_and_cancelled_frames_are_not_counted(make_package: Callable[..., Path]) -> None:
+def test_admission_refuses_at_once_and_cancelled_frames_are_not_counted(
+    make_package: Callable[..., Path],
+) -> None:
     async def body(ctx: GatewayContext, fake: FakeTriton) -> None:
         fake.hold_inference = asyncio.Event()
         first = asyncio.create_task(ctx.pipeline.render(FrameRequest(AVATAR, 1), protocol="ws"))
@@ -186,7 +205,9 @@ def test_live_audio_windows(make_package: Callable[..., Path]) -> None:
         fake.loaded.discard("audio_encoder")
         await ctx.lifecycle.probe_once()
         await ctx.lifecycle.wait_loading()
-        with pytest.raises(TritonUnavailable, match=r"model 'audio_encoder' is not loaded in Triton \(load_model"):
+        with pytest.raises(
+            TritonUnavailable, match=r"model 'audio_encoder' is not loaded in Triton \(load_model"
+        ):
             await ctx.pipeline.render(FrameRequest(AVATAR, 0, WindowChunks(pcm, 0)), protocol="ws")
 
     on_fake(make_package, body)

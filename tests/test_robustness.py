@@ -59,7 +59,12 @@ def _ok(stub: Any, frame_id: int = 2) -> None:
     ("name", "which", "code", "text"),
     [
         ("nobody", "zero", "unknown_avatar", "avatar 'nobody' is not loaded (loaded: demo"),
-        (AVATAR, "rows", "frame_out_of_range", "frame_id {M} is out of range for avatar 'demo' (valid: 0..{M1}"),
+        (
+            AVATAR,
+            "rows",
+            "frame_out_of_range",
+            "frame_id {M} is out of range for avatar 'demo' (valid: 0..{M1}",
+        ),
         (AVATAR, "huge", "frame_out_of_range", "(valid: 0..{M1};"),
         (AVATAR, "negative", "frame_out_of_range", "frame_id -1 is out of range"),
         ("", "zero", "unknown_avatar", "avatar '' is not loaded"),
@@ -82,8 +87,17 @@ def test_bad_frame_requests_get_clear_errors(
 def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
     ids = [1, -5, 2, 500, 3]
     names = [AVATAR, AVATAR, "ghost", AVATAR, AVATAR]
-    out = list(stub.StreamInference(iter(
-        [pb.OptimizedInferenceRequest(model_name=n, frame_id=i) for n, i in zip(names, ids)]), timeout=120))
+    out = list(
+        stub.StreamInference(
+            iter(
+                [
+                    pb.OptimizedInferenceRequest(model_name=n, frame_id=i)
+                    for n, i in zip(names, ids, strict=True)
+                ]
+            ),
+            timeout=120,
+        )
+    )
     assert [r.frame_id for r in out] == ids
     assert [r.success for r in out] == [True, False, False, False, True]
     assert "unknown_avatar" in out[2].error and "frame_out_of_range" in out[3].error
@@ -103,7 +117,9 @@ def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, pa
 
 
 @pytest.mark.triton
-def test_load_package_symlink_escaping_root_is_refused(stub: Any, gateway_server: Any, demo_package: Any) -> None:
+def test_load_package_symlink_escaping_root_is_refused(
+    stub: Any, gateway_server: Any, demo_package: Any
+) -> None:
     root = Path(gateway_server.settings.packages_root)
     link = root / "escape"
     link.symlink_to(Path(demo_package.root).resolve(), target_is_directory=True)  # a real package, outside
@@ -133,7 +149,9 @@ def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any, d
 
 
 @pytest.mark.triton
-def test_load_package_whose_model_triton_lacks_is_refused(stub: Any, gateway_server: Any, make_package: Any) -> None:
+def test_load_package_whose_model_triton_lacks_is_refused(
+    stub: Any, gateway_server: Any, make_package: Any
+) -> None:
     import shutil
 
     root = Path(gateway_server.settings.packages_root)
@@ -171,29 +189,33 @@ def test_connection_limiter_refuses_or_waits() -> None:
         assert limiter.in_flight == 2
 
         admission = AdmissionControl(1)
-        with admission.slot():
-            with pytest.raises(Overloaded, match=r"limit 1"):
-                with admission.slot():
-                    pass
+        with admission.slot(), pytest.raises(Overloaded, match=r"limit 1"), admission.slot():
+            pass
         assert admission.in_flight == 0
 
     asyncio.run(scenario())
 
 
 @pytest.mark.triton
-def test_global_in_flight_limit_answers_overloaded(start_gateway: Any, triton_server: Any, gateway_packages_root: Path) -> None:
+def test_global_in_flight_limit_answers_overloaded(
+    start_gateway: Any, triton_server: Any, gateway_packages_root: Path
+) -> None:
     gw = start_gateway(triton_server.grpc_url, gateway_packages_root, max_in_flight_total=2)
     channel, stub = _stub(gw.grpc_address)
     with channel:
         futures = [
-            stub.GenerateInference.future(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i), timeout=120)
+            stub.GenerateInference.future(
+                pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=i), timeout=120
+            )
             for i in range(10)
         ]
         t0 = time.monotonic()
         results = [f.result() for f in futures]
         errors = [r.error for r in results if not r.success]
         assert sum(r.success for r in results) >= 2
-        assert errors and all(e.startswith("overloaded: the gateway already has 2 frames in flight (limit 2)") for e in errors), errors
+        assert errors and all(
+            e.startswith("overloaded: the gateway already has 2 frames in flight (limit 2)") for e in errors
+        ), errors
         assert time.monotonic() - t0 < 60
         _ok(stub)
 
@@ -257,7 +279,9 @@ def _own_stack(start_triton: Any, start_gateway: Any, root: Path) -> tuple[Any, 
 
 
 @pytest.mark.triton
-def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
+def test_triton_killed_mid_stream_then_recovers(
+    start_triton: Any, start_gateway: Any, gateway_packages_root: Path
+) -> None:
     triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
     channel, stub = _stub(gw.grpc_address)
     with channel:
@@ -278,7 +302,9 @@ def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway
         assert all(r.error.startswith("triton_unavailable: ") for _, r in failed), failed[0][1].error
         first_error_after = failed[0][0] - killed_at
         # every failed answer came promptly after its request was sent (or after the kill)
-        worst = max(t - max(stream.sent[i], killed_at) for i, (t, r) in enumerate(stream.answers) if not r.success)
+        worst = max(
+            t - max(stream.sent[i], killed_at) for i, (t, r) in enumerate(stream.answers) if not r.success
+        )
         assert first_error_after < 3.0 and worst < 3.0, (first_error_after, worst)
         assert not_ready_after < 3.0
         # grpc.health follows ctx.ready() as soon as it changes (pushed, no polling)
@@ -298,7 +324,9 @@ def test_triton_killed_mid_stream_then_recovers(start_triton: Any, start_gateway
 
 
 @pytest.mark.triton
-def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: Any, gateway_packages_root: Path) -> None:
+def test_triton_hung_fails_fast_and_recovers(
+    start_triton: Any, start_gateway: Any, gateway_packages_root: Path
+) -> None:
     triton, gw = _own_stack(start_triton, start_gateway, gateway_packages_root)
     channel, stub = _stub(gw.grpc_address)
     with channel:
@@ -306,7 +334,9 @@ def test_triton_hung_fails_fast_and_recovers(start_triton: Any, start_gateway: A
         os.killpg(triton.pid, signal.SIGSTOP)  # tritonserver and its Python-backend stubs
         try:
             t0 = time.monotonic()
-            r = stub.GenerateInference(pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3), timeout=30)
+            r = stub.GenerateInference(
+                pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=3), timeout=30
+            )
             took = time.monotonic() - t0
             assert not r.success and r.error.startswith("triton_unavailable: "), r.error
             # probe period 0.5 s + two probe deadlines of 1 s: about 3 s, never the 30 s deadline
@@ -337,7 +367,12 @@ def test_gateway_started_before_triton_becomes_ready_by_itself(
         assert not r.success and r.error.startswith("triton_unavailable: ") and "not ready" in r.error
         assert time.monotonic() - t0 < 1.0
         assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
-        start_triton(MODEL_REPOSITORY_CPU, grpc_port=port, model_control_mode="explicit", load_models=("audio_encoder",))
+        start_triton(
+            MODEL_REPOSITORY_CPU,
+            grpc_port=port,
+            model_control_mode="explicit",
+            load_models=("audio_encoder",),
+        )
         _wait(lambda: gw.ctx.ready(), 120)  # the gateway loaded lipsync_demo itself
         _ok(stub)
         _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 5)

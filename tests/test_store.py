@@ -3,9 +3,9 @@ the in-process fake Triton: loading and precomputation, refusals, and model regi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -20,8 +20,8 @@ T = TypeVar("T")
 MakePackage = Callable[..., Path]
 
 
-def run(body: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(body())  # type: ignore[arg-type]
+def run(body: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(body())
 
 
 def store_on(fake: FakeTriton, root: Path) -> AvatarStore:
@@ -67,7 +67,9 @@ def test_frame_id_ranges(make_package: MakePackage) -> None:
         avatar.check_frame_id(m - 1)
         avatar.check_frame_id(m + 100, live_audio=True)
         for frame_id, live in ((m, False), (-1, False), (-1, True)):
-            with pytest.raises(FrameOutOfRange, match=rf"frame_id {frame_id} is out of range for avatar 'alice'"):
+            with pytest.raises(
+                FrameOutOfRange, match=rf"frame_id {frame_id} is out of range for avatar 'alice'"
+            ):
                 avatar.check_frame_id(frame_id, live_audio=live)
         assert [avatar.video_index(i) for i in (0, 9, 10, 18, 19)] == [0, 9, 8, 0, 1]
 
@@ -93,16 +95,17 @@ def test_package_whose_model_triton_cannot_load_is_refused(make_package: MakePac
     run(body)
 
 
-def test_package_is_accepted_while_triton_is_down_and_its_model_loads_later(make_package: MakePackage) -> None:
+def test_package_is_accepted_while_triton_is_down_and_its_model_loads_later(
+    make_package: MakePackage,
+) -> None:
     root = make_package(name="alice").parent
     fake = fake_triton("lipsync_alice")
     fake.mode = "refused"
 
     async def body() -> None:
-        store = store_on(fake, root)
+        lifecycle = ModelLifecycle(fake)
+        store = AvatarStore(root, lifecycle)
         avatar = await store.load("alice")
-        lifecycle = store._lifecycle
-        assert lifecycle is not None
         snap = lifecycle.snapshot()
         assert not snap.ready and snap.models[avatar.model].phase is ModelPhase.UNKNOWN
         fake.restart()

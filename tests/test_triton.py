@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
 
 from export.model_repo import served_version, write_audio_encoder_model
 from lipsync.contract import (
@@ -50,19 +51,19 @@ UNET_MODEL = avatar_model_name(TEST_AVATAR)
 N_REQUESTS = 10
 
 
-def _unet_inputs(rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    crop = rng.integers(0, 256, size=UNET_CROP.batch_shape(batch), dtype=UNET_CROP.dtype)
-    audio = rng.standard_normal(UNET_AUDIO.batch_shape(batch)).astype(UNET_AUDIO.dtype)
+def _unet_inputs(rng: np.random.Generator, batch: int) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
+    crop = rng.integers(0, 256, size=UNET_CROP.batch_shape(batch), dtype=np.uint8)
+    audio = rng.standard_normal(UNET_AUDIO.batch_shape(batch)).astype(np.float32)
     return crop, audio
 
 
-def _infer_input(spec: TensorSpec, array: np.ndarray) -> grpcclient.InferInput:
+def _infer_input(spec: TensorSpec, array: NDArray[Any]) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.triton_dtype)
     tensor.set_data_from_numpy(array)
     return tensor
 
 
-def _infer_inputs(crop: np.ndarray, audio: np.ndarray) -> list[grpcclient.InferInput]:
+def _infer_inputs(crop: NDArray[np.uint8], audio: NDArray[np.float32]) -> list[grpcclient.InferInput]:
     return [_infer_input(UNET_CROP, crop), _infer_input(UNET_AUDIO, audio)]
 
 
@@ -83,7 +84,7 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
     before = _model_stats(client, UNET_MODEL)
     assert before.inference_count == 0
 
-    results: dict[int, np.ndarray] = {}
+    results: dict[int, NDArray[np.uint8]] = {}
     errors: dict[int, Exception] = {}
     done = threading.Semaphore(0)
 
@@ -132,12 +133,12 @@ def test_concurrent_requests_are_batched_and_match_onnxruntime(
     client.close()
 
 
-def _encode(client: grpcclient.InferenceServerClient, mel: np.ndarray) -> np.ndarray:
+def _encode(client: grpcclient.InferenceServerClient, mel: NDArray[np.float32]) -> NDArray[np.float32]:
     result = client.infer(AUDIO_ENCODER_MODEL, [_infer_input(ENCODER_MEL, mel)])
     return result.as_numpy(ENCODER_FEATURE.name)
 
 
-def _encode_with_onnxruntime(onnx_path: Path, mel: np.ndarray) -> np.ndarray:
+def _encode_with_onnxruntime(onnx_path: Path, mel: NDArray[np.float32]) -> NDArray[np.float32]:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return session.run([ENCODER_FEATURE.name], {ENCODER_MEL.name: mel})[0]
 
@@ -146,8 +147,7 @@ def test_audio_encoder_matches_onnxruntime(
     start_triton: StartTriton, untrained_model_repo: Path, untrained_onnx: UntrainedOnnx
 ) -> None:
     server = start_triton(untrained_model_repo, load_models=(AUDIO_ENCODER_MODEL,))
-    mel = np.random.default_rng(3).standard_normal(ENCODER_MEL.batch_shape(5))
-    mel = mel.astype(ENCODER_MEL.dtype)
+    mel = np.random.default_rng(3).standard_normal(ENCODER_MEL.batch_shape(5)).astype(np.float32)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert not client.is_model_ready(UNET_MODEL)  # explicit mode: only what was asked
         feature = _encode(client, mel)
@@ -164,8 +164,7 @@ def test_load_model_serves_the_newly_published_version(
     repo = tmp_path / "repo"
     first = write_audio_encoder_model(repo, untrained_onnx.audio_encoder, "cpu")
     server = start_triton(repo, load_models=(AUDIO_ENCODER_MODEL,))
-    mel = np.random.default_rng(5).standard_normal(ENCODER_MEL.batch_shape(3))
-    mel = mel.astype(ENCODER_MEL.dtype)
+    mel = np.random.default_rng(5).standard_normal(ENCODER_MEL.batch_shape(3)).astype(np.float32)
     old = _encode_with_onnxruntime(untrained_onnx.audio_encoder, mel)
     new = _encode_with_onnxruntime(untrained_onnx.other_audio_encoder, mel)
     assert not np.allclose(old, new, atol=1e-3)
@@ -199,14 +198,14 @@ def test_kill_then_restart_on_the_same_ports(
         assert client.is_server_ready() and client.is_model_ready(AUDIO_ENCODER_MODEL)
 
 
-def _server_on(repo: Path, **kwargs: object) -> TritonServer:
+def _server_on(repo: Path, **kwargs: Any) -> TritonServer:
     http_port, grpc_port, metrics_port = free_ports(3)
     return TritonServer(
         repo,
         http_port=http_port,
         grpc_port=grpc_port,
         metrics_port=metrics_port,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 
@@ -401,14 +400,14 @@ def test_a_failing_request_does_not_fail_its_batch(
 ) -> None:
     _gather_model(tmp_path / "repo")
     server = start_triton(tmp_path / "repo")
-    answers: dict[str, tuple[object, object]] = {}
+    answers: dict[str, tuple[Any, Any]] = {}  # (InferResult, InferenceServerException): untyped
     done = threading.Semaphore(0)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         for key, index in (("good", [[2], [0]]), ("bad", [[99]])):
             tensor = grpcclient.InferInput("index", [len(index), 1], "INT64")
             tensor.set_data_from_numpy(np.array(index, dtype=np.int64))
 
-            def callback(result: object, error: object, key: str = key) -> None:
+            def callback(result: Any, error: Any, key: str = key) -> None:
                 answers[key] = (result, error)
                 done.release()
 
@@ -419,7 +418,7 @@ def test_a_failing_request_does_not_fail_its_batch(
         stats = _model_stats(client, "gather")
     good, good_error = answers["good"]
     assert good_error is None, good_error
-    np.testing.assert_array_equal(good.as_numpy("value"), [[30.0], [10.0]])  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(good.as_numpy("value"), [[30.0], [10.0]])
     bad, bad_error = answers["bad"]
     assert bad is None and "gather: inference failed" in str(bad_error)
     # Both requests were handed to one execute() call (one batch of 3 frames).

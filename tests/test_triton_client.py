@@ -24,29 +24,33 @@ from tests.fixtures_triton import StartTriton
 T = TypeVar("T")
 
 
-class TritonLike(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class TritonLike(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # untyped base (tritonclient)
     """Answers like Triton; records the metadata of each call; ``stall_s`` delays liveness."""
 
     def __init__(self) -> None:
-        self.metadata: dict[str, dict[str, str]] = {}
+        self.metadata: dict[str, dict[str, str | bytes]] = {}
         self.stall_s = 0.0
         self.pred_shape = [1, 320, 320, 3]
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await asyncio.sleep(self.stall_s)
         return triton_pb.ServerLiveResponse(live=True)
 
-    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         self.metadata[request.model_name] = {k: v for k, v in context.invocation_metadata() or ()}
         if request.model_name == "broken":
             await context.abort(grpc.StatusCode.INTERNAL, "failed to load 'broken': bad ONNX")
         return triton_pb.RepositoryModelLoadResponse()
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         out = np.zeros(self.pred_shape, np.uint8)
         return triton_pb.ModelInferResponse(
             model_name=request.model_name,
-            outputs=[triton_pb.ModelInferResponse.InferOutputTensor(name="pred", datatype="UINT8", shape=self.pred_shape)],
+            outputs=[
+                triton_pb.ModelInferResponse.InferOutputTensor(
+                    name="pred", datatype="UINT8", shape=self.pred_shape
+                )
+            ],
             raw_output_contents=[out.tobytes()],
         )
 
@@ -73,7 +77,9 @@ def test_load_model_sends_the_control_key_only_when_set(key: str | None) -> None
         try:
             await client.load_model("lipsync_a")
             assert await client.server_live()
-            with pytest.raises(TritonUnavailable, match=r"load_model\('broken'\) failed: StatusCode.INTERNAL: .*bad ONNX"):
+            with pytest.raises(
+                TritonUnavailable, match=r"load_model\('broken'\) failed: StatusCode.INTERNAL: .*bad ONNX"
+            ):
                 await client.load_model("broken")
         finally:
             await client.close()
@@ -95,7 +101,9 @@ def test_a_late_answer_is_a_deadline_and_a_refused_connection_is_not() -> None:
         (port,) = free_ports(1)
         refused = TritonGrpcClient(f"127.0.0.1:{port}", probe_timeout_s=2.0)
         try:
-            with pytest.raises(TritonUnavailable, match=rf"Triton at 127.0.0.1:{port} unreachable: StatusCode.UNAVAILABLE") as info:
+            with pytest.raises(
+                TritonUnavailable, match=rf"Triton at 127.0.0.1:{port} unreachable: StatusCode.UNAVAILABLE"
+            ) as info:
                 await refused.server_live()
             assert not isinstance(info.value, TritonDeadline)
         finally:
@@ -112,7 +120,9 @@ def test_an_answer_of_the_wrong_shape_is_refused() -> None:
         try:
             assert (await client.infer_unet("lipsync_a", crop, window)).shape == (1, 320, 320, 3)
             servicer.pred_shape = [1, 16, 16, 3]
-            with pytest.raises(TritonUnavailable, match=r"answered uint8 \[1, 16, 16, 3\], expected uint8 \[1, 320, 320, 3\]"):
+            with pytest.raises(
+                TritonUnavailable, match=r"answered uint8 \[1, 16, 16, 3\], expected uint8 \[1, 320, 320, 3\]"
+            ):
                 await client.infer_unet("lipsync_a", crop, window)
         finally:
             await client.close()
@@ -120,7 +130,9 @@ def test_an_answer_of_the_wrong_shape_is_refused() -> None:
     with_server(body)
 
 
-def test_restricted_triton_loads_models_with_the_key_only(start_triton: StartTriton, demo_package: Any) -> None:
+def test_restricted_triton_loads_models_with_the_key_only(
+    start_triton: StartTriton, demo_package: Any
+) -> None:
     from lipsync.paths import MODEL_REPOSITORY_CPU
 
     key = "k" * 64

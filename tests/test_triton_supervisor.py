@@ -25,10 +25,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient  # type: ignore[import-untyped]
+import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
 
 from lipsync.cli import build_parser
 from lipsync.triton_local import (
@@ -209,15 +211,15 @@ def test_lipsync_up_restart_options(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ------------------------------------------------------------------------- real tritonserver
-def _server(repo: Path, tmp_path: Path, **kwargs: object) -> TritonServer:
+def _server(repo: Path, tmp_path: Path, **kwargs: Any) -> TritonServer:
     http_port, grpc_port, metrics_port = free_ports(3)
     return TritonServer(
         repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        log_file=tmp_path / "triton.log", **kwargs,  # type: ignore[arg-type]
+        log_file=tmp_path / "triton.log", **kwargs,
     )
 
 
-def _encode(url: str) -> np.ndarray:
+def _encode(url: str) -> NDArray[np.float32]:
     mel = np.zeros((1, 80, 16), dtype=np.float32)
     with grpcclient.InferenceServerClient(url) as client:
         mel_in = grpcclient.InferInput("mel", list(mel.shape), "FP32")

@@ -10,14 +10,14 @@ import struct
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aiohttp
-import cv2
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audio_features import WINDOW_CHUNK_BYTES
@@ -33,6 +33,7 @@ from lipsync.audio import float_to_pcm16, load_wav_16k_mono
 from lipsync.frames import pingpong_index
 from lipsync.paths import MODEL_REPOSITORY_CPU, SPEECH_DIR
 from tests.original_ws_client import OriginalClientFrame, draw_into_rectangle, parse_reply_as_original_client
+from tests.reference_frames import decode_jpeg, psnr
 
 pytestmark = pytest.mark.triton
 
@@ -40,17 +41,19 @@ T = TypeVar("T")
 REPLY_TIMEOUT_S = 30.0
 
 
-def run(fn: Callable[[], Awaitable[T]]) -> T:
+def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run an async test body on a fresh event loop (the gateway has its own loop/thread)."""
-    return asyncio.run(fn())  # type: ignore[arg-type]
+    return asyncio.run(fn())
 
 
 @asynccontextmanager
 async def connect(http_url: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
     """A WebSocket to the gateway's ``/ws`` (client side accepts big replies)."""
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{http_url}/ws", max_msg_size=64 * 2**20, **kwargs) as ws:
-            yield ws
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{http_url}/ws", max_msg_size=64 * 2**20, **kwargs) as ws,
+    ):
+        yield ws
 
 
 async def receive_reply(ws: aiohttp.ClientWebSocketResponse) -> FrameReply | ErrorReply:
@@ -64,18 +67,7 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, payload: bytes) -> FrameReply
     return await receive_reply(ws)
 
 
-def decode_jpeg(jpeg: bytes) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None, "reply is not a decodable JPEG"
-    return image
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def outside_mask(shape: tuple[int, ...], rect: np.ndarray, margin: int) -> np.ndarray:
+def outside_mask(shape: tuple[int, ...], rect: NDArray[np.int32], margin: int) -> NDArray[np.bool_]:
     """True outside the rectangle grown by ``margin`` px (away from JPEG blocks it touches)."""
     x1, y1, x2, y2 = (int(v) for v in rect)
     mask = np.ones(shape[:2], dtype=bool)
@@ -83,7 +75,7 @@ def outside_mask(shape: tuple[int, ...], rect: np.ndarray, margin: int) -> np.nd
     return mask
 
 
-def assert_valid_frame(reply: FrameReply | ErrorReply, frame_id: int, demo_package: Any) -> np.ndarray:
+def assert_valid_frame(reply: FrameReply | ErrorReply, frame_id: int, demo_package: Any) -> NDArray[np.uint8]:
     assert isinstance(reply, FrameReply), f"expected a frame, got error {reply}"
     assert reply.frame_id == frame_id
     image = decode_jpeg(reply.jpeg)
@@ -237,7 +229,7 @@ def test_bad_requests_get_clear_errors_and_the_connection_keeps_serving(
 
 def too_big_count(http_url: str) -> float:
     """The gateway's count of messages over the transport cap (connection closed)."""
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -347,7 +339,7 @@ def test_triton_killed_then_restarted_websocket_and_readyz(
 
     def readyz() -> tuple[int, dict[str, Any]]:
         try:
-            with urllib.request.urlopen(f"{gw.http_url}/readyz", timeout=10) as resp:  # noqa: S310
+            with urllib.request.urlopen(f"{gw.http_url}/readyz", timeout=10) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())

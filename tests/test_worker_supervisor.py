@@ -73,7 +73,8 @@ class Launcher:
 
 
 def settings(workers: int = 2) -> GatewaySettings:
-    return GatewaySettings(host="127.0.0.1", grpc_port=0, http_port=0, workers=workers)
+    values: dict[str, Any] = {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "workers": workers}
+    return GatewaySettings(**values)
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:

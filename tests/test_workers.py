@@ -55,6 +55,11 @@ def requests_ok(samples: dict[Any, float], protocol: str) -> float:
     return samples.get(("lipsync_gateway_requests_total", (("outcome", "ok"), ("protocol", protocol))), 0.0)
 
 
+def infer(stub: Any, avatar: str, frame_id: int) -> Any:
+    request = pb.OptimizedInferenceRequest(model_name=avatar, frame_id=frame_id)
+    return stub.GenerateInference(request, timeout=60)
+
+
 def established(pid: int, port: int) -> int:
     """Established TCP connections process ``pid`` holds on local ``port`` (from /proc)."""
     inodes = set()
@@ -110,9 +115,8 @@ def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gate
     try:
         for k, channel in enumerate(channels):  # 3 frames on each of 16 connections
             stub = pbg.OptimizedLipSyncServiceStub(channel)
-            replies = list(stub.StreamInference(
-                iter([pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=k + i) for i in range(3)]), timeout=120
-            ))
+            requests = [pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=k + i) for i in range(3)]
+            replies = list(stub.StreamInference(iter(requests), timeout=120))
             assert all(r.success for r in replies), [r.error for r in replies]
 
         async def websockets() -> list[int]:
@@ -161,10 +165,11 @@ def test_a_loaded_package_and_the_counts_survive_a_killed_worker(workers_gateway
     shutil.copytree(root / AVATAR, root / "extra")  # not there at start: only LoadPackage loads it
     with grpc.insecure_channel(gw.grpc_address) as channel:
         stub = pbg.OptimizedLipSyncServiceStub(channel)
-        loaded = stub.LoadPackage(pb.LoadPackageRequest(package_name="extra", package_dir="extra"), timeout=120)
+        request = pb.LoadPackageRequest(package_name="extra", package_dir="extra")
+        loaded = stub.LoadPackage(request, timeout=120)
         assert loaded.success, loaded.error
         for i in range(4):
-            assert stub.GenerateInference(pb.OptimizedInferenceRequest(model_name="extra", frame_id=i), timeout=60).success
+            assert infer(stub, "extra", i).success
     # every worker serves it as soon as LoadPackage returned
     for pid, stats in stats_of_every_worker(gw).items():
         assert "extra" in stats["avatars"], f"worker {pid} lacks the loaded package"
@@ -191,7 +196,7 @@ def test_a_loaded_package_and_the_counts_survive_a_killed_worker(workers_gateway
         assert stats["avatars"]["extra"]["total_requests"] == 4
     with grpc.insecure_channel(gw.grpc_address) as channel:
         stub = pbg.OptimizedLipSyncServiceStub(channel)
-        assert stub.GenerateInference(pb.OptimizedInferenceRequest(model_name="extra", frame_id=9), timeout=60).success
+        assert infer(stub, "extra", 9).success
     assert gw.stop() == 0, "SIGTERM: every worker stopped gracefully, exit status 0"
     assert "gateway workers stopped" in gw.process.log_path.read_text()
 
@@ -209,7 +214,8 @@ def test_up_with_two_workers_relays_the_triton_supervisor(demo_package: Any, tmp
         pids = gw.wait_ready()
         samples = metric_samples(gw.http_url)
         assert samples[("lipsync_gateway_triton_restarts_total", ())] == 0
-        running = ("lipsync_gateway_triton_supervisor_state", (("lipsync_gateway_triton_supervisor_state", "running"),))
+        state = "lipsync_gateway_triton_supervisor_state"
+        running = (state, ((state, "running"),))
         assert samples[running] == 1
 
         triton = next(p for p in up.children() if p.name == "tritonserver")

@@ -1,6 +1,6 @@
-"""The Wav2Lip-style AVE audio encoder (REFERENCE.md section 4).
+"""The Wav2Lip-style AVE audio encoder (docs/REFERENCE.md section 4).
 
-Key names equal `../shared/reference/audio_encoder.state_dict.tsv` (prefix `audio_encoder.`).
+Key names equal `tests/data/reference/audio_encoder.state_dict.tsv` (prefix `audio_encoder.`).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class AudioEncoder(nn.Module):
         )
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel: f32[N, 1, 80, 16] (one 80-band x 16-frame window, REFERENCE.md s.4)
+        """mel: f32[N, 1, 80, 16] (one 80-band x 16-frame window, docs/REFERENCE.md s.4)
         -> f32[N, 512] audio feature."""
         out = self.audio_encoder(mel)
         return out.flatten(1)

@@ -1,30 +1,23 @@
-"""The SyncTalk_2D "unet_328" network, with its three audio branches (REFERENCE.md section 1).
+"""The SyncTalk_2D "unet_328" network, with its three audio branches (docs/REFERENCE.md section 1).
 
 The module tree reproduces the key names of real SyncTalk_2D checkpoints exactly (listed in
-`../shared/reference/unet_328_{ave,hubert,wenet}.state_dict.tsv`), so a trained checkpoint loads
+`tests/data/reference/unet_328_{ave,hubert,wenet}.state_dict.tsv`), so a trained checkpoint loads
 with `strict=True`. Tensor layout is NCHW float32 throughout.
 """
 from __future__ import annotations
-
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipsync.contract import WINDOW_ROWS
-
-AudioMode = Literal["ave", "hubert", "wenet"]
-"""The audio-feature family a UNet was trained with."""
-
-AUDIO_MODES: tuple[str, ...] = get_args(AudioMode)
+from lipsync.contract import AUDIO_MODES, WINDOW_ROWS, AudioMode
 
 AUDIO_BRANCH_SHAPES: dict[str, tuple[int, int, int]] = {
     "ave": (32, 16, 16),
     "hubert": (32, 32, 32),
     "wenet": (256, 16, 32),
 }
-"""Per mode, the (C, H, W) the audio branch takes (REFERENCE.md section 1)."""
+"""Per mode, the (C, H, W) the audio branch takes (docs/REFERENCE.md section 1)."""
 
 AUDIO_WINDOW_SHAPES: dict[str, tuple[int, int]] = {
     mode: (WINDOW_ROWS, (c * h * w) // WINDOW_ROWS)
@@ -116,7 +109,7 @@ class Down(nn.Module):
 
 class Up(nn.Module):
     """Decoder stage: bilinear x2 upsample (align_corners=True), pad to the skip's size,
-    concat [upsampled, skip] on channels, DoubleConvDW stride 1 (REFERENCE.md section 1).
+    concat [upsampled, skip] on channels, DoubleConvDW stride 1 (docs/REFERENCE.md section 1).
 
     Shapes: x f32[N, C1, H, W], skip f32[N, C2, 2H, 2W] -> f32[N, out_ch, 2H, 2W],
     with C1 + C2 = in_ch.
@@ -150,7 +143,7 @@ class OutConv(nn.Module):
 class AudioBranch(nn.Module):
     """The `audio_model` of unet_328: audio window -> f32[N, 512, 10, 10].
 
-    Per mode (REFERENCE.md section 1), input f32[N, C, H, W] = `AUDIO_BRANCH_SHAPES[mode]`:
+    Per mode (docs/REFERENCE.md section 1), input f32[N, C, H, W] = `AUDIO_BRANCH_SHAPES[mode]`:
     - ave    [N, 32, 16, 16]:  conv1 IR(32->64), conv2 IR(64->128), conv3 3x3 128->256 s1;
     - hubert [N, 32, 32, 32]:  as ave but conv3 stride 2 (32 -> 16);
     - wenet  [N, 256, 16, 32]: conv1/conv2 IR(256, residual), conv3 3x3 256->256 stride (1, 2).
@@ -186,7 +179,7 @@ class AudioBranch(nn.Module):
 
 
 class UNet328(nn.Module):
-    """SyncTalk_2D unet_328 (REFERENCE.md section 1): 12,186,935 parameters in mode `ave`.
+    """SyncTalk_2D unet_328 (docs/REFERENCE.md section 1): 12,186,935 parameters in mode `ave`.
 
     forward(x, audio):
     - x: f32[N, 6, 320, 320], channels [reference BGR, masked BGR], values in [0, 1];
@@ -200,7 +193,7 @@ class UNet328(nn.Module):
         super().__init__()
         if mode not in AUDIO_MODES:
             raise ValueError(f"unknown audio mode {mode!r}; expected one of {AUDIO_MODES}")
-        self.mode: str = mode
+        self.mode: AudioMode = mode
         self.audio_model = AudioBranch(mode)
         self.fuse_conv = nn.Sequential(
             DoubleConvDW(1024, 512, stride=1),
@@ -222,7 +215,7 @@ class UNet328(nn.Module):
     def forward(self, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """x: f32[N, 6, 320, 320] ([reference, masked] BGR in [0, 1]); audio: f32 of the
         branch shape (`AUDIO_BRANCH_SHAPES[mode]`, e.g. [N, 32, 16, 16] for ave)
-        -> f32[N, 3, 320, 320] BGR in [0, 1] (sigmoid). REFERENCE.md s.1."""
+        -> f32[N, 3, 320, 320] BGR in [0, 1] (sigmoid). docs/REFERENCE.md s.1."""
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)

@@ -3,7 +3,7 @@
 The parts, each in its own module, none of them touching a socket or Triton directly:
 
 - `pcm`:      16-bit LE mono PCM at 8-48 kHz -> float32 16 kHz (validation, `soxr` streaming);
-- `mel`:      the incremental mel spectrogram (REFERENCE.md s.4), frame by frame;
+- `mel`:      the incremental mel spectrogram (docs/REFERENCE.md s.4), frame by frame;
 - `features`: one segment's feature rows and 16-row windows, as the offline package computes
               them, behind the `AudioEncoder` interface (Triton's `audio_encoder` in the gateway);
 - `vad`:      per-slot voice activity (`webrtcvad`) and the onset/hangover gate;

@@ -1,10 +1,10 @@
 """Feature rows and 16-row audio windows of one live segment, as the offline package has them.
 
-The offline builder (`export.package_builder.encode_audio`, REFERENCE.md s.4) computes, for a
+The offline builder (`export.package_builder.encode_audio`, docs/REFERENCE.md s.4) computes, for a
 whole 16 kHz recording: the mel spectrogram; per 25-fps frame `i` the mel window starting at
 mel frame `int(80 i / 25)` (16 frames = 200 ms); the encoder's feature row `f[i]` per window;
 and the padded rows `[f[0], f[0], f[1], ..., f[F-1], f[F-1]]` (`aud_ave.npy`). Frame `k` then
-uses rows `k-8 .. k+7` (zeros outside), REFERENCE.md s.2 step 6.
+uses rows `k-8 .. k+7` (zeros outside), docs/REFERENCE.md s.2 step 6.
 
 `SegmentFeatures` does the same for a signal that arrives in pieces: row `r` of the segment is
 `f[max(r - 1, 0)]` (the leading `[first, ...]` padding), computed once the mel frames of its
@@ -48,7 +48,7 @@ class AudioEncoder(Protocol):
 
 
 def window_start(i: int) -> int:
-    """First mel frame of feature `f[i]`'s window: `int(80 i / 25)` (REFERENCE.md s.4)."""
+    """First mel frame of feature `f[i]`'s window: `int(80 i / 25)` (docs/REFERENCE.md s.4)."""
     return (MEL_FRAMES_PER_SECOND * i) // VIDEO_FPS
 
 

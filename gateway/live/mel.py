@@ -1,7 +1,7 @@
 """The incremental mel spectrogram: audio in pieces of any size, mel frames as soon as complete.
 
 Fed one signal in pieces, `IncrementalMel` produces exactly the frames
-`lipsync.audio.mel_spectrogram` computes over the whole signal (REFERENCE.md s.4), without
+`lipsync.audio.mel_spectrogram` computes over the whole signal (docs/REFERENCE.md s.4), without
 recomputing anything:
 
 - pre-emphasis `y[n] = x[n] - 0.97 x[n-1]` carries `x[n-1]` across pieces (`y[0] = x[0]`);

@@ -64,7 +64,9 @@ class AudioSegment:
     @property
     def end_sample(self) -> int:
         """Timeline position (16 kHz samples from slot 0) just after the segment's audio."""
-        local = self.audio_samples if self._limit is None else min(self.audio_samples, self._limit * SLOT_SAMPLES)
+        local = (
+            self.audio_samples if self._limit is None else min(self.audio_samples, self._limit * SLOT_SAMPLES)
+        )
         return self.start_slot * SLOT_SAMPLES + local
 
     def push(self, samples: NDArray[np.float32], now: float) -> None:

@@ -40,6 +40,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -194,13 +195,13 @@ class LiveSession:
 
     async def _wait(self, until: float | None) -> None:
         """Until new input, the head slot's render, a slot's deadline, or clock time `until`."""
-        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._input.wait())]
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._input.wait())]
         times = [t for t in (until, *(s.deadline for s in self._slots)) if t is not None]
         if times and min(times) != float("inf"):
             waiters.append(asyncio.ensure_future(self._clock.sleep_until(min(times))))
-        watched: set[asyncio.Future[object]] = set(waiters)
+        watched: set[asyncio.Future[Any]] = set(waiters)
         if self._slots:
-            watched.add(self._slots[0].task)  # type: ignore[arg-type]
+            watched.add(self._slots[0].task)
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -225,7 +226,9 @@ class LiveSession:
                 task = asyncio.ensure_future(renderer.idle_frame(plan.seq, plan.video_frame))
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
 
-    async def _speak(self, renderer: Renderer, plan: SlotPlan, rows: list[asyncio.Future[None]]) -> RenderedFrame:
+    async def _speak(
+        self, renderer: Renderer, plan: SlotPlan, rows: list[asyncio.Future[None]]
+    ) -> RenderedFrame:
         """A speaking slot: once the encoder calls holding its rows are done, its window
         f32[16, 512] and the render. A failed call fails the slot (sent idle, late)."""
         for call in rows:
@@ -247,7 +250,9 @@ class LiveSession:
             indices = sorted({i for p in group for i in features.missing(p.local_slot)} - {
                 i for (k, i) in self._encoding if k == key})
             if indices:
-                call = asyncio.ensure_future(self._encode_rows(key, features, indices, features.mel_windows(indices)))
+                call = asyncio.ensure_future(
+                    self._encode_rows(key, features, indices, features.mel_windows(indices))
+                )
                 for i in indices:
                     self._encoding[(key, i)] = call
             for plan in group:
@@ -255,7 +260,9 @@ class LiveSession:
                 out[plan.seq] = [c for c in calls if c is not None]
         return out
 
-    async def _encode_rows(self, key: int, features: SegmentFeatures, indices: list[int], mel: NDArray[np.float32]) -> None:
+    async def _encode_rows(
+        self, key: int, features: SegmentFeatures, indices: list[int], mel: NDArray[np.float32]
+    ) -> None:
         """One encoder call: rows `indices` of a segment from their mel windows f32[n, 80, 16]."""
         try:
             features.store(indices, await self._encoder.encode(mel))
@@ -303,7 +310,9 @@ class LiveSession:
     def _to_idle(self, slot: _Slot, *, late: bool) -> None:
         """Replace a speaking slot's render with its idle frame."""
         slot.task.cancel()
-        slot.task = asyncio.ensure_future(self._require_renderer().idle_frame(slot.plan.seq, slot.plan.video_frame))
+        slot.task = asyncio.ensure_future(
+            self._require_renderer().idle_frame(slot.plan.seq, slot.plan.video_frame)
+        )
         slot.speaking, slot.late, slot.deadline = False, late, float("inf")
 
     def _require_renderer(self) -> Renderer:

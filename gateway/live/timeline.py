@@ -216,7 +216,9 @@ class SessionTimeline:
             return
         segment = self._segments[-1] if self._segments and not self._segments[-1].sealed else None
         if segment is None:
-            start = max(self._next, self._first_free, *(s.start_slot + (s.slot_limit or 0) for s in self._segments))
+            start = max(
+                self._next, self._first_free, *(s.start_slot + (s.slot_limit or 0) for s in self._segments)
+            )
             segment = AudioSegment(start, self._rate, self.settings.vad, now)
             self._segments.append(segment)
         segment.push(samples, now)

@@ -34,7 +34,7 @@ class Renderer(Protocol):
     """Frames of one avatar (in the gateway: the frame pipeline and a per-frame idle-JPEG cache).
 
     Attributes:
-        video_frames: N, the avatar's number of video frames (walked ping-pong, REFERENCE.md
+        video_frames: N, the avatar's number of video frames (walked ping-pong, docs/REFERENCE.md
             s.2 step 9).
     """
 

@@ -17,7 +17,7 @@ from collections import deque
 from typing import Literal
 
 import numpy as np
-import webrtcvad  # type: ignore[import-untyped]
+import webrtcvad
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from numpy.typing import NDArray
 
 
 def _parameter(model_config: dict[str, Any], key: str, default: str) -> str:
@@ -93,13 +94,13 @@ class TritonPythonModel:
             f"{threads} intra-op threads"
         )
 
-    def _inputs_of(self, request: Any) -> dict[str, np.ndarray]:
+    def _inputs_of(self, request: Any) -> dict[str, NDArray[Any]]:
         """The request's input arrays by name, each [b, ...] with the config's dtype.
 
         Raises:
             ValueError: an input is missing or the inputs disagree on the batch size b.
         """
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, NDArray[Any]] = {}
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
@@ -111,7 +112,7 @@ class TritonPythonModel:
             raise ValueError(f"inputs disagree on the batch size: {shapes}")
         return arrays
 
-    def _respond(self, outputs: list[np.ndarray]) -> Any:
+    def _respond(self, outputs: list[NDArray[Any]]) -> Any:
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(name, np.ascontiguousarray(value))
@@ -130,7 +131,7 @@ class TritonPythonModel:
         an error response while the others are answered.
         """
         responses: list[Any] = [None] * len(requests)
-        gathered: list[tuple[int, dict[str, np.ndarray]]] = []
+        gathered: list[tuple[int, dict[str, NDArray[Any]]]] = []
         for index, request in enumerate(requests):
             try:
                 gathered.append((index, self._inputs_of(request)))

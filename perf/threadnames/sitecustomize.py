@@ -36,13 +36,13 @@ def _install() -> None:
         prctl = libc.prctl
     except (OSError, AttributeError):
         return
-    original = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+    original = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]  # private, not in typeshed
 
     def bootstrap_inner(self: threading.Thread) -> None:
         prctl(_PR_SET_NAME, ctypes.c_char_p(_native_name(self.name)), 0, 0, 0)
         original(self)
 
-    threading.Thread._bootstrap_inner = bootstrap_inner  # type: ignore[attr-defined]
+    threading.Thread._bootstrap_inner = bootstrap_inner  # type: ignore[attr-defined]  # as above
 
 
 def _chain() -> None:
