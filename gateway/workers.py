@@ -405,7 +405,7 @@ class WorkerSupervisor:
                     await asyncio.wait_for(waiter, self.stop_timeout_s)
                 except TimeoutError:
                     log.error(
-                        "worker %d (pid %s) did not stop within %.0f s: killing it",
+                        "worker %d (pid %s) did not stop within %.1f s: killing it",
                         slot.index, slot.pid, self.stop_timeout_s,
                     )
                     slot.process.kill()

@@ -170,7 +170,7 @@ def test_a_worker_that_fails_its_first_start_fails_the_start() -> None:
 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_stop_timeout() -> None:
     launcher = Launcher(lambda index, n: "ignore_term" if index == 1 else "serve")
-    sup = WorkerSupervisor(settings(), launcher=launcher, policy=FAST, stop_timeout_s=0.5)
+    sup = WorkerSupervisor(settings(), launcher=launcher, policy=FAST, stop_timeout_s=3.0)
 
     async def body() -> float:
         await sup.start()
@@ -179,6 +179,6 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_stop_timeout() -> Non
         return time.monotonic() - t0
 
     elapsed = run(body)
-    assert [p.exitcode for p in launcher.processes] == [-signal.SIGKILL, 0]
-    assert 0.5 <= elapsed < 10.0
+    assert [p.exitcode for p in launcher.processes] == [-signal.SIGKILL, 0], "the other stopped by itself"
+    assert 3.0 <= elapsed < 15.0
     assert not launcher.alive()
