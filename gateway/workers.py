@@ -244,7 +244,8 @@ class WorkerSupervisor:
 
         Raises:
             OSError: a port cannot be bound.
-            WorkerStartError: a worker failed to start (every worker is stopped again).
+            WorkerStartError: a worker failed to start, or not every worker served within
+                ``timeout_s`` (every worker is stopped again).
         """
         s = self.settings
         self.phase = SupervisorPhase.STARTING
@@ -261,7 +262,13 @@ class WorkerSupervisor:
 
                 self._unsubscribe = self.triton.subscribe(relay)
             self._tasks = [asyncio.ensure_future(self._run_slot(slot)) for slot in self.slots]
-            await asyncio.wait_for(self._first_start(), timeout_s)
+            try:
+                await asyncio.wait_for(self._first_start(), timeout_s)
+            except TimeoutError:
+                waiting = [s.index for s in self.slots if s.state is not WorkerState.SERVING]
+                raise WorkerStartError(
+                    f"workers {waiting} did not serve within {timeout_s:.0f} s (loading avatars?)"
+                ) from None
         except BaseException:
             await self.stop()
             raise
