@@ -1,7 +1,8 @@
 """``lipsync gateway --workers 2`` against the real CPU tritonserver and the demo avatar: the
 kernel spreads connections of both protocols over both workers, metrics and stats add up over
 them, a package loaded on request is served by every worker (a restarted one included), a
-killed worker is restarted and the counts survive it, SIGTERM leaves no process behind.
+killed worker is restarted and the counts survive it, SIGTERM leaves no process behind. Without
+Triton (a synthetic package): the workers stop when their supervisor is SIGKILLed.
 
 The protocol tests themselves run against two workers through `served_gateway`
 (`tests/fixtures_gateway.py`)."""
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,9 +34,7 @@ from tests.fixtures_gateway import (
     make_packages_root,
     start_workers_gateway,
 )
-from tests.up_process import GatewayProcess, start_up
-
-pytestmark = pytest.mark.triton
+from tests.up_process import GatewayProcess, start_gateway_process, start_up, worker_pids
 
 AVATAR = "demo"
 CONNECTIONS = 16
@@ -104,6 +104,7 @@ def workers_gateway(triton_server: Any, demo_package: Any, tmp_path: Path) -> It
             gw.stop()
 
 
+@pytest.mark.triton
 def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gateway: WorkersGateway) -> None:
     gw = workers_gateway
     pids = gw.worker_pids()
@@ -159,6 +160,7 @@ def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gate
     assert 0 < totals.min_inference_time_ms <= totals.avg_inference_time_ms <= totals.max_inference_time_ms
 
 
+@pytest.mark.triton
 def test_a_loaded_package_and_the_counts_survive_a_killed_worker(workers_gateway: WorkersGateway) -> None:
     gw = workers_gateway
     root = gw.settings.packages_root
@@ -201,6 +203,7 @@ def test_a_loaded_package_and_the_counts_survive_a_killed_worker(workers_gateway
     assert "gateway workers stopped" in gw.process.log_path.read_text()
 
 
+@pytest.mark.triton
 def test_up_with_two_workers_relays_the_triton_supervisor(demo_package: Any, tmp_path: Path) -> None:
     """``lipsync up --workers 2``: both workers show the Triton supervisor (its restarts counted
     once, not once per worker) and follow it when tritonserver is killed and restarted; SIGTERM
@@ -241,3 +244,41 @@ def test_up_with_two_workers_relays_the_triton_supervisor(demo_package: Any, tmp
     log = up.log()
     assert log.index("gateway workers stopped") < log.index("Triton stopped"), "workers first, then Triton"
     assert not [p for p in pids if Path(f"/proc/{p}").exists()], "no worker left behind"
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_stop_when_their_supervisor_is_killed(make_package: Any, tmp_path: Path) -> None:
+    """No worker outlives a SIGKILLed supervisor: each sees its pipe close and stops, and the
+    ports are free again (no Triton: the workers serve, not ready)."""
+    root = make_package().parent
+    gw = start_gateway_process(tmp_path, "127.0.0.1:1", root, None, "--workers", "2")
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while "2 gateway workers serving" not in gw.log_path.read_text():
+            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.log_path.read_text()
+            time.sleep(0.2)
+        pids = worker_pids(gw.proc.pid)
+        assert len(pids) == 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.http}/healthz", timeout=10) as resp:
+            assert resp.status == 200
+        gw.proc.kill()
+        gw.proc.wait()
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, f"workers {pids} outlived their supervisor"
+            time.sleep(0.2)
+    finally:
+        gw.stop()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    for port in (gw.http, gw.grpc_port):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # nobody holds it any more
