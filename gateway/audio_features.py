@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,11 +230,14 @@ class AudioFeatureExtractor:
     Args:
         inference: where the encoder runs (the gateway's `gateway.endpoint_pool.EndpointPool`).
         model: the encoder's Triton model name (``audio_encoder``).
+        executor: where the mel spectrograms are computed (the gateway's bounded pool for work
+            beside frame rendering, `gateway.limits.AuxiliaryWork`); None: the loop's default.
     """
 
-    def __init__(self, inference: InferenceClient, model: str) -> None:
+    def __init__(self, inference: InferenceClient, model: str, executor: Executor | None = None) -> None:
         self.inference = inference
         self.model = model
+        self.executor = executor
 
     async def features(self, pcm: bytes, n_chunks: int) -> NDArray[np.float32]:
         """Feature rows of ``n_chunks`` chunks of checked PCM: float32 ``[n_chunks, 512]``.
@@ -242,7 +246,8 @@ class AudioFeatureExtractor:
             BadRequest: audio too short for one mel window.
             TritonUnavailable: the encoder model is not served.
         """
-        mel = await asyncio.to_thread(pcm_mel_windows, pcm, n_chunks)
+        loop = asyncio.get_running_loop()
+        mel = await loop.run_in_executor(self.executor, pcm_mel_windows, pcm, n_chunks)
         return await self.inference.infer_audio_encoder(self.model, mel)
 
     async def batch_windows(

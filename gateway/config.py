@@ -8,10 +8,10 @@ the CLI (``gateway/cli.py`` passes keyword arguments, which win over the environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.live.settings import LiveSettings
 from gateway.triton_client import CONTROL_KEY_HEADER
@@ -81,6 +81,66 @@ class GatewaySettings(BaseSettings):
         ge=1,
         description="frames in flight in one gateway process (each worker with workers > 1); "
         "more -> Overloaded at once",
+    )
+
+    # --- per-client limits (gateway/limits.py, gateway/ws_limits.py); each worker's own ------
+    max_in_flight_per_peer: int = Field(
+        32,
+        ge=1,
+        description="frames one client address may have in flight over all its connections and "
+        "calls (half the global cap: one client cannot take every slot); behind a reverse "
+        "proxy every client has the proxy's address, set it to max_in_flight_total there",
+    )
+    max_aux_in_flight: int = Field(
+        4,
+        ge=1,
+        description="GetVideoFrame JPEGs and live-audio feature jobs (mel + audio encoder) in "
+        "flight in the whole gateway; more -> overloaded at once",
+    )
+    aux_threads: int = Field(
+        1, ge=1, le=64, description="thread pool of that work, apart from the composite pool"
+    )
+    max_ws_connections: int = Field(
+        128, ge=1, description="open WebSocket connections; one more is refused (HTTP 503)"
+    )
+    ws_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port], comma-separated; * = any) allowed to open a "
+        "WebSocket besides the page's own; a browser's upgrade from another origin is refused "
+        "(HTTP 403); clients that send no Origin (not browsers) are allowed",
+    )
+    ws_send_buffer_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="replies one WebSocket may have queued in the gateway, not yet taken by the "
+        "client's TCP connection (bytes); a client past it is closed with 1013",
+    )
+    ws_send_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for a WebSocket client to take a reply (s); then 1013"
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        256, ge=1, description="gRPC calls open at once in the server; more -> RESOURCE_EXHAUSTED"
+    )
+    grpc_max_streams_per_connection: int = Field(
+        100, ge=1, description="gRPC calls open at once on one HTTP/2 connection"
+    )
+    grpc_keepalive_time_s: float = Field(
+        60.0, gt=0, description="the server pings a gRPC connection quiet this long (s)"
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="...and drops it when the ping is not answered within this (s)"
+    )
+    grpc_max_connection_idle_s: float = Field(
+        300.0, gt=0, description="a gRPC connection with no call for this long is closed (s)"
+    )
+    grpc_max_connection_age_s: float = Field(
+        3600.0, gt=0, description="a gRPC connection this old gets GOAWAY: new calls reconnect (s)"
+    )
+    grpc_max_connection_age_grace_s: float | None = Field(
+        None,
+        gt=0,
+        description="calls open at a connection's max age may run this long more (s); unset: "
+        "until they end, so a long StreamInference is never cut",
     )
 
     # --- Triton ---------------------------------------------------------------------------------
@@ -157,3 +217,11 @@ class GatewaySettings(BaseSettings):
     def triton_targets(self) -> tuple[Target, ...]:
         """``triton_url`` parsed (`gateway.triton_targets.parse_targets`)."""
         return parse_targets(self.triton_url)
+
+    @field_validator("ws_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """``LIPSYNC_WS_ALLOWED_ORIGINS=https://a.example,https://b.example`` -> a list."""
+        if isinstance(value, str):
+            return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+        return value

@@ -20,6 +20,7 @@ from gateway.config import GatewaySettings
 from gateway.crop_cache import CropCache
 from gateway.endpoint_pool import ClientFactory, EndpointPool
 from gateway.jpeg import make_encoder
+from gateway.limits import AuxiliaryWork, ClientLimiter, PeerLimiter
 from gateway.live_render import TritonAudioEncoder
 from gateway.live_service import LiveSessions
 from gateway.malformed import MalformedInput
@@ -55,6 +56,8 @@ class GatewayContext:
         live: the live sessions (issue 10), served by both transports.
         executor: thread pool for paste back + JPEG.
         started_at: wall-clock start (``time.time()``, s).
+        peers: the per-peer in-flight cap (`gateway.limits.PeerLimiter`).
+        aux: bounded work beside frame rendering and its pool (`gateway.limits.AuxiliaryWork`).
     """
 
     settings: GatewaySettings
@@ -67,6 +70,8 @@ class GatewayContext:
     live: LiveSessions
     executor: ThreadPoolExecutor
     started_at: float
+    peers: PeerLimiter
+    aux: AuxiliaryWork
     _ready_watchers: list[ReadyWatcher] = field(default_factory=list, init=False, repr=False)
     _last_ready: bool = field(default=False, init=False, repr=False)
 
@@ -123,10 +128,11 @@ class GatewayContext:
             raise
         executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
         encoder = make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling)
+        aux = AuxiliaryWork.create(settings.aux_threads, settings.max_aux_in_flight, metrics)
         pipeline = FramePipeline(
             store,
             pool,
-            AudioFeatureExtractor(pool, settings.audio_encoder_model),
+            AudioFeatureExtractor(pool, settings.audio_encoder_model, aux.executor),
             encoder,
             executor,
             AdmissionControl(settings.max_in_flight_total, metrics),
@@ -151,6 +157,8 @@ class GatewayContext:
             live=live,
             executor=executor,
             started_at=time.time(),
+            peers=PeerLimiter(settings.max_in_flight_per_peer, metrics),
+            aux=aux,
         )
         ctx._last_ready = ctx.ready()
         pool.subscribe(ctx._state_changed)
@@ -193,17 +201,26 @@ class GatewayContext:
         """Seconds since the context was created."""
         return time.time() - self.started_at
 
-    def new_connection_limiter(self) -> ConnectionLimiter:
-        """A per-connection in-flight limiter (``max_in_flight_per_connection``)."""
-        return ConnectionLimiter(self.settings.max_in_flight_per_connection)
+    def new_connection_limiter(self, peer: str | None = None) -> ConnectionLimiter:
+        """A per-connection in-flight limiter (``max_in_flight_per_connection``).
+
+        Args:
+            peer: the client's `gateway.limits.peer_address`: each slot then also holds one of
+                the peer's (``max_in_flight_per_peer``, `gateway.limits.ClientLimiter`); None:
+                the connection's cap alone.
+        """
+        if peer is None:
+            return ConnectionLimiter(self.settings.max_in_flight_per_connection)
+        return ClientLimiter(self.settings.max_in_flight_per_connection, self.peers, peer)
 
     async def close(self) -> None:
         """Stop following the supervisor, stop the endpoints (probes, DNS, channels), shut the
-        thread pool down."""
+        thread pools down."""
         if self.supervision is not None:
             self.supervision.close()
         await self.lifecycle.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.aux.close()
 
 
 def _grpc_client_factory(settings: GatewaySettings) -> ClientFactory:

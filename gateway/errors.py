@@ -80,3 +80,10 @@ class TritonEndpointDown(TritonUnavailable):
     such a call once on another endpoint (inference is idempotent), never a call that got an
     answer (an error or a bad tensor) or ran past its deadline.
     """
+
+
+class OriginNotAllowed(GatewayError):
+    """A browser page of another origin tried to open a WebSocket (``ws_allowed_origins``)."""
+
+    code = "origin_not_allowed"
+    http_status = 403

@@ -15,6 +15,11 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   of one stream are rendered concurrently (pipelined); beyond that the stream's next request
   is not read until the oldest answer is sent (back-pressure, bounded memory).
 - ``GenerateBatchInference`` renders its frames concurrently under the same per-call limit.
+- Per client (`gateway.limits`): all frames of one caller address (``context.peer()`` without
+  the port) count against ``max_in_flight_per_peer``: ``GenerateInference`` is refused
+  ``overloaded`` at once past it, streams and batches wait for a slot. ``GetVideoFrame``'s JPEG
+  and ``GenerateBatchWithAudio``'s audio features take one of the ``max_aux_in_flight`` slots
+  of work beside rendering (``overloaded`` at once when none is free) and run on its own pool.
 - ``GenerateBatchWithAudio``: see `gateway.audio_features` for the chunk -> mel window ->
   feature row mapping (computed once per request) and the chunk contract: ``min(s, 8) +
   frame_count + 7`` chunks for ``s = start_frame_id`` (8 of past, or at the start of a clip the
@@ -46,6 +51,7 @@ from gateway.context import GatewayContext
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
 from gateway.frame_request import FrameRequest, WireProtocol
 from gateway.grpc_decode_guard import DecodeGuard
+from gateway.limits import grpc_server_options, peer_address
 from gateway.live_grpc import SERVICE_NAME as LIVE_SERVICE_NAME
 from gateway.live_grpc import LiveLipSyncService
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
@@ -134,8 +140,19 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
     async def GenerateInference(
         self, request: pb.OptimizedInferenceRequest, context: Context
     ) -> pb.OptimizedInferenceResponse:
-        """One frame (in-band errors)."""
-        return await self._render(FrameRequest(request.model_name, request.frame_id))
+        """One frame (in-band errors); refused ``overloaded`` at once when the caller's address
+        has ``max_in_flight_per_peer`` frames in flight."""
+        t0 = time.perf_counter()
+        limiter = self.ctx.new_connection_limiter(peer_address(context.peer()))
+        try:
+            await limiter.acquire(wait=False)
+        except GatewayError as exc:
+            self.pipeline.record_refused(PROTOCOL, exc)
+            return error_response(request.model_name, request.frame_id, exc, t0)
+        try:
+            return await self._render(FrameRequest(request.model_name, request.frame_id))
+        finally:
+            limiter.release()
 
     def _batch_response(
         self, responses: list[pb.OptimizedInferenceResponse], t0: float
@@ -153,10 +170,11 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             raise BadRequest(f"a batch must ask for 1..{limit} frames, got {n}")
 
     async def _render_batch(
-        self, avatar: str, frame_ids: list[int], audio: Sequence[LiveAudio] | None = None
+        self, avatar: str, frame_ids: list[int], audio: Sequence[LiveAudio] | None = None, *, peer: str
     ) -> list[pb.OptimizedInferenceResponse]:
-        """Frames rendered concurrently under one per-call limit; answers in request order."""
-        limiter = self.ctx.new_connection_limiter()
+        """Frames rendered concurrently under one per-call limit and the caller's per-peer limit
+        (``peer``, waited for); answers in request order."""
+        limiter = self.ctx.new_connection_limiter(peer)
         return list(
             await asyncio.gather(
                 *(
@@ -179,7 +197,8 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             return self._batch_response(
                 [error_response(request.model_name, ids[0] if ids else 0, exc, t0)], t0
             )
-        return self._batch_response(await self._render_batch(request.model_name, ids), t0)
+        peer = peer_address(context.peer())
+        return self._batch_response(await self._render_batch(request.model_name, ids, peer=peer), t0)
 
     async def GenerateBatchWithAudio(
         self, request: pb.BatchInferenceWithAudioRequest, context: Context
@@ -196,20 +215,22 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                     f"start_frame_id {start} + frame_count {frames} runs past the largest "
                     f"frame_id {INT32_MAX} (int32)"
                 )
-            windows = await self.pipeline.audio.batch_windows(request.audio_chunks, frames, start)
+            with self.ctx.aux.slot("GenerateBatchWithAudio's audio features"):
+                windows = await self.pipeline.audio.batch_windows(request.audio_chunks, frames, start)
         except GatewayError as exc:
             # one error answer per asked frame, as far as its frame_id fits the int32 field
             n = min(max(frames, 1), self.ctx.settings.max_batch_frames, INT32_MAX - start + 1)
             self.pipeline.record_refused(PROTOCOL, exc)
             return self._batch_response([error_response(avatar, start + k, exc, t0) for k in range(n)], t0)
         ids = [start + k for k in range(frames)]
-        return self._batch_response(await self._render_batch(avatar, ids, windows), t0)
+        peer = peer_address(context.peer())
+        return self._batch_response(await self._render_batch(avatar, ids, windows, peer=peer), t0)
 
     async def StreamInference(
         self, request_iterator: AsyncIterator[pb.OptimizedInferenceRequest], context: Context
     ) -> AsyncIterator[pb.OptimizedInferenceResponse]:
         """Bidirectional stream: answers in request order, frames pipelined (module doc)."""
-        limiter = self.ctx.new_connection_limiter()
+        limiter = self.ctx.new_connection_limiter(peer_address(context.peer()))
         pending: asyncio.Queue[asyncio.Task[pb.OptimizedInferenceResponse] | None] = asyncio.Queue()
 
         async def reader() -> None:
@@ -340,7 +361,8 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                 image = mask_inner(avatar.inners[v])
             else:
                 raise BadRequest(f"unknown video_type {kind!r}; choose one of {', '.join(VIDEO_TYPES)}")
-            data = await self.pipeline.encode(image)
+            with self.ctx.aux.slot("GetVideoFrame"):
+                data = await self.ctx.aux.run(self.pipeline.encoder.encode, image)
         except GatewayError as exc:
             return pb.GetVideoFrameResponse(
                 success=False, error=str(exc), frame_id=request.frame_id, video_type=request.video_type
@@ -433,9 +455,13 @@ def build_grpc_server(
     ``reuse_port``: bind with ``SO_REUSEPORT``, so several worker processes share the port
     (`gateway.workers`); off for one process, so a port taken by another program is an error.
 
-    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``. A
-    request message that does not decode is answered ``INVALID_ARGUMENT`` by every method of
-    every service added to it (`gateway.grpc_decode_guard.DecodeGuard`).
+    Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``; calls
+    open in the whole server are capped by ``grpc_max_concurrent_rpcs`` (one more is answered
+    RESOURCE_EXHAUSTED); connection limits (streams per connection, keepalive, idle, age) are
+    `gateway.limits.grpc_server_options`. A request message that does not decode is answered
+    ``INVALID_ARGUMENT`` by every method of every service added to it
+    (`gateway.grpc_decode_guard.DecodeGuard`). With several workers each limit holds per
+    worker process.
     The caller adds the port and starts it (see `gateway.server`).
     """
     s = ctx.settings
@@ -445,7 +471,9 @@ def build_grpc_server(
             ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
             ("grpc.max_send_message_length", s.grpc_max_send_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
+            *grpc_server_options(s),
+        ],
+        maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,
     )
     pbg.add_OptimizedLipSyncServiceServicer_to_server(LipSyncService(ctx), server)
     live_pbg.add_LiveLipSyncServicer_to_server(LiveLipSyncService(ctx.live), server)

@@ -6,7 +6,7 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /``                                    the web page (``gateway/static/index.html``); a
                                              WebSocket upgrade there is the original clients'
                                              endpoint (face patches, see below)
-``GET /static/...``                          its script and style sheet
+``GET /static/{name}``                       its scripts and style sheet (the files of the folder)
 ``GET /ws``                                  WebSocket, binary protocol of `gateway.ws_protocol`
                                              (full composited frames)
 ``GET /live``                                WebSocket, a live session (`gateway.live_ws_protocol`)
@@ -36,6 +36,14 @@ connections are closed with code 1001 (going away). The two endpoints differ in 
 in audio (`gateway.ws_protocol` module doc): ``/`` answers with the face patch for client-side
 compositing and ignores audio that is not a live-audio window, ``/ws`` answers with the full
 composited frame and refuses such audio.
+
+Per-client limits (`gateway.ws_limits`, `gateway.limits`): an upgrade from a browser page of
+another origin is refused with HTTP 403 (``ws_allowed_origins``), one past
+``max_ws_connections`` with 503; a frame's slot is held until its reply is written, and a
+client that does not take its replies (``ws_send_buffer_bytes`` queued, or none taken for
+``ws_send_timeout_s``) is closed with 1013 (try again later) and a reason; every frame of one
+client address counts against ``max_in_flight_per_peer`` (``overloaded`` past it), on the
+WebSocket and the frame route alike.
 
 Live audio: a request with ``audio_len > 0`` (on ``/``: of exactly such a length) carries the
 16 chunks behind the frame's own window, 40 ms of 16 kHz mono int16 PCM each (20480 bytes: 8
@@ -78,8 +86,10 @@ from gateway.audio_features import WindowChunks, is_window_length
 from gateway.endpoint_pool import EndpointStatus
 from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
 from gateway.frame_request import FrameOutput, FrameRequest
+from gateway.limits import peer_address
 from gateway.live_ws import serve_live_websocket
 from gateway.model_lifecycle import ModelPhase
+from gateway.ws_limits import WsGate
 from gateway.ws_protocol import (
     MAX_NAME_BYTES,
     ProtocolError,
@@ -98,6 +108,10 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 """The web page's files (served under ``/static/``, ``index.html`` at ``/``)."""
+STATIC_FILES: frozenset[str] = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
+"""The names ``/static/{name}`` serves: the folder's files when the module loads, nothing else
+(a name is looked up, never joined to a path: aiohttp's static route answered a 255-byte name
+with a server error, ENAMETOOLONG)."""
 
 TRANSPORT_CAP_FACTOR = 4
 """aiohttp's ``max_msg_size`` is this many times ``ws_max_message_bytes``: a message between
@@ -106,6 +120,7 @@ the two limits gets an error reply; beyond the cap aiohttp closes with code 1009
 CONTEXT_KEY: web.AppKey[GatewayContext] = web.AppKey("lipsync_context")
 MALFORMED_KEY: web.RequestKey[bool] = web.RequestKey("lipsync_malformed")
 """Set on a request reported as malformed input: `AccessLog` leaves it out."""
+WS_GATE_KEY: web.AppKey[WsGate] = web.AppKey("lipsync_ws_gate")
 WS_OPEN_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("lipsync_ws_open")
 
 
@@ -139,15 +154,16 @@ class _WsConnection:
     """One WebSocket connection: decode, admit (per-connection limit), render, reply."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, ctx: GatewayContext, endpoint: WsEndpoint, peer: str | None
+        self, ws: web.WebSocketResponse, ctx: GatewayContext, endpoint: WsEndpoint, request: web.Request
     ) -> None:
         self.ws = ws
         self.endpoint = endpoint
-        self.peer = peer
+        self.peer = request.remote
         self.malformed = ctx.malformed
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
-        self.limiter = ctx.new_connection_limiter()
+        self.limiter = ctx.new_connection_limiter(peer_address(request.remote or ""))
+        self.sender = request.app[WS_GATE_KEY].sender(ws, request)
         self.max_bytes = ctx.settings.ws_max_message_bytes
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -180,6 +196,7 @@ class _WsConnection:
                 task.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.sender.wait_closed()
 
     async def _on_binary(self, data: bytes) -> None:
         started = time.perf_counter()
@@ -220,6 +237,14 @@ class _WsConnection:
         return WindowChunks(wire.audio, wire.frame_id)
 
     async def _render(self, request: FrameRequest, started: float) -> None:
+        """Render and answer one frame; its slot is held until the reply is written, so a
+        client that does not read has at most the limit's frames queued (`gateway.ws_limits`)."""
+        try:
+            await self._render_and_reply(request, started)
+        finally:
+            self.limiter.release()
+
+    async def _render_and_reply(self, request: FrameRequest, started: float) -> None:
         try:
             frame = await self.pipeline.render(request, protocol="ws")
         except GatewayError as exc:
@@ -230,8 +255,6 @@ class _WsConnection:
                 GatewayError(f"{type(exc).__name__}: {exc}"), request.frame_id, started
             )
             return
-        finally:
-            self.limiter.release()
         elapsed_ms = (time.perf_counter() - started) * 1e3
         await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
 
@@ -251,12 +274,7 @@ class _WsConnection:
         await self._send(encode_error_reply(frame_id, elapsed_ms, str(exc)))
 
     async def _send(self, payload: bytes) -> None:
-        if self.ws.closed:
-            return
-        try:
-            await self.ws.send_bytes(payload)
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("WebSocket reply dropped, connection gone: %s", exc)
+        await self.sender.send(payload)
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
@@ -267,35 +285,37 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.WebSocketResponse:
     """Serve one WebSocket connection on ``endpoint`` until it closes."""
     ctx = request.app[CONTEXT_KEY]
-    ws = web.WebSocketResponse(
-        max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
-        heartbeat=30.0,
-        compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
-    )
-    try:
-        await ws.prepare(request)
-    except web.HTTPException as exc:  # a handshake aiohttp refused (400): the client's error
-        ctx.malformed.report("ws", endpoint.path, request.remote, f"handshake refused: {exc.text}")
-        request[MALFORMED_KEY] = True
-        raise
-    open_ws = request.app[WS_OPEN_KEY]
-    open_ws.add(ws)
-    ctx.metrics.ws_connections.inc()
-    try:
-        await _WsConnection(ws, ctx, endpoint, request.remote).serve()
-    finally:
-        open_ws.discard(ws)
-        ctx.metrics.ws_connections.dec()
+    with request.app[WS_GATE_KEY].admit(request):  # Origin and connection cap, before the upgrade
+        ws = web.WebSocketResponse(
+            max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
+            heartbeat=30.0,
+            compress=False,  # replies are JPEG: permessage-deflate would burn CPU for nothing
+        )
+        try:
+            await ws.prepare(request)
+        except web.HTTPException as exc:  # a handshake aiohttp refused (400): the client's error
+            ctx.malformed.report("ws", endpoint.path, request.remote, f"handshake refused: {exc.text}")
+            request[MALFORMED_KEY] = True
+            raise
+        open_ws = request.app[WS_OPEN_KEY]
+        open_ws.add(ws)
+        try:
+            await _WsConnection(ws, ctx, endpoint, request).serve()
+        finally:
+            open_ws.discard(ws)
     return ws
 
 
 async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """``GET /live``: one live session (`gateway.live_ws`)."""
     ctx = request.app[CONTEXT_KEY]
+    gate = request.app[WS_GATE_KEY]
     try:
-        return await serve_live_websocket(
-            request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY], ctx.malformed
-        )
+        with gate.admit(request):  # Origin and connection cap, before the upgrade
+            return await serve_live_websocket(
+                request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY],
+                ctx.malformed, gate,
+            )
     except web.HTTPException:  # a refused handshake, reported as malformed input
         request[MALFORMED_KEY] = True
         raise
@@ -417,6 +437,14 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
+async def static_file(request: web.Request) -> web.FileResponse:
+    """``GET /static/{name}``: one of `STATIC_FILES`; 404 for any other name."""
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC_DIR / name)
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: liveness (the process answers)."""
     ctx = request.app[CONTEXT_KEY]
@@ -525,7 +553,16 @@ async def avatar_frame(request: web.Request) -> web.Response:
         frame_id = int(raw)
     except ValueError:
         raise BadRequest(f"frame_id {raw!r} is not an integer") from None
-    frame = await ctx.pipeline.render(FrameRequest(request.match_info["name"], frame_id), protocol="http")
+    limiter = ctx.new_connection_limiter(peer_address(request.remote or ""))
+    try:
+        await limiter.acquire(wait=False)  # the client's per-peer cap
+    except GatewayError as exc:
+        ctx.pipeline.record_refused("http", exc)
+        raise
+    try:
+        frame = await ctx.pipeline.render(FrameRequest(request.match_info["name"], frame_id), protocol="http")
+    finally:
+        limiter.release()
     return web.Response(
         body=frame.jpeg,
         content_type="image/jpeg",
@@ -596,6 +633,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json])
     app[CONTEXT_KEY] = ctx
     app[WS_OPEN_KEY] = set()
+    app[WS_GATE_KEY] = WsGate(ctx.settings, ctx.metrics)
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
@@ -608,5 +646,5 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.router.add_get("/api/avatars/{name}/frames/{frame_id}.jpg", avatar_frame)
     app.router.add_get("/api/stats", stats)
     app.router.add_get("/metrics", metrics)
-    app.router.add_static("/static/", STATIC_DIR, show_index=False)
+    app.router.add_get("/static/{name}", static_file)
     return app

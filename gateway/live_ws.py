@@ -18,6 +18,7 @@ from gateway.errors import BadRequest, GatewayError
 from gateway.live_service import LiveInput, LiveSessions, Pcm, Refused
 from gateway.live_ws_protocol import End, decode_text, encode_output
 from gateway.malformed import MalformedInput
+from gateway.ws_limits import WsGate
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ async def serve_live_websocket(
     max_message_bytes: int,
     open_ws: set[web.WebSocketResponse],
     malformed: MalformedInput,
+    gate: WsGate,
 ) -> web.WebSocketResponse:
     """Serve one ``/live`` connection (module doc).
 
@@ -74,6 +76,8 @@ async def serve_live_websocket(
         open_ws: the app's open WebSockets (closed with 1001 when the gateway stops).
         malformed: where a refused handshake and messages that do not follow the protocol are
             reported (counted, one log line per peer per interval).
+        gate: the WebSocket limits; frames go out within its send budget, and a client that
+            does not take them is closed with 1013 (`gateway.ws_limits`), ending its session.
 
     Raises:
         web.HTTPException: a handshake aiohttp refused (answered 400).
@@ -89,17 +93,14 @@ async def serve_live_websocket(
         report(f"handshake refused: {exc.text}")
         raise
     open_ws.add(ws)
+    sender = gate.sender(ws, request)
     try:
         async for item in live.serve(_inputs(ws, max_message_bytes, report), "ws"):
-            if ws.closed:
-                break
-            try:
-                await ws.send_bytes(encode_output(item))
-            except (ConnectionError, RuntimeError) as exc:
-                log.debug("live WebSocket gone: %s", exc)
-                break
+            if not await sender.send(encode_output(item)):
+                break  # the client is gone or fell behind (then closed with 1013)
         else:
             await ws.close(code=WSCloseCode.OK, message=b"session ended")
     finally:
         open_ws.discard(ws)
+        await sender.wait_closed()
     return ws

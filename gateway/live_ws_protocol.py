@@ -71,7 +71,7 @@ def decode_text(text: str) -> LiveInput | End:
     """
     try:
         message = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise BadRequest(
             f'text message is not JSON ({exc}); send {{"type": "start" | "flush" | "interrupt" | "end"}}'
         ) from None

@@ -42,6 +42,13 @@ Series (all names prefixed ``lipsync_gateway_``):
   (`gateway.malformed`);
 - under ``lipsync up`` only: ``triton_restarts_total``, ``triton_supervisor_state`` and
   ``triton_last_exit_info``, added by `gateway.triton_supervision`;
+- ``ws_refused_total{reason}``: WebSocket upgrades refused (`gateway.ws_limits`), reason =
+  connections (``max_ws_connections`` open: 503) | origin (Origin not allowed: 403);
+- ``ws_closed_slow_total{reason}``: WebSocket connections the gateway closed with 1013 because
+  the client did not take its replies (`gateway.ws_limits.WsSender`), reason = send_buffer |
+  send_timeout;
+- ``limit_refusals_total{limit}``: requests refused ``overloaded`` by a per-client limit of
+  `gateway.limits`, limit = peer | aux;
 - ``live_sessions{transport}``: open live sessions (issue 10), transport grpc | ws;
 - ``live_slots_total{transport, kind}``: live frames sent, kind = speaking | idle | late (a
   speaking slot sent idle because its audio encoding or render failed or missed its deadline);
@@ -280,6 +287,24 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.ws_refused = Counter(
+            "lipsync_gateway_ws_refused",
+            "WebSocket upgrades refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ws_closed_slow = Counter(
+            "lipsync_gateway_ws_closed_slow",
+            "WebSocket connections closed (1013) because the client did not take its replies",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.limit_refusals = Counter(
+            "lipsync_gateway_limit_refusals",
+            "Requests refused overloaded by a per-client limit",
+            ["limit"],
+            registry=self.registry,
+        )
         self.live_sessions = Gauge(
             "lipsync_gateway_live_sessions", "Open live sessions, by transport", ["transport"],
             registry=self.registry, multiprocess_mode="livesum",

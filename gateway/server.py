@@ -91,7 +91,8 @@ class GatewayServer:
             if self.before_serving is not None:
                 await self.before_serving(self.ctx)
             self._grpc, self._health = build_grpc_server(self.ctx, reuse_port=self.reuse_port)
-            self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in brackets
+            self.grpc_port = self._grpc.add_insecure_port(f"{host}:{s.grpc_port}")
             if self.grpc_port == 0:
                 raise OSError(f"cannot bind the gRPC port {s.host}:{s.grpc_port}")
             await self._grpc.start()

@@ -42,6 +42,10 @@ Two endpoints speak it (`gateway.http_app`), with the same layout and different 
 ``frame_id`` is unsigned on this wire, so there is no negative frame: a client that wraps -1
 sends 4294967295, which the gateway answers with ``frame_out_of_range``.
 
+A client must read its replies: the gateway queues a bounded amount for it and closes a
+connection whose client does not take them with WebSocket close code 1013 (try again later)
+and a reason (`gateway.ws_limits`); a client that reconnects is served again.
+
 Decoding checks every length field against the bytes actually present and against the limits
 given, and raises `ProtocolError` (a `gateway.errors.BadRequest`) with a precise message; it
 never reads past the buffer and never allocates from an unchecked length.

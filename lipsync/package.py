@@ -37,7 +37,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lipsync import __version__
-from lipsync.audio import feature_rows_for_samples
+from lipsync.audio import AudioError, feature_rows_for_samples
 from lipsync.contract import (
     FEATURE_DIM,
     MANIFEST_NAME,
@@ -306,6 +306,8 @@ def _read_manifest(root: Path) -> PackageManifest:
         raise PackageError(
             f"{manifest_path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise PackageError(f"{manifest_path}: JSON nested deeper than the parser goes") from None
     except UnicodeDecodeError as exc:
         raise PackageError(f"{manifest_path}: not UTF-8 text: {exc}") from None
     if not isinstance(raw, dict):
@@ -413,7 +415,10 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
                 )
         files[key] = file_path
 
-    expected_rows = feature_rows_for_samples(m.audio_samples)
+    try:
+        expected_rows = feature_rows_for_samples(m.audio_samples)
+    except AudioError as exc:  # fewer samples than one mel window needs
+        raise PackageError(f"{MANIFEST_NAME}: audio_samples is {m.audio_samples}: {exc}") from None
     if m.feature_rows != expected_rows:
         raise PackageError(
             f"{MANIFEST_NAME}: feature_rows is {m.feature_rows} but {m.audio_samples} audio samples "

@@ -73,6 +73,8 @@ class FakeTriton:
         self.hold_loads: asyncio.Event | None = None
         self.calls: list[tuple[str, str]] = []
         self.inputs: list[tuple[str, tuple[NDArray[Any], ...]]] = []
+        self.keep_inputs = True
+        """Copy every call's inputs into `inputs`; off for long runs (a UNet crop is 300 KB)."""
         self.closed = False
 
     def restart(self) -> None:
@@ -136,7 +138,8 @@ class FakeTriton:
     # ------------------------------------------------------------------ InferenceClient
     async def _infer(self, model: str, *inputs: NDArray[Any]) -> NDArray[Any]:
         self.calls.append(("infer", model))
-        self.inputs.append((model, tuple(np.array(x) for x in inputs)))
+        if self.keep_inputs:
+            self.inputs.append((model, tuple(np.array(x) for x in inputs)))
         if self.hold_inference is not None:
             await self.hold_inference.wait()
         if self.mode != "live":
