@@ -32,7 +32,7 @@ import pytest
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.server import GatewayServer
-from tests.up_process import GatewayProcess, start_gateway_process, worker_pids
+from tests.up_process import ENV, GatewayProcess, start_gateway_process, worker_pids
 
 T = TypeVar("T")
 
@@ -162,11 +162,20 @@ class WorkersGateway:
     Args:
         process: the running ``lipsync gateway``.
         settings: the settings it runs with (its ports included).
+        tmp_dir: its ``TMPDIR``, where its supervisor makes the workers' metrics folder
+            (``lipsync-metrics-*``, removed at stop: `stop` asserts it); None: not checked.
     """
 
-    def __init__(self, process: GatewayProcess, settings: GatewaySettings) -> None:
+    def __init__(
+        self, process: GatewayProcess, settings: GatewaySettings, tmp_dir: Path | None = None
+    ) -> None:
         self.process = process
         self.settings = settings
+        self.tmp_dir = tmp_dir
+
+    def metrics_dirs(self) -> list[Path]:
+        """The ``lipsync-metrics-*`` folders in its ``TMPDIR`` now ([] when not known)."""
+        return sorted(self.tmp_dir.glob("lipsync-metrics-*")) if self.tmp_dir is not None else []
 
     @property
     def workers(self) -> int:
@@ -215,11 +224,13 @@ class WorkersGateway:
         raise AssertionError(f"not every worker ready (exit {code}, ready {ready}):\n{log}")
 
     def stop(self) -> int:
-        """SIGTERM it; returns its exit status (no worker is left: asserted)."""
+        """SIGTERM it; returns its exit status (no worker and no metrics folder is left:
+        asserted)."""
         pids = self.worker_pids()
         code = self.process.stop()
         alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
         assert not alive, f"workers left behind: {alive}"
+        assert not self.metrics_dirs(), f"metrics folder left behind: {self.metrics_dirs()}"
         return code
 
 
@@ -234,16 +245,20 @@ def start_workers_gateway(
     tmp_path: Path, triton_url: str, packages_root: Path, workers: int
 ) -> WorkersGateway:
     """Start ``lipsync gateway --workers N`` with `gateway_settings` (free ports, JPEG quality
-    95) and wait until every worker is ready."""
+    95, ``TMPDIR`` a fresh ``tmp_path/tmp``) and wait until every worker is ready."""
+    tmp_dir = tmp_path / "tmp"
+    tmp_dir.mkdir()
     process = start_gateway_process(
-        tmp_path, triton_url, packages_root, None, "--workers", str(workers), "--jpeg-quality", "95"
+        tmp_path, triton_url, packages_root, {**ENV, "TMPDIR": str(tmp_dir)},
+        "--workers", str(workers), "--jpeg-quality", "95",
     )
     settings = gateway_settings(
         triton_url, packages_root, grpc_port=process.grpc_port, http_port=process.http, workers=workers
     )
-    running = WorkersGateway(process, settings)
+    running = WorkersGateway(process, settings, tmp_dir)
     try:
         running.wait_ready()
+        assert len(running.metrics_dirs()) == 1, f"one metrics folder while serving: {running.metrics_dirs()}"
     except BaseException:
         process.stop()
         raise

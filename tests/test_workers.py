@@ -34,7 +34,7 @@ from tests.fixtures_gateway import (
     make_packages_root,
     start_workers_gateway,
 )
-from tests.up_process import GatewayProcess, start_gateway_process, start_up, worker_pids
+from tests.up_process import ENV, GatewayProcess, start_gateway_process, start_up, worker_pids
 
 AVATAR = "demo"
 CONNECTIONS = 16
@@ -258,7 +258,9 @@ def test_workers_stop_when_their_supervisor_is_killed(make_package: Any, tmp_pat
     """No worker outlives a SIGKILLed supervisor: each sees its pipe close and stops, and the
     ports are free again (no Triton: the workers serve, not ready)."""
     root = make_package().parent
-    gw = start_gateway_process(tmp_path, "127.0.0.1:1", root, None, "--workers", "2")
+    # its metrics folder, which a SIGKILLed supervisor cannot remove, in pytest's tmp_path
+    env = {**ENV, "TMPDIR": str(tmp_path)}
+    gw = start_gateway_process(tmp_path, "127.0.0.1:1", root, env, "--workers", "2")
     pids: list[int] = []
     try:
         deadline = time.monotonic() + 120
