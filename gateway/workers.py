@@ -28,7 +28,9 @@ its count. Every exit is reaped at once and its live gauges dropped (``mark_proc
 
 Stop (SIGINT/SIGTERM to the supervisor): every worker gets SIGTERM and stops gracefully (its
 in-flight requests get ``grace_s``); one still running after `stop_timeout_s` is killed. None is
-left behind; the metrics folder is removed.
+left behind; the metrics folder is removed. A supervisor that is SIGKILLed cannot remove it (its
+workers see their pipe close and stop): the next supervisor's start removes the folders of
+supervisors that no longer run (`remove_stale_metrics_dirs`).
 
 Shared state, through the pipes (`gateway.worker`): metrics are aggregated from the files in a
 fresh ``PROMETHEUS_MULTIPROC_DIR`` (`gateway.metrics`); a package one worker loads on request
@@ -42,6 +44,7 @@ import contextlib
 import enum
 import logging
 import multiprocessing
+import os
 import shutil
 import socket
 import tempfile
@@ -76,6 +79,44 @@ WORKER_RESTART_POLICY = RestartPolicy(
     max_restarts=5, backoff_initial_s=1.0, backoff_max_s=30.0, healthy_after_s=60.0
 )
 """Restart limits of the workers (module doc)."""
+
+
+METRICS_DIR_PREFIX = "lipsync-metrics-"
+"""Name of a supervisor's metrics folder in the temporary folder: the prefix, its pid, ``-``,
+`tempfile.mkdtemp`'s random part."""
+
+
+def remove_stale_metrics_dirs(parent: str | None = None) -> list[str]:
+    """Remove the metrics folders (`METRICS_DIR_PREFIX`) left in ``parent`` (default: the
+    temporary folder, ``TMPDIR``) by supervisors that no longer run (killed with SIGKILL).
+
+    A folder whose pid runs (a live supervisor, or a later process that got its pid) is kept.
+
+    Returns:
+        The folders removed.
+    """
+    base = parent or tempfile.gettempdir()
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            pid_text = entry.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
+            if not entry.name.startswith(METRICS_DIR_PREFIX) or not pid_text.isdigit():
+                continue
+            if _pid_running(int(pid_text)) or not entry.is_dir(follow_symlinks=False):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class WorkerState(enum.StrEnum):
@@ -253,7 +294,10 @@ class WorkerSupervisor:
             for port in (s.grpc_port, s.http_port):
                 self._reserved.append(reserve_port(s.host, port))
             self.grpc_port, self.http_port = (sock.getsockname()[1] for sock in self._reserved)
-            self.metrics_dir = tempfile.mkdtemp(prefix="lipsync-metrics-")  # fresh: nothing stale
+            for stale in remove_stale_metrics_dirs():
+                log.info("removed the metrics folder of a supervisor that no longer runs: %s", stale)
+            # fresh: nothing stale in it
+            self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
             if self.triton is not None:
                 loop = asyncio.get_running_loop()
 

@@ -25,6 +25,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.workers import METRICS_DIR_PREFIX, remove_stale_metrics_dirs
 from gateway.ws_protocol import FrameReply, decode_reply, encode_request
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
@@ -256,10 +257,12 @@ def alive(pid: int) -> bool:
 
 def test_workers_stop_when_their_supervisor_is_killed(make_package: Any, tmp_path: Path) -> None:
     """No worker outlives a SIGKILLed supervisor: each sees its pipe close and stops, and the
-    ports are free again (no Triton: the workers serve, not ready)."""
+    ports are free again (no Triton: the workers serve, not ready). The metrics folder it could
+    not remove is removed by the next supervisor's sweep, a running supervisor's is kept."""
     root = make_package().parent
-    # its metrics folder, which a SIGKILLed supervisor cannot remove, in pytest's tmp_path
-    env = {**ENV, "TMPDIR": str(tmp_path)}
+    tmp_dir = tmp_path / "tmp"  # its TMPDIR: where it makes its metrics folder
+    tmp_dir.mkdir()
+    env = {**ENV, "TMPDIR": str(tmp_dir)}
     gw = start_gateway_process(tmp_path, "127.0.0.1:1", root, env, "--workers", "2")
     pids: list[int] = []
     try:
@@ -284,3 +287,10 @@ def test_workers_stop_when_their_supervisor_is_killed(make_package: Any, tmp_pat
     for port in (gw.http, gw.grpc_port):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))  # nobody holds it any more
+
+    left = list(tmp_dir.glob(f"{METRICS_DIR_PREFIX}{gw.proc.pid}-*"))
+    assert len(left) == 1 and any(left[0].iterdir()), "the killed supervisor's metrics files"
+    running = tmp_dir / f"{METRICS_DIR_PREFIX}{os.getpid()}-x"  # this process runs
+    running.mkdir()
+    assert remove_stale_metrics_dirs(str(tmp_dir)) == [str(left[0])]
+    assert not left[0].exists() and running.exists()
