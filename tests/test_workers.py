@@ -286,7 +286,11 @@ def test_workers_stop_when_their_supervisor_is_killed(make_package: Any, tmp_pat
                 os.kill(pid, signal.SIGKILL)
     for port in (gw.http, gw.grpc_port):
         with socket.socket() as sock:
+            # SO_REUSEADDR: a closed connection's TIME_WAIT on the port does not count; a
+            # socket still listening there would
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))  # nobody holds it any more
+            sock.listen()
 
     left = list(tmp_dir.glob(f"{METRICS_DIR_PREFIX}{gw.proc.pid}-*"))
     assert len(left) == 1 and any(left[0].iterdir()), "the killed supervisor's metrics files"
