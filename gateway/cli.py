@@ -280,13 +280,14 @@ async def serve_gateway(
             ``lipsync gateway``.
 
     Raises:
-        StartupError: a port could not be bound; with workers, also a worker that failed to
-            start or kept failing.
+        StartupError: a port could not be bound, or a TLS file cannot be used; with workers,
+            also a worker that failed to start or kept failing.
     """
     if settings.workers > 1:
         await _serve_workers(settings, wait_ready_s=wait_ready_s, banner=banner, supervisor=supervisor)
         return
     from gateway.server import GatewayServer
+    from gateway.tls import TlsConfigError
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -296,12 +297,14 @@ async def serve_gateway(
     try:
         try:
             await server.start()
+        except TlsConfigError as exc:
+            raise _tls_error(exc) from exc
         except (OSError, RuntimeError) as exc:  # grpc raises RuntimeError on a busy port
             raise _bind_error(settings, exc) from exc
         host = _display_host(settings.host)
         log.info(
-            "gateway serving: web page http://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
-            host, server.http_port, host, server.grpc_port, banner,
+            "gateway serving: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
+            _scheme(settings), host, server.http_port, host, server.grpc_port, banner,
         )
         if wait_ready_s > 0:
             await _wait_ready(server, wait_ready_s, stop)
@@ -311,6 +314,10 @@ async def serve_gateway(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()  # logs "gateway stopped"
+
+
+def _tls_error(exc: BaseException) -> StartupError:
+    return StartupError(f"the gateway's TLS settings cannot be used: {exc}")
 
 
 def _bind_error(settings: GatewaySettings, exc: BaseException) -> StartupError:
@@ -328,11 +335,18 @@ async def _serve_workers(
     workers in child processes until SIGINT/SIGTERM, or until it gives up on one.
 
     Raises:
-        StartupError: a port could not be bound, a worker failed to start, or the supervisor
-            gave up on a worker that kept failing (the message says which and how).
+        StartupError: a port could not be bound, a TLS file cannot be used, a worker failed to
+            start, or the supervisor gave up on a worker that kept failing (the message says
+            which and how).
     """
+    from gateway.tls import TlsConfigError, grpc_server_credentials, http_ssl_context
     from gateway.workers import WorkerStartError, WorkerSupervisor
 
+    try:  # the files every worker will read, checked once here
+        grpc_server_credentials(settings)
+        http_ssl_context(settings)
+    except TlsConfigError as exc:
+        raise _tls_error(exc) from exc
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -347,8 +361,8 @@ async def _serve_workers(
             raise StartupError(str(exc)) from exc
         host = _display_host(settings.host)
         log.info(
-            "gateway serving with %d workers: web page http://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
-            settings.workers, host, workers.http_port, host, workers.grpc_port, banner,
+            "gateway serving with %d workers: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
+            settings.workers, _scheme(settings), host, workers.http_port, host, workers.grpc_port, banner,
         )
         gave_up = asyncio.ensure_future(workers.wait_given_up())
         stopped = asyncio.ensure_future(stop.wait())
@@ -378,11 +392,16 @@ async def _wait_workers_ready(workers: Any, timeout_s: float, stop: asyncio.Even
     host = _display_host(workers.settings.host)
     if workers.all_ready():
         log.info(
-            "ready: %d workers; open http://%s:%d/ and press Play",
-            len(workers.slots), host, workers.http_port,
+            "ready: %d workers; open %s://%s:%d/ and press Play",
+            len(workers.slots), _scheme(workers.settings), host, workers.http_port,
         )
     elif not stop.is_set() and workers.gave_up_message is None:
         log.warning("not every worker is ready after %.0f s; see /readyz", timeout_s)
+
+
+def _scheme(settings: GatewaySettings) -> str:
+    """``https`` when the gateway serves TLS, else ``http``."""
+    return "https" if settings.tls_cert is not None else "http"
 
 
 async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> None:
@@ -392,8 +411,8 @@ async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> Non
         await asyncio.sleep(0.5)
     if ctx.ready():
         names = ", ".join(ctx.store.names())
-        log.info("ready: avatars %s; open http://%s:%d/ and press Play",
-                 names, _display_host(server.settings.host), server.http_port)
+        log.info("ready: avatars %s; open %s://%s:%d/ and press Play",
+                 names, _scheme(server.settings), _display_host(server.settings.host), server.http_port)
     elif not stop.is_set():
         snapshot = ctx.lifecycle.snapshot()
         log.warning(

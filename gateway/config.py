@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.live.settings import LiveSettings
@@ -24,12 +24,20 @@ from lipsync.contract import (
 )
 from lipsync.paths import CACHE_DIR, PACKAGES_DIR
 
+MIN_TOKEN_CHARS = 16
+"""Shortest `GatewaySettings.auth_token` / ``admin_token`` accepted (characters)."""
+
 
 class GatewaySettings(BaseSettings):
     """Gateway configuration (env prefix ``LIPSYNC_``). Units are in the field names/docs."""
 
+    # hide_input_in_errors: a refused setting's error must not print a token into the log
     model_config = SettingsConfigDict(
-        env_prefix="LIPSYNC_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+        env_prefix="LIPSYNC_",
+        env_file=".env",
+        extra="ignore",
+        env_nested_delimiter="__",
+        hide_input_in_errors=True,
     )
 
     # --- where things are -------------------------------------------------------------------
@@ -201,6 +209,77 @@ class GatewaySettings(BaseSettings):
         description="live sessions: pacing margin, deadlines, voice activity (env "
         "LIPSYNC_LIVE__<FIELD>, e.g. LIPSYNC_LIVE__MARGIN_S=1.0)",
     )
+
+    # --- security (README "Security"; gateway.auth, gateway.tls) -----------------------------
+    auth_token: SecretStr | None = Field(
+        None,
+        description="token every client call needs: gRPC metadata `authorization: Bearer <token>`, "
+        "the same HTTP header, or `?token=` on a WebSocket; unset: no authentication (a warning "
+        "when binding a non-loopback address). /healthz, /readyz and /metrics stay open",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="token of the admin calls (OptimizedLipSyncAdmin, the seed LoadPackage); unset: "
+        "admin calls are refused",
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC and HTTP/WebSocket ports (with tls_key)"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)"
+    )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="extra plain-HTTP port serving only /healthz, /readyz and /metrics (probes, "
+        "Prometheus; no TLS, no token); unset: none",
+    )
+    triton_tls: bool = Field(False, description="TLS to every Triton endpoint of triton_url")
+    triton_tls_ca: Path | None = Field(
+        None, description="PEM CA bundle Triton's certificate is checked against (default: system)"
+    )
+    max_avatar_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="cap on the bytes of avatar frames held in RAM (full frames + 328/320 crops of "
+        "every avatar); a load past it is refused; unset: no cap",
+    )
+
+    @field_validator("auth_token", "admin_token", mode="after")
+    @classmethod
+    def _token_format(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty token is no token; a set one is 16+ visible ASCII characters (a header value)."""
+        if value is None or value.get_secret_value() == "":
+            return None
+        token = value.get_secret_value()
+        if len(token) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
+            raise ValueError(
+                f"a token must be at least {MIN_TOKEN_CHARS} visible ASCII characters without "
+                "spaces (e.g. `openssl rand -hex 32`)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> GatewaySettings:
+        """TLS files come as cert + key (both or neither), a client CA only with them, every file
+        readable; the admin token differs from the client token."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both LIPSYNC_TLS_CERT and LIPSYNC_TLS_KEY, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("LIPSYNC_TLS_CLIENT_CA (mutual TLS) needs LIPSYNC_TLS_CERT and _KEY")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "triton_tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"LIPSYNC_{name.upper()}: {path} is not a file")
+        if (
+            self.auth_token is not None
+            and self.admin_token is not None
+            and self.auth_token.get_secret_value() == self.admin_token.get_secret_value()
+        ):
+            raise ValueError("LIPSYNC_ADMIN_TOKEN must differ from LIPSYNC_AUTH_TOKEN")
+        return self
 
     @field_validator("crop_cache_dir", mode="before")
     @classmethod

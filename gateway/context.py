@@ -118,7 +118,7 @@ class GatewayContext:
         )
         pool.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
         crop_cache = CropCache(settings.crop_cache_dir) if settings.crop_cache_dir is not None else None
-        store = AvatarStore(settings.packages_root, pool, crop_cache)
+        store = AvatarStore(settings.packages_root, pool, crop_cache, settings.max_avatar_bytes)
         try:
             await pool.start()
             await store.load_all()
@@ -234,6 +234,8 @@ def _grpc_client_factory(settings: GatewaySettings) -> ClientFactory:
             probe_timeout_s=settings.triton_probe_timeout_s,
             load_timeout_s=settings.triton_load_timeout_s,
             control_key=key.get_secret_value() if key is not None else None,
+            tls=settings.triton_tls,
+            tls_ca=str(settings.triton_tls_ca) if settings.triton_tls_ca else None,
         )
 
     return connect

@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from export.publish import folder_lock, replace_folder
 from gateway.errors import PackageRejected
 from lipsync.contract import CROP_SIZE, INNER_SIZE
 from lipsync.frames import crop_328, inner_320
-from lipsync.package import AvatarPackage, sha256_file
+from lipsync.package import AvatarPackage, check_cancel, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,12 @@ class FaceCrops:
     mapped: bool
 
 
-def compute_crops(package: AvatarPackage) -> FaceCrops:
+def compute_crops(package: AvatarPackage, cancel: threading.Event | None = None) -> FaceCrops:
     """Crop and resize every video frame of ``package`` in RAM (docs/REFERENCE.md s.2 steps 2-3).
+
+    Args:
+        package: a package from `lipsync.package.load_package`.
+        cancel: when set (by another thread), stop before the next frame.
 
     Returns:
         `FaceCrops` with ``mapped=False``.
@@ -70,22 +75,24 @@ def compute_crops(package: AvatarPackage) -> FaceCrops:
     Raises:
         PackageRejected: no frames, rectangles not ``[N, 4]``, or a rectangle the crop math
             refuses.
+        lipsync.package.LoadCancelled: ``cancel`` was set.
     """
     frames = package.frames
     rects = np.asarray(package.rects, dtype=np.int32)
     n = int(frames.shape[0])
     if n == 0 or rects.shape != (n, 4):
         raise PackageRejected(
-            f"package {package.root} has {n} frames and rects of shape {list(rects.shape)}; "
+            f"package {package.name!r} has {n} frames and rects of shape {list(rects.shape)}; "
             f"need at least one frame and rects [N, 4]"
         )
     crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
     inners = np.empty((n, INNER_SIZE, INNER_SIZE, 3), dtype=np.uint8)
     for v in range(n):
+        check_cancel(cancel, f"at frame {v} of {n}")
         try:
             crops[v] = crop_328(frames[v], rects[v])
         except ValueError as exc:
-            raise PackageRejected(f"package {package.root}, frame {v}: {exc}") from exc
+            raise PackageRejected(f"package {package.name!r}, frame {v}: {exc}") from exc
         inners[v] = inner_320(crops[v])
     crops.setflags(write=False)
     inners.setflags(write=False)
@@ -113,34 +120,41 @@ class CropCache:
         """The folder of ``package``'s cache entry (it may not exist)."""
         return self.root / cache_key(package)
 
-    def crops(self, package: AvatarPackage) -> FaceCrops:
+    def crops(self, package: AvatarPackage, cancel: threading.Event | None = None) -> FaceCrops:
         """``package``'s crops, mapped from its cache entry, which is written first if missing
         or not intact.
 
+        Args:
+            package: a package from `lipsync.package.load_package`.
+            cancel: when set (by another thread), stop at the next frame or hashed chunk.
+
         Raises:
             PackageRejected: the crops cannot be computed (`compute_crops`).
+            lipsync.package.LoadCancelled: ``cancel`` was set.
         """
         entry = self.entry(package)
-        found = self._read(entry, package)
+        found = self._read(entry, package, cancel)
         if found is not None:
             return found
         try:
             with folder_lock(self.root):  # another process may be writing this entry now
-                found = self._read(entry, package)
+                found = self._read(entry, package, cancel)
                 if found is not None:
                     return found
-                computed = compute_crops(package)
+                computed = compute_crops(package, cancel)
                 self._write(entry, computed)
         except OSError as exc:
             log.warning(
                 "crop cache %s not writable (%s): the crops of %r are held in this process's RAM",
                 self.root, exc, package.name,
             )
-            return compute_crops(package)
-        mapped = self._read(entry, package)
+            return compute_crops(package, cancel)
+        mapped = self._read(entry, package, cancel)
         return mapped if mapped is not None else computed
 
-    def _read(self, entry: Path, package: AvatarPackage) -> FaceCrops | None:
+    def _read(
+        self, entry: Path, package: AvatarPackage, cancel: threading.Event | None = None
+    ) -> FaceCrops | None:
         """The entry's arrays memory-mapped, or None when it is missing or does not match its
         ``meta.json`` (size, sha256) or the package's frame count."""
         try:
@@ -149,7 +163,8 @@ class CropCache:
             for name in _FILES:
                 path = entry / f"{name}.npy"
                 recorded = meta["files"][name]
-                if path.stat().st_size != recorded["size_bytes"] or sha256_file(path) != recorded["sha256"]:
+                intact = path.stat().st_size == recorded["size_bytes"]
+                if not intact or sha256_file(path, cancel=cancel) != recorded["sha256"]:
                     raise ValueError(f"{path.name} does not match {_META}")
                 arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
         except (FileNotFoundError, NotADirectoryError):

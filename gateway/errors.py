@@ -3,6 +3,11 @@
 Both protocols map these the same way: gRPC answers in-band (`success=false`, `error` set,
 as existing clients expect), the WebSocket answers with its error frame, HTTP with a JSON body
 `{"error": code, "message": ...}` and the `http_status` below.
+
+Access errors (`Unauthenticated`, `PermissionDenied`) come before any request is read, so no
+in-band answer exists for them: gRPC answers the status named by `grpc_status`
+(``UNAUTHENTICATED``, ``PERMISSION_DENIED``) with ``"<code>: <message>"`` as details, HTTP and the
+WebSocket upgrade the JSON body with 401 / 403 (`gateway.auth`).
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ class GatewayError(Exception):
 
     code: str = "internal"
     http_status: int = 500
+    grpc_status: str = "UNKNOWN"
+    """Name of the ``grpc.StatusCode`` for errors answered as a gRPC status, not in-band."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -82,8 +89,32 @@ class TritonEndpointDown(TritonUnavailable):
     """
 
 
+class Unauthenticated(GatewayError):
+    """No credentials, or not the gateway's token (``LIPSYNC_AUTH_TOKEN``)."""
+
+    code = "unauthenticated"
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(GatewayError):
+    """Valid credentials that do not allow this call: an admin call without the admin token
+    (``LIPSYNC_ADMIN_TOKEN``), or any admin call while that setting is unset."""
+
+    code = "permission_denied"
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+
+
+
 class OriginNotAllowed(GatewayError):
     """A browser page of another origin tried to open a WebSocket (``ws_allowed_origins``)."""
 
     code = "origin_not_allowed"
     http_status = 403
+
+
+def unexpected(exc: BaseException) -> GatewayError:
+    """The error a caller gets for a bug (an exception that is no `GatewayError`): its type only,
+    never its message, which may hold server paths or data; the gateway logs the traceback."""
+    return GatewayError(f"unexpected {type(exc).__name__} on the gateway (logged there)")

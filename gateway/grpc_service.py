@@ -26,11 +26,19 @@ Wire-compatible with the original system's clients (proto/lipsync.proto). Conven
   ``s`` that exist, the missing past being zeros), extra chunks at the end ignored; frame ``k``
   shows video frame ``s + k`` (ping-pong) with the window of chunks ``s+k-8 .. s+k+7``.
 
-Also served: ``lipsync.live.v1.LiveLipSync`` (live sessions, `gateway.live_grpc`),
-``grpc.health.v1.Health`` (overall, ``optimized_lipsyncsrv.OptimizedLipSyncService`` and
-``lipsync.live.v1.LiveLipSync``: SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed
-on every change) and server reflection. A request message that does not decode gets
-``INVALID_ARGUMENT`` naming the method, from any of them (`gateway.grpc_decode_guard`).
+- A batch whose answers may not fit ``grpc_max_send_bytes`` is refused before rendering
+  (`gateway.response_budget`); int32 fields of answers are clamped (`gateway.grpc_wire.int32`).
+- An unexpected exception while rendering a frame is answered in-band for that frame
+  (``internal``); a stream goes on.
+- ``LoadPackage`` is an admin call (`gateway.auth`), served by `gateway.admin_service`.
+
+Also served: ``optimized_lipsyncsrv.OptimizedLipSyncAdmin`` (`gateway.admin_service`),
+``lipsync.live.v1.LiveLipSync`` (live sessions, `gateway.live_grpc`), ``grpc.health.v1.Health``
+(overall, ``optimized_lipsyncsrv.OptimizedLipSyncService`` and ``lipsync.live.v1.LiveLipSync``:
+SERVING when `GatewayContext.ready`, else NOT_SERVING, pushed on every change) and server
+reflection. Every call passes `gateway.auth.AuthInterceptor` first; a request message that
+does not decode gets ``INVALID_ARGUMENT`` naming the method, from any of them
+(`gateway.grpc_decode_guard`).
 """
 from __future__ import annotations
 
@@ -46,16 +54,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from gateway.admin_service import SERVICE_NAME as ADMIN_SERVICE_NAME
+from gateway.admin_service import AdminService, load_package_response
 from gateway.audio_features import LiveAudio
+from gateway.auth import AuthInterceptor, TokenPolicy
 from gateway.context import GatewayContext
-from gateway.errors import BadRequest, FrameOutOfRange, GatewayError
+from gateway.errors import BadRequest, FrameOutOfRange, GatewayError, unexpected
 from gateway.frame_request import FrameRequest, WireProtocol
 from gateway.grpc_decode_guard import DecodeGuard
+from gateway.grpc_wire import INT32_MAX, VIDEO_TYPES, int32
 from gateway.limits import grpc_server_options, peer_address
 from gateway.live_grpc import SERVICE_NAME as LIVE_SERVICE_NAME
 from gateway.live_grpc import LiveLipSyncService
 from gateway.pipeline import ConnectionLimiter, FramePipeline, RenderedFrame
+from gateway.response_budget import ResponseBudget
 from lipsync.frames import mask_inner
+from proto import admin_pb2_grpc as admin_pbg
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from proto import live_pb2_grpc as live_pbg
@@ -63,7 +77,6 @@ from proto import live_pb2_grpc as live_pbg
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizedLipSyncService"].full_name
-VIDEO_TYPES = ("full_body", "face_regions", "masked_regions")
 OPTIMIZATIONS = (
     "triton_dynamic_batching",
     "uint8_io_pre_post_in_graph",
@@ -73,8 +86,6 @@ OPTIMIZATIONS = (
     "composite_jpeg_thread_pool",
 )
 PROTOCOL: WireProtocol = "grpc"
-INT32_MAX = 2**31 - 1
-"""Largest ``frame_id`` the proto's int32 fields can carry."""
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 """A servicer method's call context (the methods only abort through it)."""
 
@@ -121,6 +132,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
         self.pipeline: FramePipeline = ctx.pipeline
+        self.budget = ResponseBudget(self.pipeline.encode, ctx.settings.grpc_max_send_bytes)
 
     # ------------------------------------------------------------------ frames
     async def _render(self, request: FrameRequest) -> pb.OptimizedInferenceResponse:
@@ -129,6 +141,8 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
             frame = await self.pipeline.render(request, protocol=PROTOCOL)
         except GatewayError as exc:
             return error_response(request.avatar, request.frame_id, exc, t0)
+        except Exception as exc:  # noqa: BLE001 - a bug (the pipeline logged it): answer, serve on
+            return error_response(request.avatar, request.frame_id, unexpected(exc), t0)
         return frame_response(frame)
 
     async def _render_limited(
@@ -158,16 +172,30 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         self, responses: list[pb.OptimizedInferenceResponse], t0: float
     ) -> pb.BatchInferenceResponse:
         total_ms = (time.perf_counter() - t0) * 1e3
-        return pb.BatchInferenceResponse(
+        batch = pb.BatchInferenceResponse(
             responses=responses,
             total_processing_time_ms=_ms(total_ms),
             avg_frame_time_ms=total_ms / len(responses) if responses else 0.0,
         )
+        limit = self.ctx.settings.grpc_max_send_bytes
+        if batch.ByteSize() <= limit:
+            return batch
+        # past the budget's bound after all: in-band errors rather than a failed send
+        exc = BadRequest(
+            f"the {len(responses)} rendered frames take {batch.ByteSize()} bytes, over the gRPC send "
+            f"limit of {limit} bytes (LIPSYNC_GRPC_MAX_SEND_BYTES): ask for fewer frames per call"
+        )
+        errors = [error_response(r.model_name, r.frame_id, exc, t0) for r in responses]
+        return self._batch_response(errors, t0)
 
-    def _check_batch_size(self, n: int) -> None:
+    async def _check_batch(self, avatar: str, n: int) -> None:
+        """The batch size limit, then whether ``n`` answers of ``avatar`` fit one message
+        (an unknown avatar is left to each frame's own error)."""
         limit = self.ctx.settings.max_batch_frames
         if n < 1 or n > limit:
             raise BadRequest(f"a batch must ask for 1..{limit} frames, got {n}")
+        if avatar in self.ctx.store:
+            await self.budget.check(self.ctx.store.get(avatar), n)
 
     async def _render_batch(
         self, avatar: str, frame_ids: list[int], audio: Sequence[LiveAudio] | None = None, *, peer: str
@@ -191,7 +219,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         t0 = time.perf_counter()
         ids = list(request.frame_ids)
         try:
-            self._check_batch_size(len(ids))
+            await self._check_batch(request.model_name, len(ids))
         except GatewayError as exc:
             self.pipeline.record_refused(PROTOCOL, exc)
             return self._batch_response(
@@ -207,7 +235,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         t0 = time.perf_counter()
         avatar, start, frames = request.model_name, request.start_frame_id, request.frame_count
         try:
-            self._check_batch_size(frames)
+            await self._check_batch(avatar, frames)
             # before the audio encoder runs: the avatar, and a start it can show
             self.pipeline.validate(avatar, start, live_audio=True)
             if start + frames - 1 > INT32_MAX:
@@ -263,38 +291,10 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
 
     # ------------------------------------------------------------------ packages & info
     async def LoadPackage(self, request: pb.LoadPackageRequest, context: Context) -> pb.LoadPackageResponse:
-        """Load or reload a package from inside the packages root (in-band errors)."""
-        t0 = time.perf_counter()
-        try:
-            if not request.package_dir:
-                raise BadRequest("package_dir is required (a folder inside the packages root)")
-            avatar = await self.ctx.store.load(request.package_dir, name=request.package_name or None)
-        except GatewayError as exc:
-            log.warning("LoadPackage %r refused: %s", request.package_dir, exc)
-            return pb.LoadPackageResponse(
-                success=False,
-                package_name=request.package_name,
-                message="package not loaded",
-                error=str(exc),
-                initialization_time_ms=_ms((time.perf_counter() - t0) * 1e3),
-                device=self.ctx.settings.device,
-            )
-        model_ok = self.ctx.lifecycle.snapshot().model_ready(avatar.model)
-        message = (
-            f"avatar {avatar.name!r} loaded: {avatar.video_frames} video frames "
-            f"{avatar.width}x{avatar.height}, {avatar.feature_rows} feature rows; Triton model "
-            f"{avatar.model} " + ("ready" if model_ok else "NOT ready yet (Triton down or loading; retried)")
-        )
-        return pb.LoadPackageResponse(
-            success=True,
-            package_name=avatar.name,
-            message=message,
-            initialization_time_ms=_ms((time.perf_counter() - t0) * 1e3),
-            frame_count=avatar.feature_rows,
-            device=self.ctx.settings.device,
-            videos_loaded=list(VIDEO_TYPES),
-            audio_features_shape=list(avatar.features.shape),
-            memory_mapped_audio=isinstance(avatar.features, np.memmap),
+        """Load or reload a package from inside the packages root (an admin call; in-band
+        errors; replacing an avatar from another folder is refused: `gateway.admin_service`)."""
+        return await load_package_response(
+            self.ctx, request.package_dir, request.package_name, replace=False
         )
 
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
@@ -315,11 +315,11 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         maxs = [t.inference_ms_max for t in stats if t.frames]
         return pb.StatsResponse(
             model_name=request.model_name or ",".join(a.name for a in avatars),
-            total_requests=total,
+            total_requests=int32(total),
             avg_inference_time_ms=ms_sum / total if total else 0.0,
             min_inference_time_ms=min(mins) if mins else 0.0,
             max_inference_time_ms=max(maxs) if maxs else 0.0,
-            frame_count=sum(a.feature_rows for a in avatars),
+            frame_count=int32(sum(a.feature_rows for a in avatars)),
             device=self.ctx.settings.device,
             optimizations_active=list(OPTIMIZATIONS),
         )
@@ -341,7 +341,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         return pb.HealthResponse(
             healthy=ready,
             status=status,
-            loaded_models=len(self.ctx.store),
+            loaded_models=int32(len(self.ctx.store)),
             uptime_seconds=int(self.ctx.uptime_s()),
         )
 
@@ -374,8 +374,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Context
     ) -> pb.GetModelMetadataResponse:
-        """Frame-id range, video types, audio path and every video frame's rectangle
-        (``bounds`` = x1, y1, x2, y2 per video frame, in video-frame order)."""
+        """Frame-id range, video types, audio path (relative to the packages root, never the
+        server's absolute path) and every video frame's rectangle (``bounds`` = x1, y1, x2, y2
+        per video frame, in video-frame order)."""
         try:
             avatar = self.ctx.store.get(request.model_name)
         except GatewayError as exc:
@@ -383,9 +384,9 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         return pb.GetModelMetadataResponse(
             success=True,
             model_name=avatar.name,
-            frame_count=avatar.feature_rows,
+            frame_count=int32(avatar.feature_rows),
             available_videos=list(VIDEO_TYPES),
-            audio_path=str(avatar.audio_path),
+            audio_path=self.ctx.store.display(avatar.audio_path),
             bounds=avatar.rects.astype(np.float32).reshape(-1).tolist(),
         )
 
@@ -450,7 +451,8 @@ class HealthReporter:
 def build_grpc_server(
     ctx: GatewayContext, *, reuse_port: bool = False
 ) -> tuple[grpc.aio.Server, HealthReporter]:
-    """A ``grpc.aio`` server with the lipsync service, health and reflection (not started).
+    """A ``grpc.aio`` server with the lipsync and admin services, health and reflection, every
+    call checked by `gateway.auth.AuthInterceptor` (not started).
 
     ``reuse_port``: bind with ``SO_REUSEPORT``, so several worker processes share the port
     (`gateway.workers`); off for one process, so a port taken by another program is an error.
@@ -466,7 +468,8 @@ def build_grpc_server(
     """
     s = ctx.settings
     server = grpc.aio.server(
-        interceptors=[DecodeGuard(ctx.malformed)],  # every method: undecodable -> INVALID_ARGUMENT
+        # every method: unauthenticated -> refused first, then undecodable -> INVALID_ARGUMENT
+        interceptors=[AuthInterceptor(TokenPolicy.from_settings(s)), DecodeGuard(ctx.malformed)],
         options=[
             ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
             ("grpc.max_send_message_length", s.grpc_max_send_bytes),
@@ -476,12 +479,14 @@ def build_grpc_server(
         maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,
     )
     pbg.add_OptimizedLipSyncServiceServicer_to_server(LipSyncService(ctx), server)
+    admin_pbg.add_OptimizedLipSyncAdminServicer_to_server(AdminService(ctx), server)
     live_pbg.add_LiveLipSyncServicer_to_server(LiveLipSyncService(ctx.live), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
             LIVE_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,

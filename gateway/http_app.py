@@ -63,6 +63,12 @@ Malformed input (a WebSocket message that does not follow the protocol, a text m
 over the size limit, a WebSocket protocol error or refused handshake, an HTTP ``bad_request``,
 a request aiohttp's parser refused: `ServerLog`) is the client's error: it gets its answer and
 is reported to `gateway.malformed` (counted, one log line per peer per interval, no traceback).
+
+Access (`gateway.auth`): with ``LIPSYNC_AUTH_TOKEN`` set, every route needs
+``Authorization: Bearer <token>`` (a WebSocket may send ``?token=`` instead), else 401, except
+``/healthz``, ``/readyz`` (reduced to ``ready`` and a reason code for a caller without the token),
+``/metrics`` and the page's own files. `create_health_app` serves those three alone, for the
+optional plain-HTTP health port. No answer names a server path.
 """
 from __future__ import annotations
 
@@ -72,7 +78,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -83,8 +89,9 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.audio_features import WindowChunks, is_window_length
+from gateway.auth import POLICY_KEY, TokenPolicy, auth_middleware, caller_authenticated, without_token
 from gateway.endpoint_pool import EndpointStatus
-from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar
+from gateway.errors import BadRequest, GatewayError, Overloaded, UnknownAvatar, unexpected
 from gateway.frame_request import FrameOutput, FrameRequest
 from gateway.limits import peer_address
 from gateway.live_ws import serve_live_websocket
@@ -251,9 +258,7 @@ class _WsConnection:
             await self._reply_error(exc, request.frame_id, started)
             return
         except Exception as exc:  # noqa: BLE001 - a bug (the pipeline logged it): answer, keep the connection
-            await self._reply_error(
-                GatewayError(f"{type(exc).__name__}: {exc}"), request.frame_id, started
-            )
+            await self._reply_error(unexpected(exc), request.frame_id, started)
             return
         elapsed_ms = (time.perf_counter() - started) * 1e3
         await self._send(encode_frame_reply(request.frame_id, elapsed_ms, frame.jpeg, frame.rect))
@@ -349,9 +354,9 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
         "output_frames": rows,
         "duration_s": rows / avatar.fps if avatar.fps else 0.0,
         "trained": weights.trained,
-        "weights": {
-            "unet": weights.unet.source,
-            "audio_encoder": weights.audio_encoder.source,
+        "weights": {  # where the weights came from: file names, never the build host's paths
+            "unet": PurePath(weights.unet.source).name,
+            "audio_encoder": PurePath(weights.audio_encoder.source).name,
             "unet_onnx_sha256": weights.unet.onnx_sha256,
         },
         "audio_url": f"/api/avatars/{quote(avatar.name, safe='')}/audio.wav",
@@ -360,7 +365,10 @@ def _avatar_json(avatar: Avatar) -> dict[str, Any]:
 
 
 def _json_error(exc: GatewayError) -> web.Response:
-    return web.json_response({"error": exc.code, "message": exc.message}, status=exc.http_status)
+    # a 401 names the scheme it wants (RFC 7235 s.3.1)
+    headers = {"WWW-Authenticate": 'Bearer realm="lipsync"'} if exc.http_status == 401 else None
+    body = {"error": exc.code, "message": exc.message}
+    return web.json_response(body, status=exc.http_status, headers=headers)
 
 
 @web.middleware
@@ -389,14 +397,15 @@ _PARSER_REFUSED_METHOD = "UNKNOWN"
 
 class AccessLog(AccessLogger):
     """aiohttp's access log (``aiohttp.access``, one INFO line per request), less the requests
-    reported as malformed input: their one rate-limited line is `gateway.malformed`'s."""
+    reported as malformed input (their one rate-limited line is `gateway.malformed`'s), with a
+    ``token`` query parameter's value replaced (`gateway.auth.without_token`)."""
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         if request.get(MALFORMED_KEY) or (
             response.status == 400 and request.method == _PARSER_REFUSED_METHOD
         ):
             return
-        super().log(request, response, time)
+        super().log(without_token(request), response, time)
 
 
 class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -454,8 +463,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when the gateway is ready (docs/GLOSSARY.md), else 503 + reason.
 
-    ``triton`` gives the combined state of the Triton endpoints (`gateway.endpoint_pool`, the
-    state of the one endpoint when there is one): ``server`` (unknown | live | down) and each
+    A caller without the token (when one is set) gets ``{"ready": bool, "reason": code}`` only,
+    the code one of ``triton_restarting``, ``triton_not_ready``, ``models_not_loaded``,
+    ``no_avatar``, ``not_ready`` (null when ready). Otherwise the body also gives the reasons in
+    words, and ``triton`` the combined state of the Triton endpoints (`gateway.endpoint_pool`,
+    the state of the one endpoint when there is one): ``server`` (unknown | live | down) and each
     model's phase (``model_states``); ``server_ready`` and ``models`` (model -> ready) are the
     older, boolean form of the same. ``endpoints`` lists each endpoint's own state
     (`_endpoint_json`).
@@ -467,29 +479,34 @@ async def readyz(request: web.Request) -> web.Response:
     snapshot = ctx.lifecycle.snapshot()
     avatars = ctx.store.names()
     gateway_ready = ctx.ready()
-    reasons: list[str] = []
+    reasons: list[tuple[str, str]] = []  # (code, words)
     supervised = ctx.supervision.reason(gateway_ready) if ctx.supervision is not None else None
     if supervised is not None:
-        reasons.append(supervised)
+        reasons.append(("triton_restarting", supervised))
     if not snapshot.live:
-        reasons.append(
+        reasons.append((
+            "triton_not_ready",
             f"Triton at {snapshot.url} is not ready"
-            + (f" ({snapshot.server_error})" if snapshot.server_error else "")
-        )
+            + (f" ({snapshot.server_error})" if snapshot.server_error else ""),
+        ))
     avatar_models = {a.model for a in ctx.store.avatars()}
     not_loaded = sorted(
         m for m, s in snapshot.models.items() if m in avatar_models and s.phase is not ModelPhase.READY
     )
     if snapshot.live and not_loaded:
-        reasons.append(f"avatar models not loaded in Triton: {', '.join(not_loaded)}")
+        reasons.append(("models_not_loaded", f"avatar models not loaded in Triton: {', '.join(not_loaded)}"))
     if not avatars:
-        reasons.append(f"no avatar loaded from {ctx.store.packages_root}")
+        reasons.append(("no_avatar", "no avatar loaded"))
     ready = gateway_ready and not reasons
     if not ready and not reasons:
-        reasons.append("gateway not ready")
+        reasons.append(("not_ready", "gateway not ready"))
+    status = 200 if ready else 503
+    if not caller_authenticated(request):
+        reduced = {"ready": ready, "reason": reasons[0][0] if reasons else None}
+        return web.json_response(reduced, status=status)
     body = {
         "ready": ready,
-        "reason": "; ".join(reasons) if reasons else None,
+        "reason": "; ".join(words for _, words in reasons) if reasons else None,
         "triton": {
             "url": snapshot.url,
             "server": snapshot.server.value,
@@ -502,7 +519,7 @@ async def readyz(request: web.Request) -> web.Response:
     }
     if ctx.supervision is not None:
         body["triton_supervisor"] = ctx.supervision.to_json(gateway_ready)
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=status)
 
 
 def _endpoint_json(endpoint: EndpointStatus) -> dict[str, Any]:
@@ -537,7 +554,7 @@ async def avatar_audio(request: web.Request) -> web.FileResponse:
     avatar = store.get(request.match_info["name"])
     path = avatar.audio_path
     if not path.is_file():
-        raise UnknownAvatar(f"avatar {avatar.name!r} has no audio file at {path}")
+        raise UnknownAvatar(f"avatar {avatar.name!r} has no audio file")
     return web.FileResponse(path, headers={"Content-Type": "audio/wav"})
 
 
@@ -620,6 +637,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _base_app(ctx: GatewayContext, middlewares: list[Any]) -> web.Application:
+    app = web.Application(middlewares=middlewares)
+    app[CONTEXT_KEY] = ctx
+    app[POLICY_KEY] = TokenPolicy.from_settings(ctx.settings)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
 def create_app(ctx: GatewayContext) -> web.Application:
     """Build the aiohttp application for one gateway.
 
@@ -628,23 +655,26 @@ def create_app(ctx: GatewayContext) -> web.Application:
             metrics); the app only reads it.
 
     Returns:
-        The application; `gateway.server.GatewayServer` runs it with an ``AppRunner``.
+        The application; `gateway.server.GatewayServer` runs it with an ``AppRunner``. Every
+        route passes `gateway.auth.auth_middleware` (module doc).
     """
-    app = web.Application(middlewares=[_errors_as_json])
-    app[CONTEXT_KEY] = ctx
+    app = _base_app(ctx, [_errors_as_json, auth_middleware])
     app[WS_OPEN_KEY] = set()
     app[WS_GATE_KEY] = WsGate(ctx.settings, ctx.metrics)
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/live", live_websocket_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/avatars", list_avatars)
     app.router.add_get("/api/avatars/{name}", get_avatar)
     app.router.add_get("/api/avatars/{name}/audio.wav", avatar_audio)
     app.router.add_get("/api/avatars/{name}/frames/{frame_id}.jpg", avatar_frame)
     app.router.add_get("/api/stats", stats)
-    app.router.add_get("/metrics", metrics)
     app.router.add_get("/static/{name}", static_file)
     return app
+
+
+def create_health_app(ctx: GatewayContext) -> web.Application:
+    """The app of the optional health port (``LIPSYNC_HEALTH_PORT``): ``/healthz``, ``/readyz``
+    (reduced for a caller without the token) and ``/metrics`` only, for probes and Prometheus."""
+    return _base_app(ctx, [_errors_as_json])

@@ -9,11 +9,11 @@ started. The end of the input iterator is the end of input (gRPC half-close, Web
 
 Inside `serve` (one `gateway.live.session.LiveSession` per call):
 
-- the **reader** task takes the next message only once the session accepts audio
-  (`LiveSession.wait_accepts_audio`): a client that sends faster than real time is held back
-  by the transport's own flow control (gRPC window, TCP), at most `LiveSettings.margin_s`
-  plus 0.45 s of lookahead ahead of the wall clock. A control message queued behind audio is
-  therefore read when that audio is; an `interrupt` after a TTS burst waits up to about 1 s;
+- the **reader** task reads every message as it comes while the session holds less than
+  `LiveSettings.max_held_s` of audio beyond its margin (`LiveSession.wait_accepts_audio`), so
+  an `interrupt` behind a TTS burst is read, and takes effect, at once; past that a client
+  that sends faster than real time is held back by the transport's own flow control (gRPC
+  window, TCP);
 - ``start`` resolves the avatar (`AvatarStore.get`; an unknown one is told to this session,
   which may start again) and gives the session an `AvatarRenderer`;
 - a message the transport could not decode (`Refused`) is reported to this session: it comes

@@ -1,11 +1,12 @@
 """``GET /live``: a live session over a WebSocket (wire layout: `gateway.live_ws_protocol`).
 
 The connection's messages are decoded into the session's inputs by a reader generator that
-`gateway.live_service.LiveSessions.serve` pulls only while the session accepts audio, so a
-client sending faster than real time is held back by TCP (aiohttp stops reading the socket
-when its buffer is full). The handler writes each frame as it comes; after the last one it
-closes the connection with 1000. ``{"type": "end"}`` or the client closing ends the input; a
-connection that goes away ends the session (its renders are cancelled).
+`gateway.live_service.LiveSessions.serve` pulls while the session holds less than
+`LiveSettings.max_held_s` of audio ahead, so a client sending faster than real time is held
+back by TCP beyond that (aiohttp stops reading the socket when its buffer is full). The
+handler writes each frame as it comes; after the last one it closes the connection with 1000.
+``{"type": "end"}`` or the client closing ends the input; a connection that goes away ends the
+session (its renders are cancelled).
 """
 from __future__ import annotations
 

@@ -23,11 +23,30 @@ registry (`ModelRegistry`: the gateway's `gateway.endpoint_pool.EndpointPool`, w
 it on every Triton endpoint's `gateway.model_lifecycle.ModelLifecycle`), which loads it
 (explicit model-control mode) and keeps it loaded across Triton restarts. A package whose model
 no live Triton can serve is refused.
+
+Loading rules (issue 11; who may load at all is `gateway.auth`'s job): the avatar name matches
+`lipsync.contract.NAME_PATTERN`; an avatar loaded from one folder is replaced by another folder
+only with ``replace=True`` (reloading it from its own folder needs no flag); one package folder is
+served under one name only (another name would hold a second copy of its frames); the frames of
+all avatars stay under ``max_avatar_bytes``; loads run one at a time, and a cancelled load stops
+reading and hashing at its next step. Messages name package folders relative to the packages
+root, never as absolute server paths.
+
+The cap with gateway workers (``--workers N``): each worker applies ``max_avatar_bytes`` to its
+own avatars, which are the same in every worker, counting what that worker holds or maps
+(`frame_bytes`), memory-mapped or not. So the cap bounds one worker's avatars; the machine holds
+the memory-mapped arrays (frames; crops too with a `CropCache`) once in the page cache for all
+workers, and crops computed into RAM (no cache) once per worker.
+
+Sharing with gateway workers (`share_changes`): a load or unload made on request in one worker
+is made by every other worker before the call returns, and by every worker started later
+(`gateway.worker`, `gateway.workers`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +59,27 @@ from numpy.typing import NDArray
 from gateway.crop_cache import CropCache, FaceCrops, compute_crops
 from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
 from gateway.model_lifecycle import LifecycleSnapshot
-from lipsync.contract import MANIFEST_NAME
+from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME, NAME_PATTERN, is_avatar_name
 from lipsync.frames import pingpong_index
-from lipsync.package import AvatarPackage, PackageError, load_package
+from lipsync.package import (
+    AvatarPackage,
+    PackageError,
+    PackageManifest,
+    load_package,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+def frame_bytes(video_frames: int, height: int, width: int) -> int:
+    """Bytes of an avatar's frames in this process's memory: the full frames uint8
+    ``[N, H, W, 3]`` plus the crops ``[N, 328, 328, 3]`` and inner crops ``[N, 320, 320, 3]``
+    (`prepare_avatar`), counted whole whether they are in RAM or memory-mapped (module doc: the
+    cap with workers); the memory-mapped audio features are not counted."""
+    return video_frames * 3 * (height * width + CROP_SIZE * CROP_SIZE + INNER_SIZE * INNER_SIZE)
 
 
 class ModelRegistry(Protocol):
@@ -153,13 +188,23 @@ class Avatar:
         """Video frame shown for ``frame_id`` (ping-pong, docs/REFERENCE.md s.2 step 9)."""
         return pingpong_index(frame_id, self.video_frames)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of frames and crops this avatar holds or maps (`frame_bytes`)."""
+        return int(self.package.frames.nbytes + self.crops.nbytes + self.inners.nbytes)
+
     def rect(self, video_index: int) -> tuple[float, float, float, float]:
         """Crop rectangle ``(x1, y1, x2, y2)`` of a video frame, px as floats."""
         x1, y1, x2, y2 = (float(v) for v in self.rects[video_index])
         return (x1, y1, x2, y2)
 
 
-def prepare_avatar(package: AvatarPackage, name: str | None = None, crops: FaceCrops | None = None) -> Avatar:
+def prepare_avatar(
+    package: AvatarPackage,
+    name: str | None = None,
+    crops: FaceCrops | None = None,
+    cancel: threading.Event | None = None,
+) -> Avatar:
     """Make an `Avatar` of a loaded package with its per-frame crops (CPU work, no Triton).
 
     Args:
@@ -167,6 +212,7 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None, crops: FaceC
         name: name to serve it under (default: ``manifest.name``).
         crops: its crops from a `gateway.crop_cache.CropCache` (default: computed here,
             `gateway.crop_cache.compute_crops`).
+        cancel: when set (by another thread), stop before the next frame (`LoadCancelled`).
 
     Returns:
         An `Avatar` with ``crops`` uint8 ``[N, 328, 328, 3]`` and ``inners`` uint8
@@ -177,10 +223,10 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None, crops: FaceC
     """
     t0 = time.perf_counter()
     if crops is None:
-        crops = compute_crops(package)
+        crops = compute_crops(package, cancel)
     features = package.features
     if features.ndim != 2 or features.shape[0] == 0:
-        raise PackageRejected(f"package {package.root} has features of shape {list(features.shape)}")
+        raise PackageRejected(f"package {package.name!r} has features of shape {list(features.shape)}")
     return Avatar(
         name=name or package.manifest.name,
         model=package.manifest.model_name,
@@ -193,14 +239,18 @@ def prepare_avatar(package: AvatarPackage, name: str | None = None, crops: FaceC
     )
 
 
-class LoadSharing(Protocol):
-    """Where a store reports the packages loaded on request (`AvatarStore.share_loads`): the
-    link of a gateway worker to its supervisor, which has every other worker load them too
-    (`gateway.worker`)."""
+class ChangeSharing(Protocol):
+    """Where a store reports the avatars loaded and unloaded on request
+    (`AvatarStore.share_changes`): the link of a gateway worker to its supervisor, which has
+    every other worker, and every worker started later, make the same change (`gateway.worker`)."""
 
-    async def loaded(self, package_dir: Path, name: str | None) -> None:
-        """``package_dir`` (resolved) was loaded under ``name`` (None: its manifest's); returns
-        once the other workers have it too."""
+    async def loaded(self, package_dir: Path, name: str) -> None:
+        """``package_dir`` (resolved) was loaded as avatar ``name``; returns once the other
+        workers serve it too."""
+        ...
+
+    async def unloaded(self, name: str) -> None:
+        """Avatar ``name`` was unloaded; returns once the other workers stopped serving it too."""
         ...
 
 
@@ -213,25 +263,33 @@ class AvatarStore:
         lifecycle: the model registry (None: no model registration, for offline use).
         crop_cache: where the avatars' crops are computed once and memory-mapped from (None:
             each avatar's crops are computed into this process's RAM).
+        max_avatar_bytes: cap on `Avatar.held_bytes` summed over the avatars (None: no cap).
     """
 
     def __init__(
-        self, packages_root: Path, lifecycle: ModelRegistry | None, crop_cache: CropCache | None = None
+        self,
+        packages_root: Path,
+        lifecycle: ModelRegistry | None,
+        crop_cache: CropCache | None = None,
+        max_avatar_bytes: int | None = None,
     ) -> None:
         self.packages_root = Path(packages_root).resolve()
+        self.max_avatar_bytes = max_avatar_bytes
         self._lifecycle = lifecycle
         self._crop_cache = crop_cache
-        self._sharing: LoadSharing | None = None
+        self._sharing: ChangeSharing | None = None
         self._avatars: dict[str, Avatar] = {}
         self._aliases: dict[str, str] = {}
         self._subscribers: list[Callable[[], None]] = []
+        self._loading = asyncio.Lock()
 
     def subscribe(self, subscriber: Callable[[], None]) -> None:
         """Call ``subscriber()`` after every change of the set of avatars."""
         self._subscribers.append(subscriber)
 
-    def share_loads(self, sharing: LoadSharing) -> None:
-        """From now on, tell ``sharing`` of every `load` with ``share=True`` (the default)."""
+    def share_changes(self, sharing: ChangeSharing) -> None:
+        """From now on, tell ``sharing`` of every `load` and `unload` with ``share=True`` (the
+        default)."""
         self._sharing = sharing
 
     # ------------------------------------------------------------------ lookup
@@ -264,73 +322,202 @@ class AvatarStore:
         return name in self._avatars or name in self._aliases
 
     # ------------------------------------------------------------------ loading
+    def display(self, path: Path) -> str:
+        """``path`` as callers may see it: relative to the packages root (POSIX), never the
+        server's absolute path."""
+        try:
+            return Path(path).relative_to(self.packages_root).as_posix()
+        except ValueError:
+            return "<outside the packages root>"
+
+    def _redact(self, message: str) -> str:
+        """``message`` with the packages root's absolute path taken out (loader messages)."""
+        root = str(self.packages_root)
+        return message.replace(root + "/", "").replace(root, "<packages root>")
+
     def resolve_package_dir(self, package_dir: str | Path) -> Path:
         """Resolve a package path (relative paths are relative to the packages root).
 
         Raises:
-            PackageRejected: the path resolves outside the packages root, or is not a folder
+            PackageRejected: the path cannot name a file (NUL byte, a component too long for
+                the file system), resolves outside the packages root, or is not a folder
                 holding a ``manifest.json``.
         """
-        raw = Path(package_dir)
-        candidate = raw if raw.is_absolute() else self.packages_root / raw
-        resolved = candidate.resolve()
-        if resolved == self.packages_root or not resolved.is_relative_to(self.packages_root):
+        try:
+            raw = Path(package_dir)
+            candidate = raw if raw.is_absolute() else self.packages_root / raw
+            resolved = candidate.resolve()
+            inside = resolved != self.packages_root and resolved.is_relative_to(self.packages_root)
+            is_package = inside and (resolved / MANIFEST_NAME).is_file()
+        except (ValueError, OSError) as exc:  # "embedded null byte", ENAMETOOLONG, ELOOP, ...
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise PackageRejected(
-                f"package_dir {str(package_dir)!r} resolves to {resolved}, which is not inside "
-                f"the packages root {self.packages_root}"
+                f"package_dir {str(package_dir)[:200]!r} is not a usable path: {reason}"
+            ) from None
+        if not inside:
+            raise PackageRejected(
+                f"package_dir {str(package_dir)[:200]!r} is not inside the packages root"
             )
-        if not (resolved / MANIFEST_NAME).is_file():
-            raise PackageRejected(f"{resolved} is not an avatar package (no {MANIFEST_NAME})")
+        if not is_package:
+            raise PackageRejected(f"{self.display(resolved)!r} is not an avatar package (no {MANIFEST_NAME})")
         return resolved
 
-    async def load(self, package_dir: str | Path, name: str | None = None, *, share: bool = True) -> Avatar:
-        """Load (or reload) one package and register its model with Triton.
+    async def load(
+        self,
+        package_dir: str | Path,
+        name: str | None = None,
+        *,
+        replace: bool = False,
+        share: bool = True,
+    ) -> Avatar:
+        """Load (or reload) one package and register its model with Triton (module doc: rules).
 
-        Loading and precomputation run in a worker thread; the event loop keeps serving.
+        Loading and precomputation run in a worker thread; the event loop keeps serving. Loads
+        run one at a time. Cancelling the call stops the worker at its next step (between files,
+        hashed chunks, arrays, frames).
 
         Args:
             package_dir: path of the package, absolute or relative to the packages root.
             name: name to serve it under (default: the manifest's name).
-            share: tell the `LoadSharing` given to `share_loads`, if any, and wait until the
-                other workers have the package too (False for what every worker loads by
-                itself: `load_all`, and the loads another worker shared).
+            replace: allow replacing an avatar of that name loaded from another folder.
+            share: tell the `ChangeSharing` given to `share_changes`, if any, and wait until
+                the other workers have the package too (False for what every worker loads by
+                itself: `load_all`, and the changes another worker shared).
 
         Returns:
             The new `Avatar`, serving when this returns (if Triton is down, its model is
             loaded by the monitor once Triton is back).
 
         Raises:
-            PackageRejected: path outside the root, the loader's `PackageError`, or a live
+            PackageRejected: path outside the root or unusable, a name not matching
+                `NAME_PATTERN`, a replacement without ``replace``, the folder already served
+                under another name, the cap exceeded, the loader's `PackageError`, or a live
                 Triton that cannot load the avatar's model.
         """
-        path = self.resolve_package_dir(package_dir)
-        t0 = time.perf_counter()
+        async with self._loading:
+            path = self.resolve_package_dir(package_dir)
+            t0 = time.perf_counter()
+            cancel = threading.Event()
 
-        def _load() -> Avatar:
+            def _load(manifest: PackageManifest) -> Avatar:
+                package = load_package(path, cancel=cancel)
+                if package.manifest != manifest:
+                    raise PackageError("the package changed while it was loaded; load it again")
+                crops = self._crop_cache.crops(package, cancel) if self._crop_cache is not None else None
+                return prepare_avatar(package, name or manifest.name, crops, cancel)
+
             try:
-                package = load_package(path)
+                manifest = await asyncio.to_thread(read_manifest, path)
+                serve_as = name or manifest.name
+                self._check_load(path, serve_as, replace=replace)
+                self._check_cap(serve_as, frame_bytes(manifest.frame_count, manifest.height, manifest.width))
+                avatar = await asyncio.to_thread(_load, manifest)
+            except asyncio.CancelledError:
+                cancel.set()  # the worker stops at its next check
+                log.info("loading %s cancelled by the caller", self.display(path))
+                raise
             except PackageError as exc:
-                raise PackageRejected(f"package {path} rejected: {exc}") from exc
-            crops = self._crop_cache.crops(package) if self._crop_cache is not None else None
-            return prepare_avatar(package, name, crops)
-
-        avatar = await asyncio.to_thread(_load)
-        if self._lifecycle is not None:
-            await self._register_model(self._lifecycle, avatar, path)
-        avatar.init_ms = (time.perf_counter() - t0) * 1e3
-        self._avatars[avatar.name] = avatar
-        self._aliases[avatar.model] = avatar.name
+                raise PackageRejected(
+                    f"package {self.display(path)!r} rejected: {self._redact(str(exc))}"
+                ) from exc
+            if self._lifecycle is not None:
+                await self._register_model(self._lifecycle, avatar, path)
+            avatar.init_ms = (time.perf_counter() - t0) * 1e3
+            old = self._avatars.get(avatar.name)
+            self._avatars[avatar.name] = avatar
+            if old is not None and old.model != avatar.model:
+                self._release_model(old.model)
+            self._aliases[avatar.model] = avatar.name
         for subscriber in self._subscribers:
             subscriber()
         log.info(
-            "avatar %r loaded from %s: %d video frames %dx%d, %d feature rows, model %s (%.0f ms)",
+            "avatar %r loaded from %s: %d video frames %dx%d, %d feature rows, model %s (%.0f ms, %.0f MiB)",
             avatar.name, path, avatar.video_frames, avatar.width, avatar.height,
-            avatar.feature_rows, avatar.model, avatar.init_ms,
+            avatar.feature_rows, avatar.model, avatar.init_ms, avatar.held_bytes / MiB,
         )
         if not avatar.trained:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
         if share and self._sharing is not None:
-            await self._sharing.loaded(path, name)
+            await self._sharing.loaded(path, avatar.name)
+        return avatar
+
+    def _check_load(self, path: Path, name: str, *, replace: bool) -> None:
+        """The name and replacement rules of `load` (module doc).
+
+        Raises:
+            PackageRejected: with the rule broken and how to proceed.
+        """
+        if not is_avatar_name(name):
+            raise PackageRejected(
+                f"package_name {name[:100]!r} is not a valid avatar name: letters, digits, '_' and "
+                f"'-', 1-63 characters, starting with a letter or digit ({NAME_PATTERN})"
+            )
+        existing = self._avatars.get(name)
+        if existing is not None and existing.package.root != path and not replace:
+            raise PackageRejected(
+                f"avatar {name!r} is already served from {self.display(existing.package.root)!r}; "
+                f"loading {self.display(path)!r} under that name replaces it for every client: "
+                "call OptimizedLipSyncAdmin.LoadPackage with replace=true to do so"
+            )
+        for other in self._avatars.values():
+            if other.name != name and other.package.root == path:
+                raise PackageRejected(
+                    f"package {self.display(path)!r} is already served as avatar {other.name!r}; "
+                    f"serving it as {name!r} too would hold a second copy of its frames "
+                    f"({other.held_bytes / MiB:.0f} MiB): use the name {other.name!r}"
+                )
+
+    def _check_cap(self, name: str, new_bytes: int) -> None:
+        """Refuse an avatar whose frames would take the total past ``max_avatar_bytes`` (an avatar
+        of the same name it replaces does not count).
+
+        Raises:
+            PackageRejected: with the sizes and the setting.
+        """
+        cap = self.max_avatar_bytes
+        if cap is None:
+            return
+        held = sum(a.held_bytes for a in self._avatars.values() if a.name != name)
+        if held + new_bytes > cap:
+            raise PackageRejected(
+                f"avatar {name!r} needs {new_bytes / MiB:.1f} MiB of frames in memory; the other "
+                f"avatars hold {held / MiB:.1f} MiB and the cap is {cap / MiB:.1f} MiB "
+                "(LIPSYNC_MAX_AVATAR_BYTES): unload an avatar or raise the cap"
+            )
+
+    def _release_model(self, model: str) -> None:
+        """Forget Triton model ``model`` (its alias, its registration) unless an avatar still
+        serves it."""
+        if any(a.model == model for a in self._avatars.values()):
+            return
+        self._aliases.pop(model, None)
+        if self._lifecycle is not None:
+            self._lifecycle.unregister(model)
+
+    async def unload(self, name: str, *, share: bool = True) -> Avatar:
+        """Stop serving the avatar ``name`` (frames in flight finish; its memory is freed once
+        they are done). Its Triton model stays loaded in Triton but is no longer required for
+        readiness, unless another avatar uses it.
+
+        Args:
+            name: the avatar (its Triton model name works too).
+            share: tell the `ChangeSharing` given to `share_changes`, if any, and wait until the
+                other workers stopped serving it too (False for a change another worker shared).
+
+        Returns:
+            The avatar removed.
+
+        Raises:
+            UnknownAvatar: no avatar of that name (its Triton model name works too).
+        """
+        avatar = self.get(name)
+        del self._avatars[avatar.name]
+        self._release_model(avatar.model)
+        for subscriber in self._subscribers:
+            subscriber()
+        log.info("avatar %r unloaded (%.0f MiB of frames released)", avatar.name, avatar.held_bytes / MiB)
+        if share and self._sharing is not None:
+            await self._sharing.unloaded(avatar.name)
         return avatar
 
     async def _register_model(self, lifecycle: ModelRegistry, avatar: Avatar, path: Path) -> None:
@@ -352,7 +539,7 @@ class AvatarStore:
             status = state.models.get(model)
             why = status.error if status is not None and status.error else "not ready"
             raise PackageRejected(
-                f"package {path}: Triton at {lifecycle.url} cannot serve its model "
+                f"package {self.display(path)!r}: Triton cannot serve its model "
                 f"{model!r} ({why}); export it into the model repository first "
                 "(`lipsync export model-repo`)"
             )

@@ -155,6 +155,8 @@ class TritonGrpcClient:
         probe_timeout_s: deadline of ``server_live``, ``model_ready``, ``max_batch_size`` (s).
         load_timeout_s: deadline of ``load_model`` (s).
         control_key: the model-control key sent with ``load_model`` (None: none; module doc).
+        tls: connect with TLS (`gateway.tls.triton_endpoint`).
+        tls_ca: PEM file of the CAs Triton's certificate is checked against (None: the system's).
 
     Create it inside the running event loop; `close` it at the end.
     """
@@ -167,6 +169,8 @@ class TritonGrpcClient:
         probe_timeout_s: float = 1.0,
         load_timeout_s: float = 120.0,
         control_key: str | None = None,
+        tls: bool = False,
+        tls_ca: str | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
@@ -175,7 +179,9 @@ class TritonGrpcClient:
         self._control_headers = (
             {GRPC_RESTRICTED_PREFIX + CONTROL_KEY_HEADER: control_key} if control_key else None
         )
-        self._client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+        self._client = grpcclient.InferenceServerClient(
+            url, ssl=tls, root_certificates=tls_ca, channel_args=_CHANNEL_ARGS
+        )
 
     async def close(self) -> None:
         """Close the channel (calls in flight fail)."""

@@ -7,12 +7,16 @@ worker shares, so the kernel spreads new connections over the workers. What it s
 others goes through the supervisor, over one `multiprocessing` pipe, as the messages below:
 
 - to the supervisor: `Serving` once its ports are bound (or `StartFailed`), `Readiness` at
-  every change of the gateway's readiness, `Loaded` after a ``LoadPackage`` it served (it waits
-  for `Replicated` before answering, so every worker serves the avatar once the call returns),
-  `LoadResult` for each `Load` it applied;
-- from the supervisor: `Load` (a package another worker loaded on request), `Replicated`,
+  every change of the gateway's readiness, `Changed` after a ``LoadPackage`` or
+  ``UnloadPackage`` it served (it waits for `Replicated` before answering, so every worker
+  serves the same avatars once the call returns), `Applied` for each `Apply` it applied;
+- from the supervisor: `Apply` (a change another worker made on request), `Replicated`,
   `SupervisorUpdate` (``lipsync up``: the Triton supervisor's status, for /readyz and /metrics,
   `RelayedSupervisorView`).
+
+A worker applies another worker's load with ``replace`` (the worker that served the call
+checked the replacement rule), and a started worker applies the supervisor's journal
+(`WorkerSpec.changes`) after the packages root, before it binds the ports.
 
 Its metrics go to files in the supervisor's ``PROMETHEUS_MULTIPROC_DIR`` (`gateway.metrics`),
 which it sets before any metric exists. It stops gracefully on SIGTERM (the supervisor's stop:
@@ -32,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from gateway.metrics import MULTIPROC_ENV
 from lipsync.triton_supervisor import StatusCallback, SupervisorStatus
@@ -51,11 +55,33 @@ START_FAILED_EXIT = 3
 # ------------------------------------------------------------------------------- messages
 @dataclass(frozen=True)
 class SharedLoad:
-    """A package loaded on request: its resolved folder and the name asked for (None: the
-    manifest's)."""
+    """A package loaded on request: its resolved folder and the avatar name it serves under."""
 
     package_dir: str
-    name: str | None
+    name: str
+
+
+@dataclass(frozen=True)
+class SharedUnload:
+    """An avatar unloaded on request."""
+
+    name: str
+
+
+SharedChange: TypeAlias = SharedLoad | SharedUnload
+"""A change of the served avatars made on request, which every worker makes."""
+
+
+async def apply_change(store: AvatarStore, change: SharedChange) -> None:
+    """Make ``change`` (another worker's) in this worker's ``store``, not shared again.
+
+    Raises:
+        gateway.errors.GatewayError: the store refused it (e.g. `UnknownAvatar`, `PackageRejected`).
+    """
+    if isinstance(change, SharedLoad):
+        await store.load(change.package_dir, change.name, replace=True, share=False)
+    else:
+        await store.unload(change.name, share=False)
 
 
 @dataclass(frozen=True)
@@ -67,8 +93,8 @@ class WorkerSpec:
         settings: the gateway settings, with the shared ports already chosen (never 0).
         grace_s: how long in-flight requests get when it stops (s).
         metrics_dir: the workers' ``PROMETHEUS_MULTIPROC_DIR``.
-        loads: the packages loaded on request so far, in order (a restarted worker loads them
-            after the packages root).
+        changes: the journal of avatars loaded and unloaded on request so far, in order (a
+            started worker applies it after the packages root).
         triton_status: the Triton supervisor's status under ``lipsync up``, else None.
     """
 
@@ -76,7 +102,7 @@ class WorkerSpec:
     settings: GatewaySettings
     grace_s: float
     metrics_dir: str
-    loads: tuple[SharedLoad, ...] = ()
+    changes: tuple[SharedChange, ...] = ()
     triton_status: SupervisorStatus | None = None
 
 
@@ -102,16 +128,17 @@ class Readiness:
 
 
 @dataclass(frozen=True)
-class Loaded:
-    """Worker -> supervisor: it loaded a package on request; answer with `Replicated`."""
+class Changed:
+    """Worker -> supervisor: it loaded or unloaded an avatar on request; answer with
+    `Replicated`."""
 
     request_id: int
-    load: SharedLoad
+    change: SharedChange
 
 
 @dataclass(frozen=True)
 class Replicated:
-    """Supervisor -> worker: every other worker applied the `Loaded` ``request_id``; the
+    """Supervisor -> worker: every other worker applied the `Changed` ``request_id``; the
     failures, one line each (none expected: they read the same files)."""
 
     request_id: int
@@ -119,16 +146,16 @@ class Replicated:
 
 
 @dataclass(frozen=True)
-class Load:
-    """Supervisor -> worker: load this package (another worker did); answer `LoadResult`."""
+class Apply:
+    """Supervisor -> worker: make this change (another worker did); answer `Applied`."""
 
     request_id: int
-    load: SharedLoad
+    change: SharedChange
 
 
 @dataclass(frozen=True)
-class LoadResult:
-    """Worker -> supervisor: the `Load` ``request_id`` was applied (error: why not)."""
+class Applied:
+    """Worker -> supervisor: the `Apply` ``request_id`` was made (error: why not)."""
 
     request_id: int
     error: str | None
@@ -169,9 +196,9 @@ class RelayedSupervisorView:
 class SupervisorLink:
     """The worker's end of its pipe, read on the event loop (`loop.add_reader`).
 
-    `loaded` is the store's `gateway.store.LoadSharing`; `Load` messages wait in a queue until
-    `apply_loads` starts applying them (after the worker's own start-up loads, so the order of
-    loads is the supervisor's).
+    It is the store's `gateway.store.ChangeSharing` (`loaded`, `unloaded`); `Apply` messages
+    wait in a queue until `apply_changes` starts applying them (after the worker's own start-up
+    loads, so the order of changes is the supervisor's).
 
     Args:
         conn: the pipe.
@@ -193,7 +220,7 @@ class SupervisorLink:
         self._timeout_s = replicate_timeout_s
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Replicated]] = {}
-        self._loads: asyncio.Queue[Load] = asyncio.Queue()
+        self._changes: asyncio.Queue[Apply] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._applier: asyncio.Task[None] | None = None
         self._loop.add_reader(conn.fileno(), self._readable)
@@ -217,8 +244,8 @@ class SupervisorLink:
     def _dispatch(self, message: object) -> None:
         if isinstance(message, SupervisorUpdate) and self.supervisor_view is not None:
             self.supervisor_view.update(message.status)
-        elif isinstance(message, Load):
-            self._loads.put_nowait(message)
+        elif isinstance(message, Apply):
+            self._changes.put_nowait(message)
         elif isinstance(message, Replicated):
             future = self._waiting.pop(message.request_id, None)
             if future is not None and not future.done():
@@ -226,41 +253,47 @@ class SupervisorLink:
         else:
             log.warning("unexpected message from the supervisor: %r", message)
 
-    async def loaded(self, package_dir: Path, name: str | None) -> None:
-        """`gateway.store.LoadSharing`: have the other workers load it; wait until they did
-        (at most ``replicate_timeout_s``; a failure or the timeout is logged)."""
+    async def loaded(self, package_dir: Path, name: str) -> None:
+        """`gateway.store.ChangeSharing`: have the other workers load it; wait until they did."""
+        await self._share(SharedLoad(str(package_dir), name))
+
+    async def unloaded(self, name: str) -> None:
+        """`gateway.store.ChangeSharing`: have the other workers unload it; wait until they did."""
+        await self._share(SharedUnload(name))
+
+    async def _share(self, change: SharedChange) -> None:
+        """Send `Changed`; wait for `Replicated` (at most ``replicate_timeout_s``; a failure or
+        the timeout is logged)."""
         request_id = next(self._ids)
         future: asyncio.Future[Replicated] = self._loop.create_future()
         self._waiting[request_id] = future
-        self.send(Loaded(request_id, SharedLoad(str(package_dir), name)))
+        self.send(Changed(request_id, change))
         try:
             done = await asyncio.wait_for(future, self._timeout_s)
         except TimeoutError:
-            log.warning(
-                "%s: the other workers did not confirm the load within %.0f s", package_dir, self._timeout_s
-            )
+            log.warning("%s: the other workers did not confirm it within %.0f s", change, self._timeout_s)
             return
         finally:
             self._waiting.pop(request_id, None)
         for failure in done.failures:
-            log.warning("%s: %s", package_dir, failure)
+            log.warning("%s: %s", change, failure)
 
-    def apply_loads(self, store: AvatarStore) -> None:
-        """Start applying the `Load` messages to ``store`` (in order, one at a time)."""
+    def apply_changes(self, store: AvatarStore) -> None:
+        """Start applying the `Apply` messages to ``store`` (in order, one at a time)."""
         self._applier = asyncio.ensure_future(self._apply(store))
 
     async def _apply(self, store: AvatarStore) -> None:
         from gateway.errors import GatewayError
 
         while True:
-            message = await self._loads.get()
+            message = await self._changes.get()
             error = None
             try:
-                await store.load(message.load.package_dir, message.load.name, share=False)
+                await apply_change(store, message.change)
             except GatewayError as exc:
                 error = f"worker {os.getpid()}: {exc}"
-                log.warning("shared load of %s failed: %s", message.load.package_dir, exc)
-            self.send(LoadResult(message.request_id, error))
+                log.warning("shared %s failed: %s", message.change, exc)
+            self.send(Applied(message.request_id, error))
 
     def close(self) -> None:
         """Stop reading and applying."""
@@ -302,17 +335,18 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     link = SupervisorLink(conn, stop.set, spec.triton_status, spec.settings.triton_load_timeout_s)
 
-    async def load_shared(ctx: GatewayContext) -> None:
-        """Before the ports are bound: what the others loaded on request before we started."""
-        for shared in spec.loads:
+    async def apply_journal(ctx: GatewayContext) -> None:
+        """Before the ports are bound: what the others loaded and unloaded on request before
+        this worker started."""
+        for change in spec.changes:
             try:
-                await ctx.store.load(shared.package_dir, shared.name, share=False)
+                await apply_change(ctx.store, change)
             except GatewayError as exc:
-                log.warning("shared load of %s failed: %s", shared.package_dir, exc)
+                log.warning("shared %s failed: %s", change, exc)
 
     server = GatewayServer(
         spec.settings, grace_s=spec.grace_s, supervisor=link.supervisor_view, reuse_port=True,
-        before_serving=load_shared,
+        before_serving=apply_journal,
     )
     try:
         try:
@@ -321,8 +355,8 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> int:
             link.send(StartFailed(f"worker {spec.index} could not start: {exc}"))
             return START_FAILED_EXIT
         assert server.ctx is not None
-        server.ctx.store.share_loads(link)
-        link.apply_loads(server.ctx.store)
+        server.ctx.store.share_changes(link)
+        link.apply_changes(server.ctx.store)
         server.ctx.watch_ready(lambda ready: link.send(Readiness(ready)))
         link.send(Serving(os.getpid()))
         await stop.wait()

@@ -2,12 +2,15 @@
 the ones that die, stops them all gracefully.
 
 Process model: the supervisor is the ``lipsync gateway`` (or ``lipsync up``) process itself; it
-serves nothing. It picks the ports once (port 0 becomes a free port) and keeps them reserved
+serves nothing. It picks the ports once (gRPC, HTTP, and the health port when
+``LIPSYNC_HEALTH_PORT`` is set; port 0 becomes a free port) and keeps them reserved
 with a bound, not listening, ``SO_REUSEPORT`` socket each, so a restarted worker always gets
 them back; each worker (`gateway.worker`, started with `multiprocessing`'s *spawn*: a fresh
 interpreter, no state copied from here) is a whole gateway bound to them with ``SO_REUSEPORT``
 (gRPC ``grpc.so_reuseport`` = 1, aiohttp ``reuse_port``), and the kernel spreads new
 connections over the listening workers. A connection stays with the worker that accepted it.
+Every worker gets the one `GatewaySettings` (ports filled in), so TLS, tokens and limits are the
+same in each; every limit is per worker.
 
 Each worker slot goes through these states (`WorkerState`)::
 
@@ -33,9 +36,12 @@ workers see their pipe close and stop): the next supervisor's start removes the 
 supervisors that no longer run (`remove_stale_metrics_dirs`).
 
 Shared state, through the pipes (`gateway.worker`): metrics are aggregated from the files in a
-fresh ``PROMETHEUS_MULTIPROC_DIR`` (`gateway.metrics`); a package one worker loads on request
-(``LoadPackage``) is loaded by every other worker before the call returns, and by every worker
-started later; under ``lipsync up`` the Triton supervisor's status is relayed to every worker.
+fresh ``PROMETHEUS_MULTIPROC_DIR`` (`gateway.metrics`); an avatar one worker loads or unloads on
+request (``LoadPackage``, ``UnloadPackage``) is loaded or unloaded by every other worker before
+the call returns, and by every worker started later: the supervisor keeps the journal of these
+changes, the last one per avatar name, in order, and a restarted worker replays it after loading
+the packages root (so an avatar unloaded on request stays unloaded); under ``lipsync up`` the
+Triton supervisor's status is relayed to every worker.
 """
 from __future__ import annotations
 
@@ -58,13 +64,13 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.config import GatewaySettings
 from gateway.worker import (
-    Load,
-    Loaded,
-    LoadResult,
+    Applied,
+    Apply,
+    Changed,
     Readiness,
     Replicated,
     Serving,
-    SharedLoad,
+    SharedChange,
     StartFailed,
     SupervisorUpdate,
     WorkerSpec,
@@ -195,7 +201,7 @@ class WorkerSlot:
 
 @dataclass
 class _Replication:
-    """A `Loaded` being applied by the other workers."""
+    """A `Changed` being applied by the other workers."""
 
     origin: WorkerSlot
     request_id: int
@@ -258,10 +264,11 @@ class WorkerSupervisor:
         self.slots = [WorkerSlot(i + 1) for i in range(settings.workers)]
         self.grpc_port = 0
         self.http_port = 0
+        self.health_port: int | None = None
         self.metrics_dir = ""
         self.gave_up_message: str | None = None
         self._reserved: list[socket.socket] = []
-        self._loads: list[SharedLoad] = []
+        self._changes: list[SharedChange] = []
         self._replications: dict[int, _Replication] = {}
         self._next_request = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -291,9 +298,12 @@ class WorkerSupervisor:
         s = self.settings
         self.phase = SupervisorPhase.STARTING
         try:
-            for port in (s.grpc_port, s.http_port):
-                self._reserved.append(reserve_port(s.host, port))
-            self.grpc_port, self.http_port = (sock.getsockname()[1] for sock in self._reserved)
+            for port in (s.grpc_port, s.http_port, s.health_port):
+                if port is not None:
+                    self._reserved.append(reserve_port(s.host, port))
+            bound = [int(sock.getsockname()[1]) for sock in self._reserved]
+            self.grpc_port, self.http_port = bound[:2]
+            self.health_port = bound[2] if s.health_port is not None else None
             for stale in remove_stale_metrics_dirs():
                 log.info("removed the metrics folder of a supervisor that no longer runs: %s", stale)
             # fresh: nothing stale in it
@@ -370,13 +380,13 @@ class WorkerSupervisor:
 
     # ------------------------------------------------------------------ one slot
     def _spec(self, slot: WorkerSlot) -> WorkerSpec:
-        settings = self.settings.model_copy(update={"grpc_port": self.grpc_port, "http_port": self.http_port})
+        ports = {"grpc_port": self.grpc_port, "http_port": self.http_port, "health_port": self.health_port}
         return WorkerSpec(
             index=slot.index,
-            settings=settings,
+            settings=self.settings.model_copy(update=ports),
             grace_s=self.grace_s,
             metrics_dir=self.metrics_dir,
-            loads=tuple(self._loads),
+            changes=tuple(self._changes),
             triton_status=self.triton.status() if self.triton is not None else None,
         )
 
@@ -493,10 +503,10 @@ class WorkerSupervisor:
             slot.ready = message.ready
         elif isinstance(message, StartFailed):
             slot.start_error = message.message
-        elif isinstance(message, Loaded):
+        elif isinstance(message, Changed):
             self._replicate(slot, message)
-        elif isinstance(message, LoadResult):
-            self._load_applied(slot, message)
+        elif isinstance(message, Applied):
+            self._applied(slot, message)
         else:
             log.warning("unexpected message from worker %d: %r", slot.index, message)
         self._changed.set()
@@ -512,21 +522,22 @@ class WorkerSupervisor:
         for slot in self.slots:
             self._send(slot, SupervisorUpdate(status))
 
-    def _replicate(self, origin: WorkerSlot, loaded: Loaded) -> None:
-        """A worker loaded a package on request: every other running worker loads it too, and
-        every worker started from now on (the journal)."""
-        if loaded.load in self._loads:
-            self._loads.remove(loaded.load)
-        self._loads.append(loaded.load)
+    def _replicate(self, origin: WorkerSlot, changed: Changed) -> None:
+        """A worker loaded or unloaded an avatar on request: every other running worker makes
+        the change too, and every worker started from now on (the journal keeps the last change
+        of each avatar name, in order)."""
+        change = changed.change
+        self._changes = [c for c in self._changes if c.name != change.name]
+        self._changes.append(change)
         self._next_request += 1
         others = [s for s in self.slots if s is not origin and s.conn is not None]
-        replication = _Replication(origin, loaded.request_id, {s.index for s in others})
+        replication = _Replication(origin, changed.request_id, {s.index for s in others})
         self._replications[self._next_request] = replication
         for slot in others:
-            self._send(slot, Load(self._next_request, loaded.load))
+            self._send(slot, Apply(self._next_request, change))
         self._check_replicated(self._next_request)
 
-    def _load_applied(self, slot: WorkerSlot, result: LoadResult) -> None:
+    def _applied(self, slot: WorkerSlot, result: Applied) -> None:
         replication = self._replications.get(result.request_id)
         if replication is None:
             return

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import threading
 import wave
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -65,6 +66,16 @@ DEFAULT_FILES: dict[str, str] = {
 class PackageError(Exception):
     """A package that is missing, corrupt, incomplete or inconsistent; the message says which
     file, what was expected and what was found."""
+
+
+class LoadCancelled(PackageError):
+    """`load_package` stopped because its ``cancel`` event was set (its caller went away)."""
+
+
+def check_cancel(cancel: threading.Event | None, where: str) -> None:
+    """Raise `LoadCancelled` if ``cancel`` is set; ``where`` says how far the work got."""
+    if cancel is not None and cancel.is_set():
+        raise LoadCancelled(f"loading cancelled {where}")
 
 
 class _Strict(BaseModel):
@@ -205,11 +216,19 @@ class AvatarPackage:
         return self.manifest.feature_rows
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20, cancel: threading.Event | None = None) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks.
+
+    Raises:
+        LoadCancelled: ``cancel`` was set (checked before every chunk).
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
+        while True:
+            check_cancel(cancel, f"while hashing {Path(path).name}")
+            block = fh.read(chunk_bytes)
+            if not block:
+                break
             digest.update(block)
     return digest.hexdigest()
 
@@ -290,6 +309,19 @@ def _confined(root: Path, rel: str, key: str) -> Path:
 # loader
 
 
+def read_manifest(path: Path | str) -> PackageManifest:
+    """The validated manifest of a package folder, without reading its data files (what a
+    caller checks before committing to a load: name, frame count and size).
+
+    Raises:
+        PackageError: no folder, no or invalid `manifest.json`.
+    """
+    given = Path(path)
+    if not given.is_dir():
+        raise PackageError(f"package folder not found: {given}")
+    return _read_manifest(given.resolve())
+
+
 def _read_manifest(root: Path) -> PackageManifest:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -364,7 +396,9 @@ def _same_file(before: os.stat_result, after: os.stat_result) -> bool:
     )
 
 
-def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPackage:
+def load_package(
+    path: Path | str, *, verify_checksums: bool = True, cancel: threading.Event | None = None
+) -> AvatarPackage:
     """Load and validate an avatar package folder.
 
     Rectangles and landmarks are read into RAM (read-only arrays); `frames.npy` and
@@ -384,9 +418,12 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
     Args:
         path: the package folder.
         verify_checksums: hash every file against the manifest (default; about 1 s per GB).
+        cancel: when set (by another thread), the load stops at the next check: between files,
+            between 1 MiB chunks of hashing, between arrays.
 
     Raises:
         PackageError: with the file, what was expected and what was found.
+        LoadCancelled: ``cancel`` was set.
     """
     given = Path(path)
     if not given.is_dir():
@@ -408,7 +445,7 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
                 f"{entry.path}: expected {entry.size_bytes} bytes (manifest), found {size} bytes"
             )
         if verify_checksums:
-            digest = sha256_file(file_path)
+            digest = sha256_file(file_path, cancel=cancel)
             if digest != entry.sha256:
                 raise PackageError(
                     f"{entry.path}: checksum mismatch: manifest sha256 {entry.sha256}, file has {digest}"
@@ -428,6 +465,7 @@ def load_package(path: Path | str, *, verify_checksums: bool = True) -> AvatarPa
     arrays: dict[str, NDArray[Any]] = {}
     for key, (dtype, shape) in _expected_shapes(m).items():
         where = getattr(m.files, key).path
+        check_cancel(cancel, f"before reading {where}")
         try:
             arr = np.load(
                 files[key], mmap_mode="r" if key in MEMORY_MAPPED else None, allow_pickle=False

@@ -9,7 +9,8 @@ Fixtures live in plugin modules owned by the area that provides them:
 The fast tier is ``python -m pytest -m "not slow"``: every test that needs a real
 ``tritonserver``, the demo build, an ONNX export, the PyTorch UNet or Chromium is marked
 ``slow`` here, from the fixtures it uses (`SLOW_FIXTURES`), its ``triton`` / ``browser`` marker
-or its module (`SLOW_MODULES`). The gateway's logic is
+or its module (`SLOW_MODULES`); fuzz and memory tests of tens of seconds carry the marker
+themselves. The gateway's logic is
 covered there through the in-process fake Triton (`tests/fake_triton.py`).
 """
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import ssl
 import threading
 import time
 import urllib.error
@@ -110,8 +111,14 @@ def make_packages_root(demo_root: Path, dest: Path) -> Path:
     return dest
 
 
+ADMIN_TOKEN = "test-admin-token-0f1e2d3c4b5a"
+"""The admin token of the test gateways (admin calls: LoadPackage)."""
+ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+"""gRPC metadata of an admin call to a test gateway."""
+
+
 def gateway_settings(triton_url: str, packages_root: Path, **overrides: Any) -> GatewaySettings:
-    """Test settings: loopback, free ports, JPEG quality 95, plus ``overrides``."""
+    """Test settings: loopback, free ports, JPEG quality 95, `ADMIN_TOKEN`, plus ``overrides``."""
     values: dict[str, Any] = dict(
         triton_url=triton_url,
         host="127.0.0.1",
@@ -119,6 +126,7 @@ def gateway_settings(triton_url: str, packages_root: Path, **overrides: Any) -> 
         http_port=0,
         packages_root=packages_root,
         jpeg_quality=95,
+        admin_token=ADMIN_TOKEN,
     )
     values.update(overrides)
     return GatewaySettings(**values)
@@ -161,17 +169,24 @@ class WorkersGateway:
 
     Args:
         process: the running ``lipsync gateway``.
-        settings: the settings it runs with (its ports included).
+        settings: the settings it runs with (its ports included; with TLS and a client token,
+            `stats` uses them).
         tmp_dir: its ``TMPDIR``, where its supervisor makes the workers' metrics folder
             (``lipsync-metrics-*``, removed at stop: `stop` asserts it); None: not checked.
+        client_ssl: what `stats` trusts when it serves TLS.
     """
 
     def __init__(
-        self, process: GatewayProcess, settings: GatewaySettings, tmp_dir: Path | None = None
+        self,
+        process: GatewayProcess,
+        settings: GatewaySettings,
+        tmp_dir: Path | None = None,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.process = process
         self.settings = settings
         self.tmp_dir = tmp_dir
+        self.client_ssl = client_ssl
 
     def metrics_dirs(self) -> list[Path]:
         """The ``lipsync-metrics-*`` folders in its ``TMPDIR`` now ([] when not known)."""
@@ -189,8 +204,9 @@ class WorkersGateway:
 
     @property
     def http_url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the shared HTTP port."""
-        return f"http://127.0.0.1:{self.process.http}"
+        """``http(s)://127.0.0.1:PORT`` of the shared HTTP port."""
+        scheme = "https" if self.settings.tls_cert is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.process.http}"
 
     def worker_pids(self) -> list[int]:
         """Process ids of its workers now."""
@@ -198,7 +214,10 @@ class WorkersGateway:
 
     def stats(self) -> dict[str, Any]:
         """``/api/stats`` on a new connection (so from whichever worker the kernel picks)."""
-        with urllib.request.urlopen(f"{self.http_url}/api/stats", timeout=10) as resp:
+        token = self.settings.auth_token
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+        request = urllib.request.Request(f"{self.http_url}/api/stats", headers=headers)
+        with urllib.request.urlopen(request, timeout=10, context=self.client_ssl) as resp:
             return dict(json.load(resp))
 
     def wait_ready(self, timeout_s: float = _START_TIMEOUT_S) -> list[int]:
@@ -242,20 +261,29 @@ def _state(pid: int) -> str:
 
 
 def start_workers_gateway(
-    tmp_path: Path, triton_url: str, packages_root: Path, workers: int
+    tmp_path: Path,
+    triton_url: str,
+    packages_root: Path,
+    workers: int,
+    client_ssl: ssl.SSLContext | None = None,
+    **overrides: Any,
 ) -> WorkersGateway:
     """Start ``lipsync gateway --workers N`` with `gateway_settings` (free ports, JPEG quality
-    95, ``TMPDIR`` a fresh ``tmp_path/tmp``) and wait until every worker is ready."""
+    95, `ADMIN_TOKEN`, ``TMPDIR`` a fresh ``tmp_path/tmp``) plus ``overrides`` (settings
+    values, passed as ``LIPSYNC_*`` variables) and wait until every worker is ready
+    (``client_ssl``: what it trusts when it serves TLS)."""
     tmp_dir = tmp_path / "tmp"
     tmp_dir.mkdir()
+    env = {**ENV, "TMPDIR": str(tmp_dir), "LIPSYNC_ADMIN_TOKEN": ADMIN_TOKEN}
+    env.update({f"LIPSYNC_{key.upper()}": str(value) for key, value in overrides.items()})
     process = start_gateway_process(
-        tmp_path, triton_url, packages_root, {**ENV, "TMPDIR": str(tmp_dir)},
-        "--workers", str(workers), "--jpeg-quality", "95",
+        tmp_path, triton_url, packages_root, env, "--workers", str(workers), "--jpeg-quality", "95"
     )
     settings = gateway_settings(
-        triton_url, packages_root, grpc_port=process.grpc_port, http_port=process.http, workers=workers
+        triton_url, packages_root, grpc_port=process.grpc_port, http_port=process.http, workers=workers,
+        **overrides,
     )
-    running = WorkersGateway(process, settings, tmp_dir)
+    running = WorkersGateway(process, settings, tmp_dir, client_ssl)
     try:
         running.wait_ready()
         assert len(running.metrics_dirs()) == 1, f"one metrics folder while serving: {running.metrics_dirs()}"

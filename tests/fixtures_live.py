@@ -3,6 +3,9 @@
 - `FakeClock`: simulated time for `gateway.live.clock.Clock` (tests advance it explicitly);
 - `RecordingRenderer`: a `Renderer` that records what it was asked and can fail or hang on
   chosen slots (the real renderer, the gateway's frame pipeline, is tested with Triton);
+- `FixedLatencyRenderer`, `BatchingRenderer`: renderers slower than real time on the
+  simulated clock: `c` workers of a fixed latency, or a Triton-like model instance whose
+  dynamic batches take longer the larger they are;
 - `OrtEncoder` / `ort_encoder`: the untrained AVE audio encoder exported to ONNX (seed 0) and
   run in-process by ONNX Runtime, behind the `AudioEncoder` interface;
 - `speech_path` / `speech_pcm16`: real LibriVox speech.
@@ -93,6 +96,73 @@ class RecordingRenderer:
     async def idle_frame(self, slot: int, video_frame: int) -> RenderedFrame:
         self.idle_calls.append((slot, video_frame))
         return RenderedFrame(f"idle:{slot}".encode(), (1.0, 2.0, 3.0, 4.0))
+
+
+class FixedLatencyRenderer(RecordingRenderer):
+    """Speaking frames take `latency_s` each on the simulated clock, at most `concurrency` at
+    once (`concurrency` workers); a cancelled render frees its worker.
+
+    Attributes:
+        rendered: renders that completed.
+    """
+
+    def __init__(self, clock: FakeClock, latency_s: float, concurrency: int = 1) -> None:
+        super().__init__()
+        self.clock, self.latency_s = clock, latency_s
+        self._workers = asyncio.Semaphore(concurrency)
+        self.rendered = 0
+
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
+        self.speaking_calls.append((slot, video_frame))
+        async with self._workers:
+            await self.clock.sleep_until(self.clock.now() + self.latency_s)
+        self.rendered += 1
+        return RenderedFrame(f"speaking:{slot}".encode(), (1.0, 2.0, 3.0, 4.0))
+
+
+class BatchingRenderer(RecordingRenderer):
+    """A Triton-like renderer on the simulated clock: one model instance with dynamic batching.
+
+    When idle, the instance takes every queued request (at most `max_batch`) as one execution
+    lasting `per_frame_s` x its size (the CPU profile's cost grows about linearly with the
+    batch). A request cancelled while queued leaves the queue; one cancelled while its batch
+    executes is computed anyway (Triton cannot stop an execution) and thrown away.
+
+    Attributes:
+        executions: the batch size of each execution, in order.
+        thrown_away: frames computed for requests already cancelled.
+    """
+
+    def __init__(self, clock: FakeClock, per_frame_s: float, max_batch: int = 8) -> None:
+        super().__init__()
+        self.clock, self.per_frame_s, self.max_batch = clock, per_frame_s, max_batch
+        self._queue: list[tuple[int, asyncio.Future[RenderedFrame]]] = []
+        self._instance_task: asyncio.Task[None] | None = None
+        self.executions: list[int] = []
+        self.thrown_away = 0
+
+    async def render_speaking(
+        self, slot: int, video_frame: int, window: NDArray[np.float32]
+    ) -> RenderedFrame:
+        self.speaking_calls.append((slot, video_frame))
+        request: asyncio.Future[RenderedFrame] = asyncio.get_running_loop().create_future()
+        self._queue.append((slot, request))
+        if self._instance_task is None or self._instance_task.done():
+            self._instance_task = asyncio.ensure_future(self._instance())
+        return await request
+
+    async def _instance(self) -> None:
+        while queued := [(slot, r) for slot, r in self._queue if not r.done()]:
+            batch, self._queue = queued[: self.max_batch], queued[self.max_batch :]
+            self.executions.append(len(batch))
+            await self.clock.sleep_until(self.clock.now() + self.per_frame_s * len(batch))
+            for slot, request in batch:
+                if request.done():
+                    self.thrown_away += 1
+                else:
+                    request.set_result(RenderedFrame(f"speaking:{slot}".encode(), (1.0, 2.0, 3.0, 4.0)))
 
 
 class OrtEncoder:

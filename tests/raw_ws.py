@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -129,8 +130,13 @@ class RawWebSocket:
         head, _, rest = data.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
         if status != 101:
+            # read the body by its Content-Length: the server keeps the connection open, so
+            # reading "until more comes" would wait for the socket's timeout
+            match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            length = int(match.group(1)) if match else 0
             with contextlib.suppress(OSError):
-                rest += sock.recv(65536)
+                while len(rest) < length and (chunk := sock.recv(65536)):
+                    rest += chunk
             sock.close()
             raise UpgradeRefused(status, rest)
         accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())

@@ -31,6 +31,7 @@ def _librosa_mel(wav: NDArray[np.float32]) -> NDArray[np.float64]:
     return np.clip(8 * (s_db + 100) / 100 - 4, -4, 4)
 
 
+@pytest.mark.slow  # imports librosa (numba JIT): ~20 s on 2 cores
 def test_filterbank_matches_librosa_slaney() -> None:
     ref = librosa.filters.mel(
         sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600, htk=False, norm="slaney"

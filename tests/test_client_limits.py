@@ -73,6 +73,7 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, wha
 # ----------------------------------------------------------------------------- WebSocket
 
 
+@pytest.mark.slow  # 1,000 requests never read, RSS sampled: ~13 s
 def test_websocket_client_that_never_reads_leaves_memory_bounded(make_package: Callable[..., Path]) -> None:
     """Defect 3: 1,000 requests from a client that never reads. Before: every reply was queued
     in the gateway (the frame's slot was given back before the send), ~200 KB each."""

@@ -56,11 +56,6 @@ CONTROL_KEY_VAR = "LIPSYNC_TRITON_CONTROL_KEY"
 TEST_CONTROL_KEY = "5f0c2d9e8b7a6f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7c"
 """A key of the shape `openssl rand -hex 32` makes, put into the env file the tests use."""
 
-PENDING_GATEWAY_SETTINGS = {CONTROL_KEY_VAR}
-"""Gateway settings the deployment already passes whose GatewaySettings fields are being added
-on another branch (issue 11: the gateway sends the key on Triton's model-repository calls).
-Remove a name here once its field is on main."""
-
 RESTRICTED_FLAG = re.compile(
     r"--(?P<flag>grpc-restricted-protocol|http-restricted-api)="
     r"(?P<protocols>[a-z,-]+):(?P<header>[A-Za-z0-9-]+)=(?P<key>.+)"
@@ -219,7 +214,6 @@ def test_gateway_environment_names_real_settings() -> None:
     few read elsewhere), so a typo cannot silently fall back to a default."""
     known = {f"LIPSYNC_{name.upper()}" for name in GatewaySettings.model_fields}
     known |= {"LIPSYNC_PACKAGES_DIR", "LIPSYNC_CACHE_DIR", "LIPSYNC_LOG_LEVEL"}  # lipsync.paths, .log
-    known |= PENDING_GATEWAY_SETTINGS
     compose_env = set(compose_config()["services"]["gateway"]["environment"])
     docker_env = {k for k in dockerfile().envs if k.startswith("LIPSYNC_")}
     assert compose_env - known == set()

@@ -341,6 +341,7 @@ def manifest_mutations(draw: st.DrawFn, original: str) -> bytes:
     return json.dumps(doc).encode()
 
 
+@pytest.mark.slow  # writes and loads hundreds of packages: ~30 s
 def test_mutated_manifests_give_package_error(valid_package: Path, tmp_path: Path) -> None:
     """A mutated ``manifest.json`` (the data files intact) loads or raises `PackageError`."""
     original = (valid_package / MANIFEST_NAME).read_text()

@@ -78,7 +78,7 @@ def speech_pcm(seconds: float) -> bytes:
 def test_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
     subprocess.run(["bash", str(REPO_ROOT / "proto" / "generate.sh"), str(tmp_path)], check=True,
                    env={**os.environ, "PYTHON": sys.executable})
-    for name in (f"{proto}{suffix}" for proto in ("lipsync", "live")
+    for name in (f"{proto}{suffix}" for proto in ("lipsync", "live", "admin")
                  for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")):
         assert filecmp.cmp(tmp_path / name, REPO_ROOT / "proto" / name, shallow=False), (
             f"proto/{name} is stale: run proto/generate.sh and commit"

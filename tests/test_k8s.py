@@ -34,7 +34,6 @@ from gateway.config import GatewaySettings
 from lipsync.paths import REPO_ROOT
 from tests.test_deploy import (
     CONTROL_KEY_VAR,
-    PENDING_GATEWAY_SETTINGS,
     RESTRICTED_FLAG,
     compose_config,
     restricted_flags,
@@ -53,9 +52,6 @@ SECRET_ENV = {
     "LIPSYNC_ADMIN_TOKEN": ("lipsync-gateway-tokens", "admin-token"),
 }
 """Environment variables that carry secrets: (Secret name, key) they must be read from."""
-
-PENDING_SETTINGS = PENDING_GATEWAY_SETTINGS | {"LIPSYNC_AUTH_TOKEN", "LIPSYNC_ADMIN_TOKEN"}
-"""Gateway settings passed here whose GatewaySettings fields come with issue 11 (tokens)."""
 
 TRITON_GPU_START_S = 900
 """The longest first start of a GPU Triton (TensorRT engine builds), docker-compose.yml's
@@ -431,7 +427,7 @@ def test_secrets_are_referenced_never_inlined(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gateway_environment_names_real_settings(overlay: str) -> None:
     known = {f"LIPSYNC_{name.upper()}" for name in GatewaySettings.model_fields}
-    known |= {"LIPSYNC_PACKAGES_DIR", "LIPSYNC_CACHE_DIR", "LIPSYNC_LOG_LEVEL"} | PENDING_SETTINGS
+    known |= {"LIPSYNC_PACKAGES_DIR", "LIPSYNC_CACHE_DIR", "LIPSYNC_LOG_LEVEL"}
     assert set(env_of(container(overlay, "gateway"))) - known == set()
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -209,6 +211,41 @@ def test_interrupt_makes_the_next_frame_idle(
         assert not any(f.speaking for f in after)
 
     on_server(make_package, body, live={"render_timeout_s": 5.0})
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_interrupt_behind_a_tts_burst_is_read_at_once(
+    make_package: Callable[..., Path], transport: Transport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 s of speech sent at once in 20 ms messages, `interrupt` 0.5 s later: the server reads
+    it at once (it reads on while holding the audio beyond its margin; it used to read 20 ms
+    per 20 ms played, so the interrupt came after the burst had nearly played, ~7 s), the next
+    frame is idle, and the held speech is dropped: the session ends after ~2 s of slots, not
+    8 s."""
+    read_at: list[tuple[float, int]] = []  # when the server read the interrupt, frames sent then
+    original = LiveSession.interrupt
+
+    def interrupt(self: LiveSession) -> None:
+        read_at.append((time.monotonic(), self.sent))
+        original(self)
+
+    monkeypatch.setattr(LiveSession, "interrupt", interrupt)
+    burst = np.concatenate([speech_pcm16(p) for p in speech_paths()])[: 8 * 16000].astype("<i2").tobytes()
+
+    async def body(server: GatewayServer, fake: FakeTriton) -> None:
+        script: list[Step] = [Audio(burst[i : i + 640], paced=False) for i in range(0, len(burst), 640)]
+        script += [Pause(0.5), Command("interrupt"), Pause(1.0)]
+        record = await run_session(transport, address(server, transport), AVATAR, 16000, script)
+        check_slots(record)
+        assert len(read_at) == 1
+        read, sent = read_at[0]
+        assert read - record.commands_at["interrupt"] < 1.0
+        assert any(f.speaking for f in record.slots[:sent])
+        after = record.slots[sent:]
+        assert after and not any(f.speaking or f.late for f in after)
+        assert len(record.slots) < 25 * 3
+
+    on_server(make_package, body)
 
 
 def test_live_service_in_health_and_reflection(make_package: Callable[..., Path]) -> None:

@@ -1,9 +1,11 @@
 """Live sessions end to end: the gateway against the real CPU tritonserver, real LibriVox
 speech, both transports (the issue's "Done when" list).
 
-The gateway here gives renders and audio encoding a long deadline (30 s): this 2-core CPU
-renders ~10 UNet frames/s, slower than the 25 fps of speech, and the tests assert what the
-session does (slots, speaking frames, Triton calls), not how fast; pacing under overload is
+The gateway here gives renders and audio encoding a long deadline (120 s): this 2-core CPU
+renders ~10 UNet frames/s when idle and 1-3 frames/s under the load of the shared machine
+(load average 6-12), slower than the 25 fps of speech, so 3 s of speech takes up to a minute
+to render; the tests assert what the session does (slots, speaking frames, Triton calls), not
+how fast. Pacing under overload (late slots, the render admission) is
 `tests/test_live_session.py`'s and `perf/live_load.py`'s. "The stream closes within 2 s of the
 end of input" is asserted as: within 2 s of the later of the end of input and the last speaking
 frame (the CPU finishes rendering the speech after the input has ended).
@@ -50,7 +52,7 @@ def live_gateway(
     )
     running = RunningGateway(
         gateway_settings(
-            triton_server.grpc_url, root, live=LiveSettings(render_timeout_s=30.0, encoder_timeout_s=30.0)
+            triton_server.grpc_url, root, live=LiveSettings(render_timeout_s=120.0, encoder_timeout_s=120.0)
         )
     ).start()
     try:
@@ -135,7 +137,7 @@ def test_interrupt_during_speech(live_gateway: RunningGateway, monkeypatch: pyte
 
     def interrupt(self: LiveSession) -> None:
         read_at.append(self.sent)
-        speaking_in_flight.append(sum(slot.speaking for slot in self._slots))
+        speaking_in_flight.append(self.speaking_in_flight)
         original(self)
 
     monkeypatch.setattr(LiveSession, "interrupt", interrupt)

@@ -24,6 +24,7 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import fake_settings
 from tests.fake_triton import fake_triton
+from tests.fixtures_gateway import ADMIN_METADATA, ADMIN_TOKEN
 from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
 
 AVATAR = "synthetic"
@@ -73,7 +74,8 @@ def run_on_server(make_package: Callable[..., Path], body: Callable[[GatewayServ
     fake = fake_triton(f"lipsync_{AVATAR}", loaded=("audio_encoder",))
 
     async def run() -> None:
-        server = GatewayServer(fake_settings(root, fake), grace_s=0.5, triton_client=fake)
+        settings = fake_settings(root, fake, admin_token=ADMIN_TOKEN)  # admin methods decode too
+        server = GatewayServer(settings, grace_s=0.5, triton_client=fake)
         await server.start()
         try:
             await body(server)  # type: ignore[misc]
@@ -131,8 +133,9 @@ def test_undecodable_grpc_messages_get_invalid_argument_on_every_method(
                 method, client_streaming, server_streaming, _ = methods[k % len(methods)]
                 good_first = "StreamInference" in method and k % 3 == 0  # answers, then the status
                 async with sem:
+                    bad = UNDECODABLE[k % len(UNDECODABLE)]
                     got = await send_undecodable(channel, method, client_streaming, server_streaming,
-                                                 UNDECODABLE[k % len(UNDECODABLE)], good_first)
+                                                 bad, good_first, ADMIN_METADATA)
                 return method, good_first, got
 
             results = await asyncio.gather(*(one(k) for k in range(MESSAGES)))

@@ -5,9 +5,9 @@ The gateway is the fast tier's (the in-process fake Triton, `tests.fake_gateway`
 of its own on 127.0.0.1. The fuzzers send from 127.0.0.1:
 
 - gRPC (5,000 calls): to every method of every service the gateway serves (the seed service,
-  live sessions, health, reflection), each request random bytes, a valid request, or a valid
-  one mutated (bytes flipped, cut, inserted, truncated, extended); streaming methods get 1-3
-  such messages;
+  admin, live sessions, health, reflection; with the admin token, which allows every call),
+  each request random bytes, a valid request, or a valid one mutated (bytes flipped, cut,
+  inserted, truncated, extended); streaming methods get 1-3 such messages;
 - WebSocket (5,000 messages) on ``/ws`` and ``/live``: random bytes, valid and mutated frame
   requests, random and JSON-ish text, messages over the size limits, and whole frames with a
   broken WebSocket header (bad opcodes, reserved bits, unmasked, lengths that lie).
@@ -88,9 +88,14 @@ STREAMS: dict[str, Callable[[random.Random], bytes]] = {
     ]).SerializeToString(),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": lambda r: b"\x3a\x00",  # list_services
 }
-RANDOM_ONLY = (SEED + "LoadPackage", WATCH)
-"""Methods sent random bytes only: a valid LoadPackage would load avatars (an admin call), a
-valid Watch streams until its deadline."""
+ADMIN = "/optimized_lipsyncsrv.OptimizedLipSyncAdmin/"
+ADMIN_TOKEN = "fuzz-admin-token-7c1d9e2f"
+"""The fuzzed gateway's ``LIPSYNC_ADMIN_TOKEN``, sent on every gRPC call so that admin methods
+are decoded too (it allows every call; without it they are refused before decoding)."""
+RANDOM_ONLY = (SEED + "LoadPackage", ADMIN + "LoadPackage", ADMIN + "UnloadPackage", WATCH)
+"""Methods sent random bytes only: a valid LoadPackage / UnloadPackage would load or unload
+avatars (admin calls), a valid Watch streams until its deadline."""
+AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 CLIENT_RACE = "Internal error from Core"
 """What the gRPC client library reports (as INTERNAL) when it is still writing a stream's next
@@ -150,15 +155,20 @@ async def fuzz_grpc(address: str, rng: random.Random, count: int, workers: int =
         try:
             if method in STREAMS:
                 messages = [grpc_message(r, STREAMS[method]) for _ in range(r.randint(1, 3))]
-                async for _ in channel.stream_stream(method, **RAW)(iter(messages), timeout=DEADLINE_S):
+                stream = channel.stream_stream(method, **RAW)(
+                    iter(messages), timeout=DEADLINE_S, metadata=AUTH
+                )
+                async for _ in stream:
                     pass
             elif method == WATCH:
-                watch = channel.unary_stream(method, **RAW)(grpc_message(r, None), timeout=WATCH_DEADLINE_S)
+                watch = channel.unary_stream(method, **RAW)(
+                    grpc_message(r, None), timeout=WATCH_DEADLINE_S, metadata=AUTH
+                )
                 async for _ in watch:
                     pass
             else:
                 message = grpc_message(r, VALID.get(method))
-                await channel.unary_unary(method, **RAW)(message, timeout=DEADLINE_S)
+                await channel.unary_unary(method, **RAW)(message, timeout=DEADLINE_S, metadata=AUTH)
             codes["OK"] += 1
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and method != WATCH:
@@ -266,13 +276,15 @@ def fuzz_ws_frames(port: int, rng: random.Random, count: int) -> Counter[str]:
     return outcomes
 
 
+@pytest.mark.slow  # 10,000 messages over real sockets: ~15 s
 @pytest.mark.timeout(240)
 def test_network_fuzz(make_package: Callable[..., Path], tmp_path: Path) -> None:
     frames = np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8)
     root = make_package(name=AVATAR, frames=frames).parent
     rng = random.Random(20_251_101)
     started = time.monotonic()
-    with FakeGatewayProcess(root, log_path=tmp_path / "gateway.log") as gateway:
+    env = {"LIPSYNC_ADMIN_TOKEN": ADMIN_TOKEN}
+    with FakeGatewayProcess(root, env, log_path=tmp_path / "gateway.log") as gateway:
         good = [GrpcStreamingClient(gateway.grpc_address, AVATAR),
                 WsStreamingClient("127.0.0.1", gateway.http_port, AVATAR, source="127.0.0.2")]
         time.sleep(1.0)

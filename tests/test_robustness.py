@@ -30,8 +30,9 @@ from gateway.audio_features import CHUNK_BYTES
 from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
+from tests.fixtures_gateway import ADMIN_METADATA, ADMIN_TOKEN
 from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
-from tests.up_process import start_gateway_process
+from tests.up_process import ENV, start_gateway_process
 
 AVATAR = "demo"
 
@@ -106,7 +107,11 @@ def test_bad_frames_in_a_stream_do_not_break_it(stub: Any) -> None:
 @pytest.mark.triton
 @pytest.mark.parametrize("package_dir", ["/tmp", "..", "../../etc", "demo/../..", "/", ""])
 def test_load_package_outside_root_is_refused(stub: Any, gateway_server: Any, package_dir: str) -> None:
-    r = stub.LoadPackage(pb.LoadPackageRequest(package_name="evil", package_dir=package_dir), timeout=30)
+    r = stub.LoadPackage(
+        pb.LoadPackageRequest(package_name="evil", package_dir=package_dir),
+        metadata=ADMIN_METADATA,
+        timeout=30,
+    )
     assert not r.success and r.HasField("error")
     if package_dir:
         assert r.error.startswith("package_rejected: ") and "not inside the packages root" in r.error, r.error
@@ -124,7 +129,11 @@ def test_load_package_symlink_escaping_root_is_refused(
     link = root / "escape"
     link.symlink_to(Path(demo_package.root).resolve(), target_is_directory=True)  # a real package, outside
     try:
-        r = stub.LoadPackage(pb.LoadPackageRequest(package_name="escape", package_dir="escape"), timeout=30)
+        r = stub.LoadPackage(
+            pb.LoadPackageRequest(package_name="escape", package_dir="escape"),
+            metadata=ADMIN_METADATA,
+            timeout=30,
+        )
     finally:
         link.unlink()
     assert not r.success and "not inside the packages root" in r.error
@@ -136,11 +145,15 @@ def test_load_package_not_a_package_and_reload(stub: Any, gateway_server: Any, d
     root = Path(gateway_server.settings.packages_root)
     (root / "empty").mkdir(exist_ok=True)
     try:
-        r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="empty"), timeout=30)
+        r = stub.LoadPackage(
+            pb.LoadPackageRequest(package_dir="empty"), metadata=ADMIN_METADATA, timeout=30
+        )
     finally:
         (root / "empty").rmdir()
     assert not r.success and "is not an avatar package (no manifest.json)" in r.error
-    r = stub.LoadPackage(pb.LoadPackageRequest(package_name=AVATAR, package_dir="demo"), timeout=120)
+    r = stub.LoadPackage(
+        pb.LoadPackageRequest(package_name=AVATAR, package_dir="demo"), metadata=ADMIN_METADATA, timeout=120
+    )
     assert r.success, r.error
     m = demo_package.features.shape[0]
     assert r.package_name == AVATAR and r.frame_count == m and list(r.audio_features_shape) == [m, 512]
@@ -157,7 +170,9 @@ def test_load_package_whose_model_triton_lacks_is_refused(
     root = Path(gateway_server.settings.packages_root)
     folder = make_package(name="nomodel", root=root)  # valid package; no lipsync_nomodel in Triton
     try:
-        r = stub.LoadPackage(pb.LoadPackageRequest(package_dir="nomodel"), timeout=120)
+        r = stub.LoadPackage(
+            pb.LoadPackageRequest(package_dir="nomodel"), metadata=ADMIN_METADATA, timeout=120
+        )
     finally:
         shutil.rmtree(folder)
     assert not r.success and r.error.startswith("package_rejected: "), r.error
@@ -388,7 +403,8 @@ def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
     well-behaved client streams frames: every answer is INVALID_ARGUMENT naming the method,
     the process's log (Python and gRPC core, stdout and stderr) grows by fewer than 50 lines,
     /metrics counts 500, and the well-behaved client gets every frame."""
-    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root)
+    env = {**ENV, "LIPSYNC_ADMIN_TOKEN": ADMIN_TOKEN}  # the admin methods decode too
+    gateway = start_gateway_process(tmp_path, triton_server.grpc_url, gateway_packages_root, env)
     http, grpc_port, log_path, proc = gateway.http, gateway.grpc_port, gateway.log_path, gateway.proc
 
     def get(path: str) -> tuple[int, str]:
@@ -425,7 +441,7 @@ def test_undecodable_grpc_flood_costs_the_gateway_process_a_few_log_lines(
                 async with sem:
                     bad = UNDECODABLE[k % len(UNDECODABLE)]
                     _, code, details = await send_undecodable(
-                        channel, method, client_streaming, server_streaming, bad, False
+                        channel, method, client_streaming, server_streaming, bad, False, ADMIN_METADATA
                     )
                 return method, code, details
 

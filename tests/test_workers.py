@@ -1,8 +1,9 @@
 """``lipsync gateway --workers 2`` against the real CPU tritonserver and the demo avatar: the
 kernel spreads connections of both protocols over both workers, metrics and stats add up over
-them, a package loaded on request is served by every worker (a restarted one included), a
-killed worker is restarted and the counts survive it, SIGTERM leaves no process behind. Without
-Triton (a synthetic package): the workers stop when their supervisor is SIGKILLed.
+them, a package loaded and an avatar unloaded on request are so in every worker (a restarted one
+included), a killed worker is restarted and the counts survive it, SIGTERM leaves no process
+behind; TLS, the client token and the health port work with two workers. Without Triton (a
+synthetic package): the workers stop when their supervisor is SIGKILLed.
 
 The protocol tests themselves run against two workers through `served_gateway`
 (`tests/fixtures_gateway.py`)."""
@@ -15,6 +16,7 @@ import shutil
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +29,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.workers import METRICS_DIR_PREFIX, remove_stale_metrics_dirs
 from gateway.ws_protocol import FrameReply, decode_reply, encode_request
+from lipsync.triton_local import free_ports
+from proto import admin_pb2 as admin_pb
+from proto import admin_pb2_grpc as admin_pbg
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_gateway import (
+    ADMIN_METADATA,
     WorkersGateway,
     gateway_settings,
     make_packages_root,
     start_workers_gateway,
 )
+from tests.test_security import CLIENT_TOKEN, bearer, client_ssl, grpc_credentials
+from tests.tls_files import make_tls_files
 from tests.up_process import ENV, GatewayProcess, start_gateway_process, start_up, worker_pids
 
 AVATAR = "demo"
@@ -61,8 +69,13 @@ def infer(stub: Any, avatar: str, frame_id: int) -> Any:
     return stub.GenerateInference(request, timeout=60)
 
 
-def established(pid: int, port: int) -> int:
-    """Established TCP connections process ``pid`` holds on local ``port`` (from /proc)."""
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"
+"""Socket states in /proc/net/tcp."""
+
+
+def established(pid: int, port: int, state: str = TCP_ESTABLISHED) -> int:
+    """TCP sockets in ``state`` (default: established connections) process ``pid`` holds on
+    local ``port`` (from /proc)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -76,7 +89,7 @@ def established(pid: int, port: int) -> int:
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+            if local_port == port and fields[3] == state and fields[9] in inodes:
                 count += 1
     return count
 
@@ -162,20 +175,27 @@ def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gate
 
 
 @pytest.mark.triton
-def test_a_loaded_package_and_the_counts_survive_a_killed_worker(workers_gateway: WorkersGateway) -> None:
+def test_load_unload_and_the_counts_survive_a_killed_worker(workers_gateway: WorkersGateway) -> None:
     gw = workers_gateway
     root = gw.settings.packages_root
     shutil.copytree(root / AVATAR, root / "extra")  # not there at start: only LoadPackage loads it
     with grpc.insecure_channel(gw.grpc_address) as channel:
         stub = pbg.OptimizedLipSyncServiceStub(channel)
         request = pb.LoadPackageRequest(package_name="extra", package_dir="extra")
-        loaded = stub.LoadPackage(request, timeout=120)
+        loaded = stub.LoadPackage(request, metadata=ADMIN_METADATA, timeout=120)
         assert loaded.success, loaded.error
         for i in range(4):
             assert infer(stub, "extra", i).success
-    # every worker serves it as soon as LoadPackage returned
+        # the demo avatar, loaded from the packages root at start, unloaded on request
+        admin = admin_pbg.OptimizedLipSyncAdminStub(channel)
+        unloaded = admin.UnloadPackage(
+            admin_pb.UnloadPackageRequest(package_name=AVATAR), metadata=ADMIN_METADATA, timeout=60
+        )
+        assert unloaded.success, unloaded.error
+    # every worker serves "extra" and not "demo" as soon as the calls returned
     for pid, stats in stats_of_every_worker(gw).items():
         assert "extra" in stats["avatars"], f"worker {pid} lacks the loaded package"
+        assert AVATAR not in stats["avatars"], f"worker {pid} still serves the unloaded avatar"
     counted = requests_ok(metric_samples(gw.http_url), "grpc")
 
     victim = gw.worker_pids()[0]
@@ -192,16 +212,88 @@ def test_a_loaded_package_and_the_counts_survive_a_killed_worker(workers_gateway
     log = gw.process.log_path.read_text()
     assert f"(pid {victim}) was killed by SIGKILL after serving" in log and "restarting it in 1.0 s" in log
 
-    # the dead worker's counts stay in the totals; the restarted worker loaded "extra" too
+    # the dead worker's counts stay in the totals; the restarted worker loaded "extra" too and
+    # did not load "demo" again from the packages root
     assert requests_ok(metric_samples(gw.http_url), "grpc") == counted
     for pid, stats in stats_of_every_worker(gw).items():
         assert "extra" in stats["avatars"], f"worker {pid} (restarted?) lacks the loaded package"
+        assert AVATAR not in stats["avatars"], f"worker {pid} (restarted?) serves the unloaded avatar"
         assert stats["avatars"]["extra"]["total_requests"] == 4
     with grpc.insecure_channel(gw.grpc_address) as channel:
         stub = pbg.OptimizedLipSyncServiceStub(channel)
         assert infer(stub, "extra", 9).success
     assert gw.stop() == 0, "SIGTERM: every worker stopped gracefully, exit status 0"
     assert "gateway workers stopped" in gw.process.log_path.read_text()
+
+
+@pytest.mark.triton
+def test_tls_the_token_and_the_health_port_with_two_workers(
+    triton_server: Any, demo_package: Any, tmp_path: Path
+) -> None:
+    """With TLS and a client token, both workers serve gRPC and HTTPS/WSS only to callers with
+    the token, and each listens on the plain health port (reserved by the supervisor as the
+    others are)."""
+    root = make_packages_root(Path(demo_package.root), tmp_path / "packages")
+    tls = make_tls_files(tmp_path / "tls")
+    context = client_ssl(tls)
+    (health_port,) = free_ports(1)
+    gw = start_workers_gateway(
+        tmp_path, triton_server.grpc_url, root, 2, context,
+        tls_cert=tls.cert, tls_key=tls.key, auth_token=CLIENT_TOKEN, health_port=health_port,
+    )
+    try:
+        pids = gw.worker_pids()
+        assert gw.http_url.startswith("https://")
+        assert [established(pid, health_port, TCP_LISTEN) for pid in pids] == [1, 1]
+        own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+        creds = grpc_credentials(tls)
+        channels = [grpc.secure_channel(gw.grpc_address, creds, options=own) for _ in range(CONNECTIONS)]
+        try:
+            for k, channel in enumerate(channels):
+                stub = pbg.OptimizedLipSyncServiceStub(channel)
+                request = pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=k)
+                reply = stub.GenerateInference(request, metadata=bearer(CLIENT_TOKEN), timeout=120)
+                assert reply.success and reply.prediction_data[:2] == b"\xff\xd8", reply.error
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ListModels(pb.ListModelsRequest(), timeout=30)
+                assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            grpc_per_worker = [established(pid, gw.process.grpc_port) for pid in pids]
+        finally:
+            for channel in channels:
+                channel.close()
+        assert min(grpc_per_worker) > 0, f"every TLS connection on one worker: {grpc_per_worker}"
+        with grpc.insecure_channel(gw.grpc_address) as plain:  # plain text gets nothing
+            with pytest.raises(grpc.RpcError) as err:
+                pbg.OptimizedLipSyncServiceStub(plain).ListModels(
+                    pb.ListModelsRequest(), metadata=bearer(CLIENT_TOKEN), timeout=5
+                )
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        # HTTPS with the token: every worker answers (gw.stats sends it); without: 401
+        assert all(stats["ready"] for stats in stats_of_every_worker(gw).values())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{gw.http_url}/api/avatars", timeout=10, context=context)
+        assert refused.value.code == 401
+
+        async def wss_frame() -> FrameReply:
+            wss = gw.http_url.replace("https", "wss")
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(f"{wss}/ws?token={CLIENT_TOKEN}", ssl=context) as ws,
+            ):
+                await ws.send_bytes(encode_request(AVATAR, 2))
+                reply = decode_reply((await ws.receive(timeout=120)).data)
+            assert isinstance(reply, FrameReply), reply
+            return reply
+
+        assert asyncio.run(wss_frame()).frame_id == 2
+        for _ in range(4):  # new connections: the health port answers from either worker
+            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=10) as resp:
+                assert resp.status == 200 and json.load(resp)["ready"] is True
+        assert gw.stop() == 0
+    finally:
+        if gw.process.proc.poll() is None:
+            gw.stop()
 
 
 @pytest.mark.triton

@@ -32,3 +32,18 @@ def settled_counts(
         if (current == previous and current[0] >= at_least) or time.monotonic() > deadline:
             return current
         previous = current
+
+
+def compute_totals(url: str, model: str) -> tuple[int, float]:
+    """``(frames, seconds)``: the inferences ``model`` has computed so far and the time its
+    executions took (s), from Triton's per-batch-size statistics (``batch_stats``: per batch
+    size ``b``, the executions and their total ``compute_infer`` time). ``seconds / frames``
+    is the server's time per frame as this machine runs it now (a loaded CPU is slower)."""
+    client = triton_grpc.InferenceServerClient(url)
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    frames = seconds = 0.0
+    for batch in stats.get("batch_stats", []):
+        compute = batch.get("compute_infer", {})
+        frames += int(batch["batch_size"]) * int(compute.get("count", 0))
+        seconds += int(compute.get("ns", 0)) / 1e9
+    return int(frames), seconds

@@ -24,10 +24,12 @@ Method = tuple[str, bool, bool, str]
 """(full method name, client streaming, server streaming, input message type)."""
 
 
-async def served_methods(channel: grpc.aio.Channel) -> list[Method]:
+async def served_methods(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] | None = None
+) -> list[Method]:
     """(full method name, client streaming, server streaming, input type) of every method of
-    every service the server lists by reflection."""
-    call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+    every service the server lists by reflection (asked with ``metadata``: a gateway's token)."""
+    call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(metadata=metadata)
     await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
     services = [s.name for s in (await call.read()).list_services_response.service]
     methods = []
@@ -52,25 +54,25 @@ def _raw(data: bytes) -> bytes:
 
 async def send_undecodable(
     channel: grpc.aio.Channel, method: str, client_streaming: bool, server_streaming: bool,
-    bad: bytes, good_first: bool,
+    bad: bytes, good_first: bool, metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> tuple[int, grpc.StatusCode, str]:
-    """One call carrying ``bad`` (after one good, empty message when ``good_first``): the
-    number of answers before its status, and the status."""
+    """One call carrying ``bad`` (after one good, empty message when ``good_first``), with
+    ``metadata`` (a token): the number of answers before its status, and the status."""
     answers = 0
     raw = {"request_serializer": _raw, "response_deserializer": _raw}  # bytes as they are
     try:
         if client_streaming:
             requests = [b"", bad] if good_first else [bad]
             if server_streaming:
-                async for _ in channel.stream_stream(method, **raw)(iter(requests)):
+                async for _ in channel.stream_stream(method, **raw)(iter(requests), metadata=metadata):
                     answers += 1
             else:
-                await channel.stream_unary(method, **raw)(iter(requests))
+                await channel.stream_unary(method, **raw)(iter(requests), metadata=metadata)
         elif server_streaming:
-            async for _ in channel.unary_stream(method, **raw)(bad):
+            async for _ in channel.unary_stream(method, **raw)(bad, metadata=metadata):
                 answers += 1
         else:
-            await channel.unary_unary(method, **raw)(bad)
+            await channel.unary_unary(method, **raw)(bad, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         return answers, exc.code(), exc.details() or ""
     return answers, grpc.StatusCode.OK, ""

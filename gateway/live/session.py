@@ -1,14 +1,24 @@
 """`LiveSession`: drives a `SessionTimeline` with the clock, the audio encoder and a renderer.
 
 The transport's reader calls the input methods (`start`, `push_pcm`, `flush`, `interrupt`,
-`end_input`, `report`), waiting for `wait_accepts_audio` before reading more audio; its writer
-iterates `frames()` and sends each item. Inside `frames()`:
+`end_input`, `report`), waiting for `wait_accepts_audio` before reading the next message; its
+writer iterates `frames()` and sends each item.
+
+Input is read ahead of the timeline: the timeline takes audio only up to `margin_s` (+ 0.45 s
+of lookahead) ahead of the wall clock; audio read beyond that, and the `flush` and end of input
+that follow it, are *held* here in order and handed to the timeline as it plays. The reader
+keeps reading until `LiveSettings.max_held_s` of audio is held (then it waits: back-pressure
+through the transport's flow control), so a control message behind a TTS burst is read at once:
+`interrupt` drops the held audio with the rest of the audio not yet rendered and takes effect
+at the next slot, not after the burst has played.
+
+Inside `frames()`:
 
 1. the timeline plans the next slots (up to `max_in_flight` unsent at once);
-2. the feature rows the speaking ones need are encoded in one `AudioEncoder.encode` call per
-   segment, started at once and not awaited here (Triton's dynamic batcher merges the calls
-   of concurrent sessions; rows already being encoded for an earlier batch are not asked
-   again), so idle slots keep flowing while the encoder works;
+2. the feature rows the speaking ones that get a render need (item 4) are encoded in one
+   `AudioEncoder.encode` call per segment, started at once and not awaited here (Triton's
+   dynamic batcher merges the calls of concurrent sessions; rows already being encoded for an
+   earlier batch are not asked again), so idle slots keep flowing while the encoder works;
 3. each slot is its own task: a speaking one waits for its rows, builds its window and renders
    (`render_speaking`), an idle one is `idle_frame` (no inference). A yielded slot releases
    what only earlier slots needed (bounded state);
@@ -19,15 +29,14 @@ iterates `frames()` and sends each item. Inside `frames()`:
    arrival + `WINDOW_LOOKAHEAD_S` (0.45 s). So a slot planned late only because the session's
    earlier renders held it back (Triton slower than real time) is not given a fresh timeout:
    once its deadline has passed at planning it is sent idle and late without a Triton call,
-   and the stream catches up with the wall clock instead of lagging more and more. Nor is a
-   render started that is expected to miss its deadline: the session keeps a moving average
-   of the service time of its renders (the time from a render's start, or the previous
-   render's completion if later, to its completion: the interval at which Triton completes
-   this session's frames) and sends a slot idle and late at once when
-   `now + (renders in flight + 1) * service time > deadline`. Without that, every render of an
-   overloaded session would queue behind renders doomed to miss and miss in turn; with it the
-   session shows as many speaking frames as Triton renders in time. A slot past its deadline
-   has its render cancelled at once, head of the queue or not;
+   and the stream catches up with the wall clock instead of lagging more and more. Whether a
+   speaking slot gets a render at all is `gateway.live.admission.RenderAdmission`'s call, at
+   planning: a window of renders in flight that halves when a render misses its deadline and
+   grows while they make it, and no render started with less time left than renders take; a
+   slot refused is sent idle and late at once, without a render. So the session shows as
+   many speaking frames as the renderer completes in time, and Triton does not spend its
+   time on batches whose every frame is thrown away. A slot past its deadline has its render
+   cancelled at once, head of the queue or not;
 5. `interrupt` turns every slot not yet yielded into an idle frame at once (not late).
 
 No slot is ever skipped or repeated: `seq` runs 0, 1, 2, ... until the timeline closes.
@@ -40,12 +49,13 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.errors import GatewayError
+from gateway.live.admission import RenderAdmission
 from gateway.live.clock import Clock
 from gateway.live.features import AudioEncoder, SegmentFeatures, window_feature_indices
 from gateway.live.segment import AudioSegment
@@ -63,6 +73,10 @@ from gateway.live.types import RenderedFrame, Renderer, SessionNotice, SlotFrame
 logger = logging.getLogger(__name__)
 
 
+_Mark = Literal["flush", "end"]
+"""A `flush` or the end of input held behind audio (module doc)."""
+
+
 @dataclass
 class _Slot:
     """A planned slot not yet yielded: its render task and how to finish it."""
@@ -72,6 +86,8 @@ class _Slot:
     speaking: bool
     deadline: float  # clock time after which a speaking render is given up (s); inf for idle
     late: bool = False
+    started_at: float = 0.0  # clock time its render started (s)
+    running_at_start: int = 0  # the session's other renders running then
 
 
 class LiveSession:
@@ -91,12 +107,16 @@ class LiveSession:
         self._renderer: Renderer | None = None
         self._slots: deque[_Slot] = deque()
         self._input = asyncio.Event()
+        self._held: deque[bytes | _Mark] = deque()  # input read ahead of the timeline (module doc)
+        self._held_bytes = 0  # PCM bytes in _held
+        self._room = asyncio.Event()  # set while the reader may read (less than max_held_s held)
+        self._room.set()
+        self._rate = 0  # the started session's PCM rate (Hz)
         self._encoding: dict[tuple[int, int], asyncio.Future[None]] = {}  # (segment, row) -> call
         self.sent = 0
         """Slots yielded by `frames()` so far (the next one is slot `sent`)."""
-        self._service_s = 0.0  # moving average of the service time of speaking renders (s)
-        self._rendering = 0  # speaking renders in flight
-        self._completed_at = float("-inf")  # clock time of the last successful render
+        self.admission = RenderAdmission(self.settings.max_in_flight, self.settings.render_timeout_s)
+        """Which speaking slots get a render (module doc, 4); read it, do not change it."""
 
     # ------------------------------------------------------------------------- input side
     def start(self, sample_rate_hz: int, renderer: Renderer) -> None:
@@ -105,6 +125,7 @@ class LiveSession:
         self.timeline.start(sample_rate_hz, renderer.video_frames, self._clock.now())
         if self.timeline.state is not before:  # started now (a refused start keeps the first)
             self._renderer = renderer
+            self._rate = sample_rate_hz
         self._input.set()
 
     def report(self, error: GatewayError) -> None:
@@ -113,17 +134,30 @@ class LiveSession:
         self._input.set()
 
     def push_pcm(self, data: bytes) -> None:
-        """16-bit LE mono PCM at the start's rate."""
-        self.timeline.push_pcm(data, self._clock.now())
+        """16-bit LE mono PCM at the start's rate (held while the timeline is full, module doc)."""
+        if self._held or self._clock.now() < self.timeline.accepts_audio_at():
+            self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes >= self.settings.max_held_s * self._rate * 2:
+                self._room.clear()
+        else:
+            self.timeline.push_pcm(data, self._clock.now())
         self._input.set()
 
     def flush(self) -> None:
-        """Render what has arrived, padding the lookahead with silence."""
-        self.timeline.flush(self._clock.now())
+        """Render what has arrived, padding the lookahead with silence (after the held audio)."""
+        if self._held:
+            self._held.append("flush")
+        else:
+            self.timeline.flush(self._clock.now())
         self._input.set()
 
     def interrupt(self) -> None:
-        """Drop audio not yet rendered; every frame not yet sent becomes idle."""
+        """Drop audio not yet rendered (held or on the timeline); every frame not yet sent
+        becomes idle."""
+        self._held.clear()
+        self._held_bytes = 0
+        self._room.set()
         self.timeline.interrupt(self._clock.now())
         if self._renderer is not None:
             for slot in self._slots:
@@ -133,16 +167,45 @@ class LiveSession:
 
     def end_input(self) -> None:
         """End of input: frames for all audio received follow, then `frames()` ends."""
-        self.timeline.end_input(self._clock.now())
+        if self._held:
+            self._held.append("end")
+        else:
+            self.timeline.end_input(self._clock.now())
         self._input.set()
 
     def accepts_audio(self) -> bool:
-        """True when the transport may read more audio now (back-pressure)."""
-        return self._clock.now() >= self.timeline.accepts_audio_at()
+        """True when the transport may read the next message (less than `max_held_s` of audio
+        held, module doc)."""
+        return self._room.is_set()
 
     async def wait_accepts_audio(self) -> None:
-        """Return once more audio may be read (the timeline has played far enough)."""
-        await self._clock.sleep_until(self.timeline.accepts_audio_at())
+        """Return once the next message may be read (back-pressure, module doc)."""
+        await self._room.wait()
+
+    @property
+    def held_s(self) -> float:
+        """Audio read but not yet on the timeline (s), module doc."""
+        return self._held_bytes / 2 / self._rate if self._rate else 0.0
+
+    @property
+    def speaking_in_flight(self) -> int:
+        """Speaking slots planned and not yet sent (their renders running or done)."""
+        return sum(slot.speaking for slot in self._slots)
+
+    def _feed(self, now: float) -> None:
+        """Hand the held input to the timeline as far as it takes audio at clock time ``now``."""
+        while self._held and now >= self.timeline.accepts_audio_at():
+            item = self._held.popleft()
+            if item == "flush":
+                self.timeline.flush(now)
+            elif item == "end":
+                self.timeline.end_input(now)
+            else:
+                assert isinstance(item, bytes)
+                self._held_bytes -= len(item)
+                self.timeline.push_pcm(item, now)
+        if not self._held or self._held_bytes < self.settings.max_held_s * self._rate * 2:
+            self._room.set()
 
     # ------------------------------------------------------------------------- output side
     async def frames(self) -> AsyncIterator[SlotFrame | SessionNotice]:
@@ -151,6 +214,7 @@ class LiveSession:
             closed = False
             while True:
                 now = self._clock.now()
+                self._feed(now)
                 self._give_up_overdue(now)
                 if self._slots and self._slots[0].task.done():
                     frame = await self._finish(self._slots.popleft())
@@ -176,6 +240,9 @@ class LiveSession:
                     continue
                 if closed and not self._slots:
                     return
+                if self._held:
+                    feed_at = self.timeline.accepts_audio_at()
+                    wait_until = feed_at if wait_until is None else min(wait_until, feed_at)
                 await self._wait(wait_until)
         finally:
             for slot in self._slots:
@@ -187,6 +254,7 @@ class LiveSession:
         for slot in self._slots:
             if slot.speaking and now >= slot.deadline and not self._render_ok(slot):
                 logger.info("live: slot %d missed its render deadline, sent idle", slot.plan.seq)
+                self.admission.missed(now - slot.started_at, slot.running_at_start)
                 self._to_idle(slot, late=True)
 
     @staticmethod
@@ -194,7 +262,8 @@ class LiveSession:
         return slot.task.done() and not slot.task.cancelled() and slot.task.exception() is None
 
     async def _wait(self, until: float | None) -> None:
-        """Until new input, the head slot's render, a slot's deadline, or clock time `until`."""
+        """Until new input, the head slot's render, a slot's deadline, or clock time `until`
+        (the next slot's time, or when held audio goes to the timeline)."""
         waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._input.wait())]
         times = [t for t in (until, *(s.deadline for s in self._slots)) if t is not None]
         if times and min(times) != float("inf"):
@@ -209,19 +278,31 @@ class LiveSession:
                 w.cancel()
 
     def _launch(self, plans: list[SlotPlan]) -> None:
-        """Start every plan's task: speaking ones wait for their feature rows (encoded in one
-        call per segment, shared with the slots that need the same rows) and then render."""
-        rows = self._encode([p for p in plans if p.speaking])
-        renderer = self._require_renderer()
+        """Start every plan's task: a speaking one the admission lets render waits for its
+        feature rows (encoded in one call per segment, shared with the slots that need the same
+        rows; none for a slot refused) and then renders; the others are idle frames."""
         now = self._clock.now()
-        for plan in plans:
+        running = self._rendering()
+        admitted: dict[int, tuple[float, int]] = {}  # seq -> deadline, renders running at its start
+        for plan in (p for p in plans if p.speaking):
             deadline = self._deadline(plan)
-            expected = now + self._rendering * self._service_s
-            if plan.speaking and deadline > expected:
+            if self.admission.admit(now, deadline, running):
+                admitted[plan.seq] = deadline, running
+                running += 1
+            else:
+                logger.debug(
+                    "live: slot %d refused a render (window %.1f, %d running, %.2f s left, "
+                    "service %.3f s)",
+                    plan.seq, self.admission.window, running, deadline - now, self.admission.service_s,
+                )
+        rows = self._encode([p for p in plans if p.seq in admitted])
+        renderer = self._require_renderer()
+        for plan in plans:
+            if plan.seq in admitted:
+                deadline, ahead = admitted[plan.seq]
                 task = asyncio.ensure_future(self._speak(renderer, plan, rows[plan.seq]))
-                self._rendering += 1
-                task.add_done_callback(functools.partial(self._render_done, now))
-                self._slots.append(_Slot(plan, task, True, deadline))
+                task.add_done_callback(functools.partial(self._render_done, now, ahead))
+                self._slots.append(_Slot(plan, task, True, deadline, started_at=now, running_at_start=ahead))
             else:
                 task = asyncio.ensure_future(renderer.idle_frame(plan.seq, plan.video_frame))
                 self._slots.append(_Slot(plan, task, False, float("inf"), late=plan.speaking))
@@ -253,6 +334,7 @@ class LiveSession:
                 call = asyncio.ensure_future(
                     self._encode_rows(key, features, indices, features.mel_windows(indices))
                 )
+                call.add_done_callback(_retrieved)  # logged by _encode_rows; its slots may all be gone
                 for i in indices:
                     self._encoding[(key, i)] = call
             for plan in group:
@@ -273,17 +355,16 @@ class LiveSession:
             for i in indices:
                 self._encoding.pop((key, i), None)
 
-    def _render_done(self, started: float, task: asyncio.Task[RenderedFrame]) -> None:
-        """A speaking render ended: a successful one updates the service time (module doc, 4;
-        a failed or given-up one says nothing about Triton's pace). With no render in flight
-        the next one always starts, so the estimate cannot lock the session out."""
-        self._rendering -= 1
-        if task.cancelled() or task.exception() is not None:
-            return
-        now = self._clock.now()
-        took = now - max(started, self._completed_at)
-        self._completed_at = now
-        self._service_s = 0.7 * self._service_s + 0.3 * took
+    def _render_done(self, started: float, running: int, task: asyncio.Task[RenderedFrame]) -> None:
+        """A speaking render ended: one done tells the admission its latency and the renders
+        running when it started (a render done is in time: an overdue one is cancelled first);
+        a failed or cancelled one says nothing."""
+        if not task.cancelled() and task.exception() is None:
+            self.admission.rendered(self._clock.now() - started, running)
+
+    def _rendering(self) -> int:
+        """Speaking renders of this session running now (the admission's in-flight count)."""
+        return sum(1 for slot in self._slots if slot.speaking and not slot.task.done())
 
     def _deadline(self, plan: SlotPlan) -> float:
         """Clock time (s) after which a speaking slot's render is given up (module doc, 4)."""
@@ -308,7 +389,7 @@ class LiveSession:
         )
 
     def _to_idle(self, slot: _Slot, *, late: bool) -> None:
-        """Replace a speaking slot's render with its idle frame."""
+        """Replace a speaking slot's render with its idle frame (a running one is cancelled)."""
         slot.task.cancel()
         slot.task = asyncio.ensure_future(
             self._require_renderer().idle_frame(slot.plan.seq, slot.plan.video_frame)
@@ -319,3 +400,11 @@ class LiveSession:
         if self._renderer is None:
             raise RuntimeError("a slot was planned before the session had a renderer")
         return self._renderer
+
+
+def _retrieved(call: asyncio.Future[None]) -> None:
+    """Mark a finished encoder call's exception as seen: `_encode_rows` logged it, and asyncio
+    would log it again ("Task exception was never retrieved") when every slot that waited for
+    it had been given up first."""
+    if not call.cancelled():
+        call.exception()

@@ -151,8 +151,14 @@ function fmtMs(v) { return Number.isFinite(v) ? `${v.toFixed(0)} ms` : "–"; }
 // ------------------------------------------------------------------ avatars
 
 async function loadAvatars() {
-  const resp = await fetch("/api/avatars");
+  const resp = await fetch("/api/avatars", { headers: window.lipsyncAuth.headers() });
+  if (resp.status === 401) {
+    ui.status.textContent = "this gateway needs an access token";
+    window.lipsyncAuth.ask();
+    return;
+  }
   if (!resp.ok) throw new Error(`GET /api/avatars: HTTP ${resp.status}`);
+  clearError();
   const body = await resp.json();
   window.lipsync.avatars = body.avatars;
   avatars = new Map(body.avatars.map((a) => [a.name, a]));
@@ -210,10 +216,9 @@ class Playback {
     clearError();
     clearNotice();
     ui.status.textContent = "connecting…";
-    ui.audio.src = this.avatar.audio_url;  // loads while the first frames are rendered
-    ui.audio.load();
-    const scheme = location.protocol === "https:" ? "wss" : "ws";
-    this.ws = new WebSocket(`${scheme}://${location.host}/ws`);
+    const audioLoaded = this.loadAudio();  // loads while the first frames are rendered
+    audioLoaded.catch(() => {});  // awaited below; no "unhandled rejection" meanwhile
+    this.ws = new WebSocket(window.lipsyncAuth.wsUrl("/ws"));
     this.ws.binaryType = "arraybuffer";
     this.ws.onmessage = (ev) => this.onMessage(ev);
     this.ws.onclose = (ev) => {
@@ -238,6 +243,8 @@ class Playback {
     this.onBuffered = null;
     if (this.stopped) return;
 
+    await audioLoaded;
+    if (this.stopped) return;
     ui.audio.currentTime = 0;
     try {
       await ui.audio.play();
@@ -254,6 +261,22 @@ class Playback {
     if (stats.clock === "audio") ui.status.textContent = `playing ${this.avatar.name}`;
     this.timer = setInterval(() => this.tick(), 5);
     this.statsTimer = setInterval(() => this.renderStats(), 250);
+  }
+
+  // The avatar's WAV: straight from its URL, or, when a token is needed (an <audio> element
+  // cannot send headers), fetched with it and played from a blob URL.
+  async loadAudio() {
+    const headers = window.lipsyncAuth.headers();
+    if (!headers.Authorization) {
+      ui.audio.src = this.avatar.audio_url;
+      ui.audio.load();
+      return;
+    }
+    const resp = await fetch(this.avatar.audio_url, { headers });
+    if (!resp.ok) throw new Error(`GET ${this.avatar.audio_url}: HTTP ${resp.status}`);
+    if (ui.audio.src.startsWith("blob:")) URL.revokeObjectURL(ui.audio.src);
+    ui.audio.src = URL.createObjectURL(await resp.blob());
+    ui.audio.load();
   }
 
   clock() {
@@ -425,7 +448,11 @@ ui.avatar.addEventListener("change", selectAvatar);
 ui.play.addEventListener("click", play);
 ui.stop.addEventListener("click", () => { if (session) session.stop(); });
 
-loadAvatars().catch((err) => {
-  ui.status.textContent = "failed";
-  showError(`could not load the avatar list: ${err.message}`);
-});
+function start() {
+  loadAvatars().catch((err) => {
+    ui.status.textContent = "failed";
+    showError(`could not load the avatar list: ${err.message}`);
+  });
+}
+window.addEventListener("lipsync-token", start);
+start();

@@ -20,7 +20,7 @@
 
   const stats = {
     state: "idle", frames: 0, speaking: 0, late: 0, idle: 0, errors: [], firstFrameMs: null,
-    offsetMs: null, lastSeq: -1, gaps: 0, speakingSeqs: [], source: null,
+    offsetMs: null, lastSeq: -1, gaps: 0, speakingSeqs: [], lateSeqs: [], source: null,
   };
   window.lipsyncLive = { stats };
 
@@ -103,8 +103,7 @@
       this.sink.gain.value = 0;
       this.capture.connect(this.sink).connect(this.ctx.destination);
 
-      const proto = location.protocol === "https:" ? "wss:" : "ws:";
-      this.ws = new WebSocket(`${proto}//${location.host}/live`);
+      this.ws = new WebSocket(window.lipsyncAuth.wsUrl("/live"));
       this.ws.binaryType = "arraybuffer";
       await new Promise((resolve, reject) => {
         this.ws.onopen = resolve;
@@ -158,8 +157,10 @@
         this.offsets.push(now - (this.t0 + f.pts));
         const sorted = [...this.offsets.slice(-100)].sort((a, b) => a - b);
         stats.offsetMs = 1000 * sorted[Math.floor(sorted.length / 2)];
-      } else if (f.late) stats.late += 1;
-      else stats.idle += 1;
+      } else if (f.late) {
+        stats.late += 1;
+        stats.lateSeqs.push(f.seq);
+      } else stats.idle += 1;
       this.queue.push(f);
       show();
     }
@@ -200,7 +201,7 @@
     const avatar = ($("avatar") && $("avatar").value) || "demo";
     Object.assign(stats, {
       state: "starting", frames: 0, speaking: 0, late: 0, idle: 0, errors: [], firstFrameMs: null,
-      offsetMs: null, lastSeq: -1, gaps: 0, speakingSeqs: [], drawn: 0,
+      offsetMs: null, lastSeq: -1, gaps: 0, speakingSeqs: [], lateSeqs: [], drawn: 0,
       source: source === "mic" ? "mic" : "file",
     });
     show();
