@@ -234,7 +234,7 @@ class GatewaySettings(BaseSettings):
         ge=0,
         le=65535,
         description="extra plain-HTTP port serving only /healthz, /readyz and /metrics (probes, "
-        "Prometheus; no TLS, no token); unset: none",
+        "Prometheus; no TLS, no token; shared by the workers like the other ports); unset: none",
     )
     triton_tls: bool = Field(False, description="TLS to every Triton endpoint of triton_url")
     triton_tls_ca: Path | None = Field(
@@ -244,7 +244,8 @@ class GatewaySettings(BaseSettings):
         None,
         ge=1,
         description="cap on the bytes of avatar frames held in RAM (full frames + 328/320 crops of "
-        "every avatar); a load past it is refused; unset: no cap",
+        "every avatar); a load past it is refused; unset: no cap. With workers > 1, each worker's "
+        "avatars, counted whole even where memory-mapped and shared (gateway/store.py)",
     )
 
     @field_validator("auth_token", "admin_token", mode="after")

@@ -19,7 +19,19 @@ from typing import Any, TypeVar
 import pytest
 
 from gateway.config import GatewaySettings
-from gateway.worker import Readiness, Serving, StartFailed, WorkerSpec
+from gateway.worker import (
+    Applied,
+    Apply,
+    Changed,
+    Readiness,
+    Replicated,
+    Serving,
+    SharedChange,
+    SharedLoad,
+    SharedUnload,
+    StartFailed,
+    WorkerSpec,
+)
 from gateway.workers import (
     SupervisorPhase,
     WorkerProcess,
@@ -33,20 +45,40 @@ T = TypeVar("T")
 FAST = RestartPolicy(max_restarts=2, backoff_initial_s=0.05, backoff_max_s=0.2, healthy_after_s=60.0)
 
 
+CHANGES: tuple[SharedChange, ...] = (
+    SharedLoad("/packages/extra", "extra"),
+    SharedUnload("demo"),
+    SharedLoad("/packages/other", "x"),
+    SharedUnload("x"),
+    SharedLoad("/packages/extra", "extra"),  # reloaded: once in the journal, at its new place
+)
+"""What the ``change`` stand-in makes on request, in order."""
+
+
 def stand_in(spec: WorkerSpec, conn: Connection, behaviour: str) -> None:
-    """A stand-in worker process: ``serve`` (until SIGTERM, then exit 0), ``crash`` (serve, then
-    exit 7 at once), ``start_failed`` (`StartFailed`, exit 3), ``ignore_term`` (serve, ignore
-    SIGTERM)."""
+    """A stand-in worker process: ``serve`` (until SIGTERM, then exit 0; every `Apply` is
+    answered `Applied`), ``crash`` (serve, then exit 7 at once), ``start_failed`` (`StartFailed`,
+    exit 3), ``ignore_term`` (serve, ignore SIGTERM), ``change`` (serve, share `CHANGES` one by
+    one, each after the last was `Replicated`, then report ready)."""
     if behaviour == "start_failed":
         conn.send(StartFailed(f"worker {spec.index} could not start: port busy"))
         sys.exit(3)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if behaviour == "ignore_term" else lambda *_: sys.exit(0))
-    conn.send(Readiness(True))
+    if behaviour != "change":
+        conn.send(Readiness(True))
     conn.send(Serving(os.getpid()))
     if behaviour == "crash":
         sys.exit(7)
+    if behaviour == "change":
+        for request_id, change in enumerate(CHANGES, 1):
+            conn.send(Changed(request_id, change))
+            while not isinstance(reply := conn.recv(), Replicated):
+                pass
+            assert reply.request_id == request_id and not reply.failures, reply
+        conn.send(Readiness(True))
     while True:
-        time.sleep(0.05)
+        if conn.poll(0.05) and isinstance(message := conn.recv(), Apply):
+            conn.send(Applied(message.request_id, None))
 
 
 class Launcher:
@@ -57,9 +89,11 @@ class Launcher:
         self.plan = plan
         self.launches: dict[int, int] = {}
         self.processes: list[Any] = []
+        self.specs: list[WorkerSpec] = []
 
     def __call__(self, spec: WorkerSpec) -> tuple[WorkerProcess, Connection]:
         n = self.launches[spec.index] = self.launches.get(spec.index, 0) + 1
+        self.specs.append(spec)
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
         process = ctx.Process(target=stand_in, args=(spec, theirs, self.plan(spec.index, n)))
@@ -129,6 +163,30 @@ def test_a_killed_worker_is_restarted_on_the_same_slot() -> None:
 
     run(body)
     assert launcher.launches == {1: 2, 2: 1}
+    assert not launcher.alive()
+
+
+def test_changes_on_request_reach_the_other_workers_and_a_restarted_one() -> None:
+    """Loads and unloads one worker shares are applied by the others before it is answered, and
+    a worker started later gets the journal: the last change of each avatar name, in order (an
+    unloaded avatar stays unloaded, even one of the packages root)."""
+    launcher = Launcher(lambda index, n: "change" if index == 1 else "serve")
+    sup = WorkerSupervisor(settings(), launcher=launcher, policy=FAST)
+
+    async def body() -> None:
+        await sup.start()
+        await until(lambda: sup.slots[0].ready)  # every change Replicated: worker 2 applied each
+        victim = sup.slots[1].pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: sup.slots[1].restarts == 1 and sup.slots[1].state is WorkerState.SERVING)
+        await sup.stop()
+
+    run(body)
+    first, restarted = (spec for spec in launcher.specs if spec.index == 2)
+    assert first.changes == ()
+    extra = SharedLoad("/packages/extra", "extra")
+    assert restarted.changes == (SharedUnload("demo"), SharedUnload("x"), extra)
     assert not launcher.alive()
 
 
