@@ -321,10 +321,11 @@ def _tls_error(exc: BaseException) -> StartupError:
 
 
 def _bind_error(settings: GatewaySettings, exc: BaseException) -> StartupError:
+    health = f", health {settings.health_port}" if settings.health_port is not None else ""
     return StartupError(
         f"the gateway could not bind its ports (HTTP {settings.http_port}, gRPC "
-        f"{settings.grpc_port}): {exc}; pass --http-port/--grpc-port or set "
-        "LIPSYNC_HTTP_PORT/LIPSYNC_GRPC_PORT"
+        f"{settings.grpc_port}{health}): {exc}; pass --http-port/--grpc-port or set "
+        "LIPSYNC_HTTP_PORT/LIPSYNC_GRPC_PORT (LIPSYNC_HEALTH_PORT)"
     )
 
 
