@@ -65,7 +65,7 @@ class GatewaySettings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="gateway worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), "
+        description="gateway worker processes sharing the gRPC, HTTP and health ports (SO_REUSEPORT), "
         "started and restarted by a supervisor (gateway/workers.py); 1 = one process, no "
         "supervisor. How many per GPU: docs/ARCHITECTURE.md",
     )
