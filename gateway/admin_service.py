@@ -101,7 +101,7 @@ class AdminService(admin_pbg.OptimizedLipSyncAdminServicer):
     ) -> admin_pb.UnloadPackageResponse:
         """Stop serving an avatar (`gateway.store.AvatarStore.unload`); in-band errors."""
         try:
-            avatar = self.ctx.store.unload(request.package_name)
+            avatar = await self.ctx.store.unload(request.package_name)
         except GatewayError as exc:
             return admin_pb.UnloadPackageResponse(
                 success=False, package_name=request.package_name, message="nothing unloaded", error=str(exc)

@@ -104,16 +104,23 @@ def _add_gateway_options(parser: argparse.ArgumentParser, *, with_triton_url: bo
     g.add_argument(
         "--max-in-flight-total",
         type=int,
-        help="frames in flight in the whole gateway; more are refused as overloaded (default 64)",
+        help="frames in flight in one gateway process (each worker); more are refused as overloaded "
+        "(default 64)",
     )
     g.add_argument(
         "--triton-timeout-s", type=float, help="Triton call deadline, queueing included, s (default 30)"
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="gateway worker processes sharing the ports (SO_REUSEPORT), restarted when they die "
+        "(default 1: one process; how many per GPU: docs/ARCHITECTURE.md)",
     )
 
 
 _SETTING_OPTIONS = (
     "triton_url", "host", "grpc_port", "http_port", "packages_root", "jpeg_quality",
-    "max_in_flight_per_connection", "max_in_flight_total", "triton_timeout_s",
+    "max_in_flight_per_connection", "max_in_flight_total", "triton_timeout_s", "workers",
 )
 
 
@@ -262,6 +269,9 @@ async def serve_gateway(
 ) -> None:
     """Start `gateway.server.GatewayServer`, log its addresses, serve until SIGINT/SIGTERM.
 
+    With ``settings.workers`` > 1 this process starts that many gateway workers instead and
+    supervises them (`gateway.workers`); with 1 it is the gateway itself (no supervisor).
+
     Args:
         settings: the gateway configuration.
         wait_ready_s: if > 0, wait up to this long (s) for readiness and log the outcome.
@@ -270,8 +280,12 @@ async def serve_gateway(
             ``lipsync gateway``.
 
     Raises:
-        StartupError: a port could not be bound, or a TLS file cannot be used.
+        StartupError: a port could not be bound, or a TLS file cannot be used; with workers,
+            also a worker that failed to start or kept failing.
     """
+    if settings.workers > 1:
+        await _serve_workers(settings, wait_ready_s=wait_ready_s, banner=banner, supervisor=supervisor)
+        return
     from gateway.server import GatewayServer
     from gateway.tls import TlsConfigError
 
@@ -284,13 +298,9 @@ async def serve_gateway(
         try:
             await server.start()
         except TlsConfigError as exc:
-            raise StartupError(f"the gateway's TLS settings cannot be used: {exc}") from exc
+            raise _tls_error(exc) from exc
         except (OSError, RuntimeError) as exc:  # grpc raises RuntimeError on a busy port
-            raise StartupError(
-                f"the gateway could not bind its ports (HTTP {settings.http_port}, gRPC "
-                f"{settings.grpc_port}): {exc}; pass --http-port/--grpc-port or set "
-                "LIPSYNC_HTTP_PORT/LIPSYNC_GRPC_PORT"
-            ) from exc
+            raise _bind_error(settings, exc) from exc
         host = _display_host(settings.host)
         log.info(
             "gateway serving: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
@@ -304,6 +314,90 @@ async def serve_gateway(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()  # logs "gateway stopped"
+
+
+def _tls_error(exc: BaseException) -> StartupError:
+    return StartupError(f"the gateway's TLS settings cannot be used: {exc}")
+
+
+def _bind_error(settings: GatewaySettings, exc: BaseException) -> StartupError:
+    health = f", health {settings.health_port}" if settings.health_port is not None else ""
+    return StartupError(
+        f"the gateway could not bind its ports (HTTP {settings.http_port}, gRPC "
+        f"{settings.grpc_port}{health}): {exc}; pass --http-port/--grpc-port or set "
+        "LIPSYNC_HTTP_PORT/LIPSYNC_GRPC_PORT (LIPSYNC_HEALTH_PORT)"
+    )
+
+
+async def _serve_workers(
+    settings: GatewaySettings, *, wait_ready_s: float, banner: str, supervisor: SupervisorView | None
+) -> None:
+    """`serve_gateway` with ``settings.workers`` > 1: `gateway.workers.WorkerSupervisor` runs the
+    workers in child processes until SIGINT/SIGTERM, or until it gives up on one.
+
+    Raises:
+        StartupError: a port could not be bound, a TLS file cannot be used, a worker failed to
+            start, or the supervisor gave up on a worker that kept failing (the message says
+            which and how).
+    """
+    from gateway.tls import TlsConfigError, grpc_server_credentials, http_ssl_context
+    from gateway.workers import WorkerStartError, WorkerSupervisor
+
+    try:  # the files every worker will read, checked once here
+        grpc_server_credentials(settings)
+        http_ssl_context(settings)
+    except TlsConfigError as exc:
+        raise _tls_error(exc) from exc
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    workers = WorkerSupervisor(settings, triton=supervisor)
+    try:
+        try:
+            await workers.start()
+        except OSError as exc:
+            raise _bind_error(settings, exc) from exc
+        except WorkerStartError as exc:
+            raise StartupError(str(exc)) from exc
+        host = _display_host(settings.host)
+        log.info(
+            "gateway serving with %d workers: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
+            settings.workers, _scheme(settings), host, workers.http_port, host, workers.grpc_port, banner,
+        )
+        gave_up = asyncio.ensure_future(workers.wait_given_up())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            if wait_ready_s > 0:
+                await _wait_workers_ready(workers, wait_ready_s, stop)
+            await asyncio.wait({gave_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            gave_up.cancel()
+        if workers.gave_up_message is not None:
+            raise StartupError(workers.gave_up_message)
+        log.info("stopping the gateway workers ...")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await workers.stop()  # logs "gateway workers stopped"
+
+
+async def _wait_workers_ready(workers: Any, timeout_s: float, stop: asyncio.Event) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (
+        not workers.all_ready() and time.monotonic() < deadline and not stop.is_set()
+        and workers.gave_up_message is None
+    ):
+        await asyncio.sleep(0.5)
+    host = _display_host(workers.settings.host)
+    if workers.all_ready():
+        log.info(
+            "ready: %d workers; open %s://%s:%d/ and press Play",
+            len(workers.slots), _scheme(workers.settings), host, workers.http_port,
+        )
+    elif not stop.is_set() and workers.gave_up_message is None:
+        log.warning("not every worker is ready after %.0f s; see /readyz", timeout_s)
 
 
 def _scheme(settings: GatewaySettings) -> str:

@@ -22,7 +22,7 @@ from lipsync.contract import (
     GATEWAY_HTTP_PORT,
     TRITON_GRPC_PORT,
 )
-from lipsync.paths import PACKAGES_DIR
+from lipsync.paths import CACHE_DIR, PACKAGES_DIR
 
 MIN_TOKEN_CHARS = 16
 """Shortest `GatewaySettings.auth_token` / ``admin_token`` accepted (characters)."""
@@ -54,6 +54,21 @@ class GatewaySettings(BaseSettings):
     )
     packages_root: Path = Field(PACKAGES_DIR, description="folder holding one folder per avatar")
     device: str = Field("triton", description="label reported as `device` in gRPC answers")
+    crop_cache_dir: Path | None = Field(
+        CACHE_DIR / "crops",
+        description="folder where each avatar's face crops are computed once and memory-mapped "
+        "from, shared by the workers (gateway/crop_cache.py); empty: computed into each process's RAM",
+    )
+
+    # --- processes --------------------------------------------------------------------------
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="gateway worker processes sharing the gRPC, HTTP and health ports (SO_REUSEPORT), "
+        "started and restarted by a supervisor (gateway/workers.py); 1 = one process, no "
+        "supervisor. How many per GPU: docs/ARCHITECTURE.md",
+    )
 
     # --- output ---------------------------------------------------------------------------------
     jpeg_quality: int = Field(85, ge=1, le=100, description="JPEG quality of returned frames")
@@ -82,10 +97,13 @@ class GatewaySettings(BaseSettings):
         8, ge=1, description="frames one WebSocket/gRPC stream may have in flight at once"
     )
     max_in_flight_total: int = Field(
-        64, ge=1, description="frames in flight in the whole gateway; more -> Overloaded at once"
+        64,
+        ge=1,
+        description="frames in flight in one gateway process (each worker with workers > 1); "
+        "more -> Overloaded at once",
     )
 
-    # --- per-client limits (gateway/limits.py, gateway/ws_limits.py) -------------------------
+    # --- per-client limits (gateway/limits.py, gateway/ws_limits.py); each worker's own ------
     max_in_flight_per_peer: int = Field(
         32,
         ge=1,
@@ -239,7 +257,7 @@ class GatewaySettings(BaseSettings):
         ge=0,
         le=65535,
         description="extra plain-HTTP port serving only /healthz, /readyz and /metrics (probes, "
-        "Prometheus; no TLS, no token); unset: none",
+        "Prometheus; no TLS, no token; shared by the workers like the other ports); unset: none",
     )
     triton_tls: bool = Field(False, description="TLS to every Triton endpoint of triton_url")
     triton_tls_ca: Path | None = Field(
@@ -249,7 +267,8 @@ class GatewaySettings(BaseSettings):
         None,
         ge=1,
         description="cap on the bytes of avatar frames held in RAM (full frames + 328/320 crops of "
-        "every avatar); a load past it is refused; unset: no cap",
+        "every avatar); a load past it is refused; unset: no cap. With workers > 1, each worker's "
+        "avatars, counted whole even where memory-mapped and shared (gateway/store.py)",
     )
 
     @field_validator("auth_token", "admin_token", mode="after")
@@ -285,6 +304,11 @@ class GatewaySettings(BaseSettings):
         ):
             raise ValueError("LIPSYNC_ADMIN_TOKEN must differ from LIPSYNC_AUTH_TOKEN")
         return self
+
+    @field_validator("crop_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("triton_url")
     @classmethod

@@ -19,6 +19,7 @@ from gateway.audio_features import AudioFeatureExtractor
 from gateway.batching import CoalescingInference
 from gateway.compositor import Compositor, JpegMode
 from gateway.config import GatewaySettings
+from gateway.crop_cache import CropCache
 from gateway.endpoint_pool import ClientFactory, EndpointPool
 from gateway.jpeg import RestartIntervalEncoder, make_encoder
 from gateway.limits import AuxiliaryWork, ClientLimiter, PeerLimiter
@@ -127,8 +128,10 @@ class GatewayContext:
             ),
             splice=settings.jpeg_splice,
         )
+        crop_cache = CropCache(settings.crop_cache_dir) if settings.crop_cache_dir is not None else None
         store = AvatarStore(
-            settings.packages_root, pool, settings.max_avatar_bytes, backgrounds=compositor.backgrounds
+            settings.packages_root, pool, crop_cache, settings.max_avatar_bytes,
+            backgrounds=compositor.backgrounds,
         )
         try:
             await pool.start()
@@ -158,6 +161,7 @@ class GatewayContext:
             settings.live,
             metrics,
         )
+        supervision = None if supervisor is None else TritonSupervision(supervisor, metrics.scrape_registry)
         ctx = cls(
             settings=settings,
             metrics=metrics,
@@ -165,7 +169,7 @@ class GatewayContext:
             store=store,
             pipeline=pipeline,
             malformed=MalformedInput(metrics.malformed_requests, settings.malformed_log_interval_s),
-            supervision=None if supervisor is None else TritonSupervision(supervisor, metrics.registry),
+            supervision=supervision,
             live=live,
             executor=executor,
             started_at=time.time(),

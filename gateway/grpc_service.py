@@ -298,7 +298,8 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         )
 
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
-        """Per-avatar rendered-frame count and inference ms (all avatars when the name is empty)."""
+        """Per-avatar rendered-frame count and inference ms (all avatars when the name is empty),
+        counted by every worker of the gateway (`gateway.metrics.GatewayMetrics.avatar_totals`)."""
         if request.model_name:
             try:
                 avatars = [self.ctx.store.get(request.model_name)]
@@ -306,10 +307,12 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         else:
             avatars = self.ctx.store.avatars()
-        total = sum(a.stats.total_requests for a in avatars)
-        ms_sum = sum(a.stats.inference_ms_sum for a in avatars)
-        mins = [a.stats.min_inference_ms for a in avatars if a.stats.total_requests]
-        maxs = [a.stats.inference_ms_max for a in avatars if a.stats.total_requests]
+        snapshot = self.ctx.metrics.snapshot()  # the whole gateway: every worker's counts
+        stats = [self.ctx.metrics.avatar_totals(a.name, snapshot) for a in avatars]
+        total = sum(t.frames for t in stats)
+        ms_sum = sum(t.inference_ms_sum for t in stats)
+        mins = [t.inference_ms_min for t in stats if t.frames]
+        maxs = [t.inference_ms_max for t in stats if t.frames]
         return pb.StatsResponse(
             model_name=request.model_name or ",".join(a.name for a in avatars),
             total_requests=int32(total),
@@ -445,16 +448,22 @@ class HealthReporter:
             self._task = None
 
 
-def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthReporter]:
+def build_grpc_server(
+    ctx: GatewayContext, *, reuse_port: bool = False
+) -> tuple[grpc.aio.Server, HealthReporter]:
     """A ``grpc.aio`` server with the lipsync and admin services, health and reflection, every
     call checked by `gateway.auth.AuthInterceptor` (not started).
+
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so several worker processes share the port
+    (`gateway.workers`); off for one process, so a port taken by another program is an error.
 
     Message size limits come from ``grpc_max_receive_bytes`` / ``grpc_max_send_bytes``; calls
     open in the whole server are capped by ``grpc_max_concurrent_rpcs`` (one more is answered
     RESOURCE_EXHAUSTED); connection limits (streams per connection, keepalive, idle, age) are
     `gateway.limits.grpc_server_options`. A request message that does not decode is answered
     ``INVALID_ARGUMENT`` by every method of every service added to it
-    (`gateway.grpc_decode_guard.DecodeGuard`).
+    (`gateway.grpc_decode_guard.DecodeGuard`). With several workers each limit holds per
+    worker process.
     The caller adds the port and starts it (see `gateway.server`).
     """
     s = ctx.settings
@@ -464,7 +473,7 @@ def build_grpc_server(ctx: GatewayContext) -> tuple[grpc.aio.Server, HealthRepor
         options=[
             ("grpc.max_receive_message_length", s.grpc_max_receive_bytes),
             ("grpc.max_send_message_length", s.grpc_max_send_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             *grpc_server_options(s),
         ],
         maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,

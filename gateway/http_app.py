@@ -22,7 +22,8 @@ Routes (one port, `GatewaySettings.http_port`):
 ``GET /api/avatars/{name}/backgrounds/{v}.jpg`` video frame ``v`` as JPEG, what crop-output
                                              clients draw the face on (cacheable: ETag)
 ``GET /api/stats``                           per-avatar request counts and inference times,
-                                             per-Triton-endpoint calls, errors, latency
+                                             per-Triton-endpoint calls, errors, latency (all
+                                             workers), the answering worker's pid
 ``GET /metrics``                             Prometheus exposition of the gateway registry
 ==========================================  =================================================
 
@@ -76,6 +77,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -667,30 +669,38 @@ async def avatar_background(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     """``GET /api/stats``: uptime, in-flight frames, per-avatar counts and inference ms, and per
     Triton endpoint its state (`_endpoint_json`) with ``calls``, ``errors``, ``retries`` (calls
-    sent elsewhere after it failed as down) and ``avg_call_ms`` (successful calls)."""
+    sent elsewhere after it failed as down) and ``avg_call_ms`` (successful calls). Counts are
+    the whole gateway's (every worker's, `GatewayMetrics.snapshot`); uptime, readiness, the
+    endpoint states and ``worker`` (pid, number of workers) are the answering process's."""
     ctx = request.app[CONTEXT_KEY]
+    snapshot = ctx.metrics.snapshot()  # the whole gateway: every worker's series
     per_avatar = {}
     for avatar in ctx.store.avatars():
-        s = avatar.stats
+        s = ctx.metrics.avatar_totals(avatar.name, snapshot)
         per_avatar[avatar.name] = {
-            "total_requests": s.total_requests,
+            "total_requests": s.frames,
             "errors": s.errors,
             "avg_inference_ms": round(s.avg_inference_ms, 2),
-            "min_inference_ms": round(s.min_inference_ms, 2),
+            "min_inference_ms": round(s.inference_ms_min, 2),
             "max_inference_ms": round(s.inference_ms_max, 2),
             "frame_count": avatar.video_frames,
             "output_frames": avatar.feature_rows,
         }
+    in_flight = int(snapshot.value("lipsync_gateway_in_flight") or 0)
+    ws_open = len(request.app[WS_OPEN_KEY])  # every WebSocket of this process, /live included
+    if ctx.metrics.multiprocess:  # several workers: /ws and / connections of all of them
+        ws_open = int(snapshot.value("lipsync_gateway_ws_connections") or 0)
     return web.json_response(
         {
             "uptime_s": round(ctx.uptime_s(), 1),
             "ready": ctx.ready(),
-            "in_flight": ctx.pipeline.admission.in_flight,
+            "in_flight": in_flight,
             "max_in_flight_total": ctx.pipeline.admission.limit,
-            "ws_connections": len(request.app[WS_OPEN_KEY]),
+            "ws_connections": ws_open,
+            "worker": {"pid": os.getpid(), "workers": ctx.settings.workers},
             "avatars": per_avatar,
             "triton_endpoints": [
-                {**_endpoint_json(e), **ctx.metrics.endpoint_totals(e.state.url)}
+                {**_endpoint_json(e), **ctx.metrics.endpoint_totals(e.state.url, snapshot)}
                 for e in ctx.lifecycle.endpoints()
             ],
         }

@@ -4,6 +4,17 @@ Each `GatewayMetrics` owns its registry (not the process-global one), so several
 live in one process (tests) and `/metrics` shows exactly this gateway's series (the
 ``/metrics`` handler of `gateway.http_app` serves `GatewayMetrics.render`).
 
+Several workers (``--workers N``, `gateway.workers`): the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for its workers, so every value lives in a file there
+(``prometheus_client`` multiprocess mode) and each worker's `render` and `snapshot` aggregate
+all the workers' files (`MultiProcessCollector`): counters and histograms are summed, dead
+workers' included; each gauge has the ``multiprocess_mode`` its meaning needs (``livesum`` for
+what is open or in flight, ``livemin`` for readiness: 1 only when every live worker is ready;
+``min`` / ``max`` for the per-avatar extremes). Series computed at scrape time from this
+process's state (`add_collector`: the Triton supervisor's) are added to the output as they
+are. ``GetStats`` and ``/api/stats`` read the per-avatar series below through `snapshot`, so
+they answer for the whole gateway too.
+
 Series (all names prefixed ``lipsync_gateway_``):
 
 - ``requests_total{protocol, outcome}``: frames requested; protocol grpc|ws|http, outcome
@@ -44,13 +55,20 @@ Series (all names prefixed ``lipsync_gateway_``):
   their speaking renders also count in ``requests_total{protocol="live"}``;
 - ``live_first_frame_seconds``: from a session's accepted ``start`` to its first frame sent;
 - ``live_audio_to_frame_seconds{kind}``: from the arrival of a slot's own 40 ms of audio to its
-  frame being sent (slots that carry audio), kind as above.
+  frame being sent (slots that carry audio), kind as above;
+- per avatar (``GetStats``, ``/api/stats``): ``avatar_frames_total{avatar, outcome}`` (outcome
+  ok | error; a failure after the avatar was found), ``avatar_inference_seconds_total{avatar}``
+  (Triton time of its rendered frames), ``avatar_inference_min_seconds{avatar}`` and
+  ``avatar_inference_max_seconds{avatar}`` (the extremes of one frame's Triton time).
 
 Outcomes are counted by `gateway.pipeline.FramePipeline`, once per request.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -59,6 +77,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Environment variable naming the folder of the workers' metric files (prometheus_client)."""
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
@@ -73,11 +96,107 @@ TRITON_ERROR_KINDS = ("down", "deadline", "error")
 """Values of the ``kind`` label of ``triton_errors_total`` (module doc)."""
 
 
+Labels = tuple[tuple[str, str], ...]
+
+
+class MetricsSnapshot:
+    """The samples of a gateway's series at one instant (`GatewayMetrics.snapshot`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._values: dict[tuple[str, Labels], float] = {}
+        for family in registry.collect():
+            for sample in family.samples:
+                self._values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sample ``name{labels}`` (all its labels given), None when absent."""
+        return self._values.get((name, tuple(sorted(labels.items()))))
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        """The values ``label`` takes in the samples called ``name``."""
+        return {dict(key)[label] for sample, key in self._values if sample == name and label in dict(key)}
+
+
+@dataclass(frozen=True)
+class AvatarTotals:
+    """One avatar's rendered-frame counters (``GetStats``, ``/api/stats``), for the whole gateway.
+
+    Attributes:
+        frames: frames rendered.
+        errors: frames that failed after the avatar was found.
+        inference_ms_sum: Triton time of the rendered frames (ms).
+        inference_ms_min: the shortest (ms); 0 before the first frame.
+        inference_ms_max: the longest (ms); 0 before the first frame.
+    """
+
+    frames: int = 0
+    errors: int = 0
+    inference_ms_sum: float = 0.0
+    inference_ms_min: float = 0.0
+    inference_ms_max: float = 0.0
+
+    @property
+    def avg_inference_ms(self) -> float:
+        """Mean Triton time of a rendered frame (ms); 0 before the first frame."""
+        return self.inference_ms_sum / self.frames if self.frames else 0.0
+
+
+class AvatarSeries:
+    """One avatar's series in this process (`GatewayMetrics.avatar`); thread-safe."""
+
+    def __init__(self, metrics: GatewayMetrics, avatar: str) -> None:
+        self._ok = metrics.avatar_frames.labels(avatar=avatar, outcome="ok")
+        self._error = metrics.avatar_frames.labels(avatar=avatar, outcome="error")
+        self._seconds = metrics.avatar_inference.labels(avatar=avatar)
+        self._min_gauge = metrics.avatar_inference_min
+        self._max_gauge = metrics.avatar_inference_max
+        self._avatar = avatar
+        self._lock = threading.Lock()
+        self._min_s = float("inf")
+        self._max_s = 0.0
+
+    def record(self, inference_ms: float) -> None:
+        """Count one rendered frame and its Triton time (ms)."""
+        seconds = inference_ms / 1000.0
+        self._ok.inc()
+        self._seconds.inc(seconds)
+        with self._lock:
+            if seconds < self._min_s:  # a gauge's child is made at its first value
+                self._min_s = seconds
+                self._min_gauge.labels(avatar=self._avatar).set(seconds)
+            if seconds > self._max_s:
+                self._max_s = seconds
+                self._max_gauge.labels(avatar=self._avatar).set(seconds)
+
+    def record_error(self) -> None:
+        """Count one frame that failed after the avatar was found."""
+        self._error.inc()
+
+
+def multiprocess_dir() -> str | None:
+    """The workers' metric folder when this process is a worker (`MULTIPROC_ENV`), else None."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
 class GatewayMetrics:
-    """The gateway's Prometheus series, registered in ``self.registry``."""
+    """The gateway's Prometheus series, registered in ``self.registry``.
+
+    Attributes:
+        registry: this gateway's series (one process's values).
+        scrape_registry: what `render` and `snapshot` read: ``registry`` itself, or in a worker
+            the workers' files aggregated; `add_collector` adds to it.
+        multiprocess: whether this process is one of several workers (module doc).
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        folder = multiprocess_dir()
+        self.multiprocess = folder is not None
+        if folder is None:
+            self.scrape_registry = self.registry
+        else:
+            self.scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self.scrape_registry, path=folder)
         self.requests = Counter(
             "lipsync_gateway_requests",
             "Frames requested, by protocol and outcome",
@@ -101,11 +220,13 @@ class GatewayMetrics:
             "lipsync_gateway_in_flight",
             "Frames currently being rendered",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.triton_ready = Gauge(
             "lipsync_gateway_triton_ready",
             "1 when Triton is ready with every avatar model loaded, else 0",
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.triton_calls = Counter(
             "lipsync_gateway_triton_calls",
@@ -137,15 +258,20 @@ class GatewayMetrics:
             "1 when the Triton endpoint is live with every avatar model ready, else 0",
             ["endpoint"],
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.triton_endpoint_in_flight = Gauge(
             "lipsync_gateway_triton_endpoint_in_flight",
             "Calls in flight on each Triton endpoint",
             ["endpoint"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.ws_connections = Gauge(
-            "lipsync_gateway_ws_connections", "Open WebSocket connections", registry=self.registry
+            "lipsync_gateway_ws_connections",
+            "Open WebSocket connections",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.ws_messages = Counter(
             "lipsync_gateway_ws_messages",
@@ -181,7 +307,7 @@ class GatewayMetrics:
         )
         self.live_sessions = Gauge(
             "lipsync_gateway_live_sessions", "Open live sessions, by transport", ["transport"],
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="livesum",
         )
         self.live_slots = Counter(
             "lipsync_gateway_live_slots",
@@ -206,6 +332,51 @@ class GatewayMetrics:
         self._stage_children = {stage: self.stage_latency.labels(stage=stage) for stage in STAGES}
         self._ok_children: dict[str, Counter] = {}
 
+        self.avatar_frames = Counter(
+            "lipsync_gateway_avatar_frames",
+            "Frames of each avatar, by outcome (ok | error)",
+            ["avatar", "outcome"],
+            registry=self.registry,
+        )
+        self.avatar_inference = Counter(
+            "lipsync_gateway_avatar_inference_seconds",
+            "Triton time of each avatar's rendered frames (s)",
+            ["avatar"],
+            registry=self.registry,
+        )
+        self.avatar_inference_min = Gauge(
+            "lipsync_gateway_avatar_inference_min_seconds",
+            "Shortest Triton time of one of the avatar's frames (s)",
+            ["avatar"],
+            registry=self.registry,
+            multiprocess_mode="min",
+        )
+        self.avatar_inference_max = Gauge(
+            "lipsync_gateway_avatar_inference_max_seconds",
+            "Longest Triton time of one of the avatar's frames (s)",
+            ["avatar"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self._avatars: dict[str, AvatarSeries] = {}
+        self._avatars_lock = threading.Lock()
+
+    def add_collector(self, collector: Collector) -> None:
+        """Add series computed at scrape time (`scrape_registry`)."""
+        self.scrape_registry.register(collector)
+
+    def avatar(self, name: str) -> AvatarSeries:
+        """The series of avatar ``name`` (made at the first call)."""
+        series = self._avatars.get(name)
+        if series is None:
+            with self._avatars_lock:
+                series = self._avatars.setdefault(name, AvatarSeries(self, name))
+        return series
+
+    def snapshot(self) -> MetricsSnapshot:
+        """Every sample now, for the whole gateway (all workers with ``--workers N``)."""
+        return MetricsSnapshot(self.scrape_registry)
+
     def observe_stage(self, stage: str, ms: float) -> None:
         """Record one stage duration given in milliseconds."""
         child = self._stage_children.get(stage) or self.stage_latency.labels(stage=stage)
@@ -224,7 +395,10 @@ class GatewayMetrics:
 
     def forget_endpoint(self, endpoint: str) -> None:
         """Remove every series of a Triton endpoint that left the pool (a Kubernetes pod's
-        address is not reused, so its series would only accumulate)."""
+        address is not reused, so its series would only accumulate). Not in a worker:
+        prometheus_client cannot remove a series from the workers' files."""
+        if self.multiprocess:
+            return
         for metric in (
             self.triton_calls, self.triton_retries, self.triton_call_latency,
             self.triton_endpoint_ready, self.triton_endpoint_in_flight,
@@ -235,23 +409,38 @@ class GatewayMetrics:
             with contextlib.suppress(KeyError):
                 self.triton_errors.remove(endpoint, kind)
 
-    def endpoint_totals(self, endpoint: str) -> dict[str, int | float]:
+    def endpoint_totals(self, endpoint: str, snapshot: MetricsSnapshot) -> dict[str, int | float]:
         """``calls``, ``errors`` (all kinds), ``retries`` and ``avg_call_ms`` (successful calls,
-        ms, 2 decimals) of one Triton endpoint, read back from its series (for ``/api/stats``)."""
-        value = self.registry.get_sample_value
-        label = {"endpoint": endpoint}
-        ok = value("lipsync_gateway_triton_call_seconds_count", label) or 0.0
-        seconds = value("lipsync_gateway_triton_call_seconds_sum", label) or 0.0
+        ms, 2 decimals) of one Triton endpoint, read back from its series in ``snapshot`` (for
+        ``/api/stats``)."""
+        value = snapshot.value
+        ok = value("lipsync_gateway_triton_call_seconds_count", endpoint=endpoint) or 0.0
+        seconds = value("lipsync_gateway_triton_call_seconds_sum", endpoint=endpoint) or 0.0
         errors = (
-            value("lipsync_gateway_triton_errors_total", {**label, "kind": k}) for k in TRITON_ERROR_KINDS
+            value("lipsync_gateway_triton_errors_total", endpoint=endpoint, kind=k)
+            for k in TRITON_ERROR_KINDS
         )
         return {
-            "calls": int(value("lipsync_gateway_triton_calls_total", label) or 0),
+            "calls": int(value("lipsync_gateway_triton_calls_total", endpoint=endpoint) or 0),
             "errors": int(sum(e or 0.0 for e in errors)),
-            "retries": int(value("lipsync_gateway_triton_retries_total", label) or 0),
+            "retries": int(value("lipsync_gateway_triton_retries_total", endpoint=endpoint) or 0),
             "avg_call_ms": round(seconds / ok * 1e3, 2) if ok else 0.0,
         }
 
+    @staticmethod
+    def avatar_totals(name: str, snapshot: MetricsSnapshot) -> AvatarTotals:
+        """Avatar ``name``'s counters read back from its series in ``snapshot``."""
+        def value(series: str, **labels: str) -> float:
+            return snapshot.value(f"lipsync_gateway_avatar_{series}", avatar=name, **labels) or 0.0
+
+        return AvatarTotals(
+            frames=int(value("frames_total", outcome="ok")),
+            errors=int(value("frames_total", outcome="error")),
+            inference_ms_sum=value("inference_seconds_total") * 1e3,
+            inference_ms_min=value("inference_min_seconds") * 1e3,
+            inference_ms_max=value("inference_max_seconds") * 1e3,
+        )
+
     def render(self) -> bytes:
-        """The registry in Prometheus text exposition format."""
-        return generate_latest(self.registry)
+        """`scrape_registry` in Prometheus text exposition format."""
+        return generate_latest(self.scrape_registry)

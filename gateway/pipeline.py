@@ -377,8 +377,8 @@ class FramePipeline:
             if outcome != _CANCELLED:
                 self.metrics.record_outcome(protocol, outcome)
                 if outcome is not None and avatar is not None:
-                    avatar.stats.record_error()
-        avatar.stats.record(frame.inference_ms)
+                    self.metrics.avatar(avatar.name).record_error()
+        self.metrics.avatar(avatar.name).record(frame.inference_ms)
         for stage, ms in (
             ("prepare", frame.prepare_ms), ("inference", frame.inference_ms), ("paste", done.paste_ms),
             ("jpeg", done.jpeg_ms), ("composite", frame.composite_ms), ("total", frame.total_ms),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 
 import grpc
 from aiohttp import web
@@ -41,6 +42,10 @@ class GatewayServer:
             tests pass an in-process fake).
         supervisor: the supervisor keeping that Triton running (``lipsync up``), None when
             Triton is run by someone else (`GatewayContext.create`).
+        reuse_port: bind every port (gRPC, HTTP, health) with ``SO_REUSEPORT`` (a worker of
+            several sharing them, `gateway.worker`); the ports must then be given, not 0.
+        before_serving: awaited with the context once it is built, before the ports are bound
+            (a worker loads there the packages the other workers loaded on request).
     """
 
     def __init__(
@@ -50,8 +55,12 @@ class GatewayServer:
         grace_s: float = 2.0,
         triton_client: TritonClient | None = None,
         supervisor: SupervisorView | None = None,
+        reuse_port: bool = False,
+        before_serving: Callable[[GatewayContext], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
+        self.before_serving = before_serving
         self.grace_s = grace_s
         self.triton_client = triton_client
         self.supervisor = supervisor
@@ -97,7 +106,9 @@ class GatewayServer:
         credentials, ssl_context = grpc_server_credentials(s), http_ssl_context(s)
         self.ctx = await GatewayContext.create(s, self.triton_client, self.supervisor)
         try:
-            self._grpc, self._health = build_grpc_server(self.ctx)
+            if self.before_serving is not None:
+                await self.before_serving(self.ctx)
+            self._grpc, self._health = build_grpc_server(self.ctx, reuse_port=self.reuse_port)
             host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in brackets
             address = f"{host}:{s.grpc_port}"
             self.grpc_port = (
@@ -135,7 +146,10 @@ class GatewayServer:
     async def _serve(self, runner: web.AppRunner, port: int, ssl_context: ssl.SSLContext | None) -> int:
         """Set ``runner`` up on ``host:port``; returns the bound port."""
         await runner.setup()
-        await web.TCPSite(runner, self.settings.host, port, ssl_context=ssl_context).start()
+        site = web.TCPSite(
+            runner, self.settings.host, port, ssl_context=ssl_context, reuse_port=self.reuse_port or None
+        )
+        await site.start()
         addresses = runner.addresses  # bound (host, port, ...) tuples
         return int(addresses[0][1]) if addresses else port
 

@@ -14,6 +14,10 @@ At start the store loads every package folder under the packages root with
   (`gateway.backgrounds.AvatarBackgrounds`), when the store was given a builder (the gateway's
   `gateway.compositor.Compositor.backgrounds`).
 
+The video frames (``frames.npy``) are the package's read-only memmap; with a `CropCache` the
+crops and inners are memory-mapped too (`gateway.crop_cache`), so gateway workers serving the
+same package share one copy of all three in the page cache.
+
 The audio features (``aud_ave.npy``, float32 ``[M, 512]``) stay the package's read-only memmap.
 A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame shown is
 ``pingpong_index(frame_id, N)`` (docs/REFERENCE.md s.2 step 9; words as in docs/GLOSSARY.md).
@@ -31,6 +35,16 @@ served under one name only (another name would hold a second copy of its frames)
 all avatars stay under ``max_avatar_bytes``; loads run one at a time, and a cancelled load stops
 reading and hashing at its next step. Messages name package folders relative to the packages
 root, never as absolute server paths.
+
+The cap with gateway workers (``--workers N``): each worker applies ``max_avatar_bytes`` to its
+own avatars, which are the same in every worker, counting what that worker holds or maps
+(`frame_bytes`), memory-mapped or not. So the cap bounds one worker's avatars; the machine holds
+the memory-mapped arrays (frames; crops too with a `CropCache`) once in the page cache for all
+workers, and crops computed into RAM (no cache) once per worker.
+
+Sharing with gateway workers (`share_changes`): a load or unload made on request in one worker
+is made by every other worker before the call returns, and by every worker started later
+(`gateway.worker`, `gateway.workers`).
 """
 from __future__ import annotations
 
@@ -39,7 +53,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -47,15 +61,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.backgrounds import AvatarBackgrounds
+from gateway.crop_cache import CropCache, FaceCrops, compute_crops
 from gateway.errors import FrameOutOfRange, PackageRejected, UnknownAvatar
 from gateway.model_lifecycle import LifecycleSnapshot
 from lipsync.contract import CROP_SIZE, INNER_SIZE, MANIFEST_NAME, NAME_PATTERN, is_avatar_name
-from lipsync.frames import crop_328, inner_320, pingpong_index
+from lipsync.frames import pingpong_index
 from lipsync.package import (
     AvatarPackage,
     PackageError,
     PackageManifest,
-    check_cancel,
     load_package,
     read_manifest,
 )
@@ -66,9 +80,10 @@ MiB = 1 << 20
 
 
 def frame_bytes(video_frames: int, height: int, width: int) -> int:
-    """Bytes an avatar holds in RAM for its frames: the full frames uint8 ``[N, H, W, 3]`` plus
-    the crops ``[N, 328, 328, 3]`` and inner crops ``[N, 320, 320, 3]`` (`prepare_avatar`); the
-    memory-mapped audio features are not counted."""
+    """Bytes of an avatar's frames in this process's memory: the full frames uint8
+    ``[N, H, W, 3]`` plus the crops ``[N, 328, 328, 3]`` and inner crops ``[N, 320, 320, 3]``
+    (`prepare_avatar`), counted whole whether they are in RAM or memory-mapped (module doc: the
+    cap with workers); the memory-mapped audio features are not counted."""
     return video_frames * 3 * (height * width + CROP_SIZE * CROP_SIZE + INNER_SIZE * INNER_SIZE)
 
 
@@ -93,41 +108,6 @@ class ModelRegistry(Protocol):
 
 
 @dataclass
-class AvatarStats:
-    """Per-avatar counters for ``GetStats``: rendered frames and Triton inference time (ms)."""
-
-    total_requests: int = 0
-    errors: int = 0
-    inference_ms_sum: float = 0.0
-    inference_ms_min: float = float("inf")
-    inference_ms_max: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record(self, inference_ms: float) -> None:
-        """Count one rendered frame and its inference time (ms)."""
-        with self._lock:
-            self.total_requests += 1
-            self.inference_ms_sum += inference_ms
-            self.inference_ms_min = min(self.inference_ms_min, inference_ms)
-            self.inference_ms_max = max(self.inference_ms_max, inference_ms)
-
-    def record_error(self) -> None:
-        """Count one failed frame."""
-        with self._lock:
-            self.errors += 1
-
-    @property
-    def avg_inference_ms(self) -> float:
-        """Mean inference time (ms); 0 before the first frame."""
-        return self.inference_ms_sum / self.total_requests if self.total_requests else 0.0
-
-    @property
-    def min_inference_ms(self) -> float:
-        """Smallest inference time (ms); 0 before the first frame."""
-        return self.inference_ms_min if self.total_requests else 0.0
-
-
-@dataclass
 class Avatar:
     """One preloaded avatar.
 
@@ -140,7 +120,6 @@ class Avatar:
         rects: int32 ``[N, 4]`` crop rectangles ``(x1, y1, x2, y2)`` px.
         features: float32 ``[M, 512]`` read-only memmap (padded ``aud_ave.npy``).
         init_ms: time spent loading and precomputing (ms).
-        stats: its rendered-frame counters.
         backgrounds: the video frames' JPEGs split for splicing (None: not built).
     """
 
@@ -152,7 +131,6 @@ class Avatar:
     rects: NDArray[np.int32]
     features: NDArray[np.float32]
     init_ms: float
-    stats: AvatarStats = field(default_factory=AvatarStats)
     backgrounds: AvatarBackgrounds | None = None
 
     @property
@@ -219,7 +197,7 @@ class Avatar:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of frames and crops this avatar holds (`frame_bytes`)."""
+        """Bytes of frames and crops this avatar holds or maps (`frame_bytes`)."""
         return int(self.package.frames.nbytes + self.crops.nbytes + self.inners.nbytes)
 
     def rect(self, video_index: int) -> tuple[float, float, float, float]:
@@ -229,13 +207,18 @@ class Avatar:
 
 
 def prepare_avatar(
-    package: AvatarPackage, name: str | None = None, cancel: threading.Event | None = None
+    package: AvatarPackage,
+    name: str | None = None,
+    crops: FaceCrops | None = None,
+    cancel: threading.Event | None = None,
 ) -> Avatar:
-    """Precompute the per-frame crops of a loaded package (CPU work, no Triton).
+    """Make an `Avatar` of a loaded package with its per-frame crops (CPU work, no Triton).
 
     Args:
         package: a package from `load_package`.
         name: name to serve it under (default: ``manifest.name``).
+        crops: its crops from a `gateway.crop_cache.CropCache` (default: computed here,
+            `gateway.crop_cache.compute_crops`).
         cancel: when set (by another thread), stop before the next frame (`LoadCancelled`).
 
     Returns:
@@ -243,26 +226,11 @@ def prepare_avatar(
         ``[N, 320, 320, 3]``.
 
     Raises:
-        PackageRejected: no frames, or rectangles the crop math refuses.
+        PackageRejected: no frames, rectangles the crop math refuses, or no feature rows.
     """
     t0 = time.perf_counter()
-    frames = package.frames
-    rects = np.asarray(package.rects, dtype=np.int32)
-    n = int(frames.shape[0])
-    if n == 0 or rects.shape != (n, 4):
-        raise PackageRejected(
-            f"package {package.name!r} has {n} frames and rects of shape {list(rects.shape)}; "
-            f"need at least one frame and rects [N, 4]"
-        )
-    crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-    inners = np.empty((n, INNER_SIZE, INNER_SIZE, 3), dtype=np.uint8)
-    for v in range(n):
-        check_cancel(cancel, f"at frame {v} of {n}")
-        try:
-            crops[v] = crop_328(frames[v], rects[v])
-        except ValueError as exc:
-            raise PackageRejected(f"package {package.name!r}, frame {v}: {exc}") from exc
-        inners[v] = inner_320(crops[v])
+    if crops is None:
+        crops = compute_crops(package, cancel)
     features = package.features
     if features.ndim != 2 or features.shape[0] == 0:
         raise PackageRejected(f"package {package.name!r} has features of shape {list(features.shape)}")
@@ -270,12 +238,27 @@ def prepare_avatar(
         name=name or package.manifest.name,
         model=package.manifest.model_name,
         package=package,
-        crops=crops,
-        inners=inners,
-        rects=rects,
+        crops=crops.crops,
+        inners=crops.inners,
+        rects=np.asarray(package.rects, dtype=np.int32),
         features=features,
         init_ms=(time.perf_counter() - t0) * 1e3,
     )
+
+
+class ChangeSharing(Protocol):
+    """Where a store reports the avatars loaded and unloaded on request
+    (`AvatarStore.share_changes`): the link of a gateway worker to its supervisor, which has
+    every other worker, and every worker started later, make the same change (`gateway.worker`)."""
+
+    async def loaded(self, package_dir: Path, name: str) -> None:
+        """``package_dir`` (resolved) was loaded as avatar ``name``; returns once the other
+        workers serve it too."""
+        ...
+
+    async def unloaded(self, name: str) -> None:
+        """Avatar ``name`` was unloaded; returns once the other workers stopped serving it too."""
+        ...
 
 
 class AvatarStore:
@@ -285,6 +268,8 @@ class AvatarStore:
         packages_root: folder holding one package folder per avatar; `LoadPackage` paths must
             resolve inside it.
         lifecycle: the model registry (None: no model registration, for offline use).
+        crop_cache: where the avatars' crops are computed once and memory-mapped from (None:
+            each avatar's crops are computed into this process's RAM).
         max_avatar_bytes: cap on `Avatar.held_bytes` summed over the avatars (None: no cap).
         backgrounds: builds an avatar's `AvatarBackgrounds` in the loading thread (None: none
             built); a `ValueError` from it refuses the package.
@@ -294,6 +279,7 @@ class AvatarStore:
         self,
         packages_root: Path,
         lifecycle: ModelRegistry | None,
+        crop_cache: CropCache | None = None,
         max_avatar_bytes: int | None = None,
         *,
         backgrounds: Callable[[Avatar], AvatarBackgrounds] | None = None,
@@ -302,6 +288,8 @@ class AvatarStore:
         self.max_avatar_bytes = max_avatar_bytes
         self._lifecycle = lifecycle
         self._backgrounds = backgrounds
+        self._crop_cache = crop_cache
+        self._sharing: ChangeSharing | None = None
         self._avatars: dict[str, Avatar] = {}
         self._aliases: dict[str, str] = {}
         self._subscribers: list[Callable[[], None]] = []
@@ -310,6 +298,11 @@ class AvatarStore:
     def subscribe(self, subscriber: Callable[[], None]) -> None:
         """Call ``subscriber()`` after every change of the set of avatars."""
         self._subscribers.append(subscriber)
+
+    def share_changes(self, sharing: ChangeSharing) -> None:
+        """From now on, tell ``sharing`` of every `load` and `unload` with ``share=True`` (the
+        default)."""
+        self._sharing = sharing
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> Avatar:
@@ -382,7 +375,12 @@ class AvatarStore:
         return resolved
 
     async def load(
-        self, package_dir: str | Path, name: str | None = None, *, replace: bool = False
+        self,
+        package_dir: str | Path,
+        name: str | None = None,
+        *,
+        replace: bool = False,
+        share: bool = True,
     ) -> Avatar:
         """Load (or reload) one package and register its model with Triton (module doc: rules).
 
@@ -394,6 +392,9 @@ class AvatarStore:
             package_dir: path of the package, absolute or relative to the packages root.
             name: name to serve it under (default: the manifest's name).
             replace: allow replacing an avatar of that name loaded from another folder.
+            share: tell the `ChangeSharing` given to `share_changes`, if any, and wait until
+                the other workers have the package too (False for what every worker loads by
+                itself: `load_all`, and the changes another worker shared).
 
         Returns:
             The new `Avatar`, serving when this returns (if Triton is down, its model is
@@ -414,7 +415,8 @@ class AvatarStore:
                 package = load_package(path, cancel=cancel)
                 if package.manifest != manifest:
                     raise PackageError("the package changed while it was loaded; load it again")
-                avatar = prepare_avatar(package, name or manifest.name, cancel)
+                crops = self._crop_cache.crops(package, cancel) if self._crop_cache is not None else None
+                avatar = prepare_avatar(package, name or manifest.name, crops, cancel)
                 if self._backgrounds is not None:
                     try:
                         avatar.backgrounds = self._backgrounds(avatar)
@@ -440,8 +442,6 @@ class AvatarStore:
                 await self._register_model(self._lifecycle, avatar, path)
             avatar.init_ms = (time.perf_counter() - t0) * 1e3
             old = self._avatars.get(avatar.name)
-            if old is not None:
-                avatar.stats = old.stats
             self._avatars[avatar.name] = avatar
             if old is not None and old.model != avatar.model:
                 self._release_model(old.model)
@@ -455,6 +455,8 @@ class AvatarStore:
         )
         if not avatar.trained:
             log.warning("avatar %r uses UNTRAINED weights: the mouth region will be noise", avatar.name)
+        if share and self._sharing is not None:
+            await self._sharing.loaded(path, avatar.name)
         return avatar
 
     def _check_load(self, path: Path, name: str, *, replace: bool) -> None:
@@ -510,10 +512,15 @@ class AvatarStore:
         if self._lifecycle is not None:
             self._lifecycle.unregister(model)
 
-    def unload(self, name: str) -> Avatar:
+    async def unload(self, name: str, *, share: bool = True) -> Avatar:
         """Stop serving the avatar ``name`` (frames in flight finish; its memory is freed once
         they are done). Its Triton model stays loaded in Triton but is no longer required for
         readiness, unless another avatar uses it.
+
+        Args:
+            name: the avatar (its Triton model name works too).
+            share: tell the `ChangeSharing` given to `share_changes`, if any, and wait until the
+                other workers stopped serving it too (False for a change another worker shared).
 
         Returns:
             The avatar removed.
@@ -527,6 +534,8 @@ class AvatarStore:
         for subscriber in self._subscribers:
             subscriber()
         log.info("avatar %r unloaded (%.0f MiB of frames released)", avatar.name, avatar.held_bytes / MiB)
+        if share and self._sharing is not None:
+            await self._sharing.unloaded(avatar.name)
         return avatar
 
     async def _register_model(self, lifecycle: ModelRegistry, avatar: Avatar, path: Path) -> None:
@@ -569,7 +578,7 @@ class AvatarStore:
             if not (child / MANIFEST_NAME).is_file():
                 continue
             try:
-                loaded.append(await self.load(child))
+                loaded.append(await self.load(child, share=False))
             except PackageRejected as exc:
                 log.error("skipping %s: %s", child, exc.message)
         if not loaded:

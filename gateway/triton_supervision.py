@@ -2,9 +2,10 @@
 running (`lipsync up`, `lipsync.triton_supervisor`): restarts in /metrics, in /readyz, and the
 "model server restarting" reason the web page shows instead of a wall of errors.
 
-The supervisor runs in a thread of its own and calls back from it (`SupervisorView.subscribe`).
-Only the Prometheus series are updated there (they are thread-safe); everything else reads
-`SupervisorView.status()`, a thread-safe snapshot, when asked. ``lipsync gateway`` (Triton run
+The series are computed from `SupervisorView.status()`, a thread-safe snapshot, at each scrape
+(a collector of the gateway's `scrape_registry`), as is everything else; so with several gateway
+workers each shows the supervisor's own counts once (a worker's view is relayed by the
+supervisor of the workers, `gateway.worker.RelayedSupervisorView`). ``lipsync gateway`` (Triton run
 by someone else) has no supervisor: the gateway then has no `TritonSupervision` and none of this
 appears.
 
@@ -23,14 +24,19 @@ it. The gateway tells `note_ready` when it is ready (`GatewayContext.watch_ready
 """
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Info
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
 
-from lipsync.triton_supervisor import SupervisorState, SupervisorStatus, SupervisorView
+from lipsync.triton_supervisor import SupervisorState, SupervisorView
 
 
 class TritonSupervision:
@@ -45,39 +51,29 @@ class TritonSupervision:
 
     def __init__(self, supervisor: SupervisorView, registry: CollectorRegistry) -> None:
         self.supervisor = supervisor
-        self.restarts = Counter(
+        self._ready_at = 0.0  # when the gateway was last seen ready, Unix time (s)
+        self._registry: CollectorRegistry | None = registry
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        """The series (module doc), from the supervisor's status now."""
+        status = self.supervisor.status()
+        yield CounterMetricFamily(
             "lipsync_gateway_triton_restarts",
             "Starts of the supervised tritonserver after the first one (lipsync up)",
-            registry=registry,
+            value=status.restarts,
         )
-        self.state = Enum(
+        yield StateSetMetricFamily(
             "lipsync_gateway_triton_supervisor_state",
             "State of the supervisor of tritonserver (lipsync up)",
-            states=[s.value for s in SupervisorState],
-            registry=registry,
+            value={s.value: s is status.state for s in SupervisorState},
         )
-        self.last_exit = Info(
-            "lipsync_gateway_triton_last_exit",
-            "How the supervised tritonserver's last run ended (lipsync up)",
-            registry=registry,
-        )
-        self._lock = threading.Lock()
-        self._counted = 0
-        self._ready_at = 0.0  # when the gateway was last seen ready, Unix time (s)
-        self._unsubscribe: Callable[[], None] | None = supervisor.subscribe(self._on_status)
-        self._on_status(supervisor.status())
-
-    def _on_status(self, status: SupervisorStatus) -> None:
-        """Update the series (the supervisor's thread, or the constructor's)."""
-        with self._lock:
-            if status.restarts > self._counted:
-                self.restarts.inc(status.restarts - self._counted)
-                self._counted = status.restarts
-            self.state.state(status.state.value)
-            if status.last_exit is not None:
-                self.last_exit.info(
-                    {"reason": status.last_exit.reason, "returncode": str(status.last_exit.returncode)}
-                )
+        if status.last_exit is not None:
+            yield InfoMetricFamily(
+                "lipsync_gateway_triton_last_exit",
+                "How the supervised tritonserver's last run ended (lipsync up)",
+                value={"reason": status.last_exit.reason, "returncode": str(status.last_exit.returncode)},
+            )
 
     def note_ready(self, ready: bool) -> None:
         """The gateway's readiness changed (a `GatewayContext.watch_ready` watcher)."""
@@ -118,7 +114,7 @@ class TritonSupervision:
         return {**self.supervisor.status().to_json(), "restarting": self.restarting(gateway_ready)}
 
     def close(self) -> None:
-        """Stop following the supervisor."""
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        """Take the series out of the registry."""
+        if self._registry is not None:
+            self._registry.unregister(self)
+            self._registry = None

@@ -6,7 +6,7 @@ with no per-frame disk I/O or parsing (the format is written down in `packages/R
 | file            | content                                                                 |
 | --------------- | ----------------------------------------------------------------------- |
 | `manifest.json` | `PackageManifest` (this module), written last                            |
-| `frames.npy`    | u8[N, H, W, 3] BGR full video frames at `fps`, read into RAM at load     |
+| `frames.npy`    | u8[N, H, W, 3] BGR full video frames at `fps`, memory-mapped read-only   |
 | `rects.npy`     | i32[N, 4] crop rectangles (x1, y1, x2, y2) in px, square, inside the frame |
 | `landmarks.npy` | f32[N, 68, 2] face landmarks (x, y) in px (dlib 68-point scheme)         |
 | `aud_ave.npy`   | f32[M, 512] padded audio features (docs/REFERENCE.md s.4), memory-mapped     |
@@ -184,7 +184,8 @@ class AvatarPackage:
     Attributes:
         root: the package folder (resolved, absolute).
         manifest: the validated manifest.
-        frames: u8[N, H, W, 3] BGR full frames, in RAM, read-only.
+        frames: u8[N, H, W, 3] BGR full frames, read-only `np.memmap` (gateway workers
+            share one copy in the page cache).
         rects: i32[N, 4] (x1, y1, x2, y2) px, square, `0 <= x1 < x2 <= W`, `0 <= y1 < y2 <= H`.
         landmarks: f32[N, 68, 2] (x, y) px.
         features: f32[M, 512] `aud_ave.npy`, read-only `np.memmap`.
@@ -384,13 +385,27 @@ def _check_audio(path: Path, m: PackageManifest) -> None:
         raise PackageError(f"{where}: expected {m.audio_samples} samples (manifest), found {n}")
 
 
+MEMORY_MAPPED = frozenset({"frames", "features"})
+"""The arrays `load_package` memory-maps read-only (the large ones) instead of reading."""
+
+
+def _same_file(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether two `os.stat` results are of the same, unchanged file (inode, size, mtime)."""
+    return (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == (
+        after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns
+    )
+
+
 def load_package(
     path: Path | str, *, verify_checksums: bool = True, cancel: threading.Event | None = None
 ) -> AvatarPackage:
     """Load and validate an avatar package folder.
 
-    Frames, rectangles and landmarks are read into RAM (read-only arrays); `aud_ave.npy` is
-    memory-mapped read-only. Nothing is returned unless every check passes.
+    Rectangles and landmarks are read into RAM (read-only arrays); `frames.npy` and
+    `aud_ave.npy` are memory-mapped read-only (`MEMORY_MAPPED`), so the processes serving one
+    package (gateway workers) share one copy in the page cache; a mapped file is checked not to
+    have changed since it was hashed (publication replaces a package folder by renaming it,
+    never by rewriting its files in place). Nothing is returned unless every check passes.
 
     Checks, in order: the folder and `manifest.json` exist; the manifest is JSON, has
     `format_version` 1 and matches `PackageManifest`; every file path stays inside the folder
@@ -417,12 +432,14 @@ def load_package(
     m = _read_manifest(root)
 
     files: dict[str, Path] = {}
+    hashed: dict[str, os.stat_result] = {}
     for key in DEFAULT_FILES:
         entry: FileEntry = getattr(m.files, key)
         file_path = _confined(root, entry.path, key)
         if not file_path.is_file():
             raise PackageError(f"{root}: {entry.path} ({key}) is missing")
-        size = file_path.stat().st_size
+        hashed[key] = file_path.stat()
+        size = hashed[key].st_size
         if size != entry.size_bytes:
             raise PackageError(
                 f"{entry.path}: expected {entry.size_bytes} bytes (manifest), found {size} bytes"
@@ -451,12 +468,14 @@ def load_package(
         check_cancel(cancel, f"before reading {where}")
         try:
             arr = np.load(
-                files[key], mmap_mode="r" if key == "features" else None, allow_pickle=False
+                files[key], mmap_mode="r" if key in MEMORY_MAPPED else None, allow_pickle=False
             )
         except (ValueError, OSError) as exc:
             raise PackageError(f"{where}: not a readable .npy array: {exc}") from None
+        if key in MEMORY_MAPPED and not _same_file(hashed[key], files[key].stat()):
+            raise PackageError(f"{where}: the file changed while the package was being loaded")
         _check_array(where, arr, dtype, shape)
-        if key != "features":
+        if key not in MEMORY_MAPPED:
             arr.setflags(write=False)
         arrays[key] = arr
 

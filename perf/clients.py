@@ -109,6 +109,9 @@ class GrpcTransport:
             options=[
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                # its own TCP connection, as a separate client has: channels of one process to
+                # one address otherwise share one, so every stream would reach one gateway worker
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         self._call = lipsync_pb2_grpc.OptimizedLipSyncServiceStub(self._channel).StreamInference()

@@ -28,7 +28,7 @@ pytest_plugins = [
 ]
 
 SLOW_FIXTURES = frozenset({
-    "triton_server", "start_triton", "demo_package", "gateway_server", "start_gateway",
+    "triton_server", "start_triton", "demo_package", "gateway_server", "start_gateway", "served_gateway",
     "untrained_onnx", "untrained_model_repo",
 })
 """Fixtures that start a real tritonserver, build the demo avatar or export ONNX models."""

@@ -61,7 +61,7 @@ def browser() -> Iterator[Any]:
         yield b
 
 
-def test_page_plays_the_demo_avatar(browser: Any, gateway_server: Any, demo_package: Any) -> None:
+def test_page_plays_the_demo_avatar(browser: Any, served_gateway: Any, demo_package: Any) -> None:
     page = browser.new_page()
     problems: list[str] = []
     page.on(
@@ -71,7 +71,7 @@ def test_page_plays_the_demo_avatar(browser: Any, gateway_server: Any, demo_pack
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
     try:
-        page.goto(gateway_server.http_url + "/")
+        page.goto(served_gateway.http_url + "/")
         page.wait_for_function("window.lipsync && window.lipsync.ready === true", timeout=15_000)
         page.select_option("#avatar", "demo")
         trained = demo_package.manifest.weights.trained

@@ -54,8 +54,8 @@ def ort_unet(demo_package: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def stub(gateway_server: Any) -> Any:
-    with grpc.insecure_channel(gateway_server.grpc_address) as channel:
+def stub(served_gateway: Any) -> Any:
+    with grpc.insecure_channel(served_gateway.grpc_address) as channel:
         yield pbg.OptimizedLipSyncServiceStub(channel)
 
 
@@ -189,7 +189,7 @@ def test_stream_inference_answers_50_frames_in_order(stub: Any, demo_package: An
 
 @pytest.mark.triton
 def test_eight_concurrent_streams_are_answered_and_batched(
-    gateway_server: Any, triton_server: Any, demo_package: Any
+    served_gateway: Any, triton_server: Any, demo_package: Any
 ) -> None:
     model = demo_package.manifest.model_name
     inf0, exe0 = settled_counts(triton_server.grpc_url, model)
@@ -199,7 +199,7 @@ def test_eight_concurrent_streams_are_answered_and_batched(
 
     def run(s: int) -> None:
         try:
-            with grpc.insecure_channel(gateway_server.grpc_address) as ch:
+            with grpc.insecure_channel(served_gateway.grpc_address) as ch:
                 reqs = [
                     pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=s * 10 + k)
                     for k in range(per_stream)
@@ -411,7 +411,7 @@ def test_batch_with_audio_frame_ids_past_int32_are_refused_in_band(stub: Any) ->
 
 # ----------------------------------------------------------------------------- info RPCs
 @pytest.mark.triton
-def test_video_frames_metadata_stats_list_health(stub: Any, gateway_server: Any, demo_package: Any) -> None:
+def test_video_frames_metadata_stats_list_health(stub: Any, served_gateway: Any, demo_package: Any) -> None:
     v = 7
     full = stub.GetVideoFrame(pb.GetVideoFrameRequest(model_name=AVATAR, frame_id=v, video_type="full_body"))
     assert full.success and psnr(decode_jpeg(full.frame_data), demo_package.frames[v]) >= 40.0
@@ -447,7 +447,7 @@ def test_video_frames_metadata_stats_list_health(stub: Any, gateway_server: Any,
     health = stub.HealthCheck(pb.HealthRequest())
     assert health.healthy and health.status == "SERVING" and health.loaded_models >= 1
 
-    with grpc.insecure_channel(gateway_server.grpc_address) as ch:
+    with grpc.insecure_channel(served_gateway.grpc_address) as ch:
         std = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
         assert std.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)

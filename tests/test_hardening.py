@@ -209,9 +209,10 @@ def test_get_stats_past_two_to_the_31_frames(make_package: Any) -> None:
 
     async def body(server: GatewayServer, _: FakeTriton) -> None:
         assert server.ctx is not None
-        for name in ("alice", "bob"):
-            stats = server.ctx.store.get(name).stats
-            stats.total_requests, stats.inference_ms_sum = 2**31 + 5, 2.0 * (2**31 + 5)
+        metrics = server.ctx.metrics
+        for name in ("alice", "bob"):  # 2**31 + 5 frames of 2 ms each, in the series GetStats reads
+            metrics.avatar_frames.labels(avatar=name, outcome="ok").inc(2**31 + 5)
+            metrics.avatar_inference.labels(avatar=name).inc(2e-3 * (2**31 + 5))
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = stub_of(channel)
             one = await stub.GetStats(pb.StatsRequest(model_name="alice"))

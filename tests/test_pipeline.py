@@ -91,7 +91,9 @@ def test_render_composites_the_identity_prediction(make_package: Callable[..., P
             np.testing.assert_array_equal(crop[0], avatar.inners[v])
             np.testing.assert_array_equal(window[0], reference_window(np.asarray(avatar.features), frame_id))
         assert counted(ctx)["ok"] == 2 and counted(ctx)["error"] == 0
-        assert avatar.stats.total_requests == 2 and avatar.stats.errors == 0
+        totals = ctx.metrics.avatar_totals(AVATAR, ctx.metrics.snapshot())
+        assert totals.frames == 2 and totals.errors == 0
+        assert 0 < totals.inference_ms_min <= totals.avg_inference_ms <= totals.inference_ms_max
 
     on_fake(make_package, body)
 
@@ -138,7 +140,8 @@ def test_bad_requests_get_precise_errors_counted_once(make_package: Callable[...
             "ok": 0, "error": 6, "unknown_avatar": 1, "frame_out_of_range": 3, "bad_request": 1,
             "overloaded": 0, "triton_unavailable": 1, "internal": 0,
         }
-        assert avatar.stats.errors == 5 and avatar.stats.total_requests == 0
+        totals = ctx.metrics.avatar_totals(AVATAR, ctx.metrics.snapshot())
+        assert totals.errors == 5 and totals.frames == 0 and totals.inference_ms_max == 0
 
     on_fake(make_package, body)
 

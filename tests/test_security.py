@@ -299,7 +299,7 @@ def test_readyz_is_reduced_for_callers_without_the_token(root: Path) -> None:
                 full = await resp.json()
             assert full["triton"]["url"] == "fake-triton:8001" and full["avatars"] == [AVATAR]
             assert server.ctx is not None
-            server.ctx.store.unload(AVATAR)
+            await server.ctx.store.unload(AVATAR)
             async with session.get(f"{server.http_url}/readyz") as resp:
                 assert resp.status == 503 and await resp.json() == {"ready": False, "reason": "no_avatar"}
             async with session.get(f"http://127.0.0.1:{server.health_port}/readyz") as resp:

@@ -116,7 +116,7 @@ def test_package_is_accepted_while_triton_is_down_and_its_model_loads_later(
     run(body)
 
 
-def test_reload_keeps_the_stats_and_paths_outside_the_root_are_refused(
+def test_reload_replaces_the_avatar_and_paths_outside_the_root_are_refused(
     make_package: MakePackage, tmp_path: Path
 ) -> None:
     root = make_package(name="alice").parent
@@ -128,9 +128,8 @@ def test_reload_keeps_the_stats_and_paths_outside_the_root_are_refused(
     async def body() -> None:
         store = store_on(fake, root)
         first = await store.load("alice")
-        first.stats.record(12.0)
         again = await store.load(str(root / "alice"), name="alice")
-        assert again is not first and again.stats.total_requests == 1
+        assert again is not first and store.get("alice") is again
         for path in ("..", "/tmp", "escape", str(outside), "alice/../..", ""):
             with pytest.raises(PackageRejected, match="not inside the packages root"):
                 await store.load(path)
@@ -157,3 +156,41 @@ def test_broken_package_is_skipped_and_rejected_with_the_loaders_reason(make_pac
         assert fake.count("load_model", "lipsync_broken") == 0, "no model for a package that does not load"
 
     run(body)
+
+
+class RecordedSharing:
+    """A `gateway.store.ChangeSharing` that records what the store shares."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, ...]] = []
+
+    async def loaded(self, package_dir: Path, name: str) -> None:
+        self.changes.append(("loaded", str(package_dir), name))
+
+    async def unloaded(self, name: str) -> None:
+        self.changes.append(("unloaded", name))
+
+
+def test_loads_and_unloads_on_request_are_shared_with_the_served_name(make_package: MakePackage) -> None:
+    """What a gateway worker tells its supervisor (`gateway.worker`): a load on request with the
+    resolved folder and the name served (the manifest's when none was asked for), an unload by
+    the avatar's name (its model name works too); the packages root and changes applied for
+    another worker (``share=False``) are not shared again."""
+    root = make_package(name="alice").parent
+    make_package(name="bob")
+    fake = fake_triton("lipsync_alice", "lipsync_bob")
+    sharing = RecordedSharing()
+
+    async def body() -> None:
+        store = store_on(fake, root)
+        store.share_changes(sharing)
+        await store.load_all()
+        assert sharing.changes == []
+        await store.load("bob")
+        await store.unload("lipsync_alice")
+        await store.load("alice", share=False)
+        await store.unload("alice", share=False)
+        assert store.names() == ["bob"]
+
+    run(body)
+    assert sharing.changes == [("loaded", str((root / "bob").resolve()), "bob"), ("unloaded", "alice")]

@@ -1,7 +1,7 @@
-"""The binary WebSocket protocol end to end: a real gateway (`gateway_server`) against the real
-CPU tritonserver and the demo avatar. Every bad request gets a clear error reply, and a valid
-request afterwards still succeeds (on the same connection, or on a new one when the server had
-to close it)."""
+"""The binary WebSocket protocol end to end: a real gateway (`served_gateway`: one process, then
+two workers) against the real CPU tritonserver and the demo avatar. Every bad request gets a
+clear error reply, and a valid request afterwards still succeeds (on the same connection, or on
+a new one when the server had to close it)."""
 from __future__ import annotations
 
 import asyncio
@@ -87,8 +87,8 @@ def assert_valid_frame(reply: FrameReply | ErrorReply, frame_id: int, demo_packa
 
 
 @pytest.fixture(scope="module")
-def url(gateway_server: Any) -> str:
-    return gateway_server.http_url
+def url(served_gateway: Any) -> str:
+    return served_gateway.http_url
 
 
 def test_valid_frame_returns_the_composited_full_frame(url: str, demo_package: Any) -> None:
@@ -238,8 +238,8 @@ def too_big_count(http_url: str) -> float:
     return 0.0
 
 
-def test_oversized_messages(url: str, gateway_server: Any) -> None:
-    limit = gateway_server.settings.ws_max_message_bytes
+def test_oversized_messages(url: str, served_gateway: Any) -> None:
+    limit = served_gateway.settings.ws_max_message_bytes
     too_big_before = too_big_count(url)
 
     async def body() -> tuple[Any, ...]:
@@ -271,8 +271,8 @@ def test_oversized_messages(url: str, gateway_server: Any) -> None:
     assert isinstance(fresh, FrameReply)
 
 
-def test_per_connection_limit_answers_overloaded_at_once(url: str, gateway_server: Any) -> None:
-    limit = gateway_server.settings.max_in_flight_per_connection
+def test_per_connection_limit_answers_overloaded_at_once(url: str, served_gateway: Any) -> None:
+    limit = served_gateway.settings.max_in_flight_per_connection
     n = limit + 4
 
     async def body() -> tuple[list[FrameReply | ErrorReply], FrameReply | ErrorReply]:

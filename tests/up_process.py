@@ -4,7 +4,8 @@
 in ``tmp_path/triton.log``); `Up.wait_ready()` waits for ``/readyz`` 200; `Up.children()`
 lists its child processes (to find, kill and check the tritonserver it supervises);
 `Up.stop()` is the teardown that leaves no process behind. `start_gateway_process` starts
-`lipsync gateway` the same way, against a running Triton.
+`lipsync gateway` the same way, against a running Triton (``--workers N``: `worker_pids` finds
+its workers).
 """
 from __future__ import annotations
 
@@ -122,18 +123,39 @@ class GatewayProcess:
         return self.proc.returncode
 
 
+def worker_pids(parent: int) -> list[int]:
+    """The gateway workers (`gateway.workers`) of process ``parent``: its children started by
+    multiprocessing's spawn (not its resource tracker), zombies left out."""
+    pids = []
+    for p in processes():
+        if p.ppid != parent or p.state == "Z":
+            continue
+        try:
+            cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes()
+        except OSError:  # it exited meanwhile
+            continue
+        if b"spawn_main" in cmdline:
+            pids.append(p.pid)
+    return sorted(pids)
+
+
 def start_gateway_process(
-    tmp_path: Path, triton_url: str, packages_root: Path, env: dict[str, str] | None = None
+    tmp_path: Path,
+    triton_url: str,
+    packages_root: Path,
+    env: dict[str, str] | None = None,
+    *flags: str,
 ) -> GatewayProcess:
     """Start ``lipsync gateway`` on loopback and free ports against ``triton_url``, serving
-    ``packages_root``, its output in ``tmp_path/gateway.log`` (environment: `ENV`)."""
+    ``packages_root``, with ``flags`` added to its command line, its output in
+    ``tmp_path/gateway.log`` (environment: `ENV`)."""
     http, grpc_port = free_ports(2)
     log_path = tmp_path / "gateway.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lipsync", "gateway", "--host", "127.0.0.1",
              "--triton-url", triton_url, "--http-port", str(http),
-             "--grpc-port", str(grpc_port), "--packages-root", str(packages_root)],
+             "--grpc-port", str(grpc_port), "--packages-root", str(packages_root), *flags],
             cwd=REPO_ROOT, env=env or ENV, stdout=log_file, stderr=subprocess.STDOUT, text=True,
         )
     return GatewayProcess(proc, log_path, http, grpc_port)

@@ -1,0 +1,238 @@
+"""Memory of the gateway with one process and with several workers: RSS and PSS per process.
+
+    python -m perf.workers_memory                       # ~3 min on 2 cores
+    python -m perf.workers_memory --variant w1: --variant w2:LIPSYNC_WORKERS=2
+
+PSS (proportional set size, ``/proc/<pid>/smaps_rollup``) is the honest figure for processes
+that share pages: a page mapped by k processes counts 1/k in each, so the PSS of a gateway's
+processes add up to the memory it really holds, where their RSS would count the shared avatar
+arrays (``frames.npy`` and the crop cache, memory-mapped: `lipsync.package`,
+`gateway.crop_cache`) and the libraries once per process.
+
+What one run does: the avatars of `perf.capacity` (the 176x144 demo and the 880x720 clip), the
+identity UNet in the real CPU ``tritonserver`` (`perf.identity_unet`), then for each variant in
+turn (one gateway at a time, so no other gateway shares its pages): start ``lipsync gateway``
+with the variant's ``LIPSYNC_*`` environment, send every servable frame of each avatar over 8
+gRPC streams and 8 WebSocket streams (each stream walks every frame id, so every worker touches
+every video frame's arrays, as a long-running gateway does), read ``smaps_rollup`` of each of
+its processes, stop it. The default variants: one process and two workers, each with the crop
+cache (the default) and with the crops computed into each process's RAM
+(``LIPSYNC_CROP_CACHE_DIR=`` empty, what every worker held before the cache).
+
+Writes ``perf/results/workers_memory.md`` and ``.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from perf import report
+from perf.capacity import (
+    SCRATCH,
+    SMALL_AVATAR,
+    AvatarInfo,
+    audio_encoder_onnx,
+    load_config,
+    prepare_avatars,
+)
+from perf.capacity_report import Variant, parse_variant
+from perf.procstat import ProcessTree
+from perf.servers import GatewayHandle, start_gateway
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VARIANTS = (
+    "w1-ram:LIPSYNC_CROP_CACHE_DIR=",
+    "w1:",
+    "w2-ram:LIPSYNC_WORKERS=2,LIPSYNC_CROP_CACHE_DIR=",
+    "w2:LIPSYNC_WORKERS=2",
+)
+"""One process and two workers, with the crops in each process's RAM and memory-mapped."""
+
+_FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Shared_Clean", "Private_Dirty")
+MIB = 1024.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessMemory:
+    """``smaps_rollup`` of one process of a gateway (MiB)."""
+
+    variant: str
+    pid: int
+    role: str
+    rss: float
+    pss: float
+    pss_anon: float
+    pss_file: float
+    shared_clean: float
+    private_dirty: float
+
+
+def smaps_rollup(pid: int) -> dict[str, float]:
+    """The fields of ``/proc/<pid>/smaps_rollup`` in `_FIELDS`, MiB."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        if key in _FIELDS:
+            values[key] = int(rest.split()[0]) / MIB
+    return values
+
+
+def role_of(pid: int, root: int, tree: Sequence[int]) -> str:
+    """``gateway`` (one process), ``supervisor`` (the workers' parent), ``worker``, ``resource
+    tracker`` (multiprocessing's) or ``other``."""
+    if pid == root:
+        return "gateway" if len(tree) == 1 else "supervisor"
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    if b"spawn_main" in cmdline:
+        return "worker"
+    return "resource tracker" if b"resource_tracker" in cmdline else "other"
+
+
+def measure(variant: str, gw: GatewayHandle) -> list[ProcessMemory]:
+    """``smaps_rollup`` of every process of the gateway's tree now."""
+    tree = ProcessTree(gw.pid).pids()
+    out = []
+    for pid in tree:
+        v = smaps_rollup(pid)
+        out.append(ProcessMemory(
+            variant, pid, role_of(pid, gw.pid, tree), v["Rss"], v["Pss"], v["Pss_Anon"],
+            v["Pss_File"], v["Shared_Clean"], v["Private_Dirty"],
+        ))
+    return out
+
+
+def touch_every_frame(gw: GatewayHandle, avatars: Sequence[AvatarInfo], timeout_s: float) -> None:
+    """Every servable frame of each avatar over 8 gRPC and 8 WebSocket streams (module doc).
+
+    Raises:
+        RuntimeError: a frame failed.
+    """
+    from perf.capacity import Grid
+    from perf.loadgen import run_load
+
+    grid = Grid(avatars=(), targets=(), streams=(8,), frames=0, rounds=1, window=1,
+                verify_every=0, warmup_frames=0)
+    for avatar in avatars:
+        for target in ("grpc", "ws"):
+            config = load_config(gw, avatar, target, 8, avatar.feature_rows, grid, timeout_s,
+                                 f"{avatar.name} {target}", 0)
+            summary, _ = asyncio.run(run_load(config, progress=False))
+            if summary.errors:
+                raise RuntimeError(
+                    f"{config.label}: {summary.errors} errors, e.g. {summary.error_samples[:2]}"
+                )
+
+
+@contextlib.contextmanager
+def identity_triton(scratch: Path, avatars: Sequence[str]) -> Iterator[str]:
+    """The real CPU tritonserver on the identity repository; yields its gRPC URL."""
+    from lipsync.paths import MODEL_REPOSITORY_CPU
+    from lipsync.triton_local import TritonServer, free_ports
+    from perf.identity_unet import write_identity_repository
+
+    repo = scratch / "model_repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    write_identity_repository(repo, avatars, audio_encoder_onnx([MODEL_REPOSITORY_CPU]))
+    http, grpc_port, metrics = free_ports(3)
+    triton = TritonServer(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+                          log_file=scratch / "triton.log")
+    triton.start(timeout_s=300)
+    try:
+        yield triton.grpc_url
+    finally:
+        triton.stop()
+
+
+def render(rows: Sequence[ProcessMemory], variants: Sequence[Variant], avatars: Sequence[AvatarInfo],
+           command: str) -> list[str]:
+    """The markdown report."""
+    lines = report.header("Gateway memory: one process vs workers (RSS and PSS)", command=command)
+    lines += [
+        "- avatars: " + ", ".join(a.label for a in avatars) + "; every servable frame of each sent "
+        "over 8 gRPC and 8 WebSocket streams before the reading (so every worker touched every "
+        "video frame's arrays)",
+        "- PSS: a page mapped by k processes counts 1/k in each (the sum over a gateway's "
+        "processes is what it holds); Pss_File: mapped files (libraries, `frames.npy`, the crop "
+        "cache); Pss_Anon: the process's own memory (heap, computed crops)",
+        "- one gateway at a time, so no other gateway shares its pages",
+        "",
+        "## Variants",
+        "",
+        *report.markdown_table(["variant", "gateway environment"],
+                               [[v.name, f"`{v.env_text}`"] for v in variants]),
+        "",
+        "## Per process (MiB)",
+        "",
+        *report.markdown_table(
+            ["variant", "process", "pid", "RSS", "PSS", "PSS anon", "PSS file", "shared clean",
+             "private dirty"],
+            [[r.variant, r.role, r.pid, r.rss, r.pss, r.pss_anon, r.pss_file, r.shared_clean,
+              r.private_dirty] for r in rows]),
+        "",
+        "## Per gateway (MiB)",
+        "",
+    ]
+    table = []
+    for v in variants:
+        mine = [r for r in rows if r.variant == v.name]
+        workers = [r for r in mine if r.role in ("worker", "gateway")]
+        table.append([v.name, len(workers), sum(r.pss for r in mine),
+                      sum(r.pss for r in workers) / max(len(workers), 1),
+                      sum(r.rss for r in workers) / max(len(workers), 1)])
+    lines += report.markdown_table(
+        ["variant", "serving processes", "PSS, all processes", "PSS per serving process",
+         "RSS per serving process"], table)
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the variants one after the other and write the report (module doc)."""
+    from lipsync.log import setup_logging
+    from perf import micro_720p
+
+    setup_logging()
+    p = argparse.ArgumentParser(prog="python -m perf.workers_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", dest="variants", action="append", type=parse_variant, default=None,
+                   metavar="NAME:ENV",
+                   help="a gateway variant (repeat); default: " + " ".join(DEFAULT_VARIANTS))
+    p.add_argument("--avatars", nargs="+", default=[SMALL_AVATAR, micro_720p.AVATAR])
+    p.add_argument("--timeout", type=float, default=120.0, help="per-frame deadline, s")
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR / "workers_memory.md")
+    args = p.parse_args(argv)
+    variants: list[Variant] = args.variants or [parse_variant(v) for v in DEFAULT_VARIANTS]
+    scratch = SCRATCH.parent / "workers_memory"
+    scratch.mkdir(parents=True, exist_ok=True)
+    packages_root, infos = prepare_avatars(scratch, args.avatars)
+    avatars = [infos[a] for a in args.avatars]
+    rows: list[ProcessMemory] = []
+    with identity_triton(scratch, args.avatars) as triton_url:
+        for v in variants:
+            with start_gateway(triton_url, packages_root, scratch, args.timeout, extra_env=dict(v.env),
+                               name=f"gateway-{v.name}", ready_timeout_s=300) as gw:
+                touch_every_frame(gw, avatars, args.timeout)
+                measured = measure(v.name, gw)
+                rows += measured
+                summary = ", ".join(f"{r.role} {r.pid} PSS {r.pss:.0f} MiB" for r in measured)
+                log.info("%s: %s", v.name, summary)
+    given = list(argv) if argv is not None else sys.argv[1:]
+    command = " ".join(["python -m perf.workers_memory", shlex.join(given)]).strip()
+    report.write_text(args.out, render(rows, variants, avatars, command))
+    report.write_json(args.out.with_suffix(".json"), [asdict(r) for r in rows])
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
