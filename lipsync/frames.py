@@ -243,8 +243,10 @@ def paste_back_region(
     """Paste back (docs/REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
 
     The result equals ``paste_back(frame, rect, crop328, pred320)[y0:y1, x0:x1]`` exactly; it
-    copies only the region (e.g. the MCU-aligned rectangle of `lipsync.jpeg_splice.aligned_rect`
-    around the face rectangle), so its cost does not grow with the frame size.
+    touches only the region (e.g. the MCU-aligned rectangle of `lipsync.jpeg_splice.aligned_rect`
+    around the face rectangle), so its cost does not grow with the frame size: the frame's
+    pixels around the face rectangle are copied, the face patch is resized straight into the
+    rectangle (`face_patch` ``out=``).
 
     Args:
         frame: full frame, uint8 ``[H, W, 3]`` BGR (not modified).
@@ -269,7 +271,12 @@ def paste_back_region(
             f"region (x0={rx0}, y0={ry0}, x1={rx1}, y1={ry1}) does not contain the face "
             f"rectangle (x1={x1}, y1={y1}, x2={x2}, y2={y2})"
         )
-    out = frame[ry0:ry1, rx0:rx1].copy()
+    out = np.empty((ry1 - ry0, rx1 - rx0, 3), np.uint8)
+    # the frame's pixels around the face rectangle (the rectangle itself is overwritten below)
+    out[: y1 - ry0] = frame[ry0:y1, rx0:rx1]
+    out[y2 - ry0 :] = frame[y2:ry1, rx0:rx1]
+    out[y1 - ry0 : y2 - ry0, : x1 - rx0] = frame[y1:y2, rx0:x1]
+    out[y1 - ry0 : y2 - ry0, x2 - rx0 :] = frame[y1:y2, x2:rx1]
     face_patch(crop328, pred320, x2 - x1, y2 - y1, scratch=scratch,
                out=out[y1 - ry0 : y2 - ry0, x1 - rx0 : x2 - rx0])
     return out
