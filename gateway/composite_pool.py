@@ -6,7 +6,7 @@ With ``loop.run_in_executor`` on a `concurrent.futures.ThreadPoolExecutor` each 
 thread-count check, an asyncio future chained to it by two callbacks, and one write to the
 event loop's self-pipe per finished job (one wake-up and read of the loop each); on a
 2-core host, at 500 frames/s, that was about 4 % of the event loop's samples and 6 % of the
-pool's (`perf/results/capacity_issue9.md`, py-spy; issue 9). `CompositePool.run` instead:
+pool's (py-spy of the gateway under ``perf.capacity``'s 880x720 load; issue 9). `CompositePool.run` instead:
 
 1. puts ``(function, arguments, asyncio future)`` on a `queue.SimpleQueue` (no lock of ours);
 2. a pool thread runs the function unless the future was cancelled meanwhile (its client went
@@ -136,9 +136,13 @@ class CompositePool(Executor):
             if done.cancelled():  # read across threads: at worst a cancelled frame is composited
                 continue
             try:
-                self._deliver(done, job.fn(*job.args), None)
+                result = job.fn(*job.args)
+            except StopIteration as exc:  # an asyncio future refuses it (as run_in_executor's does)
+                self._deliver(done, None, RuntimeError(f"StopIteration raised in a pool job: {exc!r}"))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self._deliver(done, None, exc)
+            else:
+                self._deliver(done, result, None)
 
     def _deliver(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
         """Queue an outcome; wake the loop unless a wake-up is pending already (module doc)."""
