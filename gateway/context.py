@@ -9,14 +9,15 @@ pool routes the pipeline's calls over them and keeps every avatar's model loaded
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
 from gateway.batching import CoalescingInference
+from gateway.composite_pool import CompositePool
 from gateway.compositor import Compositor, JpegMode
 from gateway.config import GatewaySettings
 from gateway.crop_cache import CropCache
@@ -57,7 +58,7 @@ class GatewayContext:
         supervision: the supervisor of the gateway's tritonserver as the gateway shows it
             (``lipsync up``), None when Triton is run by someone else (``lipsync gateway``).
         live: the live sessions (issue 10), served by both transports.
-        executor: thread pool for paste back + JPEG.
+        executor: the threads for paste back + JPEG (`gateway.composite_pool`).
         started_at: wall-clock start (``time.time()``, s).
         peers: the per-peer in-flight cap (`gateway.limits.PeerLimiter`).
         aux: bounded work beside frame rendering and its pool (`gateway.limits.AuxiliaryWork`).
@@ -71,7 +72,7 @@ class GatewayContext:
     malformed: MalformedInput
     supervision: TritonSupervision | None
     live: LiveSessions
-    executor: ThreadPoolExecutor
+    executor: CompositePool
     started_at: float
     peers: PeerLimiter
     aux: AuxiliaryWork
@@ -140,7 +141,7 @@ class GatewayContext:
         except BaseException:  # do not leave the probe tasks and the channels behind
             await pool.close()
             raise
-        executor = ThreadPoolExecutor(max_workers=settings.jpeg_threads, thread_name_prefix="composite")
+        executor = CompositePool(settings.jpeg_threads, "composite", asyncio.get_running_loop())
         aux = AuxiliaryWork.create(settings.aux_threads, settings.max_aux_in_flight, metrics)
         unet: InferenceClient = (
             CoalescingInference(pool, pool.max_batch_size) if settings.triton_coalesce else pool

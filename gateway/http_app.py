@@ -180,6 +180,7 @@ class _WsConnection:
         self.malformed = ctx.malformed
         self.pipeline = ctx.pipeline
         self.messages = ctx.metrics.ws_messages
+        self._binary_messages = self.messages.labels(kind="binary")  # per message: no labels() lookup
         self.limiter = ctx.new_connection_limiter(peer_address(request.remote or ""))
         self.sender = request.app[WS_GATE_KEY].sender(ws, request)
         self.max_bytes = ctx.settings.ws_max_message_bytes
@@ -229,7 +230,7 @@ class _WsConnection:
                 started=started,
             )
             return
-        self.messages.labels(kind="binary").inc()
+        self._binary_messages.inc()
         try:
             wire = decode_request(data, max_name_bytes=MAX_NAME_BYTES, max_audio_bytes=self.max_bytes)
         except ProtocolError as exc:

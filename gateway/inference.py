@@ -78,21 +78,59 @@ class GuardedInference:
     async def _guarded(self, model: str, request: Callable[[], Awaitable[R]]) -> R:
         """Send ``request()`` if the lifecycle admits ``model``; abort it if Triton goes down first.
 
+        The request runs in the caller's task (no task and no `asyncio.wait` per call: this is
+        on every Triton call of the event loop, issue 9); the outage signal's callback cancels
+        that task, and the cancellation it caused is taken back (``Task.uncancel``) and
+        answered with `TritonEndpointDown`. A cancellation from elsewhere (the caller went
+        away) propagates as before.
+
         Raises:
             TritonUnavailable: not admitted, or the request failed (`TritonEndpointDown` when
                 its connection failed or Triton went down meanwhile).
         """
         outage = self.lifecycle.admit(model)
-        call = asyncio.ensure_future(request())
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("GuardedInference must be called from a task")
+        state = _Race()
+
+        def abort(_: asyncio.Future[str]) -> None:
+            if not state.finished:  # scheduled before the request ended, run after: too late
+                state.aborted = True
+                task.cancel()
+
+        outage.add_done_callback(abort)
         try:
-            await asyncio.wait((call, outage), return_when=asyncio.FIRST_COMPLETED)
-            if not call.done():
-                call.cancel()
-                raise TritonEndpointDown(f"Triton went down while {model!r} was inferring: {outage.result()}")
-            return call.result()
+            try:
+                result = await request()
+            except BaseException as exc:
+                if not state.aborted:
+                    raise
+                if task.uncancel() > 0 and isinstance(exc, asyncio.CancelledError):
+                    raise  # cancelled from elsewhere too: the caller's cancellation wins
+                raise self._down(model, outage) from None
+            if state.aborted:  # the request ended anyway (it swallowed the cancellation)
+                task.uncancel()
+                raise self._down(model, outage)
+            return result
         except TritonUnavailable:
             self.lifecycle.wake()
             raise
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
+        finally:
+            state.finished = True
+            outage.remove_done_callback(abort)
+
+    @staticmethod
+    def _down(model: str, outage: asyncio.Future[str]) -> TritonEndpointDown:
+        return TritonEndpointDown(f"Triton went down while {model!r} was inferring: {outage.result()}")
+
+
+class _Race:
+    """`GuardedInference._guarded`'s state: whether the outage aborted the request, and
+    whether the request is over (a late outage callback must not cancel the task then)."""
+
+    __slots__ = ("aborted", "finished")
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.finished = False

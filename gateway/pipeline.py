@@ -17,8 +17,8 @@ call `FramePipeline.render`, which runs these stages (live sessions call
    concurrently so Triton's dynamic batcher batches them.
 4. **composite** (``composite_ms``): paste back (s.2 step 8) + JPEG encode
    (`gateway.compositor.Compositor`: spliced or full; of the whole frame, or of the crop
-   rectangle's pixels alone for ``FrameRequest.output == "face"``), one call run in a
-   `ThreadPoolExecutor` so the event loop never blocks; it is the wall time of that step,
+   rectangle's pixels alone for ``FrameRequest.output == "face"``), one call run in the
+   `gateway.composite_pool.CompositePool` so the event loop never blocks; it is the wall time of that step,
    thread-pool wait included; the ``paste`` and ``jpeg`` histograms split it (measured in the
    thread).
 
@@ -39,13 +39,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.composite_pool import CompositePool
 from gateway.compositor import Compositor
 from gateway.errors import GatewayError, Overloaded
 from gateway.frame_request import FrameOutput, FrameRequest, WireProtocol
@@ -194,7 +194,7 @@ class FramePipeline:
             `gateway.batching.CoalescingInference` over it).
         audio: turns a request's live audio into its window.
         compositor: paste back + JPEG (quality fixed in it).
-        executor: thread pool for paste back + JPEG.
+        executor: the threads for paste back + JPEG (`gateway.composite_pool`).
         admission: the global in-flight cap.
         metrics: Prometheus series.
     """
@@ -205,7 +205,7 @@ class FramePipeline:
         inference: InferenceClient,
         audio: AudioFeatureExtractor,
         compositor: Compositor,
-        executor: ThreadPoolExecutor,
+        executor: CompositePool,
         admission: AdmissionControl,
         metrics: GatewayMetrics,
     ) -> None:
@@ -240,8 +240,7 @@ class FramePipeline:
 
     async def encode(self, image: NDArray[np.uint8]) -> bytes:
         """JPEG-encode a uint8 ``[H, W, 3]`` BGR image in the thread pool (as `encoder`)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.encoder.encode, image)
+        return await self.executor.run(self.encoder.encode, image)
 
     async def encode_video_frame(self, avatar: Avatar, v: int) -> bytes:
         """Video frame ``v`` of ``avatar`` unchanged, as `encode` would give it: its background
@@ -344,10 +343,7 @@ class FramePipeline:
                 pred = await self.inference.infer_unet(avatar.model, crop, window[None])
                 t2 = time.perf_counter()
                 # composite: paste back + JPEG in the thread pool, one hop
-                loop = asyncio.get_running_loop()
-                done = await loop.run_in_executor(
-                    self.executor, self.compositor.composite, avatar, v, pred[0], output
-                )
+                done = await self.executor.run(self.compositor.composite, avatar, v, pred[0], output)
                 t3 = time.perf_counter()
             frame = RenderedFrame(
                 avatar=avatar.name,

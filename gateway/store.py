@@ -202,7 +202,7 @@ class Avatar:
 
     def rect(self, video_index: int) -> tuple[float, float, float, float]:
         """Crop rectangle ``(x1, y1, x2, y2)`` of a video frame, px as floats."""
-        x1, y1, x2, y2 = (float(v) for v in self.rects[video_index])
+        x1, y1, x2, y2 = map(float, self.rects[video_index].tolist())  # per frame: no numpy scalars
         return (x1, y1, x2, y2)
 
 

@@ -180,6 +180,7 @@ def face_patch(
     height: int,
     *,
     scratch: NDArray[np.uint8] | None = None,
+    out: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.uint8]:
     """The pixels paste back writes into the crop rectangle (docs/REFERENCE.md s.2 step 8).
 
@@ -194,9 +195,12 @@ def face_patch(
         scratch: a uint8 ``[328, 328, 3]`` C-contiguous buffer to assemble the pasted crop in
             (overwritten; a caller reuses one per thread), else a new one is allocated. Only
             the crop's 4 px border is copied from ``crop328``, the inside is ``pred320``.
+        out: a uint8 ``[height, width, 3]`` destination, e.g. the rectangle's view of a
+            composite (rows may be strided, pixels packed): the resize writes into it, no
+            intermediate array and no second copy; else a new array is returned.
 
     Returns:
-        A new uint8 ``[height, width, 3]`` array.
+        ``out`` when given, else a new uint8 ``[height, width, 3]`` array.
 
     Raises:
         ValueError: wrong shapes or dtypes.
@@ -217,7 +221,14 @@ def face_patch(
     crop[lo:hi, :lo] = crop328[lo:hi, :lo]
     crop[lo:hi, hi:] = crop328[lo:hi, hi:]
     crop[lo:hi, lo:hi] = pred320
-    return cast(NDArray[np.uint8], cv2.resize(crop, (width, height), interpolation=cv2.INTER_CUBIC))
+    if out is None:
+        return cast(NDArray[np.uint8], cv2.resize(crop, (width, height), interpolation=cv2.INTER_CUBIC))
+    if out.shape != (height, width, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 [{height}, {width}, 3], got {out.dtype} {list(out.shape)}")
+    written = cv2.resize(crop, (width, height), dst=out, interpolation=cv2.INTER_CUBIC)
+    if written is not out:  # OpenCV could not write in place (a layout it cannot wrap): copy
+        out[...] = written
+    return out
 
 
 def paste_back_region(
@@ -232,8 +243,10 @@ def paste_back_region(
     """Paste back (docs/REFERENCE.md s.2 step 8) into one region of the frame only, not a full copy.
 
     The result equals ``paste_back(frame, rect, crop328, pred320)[y0:y1, x0:x1]`` exactly; it
-    copies only the region (e.g. the MCU-aligned rectangle of `lipsync.jpeg_splice.aligned_rect`
-    around the face rectangle), so its cost does not grow with the frame size.
+    touches only the region (e.g. the MCU-aligned rectangle of `lipsync.jpeg_splice.aligned_rect`
+    around the face rectangle), so its cost does not grow with the frame size: the frame's
+    pixels around the face rectangle are copied, the face patch is resized straight into the
+    rectangle (`face_patch` ``out=``).
 
     Args:
         frame: full frame, uint8 ``[H, W, 3]`` BGR (not modified).
@@ -258,9 +271,14 @@ def paste_back_region(
             f"region (x0={rx0}, y0={ry0}, x1={rx1}, y1={ry1}) does not contain the face "
             f"rectangle (x1={x1}, y1={y1}, x2={x2}, y2={y2})"
         )
-    patch = face_patch(crop328, pred320, x2 - x1, y2 - y1, scratch=scratch)
-    out = frame[ry0:ry1, rx0:rx1].copy()
-    out[y1 - ry0 : y2 - ry0, x1 - rx0 : x2 - rx0] = patch
+    out = np.empty((ry1 - ry0, rx1 - rx0, 3), np.uint8)
+    # the frame's pixels around the face rectangle (the rectangle itself is overwritten below)
+    out[: y1 - ry0] = frame[ry0:y1, rx0:rx1]
+    out[y2 - ry0 :] = frame[y2:ry1, rx0:rx1]
+    out[y1 - ry0 : y2 - ry0, : x1 - rx0] = frame[y1:y2, rx0:x1]
+    out[y1 - ry0 : y2 - ry0, x2 - rx0 :] = frame[y1:y2, x2:rx1]
+    face_patch(crop328, pred320, x2 - x1, y2 - y1, scratch=scratch,
+               out=out[y1 - ry0 : y2 - ry0, x1 - rx0 : x2 - rx0])
     return out
 
 

@@ -41,7 +41,7 @@ EXITED = "exited threads"
 OTHER = "other"
 
 THREAD_RULES: tuple[tuple[str, str], ...] = (
-    # gateway.context: ThreadPoolExecutor(thread_name_prefix="composite") -> composite_0, ...
+    # gateway.context: CompositePool(name="composite") -> composite_0, ...
     (POOL, r"^composite"),
     # gRPC core (C++) threads, and grpc.aio's Python poller thread (target _poll_wrapper)
     (GRPC_CORE, (r"^(grpc|event_engine|lifeguard|default-execut|resolver-execu|timer_manager"

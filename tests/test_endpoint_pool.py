@@ -228,6 +228,31 @@ def test_a_call_whose_endpoint_dies_is_retried_once_on_another(how: str, kind: s
     run(body)
 
 
+def test_an_outage_after_a_call_answered_leaves_the_callers_task_alone() -> None:
+    """The outage race runs in the caller's task (no task per call): once the call answered,
+    Triton going down must not cancel that task later; a call during the outage is refused."""
+    async def body() -> None:
+        fleet = Fleet(A)
+        pool = await fleet.start()
+        crop, window = unet_inputs()
+
+        async def caller() -> NDArray[Any]:
+            out = await pool.infer_unet(UNET, crop, window)
+            fleet[A].mode = "refused"
+            await pool.probe_once()  # A's outage signal resolves now
+            await asyncio.sleep(0.05)  # a cancellation would land here
+            with pytest.raises(TritonUnavailable):
+                await pool.infer_unet(UNET, crop, window)
+            return out
+
+        task = asyncio.create_task(caller())
+        np.testing.assert_array_equal(await asyncio.wait_for(task, 5.0), crop)
+        assert task.cancelling() == 0
+        await pool.close()
+
+    run(body)
+
+
 def test_no_retry_for_an_answer_or_a_deadline_nor_a_second_time() -> None:
     async def body() -> None:
         fleet = Fleet(A, B)

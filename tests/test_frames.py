@@ -177,6 +177,26 @@ def test_a_reused_scratch_crop_gives_the_same_pixels_as_a_fresh_one() -> None:
         face_patch(crop, pred, 10, 10, scratch=np.empty((320, 320, 3), np.uint8))
 
 
+def test_face_patch_resizes_into_a_strided_destination_and_leaves_the_rest() -> None:
+    """``out=`` (the composite's rectangle view: paste back without a second copy) gets the
+    same pixels as a fresh patch; the pixels around the view are untouched."""
+    frame = _noise((144, 176, 3), seed=12)
+    rect = (40, 30, 120, 110)
+    crop = crop_328(frame, rect)
+    pred = _noise((320, 320, 3), seed=13)
+    canvas = _noise((100, 120, 3), seed=14)
+    before = canvas.copy()
+    view = canvas[7:87, 13:93]  # 80 x 80, rows strided
+    got = face_patch(crop, pred, 80, 80, out=view)
+    assert got is view
+    np.testing.assert_array_equal(view, face_patch(crop, pred, 80, 80))
+    outside = np.ones(canvas.shape[:2], bool)
+    outside[7:87, 13:93] = False
+    np.testing.assert_array_equal(canvas[outside], before[outside])
+    with pytest.raises(ValueError, match="out must be uint8"):
+        face_patch(crop, pred, 80, 80, out=canvas[:80, :79])
+
+
 @pytest.mark.parametrize("region", [(48, 16, 128, 112), (32, 16, 119, 112), (0, 0, 177, 144)])
 def test_paste_back_region_refuses_a_region_that_cuts_the_face_or_leaves_the_frame(
     region: tuple[int, int, int, int],
