@@ -20,6 +20,7 @@ import errno
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,24 @@ def sigterm_as_keyboard_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_as_event() -> Iterator[threading.Event]:
+    """While active, SIGINT and SIGTERM set the yielded event instead of raising
+    KeyboardInterrupt: a wait on another thread's lock (`TritonSupervisor.wait_running`) is
+    then never cut short between taking the lock and the ``with`` that releases it."""
+    event = threading.Event()
+
+    def _set(signum: int, frame: FrameType | None) -> None:
+        event.set()
+
+    previous = {sig: signal.signal(sig, _set) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def serve_gateway(
@@ -510,12 +529,16 @@ def run_up_command(args: argparse.Namespace) -> int:
             timeout_s = args.triton_start_timeout_s
             supervisor = TritonSupervisor(triton, policy, start_timeout_s=timeout_s)
             log.info("starting the CPU tritonserver on %s (log: %s) ...", repo, log_file)
-            try:
-                supervisor.start()  # restarts it when it exits, gives up after quick failures
-                supervisor.wait_running()
-            except TritonStartError as exc:
-                log.error("Triton did not start: %s", exc)
-                return 1
+            with signals_as_event() as interrupted:
+                try:
+                    supervisor.start()  # restarts it when it exits, gives up after quick failures
+                    supervisor.wait_running(cancel=interrupted)
+                except TritonStartError as exc:
+                    if not interrupted.is_set():
+                        log.error("Triton did not start: %s", exc)
+                        return 1
+            if interrupted.is_set():
+                raise KeyboardInterrupt
             settings = settings_from_args(args, triton_url=triton.grpc_url)
             banner = f"  Triton {triton.grpc_url} (gRPC), {triton.metrics_url} (metrics)"
             gateway = serve_gateway(

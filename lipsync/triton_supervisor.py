@@ -287,28 +287,37 @@ class TritonSupervisor:
         return unsubscribe
 
     def wait_for(
-        self, predicate: Callable[[SupervisorStatus], bool], timeout_s: float | None = None
+        self,
+        predicate: Callable[[SupervisorStatus], bool],
+        timeout_s: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> SupervisorStatus:
-        """Block until `predicate(status)` holds or `timeout_s` passed; return the status then.
-        Waits in short slices, so Ctrl-C in the main thread interrupts it."""
+        """Block until `predicate(status)` holds, `timeout_s` passed or `cancel` is set; return
+        the status then. Waits in short slices (0.5 s), so `cancel` set by a signal handler
+        (`lipsync up`: Ctrl-C sets it rather than raising KeyboardInterrupt, which could leave
+        this lock held, CPython issue bpo-29988, and the supervisor thread blocked on it) ends it."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._changed:
-            while not predicate(self._status):
+            while not predicate(self._status) and not (cancel is not None and cancel.is_set()):
                 remaining = 0.5 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._changed.wait(min(remaining, 0.5))
             return self._status
 
-    def wait_running(self) -> SupervisorStatus:
+    def wait_running(self, cancel: threading.Event | None = None) -> SupervisorStatus:
         """Block until tritonserver is ready (after as many restarts as the policy allows).
+
+        Args:
+            cancel: set to stop waiting (e.g. by a signal handler); then `TritonStartCancelled`.
 
         Raises:
             TritonGaveUp: the supervisor gave up first (the message says why).
-            TritonStartCancelled: it was stopped first.
+            TritonStartCancelled: it was stopped, or `cancel` set, first.
         """
         status = self.wait_for(
-            lambda s: s.state in (SupervisorState.RUNNING, SupervisorState.STOPPING, *FINAL_STATES)
+            lambda s: s.state in (SupervisorState.RUNNING, SupervisorState.STOPPING, *FINAL_STATES),
+            cancel=cancel,
         )
         if status.state is SupervisorState.GIVEN_UP:
             raise TritonGaveUp(status.message)
