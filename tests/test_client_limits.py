@@ -296,6 +296,7 @@ def test_grpc_idle_connection_is_closed(make_package: Callable[..., Path]) -> No
     on_server(root, body, grpc_max_connection_idle_s=0.5)
 
 
+@pytest.mark.slow  # waits out real connection ages: ~2.5 s per case
 @pytest.mark.parametrize("grace_s", [None, 0.5])
 def test_grpc_max_connection_age_and_grace(make_package: Callable[..., Path], grace_s: float | None) -> None:
     """A stream open when its connection reaches the max age runs on (no grace: the default) or
@@ -352,6 +353,7 @@ def test_batch_audio_features_take_a_bounded_slot(make_package: Callable[..., Pa
     on_server(root, body, max_aux_in_flight=2)
 
 
+@pytest.mark.slow  # two streams' rates measured over seconds of real time: ~7 s
 def test_video_frame_flood_is_refused_and_streams_keep_their_rate(make_package: Callable[..., Path]) -> None:
     """Defect 5: a flood of GetVideoFrame (a full-frame JPEG each, in the composite pool's
     unbounded queue) starved every stream and nobody was told ``overloaded``. Measured side by

@@ -226,6 +226,7 @@ def test_a_worker_that_fails_its_first_start_fails_the_start() -> None:
     assert not launcher.alive()
 
 
+@pytest.mark.slow  # waits out the real stop timeout: ~3.5 s
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_stop_timeout() -> None:
     launcher = Launcher(lambda index, n: "ignore_term" if index == 1 else "serve")
     sup = WorkerSupervisor(settings(), launcher=launcher, policy=FAST, stop_timeout_s=3.0)
