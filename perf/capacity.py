@@ -34,7 +34,8 @@ What one run does:
 5. **Report**: ``perf/results/capacity.md`` and ``.json`` (`perf.capacity_report`): per
    avatar size a table of frames/s, p50/p95 latency, errors, gateway CPU ms/frame split by
    thread, Triton and load-generator CPU ms/frame, Triton's mean batch, other processes'
-   load; with several variants, each one's ratios to the first, cell by cell.
+   load; with several variants, each one's ratios to the reference variant(s) (the first,
+   or ``--reference``), cell by cell.
 
 Adding a variant for an improvement: give the gateway a ``LIPSYNC_*`` setting that turns it
 on (a `gateway.config.GatewaySettings` field) and pass ``--variant NAME:LIPSYNC_X=1``; an
@@ -219,7 +220,7 @@ def prepare_avatars(scratch: Path, names: Sequence[str]) -> tuple[Path, dict[str
 
 
 BEFORE_ISSUE9 = "9aa7bb8"
-"""main on 2026-11-25, when issue 9 was filed (its ~6.2 ms per 720p frame were measured on it)."""
+"""main on 2026-11-25, when issue 9 was filed (the gateway its "~6.2 ms per 720p frame" was about)."""
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "issue9": (
