@@ -18,8 +18,11 @@ What one run does:
    avatar's model name, plus the real ``audio_encoder``.
 3. **Gateways**: one `python -m lipsync gateway` process per variant, all running at once, on
    free ports, each with the harness's settings plus its variant's environment; ready when
-   ``/readyz`` answers 200. With ``--thread-names`` (default) each is started with the hook
-   of ``perf/threadnames/`` so its Python threads carry their names in /proc.
+   ``/readyz`` answers 200. A variant naming a git revision (``NAME@REV:``) runs that
+   revision's gateway: its tree exported once per commit under ``<scratch>/revisions/``
+   (`perf.git_revision`), first on the gateway's ``PYTHONPATH``, same Python environment.
+   With ``--thread-names`` (default) each is started with the hook of ``perf/threadnames/``
+   so its Python threads carry their names in /proc.
 4. **Load**: for each round, each cell (avatar x protocol x streams), each variant in turn:
    the load generator (`perf.loadgen`, in this process) drives N streams over gRPC
    ``StreamInference`` or the WebSocket, as fast as possible with ``--window`` frames in
@@ -31,13 +34,16 @@ What one run does:
 5. **Report**: ``perf/results/capacity.md`` and ``.json`` (`perf.capacity_report`): per
    avatar size a table of frames/s, p50/p95 latency, errors, gateway CPU ms/frame split by
    thread, Triton and load-generator CPU ms/frame, Triton's mean batch, other processes'
-   load; with several variants, each one's ratios to the first, cell by cell.
+   load; with several variants, each one's ratios to the reference variant(s) (the first,
+   or ``--reference``), cell by cell.
 
 Adding a variant for an improvement: give the gateway a ``LIPSYNC_*`` setting that turns it
-on (a `gateway.config.GatewaySettings` field) and pass ``--variant NAME:LIPSYNC_X=1``; the
-first variant is the reference of the ratio tables. ``--preset NAME`` runs a named list of
-variants (`PRESETS`), e.g. ``issue9``: the gateway before issue 9 and each of its improvements
-added in turn.
+on (a `gateway.config.GatewaySettings` field) and pass ``--variant NAME:LIPSYNC_X=1``; an
+improvement with no setting is measured against the gateway of the commit before it,
+``--variant before@REV:``. The first variant is the reference of the ratio tables
+(``--reference NAME``, repeatable, adds or picks others). ``--preset NAME`` runs a named list
+of variants (`PRESETS`), e.g. ``issue9``: the gateway as issue 9 found it, the gateway of
+today with each switchable improvement off, and each of them added in turn.
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ from perf.capacity_report import (
     render_markdown,
     to_json,
 )
+from perf.git_revision import RevisionCheckout, RevisionError, checkout_revision, revision_environment
 from perf.loadgen import LoadConfig, drive_load, finish_load
 from perf.procstat import (
     CLOCK_TICKS_PER_S,
@@ -212,28 +219,63 @@ def prepare_avatars(scratch: Path, names: Sequence[str]) -> tuple[Path, dict[str
     return root, infos
 
 
+BEFORE_ISSUE9 = "9aa7bb8"
+"""main on 2026-11-25, when issue 9 was filed (the gateway its "~6.2 ms per 720p frame" was about)."""
+
 PRESETS: dict[str, tuple[str, ...]] = {
     "issue9": (
+        f"before9@{BEFORE_ISSUE9}:",
         "old:LIPSYNC_JPEG_SPLICE=0,LIPSYNC_TRITON_SHM=none,LIPSYNC_TRITON_COALESCE=0",
         "splice:LIPSYNC_TRITON_SHM=none,LIPSYNC_TRITON_COALESCE=0",
         "shm:LIPSYNC_TRITON_COALESCE=0",
         "new:",
     ),
 }
-"""Named variant lists (``--preset``). ``issue9``: ``old`` = the gateway before issue 9 (full
-frames with simplejpeg, tensors inside the gRPC messages, one Triton request per frame);
-``splice`` + spliced partial JPEG (`gateway.compositor`); ``shm`` + UNet tensors in system shared
-memory (`gateway.triton_shm`); ``new`` + coalesced Triton requests (`gateway.batching`): today's
-defaults."""
+"""Named variant lists (``--preset``). ``issue9``:
+
+- ``before9``: the gateway of commit `BEFORE_ISSUE9`, as issue 9 found it (paste back into a
+  copy of the full frame and a full-frame simplejpeg encode in the ``composite`` pool, one
+  Triton request per frame with the tensors in the gRPC messages, every other per-frame step
+  on the event loop); its thread split means the same (pool threads ``composite_*`` there too);
+- ``old``: today's gateway with the three switchable improvements off (full-frame JPEG,
+  tensors in the gRPC messages, one Triton request per frame); it keeps the improvements that
+  have no setting (composite only the face box, fewer event-loop hops, pooled buffers, ...);
+- ``splice``: ``old`` + spliced partial JPEG (`gateway.compositor`);
+- ``shm``: + UNet tensors in system shared memory (`gateway.triton_shm`);
+- ``new``: + coalesced Triton requests (`gateway.batching`): today's defaults.
+"""
+
+PRESET_REFERENCES: dict[str, tuple[str, ...]] = {"issue9": ("before9", "old")}
+"""The variants a preset's ratio tables divide by (default: its first variant)."""
 
 
-def unknown_settings(variant: Variant) -> list[str]:
-    """The variant's keys that today's `gateway.config.GatewaySettings` has no field for (the
-    gateway ignores those silently; ``LIPSYNC_LOG_LEVEL`` is read by `lipsync.log`)."""
-    from gateway.config import GatewaySettings
+def unknown_settings(variant: Variant, known: frozenset[str] | None = None) -> list[str]:
+    """The variant's keys that its gateway does not read: not in `known` (a revision's keys,
+    `perf.git_revision.RevisionCheckout.settings`), by default the fields of today's
+    `gateway.config.GatewaySettings` plus ``LIPSYNC_LOG_LEVEL`` (read by `lipsync.log`). The
+    gateway ignores those silently."""
+    if known is None:
+        from gateway.config import GatewaySettings
+        from perf.git_revision import READ_BY_LOG
 
-    fields = {f"LIPSYNC_{name.upper()}" for name in GatewaySettings.model_fields} | {"LIPSYNC_LOG_LEVEL"}
-    return [k for k, _ in variant.env if k not in fields]
+        known = frozenset(f"LIPSYNC_{name.upper()}" for name in GatewaySettings.model_fields) | READ_BY_LOG
+    return [k for k, _ in variant.env if k not in known]
+
+
+def checkout_revisions(variants: Sequence[Variant], scratch: Path) -> dict[str, RevisionCheckout]:
+    """Each revision variant's exported, probed tree (`perf.git_revision`), by variant name;
+    trees are cached under ``scratch/revisions/<commit>``.
+
+    Raises:
+        perf.git_revision.RevisionError: a revision that cannot be run (the message says why).
+    """
+    out: dict[str, RevisionCheckout] = {}
+    for v in variants:
+        if v.revision is not None:
+            out[v.name] = checkout_revision(REPO_ROOT, v.revision, scratch / "revisions")
+            log.info("variant %s: git revision %s = %s, tree %s", v.name, v.revision,
+                     out[v.name].describe, out[v.name].root)
+    return out
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -246,6 +288,8 @@ class Servers:
     triton_pid: int
     triton_metrics_url: str
     gateways: Mapping[str, GatewayHandle]
+    ws_count_bounds: frozenset[str] = frozenset()
+    """Variants whose WebSocket replies count the bounds (`perf.git_revision.RevisionCheckout`)."""
 
 
 def _triton_counters(servers: Servers, model: str) -> tuple[float, float]:
@@ -260,15 +304,17 @@ def _triton_counters(servers: Servers, model: str) -> tuple[float, float]:
 
 def load_config(gw: GatewayHandle, avatar: AvatarInfo, target: str, streams: int,
                 frames_per_stream: int, grid: Grid, timeout_s: float, label: str,
-                verify_every: int) -> LoadConfig:
+                verify_every: int, ws_count_bounds: bool = False) -> LoadConfig:
     """The load generator's settings for one run against `gw`: as fast as possible,
     `grid.window` frames in flight per stream, every reply checked for the avatar's size on a
-    sample of one in `verify_every`."""
+    sample of one in `verify_every`; `ws_count_bounds` for a gateway whose WebSocket replies
+    count the bounds (`LoadConfig`)."""
     return LoadConfig(
         target=target, address=gw.grpc_address if target == "grpc" else gw.http_address,
         avatar=avatar.name, streams=streams, frames=frames_per_stream, pace_fps=0.0,
         window=grid.window, frame_range=avatar.feature_rows, timeout_s=timeout_s, label=label,
-        verify_every=verify_every, expect_size=(avatar.width, avatar.height))
+        verify_every=verify_every, expect_size=(avatar.width, avatar.height),
+        ws_count_bounds=ws_count_bounds)
 
 
 def measure(cell: Cell, variant: str, round_: int, grid: Grid, avatar: AvatarInfo,
@@ -279,7 +325,7 @@ def measure(cell: Cell, variant: str, round_: int, grid: Grid, avatar: AvatarInf
     gw = servers.gateways[variant]
     config = load_config(gw, avatar, cell.target, cell.streams, grid.frames_per_stream(cell.streams),
                          grid, timeout_s, f"{variant} {cell.avatar} {cell.target} x{cell.streams}",
-                         grid.verify_every)
+                         grid.verify_every, variant in servers.ws_count_bounds)
     model = avatar_model_name(cell.avatar)
     roots = [servers.triton_pid, *(g.pid for g in servers.gateways.values())]
     counters0 = _triton_counters(servers, model)
@@ -326,7 +372,8 @@ def warm_up(grid: Grid, variants: Sequence[Variant], avatars: Mapping[str, Avata
         for a in avatars.values():
             for target in grid.targets:
                 config = load_config(gw, a, target, 4, max(1, grid.warmup_frames // 4), grid,
-                                     timeout_s, f"warm-up {v.name} {a.name} {target}", 1)
+                                     timeout_s, f"warm-up {v.name} {a.name} {target}", 1,
+                                     v.name in servers.ws_count_bounds)
                 summary, _ = asyncio.run(run_load(config, progress=False))
                 if summary.errors:
                     raise RuntimeError(
@@ -338,8 +385,10 @@ def warm_up(grid: Grid, variants: Sequence[Variant], avatars: Mapping[str, Avata
 @contextlib.contextmanager
 def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
                   encoder_onnx: Path | None, variants: Sequence[Variant], *, max_in_flight: int,
-                  timeout_s: float, thread_names: bool) -> Iterator[Servers]:
-    """Triton on the identity repository, then one gateway per variant (module docstring)."""
+                  timeout_s: float, thread_names: bool,
+                  revisions: Mapping[str, RevisionCheckout] | None = None) -> Iterator[Servers]:
+    """Triton on the identity repository, then one gateway per variant (module docstring);
+    a variant in `revisions` runs the gateway of that exported tree."""
     from lipsync.triton_local import TritonServer, free_ports
     from perf.identity_unet import write_identity_repository
 
@@ -357,13 +406,16 @@ def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
         gateways: dict[str, GatewayHandle] = {}
         for v in variants:
             env = {"LIPSYNC_MAX_IN_FLIGHT_TOTAL": str(max_in_flight), **dict(v.env)}
+            tree = (revisions or {}).get(v.name)
             gateways[v.name] = stack.enter_context(start_gateway(
                 triton.grpc_url, packages_root, scratch, timeout_s, extra_env=env,
-                name=f"gateway-{v.name}", base_env=base_env, ready_timeout_s=300))
+                name=f"gateway-{v.name}", ready_timeout_s=300,
+                base_env=base_env if tree is None else revision_environment(base_env, tree.root)))
             log.info("variant %s: gateway pid %d, gRPC %s, HTTP %s", v.name,
                      gateways[v.name].pid, gateways[v.name].grpc_address,
                      gateways[v.name].http_address)
-        yield Servers(triton.pid, triton.metrics_url, gateways)
+        yield Servers(triton.pid, triton.metrics_url, gateways,
+                      frozenset(n for n, r in (revisions or {}).items() if r.ws_count_bounds))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -378,13 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gateway capacity with an identity UNet: frames/s and CPU per frame, "
                     "variants side by side.",
         epilog="Variant: NAME:KEY=VALUE,KEY=VALUE with LIPSYNC_* gateway settings (NAME: = "
-               "defaults); the first is the reference of the ratios. Default: --variant defaults:",
+               "defaults); NAME@REV:... runs the gateway of git revision REV; the first is the "
+               "reference of the ratios. Default: --variant defaults:",
     )
     p.add_argument("--variant", dest="variants", action="append", type=parse_variant, default=None,
-                   metavar="NAME:ENV", help="a gateway variant (repeat; see below)")
-    presets = "; ".join(f"{k}: {', '.join(v.split(':')[0] for v in vs)}" for k, vs in PRESETS.items())
+                   metavar="NAME[@REV]:ENV", help="a gateway variant (repeat; see below)")
+    presets = "; ".join(f"{k}: {', '.join(parse_variant(v).name for v in vs)}"
+                        for k, vs in PRESETS.items())
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help=f"a named list of variants, before any --variant: {presets}")
+    p.add_argument("--reference", dest="references", action="append", default=None,
+                   metavar="NAME", help="a variant the ratio tables divide by (repeat; default: "
+                   "the preset's, else the first variant)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -488,8 +545,9 @@ def _setup_lines(
     load_end: tuple[float, ...],
     thread_names: bool,
     elapsed_s: float,
+    revisions: bool = False,
 ) -> list[str]:
-    return [
+    lines = [
         (
             f"- load average (1/5/15 min) at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end "
             f"{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}; run took {elapsed_s / 60:.1f} min"
@@ -529,6 +587,15 @@ def _setup_lines(
             "load = CPU other processes on the machine used during the window (cores)"
         ),
     ]
+    if revisions:
+        lines.append(
+            "- a variant of a git revision runs that revision's gateway code (same Python "
+            "environment, Triton, packages and load): its gateway CPU is its whole process tree "
+            "as for the others; its threads are split by the same rules (main thread, threads "
+            "named `composite_*`, gRPC's), so a column means that revision's work on those "
+            "threads, which may differ from today's (see its note and `gateway_threads` in the JSON)"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -538,10 +605,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     variants: list[Variant] = [parse_variant(v) for v in PRESETS.get(args.preset or "", ())]
     variants += args.variants or ([] if variants else [parse_variant("defaults:")])
+    references: list[str] = args.references or list(PRESET_REFERENCES.get(args.preset or "", ()))
     try:
-        check_variants(variants)
+        check_variants(variants, references)
         grid = grid_from_args(args)
-    except ValueError as exc:
+        revisions = checkout_revisions(variants, args.scratch)
+    except (ValueError, RevisionError) as exc:
         parser.error(str(exc))
     command = report.command_line(
         ["python", "-m", "perf.capacity", *(sys.argv[1:] if argv is None else argv)]
@@ -557,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = audio_encoder_onnx([MODEL_REPOSITORY_CPU, micro_720p.SCRATCH / "model_repo_cpu"])
     if encoder is None:
         log.warning("no audio_encoder ONNX found: the gateways will serve without it")
-    ignored = {v.name: unknown_settings(v) for v in variants}
+    ignored = {v.name: unknown_settings(v, revisions[v.name].settings if v.name in revisions else None)
+               for v in variants}
     for name, keys in ignored.items():
         if keys:
             log.warning(
@@ -574,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_in_flight=max(64, max(grid.streams) * grid.window),
         timeout_s=args.timeout,
         thread_names=args.thread_names,
+        revisions=revisions,
     ) as servers:
         pids = {
             "triton": servers.triton_pid,
@@ -600,14 +671,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_end = os.getloadavg()
     elapsed = time.monotonic() - started
     results = aggregate(measurements)
-    setup = _setup_lines(grid, avatars, load_start, load_end, args.thread_names, elapsed)
+    setup = _setup_lines(grid, avatars, load_start, load_end, args.thread_names, elapsed,
+                         bool(revisions))
     labels = {a.name: a.label for a in avatars.values()}
-    notes = {
-        name: f"not settings of this gateway (ignored by it): {', '.join(keys)}"
-        for name, keys in ignored.items()
-        if keys
-    }
-    report.write_text(args.out, render_markdown(results, variants, labels, setup, command, notes))
+    notes: dict[str, str] = {}
+    for v in variants:
+        tree = revisions.get(v.name)
+        parts = [f"commit {tree.describe}"] if tree else []
+        if tree and tree.ws_count_bounds:
+            parts.append("its WebSocket replies give bounds_len as a count of values, read as such")
+        if ignored[v.name]:
+            parts.append(f"not settings of this gateway (ignored by it): {', '.join(ignored[v.name])}")
+        if parts:
+            notes[v.name] = "; ".join(parts)
+    report.write_text(args.out, render_markdown(results, variants, labels, setup, command,
+                                                notes, references))
     report.write_json(
         args.out.with_suffix(".json"),
         to_json(
@@ -636,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
                 "thread_names": args.thread_names,
                 "variant_notes": notes,
+                "revisions": {name: r.commit for name, r in revisions.items()},
+                "references": references or [variants[0].name],
                 "processes": pids,
             },
         ),

@@ -2,7 +2,8 @@
 their aggregation over rounds, and the markdown/JSON writer. Pure: no processes, no sockets.
 
 A **variant** is a named gateway configuration: the ``LIPSYNC_*`` environment the gateway
-process gets on top of the harness's own settings (``old:`` = none, today's defaults). A
+process gets on top of the harness's own settings (``old:`` = none, today's defaults), and
+optionally the git revision whose gateway runs (``before9@9aa7bb8:``; none = this checkout). A
 **cell** is (avatar, protocol, streams). Each round measures every cell once per variant, the
 variants back to back (`plan`), so drift on a shared machine hits them alike; a cell's figures
 pool its rounds (`aggregate`).
@@ -30,6 +31,9 @@ from perf.stats import RunSummary, percentiles, ratio
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 """A variant's name: 1-32 letters, digits, ``_``, ``.``, ``-``."""
+REVISION = re.compile(r"^[^\s:,\-][^\s:,]{0,99}$")
+"""A git revision as a variant names it (``9aa7bb8``, ``main~3``, ``v1.0``): 1-100 characters,
+no white space, ``:`` or ``,``, not starting with ``-``; `perf.git_revision` resolves it."""
 ENV_KEY = re.compile(r"^LIPSYNC_[A-Z0-9_]+$")
 """A variant may set gateway settings only (`gateway.config.GatewaySettings`, env ``LIPSYNC_*``)."""
 
@@ -48,30 +52,45 @@ class Variant:
     Attributes:
         name: the variant's name in reports (``old``, ``new``, ``splice``, ...).
         env: ``LIPSYNC_*`` settings added to the gateway process's environment, in order.
+        revision: the git revision whose gateway runs (`perf.git_revision`), or None for
+            this checkout's.
     """
 
     name: str
     env: tuple[tuple[str, str], ...] = ()
+    revision: str | None = None
 
     @property
     def env_text(self) -> str:
         """``K=V,K=V`` as given, or ``(defaults)``."""
         return ",".join(f"{k}={v}" for k, v in self.env) or "(defaults)"
 
+    @property
+    def code_text(self) -> str:
+        """Whose gateway runs: ``git revision REV`` or ``this checkout``."""
+        return f"git revision {self.revision}" if self.revision else "this checkout"
+
 
 def parse_variant(text: str) -> Variant:
-    """Parse ``NAME:`` or ``NAME:KEY=VALUE,KEY=VALUE`` (values may not hold commas).
+    """Parse ``NAME:``, ``NAME:KEY=VALUE,KEY=VALUE`` (values may not hold commas), or either
+    with a git revision after the name, ``NAME@REV:...`` (that revision's gateway; whether it
+    exists is checked when the run starts, `perf.git_revision`).
 
     Raises:
-        ValueError: no ``:``, a bad name, an entry that is not ``KEY=VALUE``, a key that is
-            not ``LIPSYNC_*`` in upper case, a key the harness sets (`HARNESS_KEYS`), or a key
-            given twice.
+        ValueError: no ``:``, a bad name, an empty or malformed revision (`REVISION`), an
+            entry that is not ``KEY=VALUE``, a key that is not ``LIPSYNC_*`` in upper case, a
+            key the harness sets (`HARNESS_KEYS`), or a key given twice.
     """
-    name, colon, rest = text.partition(":")
+    head, colon, rest = text.partition(":")
     if not colon:
-        raise ValueError(f"variant {text!r}: expected NAME:KEY=VALUE,... (NAME: for defaults)")
+        raise ValueError(f"variant {text!r}: expected NAME:KEY=VALUE,... or NAME@REV:... "
+                         "(NAME: for defaults)")
+    name, at, revision = head.partition("@")
     if not VARIANT_NAME.match(name):
         raise ValueError(f"variant {text!r}: name {name!r} must be 1-32 letters, digits, _ . -")
+    if at and not REVISION.match(revision):
+        raise ValueError(f"variant {text!r}: revision {revision!r} must be a git revision "
+                         "(1-100 characters, no white space, ':' or ',', not starting with '-')")
     env: list[tuple[str, str]] = []
     for item in (i.strip() for i in rest.split(",")):
         if not item:
@@ -87,17 +106,21 @@ def parse_variant(text: str) -> Variant:
         if any(k == key for k, _ in env):
             raise ValueError(f"variant {name!r}: {key} given twice")
         env.append((key, value.strip()))
-    return Variant(name, tuple(env))
+    return Variant(name, tuple(env), revision if at else None)
 
 
-def check_variants(variants: Sequence[Variant]) -> None:
-    """Raises ValueError when there is no variant or two share a name."""
+def check_variants(variants: Sequence[Variant], references: Sequence[str] = ()) -> None:
+    """Raises ValueError when there is no variant, two share a name, or a reference of the
+    ratio tables names no variant."""
     if not variants:
         raise ValueError("no variant to measure")
     names = [v.name for v in variants]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"variant names must differ: {', '.join(dupes)} given twice")
+    unknown = [r for r in references if r not in names]
+    if unknown:
+        raise ValueError(f"reference(s) {', '.join(unknown)} name no variant ({', '.join(names)})")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -308,16 +331,18 @@ def ratio_rows(results: Sequence[CellResult], avatar: str, reference: str,
 
 def render_markdown(results: Sequence[CellResult], variants: Sequence[Variant],
                     avatar_labels: Mapping[str, str], setup: Sequence[str],
-                    command: str, variant_notes: Mapping[str, str] | None = None) -> list[str]:
-    """The whole report: header, setup, variants (with `variant_notes` by name), then per
-    avatar its table and, with more than one variant, the ratios to the first variant."""
+                    command: str, variant_notes: Mapping[str, str] | None = None,
+                    references: Sequence[str] = ()) -> list[str]:
+    """The whole report: header, setup, variants (whose gateway code, environment, and
+    `variant_notes` by name), then per avatar its table and, with more than one variant, one
+    ratio table per reference variant (`references`, default the first variant)."""
     notes = variant_notes or {}
     lines = report.header("Gateway capacity with an identity UNet", command=command)
     lines += [*setup, ""]
     lines += ["## Variants", ""]
     lines += report.markdown_table(
-        ("variant", "gateway environment", "note"),
-        [[f"`{v.name}`", f"`{v.env_text}`", notes.get(v.name, "")] for v in variants])
+        ("variant", "gateway code", "gateway environment", "note"),
+        [[f"`{v.name}`", v.code_text, f"`{v.env_text}`", notes.get(v.name, "")] for v in variants])
     order = [v.name for v in variants]
     for avatar, label in avatar_labels.items():
         rows = cell_rows(results, avatar, order)
@@ -325,11 +350,11 @@ def render_markdown(results: Sequence[CellResult], variants: Sequence[Variant],
             continue
         lines += ["", f"## {label}", ""]
         lines += report.markdown_table(TABLE_HEADERS, rows)
-        reference = order[0]
-        ratios = ratio_rows(results, avatar, reference, order)
-        if ratios:
-            lines += ["", f"Ratios to `{reference}` (same cell, same run; below 1x = less):", ""]
-            lines += report.markdown_table(RATIO_HEADERS, ratios)
+        for reference in references or order[:1]:
+            ratios = ratio_rows(results, avatar, reference, order)
+            if ratios:
+                lines += ["", f"Ratios to `{reference}` (same cell, same run; below 1x = less):", ""]
+                lines += report.markdown_table(RATIO_HEADERS, ratios)
     errors = sorted({e for r in results for e in r.error_samples})
     if errors:
         lines += ["", "Errors seen:", *[f"- `{e}`" for e in errors]]
@@ -346,7 +371,7 @@ def to_json(results: Sequence[CellResult], measurements: Sequence[Measurement],
 
     return {
         **meta,
-        "variants": [{"name": v.name, "env": dict(v.env)} for v in variants],
+        "variants": [{"name": v.name, "env": dict(v.env), "revision": v.revision} for v in variants],
         "cells": [{**asdict(r), "cell": asdict(r.cell)} for r in results],
         "measurements": [
             {"round": m.round, "cell": asdict(m.cell), "variant": m.variant,

@@ -151,18 +151,43 @@ class GrpcTransport:
 
 # ----------------------------------------------------------------------------- WebSocket
 
+LEGACY_BOUNDS = 4
+"""Float32 bounds (x1, y1, x2, y2) in every success reply of a gateway that wrote
+``bounds_len`` as a count of values (`decode_count_bounds_reply`)."""
+
+
+def decode_count_bounds_reply(data: bytes | bytearray) -> ws_protocol.FrameReply | ws_protocol.ErrorReply:
+    """Decode a reply of a gateway from before commit c528de5 (issue 14), which wrote the
+    success reply's ``bounds_len`` as the number of float32 values (4) instead of their length
+    in bytes (16); otherwise the layout is `gateway.ws_protocol`'s. The count is rewritten to
+    bytes and the reply decoded by `ws_protocol.decode_reply` (error replies carry no bounds).
+
+    Raises:
+        gateway.ws_protocol.ProtocolError: the reply is malformed in either layout.
+    """
+    at = len(data) - 4 - 4 * LEGACY_BOUNDS  # the u32 before the last four float32 values
+    if data[:1] == bytes([ws_protocol.STATUS_OK]) and at >= 0 \
+            and int.from_bytes(data[at:at + 4], "little") == LEGACY_BOUNDS:
+        data = bytearray(data)
+        data[at:at + 4] = (4 * LEGACY_BOUNDS).to_bytes(4, "little")
+    return ws_protocol.decode_reply(data)
+
 
 class WsTransport:
-    """The binary WebSocket protocol (`gateway/ws_protocol.py`) on one connection."""
+    """The binary WebSocket protocol (`gateway/ws_protocol.py`) on one connection; with
+    ``count_bounds`` the success replies' ``bounds_len`` is read as a count of values
+    (`decode_count_bounds_reply`: a gateway of a revision before c528de5)."""
 
     ordered = False
 
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse):
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+                 count_bounds: bool = False):
         self._session = session
         self._ws = ws
+        self._decode = decode_count_bounds_reply if count_bounds else ws_protocol.decode_reply
 
     @classmethod
-    async def connect(cls, url: str) -> WsTransport:
+    async def connect(cls, url: str, count_bounds: bool = False) -> WsTransport:
         """Open a WebSocket to `url` (e.g. ``ws://host:8085/ws``).
 
         Raises:
@@ -174,7 +199,7 @@ class WsTransport:
         except (aiohttp.ClientError, OSError) as exc:
             await session.close()
             raise StreamAborted(f"websocket connect to {url} failed: {exc}") from exc
-        return cls(session, ws)
+        return cls(session, ws, count_bounds)
 
     async def send(self, avatar: str, frame_id: int) -> None:
         """Send one binary request message."""
@@ -193,7 +218,7 @@ class WsTransport:
         if msg.type != aiohttp.WSMsgType.BINARY:
             raise StreamAborted(f"unexpected websocket message type {msg.type.name}")
         try:
-            reply = ws_protocol.decode_reply(msg.data)
+            reply = self._decode(msg.data)
         except ws_protocol.ProtocolError as exc:
             raise StreamAborted(f"undecodable reply: {exc}") from exc
         if isinstance(reply, ws_protocol.ErrorReply):

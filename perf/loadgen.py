@@ -75,6 +75,8 @@ class LoadConfig:
         verify_every: decode the JPEG of every k-th frame of each stream after the run and
             count a reply that does not decode (or has the wrong size) as an error; 0 = none.
         expect_size: ``(width, height)`` px the verified frames must have; None = any size.
+        ws_count_bounds: read a WebSocket success reply's ``bounds_len`` as a count of float32
+            values, as gateways before commit c528de5 wrote it (`perf.clients.WsTransport`).
     """
 
     target: str
@@ -90,6 +92,7 @@ class LoadConfig:
     label: str = ""
     verify_every: int = 0
     expect_size: tuple[int, int] | None = None
+    ws_count_bounds: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in ("grpc", "ws"):
@@ -132,7 +135,7 @@ async def open_transport(config: LoadConfig) -> Transport:
     """
     if config.target == "grpc":
         return GrpcTransport(config.address)
-    return await WsTransport.connect(config.ws_url)
+    return await WsTransport.connect(config.ws_url, config.ws_count_bounds)
 
 
 def _progress(console: Console | None, enabled: bool) -> Progress:

@@ -1,9 +1,10 @@
 """The capacity benchmark's own logic (`perf.capacity`, `perf.capacity_report`,
 `perf.procstat`, `perf.identity_unet`, the thread-name hook): /proc parsing and thread
 classification on real processes (this one and a child), the variant parser, the measurement
-plan, pooling and the report tables; plus one end-to-end smoke of the harness (demo avatar,
-1 stream, 20 frames per protocol: ~10-30 s) against the real tritonserver and gateway.
-No speed is asserted."""
+plan, pooling and the report tables; a variant of an earlier git revision (`perf.git_revision`:
+export, probe, the old WebSocket reply layout); plus end-to-end smokes of the harness (demo
+avatar, 1 stream, 20 frames per protocol: ~10-30 s each) against the real tritonserver and
+gateway, today's and the one of issue 9's reference commit. No speed is asserted."""
 from __future__ import annotations
 
 import json
@@ -209,6 +210,11 @@ def test_cpu_between_on_synthetic_snapshots() -> None:
 
 def test_parse_variant() -> None:
     assert parse_variant("old:") == Variant("old", ())
+    assert parse_variant("before9@9aa7bb8:") == Variant("before9", (), "9aa7bb8")
+    rev = parse_variant("b@main~3:LIPSYNC_JPEG_QUALITY=90")
+    assert (rev.revision, rev.env, rev.code_text) == ("main~3", (("LIPSYNC_JPEG_QUALITY", "90"),),
+                                                      "git revision main~3")
+    assert Variant("old").code_text == "this checkout"
     v = parse_variant("new:LIPSYNC_JPEG_SPLICE=1, LIPSYNC_WORKERS=2")
     assert v.name == "new" and dict(v.env) == {"LIPSYNC_JPEG_SPLICE": "1", "LIPSYNC_WORKERS": "2"}
     assert v.env_text == "LIPSYNC_JPEG_SPLICE=1,LIPSYNC_WORKERS=2"
@@ -217,13 +223,18 @@ def test_parse_variant() -> None:
                        ("a b:", "name"), ("new:LIPSYNC_X", "not KEY=VALUE"),
                        ("new:lipsync_x=1", "not a gateway setting"), ("new:PATH=/x", "not a gateway"),
                        ("new:LIPSYNC_GRPC_PORT=1", "set by the harness"),
-                       ("new:LIPSYNC_X=1,LIPSYNC_X=2", "given twice")):
+                       ("new:LIPSYNC_X=1,LIPSYNC_X=2", "given twice"),
+                       ("b@:", "revision ''"), ("b@-x:", "not starting with '-'"),
+                       ("b@a b:", "git revision"), ("@9aa7bb8:", "name")):
         with pytest.raises(ValueError, match=match):
             parse_variant(bad)
     with pytest.raises(ValueError, match="given twice"):
         check_variants([Variant("a"), Variant("a", (("LIPSYNC_X", "1"),))])
     with pytest.raises(ValueError, match="no variant"):
         check_variants([])
+    check_variants([Variant("a"), Variant("b")], ["b", "a"])
+    with pytest.raises(ValueError, match=r"reference\(s\) c name no variant"):
+        check_variants([Variant("a"), Variant("b")], ["c"])
 
 
 def test_capacity_cli_parses_variants_and_grid() -> None:
@@ -238,14 +249,20 @@ def test_capacity_cli_parses_variants_and_grid() -> None:
     assert [c.target for c in grid.cells()] == ["grpc"] * len(grid.streams) + ["ws"] * len(grid.streams)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--variant", "bad"])
+    args = build_parser().parse_args(["--variant", "b@9aa7bb8:", "--reference", "b"])
+    assert args.variants == [Variant("b", (), "9aa7bb8")] and args.references == ["b"]
 
 
 def test_issue9_preset_turns_each_improvement_on_in_turn() -> None:
     from gateway.config import GatewaySettings
-    from perf.capacity import PRESETS, unknown_settings
+    from perf.capacity import BEFORE_ISSUE9, PRESET_REFERENCES, PRESETS, unknown_settings
 
-    variants = [parse_variant(v) for v in PRESETS["issue9"]]
+    before, *variants = [parse_variant(v) for v in PRESETS["issue9"]]
+    assert before == Variant("before9", (), BEFORE_ISSUE9), "the gateway issue 9 was filed against"
+    assert PRESET_REFERENCES["issue9"] == ("before9", "old")
+    check_variants([before, *variants], PRESET_REFERENCES["issue9"])
     assert [v.name for v in variants] == ["old", "splice", "shm", "new"]
+    assert all(v.revision is None for v in variants)
     assert all(unknown_settings(v) == [] for v in variants), "every key is a gateway setting"
     fields = GatewaySettings.model_fields
     defaults = [fields[k].default for k in ("jpeg_splice", "triton_shm", "triton_coalesce")]
@@ -253,6 +270,78 @@ def test_issue9_preset_turns_each_improvement_on_in_turn() -> None:
     off = {"LIPSYNC_JPEG_SPLICE": "0", "LIPSYNC_TRITON_SHM": "none", "LIPSYNC_TRITON_COALESCE": "0"}
     assert [len(v.env) for v in variants] == [3, 2, 1, 0], "one improvement more per variant"
     assert all(dict(v.env).items() <= off.items() for v in variants)
+    # a revision's own settings decide what it ignores
+    assert unknown_settings(variants[0], frozenset({"LIPSYNC_JPEG_SPLICE"})) == [
+        "LIPSYNC_TRITON_SHM", "LIPSYNC_TRITON_COALESCE"]
+
+
+# ----------------------------------------------------------------------------- git revisions
+
+
+@pytest.fixture(scope="module")
+def before9_tree(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Issue 9's reference commit exported and probed (git archive + two Python starts: ~2 s)."""
+    from perf.capacity import BEFORE_ISSUE9, REPO_ROOT
+    from perf.git_revision import checkout_revision
+
+    return checkout_revision(REPO_ROOT, BEFORE_ISSUE9, tmp_path_factory.mktemp("revisions"))
+
+
+def test_a_revision_is_exported_once_and_its_gateway_probed(before9_tree: Any) -> None:
+    from perf.capacity import REPO_ROOT
+    from perf.capacity_report import HARNESS_KEYS
+    from perf.git_revision import checkout_revision, revision_environment
+
+    tree = before9_tree
+    assert tree.commit.startswith(tree.revision) and len(tree.commit) == 40
+    assert tree.root.name == tree.commit and (tree.root / "gateway" / "cli.py").is_file()
+    assert not (tree.root / "gateway" / "compositor.py").exists(), "its own code, not today's"
+    assert tree.settings >= HARNESS_KEYS and "LIPSYNC_JPEG_SPLICE" not in tree.settings
+    assert tree.ws_count_bounds, "before c528de5 the WebSocket reply counted its bounds"
+    stamp = tree.root.stat().st_mtime_ns
+    again = checkout_revision(REPO_ROOT, tree.commit, tree.root.parent)
+    assert again.root == tree.root and tree.root.stat().st_mtime_ns == stamp, "cached by hash"
+    env = revision_environment({"PYTHONPATH": "/hook"}, tree.root)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tree.root), "/hook"]
+
+
+def test_old_websocket_replies_decode_with_their_bounds_counted(before9_tree: Any) -> None:
+    from gateway import ws_protocol
+    from perf.clients import decode_count_bounds_reply
+    from perf.git_revision import revision_environment
+
+    code = ("from gateway.ws_protocol import encode_frame_reply, encode_error_reply\n"
+            "print(encode_frame_reply(7, 3.0, b'\\xff\\xd8jpeg', (1.0, 2.0, 30.0, 31.0)).hex())\n"
+            "print(encode_error_reply(8, 1.0, 'bad_request: x').hex())\n")
+    env = revision_environment(os.environ, before9_tree.root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=before9_tree.root,
+                         capture_output=True, text=True, check=True).stdout.split()
+    old_ok, old_error = (bytes.fromhex(h) for h in out)
+    with pytest.raises(ws_protocol.ProtocolError, match="bounds_len=4"):
+        ws_protocol.decode_reply(old_ok)
+    reply = decode_count_bounds_reply(old_ok)
+    assert isinstance(reply, ws_protocol.FrameReply)
+    assert (reply.frame_id, reply.jpeg, reply.bounds) == (7, b"\xff\xd8jpeg", (1.0, 2.0, 30.0, 31.0))
+    error = decode_count_bounds_reply(old_error)
+    assert isinstance(error, ws_protocol.ErrorReply) and error.message == "bad_request: x"
+    today = ws_protocol.encode_frame_reply(9, 1.0, b"\xff\xd8", (0.0, 0.0, 4.0, 4.0))
+    assert decode_count_bounds_reply(today) == ws_protocol.decode_reply(today)
+
+
+def test_a_revision_that_cannot_run_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from perf.capacity import REPO_ROOT, checkout_revisions
+    from perf.git_revision import RevisionError, checkout_revision
+
+    with pytest.raises(RevisionError, match="'no-such-rev' is not a commit of"):
+        checkout_revisions([Variant("a"), Variant("x", (), "no-such-rev")], tmp_path)
+    with pytest.raises(RevisionError, match="not a git checkout"):
+        checkout_revision(tmp_path, "HEAD", tmp_path / "cache")
+    root = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-list", "--max-parents=0", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.split()[-1]
+    # the first commit has a `lipsync` CLI but no gateway settings yet
+    with pytest.raises(RevisionError, match="do not import with this Python"):
+        checkout_revision(REPO_ROOT, root, tmp_path / "cache")
+    assert (tmp_path / "cache" / root).is_dir() and not list((tmp_path / "cache").glob(".*tmp"))
 
 
 def test_plan_interleaves_variants_and_rotates_who_goes_first() -> None:
@@ -321,16 +410,21 @@ def test_aggregate_pools_rounds_and_ratios_compare_the_same_cell(tmp_path: Path)
     assert ratio_rows(results, "demo", "old") == []  # nothing to compare there
 
     variants = [Variant("old"), Variant("new", (("LIPSYNC_X", "1"),))]
-    lines = render_markdown(results, variants, {"demo": "176x144 (`demo`)", "demo720": "880x720 (`demo720`)"},
-                            ["- setup"], "python -m perf.capacity", {"new": "note here"})
+    labels = {"demo": "176x144 (`demo`)", "demo720": "880x720 (`demo720`)"}
+    lines = render_markdown(results, variants, labels, ["- setup"], "python -m perf.capacity",
+                            {"new": "note here"})
     text = "\n".join(lines)
     assert "## 176x144 (`demo`)" in text and "## 880x720 (`demo720`)" in text
     assert "`LIPSYNC_X=1`" in text and "note here" in text and "Ratios to `old`" in text
-    assert "overloaded: x" in text
+    assert "| `old` | this checkout | `(defaults)` |  |" in text
+    assert "overloaded: x" in text and "Ratios to `new`" not in text
+    both = "\n".join(render_markdown(results, variants, labels, [], "c", references=["new", "old"]))
+    assert both.index("Ratios to `new`") < both.index("Ratios to `old`")
+    assert "| grpc | 8 | old / new |" in both and "| grpc | 8 | new / old |" in both
     payload = to_json(results, ms, variants, {"machine": "m"})
     back = json.loads(json.dumps(payload))
     assert back["machine"] == "m" and len(back["measurements"]) == 5 and len(back["cells"]) == 3
-    assert back["variants"][1] == {"name": "new", "env": {"LIPSYNC_X": "1"}}
+    assert back["variants"][1] == {"name": "new", "env": {"LIPSYNC_X": "1"}, "revision": None}
 
 
 # ----------------------------------------------------------------------------- identity model
@@ -379,5 +473,31 @@ def test_capacity_smoke_run(demo_package: Any, tmp_path: Path) -> None:
     assert "## 176x144 (`demo`)" in text and "| grpc | 1 | defaults |" in text
     # every server it started is gone
     assert set(data["processes"]) == {"triton", "gateway-defaults"}
+    for pid in data["processes"].values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.triton
+def test_capacity_runs_the_gateway_of_a_git_revision(demo_package: Any, tmp_path: Path) -> None:
+    """Issue 9's reference commit and today's gateway side by side, tiny: both serve the
+    current demo package and identity repository over gRPC and WebSocket, every sampled
+    JPEG verified, and the ratio table divides by the revision."""
+    from perf.capacity import BEFORE_ISSUE9, main
+
+    out = tmp_path / "capacity.md"
+    rc = main(["--variant", f"before9@{BEFORE_ISSUE9}:", "--variant", "today:", "--avatars", "demo",
+               "--streams", "1", "--frames", "20", "--rounds", "1", "--verify-every", "5",
+               "--scratch", str(tmp_path / "scratch"), "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["revisions"]["before9"].startswith(BEFORE_ISSUE9) and data["references"] == ["before9"]
+    assert {(c["variant"], c["cell"]["target"]) for c in data["cells"]} == {
+        (v, t) for v in ("before9", "today") for t in ("grpc", "ws")}
+    for cell in data["cells"]:
+        assert cell["frames_ok"] == 20 and cell["errors"] == 0 and cell["verified"] == 4
+        assert cell["gateway_ms"]["total"] > 0
+    text = out.read_text()
+    assert f"| `before9` | git revision {BEFORE_ISSUE9} |" in text
+    assert "| grpc | 1 | today / before9 |" in text
     for pid in data["processes"].values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
