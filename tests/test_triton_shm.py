@@ -42,6 +42,27 @@ def test_cells_are_taken_in_runs_and_come_back_with_the_prediction() -> None:
         a.close()
 
 
+def test_staged_inputs_are_recognised_and_hold_their_cells_until_the_prediction_is_gone() -> None:
+    a = arena(4)
+    try:
+        staged = a.stage(3)
+        assert staged is not None and a.free_cells == 1 and a.stage(2) is None
+        assert a.staged_first(staged.crops, staged.windows) == 0
+        assert a.staged_first(staged.crops[1:], staged.windows[1:]) == 1, "a part of a split batch"
+        assert a.staged_first(staged.crops[:2], staged.windows[1:3]) is None, "rows do not match"
+        assert a.staged_first(np.array(staged.crops), staged.windows) is None, "a copy is no cell"
+        assert a.staged_first(a.crops[3:4], a.windows[3:4]) is None, "cell 3 is not held"
+        pred = a.prediction(0, 3)
+        del staged
+        gc.collect()
+        assert a.free_cells == 1, "the prediction still holds the cells"
+        del pred
+        gc.collect()
+        assert a.free_cells == 4
+    finally:
+        a.close()
+
+
 def test_areas_do_not_overlap_and_the_object_is_unlinked_at_close() -> None:
     a = arena(3)
     name = a.key.lstrip("/")
