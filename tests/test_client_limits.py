@@ -141,6 +141,29 @@ def test_websocket_client_falling_behind_is_closed_with_1013_and_a_reason(
     on_server(root, body, ws_send_buffer_bytes=1 * MiB, ws_send_timeout_s=30.0)
 
 
+def test_websocket_client_taking_no_reply_in_time_is_closed_with_1013(
+    make_package: Callable[..., Path],
+) -> None:
+    """Replies of 2 MB (720p noise), more than the kernel's socket buffers and the transport take
+    before it pauses, within a large send budget: a client that reads nothing is closed once a
+    reply waits longer than ``ws_send_timeout_s`` (the timeout is armed whenever a write can
+    pause the transport)."""
+    root = make_package(name=AVATAR, frames=noise_frames(720, 1280)).parent
+
+    async def body(server: GatewayServer, fake: FakeTriton) -> None:
+        ws = await asyncio.to_thread(RawWebSocket.connect, "127.0.0.1", server.http_port, rcvbuf=16 * 1024)
+        for frame_id in range(6):  # within the connection's in-flight limit: none refused
+            await asyncio.to_thread(ws.send, encode_request(AVATAR, frame_id))
+        await wait_until(
+            lambda: sample(server, "lipsync_gateway_ws_closed_slow_total", reason="send_timeout") == 1,
+            what="the send timeout to close the connection",
+        )
+        assert sample(server, "lipsync_gateway_ws_closed_slow_total", reason="send_buffer") == 0
+        ws.close()
+
+    on_server(root, body, ws_send_buffer_bytes=64 * MiB, ws_send_timeout_s=0.5)
+
+
 def test_websocket_connection_cap_refuses_before_the_upgrade(make_package: Callable[..., Path]) -> None:
     root = make_package(name=AVATAR).parent
 
