@@ -3,6 +3,7 @@ memory against the real CPU ``tritonserver`` (slow tier): the same predictions a
 registration again after a Triton restart, nothing left in ``/dev/shm``."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import secrets
 import time
@@ -104,6 +105,21 @@ def test_unet_through_shared_memory_survives_a_triton_restart(
     assert np.abs(decoded(first.jpeg) - decoded(same.jpeg)).mean() < 0.25, (
         "shared memory carried the same prediction"
     )
+
+    def render_together(gw: Any, frame_ids: list[int]) -> list[Any]:
+        async def together() -> list[Any]:
+            return list(await asyncio.gather(
+                *(gw.ctx.pipeline.render(FrameRequest("demo", i), protocol="grpc") for i in frame_ids)
+            ))
+        return gw.call(together)
+
+    # coalesced into one request whose inputs are written straight into the arena's cells
+    assert transport.stage(3) is not None, "registered: cells for a batch's inputs"
+    for staged, copied in zip(render_together(shm_gw, [8, 9, 10]), render_together(plain_gw, [8, 9, 10]),
+                              strict=True):
+        assert np.abs(decoded(staged.jpeg) - decoded(copied.jpeg)).mean() < 0.25, (
+            "inputs staged in shared memory: the same predictions as over gRPC"
+        )
 
     triton.kill()
     triton.start(180.0)
