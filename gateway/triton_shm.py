@@ -17,7 +17,11 @@ input and output tensors. Cells are taken per call (first fit) and given back wh
 prediction the call returned is garbage collected (``weakref.finalize`` on its array): the
 prediction is a view into shared memory, valid as long as anyone references it, and the cells
 are not reused before. With no free run of ``n`` cells (more frames in flight than cells) a
-call goes over plain gRPC instead.
+call goes over plain gRPC instead. A caller may also take cells before the call
+(`SharedMemoryUnet.stage`) and write its inputs into them directly (`gateway.batching` does,
+row by row, for the frames it coalesces); a call whose inputs are those cells sends them as
+they are, without copying them again. Every array handed out holds its cells
+(`FrameArena.hold`): they come back when the last one is garbage collected.
 
 Each request is a ``ModelInferRequest`` (Triton's protobuf, from ``tritonclient.grpc``) naming
 the cells' offsets, serialized once per (model, frames, first cell) and kept, and sent on the
