@@ -109,6 +109,19 @@ def test_websocket_client_that_never_reads_leaves_memory_bounded(make_package: C
     assert not good.errors and good.ok > served_during > 0, "the other client's stream is served throughout"
 
 
+async def closed_without_reading(server: GatewayServer, frames: int, reason: str) -> RawWebSocket:
+    """A raw WebSocket client that asks for ``frames`` frames (within the connection's in-flight
+    limit: none refused) and reads nothing, once the gateway has closed it for ``reason``."""
+    ws = await asyncio.to_thread(RawWebSocket.connect, "127.0.0.1", server.http_port, rcvbuf=16 * 1024)
+    for frame_id in range(frames):
+        await asyncio.to_thread(ws.send, encode_request(AVATAR, frame_id))
+    await wait_until(
+        lambda: sample(server, "lipsync_gateway_ws_closed_slow_total", reason=reason) == 1,
+        what=f"the gateway to close the connection ({reason})",
+    )
+    return ws
+
+
 def test_websocket_client_falling_behind_is_closed_with_1013_and_a_reason(
     make_package: Callable[..., Path],
 ) -> None:
@@ -118,13 +131,7 @@ def test_websocket_client_falling_behind_is_closed_with_1013_and_a_reason(
     root = make_package(name=AVATAR, frames=noise_frames(720, 1280)).parent
 
     async def body(server: GatewayServer, fake: FakeTriton) -> None:
-        ws = await asyncio.to_thread(RawWebSocket.connect, "127.0.0.1", server.http_port, rcvbuf=16 * 1024)
-        for frame_id in range(4):  # within the connection's in-flight limit: none refused
-            await asyncio.to_thread(ws.send, encode_request(AVATAR, frame_id))
-        await wait_until(
-            lambda: sample(server, "lipsync_gateway_ws_closed_slow_total", reason="send_buffer") == 1,
-            what="the send budget to close the connection",
-        )
+        ws = await closed_without_reading(server, 4, "send_buffer")
         frames = []
         while True:  # now read: the reply written before, then the close frame
             frame = await asyncio.to_thread(ws.read_frame)
@@ -151,13 +158,7 @@ def test_websocket_client_taking_no_reply_in_time_is_closed_with_1013(
     root = make_package(name=AVATAR, frames=noise_frames(720, 1280)).parent
 
     async def body(server: GatewayServer, fake: FakeTriton) -> None:
-        ws = await asyncio.to_thread(RawWebSocket.connect, "127.0.0.1", server.http_port, rcvbuf=16 * 1024)
-        for frame_id in range(6):  # within the connection's in-flight limit: none refused
-            await asyncio.to_thread(ws.send, encode_request(AVATAR, frame_id))
-        await wait_until(
-            lambda: sample(server, "lipsync_gateway_ws_closed_slow_total", reason="send_timeout") == 1,
-            what="the send timeout to close the connection",
-        )
+        ws = await closed_without_reading(server, 6, "send_timeout")
         assert sample(server, "lipsync_gateway_ws_closed_slow_total", reason="send_buffer") == 0
         ws.close()
 
