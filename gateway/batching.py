@@ -10,11 +10,13 @@ gateway's `gateway.endpoint_pool.EndpointPool` and coalesces:
    it runs once the callbacks that are ready now have run: every frame that reaches inference
    in the same event-loop iteration joins the batch. Nothing waits on a timer; latency grows by
    at most one loop iteration.
-2. The flush concatenates each model's queue into batches of at most the model's
-   ``max_batch_size`` (`EndpointPool.max_batch_size`: the smallest an endpoint reported; the
-   whole queue when unknown) and sends each as one request through the pool (routing to an
-   endpoint, one retry elsewhere if it dies, that endpoint's admission, outage abort and
-   splitting as before).
+2. The flush cuts each model's queue into batches of at most the model's ``max_batch_size``
+   (`EndpointPool.max_batch_size`: the smallest an endpoint reported; the whole queue when
+   unknown) and sends each as one request through the pool (routing to an endpoint, one retry
+   elsewhere if it dies, that endpoint's admission, outage abort and splitting as before). A
+   batch's inputs are written row by row straight into frame cells of a Triton shared-memory
+   arena when ``stage`` gives some (`gateway.triton_shm.FrameArena.stage`: the endpoint whose
+   arena they are sends them without copying them again), else concatenated.
 3. Each caller gets its own row of the answer, uint8 ``[1, 320, 320, 3]`` (a view of the
    batch's answer), or the batch's exception. A caller cancelled meanwhile (its client went
    away) is skipped; the batch still completes for the others.
@@ -33,6 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.triton_client import InferenceClient
+from gateway.triton_shm import StagedInputs
 
 
 @dataclass(slots=True)
@@ -51,11 +54,19 @@ class CoalescingInference:
         inner: the client that sends the batches (the gateway's `EndpointPool`).
         max_batch_size: ``max_batch_size(model)``, the most frames one request may hold (0:
             unknown, no limit here; ``inner`` splits if it knows better).
+        stage: ``stage(n)``, shared-memory cells to write ``n`` frames' inputs into, or None
+            (module doc); None: batches are concatenated.
     """
 
-    def __init__(self, inner: InferenceClient, max_batch_size: Callable[[str], int]) -> None:
+    def __init__(
+        self,
+        inner: InferenceClient,
+        max_batch_size: Callable[[str], int],
+        stage: Callable[[int], StagedInputs | None] | None = None,
+    ) -> None:
         self.inner = inner
         self._max_batch_size = max_batch_size
+        self._stage = stage
         self._queued: dict[str, list[_Waiting]] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,7 +115,13 @@ class CoalescingInference:
         """One request for ``batch``; each caller gets its row or the exception."""
         self.batches += 1
         self.frames += len(batch)
-        if len(batch) == 1:
+        staged = self._stage(len(batch)) if self._stage is not None else None
+        if staged is not None:
+            crops, windows = staged.crops, staged.windows
+            for k, w in enumerate(batch):
+                crops[k : k + 1] = w.crop
+                windows[k : k + 1] = w.window
+        elif len(batch) == 1:
             crops, windows = batch[0].crop, batch[0].window
         else:
             crops = np.concatenate([w.crop for w in batch])

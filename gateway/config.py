@@ -266,9 +266,10 @@ class GatewaySettings(BaseSettings):
     max_avatar_bytes: int | None = Field(
         None,
         ge=1,
-        description="cap on the bytes of avatar frames held in RAM (full frames + 328/320 crops of "
-        "every avatar); a load past it is refused; unset: no cap. With workers > 1, each worker's "
-        "avatars, counted whole even where memory-mapped and shared (gateway/store.py)",
+        description="cap on the bytes of avatar frames held in RAM (full frames + 328/320 crops + "
+        "background JPEGs of every avatar); a load past it is refused; unset: no cap. With "
+        "workers > 1, each worker's avatars, counted whole even where memory-mapped and shared "
+        "(gateway/store.py)",
     )
 
     @field_validator("auth_token", "admin_token", mode="after")

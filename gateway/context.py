@@ -32,7 +32,7 @@ from gateway.model_lifecycle import LifecycleSnapshot
 from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
 from gateway.store import AvatarStore
 from gateway.triton_client import InferenceClient, TritonClient, TritonGrpcClient
-from gateway.triton_shm import SharedMemoryUnet
+from gateway.triton_shm import SharedMemoryUnet, StagedInputs
 from gateway.triton_supervision import TritonSupervision
 from gateway.triton_targets import Resolver, parse_targets, system_resolver
 from lipsync.triton_supervisor import SupervisorView
@@ -144,7 +144,9 @@ class GatewayContext:
         executor = CompositePool(settings.jpeg_threads, "composite", asyncio.get_running_loop())
         aux = AuxiliaryWork.create(settings.aux_threads, settings.max_aux_in_flight, metrics)
         unet: InferenceClient = (
-            CoalescingInference(pool, pool.max_batch_size) if settings.triton_coalesce else pool
+            CoalescingInference(pool, pool.max_batch_size, _stage_in_shared_memory(pool))
+            if settings.triton_coalesce
+            else pool
         )
         pipeline = FramePipeline(
             store,
@@ -282,6 +284,20 @@ def _given_client(client: TritonClient) -> ClientFactory:
 SHM_SPARE_CELLS = 8
 """Frame cells of each endpoint's shared-memory arena beyond ``max_in_flight_total`` (room for
 fragmentation)."""
+
+
+def _stage_in_shared_memory(pool: EndpointPool) -> Callable[[int], StagedInputs | None]:
+    """``stage(n)`` of `gateway.batching.CoalescingInference`: cells of the first endpoint with
+    a registered shared-memory arena (the only one with one Triton; with several, a batch
+    routed to another endpoint is copied into that one's cells), or None."""
+
+    def stage(n: int) -> StagedInputs | None:
+        for client in pool.clients():
+            if isinstance(client, SharedMemoryUnet):
+                return client.stage(n)
+        return None
+
+    return stage
 
 
 def _shared_memory_factory(settings: GatewaySettings, connect: ClientFactory) -> ClientFactory:

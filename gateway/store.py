@@ -31,16 +31,17 @@ no live Triton can serve is refused.
 Loading rules (issue 11; who may load at all is `gateway.auth`'s job): the avatar name matches
 `lipsync.contract.NAME_PATTERN`; an avatar loaded from one folder is replaced by another folder
 only with ``replace=True`` (reloading it from its own folder needs no flag); one package folder is
-served under one name only (another name would hold a second copy of its frames); the frames of
-all avatars stay under ``max_avatar_bytes``; loads run one at a time, and a cancelled load stops
-reading and hashing at its next step. Messages name package folders relative to the packages
-root, never as absolute server paths.
+served under one name only (another name would hold a second copy of its frames); the frames,
+crops and background JPEGs of all avatars (`Avatar.held_bytes`) stay under ``max_avatar_bytes``
+(checked before loading with `frame_bytes`, and again once the JPEGs are built); loads run one
+at a time, and a cancelled load stops reading and hashing at its next step. Messages name
+package folders relative to the packages root, never as absolute server paths.
 
 The cap with gateway workers (``--workers N``): each worker applies ``max_avatar_bytes`` to its
 own avatars, which are the same in every worker, counting what that worker holds or maps
-(`frame_bytes`), memory-mapped or not. So the cap bounds one worker's avatars; the machine holds
-the memory-mapped arrays (frames; crops too with a `CropCache`) once in the page cache for all
-workers, and crops computed into RAM (no cache) once per worker.
+(`Avatar.held_bytes`), memory-mapped or not. So the cap bounds one worker's avatars; the machine
+holds the memory-mapped arrays (frames; crops too with a `CropCache`) once in the page cache for
+all workers, and crops computed into RAM (no cache) and the background JPEGs once per worker.
 
 Sharing with gateway workers (`share_changes`): a load or unload made on request in one worker
 is made by every other worker before the call returns, and by every worker started later
@@ -197,8 +198,12 @@ class Avatar:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of frames and crops this avatar holds or maps (`frame_bytes`)."""
-        return int(self.package.frames.nbytes + self.crops.nbytes + self.inners.nbytes)
+        """Bytes this avatar holds or maps: its frames and crops (`frame_bytes`) and, once built,
+        its background JPEGs (`AvatarBackgrounds.nbytes`: about a tenth more at 880x720)."""
+        held = self.package.frames.nbytes + self.crops.nbytes + self.inners.nbytes
+        if self.backgrounds is not None:
+            held += self.backgrounds.nbytes
+        return int(held)
 
     def rect(self, video_index: int) -> tuple[float, float, float, float]:
         """Crop rectangle ``(x1, y1, x2, y2)`` of a video frame, px as floats."""
@@ -430,6 +435,8 @@ class AvatarStore:
                 self._check_load(path, serve_as, replace=replace)
                 self._check_cap(serve_as, frame_bytes(manifest.frame_count, manifest.height, manifest.width))
                 avatar = await asyncio.to_thread(_load, manifest)
+                # again with what it holds: the background JPEGs are known once built
+                self._check_cap(serve_as, avatar.held_bytes, "frames and background JPEGs")
             except asyncio.CancelledError:
                 cancel.set()  # the worker stops at its next check
                 log.info("loading %s cancelled by the caller", self.display(path))
@@ -485,9 +492,9 @@ class AvatarStore:
                     f"({other.held_bytes / MiB:.0f} MiB): use the name {other.name!r}"
                 )
 
-    def _check_cap(self, name: str, new_bytes: int) -> None:
-        """Refuse an avatar whose frames would take the total past ``max_avatar_bytes`` (an avatar
-        of the same name it replaces does not count).
+    def _check_cap(self, name: str, new_bytes: int, what: str = "frames") -> None:
+        """Refuse an avatar whose ``new_bytes`` (its ``what``) would take the total past
+        ``max_avatar_bytes`` (an avatar of the same name it replaces does not count).
 
         Raises:
             PackageRejected: with the sizes and the setting.
@@ -498,7 +505,7 @@ class AvatarStore:
         held = sum(a.held_bytes for a in self._avatars.values() if a.name != name)
         if held + new_bytes > cap:
             raise PackageRejected(
-                f"avatar {name!r} needs {new_bytes / MiB:.1f} MiB of frames in memory; the other "
+                f"avatar {name!r} needs {new_bytes / MiB:.1f} MiB of {what} in memory; the other "
                 f"avatars hold {held / MiB:.1f} MiB and the cap is {cap / MiB:.1f} MiB "
                 "(LIPSYNC_MAX_AVATAR_BYTES): unload an avatar or raise the cap"
             )

@@ -17,7 +17,11 @@ input and output tensors. Cells are taken per call (first fit) and given back wh
 prediction the call returned is garbage collected (``weakref.finalize`` on its array): the
 prediction is a view into shared memory, valid as long as anyone references it, and the cells
 are not reused before. With no free run of ``n`` cells (more frames in flight than cells) a
-call goes over plain gRPC instead.
+call goes over plain gRPC instead. A caller may also take cells before the call
+(`SharedMemoryUnet.stage`) and write its inputs into them directly (`gateway.batching` does,
+row by row, for the frames it coalesces); a call whose inputs are those cells sends them as
+they are, without copying them again. Every array handed out holds its cells
+(`FrameArena.hold`): they come back when the last one is garbage collected.
 
 Each request is a ``ModelInferRequest`` (Triton's protobuf, from ``tritonclient.grpc``) naming
 the cells' offsets, serialized once per (model, frames, first cell) and kept, and sent on the
@@ -47,6 +51,7 @@ import secrets
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -65,6 +70,19 @@ RETRY_REGISTER_S = 30.0
 """After Triton refused the region, plain gRPC for this long before trying again (s)."""
 
 _FREE, _TAKEN = b"\x01", b"\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class StagedInputs:
+    """Frame cells' input areas handed out by `FrameArena.stage` for a caller to fill.
+
+    Attributes:
+        crops: uint8 ``[n, 320, 320, 3]``, a view into shared memory.
+        windows: float32 ``[n, 16, 512]``, a view into shared memory.
+    """
+
+    crops: NDArray[np.uint8]
+    windows: NDArray[np.float32]
 
 
 class FrameArena:
@@ -98,12 +116,18 @@ class FrameArena:
             (cells, *UNET_AUDIO.dims), UNET_AUDIO.dtype, buffer=buf, offset=self.window_at
         )
         self._buf = buf
+        self._base: int = self.crops.__array_interface__["data"][0]
         self._free = bytearray(_FREE * cells)
         """One byte per cell: `_FREE` or `_TAKEN` (a run of free cells is a substring search)."""
+        self._holders = [0] * cells
+        """Per cell: how many arrays hold it (`hold`)."""
         self._lock = threading.Lock()
 
     def take(self, n: int) -> int | None:
-        """The first cell of ``n`` free consecutive cells, now taken; None when there is no run."""
+        """The first cell of ``n`` free consecutive cells, now taken; None when there is no run.
+
+        Give them to the arrays that use them with `hold`: they come back when the last of
+        those is garbage collected."""
         with self._lock:
             first = self._free.find(_FREE * n)
             if first < 0:
@@ -111,22 +135,73 @@ class FrameArena:
             self._free[first : first + n] = _TAKEN * n
             return first
 
-    def give_back(self, first: int, n: int) -> None:
-        """Free cells ``first .. first + n - 1`` (any thread)."""
+    def hold(self, first: int, n: int, view: NDArray[Any]) -> None:
+        """Keep taken cells ``first .. first + n - 1`` taken while ``view`` (or any view of it)
+        is referenced: each cell goes back when the last array holding it is garbage collected
+        (any thread)."""
         with self._lock:
-            self._free[first : first + n] = _FREE * n
+            for cell in range(first, first + n):
+                self._holders[cell] += 1
+        weakref.finalize(view, self._release, first, n)
+
+    def _release(self, first: int, n: int) -> None:
+        with self._lock:
+            for cell in range(first, first + n):
+                self._holders[cell] -= 1
+                if self._holders[cell] == 0:
+                    self._free[cell] = _FREE[0]
 
     def prediction(self, first: int, n: int) -> NDArray[np.uint8]:
-        """uint8 ``[n, 320, 320, 3]``, a view of cells ``first ..``'s prediction area; the cells go
-        back to the arena when it (and every view of it) is garbage collected."""
+        """uint8 ``[n, 320, 320, 3]``, a view of cells ``first ..``'s prediction area, holding
+        the cells (`hold`): they go back to the arena when it (and every view of it) and every
+        other array holding them are garbage collected."""
         view: NDArray[np.uint8] = np.ndarray(
             (n, *UNET_PRED.dims),
             UNET_PRED.dtype,
             buffer=self._buf,
             offset=self.pred_at + first * self.pred_bytes,
         )
-        weakref.finalize(view, self.give_back, first, n)
+        self.hold(first, n, view)
         return view
+
+    def stage(self, n: int) -> StagedInputs | None:
+        """Take ``n`` consecutive cells for a caller to write ``n`` frames' inputs into directly
+        (the coalesced frames of `gateway.batching`: no batch array assembled and then copied
+        into the cells); None when there is no free run.
+
+        Returns:
+            Views of the cells' input areas, each holding the cells (`hold`); `staged_first`
+            recognises them when they come back as a call's inputs.
+        """
+        first = self.take(n)
+        if first is None:
+            return None
+        staged = StagedInputs(self.crops[first : first + n], self.windows[first : first + n])
+        self.hold(first, n, staged.crops)
+        self.hold(first, n, staged.windows)
+        return staged
+
+    def staged_first(self, crop: NDArray[np.uint8], window: NDArray[np.float32]) -> int | None:
+        """The first cell when ``crop`` and ``window`` are exactly the input areas of held cells
+        ``first .. first + len(crop) - 1`` (views from `stage`, or slices of them); else None
+        (the inputs must be copied into cells of their own)."""
+        n = len(crop)
+        first, rest = divmod(crop.__array_interface__["data"][0] - self._base, self.crop_bytes)
+        window_at = self.window_at + first * self.window_bytes
+        if (
+            rest
+            or not 0 <= first <= self.cells - n
+            or crop.shape != (n, *UNET_CROP.dims)
+            or window.shape != (n, *UNET_AUDIO.dims)
+            or crop.dtype != UNET_CROP.dtype
+            or window.dtype != UNET_AUDIO.dtype
+            or not (crop.flags.c_contiguous and window.flags.c_contiguous)
+            or window.__array_interface__["data"][0] - self._base != window_at
+        ):
+            return None
+        with self._lock:
+            held = all(self._holders[cell] > 0 for cell in range(first, first + n))
+        return first if held else None
 
     @property
     def free_cells(self) -> int:
@@ -212,13 +287,18 @@ class SharedMemoryUnet:
         n = len(crop)
         if window.shape[1:] != UNET_AUDIO.dims or not await self._ready():
             return await self.plain.infer_unet(model, crop, window)
-        first = self.arena.take(n)
-        if first is None:  # more frames in flight than cells
-            return await self.plain.infer_unet(model, crop, window)
-        pred = self.arena.prediction(first, n)  # owns the cells from here: freed with it
+        arena = self.arena
+        first = arena.staged_first(crop, window)
+        staged = first is not None  # the caller wrote the inputs into our cells (`stage`)
+        if first is None:
+            first = arena.take(n)
+            if first is None:  # more frames in flight than cells
+                return await self.plain.infer_unet(model, crop, window)
+        pred = arena.prediction(first, n)  # holds the cells from here: freed with it
         try:
-            self.arena.crops[first : first + n] = crop
-            self.arena.windows[first : first + n] = window
+            if not staged:
+                arena.crops[first : first + n] = crop
+                arena.windows[first : first + n] = window
             await self._infer(model, first, n)
         except _RegionLost:
             del pred
@@ -227,6 +307,12 @@ class SharedMemoryUnet:
             del pred  # not kept alive by the traceback
             raise
         return pred
+
+    def stage(self, n: int) -> StagedInputs | None:
+        """Cells of this endpoint's arena for ``n`` frames' inputs, written by the caller and
+        passed back to `infer_unet` as its ``crop`` and ``window`` (`FrameArena.stage`); None
+        while calls go over plain gRPC or when no run of ``n`` cells is free."""
+        return self.arena.stage(n) if self._registered else None
 
     async def infer_audio_encoder(self, model: str, mel: NDArray[np.float32]) -> NDArray[np.float32]:
         """`InferenceClient.infer_audio_encoder` over plain gRPC (32 KiB per row: no gain)."""

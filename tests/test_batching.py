@@ -5,17 +5,21 @@ does not hold the others, and ``triton_coalesce=False`` sends one request per fr
 from __future__ import annotations
 
 import asyncio
+import gc
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from gateway.batching import CoalescingInference
 from gateway.context import GatewayContext
 from gateway.errors import TritonUnavailable
 from gateway.frame_request import FrameRequest
+from gateway.triton_shm import FrameArena
 from tests.fake_gateway import on_fake_context
 from tests.fake_triton import FakeTriton, fake_triton
 from tests.reference_frames import identity_composite
@@ -101,3 +105,49 @@ def test_the_setting_turns_coalescing_off(make_package: Callable[..., Path], coa
         assert isinstance(ctx.pipeline.inference, CoalescingInference) is coalesce
 
     on_fake(make_package, body, triton_coalesce=coalesce)
+
+
+def test_a_batch_is_written_straight_into_shared_memory_cells() -> None:
+    """With ``stage`` (the gateway's Triton shared-memory arena), the frames' inputs go row by
+    row into the arena's cells and the inner client gets those cells as its inputs (it sends them
+    without a copy); each frame still gets its own row, and every cell comes back after."""
+    arena = FrameArena(8, f"lipsync_test_{secrets.token_hex(4)}")
+    rng = np.random.default_rng(2)
+    crops = rng.integers(0, 256, (5, 320, 320, 3), dtype=np.uint8)
+    windows = rng.standard_normal((5, 16, 512), dtype=np.float32)
+    firsts: list[int | None] = []
+
+    class IdentityOnCells:
+        """The inner client: the identity UNet, answering in the cells it was given."""
+
+        async def infer_unet(
+            self, model: str, crop: NDArray[np.uint8], window: NDArray[np.float32]
+        ) -> NDArray[np.uint8]:
+            first = arena.staged_first(crop, window)
+            firsts.append(first)
+            assert first is not None, "the inputs were not written into the arena's cells"
+            np.testing.assert_array_equal(window, windows)
+            pred = arena.prediction(first, len(crop))
+            pred[:] = crop
+            return pred
+
+        async def infer_audio_encoder(self, model: str, mel: NDArray[np.float32]) -> NDArray[np.float32]:
+            raise AssertionError("not called")
+
+    async def main() -> list[NDArray[np.uint8]]:
+        coalescer = CoalescingInference(IdentityOnCells(), lambda model: 8, arena.stage)
+        return await asyncio.gather(
+            *(coalescer.infer_unet(MODEL, crops[k : k + 1], windows[k : k + 1]) for k in range(5))
+        )
+
+    try:
+        rows = asyncio.run(main())
+        assert firsts == [0], "one request, inputs in cells 0..4"
+        for k, row in enumerate(rows):
+            np.testing.assert_array_equal(row, crops[k : k + 1])
+        assert arena.free_cells == 3, "the answer's rows hold their cells"
+        del rows, row
+        gc.collect()
+        assert arena.free_cells == 8
+    finally:
+        arena.close()

@@ -109,6 +109,19 @@ def test_websocket_client_that_never_reads_leaves_memory_bounded(make_package: C
     assert not good.errors and good.ok > served_during > 0, "the other client's stream is served throughout"
 
 
+async def closed_without_reading(server: GatewayServer, frames: int, reason: str) -> RawWebSocket:
+    """A raw WebSocket client that asks for ``frames`` frames (within the connection's in-flight
+    limit: none refused) and reads nothing, once the gateway has closed it for ``reason``."""
+    ws = await asyncio.to_thread(RawWebSocket.connect, "127.0.0.1", server.http_port, rcvbuf=16 * 1024)
+    for frame_id in range(frames):
+        await asyncio.to_thread(ws.send, encode_request(AVATAR, frame_id))
+    await wait_until(
+        lambda: sample(server, "lipsync_gateway_ws_closed_slow_total", reason=reason) == 1,
+        what=f"the gateway to close the connection ({reason})",
+    )
+    return ws
+
+
 def test_websocket_client_falling_behind_is_closed_with_1013_and_a_reason(
     make_package: Callable[..., Path],
 ) -> None:
@@ -118,13 +131,7 @@ def test_websocket_client_falling_behind_is_closed_with_1013_and_a_reason(
     root = make_package(name=AVATAR, frames=noise_frames(720, 1280)).parent
 
     async def body(server: GatewayServer, fake: FakeTriton) -> None:
-        ws = await asyncio.to_thread(RawWebSocket.connect, "127.0.0.1", server.http_port, rcvbuf=16 * 1024)
-        for frame_id in range(4):  # within the connection's in-flight limit: none refused
-            await asyncio.to_thread(ws.send, encode_request(AVATAR, frame_id))
-        await wait_until(
-            lambda: sample(server, "lipsync_gateway_ws_closed_slow_total", reason="send_buffer") == 1,
-            what="the send budget to close the connection",
-        )
+        ws = await closed_without_reading(server, 4, "send_buffer")
         frames = []
         while True:  # now read: the reply written before, then the close frame
             frame = await asyncio.to_thread(ws.read_frame)
@@ -139,6 +146,23 @@ def test_websocket_client_falling_behind_is_closed_with_1013_and_a_reason(
         assert 1 <= len(replies) < 4 and all(isinstance(r, FrameReply) for r in replies)
 
     on_server(root, body, ws_send_buffer_bytes=1 * MiB, ws_send_timeout_s=30.0)
+
+
+def test_websocket_client_taking_no_reply_in_time_is_closed_with_1013(
+    make_package: Callable[..., Path],
+) -> None:
+    """Replies of 2 MB (720p noise), more than the kernel's socket buffers and the transport take
+    before it pauses, within a large send budget: a client that reads nothing is closed once a
+    reply waits longer than ``ws_send_timeout_s`` (the timeout is armed whenever a write can
+    pause the transport)."""
+    root = make_package(name=AVATAR, frames=noise_frames(720, 1280)).parent
+
+    async def body(server: GatewayServer, fake: FakeTriton) -> None:
+        ws = await closed_without_reading(server, 6, "send_timeout")
+        assert sample(server, "lipsync_gateway_ws_closed_slow_total", reason="send_buffer") == 0
+        ws.close()
+
+    on_server(root, body, ws_send_buffer_bytes=64 * MiB, ws_send_timeout_s=0.5)
 
 
 def test_websocket_connection_cap_refuses_before_the_upgrade(make_package: Callable[..., Path]) -> None:

@@ -155,11 +155,29 @@ def test_avatar_frames_held_stay_under_the_cap(make_package: Any) -> None:
             assert not r.success and "(LIPSYNC_MAX_AVATAR_BYTES)" in r.error, r.error
             assert f"needs {one / MiB:.1f} MiB of frames" in r.error, r.error
             assert f"the cap is {1.5 * one / MiB:.1f} MiB" in r.error, r.error
-        assert sum(a.held_bytes for a in server.ctx.store.avatars()) == one
+        (alice,) = server.ctx.store.avatars()
+        assert alice.backgrounds is not None and alice.backgrounds.nbytes > 0
+        assert alice.held_bytes == one + alice.backgrounds.nbytes, "the background JPEGs count"
 
     serve_on_fake(
         root, fake_for("alice", "bob"), body, admin_token=ADMIN_TOKEN, max_avatar_bytes=int(1.5 * one)
     )
+
+
+def test_background_jpegs_count_against_the_cap(make_package: Any) -> None:
+    """A cap that fits alice's frames and crops but not her background JPEGs too: refused once
+    the JPEGs are built, with what she needs in all."""
+    root = Path(make_package(name="alice", frames=frames_of(1)).parent)
+    one = 10 * 3 * (48 * 64 + 328 * 328 + 320 * 320)
+
+    async def body(server: GatewayServer, _: FakeTriton) -> None:
+        assert server.ctx is not None and server.ctx.store.avatars() == [], "alice did not fit at start-up"
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            r = await stub_of(channel).LoadPackage(pb.LoadPackageRequest(package_dir="alice"), metadata=ADMIN)
+        assert not r.success and "(LIPSYNC_MAX_AVATAR_BYTES)" in r.error, r.error
+        assert "MiB of frames and background JPEGs in memory" in r.error, r.error
+
+    serve_on_fake(root, fake_for("alice"), body, admin_token=ADMIN_TOKEN, max_avatar_bytes=one)
 
 
 def read_bytes_so_far() -> int:

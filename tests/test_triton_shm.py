@@ -3,6 +3,7 @@ memory against the real CPU ``tritonserver`` (slow tier): the same predictions a
 registration again after a Triton restart, nothing left in ``/dev/shm``."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import secrets
 import time
@@ -38,6 +39,27 @@ def test_cells_are_taken_in_runs_and_come_back_with_the_prediction() -> None:
         gc.collect()
         assert a.free_cells == 3 and a.take(3) is None, "cells 0-1 and 5 are free, not in one run"
         assert a.take(2) == 0
+    finally:
+        a.close()
+
+
+def test_staged_inputs_are_recognised_and_hold_their_cells_until_the_prediction_is_gone() -> None:
+    a = arena(4)
+    try:
+        staged = a.stage(3)
+        assert staged is not None and a.free_cells == 1 and a.stage(2) is None
+        assert a.staged_first(staged.crops, staged.windows) == 0
+        assert a.staged_first(staged.crops[1:], staged.windows[1:]) == 1, "a part of a split batch"
+        assert a.staged_first(staged.crops[:2], staged.windows[1:3]) is None, "rows do not match"
+        assert a.staged_first(np.array(staged.crops), staged.windows) is None, "a copy is no cell"
+        assert a.staged_first(a.crops[3:4], a.windows[3:4]) is None, "cell 3 is not held"
+        pred = a.prediction(0, 3)
+        del staged
+        gc.collect()
+        assert a.free_cells == 1, "the prediction still holds the cells"
+        del pred
+        gc.collect()
+        assert a.free_cells == 4
     finally:
         a.close()
 
@@ -83,6 +105,21 @@ def test_unet_through_shared_memory_survives_a_triton_restart(
     assert np.abs(decoded(first.jpeg) - decoded(same.jpeg)).mean() < 0.25, (
         "shared memory carried the same prediction"
     )
+
+    def render_together(gw: Any, frame_ids: list[int]) -> list[Any]:
+        async def together() -> list[Any]:
+            return list(await asyncio.gather(
+                *(gw.ctx.pipeline.render(FrameRequest("demo", i), protocol="grpc") for i in frame_ids)
+            ))
+        return gw.call(together)
+
+    # coalesced into one request whose inputs are written straight into the arena's cells
+    assert transport.stage(3) is not None, "registered: cells for a batch's inputs"
+    for staged, copied in zip(render_together(shm_gw, [8, 9, 10]), render_together(plain_gw, [8, 9, 10]),
+                              strict=True):
+        assert np.abs(decoded(staged.jpeg) - decoded(copied.jpeg)).mean() < 0.25, (
+            "inputs staged in shared memory: the same predictions as over gRPC"
+        )
 
     triton.kill()
     triton.start(180.0)
