@@ -29,7 +29,7 @@ from gateway.live_service import LiveSessions
 from gateway.malformed import MalformedInput
 from gateway.metrics import GatewayMetrics
 from gateway.model_lifecycle import LifecycleSnapshot
-from gateway.pipeline import AdmissionControl, ConnectionLimiter, FramePipeline
+from gateway.pipeline import AdmissionControl, FramePipeline
 from gateway.store import AvatarStore
 from gateway.triton_client import InferenceClient, TritonClient, TritonGrpcClient
 from gateway.triton_shm import SharedMemoryUnet, StagedInputs
@@ -236,16 +236,14 @@ class GatewayContext:
         """Seconds since the context was created."""
         return time.time() - self.started_at
 
-    def new_connection_limiter(self, peer: str | None = None) -> ConnectionLimiter:
-        """A per-connection in-flight limiter (``max_in_flight_per_connection``).
+    def new_connection_limiter(self, peer: str) -> ClientLimiter:
+        """A per-connection in-flight limiter (``max_in_flight_per_connection``) whose every
+        slot also holds one of the peer's (``max_in_flight_per_peer``,
+        `gateway.limits.ClientLimiter`).
 
         Args:
-            peer: the client's `gateway.limits.peer_address`: each slot then also holds one of
-                the peer's (``max_in_flight_per_peer``, `gateway.limits.ClientLimiter`); None:
-                the connection's cap alone.
+            peer: the client's `gateway.limits.peer_address`.
         """
-        if peer is None:
-            return ConnectionLimiter(self.settings.max_in_flight_per_connection)
         return ClientLimiter(self.settings.max_in_flight_per_connection, self.peers, peer)
 
     async def close(self) -> None:

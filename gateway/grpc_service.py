@@ -90,17 +90,13 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 """A servicer method's call context (the methods only abort through it)."""
 
 
-def _ms(value: float) -> int:
-    return round(value)
-
-
 def frame_response(frame: RenderedFrame) -> pb.OptimizedInferenceResponse:
     """`RenderedFrame` -> a successful ``OptimizedInferenceResponse``."""
     return pb.OptimizedInferenceResponse(
         success=True,
         prediction_data=frame.jpeg,
         bounds=list(frame.rect),
-        processing_time_ms=_ms(frame.total_ms),
+        processing_time_ms=int32(frame.total_ms),
         model_name=frame.avatar,
         frame_id=frame.frame_id,
         prediction_shape=f"{frame.height}x{frame.width}x3",
@@ -122,7 +118,7 @@ def error_response(avatar: str, frame_id: int, exc: GatewayError, t0: float) -> 
         error=str(exc),
         model_name=avatar,
         frame_id=frame_id,
-        processing_time_ms=_ms((time.perf_counter() - t0) * 1e3),
+        processing_time_ms=int32((time.perf_counter() - t0) * 1e3),
     )
 
 
@@ -157,16 +153,16 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         """One frame (in-band errors); refused ``overloaded`` at once when the caller's address
         has ``max_in_flight_per_peer`` frames in flight."""
         t0 = time.perf_counter()
-        limiter = self.ctx.new_connection_limiter(peer_address(context.peer()))
+        peer = peer_address(context.peer())
         try:
-            await limiter.acquire(wait=False)
+            await self.ctx.peers.acquire(peer, wait=False)
         except GatewayError as exc:
             self.pipeline.record_refused(PROTOCOL, exc)
             return error_response(request.model_name, request.frame_id, exc, t0)
         try:
             return await self._render(FrameRequest(request.model_name, request.frame_id))
         finally:
-            limiter.release()
+            self.ctx.peers.release(peer)
 
     def _batch_response(
         self, responses: list[pb.OptimizedInferenceResponse], t0: float
@@ -174,7 +170,7 @@ class LipSyncService(pbg.OptimizedLipSyncServiceServicer):
         total_ms = (time.perf_counter() - t0) * 1e3
         batch = pb.BatchInferenceResponse(
             responses=responses,
-            total_processing_time_ms=_ms(total_ms),
+            total_processing_time_ms=int32(total_ms),
             avg_frame_time_ms=total_ms / len(responses) if responses else 0.0,
         )
         limit = self.ctx.settings.grpc_max_send_bytes

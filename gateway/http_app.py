@@ -76,10 +76,11 @@ optional plain-HTTP health port. No answer names a server path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,7 @@ from gateway.endpoint_pool import EndpointStatus
 from gateway.errors import BadRequest, FrameOutOfRange, GatewayError, Overloaded, UnknownAvatar, unexpected
 from gateway.frame_request import FrameOutput, FrameRequest
 from gateway.limits import peer_address
+from gateway.live_ws import PATH as LIVE_PATH
 from gateway.live_ws import serve_live_websocket
 from gateway.model_lifecycle import ModelPhase
 from gateway.ws_limits import WsGate
@@ -313,8 +315,37 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 
 async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.WebSocketResponse:
     """Serve one WebSocket connection on ``endpoint`` until it closes."""
+    async with _open_websocket(request, endpoint.path) as ws:
+        await _WsConnection(ws, request.app[CONTEXT_KEY], endpoint, request).serve()
+    return ws
+
+
+async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    """``GET /live``: one live session (`gateway.live_ws`)."""
     ctx = request.app[CONTEXT_KEY]
-    with request.app[WS_GATE_KEY].admit(request):  # Origin and connection cap, before the upgrade
+    async with _open_websocket(request, LIVE_PATH) as ws:
+        await serve_live_websocket(
+            ws, request, ctx.live, ctx.settings.ws_max_message_bytes, ctx.malformed,
+            request.app[WS_GATE_KEY],
+        )
+    return ws
+
+
+@contextlib.asynccontextmanager
+async def _open_websocket(request: web.Request, path: str) -> AsyncIterator[web.WebSocketResponse]:
+    """The upgraded WebSocket of ``request`` for the block: admitted by the app's `WsGate`
+    (Origin and connection cap, before the upgrade) for as long as it is open, and one of the
+    app's open WebSockets (closed with 1001 when the gateway stops).
+
+    Messages up to ``ws_max_message_bytes * TRANSPORT_CAP_FACTOR`` reach the handler (which
+    answers the oversized ones with an error), heartbeat 30 s, no compression.
+
+    Raises:
+        web.HTTPException: a handshake aiohttp refused (400): reported as malformed input
+            of the client on ``path``.
+    """
+    ctx = request.app[CONTEXT_KEY]
+    with request.app[WS_GATE_KEY].admit(request):
         ws = web.WebSocketResponse(
             max_msg_size=ctx.settings.ws_max_message_bytes * TRANSPORT_CAP_FACTOR,
             heartbeat=30.0,
@@ -323,31 +354,15 @@ async def _serve_websocket(request: web.Request, endpoint: WsEndpoint) -> web.We
         try:
             await ws.prepare(request)
         except web.HTTPException as exc:  # a handshake aiohttp refused (400): the client's error
-            ctx.malformed.report("ws", endpoint.path, request.remote, f"handshake refused: {exc.text}")
+            ctx.malformed.report("ws", path, request.remote, f"handshake refused: {exc.text}")
             request[MALFORMED_KEY] = True
             raise
         open_ws = request.app[WS_OPEN_KEY]
         open_ws.add(ws)
         try:
-            await _WsConnection(ws, ctx, endpoint, request).serve()
+            yield ws
         finally:
             open_ws.discard(ws)
-    return ws
-
-
-async def live_websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    """``GET /live``: one live session (`gateway.live_ws`)."""
-    ctx = request.app[CONTEXT_KEY]
-    gate = request.app[WS_GATE_KEY]
-    try:
-        with gate.admit(request):  # Origin and connection cap, before the upgrade
-            return await serve_live_websocket(
-                request, ctx.live, ctx.settings.ws_max_message_bytes, request.app[WS_OPEN_KEY],
-                ctx.malformed, gate,
-            )
-    except web.HTTPException:  # a refused handshake, reported as malformed input
-        request[MALFORMED_KEY] = True
-        raise
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -608,16 +623,16 @@ async def avatar_frame(request: web.Request) -> web.Response:
         frame_id = int(raw)
     except ValueError:
         raise BadRequest(f"frame_id {raw!r} is not an integer") from None
-    limiter = ctx.new_connection_limiter(peer_address(request.remote or ""))
+    peer = peer_address(request.remote or "")
     try:
-        await limiter.acquire(wait=False)  # the client's per-peer cap
+        await ctx.peers.acquire(peer, wait=False)  # the client's per-peer cap
     except GatewayError as exc:
         ctx.pipeline.record_refused("http", exc)
         raise
     try:
         frame = await ctx.pipeline.render(FrameRequest(request.match_info["name"], frame_id), protocol="http")
     finally:
-        limiter.release()
+        ctx.peers.release(peer)
     return web.Response(
         body=frame.jpeg,
         content_type="image/jpeg",
@@ -741,7 +756,7 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.on_shutdown.append(_close_websockets)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
-    app.router.add_get("/live", live_websocket_handler)
+    app.router.add_get(LIVE_PATH, live_websocket_handler)
     app.router.add_get("/api/avatars", list_avatars)
     app.router.add_get("/api/avatars/{name}", get_avatar)
     app.router.add_get("/api/avatars/{name}/audio.wav", avatar_audio)

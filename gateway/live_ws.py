@@ -60,40 +60,32 @@ async def _inputs(
 
 
 async def serve_live_websocket(
+    ws: web.WebSocketResponse,
     request: web.Request,
     live: LiveSessions,
     max_message_bytes: int,
-    open_ws: set[web.WebSocketResponse],
     malformed: MalformedInput,
     gate: WsGate,
-) -> web.WebSocketResponse:
-    """Serve one ``/live`` connection (module doc).
+) -> None:
+    """Serve one ``/live`` connection (module doc) on its upgraded WebSocket until the session
+    ends (then closed with 1000) or the client goes.
 
     Args:
+        ws: the prepared WebSocket (`gateway.http_app` upgrades it and keeps it among the app's
+            open WebSockets); it takes messages up to 4x ``max_message_bytes``.
         request: the upgrade request.
         live: the gateway's live sessions.
         max_message_bytes: largest PCM message accepted (``ws_max_message_bytes``); up to 4x
             that gets an error, beyond aiohttp closes with 1009.
-        open_ws: the app's open WebSockets (closed with 1001 when the gateway stops).
-        malformed: where a refused handshake and messages that do not follow the protocol are
-            reported (counted, one log line per peer per interval).
+        malformed: where messages that do not follow the protocol are reported (counted, one
+            log line per peer per interval).
         gate: the WebSocket limits; frames go out within its send budget, and a client that
             does not take them is closed with 1013 (`gateway.ws_limits`), ending its session.
-
-    Raises:
-        web.HTTPException: a handshake aiohttp refused (answered 400).
     """
 
     def report(detail: str) -> None:
         malformed.report("ws", PATH, request.remote, detail)
 
-    ws = web.WebSocketResponse(max_msg_size=max_message_bytes * 4, heartbeat=30.0, compress=False)
-    try:
-        await ws.prepare(request)
-    except web.HTTPException as exc:
-        report(f"handshake refused: {exc.text}")
-        raise
-    open_ws.add(ws)
     sender = gate.sender(ws, request)
     try:
         async for item in live.serve(_inputs(ws, max_message_bytes, report), "ws"):
@@ -102,6 +94,4 @@ async def serve_live_websocket(
         else:
             await ws.close(code=WSCloseCode.OK, message=b"session ended")
     finally:
-        open_ws.discard(ws)
         await sender.wait_closed()
-    return ws
