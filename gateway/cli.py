@@ -22,7 +22,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -279,6 +279,21 @@ def signals_as_event() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _loop_signals_as_event() -> Iterator[asyncio.Event]:
+    """While active, SIGINT and SIGTERM set the yielded event (the running loop's signal
+    handlers, removed on exit: a signal then acts as before, e.g. Ctrl-C raises)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def serve_gateway(
     settings: GatewaySettings,
     *,
@@ -308,30 +323,25 @@ async def serve_gateway(
     from gateway.server import GatewayServer
     from gateway.tls import TlsConfigError
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     server = GatewayServer(settings, supervisor=supervisor)
     try:
-        try:
-            await server.start()
-        except TlsConfigError as exc:
-            raise _tls_error(exc) from exc
-        except (OSError, RuntimeError) as exc:  # grpc raises RuntimeError on a busy port
-            raise _bind_error(settings, exc) from exc
-        host = _display_host(settings.host)
-        log.info(
-            "gateway serving: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
-            _scheme(settings), host, server.http_port, host, server.grpc_port, banner,
-        )
-        if wait_ready_s > 0:
-            await _wait_ready(server, wait_ready_s, stop)
-        await stop.wait()
-        log.info("stopping the gateway ...")
+        with _loop_signals_as_event() as stop:
+            try:
+                await server.start()
+            except TlsConfigError as exc:
+                raise _tls_error(exc) from exc
+            except (OSError, RuntimeError) as exc:  # grpc raises RuntimeError on a busy port
+                raise _bind_error(settings, exc) from exc
+            host = _display_host(settings.host)
+            log.info(
+                "gateway serving: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
+                _scheme(settings), host, server.http_port, host, server.grpc_port, banner,
+            )
+            if wait_ready_s > 0:
+                await _wait_ready(server, wait_ready_s, stop)
+            await stop.wait()
+            log.info("stopping the gateway ...")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await server.stop()  # logs "gateway stopped"
 
 
@@ -367,48 +377,47 @@ async def _serve_workers(
         http_ssl_context(settings)
     except TlsConfigError as exc:
         raise _tls_error(exc) from exc
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     workers = WorkerSupervisor(settings, triton=supervisor)
     try:
-        try:
-            await workers.start()
-        except OSError as exc:
-            raise _bind_error(settings, exc) from exc
-        except WorkerStartError as exc:
-            raise StartupError(str(exc)) from exc
-        host = _display_host(settings.host)
-        log.info(
-            "gateway serving with %d workers: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
-            settings.workers, _scheme(settings), host, workers.http_port, host, workers.grpc_port, banner,
-        )
-        gave_up = asyncio.ensure_future(workers.wait_given_up())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            if wait_ready_s > 0:
-                await _wait_workers_ready(workers, wait_ready_s, stop)
-            await asyncio.wait({gave_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            gave_up.cancel()
-        if workers.gave_up_message is not None:
-            raise StartupError(workers.gave_up_message)
-        log.info("stopping the gateway workers ...")
+        with _loop_signals_as_event() as stop:
+            try:
+                await workers.start()
+            except OSError as exc:
+                raise _bind_error(settings, exc) from exc
+            except WorkerStartError as exc:
+                raise StartupError(str(exc)) from exc
+            host = _display_host(settings.host)
+            log.info(
+                "gateway serving with %d workers: web page %s://%s:%d/  gRPC %s:%d  (Ctrl-C stops)%s",
+                settings.workers, _scheme(settings), host, workers.http_port, host, workers.grpc_port,
+                banner,
+            )
+            gave_up = asyncio.ensure_future(workers.wait_given_up())
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                if wait_ready_s > 0:
+                    await _wait_workers_ready(workers, wait_ready_s, stop)
+                await asyncio.wait({gave_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+                gave_up.cancel()
+            if workers.gave_up_message is not None:
+                raise StartupError(workers.gave_up_message)
+            log.info("stopping the gateway workers ...")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await workers.stop()  # logs "gateway workers stopped"
 
 
-async def _wait_workers_ready(workers: Any, timeout_s: float, stop: asyncio.Event) -> None:
+async def _poll_until(done: Callable[[], bool], timeout_s: float, stop: asyncio.Event) -> None:
+    """Return once ``done()`` is true, ``stop`` is set or ``timeout_s`` s have passed (checked
+    every 0.5 s)."""
     deadline = time.monotonic() + timeout_s
-    while (
-        not workers.all_ready() and time.monotonic() < deadline and not stop.is_set()
-        and workers.gave_up_message is None
-    ):
+    while not done() and time.monotonic() < deadline and not stop.is_set():
         await asyncio.sleep(0.5)
+
+
+async def _wait_workers_ready(workers: Any, timeout_s: float, stop: asyncio.Event) -> None:
+    await _poll_until(lambda: workers.all_ready() or workers.gave_up_message is not None, timeout_s, stop)
     host = _display_host(workers.settings.host)
     if workers.all_ready():
         log.info(
@@ -421,14 +430,14 @@ async def _wait_workers_ready(workers: Any, timeout_s: float, stop: asyncio.Even
 
 def _scheme(settings: GatewaySettings) -> str:
     """``https`` when the gateway serves TLS, else ``http``."""
-    return "https" if settings.tls_cert is not None else "http"
+    from gateway.tls import tls_enabled
+
+    return "https" if tls_enabled(settings) else "http"
 
 
 async def _wait_ready(server: Any, timeout_s: float, stop: asyncio.Event) -> None:
     ctx = server.ctx
-    deadline = time.monotonic() + timeout_s
-    while not ctx.ready() and time.monotonic() < deadline and not stop.is_set():
-        await asyncio.sleep(0.5)
+    await _poll_until(ctx.ready, timeout_s, stop)
     if ctx.ready():
         names = ", ".join(ctx.store.names())
         log.info("ready: avatars %s; open %s://%s:%d/ and press Play",

@@ -27,6 +27,7 @@ from gateway.grpc_service import HealthReporter, build_grpc_server
 from gateway.http_app import AccessLog, ServerLog, create_app, create_health_app
 from gateway.tls import grpc_server_credentials, http_ssl_context, tls_enabled
 from gateway.triton_client import TritonClient
+from gateway.triton_targets import endpoint_url
 from lipsync.triton_supervisor import SupervisorView
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,7 @@ class GatewayServer:
             if self.before_serving is not None:
                 await self.before_serving(self.ctx)
             self._grpc, self._health = build_grpc_server(self.ctx, reuse_port=self.reuse_port)
-            host = f"[{s.host}]" if ":" in s.host else s.host  # an IPv6 address in brackets
-            address = f"{host}:{s.grpc_port}"
+            address = endpoint_url(s.host, s.grpc_port)
             self.grpc_port = (
                 self._grpc.add_secure_port(address, credentials)
                 if credentials is not None

@@ -191,7 +191,6 @@ class WorkerSlot:
     conn: Connection | None = None
     pid: int | None = None
     ready: bool = False
-    started_at: float = 0.0
     serving_at: float | None = None
     failures_in_a_row: int = 0
     restarts: int = 0
@@ -354,12 +353,7 @@ class WorkerSupervisor:
             return
         if self.phase is not SupervisorPhase.GIVEN_UP:
             self.phase = SupervisorPhase.STOPPING
-        self._stopping.set()
-        for slot in self.slots:
-            if slot.process is not None and not slot.exited.is_set():
-                slot.state = WorkerState.STOPPING
-                with contextlib.suppress(OSError):
-                    slot.process.terminate()
+        self._terminate_all()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks = []
@@ -431,7 +425,6 @@ class WorkerSupervisor:
         """Start the slot's worker and wait until it exits; reap it and drop its gauges."""
         slot.state, slot.ready, slot.serving_at, slot.start_error = WorkerState.STARTING, False, None, None
         slot.exited = asyncio.Event()
-        slot.started_at = time.monotonic()
         process, conn = self.launcher(self._spec(slot))
         slot.process, slot.conn, slot.pid = process, conn, process.pid
         loop = asyncio.get_running_loop()
@@ -572,9 +565,13 @@ class WorkerSupervisor:
         log.error("%s", self.gave_up_message)
         self.phase = SupervisorPhase.GIVEN_UP
         self._given_up.set()
+        self._terminate_all()
+
+    def _terminate_all(self) -> None:
+        """No more restarts; SIGTERM to every worker still running (each then stops gracefully)."""
         self._stopping.set()
-        for other in self.slots:
-            if other.process is not None and not other.exited.is_set():
-                other.state = WorkerState.STOPPING
+        for slot in self.slots:
+            if slot.process is not None and not slot.exited.is_set():
+                slot.state = WorkerState.STOPPING
                 with contextlib.suppress(OSError):
-                    other.process.terminate()
+                    slot.process.terminate()
