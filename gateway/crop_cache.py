@@ -136,6 +136,7 @@ class CropCache:
         found = self._read(entry, package, cancel)
         if found is not None:
             return found
+        computed: FaceCrops | None = None
         try:
             with folder_lock(self.root):  # another process may be writing this entry now
                 found = self._read(entry, package, cancel)
@@ -148,7 +149,8 @@ class CropCache:
                 "crop cache %s not writable (%s): the crops of %r are held in this process's RAM",
                 self.root, exc, package.name,
             )
-            return compute_crops(package, cancel)
+            # computed already when only the write failed
+            return computed if computed is not None else compute_crops(package, cancel)
         mapped = self._read(entry, package, cancel)
         return mapped if mapped is not None else computed
 

@@ -112,10 +112,6 @@ class MetricsSnapshot:
         """The sample ``name{labels}`` (all its labels given), None when absent."""
         return self._values.get((name, tuple(sorted(labels.items()))))
 
-    def label_values(self, name: str, label: str) -> set[str]:
-        """The values ``label`` takes in the samples called ``name``."""
-        return {dict(key)[label] for sample, key in self._values if sample == name and label in dict(key)}
-
 
 @dataclass(frozen=True)
 class AvatarTotals:

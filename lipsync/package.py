@@ -425,11 +425,8 @@ def load_package(
         PackageError: with the file, what was expected and what was found.
         LoadCancelled: ``cancel`` was set.
     """
-    given = Path(path)
-    if not given.is_dir():
-        raise PackageError(f"package folder not found: {given}")
-    root = given.resolve()
-    m = _read_manifest(root)
+    m = read_manifest(path)
+    root = Path(path).resolve()
 
     files: dict[str, Path] = {}
     hashed: dict[str, os.stat_result] = {}
