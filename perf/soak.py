@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,14 +49,15 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 
-def tree_rss_bytes(root: int) -> int:
-    """``VmRSS`` of ``root`` and all its descendants, summed (bytes; 0 for a gone process).
+def tree_rss_bytes(root: int, parents: Mapping[int, int]) -> int:
+    """``VmRSS`` of ``root`` and all its descendants in ``parents`` (`perf.procstat.parent_map`),
+    summed (bytes; 0 for a gone process).
 
     Shared pages count once per process, so the sum overstates the memory a tree holds; its
     change over time is what a soak watches.
     """
     total = 0
-    for pid in (root, *descendants(root, parent_map())):
+    for pid in descendants(root, parents):  # root first
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -177,8 +178,9 @@ async def soak(config: LoadConfig, *, warmup_s: float, minutes: int, sample_s: f
     async def sampler() -> None:
         await asyncio.sleep(max(0.0, measured_from - time.perf_counter()))
         while time.perf_counter() < stop_at:
-            samples.append(RssSample(time.perf_counter() - measured_from, tree_rss_bytes(gateway_pid),
-                                     tree_rss_bytes(triton_pid)))
+            parents = parent_map()
+            gateway_rss, triton_rss = (tree_rss_bytes(pid, parents) for pid in (gateway_pid, triton_pid))
+            samples.append(RssSample(time.perf_counter() - measured_from, gateway_rss, triton_rss))
             log.info("t=%.0f s: %d frames, gateway %.0f MiB, Triton %.0f MiB", samples[-1].t_s,
                      len(records), samples[-1].gateway / MiB, samples[-1].triton / MiB)
             await asyncio.sleep(sample_s)
