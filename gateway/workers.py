@@ -436,7 +436,7 @@ class WorkerSupervisor:
             await self._wait_exit(slot)
         finally:
             loop.remove_reader(process.sentinel)
-            self._drain(slot)
+            self._readable(slot)  # what it sent last
             loop.remove_reader(conn.fileno())
             conn.close()
             slot.conn = None
@@ -469,6 +469,8 @@ class WorkerSupervisor:
 
     # ------------------------------------------------------------------ messages
     def _readable(self, slot: WorkerSlot) -> None:
+        """Dispatch every message the worker sent that is waiting (also once it exited: its
+        last, e.g. `StartFailed`); at EOF stop watching its pipe."""
         conn = slot.conn
         if conn is None:
             return
@@ -477,13 +479,6 @@ class WorkerSupervisor:
                 self._dispatch(slot, conn.recv())
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(conn.fileno())
-
-    def _drain(self, slot: WorkerSlot) -> None:
-        """Read what the exited worker sent last (its `StartFailed`)."""
-        conn = slot.conn
-        with contextlib.suppress(EOFError, OSError):
-            while conn is not None and conn.poll():
-                self._dispatch(slot, conn.recv())
 
     def _dispatch(self, slot: WorkerSlot, message: object) -> None:
         if isinstance(message, Serving):
