@@ -59,6 +59,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perf import report
 from perf.capacity_report import (
@@ -84,6 +85,9 @@ from perf.procstat import (
     thread_name_env,
 )
 from perf.servers import GatewayHandle, start_gateway
+
+if TYPE_CHECKING:
+    from lipsync.triton_local import TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -256,9 +260,9 @@ def unknown_settings(variant: Variant, known: frozenset[str] | None = None) -> l
     gateway ignores those silently."""
     if known is None:
         from gateway.config import GatewaySettings
-        from perf.git_revision import READ_BY_LOG
+        from perf.git_revision import settings_keys
 
-        known = frozenset(f"LIPSYNC_{name.upper()}" for name in GatewaySettings.model_fields) | READ_BY_LOG
+        known = settings_keys(GatewaySettings.model_fields)
     return [k for k, _ in variant.env if k not in known]
 
 
@@ -303,16 +307,16 @@ def _triton_counters(servers: Servers, model: str) -> tuple[float, float]:
 
 
 def load_config(gw: GatewayHandle, avatar: AvatarInfo, target: str, streams: int,
-                frames_per_stream: int, grid: Grid, timeout_s: float, label: str,
+                frames_per_stream: int, window: int, timeout_s: float, label: str,
                 verify_every: int, ws_count_bounds: bool = False) -> LoadConfig:
     """The load generator's settings for one run against `gw`: as fast as possible,
-    `grid.window` frames in flight per stream, every reply checked for the avatar's size on a
+    `window` frames in flight per stream, every reply checked for the avatar's size on a
     sample of one in `verify_every`; `ws_count_bounds` for a gateway whose WebSocket replies
     count the bounds (`LoadConfig`)."""
     return LoadConfig(
         target=target, address=gw.grpc_address if target == "grpc" else gw.http_address,
         avatar=avatar.name, streams=streams, frames=frames_per_stream, pace_fps=0.0,
-        window=grid.window, frame_range=avatar.feature_rows, timeout_s=timeout_s, label=label,
+        window=window, frame_range=avatar.feature_rows, timeout_s=timeout_s, label=label,
         verify_every=verify_every, expect_size=(avatar.width, avatar.height),
         ws_count_bounds=ws_count_bounds)
 
@@ -324,7 +328,7 @@ def measure(cell: Cell, variant: str, round_: int, grid: Grid, avatar: AvatarInf
 
     gw = servers.gateways[variant]
     config = load_config(gw, avatar, cell.target, cell.streams, grid.frames_per_stream(cell.streams),
-                         grid, timeout_s, f"{variant} {cell.avatar} {cell.target} x{cell.streams}",
+                         grid.window, timeout_s, f"{variant} {cell.avatar} {cell.target} x{cell.streams}",
                          grid.verify_every, variant in servers.ws_count_bounds)
     model = avatar_model_name(cell.avatar)
     roots = [servers.triton_pid, *(g.pid for g in servers.gateways.values())]
@@ -371,7 +375,7 @@ def warm_up(grid: Grid, variants: Sequence[Variant], avatars: Mapping[str, Avata
         gw = servers.gateways[v.name]
         for a in avatars.values():
             for target in grid.targets:
-                config = load_config(gw, a, target, 4, max(1, grid.warmup_frames // 4), grid,
+                config = load_config(gw, a, target, 4, max(1, grid.warmup_frames // 4), grid.window,
                                      timeout_s, f"warm-up {v.name} {a.name} {target}", 1,
                                      v.name in servers.ws_count_bounds)
                 summary, _ = asyncio.run(run_load(config, progress=False))
@@ -383,12 +387,11 @@ def warm_up(grid: Grid, variants: Sequence[Variant], avatars: Mapping[str, Avata
 
 
 @contextlib.contextmanager
-def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
-                  encoder_onnx: Path | None, variants: Sequence[Variant], *, max_in_flight: int,
-                  timeout_s: float, thread_names: bool,
-                  revisions: Mapping[str, RevisionCheckout] | None = None) -> Iterator[Servers]:
-    """Triton on the identity repository, then one gateway per variant (module docstring);
-    a variant in `revisions` runs the gateway of that exported tree."""
+def identity_triton(
+    scratch: Path, avatars: Sequence[str], encoder_onnx: Path | None
+) -> Iterator[TritonServer]:
+    """The real CPU tritonserver on a new identity-UNet repository under `scratch` (module
+    docstring, step 2), started; stopped on exit."""
     from lipsync.triton_local import TritonServer, free_ports
     from perf.identity_unet import write_identity_repository
 
@@ -396,12 +399,25 @@ def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
     shutil.rmtree(repo, ignore_errors=True)
     write_identity_repository(repo, avatars, encoder_onnx)
     http, grpc_port, metrics = free_ports(3)
+    triton = TritonServer(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+                          log_file=scratch / "triton.log")
+    triton.start(timeout_s=300)
+    try:
+        yield triton
+    finally:
+        triton.stop()
+
+
+@contextlib.contextmanager
+def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
+                  encoder_onnx: Path | None, variants: Sequence[Variant], *, max_in_flight: int,
+                  timeout_s: float, thread_names: bool,
+                  revisions: Mapping[str, RevisionCheckout] | None = None) -> Iterator[Servers]:
+    """Triton on the identity repository, then one gateway per variant (module docstring);
+    a variant in `revisions` runs the gateway of that exported tree."""
     base_env = thread_name_env(os.environ) if thread_names else dict(os.environ)
     with contextlib.ExitStack() as stack:
-        triton = TritonServer(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                              log_file=scratch / "triton.log")
-        triton.start(timeout_s=300)
-        stack.callback(triton.stop)
+        triton = stack.enter_context(identity_triton(scratch, avatars, encoder_onnx))
         assert triton.pid is not None
         gateways: dict[str, GatewayHandle] = {}
         for v in variants:

@@ -126,20 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = report.command_line(
         ["python", "-m", "perf.crop_bytes", *(sys.argv[1:] if argv is None else argv)]
     )
-    report.write_text(
-        args.out,
-        [
-            "# Bytes per 720p frame: full frames vs crop output",
-            "",
-            "_Written by the tool; do not edit by hand._",
-            "",
-            f"- machine: {report.machine_line()}",
-            f"- command: `{command}`",
-            f"- date: {report.utc_now()}",
-            "",
-            *lines,
-        ],
-    )
+    title = "Bytes per 720p frame: full frames vs crop output"
+    report.write_text(args.out, [*report.header(title, command=command), *lines])
     report.write_json(
         args.out.with_suffix(".json"),
         {

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,12 @@ WebSocket success reply writes for 4 bounds (16 = bytes, 4 = a count: before c52
 
 READ_BY_LOG = frozenset({"LIPSYNC_LOG_LEVEL"})
 """``LIPSYNC_*`` keys a gateway reads outside `GatewaySettings` (`lipsync.log`)."""
+
+
+def settings_keys(fields: Iterable[str]) -> frozenset[str]:
+    """The ``LIPSYNC_*`` environment keys a gateway reads: one per field of its
+    `GatewaySettings` (``fields``, e.g. ``model_fields``), plus `READ_BY_LOG`."""
+    return frozenset(f"LIPSYNC_{name.upper()}" for name in fields) | READ_BY_LOG
 
 
 class RevisionError(RuntimeError):
@@ -171,7 +177,7 @@ def probe_gateway(root: Path, python: str = sys.executable) -> tuple[frozenset[s
     if found["bounds_len"] not in (4, 16):
         raise RevisionError(f"{root}: its WebSocket reply gives bounds_len {found['bounds_len']} "
                             "for 4 bounds, neither bytes (16) nor a count (4)")
-    keys = frozenset(f"LIPSYNC_{name.upper()}" for name in found["fields"]) | READ_BY_LOG
+    keys = settings_keys(found["fields"])
     return keys, found["bounds_len"] == 4
 
 

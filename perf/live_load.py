@@ -158,7 +158,7 @@ def batch_counts(url: str, model: str) -> dict[int, tuple[int, float]]:
 
 def ms_per_frame(after: dict[int, tuple[int, float]], before: dict[int, tuple[int, float]]) -> float:
     """Compute time per frame (ms) of the executions between two `batch_counts`; NaN without any."""
-    frames = sum(b * (c - before.get(b, (0, 0.0))[0]) for b, (c, _) in after.items())
+    frames = sum(b * n for b, n in _diff(after, before).items())
     seconds = sum(s - before.get(b, (0, 0.0))[1] for b, (_, s) in after.items())
     return seconds / frames * 1e3 if frames else float("nan")
 

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import shlex
-import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from perf.capacity import (
     SMALL_AVATAR,
     AvatarInfo,
     audio_encoder_onnx,
+    identity_triton,
     load_config,
     prepare_avatars,
 )
@@ -117,40 +116,17 @@ def touch_every_frame(gw: GatewayHandle, avatars: Sequence[AvatarInfo], timeout_
     Raises:
         RuntimeError: a frame failed.
     """
-    from perf.capacity import Grid
     from perf.loadgen import run_load
 
-    grid = Grid(avatars=(), targets=(), streams=(8,), frames=0, rounds=1, window=1,
-                verify_every=0, warmup_frames=0)
     for avatar in avatars:
         for target in ("grpc", "ws"):
-            config = load_config(gw, avatar, target, 8, avatar.feature_rows, grid, timeout_s,
+            config = load_config(gw, avatar, target, 8, avatar.feature_rows, 1, timeout_s,
                                  f"{avatar.name} {target}", 0)
             summary, _ = asyncio.run(run_load(config, progress=False))
             if summary.errors:
                 raise RuntimeError(
                     f"{config.label}: {summary.errors} errors, e.g. {summary.error_samples[:2]}"
                 )
-
-
-@contextlib.contextmanager
-def identity_triton(scratch: Path, avatars: Sequence[str]) -> Iterator[str]:
-    """The real CPU tritonserver on the identity repository; yields its gRPC URL."""
-    from lipsync.paths import MODEL_REPOSITORY_CPU
-    from lipsync.triton_local import TritonServer, free_ports
-    from perf.identity_unet import write_identity_repository
-
-    repo = scratch / "model_repository"
-    shutil.rmtree(repo, ignore_errors=True)
-    write_identity_repository(repo, avatars, audio_encoder_onnx([MODEL_REPOSITORY_CPU]))
-    http, grpc_port, metrics = free_ports(3)
-    triton = TritonServer(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                          log_file=scratch / "triton.log")
-    triton.start(timeout_s=300)
-    try:
-        yield triton.grpc_url
-    finally:
-        triton.stop()
 
 
 def render(rows: Sequence[ProcessMemory], variants: Sequence[Variant], avatars: Sequence[AvatarInfo],
@@ -216,9 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     packages_root, infos = prepare_avatars(scratch, args.avatars)
     avatars = [infos[a] for a in args.avatars]
     rows: list[ProcessMemory] = []
-    with identity_triton(scratch, args.avatars) as triton_url:
+    from lipsync.paths import MODEL_REPOSITORY_CPU
+
+    encoder = audio_encoder_onnx([MODEL_REPOSITORY_CPU])
+    with identity_triton(scratch, args.avatars, encoder) as triton:
         for v in variants:
-            with start_gateway(triton_url, packages_root, scratch, args.timeout, extra_env=dict(v.env),
+            with start_gateway(triton.grpc_url, packages_root, scratch, args.timeout, extra_env=dict(v.env),
                                name=f"gateway-{v.name}", ready_timeout_s=300) as gw:
                 touch_every_frame(gw, avatars, args.timeout)
                 measured = measure(v.name, gw)
