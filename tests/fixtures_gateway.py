@@ -33,6 +33,7 @@ import pytest
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.server import GatewayServer
+from tests.fixtures_triton import alive
 from tests.up_process import ENV, GatewayProcess, start_gateway_process, worker_pids
 
 T = TypeVar("T")
@@ -63,11 +64,6 @@ class RunningGateway:
     def grpc_address(self) -> str:
         """``127.0.0.1:PORT`` of the gRPC server."""
         return self.server.grpc_address
-
-    @property
-    def workers(self) -> int:
-        """Gateway processes serving (1: this one)."""
-        return 1
 
     @property
     def http_url(self) -> str:
@@ -165,7 +161,7 @@ def start_gateway() -> Iterator[Callable[..., RunningGateway]]:
 
 class WorkersGateway:
     """``lipsync gateway --workers N`` as a subprocess, with the attributes the protocol tests
-    use of a `RunningGateway` (``grpc_address``, ``http_url``, ``settings``, ``workers``).
+    use of a `RunningGateway` (``grpc_address``, ``http_url``, ``settings``).
 
     Args:
         process: the running ``lipsync gateway``.
@@ -191,11 +187,6 @@ class WorkersGateway:
     def metrics_dirs(self) -> list[Path]:
         """The ``lipsync-metrics-*`` folders in its ``TMPDIR`` now ([] when not known)."""
         return sorted(self.tmp_dir.glob("lipsync-metrics-*")) if self.tmp_dir is not None else []
-
-    @property
-    def workers(self) -> int:
-        """Worker processes it runs."""
-        return self.settings.workers
 
     @property
     def grpc_address(self) -> str:
@@ -230,7 +221,7 @@ class WorkersGateway:
         ready: set[int] = set()
         while time.monotonic() < deadline and self.process.proc.poll() is None:
             pids = set(self.worker_pids())
-            if len(pids) == self.workers and pids <= ready:
+            if len(pids) == self.settings.workers and pids <= ready:
                 return sorted(pids)
             try:
                 stats = self.stats()
@@ -247,17 +238,10 @@ class WorkersGateway:
         asserted)."""
         pids = self.worker_pids()
         code = self.process.stop()
-        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
-        assert not alive, f"workers left behind: {alive}"
+        running = [p for p in pids if alive(p)]
+        assert not running, f"workers left behind: {running}"
         assert not self.metrics_dirs(), f"metrics folder left behind: {self.metrics_dirs()}"
         return code
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return "gone"
 
 
 def start_workers_gateway(

@@ -85,6 +85,14 @@ def group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie or a process gone from `/proc` does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def reaped(pid: int) -> bool:
     """True when process `pid`, which has exited, was waited for: it is gone from the process
     table (`/proc/<pid>`), not left there as a zombie (`<defunct>`)."""

@@ -37,7 +37,7 @@ from gateway.ws_protocol import (
 from lipsync.jpeg_splice import read_header
 from tests.fake_gateway import serve_on_fake
 from tests.fake_triton import FakeTriton, fake_triton
-from tests.reference_frames import identity_composite
+from tests.reference_frames import decode_jpeg, identity_composite
 
 T = TypeVar("T")
 AVATAR = "wide"
@@ -66,12 +66,6 @@ def reference_jpeg(image: NDArray[np.uint8], quality: int, restart_mcus: int) ->
     ])
     assert ok
     return buf.tobytes()
-
-
-def decode(jpeg: bytes) -> NDArray[np.uint8]:
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None, f"not a decodable JPEG ({len(jpeg)} bytes)"
-    return np.asarray(image, dtype=np.uint8)
 
 
 def on_server(
@@ -186,7 +180,7 @@ def test_crop_output_over_the_backgrounds_gives_the_full_frame(make_package: Cal
                 async with session.get(url + template.format(video_frame=v)) as resp:
                     assert resp.status == 200 and resp.content_type == "image/jpeg"
                     assert resp.headers["Cache-Control"] == "public, max-age=31536000, immutable"
-                    backgrounds.append(decode(await resp.read()))
+                    backgrounds.append(decode_jpeg(await resp.read()))
             frame_ids = [0, 1, 4, n + 2, m - 1]  # n + 2 shows video frame n - 4 (ping-pong)
             async with session.ws_connect(f"{url}/ws?output=crop") as ws:
                 replies = []
@@ -211,10 +205,10 @@ def test_crop_output_over_the_backgrounds_gives_the_full_frame(make_package: Cal
                 np.ascontiguousarray(composite[y1:y2, x1:x2])
             )
             picture = backgrounds[v].copy()
-            picture[y1:y2, x1:x2] = decode(reply.jpeg)
+            picture[y1:y2, x1:x2] = decode_jpeg(reply.jpeg)
             diff = np.abs(
                 picture.astype(np.int16)
-                - decode(server.ctx.pipeline.encoder.encode(composite)).astype(np.int16)
+                - decode_jpeg(server.ctx.pipeline.encoder.encode(composite)).astype(np.int16)
             )
             assert diff.mean() < 3.0, f"frame {frame_id}: mean difference {diff.mean():.2f} grey levels"
         last = replies[-1]
@@ -238,7 +232,7 @@ def test_background_endpoint_caching_and_errors(make_package: Callable[..., Path
                 body_bytes = await resp.read()
             assert body_bytes == avatar.backgrounds.jpeg(2)
             np.testing.assert_allclose(
-                decode(body_bytes), avatar.frames[2], atol=60
+                decode_jpeg(body_bytes), avatar.frames[2], atol=60
             )  # the video frame, JPEG noise aside
             async with session.get(f"{base}/2.jpg", headers={"If-None-Match": etag}) as resp:
                 assert resp.status == 304 and resp.headers["ETag"] == etag and not await resp.read()

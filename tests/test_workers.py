@@ -41,6 +41,7 @@ from tests.fixtures_gateway import (
     make_packages_root,
     start_workers_gateway,
 )
+from tests.fixtures_triton import alive
 from tests.test_security import CLIENT_TOKEN, bearer, client_ssl, grpc_credentials
 from tests.tls_files import make_tls_files
 from tests.up_process import ENV, GatewayProcess, start_gateway_process, start_up, worker_pids
@@ -337,14 +338,6 @@ def test_up_with_two_workers_relays_the_triton_supervisor(demo_package: Any, tmp
     log = up.log()
     assert log.index("gateway workers stopped") < log.index("Triton stopped"), "workers first, then Triton"
     assert not [p for p in pids if Path(f"/proc/{p}").exists()], "no worker left behind"
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_workers_stop_when_their_supervisor_is_killed(make_package: Any, tmp_path: Path) -> None:
