@@ -391,9 +391,7 @@ class WorkerSupervisor:
             if self._stopping.is_set():
                 break
             ran_s = None if slot.serving_at is None else time.monotonic() - slot.serving_at
-            if ran_s is not None and ran_s >= self.policy.healthy_after_s:
-                slot.failures_in_a_row = 0
-            slot.failures_in_a_row += 1
+            slot.failures_in_a_row = self.policy.failures_after(slot.failures_in_a_row, ran_s)
             code = slot.process.exitcode if slot.process is not None else None
             ended = describe_exit(code) if code is not None else "exited"
             how = f"worker {slot.index} (pid {slot.pid}) {ended}"
@@ -404,7 +402,7 @@ class WorkerSupervisor:
                 slot.start_error = slot.start_error or how
                 self._changed.set()
                 break
-            if slot.failures_in_a_row > self.policy.max_restarts:
+            if self.policy.gives_up(slot.failures_in_a_row):
                 self._give_up(slot, how)
                 break
             delay = self.policy.backoff_s(slot.failures_in_a_row)

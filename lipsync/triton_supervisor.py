@@ -105,6 +105,16 @@ class RestartPolicy:
                 f"({self.backoff_initial_s})"
             )
 
+    def failures_after(self, failures_in_a_row: int, ran_s: float | None) -> int:
+        """Quick failures in a row once a run ends: the count so far plus this one, or 1 when
+        the run was healthy (it served ``ran_s`` >= `healthy_after_s`; None: it never did)."""
+        healthy = ran_s is not None and ran_s >= self.healthy_after_s
+        return 1 if healthy else failures_in_a_row + 1
+
+    def gives_up(self, failures_in_a_row: int) -> bool:
+        """Whether failure `failures_in_a_row` in a row is past `max_restarts` (no restart)."""
+        return failures_in_a_row > self.max_restarts
+
     def backoff_s(self, failures_in_a_row: int) -> float:
         """The wait after failure `failures_in_a_row` (>= 1) in a row, s:
         `min(backoff_initial_s * 2 ** (failures_in_a_row - 1), backoff_max_s)`."""
@@ -405,10 +415,8 @@ class TritonSupervisor:
             ended = self._run_once()
             if ended is None:  # stop() was called
                 return False
-            if ended.ran_s is not None and ended.ran_s >= self.policy.healthy_after_s:
-                failures = 0
-            failures += 1
-            if failures > self.policy.max_restarts:
+            failures = self.policy.failures_after(failures, ended.ran_s)
+            if self.policy.gives_up(failures):
                 self._publish(
                     SupervisorState.GIVEN_UP, self._give_up_message(failures, ended),
                     failures_in_a_row=failures, last_exit=ended,
