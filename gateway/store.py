@@ -16,7 +16,9 @@ At start the store loads every package folder under the packages root with
 
 The video frames (``frames.npy``) are the package's read-only memmap; with a `CropCache` the
 crops and inners are memory-mapped too (`gateway.crop_cache`), so gateway workers serving the
-same package share one copy of all three in the page cache.
+same package share one copy of all three in the page cache. The `Avatar` holds them as plain
+``ndarray`` views of those maps (`plain_view`): same pages, but slicing one per frame does not run
+``numpy.memmap.__array_finalize__`` in Python (about 10 us per composited 720p frame).
 
 The audio features (``aud_ave.npy``, float32 ``[M, 512]``) stay the package's read-only memmap.
 A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame shown is
@@ -50,13 +52,14 @@ is made by every other worker before the call returns, and by every worker start
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -74,6 +77,8 @@ from lipsync.package import (
     load_package,
     read_manifest,
 )
+
+_T = TypeVar("_T", bound=np.generic)
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +139,10 @@ class Avatar:
     init_ms: float
     backgrounds: AvatarBackgrounds | None = None
 
-    @property
+    @functools.cached_property
     def frames(self) -> NDArray[np.uint8]:
-        """Full video frames, uint8 ``[N, H, W, 3]`` BGR."""
-        return self.package.frames
+        """Full video frames, uint8 ``[N, H, W, 3]`` BGR: a `plain_view` of the package's memmap."""
+        return plain_view(self.package.frames)
 
     @property
     def video_frames(self) -> int:
@@ -211,6 +216,12 @@ class Avatar:
         return (x1, y1, x2, y2)
 
 
+def plain_view(array: NDArray[_T]) -> NDArray[_T]:
+    """`array` as a plain ``numpy.ndarray`` on the same memory (no copy): a memmap's views each
+    run ``numpy.memmap.__array_finalize__`` in Python, a plain array's do not (module doc)."""
+    return array.view(np.ndarray)
+
+
 def prepare_avatar(
     package: AvatarPackage,
     name: str | None = None,
@@ -243,8 +254,8 @@ def prepare_avatar(
         name=name or package.manifest.name,
         model=package.manifest.model_name,
         package=package,
-        crops=crops.crops,
-        inners=crops.inners,
+        crops=plain_view(crops.crops),
+        inners=plain_view(crops.inners),
         rects=np.asarray(package.rects, dtype=np.int32),
         features=features,
         init_ms=(time.perf_counter() - t0) * 1e3,
