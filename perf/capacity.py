@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING
 
 from perf import report
 from perf.capacity_report import (
+    FLOOR,
     Cell,
     Measurement,
     Variant,
@@ -426,7 +427,8 @@ def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
             gateways[v.name] = stack.enter_context(start_gateway(
                 triton.grpc_url, packages_root, scratch, timeout_s, extra_env=env,
                 name=f"gateway-{v.name}", ready_timeout_s=300,
-                base_env=base_env if tree is None else revision_environment(base_env, tree.root)))
+                base_env=base_env if tree is None else revision_environment(base_env, tree.root),
+                module="perf.protocol_floor" if v.floor else "lipsync gateway"))
             log.info("variant %s: gateway pid %d, gRPC %s, HTTP %s", v.name,
                      gateways[v.name].pid, gateways[v.name].grpc_address,
                      gateways[v.name].http_address)
@@ -455,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                         for k, vs in PRESETS.items())
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help=f"a named list of variants, before any --variant: {presets}")
+    p.add_argument("--floor", action="store_true",
+                   help="add the variant 'floor': the protocols alone (perf.protocol_floor), "
+                   "a ready JPEG per request, no Triton, no compositing")
     p.add_argument("--reference", dest="references", action="append", default=None,
                    metavar="NAME", help="a variant the ratio tables divide by (repeat; default: "
                    "the preset's, else the first variant)")
@@ -621,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     variants: list[Variant] = [parse_variant(v) for v in PRESETS.get(args.preset or "", ())]
     variants += args.variants or ([] if variants else [parse_variant("defaults:")])
+    if args.floor:
+        variants.append(FLOOR)
     references: list[str] = args.references or list(PRESET_REFERENCES.get(args.preset or "", ()))
     try:
         check_variants(variants, references)

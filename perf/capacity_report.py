@@ -54,11 +54,13 @@ class Variant:
         env: ``LIPSYNC_*`` settings added to the gateway process's environment, in order.
         revision: the git revision whose gateway runs (`perf.git_revision`), or None for
             this checkout's.
+        floor: not a gateway but the protocol floor (`perf.protocol_floor`, ``--floor``).
     """
 
     name: str
     env: tuple[tuple[str, str], ...] = ()
     revision: str | None = None
+    floor: bool = False
 
     @property
     def env_text(self) -> str:
@@ -67,8 +69,16 @@ class Variant:
 
     @property
     def code_text(self) -> str:
-        """Whose gateway runs: ``git revision REV`` or ``this checkout``."""
+        """Whose gateway runs: ``git revision REV`` or ``this checkout`` (or the floor's)."""
+        if self.floor:
+            return FLOOR_TEXT
         return f"git revision {self.revision}" if self.revision else "this checkout"
+
+
+FLOOR = Variant("floor", floor=True)
+"""The protocol floor as a variant (``--floor``)."""
+FLOOR_TEXT = ("`perf.protocol_floor`: the same protocols answered with a ready JPEG of the "
+              "avatar's size, no Triton, no compositing (what serving alone costs)")
 
 
 def parse_variant(text: str) -> Variant:
@@ -371,7 +381,8 @@ def to_json(results: Sequence[CellResult], measurements: Sequence[Measurement],
 
     return {
         **meta,
-        "variants": [{"name": v.name, "env": dict(v.env), "revision": v.revision} for v in variants],
+        "variants": [{"name": v.name, "env": dict(v.env), "revision": v.revision, "floor": v.floor}
+                     for v in variants],
         "cells": [{**asdict(r), "cell": asdict(r.cell)} for r in results],
         "measurements": [
             {"round": m.round, "cell": asdict(m.cell), "variant": m.variant,

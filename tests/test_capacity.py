@@ -8,6 +8,7 @@ gateway, today's and the one of issue 9's reference commit. No speed is asserted
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from perf import procstat
 from perf.capacity_report import (
+    FLOOR,
     RATIO_HEADERS,
     TABLE_HEADERS,
     Cell,
@@ -251,6 +253,7 @@ def test_capacity_cli_parses_variants_and_grid() -> None:
         build_parser().parse_args(["--variant", "bad"])
     args = build_parser().parse_args(["--variant", "b@9aa7bb8:", "--reference", "b"])
     assert args.variants == [Variant("b", (), "9aa7bb8")] and args.references == ["b"]
+    assert build_parser().parse_args(["--floor"]).floor and FLOOR.floor and FLOOR.name == "floor"
 
 
 def test_issue9_preset_turns_each_improvement_on_in_turn() -> None:
@@ -462,17 +465,24 @@ def test_capacity_smoke_run(demo_package: Any, tmp_path: Path) -> None:
 
     out = tmp_path / "capacity.md"
     rc = main(["--avatars", "demo", "--streams", "1", "--frames", "20", "--rounds", "1",
-               "--verify-every", "5", "--scratch", str(tmp_path / "scratch"), "--out", str(out)])
+               "--verify-every", "5", "--floor", "--scratch", str(tmp_path / "scratch"),
+               "--out", str(out)])
     assert rc == 0
     data = json.loads(out.with_suffix(".json").read_text())
-    assert [m["cell"]["target"] for m in data["measurements"]] == ["grpc", "ws"]
+    assert sorted((m["cell"]["target"], m["variant"]) for m in data["measurements"]) == [
+        ("grpc", "defaults"), ("grpc", "floor"), ("ws", "defaults"), ("ws", "floor")]
     for cell in data["cells"]:
+        # the floor's replies are JPEGs of the avatar's size too (verified like the gateway's)
         assert cell["frames_ok"] == 20 and cell["errors"] == 0 and cell["verified"] == 4
-        assert cell["gateway_ms"]["total"] > 0 and cell["triton_ms"] > 0
+        # 20 frames of the floor may take less than one clock tick of CPU
+        assert cell["gateway_ms"]["total"] > 0 or cell["variant"] == "floor"
+        # the floor calls no model: no execution of it in its window
+        assert math.isnan(cell["triton_batch"]) == (cell["variant"] == "floor")
     text = out.read_text()
     assert "## 176x144 (`demo`)" in text and "| grpc | 1 | defaults |" in text
+    assert "| grpc | 1 | floor |" in text and "`perf.protocol_floor`" in text
     # every server it started is gone
-    assert set(data["processes"]) == {"triton", "gateway-defaults"}
+    assert set(data["processes"]) == {"triton", "gateway-defaults", "gateway-floor"}
     for pid in data["processes"].values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
