@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_triton import reaped
 from tests.up_process import Up, start_up
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.triton
 
@@ -125,15 +126,6 @@ def _ws_stream(url: str, stop: threading.Event, answers: Answers) -> None:
         answers.broken = exc
 
 
-def _wait(predicate: Callable[[], object], timeout_s: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"{what}: not within {timeout_s} s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
-
-
 def _restarts_in_metrics(http: int) -> float | None:
     """The gateway's Triton restart counter from /metrics, None when it has none."""
     with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
@@ -159,13 +151,13 @@ def test_streams_survive_a_sigkill_of_tritonserver(
     for thread in threads:
         thread.start()
     try:
-        _wait(lambda: over_grpc.frames_after(0) >= 3 and over_ws.frames_after(0) >= 3, 120,
-              "frames before the kill")
+        wait_until(lambda: over_grpc.frames_after(0) >= 3 and over_ws.frames_after(0) >= 3,
+                   "frames before the kill", timeout_s=120)
         old_pid = _tritonserver_pid(up)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
-        _wait(lambda: over_grpc.frames_after(killed_at) >= 3 and over_ws.frames_after(killed_at) >= 3,
-              120, "frames again after the kill")
+        wait_until(lambda: over_grpc.frames_after(killed_at) >= 3 and over_ws.frames_after(killed_at) >= 3,
+                   "frames again after the kill", timeout_s=120)
     finally:
         stop.set()
         for thread in threads:

@@ -37,12 +37,13 @@ from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_gateway import (
     ADMIN_METADATA,
     WorkersGateway,
+    bearer,
     gateway_settings,
     make_packages_root,
     start_workers_gateway,
 )
 from tests.fixtures_triton import alive
-from tests.test_security import CLIENT_TOKEN, bearer, client_ssl, grpc_credentials
+from tests.test_security import CLIENT_TOKEN, client_ssl, grpc_credentials
 from tests.tls_files import make_tls_files
 from tests.up_process import ENV, GatewayProcess, start_gateway_process, start_up, worker_pids
 
