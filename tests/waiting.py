@@ -54,20 +54,8 @@ async def until(
     predicate: Callable[[], object], what: str, *, timeout_s: float, step_s: float = 0.01
 ) -> float:
     """`wait_until` on the running event loop: ``await asyncio.sleep(step_s)`` between polls,
-    so the loop's other tasks run while the test waits.
-
-    Args:
-        predicate: the condition; called on the loop (it must not block).
-        what: what is awaited, for the failure message.
-        timeout_s: the deadline (s) from the call.
-        step_s: the pause between polls (s).
-
-    Returns:
-        The seconds from the call until ``predicate()`` held.
-
-    Raises:
-        pytest.fail.Exception: ``predicate()`` was still false after ``timeout_s``.
-    """
+    so the loop's other tasks run while the test waits. Same arguments, result and failure;
+    ``predicate`` is called on the loop, so it must not block."""
     t0 = time.monotonic()
     for _ in _misses(predicate, what, timeout_s, t0):
         await asyncio.sleep(step_s)
