@@ -175,7 +175,7 @@ def test_websocket_connection_cap_refuses_before_the_upgrade(make_package: Calla
             assert "LIPSYNC_MAX_WS_CONNECTIONS" in body_json["message"]
             await second.close()
             await until(lambda: sample(server, "lipsync_gateway_ws_connections") == 1,
-                        "the close", timeout_s=20)
+                        "the closed connection's slot back", timeout_s=20)
             third = await session.ws_connect(url)  # room again
             await third.send_bytes(encode_request(AVATAR, 1))
             assert isinstance(decode_reply((await third.receive(timeout=10)).data), FrameReply)
