@@ -19,13 +19,11 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewaySettings
 from gateway.context import GatewayContext
@@ -33,6 +31,7 @@ from gateway.server import GatewayServer
 from lipsync.contract import AUDIO_ENCODER_MODEL, MANIFEST_NAME, avatar_model_name
 from lipsync.paths import REPO_ROOT
 from tests.fake_triton import FakeTriton, fake_triton
+from tests.gateway_metrics import scrape
 
 T = TypeVar("T")
 SYNTHETIC_AVATAR = "synthetic"
@@ -186,13 +185,11 @@ class FakeGatewayProcess:
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample of its ``/metrics`` (summed over the labels not given; 0 if
         absent)."""
-        with urllib.request.urlopen(f"{self.http_url}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
+        given = labels.items()
         return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+            value
+            for (sample, have), value in scrape(self.http_url).items()
+            if sample == name and given <= set(have)
         )
 
     def reset_peak_rss(self) -> None:

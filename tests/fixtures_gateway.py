@@ -107,9 +107,15 @@ def make_packages_root(demo_root: Path, dest: Path) -> Path:
     return dest
 
 
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata that presents ``token`` to a gateway: ``authorization: Bearer <token>``
+    (the form `gateway.auth` reads, for ``LIPSYNC_AUTH_TOKEN`` and ``LIPSYNC_ADMIN_TOKEN``)."""
+    return (("authorization", f"Bearer {token}"),)
+
+
 ADMIN_TOKEN = "test-admin-token-0f1e2d3c4b5a"
 """The admin token of the test gateways (admin calls: LoadPackage)."""
-ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+ADMIN_METADATA = bearer(ADMIN_TOKEN)
 """gRPC metadata of an admin call to a test gateway."""
 
 

@@ -36,8 +36,10 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import FakeGatewayProcess, fake_triton_for, serve_on_fake
 from tests.fake_triton import FakeTriton
+from tests.gateway_metrics import sample
 from tests.good_clients import WsStreamingClient
 from tests.raw_ws import OP_CLOSE, RawWebSocket, UpgradeRefused
+from tests.waiting import until
 
 T = TypeVar("T")
 AVATAR = "synthetic"
@@ -56,18 +58,6 @@ def on_server(root: Path, body: Callable[[GatewayServer, FakeTriton], Awaitable[
 
 def request(frame_id: int) -> pb.OptimizedInferenceRequest:
     return pb.OptimizedInferenceRequest(model_name=AVATAR, frame_id=frame_id)
-
-
-def sample(server: GatewayServer, name: str, **labels: str) -> float:
-    assert server.ctx is not None
-    return server.ctx.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------- WebSocket
@@ -115,9 +105,10 @@ async def closed_without_reading(server: GatewayServer, frames: int, reason: str
     ws = await asyncio.to_thread(RawWebSocket.connect, "127.0.0.1", server.http_port, rcvbuf=16 * 1024)
     for frame_id in range(frames):
         await asyncio.to_thread(ws.send, encode_request(AVATAR, frame_id))
-    await wait_until(
+    await until(
         lambda: sample(server, "lipsync_gateway_ws_closed_slow_total", reason=reason) == 1,
-        what=f"the gateway to close the connection ({reason})",
+        f"the gateway to close the connection ({reason})",
+        timeout_s=20,
     )
     return ws
 
@@ -183,7 +174,8 @@ def test_websocket_connection_cap_refuses_before_the_upgrade(make_package: Calla
             assert resp.status == 503 and body_json["error"] == "overloaded"
             assert "LIPSYNC_MAX_WS_CONNECTIONS" in body_json["message"]
             await second.close()
-            await wait_until(lambda: sample(server, "lipsync_gateway_ws_connections") == 1, what="the close")
+            await until(lambda: sample(server, "lipsync_gateway_ws_connections") == 1,
+                        "the closed connection's slot back", timeout_s=20)
             third = await session.ws_connect(url)  # room again
             await third.send_bytes(encode_request(AVATAR, 1))
             assert isinstance(decode_reply((await third.receive(timeout=10)).data), FrameReply)
@@ -254,17 +246,18 @@ def test_grpc_one_client_cannot_take_every_slot(make_package: Callable[..., Path
             calls = [asyncio.ensure_future(greedy.GenerateInference(
                 request(i % 20))) for i in range(64)]
             admission = server.ctx.pipeline.admission  # frames, however Triton calls coalesce them
-            await wait_until(lambda: sum(c.done() for c in calls) + admission.in_flight >= 64,
-                             what="the greedy client's calls to be taken or refused")
+            await until(lambda: sum(c.done() for c in calls) + admission.in_flight >= 64,
+                        "the greedy client's calls to be taken or refused", timeout_s=20)
             in_flight = admission.in_flight
             mine = asyncio.ensure_future(other.GenerateInference(
                 request(3)))
             stream = other.StreamInference(iter(
                 [request(i) for i in (5, 6, 7)]))
             stream_answers = asyncio.ensure_future(_collect(stream))
-            await wait_until(  # the other client's frames in flight (or answered at once)
+            await until(  # the other client's frames in flight (or answered at once)
                 lambda: admission.in_flight >= in_flight + 2 or (mine.done() and stream_answers.done()),
-                what="the other client's frames",
+                "the other client's frames",
+                timeout_s=20,
             )
             fake.hold_inference.set()
             answer = await mine
@@ -295,7 +288,8 @@ def test_grpc_concurrent_calls_are_capped(make_package: Callable[..., Path]) -> 
             calls = [asyncio.ensure_future(stub.GenerateInference(
                 request(i))) for i in range(6)]
             admission = server.ctx.pipeline.admission  # frames, however Triton calls coalesce them
-            await wait_until(lambda: admission.in_flight + sum(c.done() for c in calls) >= 6)
+            await until(lambda: admission.in_flight + sum(c.done() for c in calls) >= 6,
+                        "the 6 calls to be admitted or refused", timeout_s=20)
             fake.hold_inference.set()
             results = await asyncio.gather(*calls, return_exceptions=True)
         codes = sorted(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
@@ -312,8 +306,8 @@ def test_grpc_idle_connection_is_closed(make_package: Callable[..., Path]) -> No
             stub = pbg.OptimizedLipSyncServiceStub(channel)
             assert (await stub.GenerateInference(request(1))).success
             assert channel.get_state() == grpc.ChannelConnectivity.READY
-            await wait_until(lambda: channel.get_state() != grpc.ChannelConnectivity.READY, timeout_s=10,
-                             what="the server to close the idle connection")
+            await until(lambda: channel.get_state() != grpc.ChannelConnectivity.READY,
+                        "the server to close the idle connection", timeout_s=10)
             # a new call reconnects
             assert (await stub.GenerateInference(request(2))).success
 
@@ -333,7 +327,7 @@ def test_grpc_max_connection_age_and_grace(make_package: Callable[..., Path], gr
             stub = pbg.OptimizedLipSyncServiceStub(channel)
             stream = stub.StreamInference(iter([request(1)]))
             answers = asyncio.ensure_future(_collect(stream))
-            await wait_until(lambda: fake.count("infer") == 1, what="the frame in flight")
+            await until(lambda: fake.count("infer") == 1, "the frame in flight", timeout_s=20)
             await asyncio.sleep(2.5)  # past age (0.5 s) + grace (0.5 s)
             fake.hold_inference.set()
             if grace_s is None:
@@ -365,7 +359,7 @@ def test_batch_audio_features_take_a_bounded_slot(make_package: Callable[..., Pa
                     model_name=AVATAR, start_frame_id=8, frame_count=3, audio_chunks=chunks))
 
             held = [asyncio.ensure_future(call()) for _ in range(2)]
-            await wait_until(lambda: fake.count("infer", "audio_encoder") >= 2, what="2 encoder calls")
+            await until(lambda: fake.count("infer", "audio_encoder") >= 2, "2 encoder calls", timeout_s=20)
             refused = await call()
             fake.hold_inference.set()
             served = await asyncio.gather(*held)

@@ -31,6 +31,7 @@ from gateway.model_lifecycle import ModelLifecycle, ModelPhase, ServerState
 from gateway.triton_targets import Target, parse_targets, system_resolver
 from tests.fake_gateway import fake_settings
 from tests.fake_triton import FakeTriton, fake_triton
+from tests.waiting import until
 
 T = TypeVar("T")
 UNET = "lipsync_a"
@@ -104,13 +105,6 @@ class Fleet:
         return self.metrics.registry.get_sample_value(f"lipsync_gateway_{name}", labels)
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    """Yield to the loop until ``predicate()`` (fails after ``timeout_s`` s)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.001)
-
-
 # ----------------------------------------------------------------------------- targets
 def test_targets_parse_and_refuse_precisely() -> None:
     assert parse_targets(" triton:8001 , 10.0.0.5:8001,[fd00::5]:8002,triton:8001") == (
@@ -160,7 +154,7 @@ def test_calls_go_only_where_the_model_is_ready_and_alternate() -> None:
         for fake in fleet.fakes.values():
             fake.hold_inference = asyncio.Event()
         calls = [asyncio.create_task(pool.infer_unet(OTHER, crop, window)) for _ in range(6)]
-        await until(lambda: sum(fleet.infers().values()) == 14, "six calls sent")
+        await until(lambda: sum(fleet.infers().values()) == 14, "six calls sent", timeout_s=5, step_s=0.001)
         assert fleet.infers() == {A: 9, B: 5} and [e.in_flight for e in pool.endpoints()] == [3, 3]
         assert fleet.sample("triton_endpoint_in_flight", endpoint=A) == 3.0
         for fake in fleet.fakes.values():
@@ -211,7 +205,7 @@ def test_a_call_whose_endpoint_dies_is_retried_once_on_another(how: str, kind: s
             else (pool.infer_audio_encoder(ENCODER, mel), mel.reshape(3, -1)[:, :512])
         )
         call: asyncio.Task[NDArray[Any]] = asyncio.create_task(sent)
-        await until(lambda: fleet[A].count("infer") == 1, "the call reached A")
+        await until(lambda: fleet[A].count("infer") == 1, "the call reached A", timeout_s=5, step_s=0.001)
         fleet[A].mode = "refused"
         if how == "connection lost":  # A answers the call with UNAVAILABLE
             hold.set()
@@ -275,7 +269,8 @@ def test_no_retry_for_an_answer_or_a_deadline_nor_a_second_time() -> None:
         with pytest.raises(TritonDeadline):
             await pool.infer_unet(UNET, crop, window)
         assert fleet.infers() == {A: 1, B: 1}
-        await until(lambda: fleet[B].count("server_live") > probes, "the failed call woke B's probe")
+        await until(lambda: fleet[B].count("server_live") > probes,
+                    "the failed call woke B's probe", timeout_s=5, step_s=0.001)
         assert fleet.sample("triton_errors_total", endpoint=A, kind="error") == 1.0
         assert fleet.sample("triton_errors_total", endpoint=B, kind="deadline") == 1.0
         assert fleet.sample("triton_retries_total", endpoint=A) == 0.0
@@ -420,14 +415,14 @@ def test_dns_changes_add_and_remove_endpoints() -> None:
         # A leaves DNS with a call in flight: the call finishes there, then A's channel closes
         hold = fleet[A].hold_inference = asyncio.Event()
         held = asyncio.create_task(pool.infer_unet(UNET, crop, window))
-        await until(lambda: fleet[A].count("infer") == 2, "a call in flight on A")
+        await until(lambda: fleet[A].count("infer") == 2, "a call in flight on A", timeout_s=5, step_s=0.001)
         fleet.dns["triton"] = ["10.0.0.2", "10.0.0.3"]
         await pool.refresh()
         assert [e.state.url for e in pool.endpoints()] == [B, C]
         assert not fleet[A].closed
         hold.set()
         np.testing.assert_array_equal(await held, crop)
-        await until(lambda: fleet[A].closed, "A's channel closed once drained")
+        await until(lambda: fleet[A].closed, "A's channel closed once drained", timeout_s=5, step_s=0.001)
         assert fleet.sample("triton_calls_total", endpoint=A) is None, "A's series removed"
         for _ in range(4):
             await pool.infer_unet(UNET, crop, window)
@@ -476,8 +471,9 @@ def test_an_endpoint_going_down_makes_the_name_resolve_again(monkeypatch: pytest
         assert fleet.resolutions == resolutions, "no resolution without a reason"
         fleet[A].mode = "refused"
         await pool.probe_once()
-        await until(lambda: [e.state.url for e in pool.endpoints()] == [B], "B replaced A")
-        await until(lambda: pool.snapshot().ready, "B loaded the models")
+        await until(lambda: [e.state.url for e in pool.endpoints()] == [B],
+                    "B replaced A", timeout_s=5, step_s=0.001)
+        await until(lambda: pool.snapshot().ready, "B loaded the models", timeout_s=5, step_s=0.001)
         await pool.close()
 
     run(body)

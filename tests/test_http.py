@@ -14,9 +14,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ws_protocol import FrameReply, decode_reply, encode_request
+from tests.gateway_metrics import exposition_samples
 
 pytestmark = pytest.mark.triton
 
@@ -34,15 +34,6 @@ def get_json(url: str) -> tuple[int, Any]:
     status, headers, body = get(url)
     assert headers["Content-Type"].startswith("application/json"), headers
     return status, json.loads(body)
-
-
-def samples(metrics_text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Prometheus exposition -> {(sample name, sorted labels): value}."""
-    out = {}
-    for family in text_string_to_metric_families(metrics_text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def ws_frames(http_url: str, frame_ids: list[int]) -> list[Any]:
@@ -133,7 +124,7 @@ def test_frame_endpoint(url: str, demo_package: Any) -> None:
 
 
 def test_metrics_and_stats_move_with_traffic(url: str) -> None:
-    before = samples(get(f"{url}/metrics")[2].decode())
+    before = exposition_samples(get(f"{url}/metrics")[2].decode())
     _, stats_before = get_json(f"{url}/api/stats")
 
     replies = ws_frames(url, [0, 1, 2])
@@ -143,7 +134,7 @@ def test_metrics_and_stats_move_with_traffic(url: str) -> None:
 
     status, headers, body = get(f"{url}/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    after = samples(body.decode())
+    after = exposition_samples(body.decode())
 
     def moved(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))

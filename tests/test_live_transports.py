@@ -26,6 +26,7 @@ from perf.live_clients import Audio, Command, Pause, SessionRecord, Step, Transp
 from tests.fake_gateway import SYNTHETIC_AVATAR, on_fake_server
 from tests.fake_triton import FakeTriton
 from tests.fixtures_live import speech_paths, speech_pcm16
+from tests.gateway_metrics import sample
 
 T = TypeVar("T")
 AVATAR = SYNTHETIC_AVATAR
@@ -56,11 +57,6 @@ def check_slots(record: SessionRecord) -> None:
         assert f.video_frame == pingpong_index(f.seq, 10)
 
 
-def metric(server: GatewayServer, name: str, **labels: str) -> float:
-    assert server.ctx is not None
-    return server.ctx.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_speech_then_end_gives_every_slot_speaking_through_the_unet_idle_from_the_cache(
     make_package: Callable[..., Path], transport: Transport
@@ -85,17 +81,17 @@ def test_speech_then_end_gives_every_slot_speaking_through_the_unet_idle_from_th
                 assert f.frame.jpeg == await server.ctx.pipeline.encode(avatar.frames[f.video_frame])
         assert server.ctx.live.idle.cached(AVATAR) == 10
         assert record.closed_at - record.ended_at < 2.0
-        kinds = {k: metric(server, "lipsync_gateway_live_slots_total", transport=transport, kind=k)
+        kinds = {k: sample(server, "lipsync_gateway_live_slots_total", transport=transport, kind=k)
                  for k in ("speaking", "idle", "late")}
         assert kinds == {"speaking": len(speaking), "idle": len(slots) - len(speaking), "late": 0}
-        assert metric(server, "lipsync_gateway_requests_total", protocol="live", outcome="ok") == len(
+        assert sample(server, "lipsync_gateway_requests_total", protocol="live", outcome="ok") == len(
             speaking
         )
-        assert metric(server, "lipsync_gateway_live_first_frame_seconds_count") == 1
-        assert metric(server, "lipsync_gateway_live_audio_to_frame_seconds_count", kind="speaking") == len(
+        assert sample(server, "lipsync_gateway_live_first_frame_seconds_count") == 1
+        assert sample(server, "lipsync_gateway_live_audio_to_frame_seconds_count", kind="speaking") == len(
             speaking
         )
-        assert metric(server, "lipsync_gateway_live_sessions", transport=transport) == 0
+        assert sample(server, "lipsync_gateway_live_sessions", transport=transport) == 0
 
     on_server(make_package, body)
 

@@ -18,7 +18,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from lipsync.paths import MODEL_REPOSITORY_CPU
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.triton_stats import model_counts, settled_counts
+from tests.waiting import wait_until
 
 AVATAR = "demo"
 MODEL = "lipsync_demo"
@@ -86,14 +86,6 @@ class Load:
         return [a for a in list(self.answers) if a.error is not None]
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(0.1)
-
-
 def inferences(url: str) -> int:
     return model_counts(url, MODEL)[0]
 
@@ -131,10 +123,11 @@ def test_two_tritons_share_frames_survive_a_kill_and_the_killed_one_rejoins(
     load.start()
     try:
         # 1. frames flow through both
-        wait_for(
+        wait_until(
             lambda: inferences(first.grpc_url) > 0 and inferences(second.grpc_url) > 0,
             "both Tritons infer",
-            120,
+            timeout_s=120,
+            step_s=0.1,
         )
         assert load.failed() == []
 
@@ -154,10 +147,13 @@ def test_two_tritons_share_frames_survive_a_kill_and_the_killed_one_rejoins(
             time.sleep(0.01)
         killed_at = time.monotonic()
         first.kill()  # reap it
-        wait_for(
-            lambda: readyz(gw.http_url)["endpoints"][0]["server"] == "down", "the gateway sees it down", 10
+        wait_until(
+            lambda: readyz(gw.http_url)["endpoints"][0]["server"] == "down",
+            "the gateway sees it down",
+            timeout_s=10,
+            step_s=0.1,
         )
-        wait_for(lambda: load.ok_since(killed_at) >= 12, "frames after the kill", 120)
+        wait_until(lambda: load.ok_since(killed_at) >= 12, "frames after the kill", timeout_s=120, step_s=0.1)
         ok_after_kill = load.ok_since(killed_at)
         assert gw.ctx.ready(), "the other Triton serves every avatar: the gateway stays ready"
         # the other served everything: every frame since the kill was inferred there
@@ -170,8 +166,18 @@ def test_two_tritons_share_frames_survive_a_kill_and_the_killed_one_rejoins(
 
         # 3. restarted on the same ports: the gateway loads its models again and sends it frames
         first.start(timeout_s=180.0)
-        wait_for(lambda: readyz(gw.http_url)["endpoints"][0]["ready"], "the restarted Triton rejoins", 120)
-        wait_for(lambda: inferences(first.grpc_url) > 0, "the restarted Triton infers again", 120)
+        wait_until(
+            lambda: readyz(gw.http_url)["endpoints"][0]["ready"],
+            "the restarted Triton rejoins",
+            timeout_s=120,
+            step_s=0.1,
+        )
+        wait_until(
+            lambda: inferences(first.grpc_url) > 0,
+            "the restarted Triton infers again",
+            timeout_s=120,
+            step_s=0.1,
+        )
     finally:
         load.stop()
         channel.close()

@@ -47,6 +47,7 @@ from gateway.ws_protocol import decode_reply, encode_request
 from proto import lipsync_pb2 as pb
 from proto import live_pb2
 from tests.fake_gateway import FakeGatewayProcess
+from tests.fixtures_gateway import bearer
 from tests.good_clients import GrpcStreamingClient, WsStreamingClient
 from tests.raw_ws import OP_BINARY, OP_CLOSE, OP_TEXT, RawWebSocket, frame
 
@@ -95,7 +96,7 @@ are decoded too (it allows every call; without it they are refused before decodi
 RANDOM_ONLY = (SEED + "LoadPackage", ADMIN + "LoadPackage", ADMIN + "UnloadPackage", WATCH)
 """Methods sent random bytes only: a valid LoadPackage / UnloadPackage would load or unload
 avatars (admin calls), a valid Watch streams until its deadline."""
-AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+AUTH = bearer(ADMIN_TOKEN)
 
 CLIENT_RACE = "Internal error from Core"
 """What the gRPC client library reports (as INTERNAL) when it is still writing a stream's next

@@ -33,6 +33,7 @@ from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_gateway import ADMIN_METADATA, ADMIN_TOKEN
 from tests.undecodable import UNDECODABLE, assert_undecodable, send_undecodable, served_methods
 from tests.up_process import ENV, start_gateway_process
+from tests.waiting import wait_until
 
 AVATAR = "demo"
 
@@ -251,16 +252,6 @@ def _health(channel: grpc.Channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
-def _wait(predicate: Any, timeout_s: float, step_s: float = 0.05) -> float:
-    """Wait until ``predicate()``; return the seconds it took (fails the test on timeout)."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"condition not met within {timeout_s} s")
-        time.sleep(step_s)
-    return time.monotonic() - t0
-
-
 class _Stream:
     """A StreamInference call fed from a thread, paced; records when each answer arrives."""
 
@@ -303,11 +294,12 @@ def test_triton_killed_mid_stream_then_recovers(
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         stream = _Stream(stub, count=60, pace_s=0.1)
         stream.thread.start()
-        _wait(lambda: sum(r.success for _, r in stream.answers) >= 2, 120)
+        wait_until(lambda: sum(r.success for _, r in stream.answers) >= 2,
+                   "2 frames of the stream", timeout_s=120)
 
         killed_at = time.monotonic()
         triton.kill()
-        not_ready_after = _wait(lambda: not gw.ctx.ready(), 5)
+        not_ready_after = wait_until(lambda: not gw.ctx.ready(), "the gateway not ready", timeout_s=5)
         stream.thread.join(timeout=60)
         assert not stream.thread.is_alive() and stream.error is None, stream.error
         assert len(stream.answers) == 60, "every request of the stream must be answered"
@@ -323,7 +315,8 @@ def test_triton_killed_mid_stream_then_recovers(
         assert first_error_after < 3.0 and worst < 3.0, (first_error_after, worst)
         assert not_ready_after < 3.0
         # grpc.health follows ctx.ready() as soon as it changes (pushed, no polling)
-        _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 1.0)
+        wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                   "grpc.health NOT_SERVING", timeout_s=1.0)
         h = stub.HealthCheck(pb.HealthRequest())
         assert not h.healthy and h.status.startswith("NOT_SERVING")
         t0 = time.monotonic()
@@ -331,10 +324,11 @@ def test_triton_killed_mid_stream_then_recovers(
         assert not r.success and "triton_unavailable" in r.error and time.monotonic() - t0 < 3.0
 
         triton.start(timeout_s=180.0)  # same ports; explicit mode: the gateway reloads models
-        _wait(lambda: gw.ctx.ready(), 120)
+        wait_until(lambda: gw.ctx.ready(), "the gateway ready again", timeout_s=120)
         for i in range(3):
             _ok(stub, i)
-        _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 5)
+        wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING,
+                   "grpc.health SERVING", timeout_s=5)
         assert stub.HealthCheck(pb.HealthRequest()).healthy
 
 
@@ -357,12 +351,13 @@ def test_triton_hung_fails_fast_and_recovers(
             # probe period 0.5 s + two probe deadlines of 1 s: about 3 s, never the 30 s deadline
             assert took < 5.0, took
             # the failed call wakes the monitor; its next probe deadline (1 s) marks the outage
-            _wait(lambda: not gw.ctx.ready(), 2.0)
+            wait_until(lambda: not gw.ctx.ready(), "the gateway not ready", timeout_s=2.0)
             # grpc.health follows ctx.ready() as soon as it changes (pushed, no polling)
-            _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 1.0)
+            wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                       "grpc.health NOT_SERVING", timeout_s=1.0)
         finally:
             os.killpg(triton.pid, signal.SIGCONT)
-        _wait(lambda: gw.ctx.ready(), 60)
+        wait_until(lambda: gw.ctx.ready(), "the gateway ready again", timeout_s=60)
         _ok(stub, 4)
 
 
@@ -388,9 +383,10 @@ def test_gateway_started_before_triton_becomes_ready_by_itself(
             model_control_mode="explicit",
             load_models=("audio_encoder",),
         )
-        _wait(lambda: gw.ctx.ready(), 120)  # the gateway loaded lipsync_demo itself
+        wait_until(lambda: gw.ctx.ready(), "the gateway ready", timeout_s=120)  # lipsync_demo loaded by it
         _ok(stub)
-        _wait(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 5)
+        wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING,
+                   "grpc.health SERVING", timeout_s=5)
 
 
 # ----------------------------------------------------------------------------- undecodable input

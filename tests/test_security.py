@@ -33,6 +33,7 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import serve_on_fake
 from tests.fake_triton import FakeTriton, fake_triton
+from tests.fixtures_gateway import bearer
 from tests.test_triton_client import TritonLike
 from tests.tls_files import TlsFiles, make_tls_files
 from tests.undecodable import Method, served_methods
@@ -47,10 +48,6 @@ ASK = "send the gateway's token (LIPSYNC_AUTH_TOKEN) as `authorization: Bearer <
 """What a call without the token is told."""
 PAGE = {"/", "/static/{name}"}
 """The page's routes: open, but not for a WebSocket upgrade."""
-
-
-def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from gateway.frame_request import FrameRequest
 from gateway.triton_shm import FrameArena
 from lipsync.paths import MODEL_REPOSITORY_CPU
+from tests.waiting import wait_until
 
 SHM = Path("/dev/shm")
 
@@ -123,10 +123,12 @@ def test_unet_through_shared_memory_survives_a_triton_restart(
 
     triton.kill()
     triton.start(180.0)
-    deadline = time.monotonic() + 120
-    while not shm_gw.ctx.lifecycle.snapshot().model_ready("lipsync_demo"):  # reloaded by the lifecycle
-        assert time.monotonic() < deadline, "the gateway did not see the model again"
-        time.sleep(0.5)
+    wait_until(  # reloaded by the lifecycle
+        lambda: shm_gw.ctx.lifecycle.snapshot().model_ready("lipsync_demo"),
+        "the gateway to see the model again",
+        timeout_s=120,
+        step_s=0.5,
+    )
     after = render(shm_gw, 6)  # the region is gone from Triton: this call goes over plain gRPC
     assert after.jpeg and transport.status.startswith(("lost", "registered"))
     render(shm_gw, 7)

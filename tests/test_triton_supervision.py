@@ -9,7 +9,6 @@ The real processes (`lipsync up`, SIGKILL of its tritonserver) are tests/test_up
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from gateway.server import GatewayServer
 from gateway.ws_protocol import ErrorReply, FrameReply, decode_reply, encode_request
@@ -25,27 +23,16 @@ from lipsync.triton_supervisor import RestartPolicy, SupervisorState, TritonSupe
 from tests.fake_gateway import fake_settings
 from tests.fake_supervised import FakeServer, TritonFollows
 from tests.fake_triton import FakeTriton, fake_triton
+from tests.gateway_metrics import sample_or_none
+from tests.waiting import until
 
 AVATAR = "synthetic"
 S = SupervisorState
 
 
-async def until(predicate: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(0.02)
-
-
 async def readyz(session: aiohttp.ClientSession, server: GatewayServer) -> tuple[int, Any]:
     async with session.get(f"{server.http_url}/readyz") as resp:
         return resp.status, await resp.json()
-
-
-def sample(server: GatewayServer, name: str, labels: dict[str, str] | None = None) -> float | None:
-    assert server.ctx is not None
-    return server.ctx.metrics.registry.get_sample_value(name, labels or {})
 
 
 @dataclass
@@ -97,13 +84,13 @@ def test_restarts_in_metrics_and_readyz_and_frames_again(make_package: Callable[
                 sup = body["triton_supervisor"]
                 assert (sup["state"], sup["restarts"], sup["restarting"]) == ("running", 0, False)
                 assert sup["last_exit"] is None
-                assert sample(gateway, "lipsync_gateway_triton_restarts_total") == 0
-                assert sample(gateway, "lipsync_gateway_triton_supervisor_state",
-                              {"lipsync_gateway_triton_supervisor_state": "running"}) == 1
+                assert sample_or_none(gateway, "lipsync_gateway_triton_restarts_total") == 0
+                assert sample_or_none(gateway, "lipsync_gateway_triton_supervisor_state",
+                                      lipsync_gateway_triton_supervisor_state="running") == 1
                 assert isinstance(await frame(1), FrameReply)
 
                 follows.crash()  # SIGKILL
-                await until(lambda: supervisor.status().state is S.BACKING_OFF, "backing off")
+                await until(lambda: supervisor.status().state is S.BACKING_OFF, "backing off", timeout_s=20)
                 status, body = await readyz(session, gateway)
                 assert status == 503
                 assert body["reason"].startswith(
@@ -112,24 +99,28 @@ def test_restarts_in_metrics_and_readyz_and_frames_again(make_package: Callable[
                 sup = body["triton_supervisor"]
                 assert sup["restarting"] and sup["state"] == "backing_off"
                 assert sup["last_exit"]["returncode"] == -9 and "SIGKILL" in sup["last_exit"]["reason"]
-                assert sample(gateway, "lipsync_gateway_triton_supervisor_state",
-                              {"lipsync_gateway_triton_supervisor_state": "backing_off"}) == 1
-                await until(lambda: gateway.ctx is not None and not gateway.ctx.ready(), "noticed")
+                assert sample_or_none(gateway, "lipsync_gateway_triton_supervisor_state",
+                                      lipsync_gateway_triton_supervisor_state="backing_off") == 1
+                await until(lambda: gateway.ctx is not None and not gateway.ctx.ready(),
+                            "the gateway to see Triton down", timeout_s=20)
                 down = await frame(2)
                 assert isinstance(down, ErrorReply) and down.code == "triton_unavailable"
 
-                await until(lambda: gateway.ctx is not None and gateway.ctx.ready(), "ready again")
+                await until(lambda: gateway.ctx is not None and gateway.ctx.ready(),
+                            "ready again", timeout_s=20)
                 assert isinstance(await frame(3), FrameReply), "frames again on the same connection"
                 status, body = await readyz(session, gateway)
                 assert status == 200 and body["reason"] is None
                 sup = body["triton_supervisor"]
                 assert (sup["state"], sup["restarts"], sup["restarting"]) == ("running", 1, False)
                 assert "SIGKILL" in sup["last_exit"]["reason"], "the last reason stays"
-                assert sample(gateway, "lipsync_gateway_triton_restarts_total") == 1
-                info = sample(gateway, "lipsync_gateway_triton_last_exit_info", {
-                    "reason": supervisor.status().last_exit.reason,  # type: ignore[union-attr]
-                    "returncode": "-9",
-                })
+                assert sample_or_none(gateway, "lipsync_gateway_triton_restarts_total") == 1
+                info = sample_or_none(
+                    gateway,
+                    "lipsync_gateway_triton_last_exit_info",
+                    reason=supervisor.status().last_exit.reason,  # type: ignore[union-attr]
+                    returncode="-9",
+                )
                 assert info == 1
             assert follows.server.starts == 2
 
@@ -149,20 +140,22 @@ def test_readyz_while_restarting_and_after(make_package: Callable[..., Path]) ->
             fake.hold_loads = asyncio.Event()  # the new Triton's model loads wait
             follows.crash()
             await until(lambda: supervisor.status().restarts == 1 and supervisor.status().state is S.RUNNING,
-                        "running again")
-            await until(lambda: fake.count("load_model", f"lipsync_{AVATAR}") >= 2, "reloading the model")
+                        "running again", timeout_s=20)
+            await until(lambda: fake.count("load_model", f"lipsync_{AVATAR}") >= 2,
+                        "reloading the model", timeout_s=20)
             assert not gateway.ctx.ready()
             assert supervision.restarting(False), "running again, models not loaded yet: still restarting"
             reason = supervision.reason(False)
             assert reason is not None and reason.startswith("model server restarting (running: ")
             fake.hold_loads.set()
-            await until(gateway.ctx.ready, "ready again")
+            await until(gateway.ctx.ready, "ready again", timeout_s=20)
             assert not supervision.restarting(False), "ready since the last exit"
             assert supervision.reason(True) is None
 
             follows.crash()  # the second quick failure: max_restarts=1 gives up
-            await until(lambda: supervisor.status().state is S.GIVEN_UP, "given up")
-            await until(lambda: gateway.ctx is not None and not gateway.ctx.ready(), "not ready")
+            await until(lambda: supervisor.status().state is S.GIVEN_UP, "given up", timeout_s=20)
+            await until(lambda: gateway.ctx is not None and not gateway.ctx.ready(),
+                        "the gateway not ready", timeout_s=20)
             reason = supervision.reason(False)
             assert reason is not None and reason.startswith("model server not restarted: gave up on ")
             assert not supervision.restarting(False)
@@ -181,7 +174,7 @@ def test_lipsync_gateway_without_a_supervisor_shows_none(make_package: Callable[
             async with aiohttp.ClientSession() as session:
                 status, ready = await readyz(session, gateway)
             assert status == 200 and "triton_supervisor" not in ready
-            assert sample(gateway, "lipsync_gateway_triton_restarts_total") is None
+            assert sample_or_none(gateway, "lipsync_gateway_triton_restarts_total") is None
         finally:
             await gateway.stop()
 

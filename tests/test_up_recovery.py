@@ -21,21 +21,22 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ws_protocol import FrameReply, decode_reply, encode_request
 from lipsync.triton_local import port_in_use
 from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_triton import reaped
+from tests.gateway_metrics import scrape
 from tests.up_process import Up, start_up
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.triton
 
@@ -125,25 +126,6 @@ def _ws_stream(url: str, stop: threading.Event, answers: Answers) -> None:
         answers.broken = exc
 
 
-def _wait(predicate: Callable[[], object], timeout_s: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"{what}: not within {timeout_s} s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
-
-
-def _restarts_in_metrics(http: int) -> float | None:
-    """The gateway's Triton restart counter from /metrics, None when it has none."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "lipsync_gateway_triton_restarts":
-            return sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return None
-
-
 def test_streams_survive_a_sigkill_of_tritonserver(
     gateway_packages_root: Path, tmp_path: Path, started: list[Up]
 ) -> None:
@@ -159,13 +141,13 @@ def test_streams_survive_a_sigkill_of_tritonserver(
     for thread in threads:
         thread.start()
     try:
-        _wait(lambda: over_grpc.frames_after(0) >= 3 and over_ws.frames_after(0) >= 3, 120,
-              "frames before the kill")
+        wait_until(lambda: over_grpc.frames_after(0) >= 3 and over_ws.frames_after(0) >= 3,
+                   "frames before the kill", timeout_s=120)
         old_pid = _tritonserver_pid(up)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
-        _wait(lambda: over_grpc.frames_after(killed_at) >= 3 and over_ws.frames_after(killed_at) >= 3,
-              120, "frames again after the kill")
+        wait_until(lambda: over_grpc.frames_after(killed_at) >= 3 and over_ws.frames_after(killed_at) >= 3,
+                   "frames again after the kill", timeout_s=120)
     finally:
         stop.set()
         for thread in threads:
@@ -191,7 +173,7 @@ def test_streams_survive_a_sigkill_of_tritonserver(
     assert f"tritonserver (pid {old_pid}) was killed by SIGKILL after running" in text, text
     assert "Its log ends with:" in text
     assert "restarting it in 1.0 s (quick failure 1 in a row; gives up at 6)" in text
-    restarts = _restarts_in_metrics(up.http)
+    restarts = scrape(f"http://127.0.0.1:{up.http}").get(("lipsync_gateway_triton_restarts_total", ()))
     with urllib.request.urlopen(f"http://127.0.0.1:{up.http}/readyz", timeout=10) as resp:
         supervisor = json.loads(resp.read())["triton_supervisor"]
 

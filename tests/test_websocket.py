@@ -18,7 +18,6 @@ import aiohttp
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audio_features import WINDOW_CHUNK_BYTES
 from gateway.http_app import TRANSPORT_CAP_FACTOR
@@ -32,6 +31,7 @@ from gateway.ws_protocol import (
 from lipsync.audio import float_to_pcm16, load_wav_16k_mono
 from lipsync.frames import pingpong_index
 from lipsync.paths import MODEL_REPOSITORY_CPU, SPEECH_DIR
+from tests.gateway_metrics import scrape
 from tests.original_ws_client import OriginalClientFrame, draw_into_rectangle, parse_reply_as_original_client
 from tests.reference_frames import decode_jpeg, psnr
 
@@ -229,13 +229,7 @@ def test_bad_requests_get_clear_errors_and_the_connection_keeps_serving(
 
 def too_big_count(http_url: str) -> float:
     """The gateway's count of messages over the transport cap (connection closed)."""
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "lipsync_gateway_ws_messages_total" and sample.labels == {"kind": "too_big"}:
-                return sample.value
-    return 0.0
+    return scrape(http_url).get(("lipsync_gateway_ws_messages_total", (("kind", "too_big"),)), 0.0)
 
 
 def test_oversized_messages(url: str, served_gateway: Any) -> None:

@@ -40,6 +40,7 @@ from gateway.workers import (
     WorkerSupervisor,
 )
 from lipsync.triton_supervisor import RestartPolicy
+from tests.waiting import until
 
 T = TypeVar("T")
 FAST = RestartPolicy(max_restarts=2, backoff_initial_s=0.05, backoff_max_s=0.2, healthy_after_s=60.0)
@@ -115,13 +116,6 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(fn())  # type: ignore[arg-type]
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 def test_workers_start_serve_share_the_ports_and_stop_gracefully() -> None:
     launcher = Launcher(lambda index, n: "serve")
     sup = WorkerSupervisor(settings(), launcher=launcher, policy=FAST)
@@ -155,7 +149,8 @@ def test_a_killed_worker_is_restarted_on_the_same_slot() -> None:
         victim = sup.slots[0].pid
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
-        await until(lambda: sup.slots[0].restarts == 1 and sup.slots[0].state is WorkerState.SERVING)
+        await until(lambda: sup.slots[0].restarts == 1 and sup.slots[0].state is WorkerState.SERVING,
+                    "worker 1 restarted and serving", timeout_s=30)
         assert sup.slots[0].pid != victim and sup.slots[0].failures_in_a_row == 1
         assert sup.slots[1].restarts == 0, "the other worker was left alone"
         assert sup.all_ready()
@@ -175,11 +170,13 @@ def test_changes_on_request_reach_the_other_workers_and_a_restarted_one() -> Non
 
     async def body() -> None:
         await sup.start()
-        await until(lambda: sup.slots[0].ready)  # every change Replicated: worker 2 applied each
+        # every change Replicated: worker 2 applied each
+        await until(lambda: sup.slots[0].ready, "worker 1 ready", timeout_s=30)
         victim = sup.slots[1].pid
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
-        await until(lambda: sup.slots[1].restarts == 1 and sup.slots[1].state is WorkerState.SERVING)
+        await until(lambda: sup.slots[1].restarts == 1 and sup.slots[1].state is WorkerState.SERVING,
+                    "worker 2 restarted and serving", timeout_s=30)
         await sup.stop()
 
     run(body)

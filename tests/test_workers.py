@@ -25,7 +25,6 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.workers import METRICS_DIR_PREFIX, remove_stale_metrics_dirs
 from gateway.ws_protocol import FrameReply, decode_reply, encode_request
@@ -37,12 +36,14 @@ from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_gateway import (
     ADMIN_METADATA,
     WorkersGateway,
+    bearer,
     gateway_settings,
     make_packages_root,
     start_workers_gateway,
 )
 from tests.fixtures_triton import alive
-from tests.test_security import CLIENT_TOKEN, bearer, client_ssl, grpc_credentials
+from tests.gateway_metrics import Samples, scrape
+from tests.test_security import CLIENT_TOKEN, client_ssl, grpc_credentials
 from tests.tls_files import make_tls_files
 from tests.up_process import ENV, GatewayProcess, start_gateway_process, start_up, worker_pids
 
@@ -51,17 +52,7 @@ CONNECTIONS = 16
 """Connections per protocol: all on one of two workers with probability 2 / 2**16."""
 
 
-def metric_samples(http_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def requests_ok(samples: dict[Any, float], protocol: str) -> float:
+def requests_ok(samples: Samples, protocol: str) -> float:
     return samples.get(("lipsync_gateway_requests_total", (("outcome", "ok"), ("protocol", protocol))), 0.0)
 
 
@@ -123,7 +114,7 @@ def workers_gateway(triton_server: Any, demo_package: Any, tmp_path: Path) -> It
 def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gateway: WorkersGateway) -> None:
     gw = workers_gateway
     pids = gw.worker_pids()
-    before = metric_samples(gw.http_url)
+    before = scrape(gw.http_url)
     stats_before = gw.stats()["avatars"][AVATAR]["total_requests"]
     # a local subchannel pool each: channels to one address would share one connection
     own = [("grpc.use_local_subchannel_pool", 1)]
@@ -144,7 +135,7 @@ def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gate
                         reply = decode_reply((await ws.receive(timeout=60)).data)
                         assert isinstance(reply, FrameReply), reply
                 per_worker = [established(pid, gw.process.http) for pid in pids]
-                open_ws = metric_samples(gw.http_url)[("lipsync_gateway_ws_connections", ())]
+                open_ws = scrape(gw.http_url)[("lipsync_gateway_ws_connections", ())]
                 for ws in sockets:
                     await ws.close()
                 return [*per_worker, int(open_ws)]
@@ -158,7 +149,7 @@ def test_connections_spread_over_both_workers_and_the_counts_add_up(workers_gate
     assert sum(grpc_per_worker) == CONNECTIONS and min(grpc_per_worker) > 0, grpc_per_worker
     assert sum(ws_per_worker) >= CONNECTIONS and min(ws_per_worker) > 0, ws_per_worker
     assert open_ws == CONNECTIONS, "open WebSockets summed over the workers"
-    after = metric_samples(gw.http_url)
+    after = scrape(gw.http_url)
     assert requests_ok(after, "grpc") - requests_ok(before, "grpc") == 3 * CONNECTIONS
     assert requests_ok(after, "ws") - requests_ok(before, "ws") == 2 * CONNECTIONS
     frames = 5 * CONNECTIONS
@@ -197,7 +188,7 @@ def test_load_unload_and_the_counts_survive_a_killed_worker(workers_gateway: Wor
     for pid, stats in stats_of_every_worker(gw).items():
         assert "extra" in stats["avatars"], f"worker {pid} lacks the loaded package"
         assert AVATAR not in stats["avatars"], f"worker {pid} still serves the unloaded avatar"
-    counted = requests_ok(metric_samples(gw.http_url), "grpc")
+    counted = requests_ok(scrape(gw.http_url), "grpc")
 
     victim = gw.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
@@ -215,7 +206,7 @@ def test_load_unload_and_the_counts_survive_a_killed_worker(workers_gateway: Wor
 
     # the dead worker's counts stay in the totals; the restarted worker loaded "extra" too and
     # did not load "demo" again from the packages root
-    assert requests_ok(metric_samples(gw.http_url), "grpc") == counted
+    assert requests_ok(scrape(gw.http_url), "grpc") == counted
     for pid, stats in stats_of_every_worker(gw).items():
         assert "extra" in stats["avatars"], f"worker {pid} (restarted?) lacks the loaded package"
         assert AVATAR not in stats["avatars"], f"worker {pid} (restarted?) serves the unloaded avatar"
@@ -309,7 +300,7 @@ def test_up_with_two_workers_relays_the_triton_supervisor(demo_package: Any, tmp
         gw = WorkersGateway(GatewayProcess(up.proc, up.log_path, up.http, up.grpc_port), gateway_settings(
             "unused:1", root, workers=2, grpc_port=up.grpc_port, http_port=up.http))
         pids = gw.wait_ready()
-        samples = metric_samples(gw.http_url)
+        samples = scrape(gw.http_url)
         assert samples[("lipsync_gateway_triton_restarts_total", ())] == 0
         state = "lipsync_gateway_triton_supervisor_state"
         running = (state, ((state, "running"),))
@@ -321,7 +312,7 @@ def test_up_with_two_workers_relays_the_triton_supervisor(demo_package: Any, tmp
         while True:  # each worker follows the relayed status: one restart, ready again
             assert time.monotonic() < deadline, up.log()
             seen = stats_of_every_worker(gw)
-            samples = metric_samples(gw.http_url)
+            samples = scrape(gw.http_url)
             if all(s["ready"] for s in seen.values()) and samples.get(
                 ("lipsync_gateway_triton_restarts_total", ())
             ) == 1:
