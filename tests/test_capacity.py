@@ -427,7 +427,8 @@ def test_aggregate_pools_rounds_and_ratios_compare_the_same_cell(tmp_path: Path)
     payload = to_json(results, ms, variants, {"machine": "m"})
     back = json.loads(json.dumps(payload))
     assert back["machine"] == "m" and len(back["measurements"]) == 5 and len(back["cells"]) == 3
-    assert back["variants"][1] == {"name": "new", "env": {"LIPSYNC_X": "1"}, "revision": None}
+    assert back["variants"][1] == {"name": "new", "env": {"LIPSYNC_X": "1"}, "revision": None,
+                                   "floor": False}
 
 
 # ----------------------------------------------------------------------------- identity model
