@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.background_cache import SUBFOLDER, BackgroundCache
 from gateway.batching import CoalescingInference
 from gateway.composite_pool import CompositePool
 from gateway.compositor import Compositor, JpegMode
@@ -122,14 +123,16 @@ class GatewayContext:
             load_models=settings.triton_load_models,
         )
         pool.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
+        cache_dir = settings.crop_cache_dir
         compositor = Compositor(
             make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling),
             RestartIntervalEncoder(
                 settings.jpeg_quality, settings.jpeg_subsampling, settings.jpeg_restart_px
             ),
             splice=settings.jpeg_splice,
+            cache=None if cache_dir is None else BackgroundCache(cache_dir / SUBFOLDER),
         )
-        crop_cache = CropCache(settings.crop_cache_dir) if settings.crop_cache_dir is not None else None
+        crop_cache = CropCache(cache_dir) if cache_dir is not None else None
         store = AvatarStore(
             settings.packages_root, pool, crop_cache, settings.max_avatar_bytes,
             backgrounds=compositor.backgrounds,

@@ -287,8 +287,8 @@ class AvatarStore:
         crop_cache: where the avatars' crops are computed once and memory-mapped from (None:
             each avatar's crops are computed into this process's RAM).
         max_avatar_bytes: cap on `Avatar.held_bytes` summed over the avatars (None: no cap).
-        backgrounds: builds an avatar's `AvatarBackgrounds` in the loading thread (None: none
-            built); a `ValueError` from it refuses the package.
+        backgrounds: builds an avatar's `AvatarBackgrounds` in the loading thread, given the
+            load's cancel event (None: none built); a `ValueError` from it refuses the package.
     """
 
     def __init__(
@@ -298,7 +298,7 @@ class AvatarStore:
         crop_cache: CropCache | None = None,
         max_avatar_bytes: int | None = None,
         *,
-        backgrounds: Callable[[Avatar], AvatarBackgrounds] | None = None,
+        backgrounds: Callable[[Avatar, threading.Event], AvatarBackgrounds] | None = None,
     ) -> None:
         self.packages_root = Path(packages_root).resolve()
         self.max_avatar_bytes = max_avatar_bytes
@@ -435,7 +435,7 @@ class AvatarStore:
                 avatar = prepare_avatar(package, name or manifest.name, crops, cancel)
                 if self._backgrounds is not None:
                     try:
-                        avatar.backgrounds = self._backgrounds(avatar)
+                        avatar.backgrounds = self._backgrounds(avatar, cancel)
                     except ValueError as exc:
                         raise PackageError(f"background JPEGs failed: {exc}") from exc
                 return avatar
