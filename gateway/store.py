@@ -12,7 +12,8 @@ At start the store loads every package folder under the packages root with
 
 - ``backgrounds``: each video frame's JPEG split for splicing, and its splice plan
   (`gateway.backgrounds.AvatarBackgrounds`), when the store was given a builder (the gateway's
-  `gateway.compositor.Compositor.backgrounds`).
+  `gateway.compositor.Compositor.backgrounds`: the JPEGs memory-mapped from its
+  `gateway.background_cache.BackgroundCache`, or encoded into RAM without one).
 
 The video frames (``frames.npy``) are the package's read-only memmap; with a `CropCache` the
 crops and inners are memory-mapped too (`gateway.crop_cache`), so gateway workers serving the
@@ -42,8 +43,9 @@ package folders relative to the packages root, never as absolute server paths.
 The cap with gateway workers (``--workers N``): each worker applies ``max_avatar_bytes`` to its
 own avatars, which are the same in every worker, counting what that worker holds or maps
 (`Avatar.held_bytes`), memory-mapped or not. So the cap bounds one worker's avatars; the machine
-holds the memory-mapped arrays (frames; crops too with a `CropCache`) once in the page cache for
-all workers, and crops computed into RAM (no cache) and the background JPEGs once per worker.
+holds the memory-mapped arrays (frames; crops too with a `CropCache`, background JPEGs with the
+compositor's `gateway.background_cache.BackgroundCache`) once in the page cache for all workers,
+and crops and background JPEGs computed into RAM (no cache) once per worker.
 
 Sharing with gateway workers (`share_changes`): a load or unload made on request in one worker
 is made by every other worker before the call returns, and by every worker started later
