@@ -79,18 +79,17 @@ class BackgroundJpegs:
             cancel: when set (by another thread), stop before the next frame.
 
         Raises:
-            ValueError: no frames, or wrong dtype/shape; `lipsync.jpeg_splice.JpegSpliceError`
+            ValueError: no frames, or not uint8 ``[N, H, W, 3]``; `lipsync.jpeg_splice.JpegSpliceError`
                 (a ValueError) if the encoder's stream cannot be split.
             lipsync.package.LoadCancelled: ``cancel`` was set.
         """
         n = len(frames)
-        if n == 0:
-            raise ValueError("no video frames to encode")
+        if n == 0 or frames.ndim != 4:
+            raise ValueError(f"need video frames uint8 [N >= 1, H, W, 3], got {list(frames.shape)}")
         digest = hashlib.sha256(repr(settings).encode())
         jpegs: list[bytes] = []
         starts: list[NDArray[np.int64]] = []
         headers = np.empty((n, 2), dtype=np.int64)
-        grid: McuGrid | None = None
         for v in range(n):
             check_cancel(cancel, f"at background JPEG {v} of {n}")
             background = SplicedBackground.encode(frames[v], settings)
@@ -98,9 +97,7 @@ class BackgroundJpegs:
             jpegs.append(jpeg)
             starts.append(background.starts)
             headers[v] = background.scan_start, background.size_at
-            grid = grid or background.grid
             digest.update(jpeg)
-        assert grid is not None
         bounds = np.zeros(n + 1, dtype=np.int64)
         np.cumsum([len(j) for j in jpegs], out=bounds[1:])
         data = np.frombuffer(b"".join(jpegs), dtype=np.uint8)  # read-only, like a mapped entry
@@ -109,6 +106,7 @@ class BackgroundJpegs:
         stacked = np.stack(starts)
         stacked.setflags(write=False)
         etag = f'"{digest.hexdigest()[:32]}"'
+        grid = McuGrid.of(int(frames.shape[2]), int(frames.shape[1]), settings)
         return cls(settings, grid, data, bounds, stacked, headers, etag, mapped=False)
 
     def __len__(self) -> int:

@@ -95,22 +95,23 @@ class CacheEntries:
         found = self._read(entry, open, cancel)
         if found is not None:
             return found
-        computed: list[_V] = []  # filled once computed: the value survives a failed write
+        computed: _V | None = None
         try:
             with folder_lock(self.root):  # another process may be writing this entry now
                 found = self._read(entry, open, cancel)
                 if found is not None:
                     return found
-                computed.append(compute())
-                self._write(entry, computed[0], save)
+                computed = compute()
+                self._write(entry, computed, save)
         except OSError as exc:
             log.warning(
                 "%s cache %s not writable (%s): %s held in this process's RAM",
                 self.what, self.root, exc, held,
             )
-            return computed[0] if computed else compute()
+            # computed already when only the write failed
+            return computed if computed is not None else compute()
         mapped = self._read(entry, open, cancel)
-        return mapped if mapped is not None else computed[0]
+        return mapped if mapped is not None else computed
 
     def _read(
         self, entry: Path, open: Callable[[Path, Info], _V], cancel: threading.Event | None
