@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from gateway.backgrounds import BackgroundJpegs
-from gateway.cache_entries import CacheEntries, Info
+from gateway.cache_entries import Arrays, CacheEntries, Info
 from lipsync.jpeg_splice import McuGrid, SpliceSettings
 from lipsync.package import AvatarPackage
 
@@ -88,8 +88,8 @@ class BackgroundCache:
         frames = package.frames
         grid = McuGrid.of(int(frames.shape[2]), int(frames.shape[1]), settings)
 
-        def open_entry(entry: Path, info: Info) -> BackgroundJpegs:
-            return _open(entry, info, settings, grid, int(frames.shape[0]))
+        def open_entry(arrays: Arrays, info: Info) -> BackgroundJpegs:
+            return _open(arrays, info, settings, grid, int(frames.shape[0]))
 
         return self._entries.get(
             cache_key(package, settings),
@@ -101,23 +101,19 @@ class BackgroundCache:
         )
 
 
-def _save(jpegs: BackgroundJpegs, folder: Path) -> Info:
-    """Write the arrays of ``jpegs`` into ``folder``; the info is the etag."""
-    for name in _ARRAYS:
-        np.save(folder / f"{name}.npy", getattr(jpegs, name), allow_pickle=False)
-    return {"etag": jpegs.etag}
+def _save(jpegs: BackgroundJpegs) -> tuple[Arrays, Info]:
+    """The arrays of ``jpegs``; the info is the etag."""
+    return {name: getattr(jpegs, name) for name in _ARRAYS}, {"etag": jpegs.etag}
 
 
-def _open(entry: Path, info: Info, settings: SpliceSettings, grid: McuGrid, n: int) -> BackgroundJpegs:
-    """The entry's arrays memory-mapped read-only.
+def _open(arrays: Arrays, info: Info, settings: SpliceSettings, grid: McuGrid, n: int) -> BackgroundJpegs:
+    """The backgrounds of an entry's memory-mapped arrays.
 
     Raises:
-        ValueError: arrays that do not fit ``n`` frames on ``grid``; KeyError: no etag.
-        OSError: a file missing or unreadable.
+        ValueError: arrays that do not fit ``n`` frames on ``grid``; KeyError: an array or the
+            etag missing.
     """
-    data, bounds, starts, headers = (
-        np.load(entry / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS
-    )
+    data, bounds, starts, headers = (arrays[name] for name in _ARRAYS)
     if (
         data.dtype != np.uint8 or data.ndim != 1
         or bounds.dtype != np.int64 or bounds.shape != (n + 1,)

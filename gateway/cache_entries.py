@@ -2,9 +2,9 @@
 
 What the gateway's caches share (`gateway.crop_cache` for the face crops,
 `gateway.background_cache` for the background JPEGs): a value is written once into
-``<root>/<key>/`` as a few files plus ``meta.json``, and every process (the gateway workers,
-`gateway.workers`; a restarted worker) maps those files read-only instead of computing the value
-again, so they share one copy in the page cache.
+``<root>/<key>/`` as a few numpy arrays (``<name>.npy``) plus ``meta.json``, and every process
+(the gateway workers, `gateway.workers`; a restarted worker) maps those arrays read-only instead
+of computing the value again, so they share one copy in the page cache.
 
 - **Publishing**: the value is computed and written under the root's folder lock
   (`export.publish.folder_lock`), into a temporary folder that is renamed into place when
@@ -17,8 +17,8 @@ again, so they share one copy in the page cache.
 - **Not writable**: where the root cannot be created, locked or written, the value is computed
   into this process's RAM, with a warning naming the cache, the reason and the value.
 
-The caller says how its value becomes files (``save``) and files become its value (``open``);
-the key (a hex digest of everything the value depends on) is the caller's too.
+The caller says how its value becomes named arrays (``save``) and memory-mapped arrays become its
+value (``open``); the key (a hex digest of everything the value depends on) is the caller's too.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
 
 from export.publish import folder_lock, replace_folder
 from lipsync.package import sha256_file
@@ -43,6 +46,8 @@ _V = TypeVar("_V")
 
 Info = Mapping[str, Any]
 """JSON-able facts a ``save`` records in ``meta.json`` and ``open`` gets back."""
+Arrays = Mapping[str, NDArray[Any]]
+"""An entry's arrays by name (file ``<name>.npy``)."""
 
 
 class CacheEntries:
@@ -68,8 +73,8 @@ class CacheEntries:
         key: str,
         *,
         compute: Callable[[], _V],
-        save: Callable[[_V, Path], Info],
-        open: Callable[[Path, Info], _V],
+        save: Callable[[_V], tuple[Arrays, Info]],
+        open: Callable[[Arrays, Info], _V],
         held: str,
         cancel: threading.Event | None = None,
     ) -> _V:
@@ -78,10 +83,10 @@ class CacheEntries:
         Args:
             key: the entry's name, a hex digest of everything the value depends on.
             compute: computes the value in RAM (called at most once).
-            save: writes the value's files into an empty folder; returns the info to record.
-            open: the value from an entry's files (checked against ``meta.json`` already) and its
-                info, e.g. memory-mapped; raises ``ValueError``, ``KeyError`` or ``OSError``
-                when they do not fit (wrong shapes): the entry is then computed again.
+            save: the value's arrays to write, by name, and the info to record.
+            open: the value from an entry's arrays (checked against ``meta.json``, then
+                memory-mapped read-only) and its info; raises ``ValueError`` or ``KeyError``
+                when they do not fit (wrong names, shapes): the entry is then computed again.
             held: what the value is, for messages (``the crops of 'demo'``).
             cancel: when set (by another thread), stop at the next hashed chunk.
 
@@ -114,7 +119,7 @@ class CacheEntries:
         return mapped if mapped is not None else computed
 
     def _read(
-        self, entry: Path, open: Callable[[Path, Info], _V], cancel: threading.Event | None
+        self, entry: Path, open: Callable[[Arrays, Info], _V], cancel: threading.Event | None
     ) -> _V | None:
         """The entry opened, or None when it is missing or does not match its ``meta.json``."""
         try:
@@ -125,25 +130,29 @@ class CacheEntries:
             log.warning("%s cache entry %s is not intact (%s): computing it again", self.what, entry, exc)
             return None
         try:
+            arrays: dict[str, NDArray[Any]] = {}
             for name, recorded in meta["files"].items():
                 path = entry / name
                 intact = path.stat().st_size == recorded["size_bytes"]
                 if not intact or sha256_file(path, cancel=cancel) != recorded["sha256"]:
                     raise ValueError(f"{path.name} does not match {META}")
-            return open(entry, meta.get("info", {}))
+                arrays[path.stem] = np.load(path, mmap_mode="r", allow_pickle=False)
+            return open(arrays, meta.get("info", {}))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s cache entry %s is not intact (%s): computing it again", self.what, entry, exc)
             return None
 
-    def _write(self, entry: Path, value: _V, save: Callable[[_V, Path], Info]) -> None:
+    def _write(self, entry: Path, value: _V, save: Callable[[_V], tuple[Arrays, Info]]) -> None:
         """Publish ``value`` as ``entry`` (a complete folder renamed into place)."""
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{entry.name}."))
         try:
-            info = dict(save(value, tmp))
+            arrays, info = save(value)
             files: dict[str, dict[str, int | str]] = {}
-            for path in sorted(tmp.iterdir()):
+            for name, array in arrays.items():
+                path = tmp / f"{name}.npy"
+                np.save(path, array, allow_pickle=False)
                 files[path.name] = {"size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
-            (tmp / META).write_text(json.dumps({"format": self.format, "files": files, "info": info}))
+            (tmp / META).write_text(json.dumps({"format": self.format, "files": files, "info": dict(info)}))
             tmp.chmod(0o755)
             replace_folder(tmp, entry)
         except BaseException:

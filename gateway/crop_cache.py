@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.cache_entries import CacheEntries, Info
+from gateway.cache_entries import Arrays, CacheEntries, Info
 from gateway.errors import PackageRejected
 from lipsync.contract import CROP_SIZE, INNER_SIZE
 from lipsync.frames import crop_328, inner_320
@@ -130,8 +130,8 @@ class CropCache:
             lipsync.package.LoadCancelled: ``cancel`` was set.
         """
 
-        def open_entry(entry: Path, info: Info) -> FaceCrops:
-            return _open(entry, package.frame_count)
+        def open_entry(arrays: Arrays, info: Info) -> FaceCrops:
+            return _open(arrays, package.frame_count)
 
         return self._entries.get(
             cache_key(package),
@@ -143,21 +143,19 @@ class CropCache:
         )
 
 
-def _save(computed: FaceCrops, folder: Path) -> Info:
-    """Write ``crops.npy`` and ``inners.npy`` into ``folder``."""
-    for name in _FILES:
-        np.save(folder / f"{name}.npy", getattr(computed, name), allow_pickle=False)
-    return {}
+def _save(computed: FaceCrops) -> tuple[Arrays, Info]:
+    """``crops`` and ``inners``; no info."""
+    return {"crops": computed.crops, "inners": computed.inners}, {}
 
 
-def _open(entry: Path, n: int) -> FaceCrops:
-    """The entry's arrays memory-mapped read-only.
+def _open(arrays: Arrays, n: int) -> FaceCrops:
+    """The crops of an entry's memory-mapped arrays.
 
     Raises:
         ValueError: shapes or dtypes other than ``n`` crops and inners (or not C-contiguous).
-        OSError: a file missing or unreadable.
+        KeyError: an array missing.
     """
-    crops, inners = (np.load(entry / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _FILES)
+    crops, inners = arrays["crops"], arrays["inners"]
     if (
         crops.shape != (n, CROP_SIZE, CROP_SIZE, 3) or inners.shape != (n, INNER_SIZE, INNER_SIZE, 3)
         or crops.dtype != np.uint8 or inners.dtype != np.uint8 or not inners.flags.c_contiguous

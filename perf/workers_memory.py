@@ -25,11 +25,12 @@ what every worker held before the background cache), whose cache folder `NO_BACK
 holds a file where the ``backgrounds`` folder would be, so that cache falls back to RAM.
 
 Load time (`load_times`, before the gateways, in this process): each avatar loaded by a fresh
-`gateway.store.AvatarStore` with the gateway's compositor, ``--load-repeats`` times, each time
-three ways in a row: without a cache (encoded into RAM), with an empty cache folder (encoded,
-written, mapped), and again with that folder (the entry present: checked and mapped); the
-background part is ``AvatarBackgrounds.build_ms`` (JPEGs encoded or mapped, plans made, start-up
-self-test), the whole is the store's load time (crops cached the same way).
+`gateway.store.AvatarStore` with the gateway's compositor (after one load not counted: first-use
+costs), ``--load-repeats`` times, each time three ways in a row: without a cache (encoded into
+RAM), with an empty cache folder (encoded, written, mapped), and again with that folder (the
+entry present: checked and mapped); the background part is ``AvatarBackgrounds.build_ms`` (JPEGs
+encoded or mapped, plans made, start-up self-test), the whole is the store's load time (crops
+cached the same way).
 
 Writes ``perf/results/workers_memory.md`` and ``.json``.
 """
@@ -106,6 +107,8 @@ class LoadTime:
         backgrounds_ms: ``AvatarBackgrounds.build_ms`` (ms).
         load_ms: the store's whole load (ms).
         mapped: whether the background JPEGs came memory-mapped.
+        frames: video frames N.
+        backgrounds_mib: the background JPEGs and offsets (MiB, `AvatarBackgrounds.nbytes`).
     """
 
     avatar: str
@@ -113,6 +116,8 @@ class LoadTime:
     backgrounds_ms: float
     load_ms: float
     mapped: bool
+    frames: int
+    backgrounds_mib: float
 
 
 def load_times(
@@ -131,10 +136,13 @@ def load_times(
                             backgrounds=compositor.backgrounds)
         loaded = asyncio.run(store.load(avatar))
         assert loaded.backgrounds is not None
-        return LoadTime(avatar, way, loaded.backgrounds.build_ms, loaded.init_ms,
-                        loaded.backgrounds.source.mapped)
+        bg = loaded.backgrounds
+        return LoadTime(avatar, way, bg.build_ms, loaded.init_ms, bg.source.mapped,
+                        loaded.video_frames, bg.nbytes / 2**20)
 
     out: list[LoadTime] = []
+    if avatars:
+        load_once(avatars[0].name, "warm-up", None)  # first-use costs (imports, pools): not counted
     for avatar in avatars:
         for _ in range(repeats):
             cache = Path(tempfile.mkdtemp(dir=scratch, prefix="load-cache."))
@@ -157,14 +165,19 @@ def smaps_rollup(pid: int) -> dict[str, float]:
 
 
 def role_of(pid: int, root: int, tree: Sequence[int]) -> str:
-    """``gateway`` (one process), ``supervisor`` (the workers' parent), ``worker``, ``resource
-    tracker`` (multiprocessing's) or ``other``."""
+    """``gateway`` (one process: a root without workers, whatever helpers it has), ``supervisor``
+    (the workers' parent), ``worker``, ``resource tracker`` (multiprocessing's) or ``other``."""
     if pid == root:
-        return "gateway" if len(tree) == 1 else "supervisor"
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        workers = any(b"spawn_main" in _cmdline(p) for p in tree if p != root)
+        return "supervisor" if workers else "gateway"
+    cmdline = _cmdline(pid)
     if b"spawn_main" in cmdline:
         return "worker"
     return "resource tracker" if b"resource_tracker" in cmdline else "other"
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def measure(variant: str, gw: GatewayHandle) -> list[ProcessMemory]:
@@ -230,7 +243,7 @@ def render(rows: Sequence[ProcessMemory], variants: Sequence[Variant], avatars: 
         "",
     ]
     table = []
-    last = variants[-1].name
+    last = variants[-1].name if variants else ""
     totals = {v.name: sum(r.pss for r in rows if r.variant == v.name) for v in variants}
     for v in variants:
         mine = [r for r in rows if r.variant == v.name]
@@ -257,11 +270,13 @@ def render(rows: Sequence[ProcessMemory], variants: Sequence[Variant], avatars: 
                 same = [t for t in loads if (t.avatar, t.way) == (avatar, way)]
                 med[way] = (statistics.median(t.backgrounds_ms for t in same),
                             statistics.median(t.load_ms for t in same))
-            repeats = sum(1 for t in loads if (t.avatar, t.way) == (avatar, "map"))
-            table.append([avatar, repeats, *med["ram"], *med["build"], *med["map"],
+            mapped = [t for t in loads if (t.avatar, t.way) == (avatar, "map")]
+            table.append([avatar, len(mapped), mapped[0].frames, mapped[0].backgrounds_mib,
+                          *med["ram"], *med["build"], *med["map"],
                           f"{med['map'][0] / med['ram'][0]:.3f}", f"{med['map'][1] / med['ram'][1]:.3f}"])
         lines += report.markdown_table(
-            ["avatar", "repeats", "ram: backgrounds", "ram: load", "build: backgrounds", "build: load",
+            ["avatar", "repeats", "video frames", "background JPEGs MiB", "ram: backgrounds", "ram: load",
+             "build: backgrounds", "build: load",
              "map: backgrounds", "map: load", "backgrounds map / ram", "load map / ram"], table)
     return lines
 
