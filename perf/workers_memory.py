@@ -225,6 +225,12 @@ def render(rows: Sequence[ProcessMemory], variants: Sequence[Variant], avatars: 
         "and background caches); Pss_Anon: the process's own memory (heap, computed crops, "
         "background JPEGs encoded in RAM)",
         "- one gateway at a time, so no other gateway shares its pages",
+        "- `w2-bg-ram` vs `w2` (before and after the background cache): PSS anon differs by the "
+        "background JPEGs each worker encodes into its RAM; PSS file differs too, because a worker "
+        "that encodes the backgrounds reads every full video frame (all of `frames.npy` mapped "
+        "into it), while one that maps the JPEGs from the cache reads only the face bands of the "
+        "frames it composites (the kernel's page cache may still hold the rest: PSS counts what "
+        "is mapped)",
         "",
         "## Variants",
         "",
