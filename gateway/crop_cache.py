@@ -39,8 +39,6 @@ CROP_CACHE_FORMAT = 2
 """Version of the cache entry's layout and of the crop math; a change makes new keys (2: the
 ``meta.json`` of `gateway.cache_entries`)."""
 
-_FILES = ("crops", "inners")
-
 
 @dataclass(frozen=True)
 class FaceCrops:
