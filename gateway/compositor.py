@@ -33,7 +33,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.backgrounds import AvatarBackgrounds
+from gateway.background_cache import BackgroundCache
+from gateway.backgrounds import AvatarBackgrounds, BackgroundJpegs
 from gateway.frame_request import FrameOutput
 from gateway.jpeg import JpegEncoder, RestartIntervalEncoder
 from gateway.store import Avatar
@@ -78,11 +79,21 @@ class Compositor:
         encoder: the configured encoder: full frames in ``full`` mode, crop output always.
         restart: the encoder of backgrounds and spliced rectangles.
         splice: whether to splice (False: ``full`` mode from the start).
+        cache: where the background JPEGs are encoded once and memory-mapped from
+            (`gateway.background_cache`; None: encoded into this process's RAM per avatar).
     """
 
-    def __init__(self, encoder: JpegEncoder, restart: RestartIntervalEncoder, *, splice: bool) -> None:
+    def __init__(
+        self,
+        encoder: JpegEncoder,
+        restart: RestartIntervalEncoder,
+        *,
+        splice: bool,
+        cache: BackgroundCache | None = None,
+    ) -> None:
         self.plain = encoder
         self.restart = restart
+        self.cache = cache
         self._local = threading.local()  # per pool thread: the scratch crop of `composite`
         self.mode = (
             JpegMode("spliced") if splice else JpegMode("full", "splicing is off (LIPSYNC_JPEG_SPLICE=0)")
@@ -94,17 +105,30 @@ class Compositor:
         output, byte for byte, in the current mode."""
         return self.restart if self.mode.mode == "spliced" else self.plain
 
-    def backgrounds(self, avatar: Avatar) -> AvatarBackgrounds:
-        """Build the avatar's backgrounds and self-test splicing on its first video frame
-        (blocking, CPU: the store calls it in its loading thread).
+    def backgrounds(self, avatar: Avatar, cancel: threading.Event | None = None) -> AvatarBackgrounds:
+        """Map (from the cache) or encode the avatar's background JPEGs, plan its face
+        rectangles, and self-test splicing on its first video frame (blocking, CPU: the store
+        calls it in its loading thread).
 
         On a self-test failure the compositor switches to ``full`` mode (module doc).
 
+        Args:
+            avatar: the avatar being loaded.
+            cancel: when set (by another thread), stop at the next frame or hashed chunk.
+
         Raises:
-            ValueError: as `AvatarBackgrounds.build`.
+            ValueError: as `gateway.backgrounds.BackgroundJpegs.encode` and
+                `gateway.backgrounds.AvatarBackgrounds.of`.
+            lipsync.package.LoadCancelled: ``cancel`` was set.
         """
+        t0 = time.perf_counter()
         settings = self.restart.settings_for(avatar.width)
-        built = AvatarBackgrounds.build(avatar.frames, avatar.rects, settings)
+        source = (
+            self.cache.jpegs(avatar.package, settings, cancel)
+            if self.cache is not None
+            else BackgroundJpegs.encode(avatar.frames, settings, cancel)
+        )
+        built = AvatarBackgrounds.of(source, avatar.rects, t0)
         if self.mode.mode == "spliced":
             x1, y1, x2, y2 = (int(c) for c in avatar.rects[0])
             reason = check_splice(built.frames[0], avatar.frames[0], (x1, y1, x2, y2), settings)
@@ -114,13 +138,14 @@ class Compositor:
                 )
                 log.error("%s; encoding full frames from now on", self.mode.reason)
         log.info(
-            "avatar %r: %d background JPEGs (q%d %s, restart every %d MCUs), %.1f MiB, %.0f ms",
+            "avatar %r: %d background JPEGs (q%d %s, restart every %d MCUs), %.1f MiB, %s, %.0f ms",
             avatar.name,
             len(built.frames),
             settings.quality,
             settings.subsampling,
             settings.restart_mcus,
             built.nbytes / 2**20,
+            "memory-mapped from the cache" if source.mapped else "in this process's RAM",
             built.build_ms,
         )
         return built

@@ -56,8 +56,9 @@ class GatewaySettings(BaseSettings):
     device: str = Field("triton", description="label reported as `device` in gRPC answers")
     crop_cache_dir: Path | None = Field(
         CACHE_DIR / "crops",
-        description="folder where each avatar's face crops are computed once and memory-mapped "
-        "from, shared by the workers (gateway/crop_cache.py); empty: computed into each process's RAM",
+        description="folder where each avatar's face crops (gateway/crop_cache.py) and, in its "
+        "backgrounds/ folder, background JPEGs (gateway/background_cache.py) are computed once and "
+        "memory-mapped from, shared by the workers; empty: computed into each process's RAM",
     )
 
     # --- processes --------------------------------------------------------------------------

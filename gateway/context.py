@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.audio_features import AudioFeatureExtractor
+from gateway.background_cache import SUBFOLDER, BackgroundCache
 from gateway.batching import CoalescingInference
 from gateway.composite_pool import CompositePool
 from gateway.compositor import Compositor, JpegMode
@@ -122,14 +123,9 @@ class GatewayContext:
             load_models=settings.triton_load_models,
         )
         pool.subscribe(lambda s: metrics.triton_ready.set(1.0 if s.ready else 0.0))
-        compositor = Compositor(
-            make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling),
-            RestartIntervalEncoder(
-                settings.jpeg_quality, settings.jpeg_subsampling, settings.jpeg_restart_px
-            ),
-            splice=settings.jpeg_splice,
-        )
-        crop_cache = CropCache(settings.crop_cache_dir) if settings.crop_cache_dir is not None else None
+        compositor = make_compositor(settings)
+        cache_dir = settings.crop_cache_dir
+        crop_cache = CropCache(cache_dir) if cache_dir is not None else None
         store = AvatarStore(
             settings.packages_root, pool, crop_cache, settings.max_avatar_bytes,
             backgrounds=compositor.backgrounds,
@@ -254,6 +250,19 @@ class GatewayContext:
         await self.lifecycle.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.aux.close()
+
+
+def make_compositor(settings: GatewaySettings) -> Compositor:
+    """The gateway's compositor: the configured encoder, the restart-interval encoder, splicing
+    as set, and the background JPEGs' cache in ``crop_cache_dir``'s ``backgrounds`` folder
+    (`gateway.background_cache`; none when ``crop_cache_dir`` is empty)."""
+    cache_dir = settings.crop_cache_dir
+    return Compositor(
+        make_encoder(settings.jpeg_encoder, settings.jpeg_quality, settings.jpeg_subsampling),
+        RestartIntervalEncoder(settings.jpeg_quality, settings.jpeg_subsampling, settings.jpeg_restart_px),
+        splice=settings.jpeg_splice,
+        cache=None if cache_dir is None else BackgroundCache(cache_dir / SUBFOLDER),
+    )
 
 
 def _grpc_client_factory(settings: GatewaySettings) -> ClientFactory:

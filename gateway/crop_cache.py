@@ -15,15 +15,12 @@ resize). A cache entry is published atomically (a complete folder renamed into p
 cache's folder lock, so two workers loading one package compute it once) and checked when read:
 ``meta.json`` records each file's size and sha256, and an entry that does not match is computed
 again. Where the cache folder cannot be written, the crops are computed into this process's RAM
-(logged once per package).
+(logged once per package). That entry logic is `gateway.cache_entries.CacheEntries`, shared
+with the background JPEGs' cache (`gateway.background_cache`).
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +29,15 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from export.publish import folder_lock, replace_folder
+from gateway.cache_entries import Arrays, CacheEntries, Info
 from gateway.errors import PackageRejected
 from lipsync.contract import CROP_SIZE, INNER_SIZE
 from lipsync.frames import crop_328, inner_320
-from lipsync.package import AvatarPackage, check_cancel, sha256_file
+from lipsync.package import AvatarPackage, check_cancel
 
-log = logging.getLogger(__name__)
-
-CROP_CACHE_FORMAT = 1
-"""Version of the cache entry's layout and of the crop math; a change makes new keys."""
-
-_FILES = ("crops", "inners")
-_META = "meta.json"
+CROP_CACHE_FORMAT = 2
+"""Version of the cache entry's layout and of the crop math; a change makes new keys (2: the
+``meta.json`` of `gateway.cache_entries`)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +100,8 @@ def cache_key(package: AvatarPackage) -> str:
 
 
 class CropCache:
-    """Face crops on disk, memory-mapped (module doc).
+    """Face crops on disk, memory-mapped (module doc; the entry logic is
+    `gateway.cache_entries.CacheEntries`'s).
 
     Args:
         root: the cache folder (created when first written), e.g. ``.cache/crops``.
@@ -115,10 +109,11 @@ class CropCache:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._entries = CacheEntries(self.root, "crop", CROP_CACHE_FORMAT)
 
     def entry(self, package: AvatarPackage) -> Path:
         """The folder of ``package``'s cache entry (it may not exist)."""
-        return self.root / cache_key(package)
+        return self._entries.entry(cache_key(package))
 
     def crops(self, package: AvatarPackage, cancel: threading.Event | None = None) -> FaceCrops:
         """``package``'s crops, mapped from its cache entry, which is written first if missing
@@ -132,72 +127,36 @@ class CropCache:
             PackageRejected: the crops cannot be computed (`compute_crops`).
             lipsync.package.LoadCancelled: ``cancel`` was set.
         """
-        entry = self.entry(package)
-        found = self._read(entry, package, cancel)
-        if found is not None:
-            return found
-        computed: FaceCrops | None = None
-        try:
-            with folder_lock(self.root):  # another process may be writing this entry now
-                found = self._read(entry, package, cancel)
-                if found is not None:
-                    return found
-                computed = compute_crops(package, cancel)
-                self._write(entry, computed)
-        except OSError as exc:
-            log.warning(
-                "crop cache %s not writable (%s): the crops of %r are held in this process's RAM",
-                self.root, exc, package.name,
-            )
-            # computed already when only the write failed
-            return computed if computed is not None else compute_crops(package, cancel)
-        mapped = self._read(entry, package, cancel)
-        return mapped if mapped is not None else computed
 
-    def _read(
-        self, entry: Path, package: AvatarPackage, cancel: threading.Event | None = None
-    ) -> FaceCrops | None:
-        """The entry's arrays memory-mapped, or None when it is missing or does not match its
-        ``meta.json`` (size, sha256) or the package's frame count."""
-        try:
-            meta = json.loads((entry / _META).read_text())
-            arrays = {}
-            for name in _FILES:
-                path = entry / f"{name}.npy"
-                recorded = meta["files"][name]
-                intact = path.stat().st_size == recorded["size_bytes"]
-                if not intact or sha256_file(path, cancel=cancel) != recorded["sha256"]:
-                    raise ValueError(f"{path.name} does not match {_META}")
-                arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("crop cache entry %s is not intact (%s): computing it again", entry, exc)
-            return None
-        n = package.frame_count
-        crops, inners = arrays["crops"], arrays["inners"]
-        if (
-            crops.shape != (n, CROP_SIZE, CROP_SIZE, 3) or inners.shape != (n, INNER_SIZE, INNER_SIZE, 3)
-            or crops.dtype != np.uint8 or inners.dtype != np.uint8 or not inners.flags.c_contiguous
-        ):
-            log.warning("crop cache entry %s has the wrong shapes: computing it again", entry)
-            return None
-        return FaceCrops(crops, inners, mapped=True)
+        def open_entry(arrays: Arrays, info: Info) -> FaceCrops:
+            return _open(arrays, package.frame_count)
 
-    def _write(self, entry: Path, computed: FaceCrops) -> None:
-        """Publish ``computed`` as ``entry`` (a complete folder renamed into place)."""
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{entry.name}."))
-        try:
-            files: dict[str, dict[str, int | str]] = {}
-            for name in _FILES:
-                path = tmp / f"{name}.npy"
-                np.save(path, getattr(computed, name), allow_pickle=False)
-                files[name] = {"size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
-            (tmp / _META).write_text(json.dumps({"format": CROP_CACHE_FORMAT, "files": files}))
-            tmp.chmod(0o755)
-            replace_folder(tmp, entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        size = computed.crops.nbytes + computed.inners.nbytes
-        log.info("crop cache: wrote %s (%.0f MB)", entry, size / 1e6)
+        return self._entries.get(
+            cache_key(package),
+            compute=lambda: compute_crops(package, cancel),
+            save=_save,
+            open=open_entry,
+            held=f"the crops of {package.name!r} are",
+            cancel=cancel,
+        )
+
+
+def _save(computed: FaceCrops) -> tuple[Arrays, Info]:
+    """``crops`` and ``inners``; no info."""
+    return {"crops": computed.crops, "inners": computed.inners}, {}
+
+
+def _open(arrays: Arrays, n: int) -> FaceCrops:
+    """The crops of an entry's memory-mapped arrays.
+
+    Raises:
+        ValueError: shapes or dtypes other than ``n`` crops and inners (or not C-contiguous).
+        KeyError: an array missing.
+    """
+    crops, inners = arrays["crops"], arrays["inners"]
+    if (
+        crops.shape != (n, CROP_SIZE, CROP_SIZE, 3) or inners.shape != (n, INNER_SIZE, INNER_SIZE, 3)
+        or crops.dtype != np.uint8 or inners.dtype != np.uint8 or not inners.flags.c_contiguous
+    ):
+        raise ValueError(f"wrong shapes for {n} video frames")
+    return FaceCrops(crops, inners, mapped=True)

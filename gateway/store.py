@@ -12,7 +12,8 @@ At start the store loads every package folder under the packages root with
 
 - ``backgrounds``: each video frame's JPEG split for splicing, and its splice plan
   (`gateway.backgrounds.AvatarBackgrounds`), when the store was given a builder (the gateway's
-  `gateway.compositor.Compositor.backgrounds`).
+  `gateway.compositor.Compositor.backgrounds`: the JPEGs memory-mapped from its
+  `gateway.background_cache.BackgroundCache`, or encoded into RAM without one).
 
 The video frames (``frames.npy``) are the package's read-only memmap; with a `CropCache` the
 crops and inners are memory-mapped too (`gateway.crop_cache`), so gateway workers serving the
@@ -42,8 +43,9 @@ package folders relative to the packages root, never as absolute server paths.
 The cap with gateway workers (``--workers N``): each worker applies ``max_avatar_bytes`` to its
 own avatars, which are the same in every worker, counting what that worker holds or maps
 (`Avatar.held_bytes`), memory-mapped or not. So the cap bounds one worker's avatars; the machine
-holds the memory-mapped arrays (frames; crops too with a `CropCache`) once in the page cache for
-all workers, and crops computed into RAM (no cache) and the background JPEGs once per worker.
+holds the memory-mapped arrays (frames; crops too with a `CropCache`, background JPEGs with the
+compositor's `gateway.background_cache.BackgroundCache`) once in the page cache for all workers,
+and crops and background JPEGs computed into RAM (no cache) once per worker.
 
 Sharing with gateway workers (`share_changes`): a load or unload made on request in one worker
 is made by every other worker before the call returns, and by every worker started later
@@ -287,8 +289,8 @@ class AvatarStore:
         crop_cache: where the avatars' crops are computed once and memory-mapped from (None:
             each avatar's crops are computed into this process's RAM).
         max_avatar_bytes: cap on `Avatar.held_bytes` summed over the avatars (None: no cap).
-        backgrounds: builds an avatar's `AvatarBackgrounds` in the loading thread (None: none
-            built); a `ValueError` from it refuses the package.
+        backgrounds: builds an avatar's `AvatarBackgrounds` in the loading thread, given the
+            load's cancel event (None: none built); a `ValueError` from it refuses the package.
     """
 
     def __init__(
@@ -298,7 +300,7 @@ class AvatarStore:
         crop_cache: CropCache | None = None,
         max_avatar_bytes: int | None = None,
         *,
-        backgrounds: Callable[[Avatar], AvatarBackgrounds] | None = None,
+        backgrounds: Callable[[Avatar, threading.Event], AvatarBackgrounds] | None = None,
     ) -> None:
         self.packages_root = Path(packages_root).resolve()
         self.max_avatar_bytes = max_avatar_bytes
@@ -435,7 +437,7 @@ class AvatarStore:
                 avatar = prepare_avatar(package, name or manifest.name, crops, cancel)
                 if self._backgrounds is not None:
                     try:
-                        avatar.backgrounds = self._backgrounds(avatar)
+                        avatar.backgrounds = self._backgrounds(avatar, cancel)
                     except ValueError as exc:
                         raise PackageError(f"background JPEGs failed: {exc}") from exc
                 return avatar

@@ -69,6 +69,9 @@ from numpy.typing import NDArray
 Subsampling = Literal["420", "422", "444"]
 Rect = tuple[int, int, int, int]
 """``(x0, y0, x1, y1)`` in px, x1/y1 exclusive (numpy slice bounds)."""
+JpegBuffer = bytes | memoryview
+"""A JPEG stream: bytes, or a byte-format (``B``) memoryview, e.g. of a memory-mapped file
+(`gateway.background_cache`); read without copying."""
 
 MCU_SIZE: Final[dict[str, tuple[int, int]]] = {"420": (16, 16), "422": (16, 8), "444": (8, 8)}
 """MCU (width, height) px per chroma subsampling: 8 px times the luma sampling factors."""
@@ -297,7 +300,7 @@ class JpegFrame:
         return name
 
 
-def read_header(data: bytes) -> JpegFrame:
+def read_header(data: JpegBuffer) -> JpegFrame:
     """Walk the marker segments from SOI to SOS (T.81 B.1.1.2, B.2).
 
     Raises:
@@ -350,7 +353,7 @@ def read_header(data: bytes) -> JpegFrame:
         i = end
 
 
-def interval_starts(data: bytes, frame: JpegFrame) -> NDArray[np.int64]:
+def interval_starts(data: JpegBuffer, frame: JpegFrame) -> NDArray[np.int64]:
     """Byte offsets of the restart intervals of the scan (T.81 E.1.4).
 
     Interval ``k`` is ``data[starts[k] : starts[k + 1] - 2]`` (the 2 bytes before the next start
@@ -407,7 +410,7 @@ def _table_segments(frame: JpegFrame, marker: int) -> dict[int, bytes]:
     return tables
 
 
-def header_mismatch(background_jpeg: bytes, rect_jpeg: bytes) -> str | None:
+def header_mismatch(background_jpeg: JpegBuffer, rect_jpeg: JpegBuffer) -> str | None:
     """Why the rectangle encoder's stream cannot be spliced into the background's, or None.
 
     Compares what the entropy-coded bytes depend on: the frame type (SOF), component sampling
@@ -449,21 +452,22 @@ class SplicedBackground:
     """One background frame's JPEG, split into its restart intervals.
 
     Attributes:
-        jpeg: the whole JPEG (bytes); served as is where the frame has no face change.
+        jpeg: the whole JPEG (bytes, or a memoryview of a mapped cache entry: never copied here);
+            served as is where the frame has no face change.
         starts: int64 ``[intervals]`` byte offset of each restart interval in `jpeg`.
         grid: the frame's MCU / restart grid.
         scan_start: offset (bytes) of the first entropy-coded byte (header = ``jpeg[:scan_start]``).
         size_at: offset (bytes) of SOF's height and width fields.
     """
 
-    jpeg: bytes
+    jpeg: JpegBuffer
     starts: NDArray[np.int64]
     grid: McuGrid
     scan_start: int
     size_at: int
 
     @classmethod
-    def from_jpeg(cls, jpeg: bytes) -> SplicedBackground:
+    def from_jpeg(cls, jpeg: JpegBuffer) -> SplicedBackground:
         """Split an existing JPEG (e.g. precomputed by the package builder).
 
         Raises:
@@ -490,7 +494,7 @@ class SplicedBackground:
     @property
     def header(self) -> bytes:
         """SOI .. SOS header (bytes)."""
-        return self.jpeg[: self.scan_start]
+        return bytes(self.jpeg[: self.scan_start])
 
     @property
     def nbytes(self) -> int:
@@ -554,7 +558,7 @@ class SplicePlan:
         cuts.append(len(jpeg))
         at = background.size_at
         size = (y1 - y0).to_bytes(2, "big") + (x1 - x0).to_bytes(2, "big")  # SOF: Y then X
-        header = jpeg[:at] + size + jpeg[at + 4 : background.scan_start]
+        header = bytes(jpeg[:at]) + size + bytes(jpeg[at + 4 : background.scan_start])
         codes = (_RST0 + full[:-1] % 8).astype(np.uint8)
         view = memoryview(jpeg)  # zero-copy: a plan holds no second copy of the background
         pieces = tuple(view[cuts[k] : cuts[k + 1]] for k in range(0, len(cuts), 2))
