@@ -115,6 +115,8 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 ADMIN_TOKEN = "test-admin-token-0f1e2d3c4b5a"
 """The admin token of the test gateways (admin calls: LoadPackage)."""
+CLIENT_TOKEN = "test-client-token-5f0c1e9a7b3d"
+"""A client token, for tests of gateways that require one (``LIPSYNC_AUTH_TOKEN``)."""
 ADMIN_METADATA = bearer(ADMIN_TOKEN)
 """gRPC metadata of an admin call to a test gateway."""
 

@@ -19,10 +19,8 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import serve_on_fake
 from tests.fake_triton import FakeTriton, fake_triton
-from tests.fixtures_gateway import bearer
+from tests.fixtures_gateway import ADMIN_TOKEN, CLIENT_TOKEN, bearer
 
-ADMIN_TOKEN = "admin-token-9a8b7c6d5e4f3a2b"
-CLIENT_TOKEN = "client-token-5f0c1e9a7b3d4c2e"
 SEED_CONTRACT = Path(__file__).parent / "data" / "seed_service.txtpb"
 """The seed service and its messages as descriptors (text format), written from the proto as it
 was before the admin service was added."""

@@ -30,11 +30,9 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import serve_on_fake
 from tests.fake_triton import FakeModel, FakeTriton, fake_triton, identity_unet, slice_encoder
-from tests.fixtures_gateway import bearer
+from tests.fixtures_gateway import ADMIN_TOKEN, CLIENT_TOKEN, bearer
 from tests.fixtures_packages import synthetic_package_arrays
 
-ADMIN_TOKEN = "admin-token-9a8b7c6d5e4f3a2b"
-CLIENT_TOKEN = "client-token-5f0c1e9a7b3d4c2e"
 ADMIN = bearer(ADMIN_TOKEN)
 INT32_MAX = 2**31 - 1
 MiB = 1 << 20

@@ -33,14 +33,12 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fake_gateway import serve_on_fake
 from tests.fake_triton import FakeTriton, fake_triton
-from tests.fixtures_gateway import bearer
+from tests.fixtures_gateway import ADMIN_TOKEN, CLIENT_TOKEN, bearer
 from tests.test_triton_client import TritonLike
 from tests.tls_files import TlsFiles, make_tls_files
 from tests.undecodable import Method, served_methods
 
 AVATAR = "synthetic"
-CLIENT_TOKEN = "client-token-5f0c1e9a7b3d4c2e"
-ADMIN_TOKEN = "admin-token-9a8b7c6d5e4f3a2b"
 OPEN_GRPC = {"grpc.health.v1.Health"}
 OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/", "/static/{name}"}
 """Open without a token: health, readiness (reduced), metrics, the page and its files."""
