@@ -77,6 +77,7 @@ from gateway.model_lifecycle import (
 )
 from gateway.triton_client import InferenceClient, TritonClient
 from gateway.triton_targets import Resolver, Target
+from lipsync.subscribers import Subscribers
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ class EndpointPool:
         self._endpoints: dict[str, Endpoint] = {}
         self._leaving: set[asyncio.Task[None]] = set()
         self._models: dict[str, bool] = {}  # registered models: required or not
-        self._subscribers: list[Subscriber] = []
+        self._subscribers = Subscribers[LifecycleSnapshot]("the Triton endpoints' combined state", log)
         self._published: LifecycleSnapshot | None = None
         self._turn = 0
         self._wake = asyncio.Event()
@@ -327,8 +328,7 @@ class EndpointPool:
         Returns:
             A function that unsubscribes it.
         """
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
+        return self._subscribers.subscribe(subscriber)
 
     # ------------------------------------------------------------------ InferenceClient
     async def infer_unet(
@@ -524,11 +524,7 @@ class EndpointPool:
         if snapshot == self._published:
             return
         self._published = snapshot
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(snapshot)
-            except Exception:  # one broken subscriber must not stop the others
-                log.exception("an endpoint-pool subscriber failed")
+        self._subscribers.publish(snapshot)
 
     async def close(self) -> None:
         """Stop resolving, close every endpoint (calls in flight fail) and those leaving."""

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 
 from gateway.errors import TritonDeadline, TritonUnavailable
 from gateway.triton_client import ControlClient
+from lipsync.subscribers import Subscribers
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class ModelLifecycle:
         self._failures: dict[str, int] = {}  # failed load_model calls in a row, per model
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._outage: asyncio.Future[str] | None = None  # resolved when LIVE is left
-        self._subscribers: list[Subscriber] = []
+        self._subscribers = Subscribers[LifecycleSnapshot](f"Triton at {self.url}'s state", log)
         self._published: LifecycleSnapshot | None = None
         self._probe_lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -207,8 +208,7 @@ class ModelLifecycle:
         Returns:
             A function that unsubscribes it.
         """
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
+        return self._subscribers.subscribe(subscriber)
 
     def admit(self, model: str) -> asyncio.Future[str]:
         """Check that ``model`` may be called now; return the outage signal to race the call with.
@@ -439,8 +439,4 @@ class ModelLifecycle:
                 previous.model_ready(m) and not snapshot.model_ready(m) for m in snapshot.models
             )  # else: a model was added and is loading, which is no loss
             log.log(logging.WARNING if lost else logging.INFO, "Triton not ready: %s", snapshot.reason())
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(snapshot)
-            except Exception:  # one broken subscriber must not stop the others
-                log.exception("a lifecycle subscriber failed")
+        self._subscribers.publish(snapshot)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from gateway.metrics import MULTIPROC_ENV
+from lipsync.subscribers import Subscribers
 from lipsync.triton_supervisor import StatusCallback, SupervisorStatus
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class RelayedSupervisorView:
 
     def __init__(self, status: SupervisorStatus) -> None:
         self._status = status
-        self._callbacks: list[StatusCallback] = []
+        self._subscribers = Subscribers[SupervisorStatus]("the relayed Triton supervisor status", log)
 
     def status(self) -> SupervisorStatus:
         """The last status relayed."""
@@ -183,14 +184,12 @@ class RelayedSupervisorView:
 
     def subscribe(self, callback: StatusCallback) -> Callable[[], None]:
         """Call ``callback(status)`` at every update; returns a function that unsubscribes."""
-        self._callbacks.append(callback)
-        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+        return self._subscribers.subscribe(callback)
 
     def update(self, status: SupervisorStatus) -> None:
         """A new status arrived."""
         self._status = status
-        for callback in list(self._callbacks):
-            callback(status)
+        self._subscribers.publish(status)
 
 
 class SupervisorLink:

@@ -46,6 +46,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
+from lipsync.subscribers import Subscribers
 from lipsync.triton_local import TritonStartCancelled, TritonStartError, describe_exit
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class TritonSupervisor:
         self.poll_interval_s = poll_interval_s
         self._status = SupervisorStatus(SupervisorState.STOPPED)
         self._changed = threading.Condition()
-        self._callbacks: list[StatusCallback] = []
+        self._subscribers = Subscribers[SupervisorStatus]("Triton supervisor status", logger)
         self._stop_requested = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -286,15 +287,7 @@ class TritonSupervisor:
         Returns:
             A function that unsubscribes `callback`.
         """
-        with self._changed:
-            self._callbacks.append(callback)
-
-        def unsubscribe() -> None:
-            with self._changed:
-                if callback in self._callbacks:
-                    self._callbacks.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.subscribe(callback)
 
     def wait_for(
         self,
@@ -345,13 +338,9 @@ class TritonSupervisor:
             self._status = dataclasses.replace(
                 self._status, state=state, message=message, changed_at=time.time(), **changes
             )
-            status, callbacks = self._status, list(self._callbacks)
+            status = self._status
             self._changed.notify_all()
-        for callback in callbacks:
-            try:
-                callback(status)
-            except Exception:  # a subscriber's bug must not stop the supervision
-                logger.exception("Triton supervisor status callback %r failed", callback)
+        self._subscribers.publish(status)
 
     # ------------------------------------------------------------------------- lifecycle
     def start(self) -> None:

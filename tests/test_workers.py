@@ -35,6 +35,7 @@ from proto import lipsync_pb2 as pb
 from proto import lipsync_pb2_grpc as pbg
 from tests.fixtures_gateway import (
     ADMIN_METADATA,
+    CLIENT_TOKEN,
     WorkersGateway,
     bearer,
     gateway_settings,
@@ -43,7 +44,7 @@ from tests.fixtures_gateway import (
 )
 from tests.fixtures_triton import alive
 from tests.gateway_metrics import Samples, scrape
-from tests.test_security import CLIENT_TOKEN, client_ssl, grpc_credentials
+from tests.test_security import client_ssl, grpc_credentials
 from tests.tls_files import make_tls_files
 from tests.up_process import ENV, GatewayProcess, start_gateway_process, start_up, worker_pids
 
