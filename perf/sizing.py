@@ -1,11 +1,12 @@
 """Sizing on paper: streams per GPU (H100, L4) and gateway cores per GPU, computed from the
 measured numbers in `perf/results/` and stated assumptions. Every output is an ESTIMATE.
 
-    python -m perf.sizing          # after perf.model_cost, perf.micro_720p and perf.compare
+    python -m perf.sizing          # after perf.model_cost and perf.capacity --preset issue9
 
 Inputs (written by the other tools): `model_cost.json` (conv GFLOP and FP16 activation bytes
-per frame, from the ONNX graph), `micro_720p.json` (gateway pixel work per 1280x720 frame),
-`compare.json` (gateway process CPU time per frame, measured under load). GPU figures are the
+per frame, from the ONNX graph), `capacity_issue9.json` (today's gateway, the variant ``new``:
+its whole CPU and its event loop's per 880x720 frame with an identity UNet, measured under
+load). GPU figures are the
 vendors' datasheet peaks (FP16 tensor, dense; DRAM bandwidth). The efficiency ranges are
 assumptions, written next to the result. Method in `perf/SIZING.md`; writes
 `perf/results/sizing.md` and `.json`.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from perf import report
+from perf.procstat import EVENT_LOOP
 
 T = TypeVar("T")
 
@@ -107,32 +109,26 @@ def _pair(values: Iterable[T]) -> tuple[T, T]:
     return low, high
 
 
-def gateway_ms_per_frame(micro: dict[str, Any], compare: dict[str, Any]) -> tuple[float, float, float]:
-    """(pixel work at 1280x720, per-frame process overhead, total) in CPU ms per frame.
+CAPACITY_VARIANT = "new"
+"""The variant of `capacity_issue9.json` that is today's gateway (its defaults)."""
 
-    Pixel work: the medians of composite (full frame) and the fastest full-frame JPEG encoder
-    on the noisy 1280x720 frames of `micro_720p.json`. Overhead: the gateway process CPU time
-    per frame of `compare.json` at its highest stream count (gRPC, asyncio, Triton client,
-    protobuf; its frames are small, so its own pixel work is negligible).
+
+def gateway_ms_per_frame(capacity: dict[str, Any], variant: str = CAPACITY_VARIANT) -> tuple[float, float]:
+    """(whole gateway, its event loop) in CPU ms per 720p frame: the largest over the
+    protocols of `variant`'s cells at their highest stream count in a `perf.capacity` JSON
+    (identity UNet, so this is the gateway's own work: pixels, protocol, Triton calls).
 
     Raises:
-        ValueError: the inputs lack those rows.
+        ValueError: no cell of `variant`.
     """
-    timings = micro["timings"]
-    sets = [t["frame"] for t in timings if t["frame"].startswith("1280x720")]
-    if not sets:
-        raise ValueError("micro_720p.json has no 1280x720 rows")
-    frame = sets[-1]
-    rows = [t for t in timings if t["frame"] == frame]
-    comp = next(t["median_ms"] for t in rows if t["variant"] == "paste back into full frame")
-    jpeg = min(t["median_ms"] for t in rows if t["stage"] == "jpeg" and "full frame" in t["variant"])
-    prep = next(t["median_ms"] for t in rows if t["stage"] == "prepare")
-    last = max(compare["rows"], key=lambda r: r["streams"])
-    overhead = last.get("gateway_cpu_ms_per_frame")
-    if overhead is None or (isinstance(overhead, float) and math.isnan(overhead)):
-        raise ValueError("compare.json has no gateway CPU time per frame")
-    pixels = prep + comp + jpeg
-    return pixels, float(overhead), pixels + float(overhead)
+    cells = [c for c in capacity["cells"] if c["variant"] == variant]
+    if not cells:
+        raise ValueError(f"the capacity results have no cell of variant {variant!r}")
+    top = max(c["cell"]["streams"] for c in cells)
+    cells = [c for c in cells if c["cell"]["streams"] == top]
+    total = max(float(c["gateway_ms"]["total"]) for c in cells)
+    loop = max(float(c["gateway_ms"][EVENT_LOOP]) for c in cells)
+    return total, loop
 
 
 BEGIN_MARK = "<!-- sizing:begin (written by python -m perf.sizing; do not edit) -->"
@@ -166,13 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cost = json.loads((args.results / "model_cost.json").read_text())["cost"]
-        micro = json.loads((args.results / "micro_720p.json").read_text())
-        compare = json.loads((args.results / "compare.json").read_text())
+        capacity = json.loads((args.results / "capacity_issue9.json").read_text())
     except FileNotFoundError as exc:
-        p.error(f"{exc.filename} is missing: run perf.model_cost, perf.micro_720p and perf.compare first")
+        p.error(f"{exc.filename} is missing: run perf.model_cost and perf.capacity --preset issue9 first")
     a = Assumptions()
-    pixels, overhead, total = gateway_ms_per_frame(micro, compare)
-    ests = [estimate(g, cost["conv_gflop"], cost["activation_mib_fp16_fused"], total, a, overhead)
+    total, loop = gateway_ms_per_frame(capacity)
+    ests = [estimate(g, cost["conv_gflop"], cost["activation_mib_fp16_fused"], total, a, loop)
             for g in GPUS]
     argv_full = ["python", "-m", "perf.sizing", *(sys.argv[1:] if argv is None else argv)]
     lines = report.header("Sizing estimate (ESTIMATES, not measurements)", argv_full)
@@ -180,9 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Inputs measured here: "
         f"{cost['conv_gflop']:.2f} GFLOP and {cost['activation_mib_fp16_fused']:.0f} MiB of FP16 "
         f"activations per frame after fusion (`model_cost.md`, estimate of fusion); gateway CPU per "
-        f"1280x720 frame = {pixels:.2f} ms pixel work (`micro_720p.md`: prepare + paste back + fastest "
-        f"JPEG, noisy frames) + {overhead:.2f} ms process overhead (`compare.md`: gateway CPU time per "
-        f"frame at its highest stream count) = **{total:.2f} ms** (measured on this machine's CPU).",
+        f"720p frame = **{total:.2f} ms**, of which {loop:.2f} ms on its event loop "
+        f"(`capacity_issue9.md`, variant `{CAPACITY_VARIANT}`, identity UNet, the larger of gRPC "
+        "and WebSocket at the highest stream count; measured on this machine's CPU).",
         "",
         f"Assumptions: compute efficiency {a.compute_eff[0]:.0%}-{a.compute_eff[1]:.0%} of the FP16 "
         f"peak; bandwidth efficiency {a.bandwidth_eff[0]:.0%}-{a.bandwidth_eff[1]:.0%}; DRAM traffic "
@@ -206,13 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write_text(args.out, lines)
     block = [f"_Estimates computed {report.utc_now()} by `python -m perf.sizing` from "
              f"[results/](results/) (details: [results/sizing.md](results/sizing.md))._", "",
-             f"Gateway CPU per 1280x720 frame (measured): {pixels:.2f} ms pixel work + "
-             f"{overhead:.2f} ms process overhead = {total:.2f} ms.", "", *table]
+             f"Gateway CPU per 720p frame (measured, `capacity_issue9.md`): {total:.2f} ms, of "
+             f"which {loop:.2f} ms on the event loop.", "", *table]
     update_doc_block(args.doc, block)
     report.write_json(args.out.with_suffix(".json"), {
         "machine": report.machine_line(), "command": report.command_line(argv_full),
         "date": report.utc_now(), "assumptions": asdict(a),
-        "gateway_ms_per_frame": {"pixels": pixels, "overhead": overhead, "total": total},
+        "gateway_ms_per_frame": {"total": total, "event_loop": loop},
         "estimates": [asdict(e) for e in ests],
     })
     print(args.out)

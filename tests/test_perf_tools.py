@@ -311,6 +311,7 @@ def test_model_cost_matches_the_reference_flops(demo_package: Any) -> None:
 
 
 def test_sizing_estimate_follows_its_formula() -> None:
+    from perf.procstat import EVENT_LOOP
     from perf.sizing import Assumptions, Gpu, estimate, gateway_ms_per_frame
 
     a = Assumptions()
@@ -323,23 +324,17 @@ def test_sizing_estimate_follows_its_formula() -> None:
     assert slow.gateway_processes[0] == max(1, math.ceil(slow.streams[0] * 25 * 4.0 / 1000 / 0.7))
     split = estimate(Gpu("b", 100.0, 3.0), 10.0, 200.0, 4.0, a, overhead_ms=1.0)
     assert split.gateway_processes[1] <= fast.gateway_processes[1]
-    micro = {
-        "timings": [
-            {"frame": "1280x720 x", "stage": "prepare", "variant": "v", "median_ms": 0.01},
-            {
-                "frame": "1280x720 x",
-                "stage": "composite",
-                "variant": "paste back into full frame",
-                "median_ms": 0.3,
-            },
-            {"frame": "1280x720 x", "stage": "jpeg", "variant": "a, full frame", "median_ms": 2.0},
-            {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, full frame", "median_ms": 1.5},
-            {"frame": "1280x720 x", "stage": "jpeg", "variant": "b, face crop only", "median_ms": 0.1},
-        ]
-    }
-    compare = {"rows": [{"streams": 1, "gateway_cpu_ms_per_frame": 9.0},
-                        {"streams": 8, "gateway_cpu_ms_per_frame": 3.0}]}
-    assert gateway_ms_per_frame(micro, compare) == pytest.approx((1.81, 3.0, 4.81))
+
+    def cell(variant: str, target: str, streams: int, total: float, loop: float) -> dict[str, Any]:
+        return {"variant": variant, "cell": {"avatar": "demo720", "target": target, "streams": streams},
+                "gateway_ms": {"total": total, EVENT_LOOP: loop}}
+
+    capacity = {"cells": [cell("old", "grpc", 8, 9.0, 3.0), cell("new", "grpc", 1, 5.0, 2.0),
+                          cell("new", "grpc", 8, 1.5, 0.6), cell("new", "ws", 8, 1.4, 0.7)]}
+    # the highest stream count, the larger of the protocols
+    assert gateway_ms_per_frame(capacity) == pytest.approx((1.5, 0.7))
+    with pytest.raises(ValueError, match="no cell of variant 'gone'"):
+        gateway_ms_per_frame(capacity, "gone")
 
 
 @pytest.mark.triton
