@@ -36,7 +36,7 @@ from lipsync.jpeg_splice import (
     SpliceSettings,
     aligned_rect,
 )
-from lipsync.package import check_cancel
+from lipsync.package import check_cancel, plain_view
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ class BackgroundJpegs:
             raise IndexError(f"video frame {v} is not in 0..{len(self) - 1}")
         lo, hi = int(self.bounds[v]), int(self.bounds[v + 1])
         scan_start, size_at = (int(x) for x in self.headers[v])
-        starts = self.starts[v].view(np.ndarray)  # a plain view, not a memmap
+        starts = plain_view(self.starts[v])
         return SplicedBackground(self.jpegs.data[lo:hi], starts, self.grid, scan_start, size_at)
 
     @property

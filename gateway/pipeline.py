@@ -55,6 +55,7 @@ from gateway.store import Avatar, AvatarStore
 from gateway.triton_client import InferenceClient
 from lipsync.contract import FEATURE_DIM, WINDOW_BEFORE, WINDOW_ROWS
 from lipsync.frames import audio_window
+from lipsync.package import plain_view
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,11 @@ def package_window(features: NDArray[np.float32], frame_id: int) -> NDArray[np.f
     float32 ``[16, 512]``, a view of rows ``frame_id - 8 .. frame_id + 7`` when all exist (no copy
     per frame), else `lipsync.frames.audio_window` (zeros outside).
 
-    The view is a plain ndarray even when ``features`` is the package's memmap: every view of a
-    memmap runs ``numpy.memmap.__array_finalize__`` in Python, and the window is sliced again on
-    its way to Triton."""
+    The view is a plain ndarray even when ``features`` is the package's memmap
+    (`lipsync.package.plain_view`): the window is sliced again on its way to Triton."""
     lo = frame_id - WINDOW_BEFORE
     if lo >= 0 and lo + WINDOW_ROWS <= len(features):
-        return np.asarray(features)[lo : lo + WINDOW_ROWS]
+        return plain_view(features)[lo : lo + WINDOW_ROWS]
     return audio_window(features, frame_id)
 
 

@@ -18,8 +18,7 @@ At start the store loads every package folder under the packages root with
 The video frames (``frames.npy``) are the package's read-only memmap; with a `CropCache` the
 crops and inners are memory-mapped too (`gateway.crop_cache`), so gateway workers serving the
 same package share one copy of all three in the page cache. The `Avatar` holds them as plain
-``ndarray`` views of those maps (`plain_view`): same pages, but slicing one per frame does not run
-``numpy.memmap.__array_finalize__`` in Python (about 10 us per composited 720p frame).
+``ndarray`` views of those maps (`lipsync.package.plain_view`: same pages, no Python per slice).
 
 The audio features (``aud_ave.npy``, float32 ``[M, 512]``) stay the package's read-only memmap.
 A request's ``frame_id`` ranges over feature rows ``0 .. M-1``; the video frame shown is
@@ -61,7 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -77,10 +76,9 @@ from lipsync.package import (
     PackageError,
     PackageManifest,
     load_package,
+    plain_view,
     read_manifest,
 )
-
-_T = TypeVar("_T", bound=np.generic)
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +214,6 @@ class Avatar:
         """Crop rectangle ``(x1, y1, x2, y2)`` of a video frame, px as floats."""
         x1, y1, x2, y2 = map(float, self.rects[video_index].tolist())  # per frame: no numpy scalars
         return (x1, y1, x2, y2)
-
-
-def plain_view(array: NDArray[_T]) -> NDArray[_T]:
-    """`array` as a plain ``numpy.ndarray`` on the same memory (no copy): a memmap's views each
-    run ``numpy.memmap.__array_finalize__`` in Python, a plain array's do not (module doc)."""
-    return array.view(np.ndarray)
 
 
 def prepare_avatar(
