@@ -428,7 +428,7 @@ def start_servers(scratch: Path, packages_root: Path, avatars: Sequence[str],
                 triton.grpc_url, packages_root, scratch, timeout_s, extra_env=env,
                 name=f"gateway-{v.name}", ready_timeout_s=300,
                 base_env=base_env if tree is None else revision_environment(base_env, tree.root),
-                module="perf.protocol_floor" if v.floor else "lipsync gateway"))
+                module=("perf.protocol_floor",) if v.floor else ("lipsync", "gateway")))
             log.info("variant %s: gateway pid %d, gRPC %s, HTTP %s", v.name,
                      gateways[v.name].pid, gateways[v.name].grpc_address,
                      gateways[v.name].http_address)

@@ -96,9 +96,10 @@ def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path, timeout_
                   extra_env: Mapping[str, str] | None = None, name: str = "gateway",
                   base_env: Mapping[str, str] | None = None,
                   ready_timeout_s: float = 180.0,
-                  module: str = "lipsync gateway") -> Iterator[GatewayHandle]:
-    """Our gateway (`python -m lipsync gateway`, or another ``module`` reading the same
-    settings, e.g. ``perf.protocol_floor``) on free ports until the block ends.
+                  module: Sequence[str] = ("lipsync", "gateway")) -> Iterator[GatewayHandle]:
+    """Our gateway (`python -m lipsync gateway`; ``module``: ``python -m`` arguments of another
+    server reading the same settings, e.g. ``("perf.protocol_floor",)``) on free ports until
+    the block ends.
 
     It runs in `workdir` (so no ``.env`` of the caller's folder applies) with
     `gateway_environment` plus `extra_env`, logs to ``workdir/<name>.log``, and is ready when
@@ -113,6 +114,6 @@ def start_gateway(triton_grpc: str, packages_root: Path, workdir: Path, timeout_
     env = gateway_environment(triton_grpc, packages_root, timeout_s, grpc_port, http_port, base_env)
     env.update(extra_env or {})
     log_path = workdir / f"{name}.log"
-    with child_process([sys.executable, "-m", *module.split()], env, log_path, cwd=workdir) as proc:
+    with child_process([sys.executable, "-m", *module], env, log_path, cwd=workdir) as proc:
         wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", proc, ready_timeout_s, log_path)
         yield GatewayHandle(f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}", proc.pid, log_path)
